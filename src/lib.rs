@@ -3,7 +3,14 @@
 //! The CPU implementation of every op ([`ops`]) is the reference; the model ([`model`]) is
 //! written once over the [`backend::Backend`] trait.
 
+pub mod backend;
 pub mod config;
+pub mod cpu;
+pub mod data;
+pub mod metrics;
+pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod real;
+pub mod render;
 pub mod rng;

@@ -1,0 +1,295 @@
+//! The one trait the model is written against. A backend owns its buffers (host vectors on the
+//! CPU, device memory on a GPU) and implements every op of [`crate::ops`] on them, forward and
+//! backward, with the same argument order and the same conventions: forward outputs are
+//! overwritten, backward gradients are accumulated (`+=`).
+
+use crate::ops::attention::AttnDims;
+use crate::ops::conv::ConvGeom;
+use crate::ops::elementwise::DropoutMask;
+use crate::rng::Philox;
+
+/// Hyper-parameters of one Adam(W) update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (AdamW): p −= lr · wd · p.
+    pub weight_decay: f64,
+    /// 1-based step count, for the bias corrections.
+    pub t: u64,
+    /// Multiplies the gradient first (gradient-norm clipping).
+    pub grad_scale: f64,
+}
+
+pub trait Backend: Sync {
+    type Buf: Send + Sync;
+
+    /// A short description, e.g. "cpu (f32, 2 threads)".
+    fn describe(&self) -> String;
+    /// A zero-filled buffer of `len` elements.
+    fn alloc(&self, len: usize) -> Self::Buf;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn upload_f64(&self, src: &[f64], dst: &mut Self::Buf);
+    fn upload_f32(&self, src: &[f32], dst: &mut Self::Buf);
+    fn download(&self, src: &Self::Buf) -> Vec<f64>;
+    fn download_f32(&self, src: &Self::Buf) -> Vec<f32> {
+        self.download(src).into_iter().map(|v| v as f32).collect()
+    }
+    fn fill_zero(&self, buf: &mut Self::Buf);
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
+    /// y += x
+    fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf);
+    /// x *= a
+    fn scale(&self, x: &mut Self::Buf, a: f64);
+    /// Σ x² (a host read: call it outside the hot path or at most once per step).
+    fn sum_squares(&self, x: &Self::Buf) -> f64;
+    /// ||new − old|| / ||old|| (a host read).
+    fn rel_change(&self, new: &Self::Buf, old: &Self::Buf) -> f64;
+    /// Element i = normal(seed, stream, step, i).
+    fn fill_normal(&self, rng: Philox, stream: u32, step: u32, buf: &mut Self::Buf);
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_fwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        relu: bool,
+        y: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        y: &Self::Buf,
+        relu: bool,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn conv_t2d_fwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        relu: bool,
+        y: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn conv_t2d_bwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        y: &Self::Buf,
+        relu: bool,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn linear_fwd(
+        &self,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        y: &Self::Buf,
+        relu: bool,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        db: Option<&mut Self::Buf>,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        y: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn softpos_add_fwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        wp: &Self::Buf,
+        bp: &Self::Buf,
+        x: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn softpos_add_bwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        dy: &Self::Buf,
+        dwp: &mut Self::Buf,
+        dbp: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn broadcast_pos_fwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        z: &Self::Buf,
+        wp: &Self::Buf,
+        bp: &Self::Buf,
+        y: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn broadcast_pos_bwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        dy: &Self::Buf,
+        dz: &mut Self::Buf,
+        dwp: &mut Self::Buf,
+        dbp: &mut Self::Buf,
+    );
+    fn attention_fwd(
+        &self,
+        dm: &AttnDims,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        q: &Self::Buf,
+        attn: &mut Self::Buf,
+        upd: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dm: &AttnDims,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        q: &Self::Buf,
+        attn: &Self::Buf,
+        dupd: &Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dq: &mut Self::Buf,
+    );
+    fn gru_gates_fwd(
+        &self,
+        d: usize,
+        gi: &Self::Buf,
+        gh: &Self::Buf,
+        h: &Self::Buf,
+        h_new: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn gru_gates_bwd(
+        &self,
+        d: usize,
+        gi: &Self::Buf,
+        gh: &Self::Buf,
+        h: &Self::Buf,
+        dh_new: &Self::Buf,
+        dgi: &mut Self::Buf,
+        dgh: &mut Self::Buf,
+        dh: &mut Self::Buf,
+    );
+    fn slot_init_fwd(
+        &self,
+        d: usize,
+        mu: &Self::Buf,
+        log_sigma: &Self::Buf,
+        noise: &Self::Buf,
+        slots: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn slot_init_bwd(
+        &self,
+        d: usize,
+        log_sigma: &Self::Buf,
+        noise: &Self::Buf,
+        dslots: &Self::Buf,
+        dmu: &mut Self::Buf,
+        dlog_sigma: &mut Self::Buf,
+    );
+    fn dropout_fwd(&self, mask: &DropoutMask, x: &mut Self::Buf);
+    fn dropout_bwd(&self, mask: &DropoutMask, dx: &mut Self::Buf);
+    /// Writes masks, recon and the mean squared error into `loss` (one element).
+    #[allow(clippy::too_many_arguments)]
+    fn composite_mse_fwd(
+        &self,
+        batch: usize,
+        k: usize,
+        p: usize,
+        dec: &Self::Buf,
+        target: &Self::Buf,
+        masks: &mut Self::Buf,
+        recon: &mut Self::Buf,
+        loss: &mut Self::Buf,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn composite_mse_bwd(
+        &self,
+        batch: usize,
+        k: usize,
+        p: usize,
+        dec: &Self::Buf,
+        target: &Self::Buf,
+        masks: &Self::Buf,
+        recon: &Self::Buf,
+        dloss: f64,
+        ddec: &mut Self::Buf,
+    );
+    /// One Adam(W) update of a parameter tensor and its two moment buffers.
+    fn adam_step(
+        &self,
+        s: &AdamStep,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+    );
+}

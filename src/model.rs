@@ -1,0 +1,1397 @@
+//! The Slot Attention autoencoder (model.md), written once over [`Backend`]:
+//! CNN encoder + soft position embedding → LayerNorm + per-token MLP → slot attention
+//! (K slots, T iterations of the cell) → spatial broadcast decoder per slot → alpha
+//! compositing → MSE. Forward and backward are spelled out op by op; the two gradient modes:
+//! - implicit (`implicit_diff: true`): T iterations into a scratch tape that is overwritten each
+//!   time (nothing recorded), then ONE recorded cell application on the detached slots; the
+//!   backward runs through that application only, and mu / log_sigma get no gradient;
+//! - BPTT: T recorded cell applications from mu + exp(log_sigma)·noise, backward through all.
+
+use crate::backend::Backend;
+use crate::config::{DecoderKind, ModelConfig};
+use crate::ops::attention::AttnDims;
+use crate::ops::conv::ConvGeom;
+use crate::ops::elementwise::DropoutMask;
+use crate::rng::{stream, Philox};
+
+/// How a parameter tensor is initialised (the official code: glorot-uniform weights, zero
+/// biases, LayerNorm γ = 1, β = 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Glorot { fan_in: usize, fan_out: usize },
+    Zeros,
+    Ones,
+}
+
+/// Name (PyTorch state-dict style), shape (PyTorch layout) and initialiser of one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Index of a parameter tensor in [`Model::params`].
+pub type Pid = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    Conv,
+    ConvTranspose,
+}
+
+/// One conv layer of the encoder or decoder with its parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvLayer {
+    pub kind: LayerKind,
+    pub geom: ConvGeom,
+    pub relu: bool,
+    pub w: Pid,
+    pub b: Pid,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Dense {
+    pub w: Pid,
+    pub b: Option<Pid>,
+    pub n_in: usize,
+    pub n_out: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Norm {
+    pub g: Pid,
+    pub b: Pid,
+}
+
+/// Every dimension and parameter index of the model; derived from a [`ModelConfig`].
+#[derive(Clone, Debug)]
+pub struct Arch {
+    pub res: usize,
+    pub k: usize,
+    pub d: usize,
+    pub heads: usize,
+    pub feat: usize,
+    pub mlp_hidden: usize,
+    pub eps: f64,
+    pub dropout: f64,
+    pub implicit: bool,
+    pub iters: usize,
+    pub fwd_tol: Option<f64>,
+    pub encoder: Vec<ConvLayer>,
+    pub enc_pos: Dense,
+    pub enc_norm: Norm,
+    pub enc_mlp: Vec<Dense>,
+    pub norm_inputs: Norm,
+    pub to_k: Dense,
+    pub to_v: Dense,
+    pub to_q: Dense,
+    pub norm_slots: Norm,
+    pub mu: Pid,
+    pub log_sigma: Pid,
+    pub gru_ih: Dense,
+    pub gru_hh: Dense,
+    pub norm_mlp: Norm,
+    pub mlp1: Dense,
+    pub mlp2: Dense,
+    /// Side of the broadcast grid (decoder_init_size, or the resolution for `full`).
+    pub dec_grid: usize,
+    pub dec_pos: Dense,
+    pub decoder: Vec<ConvLayer>,
+    pub specs: Vec<ParamSpec>,
+}
+
+struct SpecBuilder {
+    specs: Vec<ParamSpec>,
+}
+
+impl SpecBuilder {
+    fn add(&mut self, name: String, shape: Vec<usize>, init: Init) -> Pid {
+        self.specs.push(ParamSpec { name, shape, init });
+        self.specs.len() - 1
+    }
+    fn dense(&mut self, prefix: &str, n_in: usize, n_out: usize, bias: bool) -> Dense {
+        let w = self.add(
+            format!("{prefix}.weight"),
+            vec![n_out, n_in],
+            Init::Glorot {
+                fan_in: n_in,
+                fan_out: n_out,
+            },
+        );
+        let b = bias.then(|| self.add(format!("{prefix}.bias"), vec![n_out], Init::Zeros));
+        Dense { w, b, n_in, n_out }
+    }
+    fn norm(&mut self, prefix: &str, dim: usize) -> Norm {
+        Norm {
+            g: self.add(format!("{prefix}.weight"), vec![dim], Init::Ones),
+            b: self.add(format!("{prefix}.bias"), vec![dim], Init::Zeros),
+        }
+    }
+    fn conv(&mut self, prefix: &str, kind: LayerKind, geom: ConvGeom, relu: bool) -> ConvLayer {
+        let (ci, co, k) = (geom.c_in, geom.c_out, geom.k);
+        // Conv2d weights are [out, in, k, k], ConvTranspose2d weights [in, out, k, k].
+        let shape = match kind {
+            LayerKind::Conv => vec![co, ci, k, k],
+            LayerKind::ConvTranspose => vec![ci, co, k, k],
+        };
+        let init = Init::Glorot {
+            fan_in: ci * k * k,
+            fan_out: co * k * k,
+        };
+        let w = self.add(format!("{prefix}.weight"), shape, init);
+        let b = self.add(format!("{prefix}.bias"), vec![co], Init::Zeros);
+        ConvLayer {
+            kind,
+            geom,
+            relu,
+            w,
+            b,
+        }
+    }
+}
+
+impl Arch {
+    pub fn new(m: &ModelConfig) -> Self {
+        let mut sb = SpecBuilder { specs: Vec::new() };
+        let res = m.resolution;
+        let (d, k) = (m.slot_size, m.num_slots);
+        let mut encoder = Vec::new();
+        let mut c_in = 3;
+        for (i, &c) in m.encoder_channels.iter().enumerate() {
+            encoder.push(sb.conv(
+                &format!("encoder.convs.{i}"),
+                LayerKind::Conv,
+                ConvGeom::same(res, res, c_in, c, 5),
+                true,
+            ));
+            c_in = c;
+        }
+        let c_enc = c_in;
+        let enc_pos = sb.dense("encoder.pos", 4, c_enc, true);
+        let enc_norm = sb.norm("encoder.norm", c_enc);
+        let mut enc_mlp = Vec::new();
+        let mut n_in = c_enc;
+        for i in 0..m.num_layers {
+            // PyTorch Sequential numbering: Linear, ReLU, Linear, ... → 0, 2, 4, ...
+            enc_mlp.push(sb.dense(&format!("encoder.mlp.{}", 2 * i), n_in, m.feat_size, true));
+            n_in = m.feat_size;
+        }
+        let feat = m.feat_size;
+        let norm_inputs = sb.norm("slot_attention.norm_inputs", feat);
+        let to_q = sb.dense("slot_attention.project_q", d, d, false);
+        let to_k = sb.dense("slot_attention.project_k", feat, d, false);
+        let to_v = sb.dense("slot_attention.project_v", feat, d, false);
+        let norm_slots = sb.norm("slot_attention.norm_slots", d);
+        // [1, 1, D] as in the official code; Keras' glorot on that shape: fan_in 1, fan_out D.
+        let mu = sb.add(
+            "slot_attention.slots_mu".into(),
+            vec![1, 1, d],
+            Init::Glorot {
+                fan_in: 1,
+                fan_out: d,
+            },
+        );
+        let log_sigma = sb.add(
+            "slot_attention.slots_log_sigma".into(),
+            vec![1, 1, d],
+            Init::Glorot {
+                fan_in: 1,
+                fan_out: d,
+            },
+        );
+        let gru_ih = sb.dense_named("slot_attention.gru", "ih", d, 3 * d);
+        let gru_hh = sb.dense_named("slot_attention.gru", "hh", d, 3 * d);
+        let norm_mlp = sb.norm("slot_attention.norm_mlp", d);
+        let mlp1 = sb.dense("slot_attention.mlp.0", d, m.mlp_hidden_size, true);
+        let mlp2 = sb.dense("slot_attention.mlp.2", m.mlp_hidden_size, d, true);
+
+        let chans = m.decoder_channels();
+        let mut decoder = Vec::new();
+        let (dec_grid, dec_pos);
+        match m.decoder {
+            DecoderKind::Broadcast => {
+                dec_grid = m.decoder_init_size;
+                dec_pos = sb.dense("decoder.pos", 4, d, true);
+                let ups = m.decoder_upsamplings();
+                let (mut s, mut c_in) = (dec_grid, d);
+                for (i, &c) in chans.iter().enumerate() {
+                    let g = if i < ups {
+                        // TF 'same' for stride 2 (n → 2n) = PyTorch padding 2, output_padding 1.
+                        ConvGeom::transposed(s, s, c_in, c, 5, 2, 2, 1)
+                    } else {
+                        ConvGeom::transposed(s, s, c_in, c, 5, 1, 2, 0)
+                    };
+                    decoder.push(sb.conv(
+                        &format!("decoder.convs.{i}"),
+                        LayerKind::ConvTranspose,
+                        g,
+                        true,
+                    ));
+                    s = g.h_out;
+                    c_in = c;
+                }
+                let g = ConvGeom::transposed(s, s, c_in, 4, 3, 1, 1, 0);
+                decoder.push(sb.conv(
+                    &format!("decoder.convs.{}", chans.len()),
+                    LayerKind::ConvTranspose,
+                    g,
+                    false,
+                ));
+            }
+            DecoderKind::Full => {
+                dec_grid = res;
+                dec_pos = sb.dense("decoder.pos", 4, d, true);
+                let mut c_in = d;
+                for (i, &c) in chans.iter().enumerate() {
+                    decoder.push(sb.conv(
+                        &format!("decoder.convs.{i}"),
+                        LayerKind::Conv,
+                        ConvGeom::same(res, res, c_in, c, 5),
+                        true,
+                    ));
+                    c_in = c;
+                }
+                let g = ConvGeom::same(res, res, c_in, 4, 3);
+                decoder.push(sb.conv(
+                    &format!("decoder.convs.{}", chans.len()),
+                    LayerKind::Conv,
+                    g,
+                    false,
+                ));
+            }
+        }
+        let last = decoder.last().expect("decoder has layers").geom;
+        assert_eq!(
+            (last.h_out, last.w_out),
+            (res, res),
+            "decoder output size must equal the resolution"
+        );
+        Arch {
+            res,
+            k,
+            d,
+            heads: m.num_heads,
+            feat,
+            mlp_hidden: m.mlp_hidden_size,
+            eps: m.eps,
+            dropout: m.dropout,
+            implicit: m.implicit_diff,
+            iters: m.max_iter_fwd,
+            fwd_tol: m.fwd_tol,
+            encoder,
+            enc_pos,
+            enc_norm,
+            enc_mlp,
+            norm_inputs,
+            to_k,
+            to_v,
+            to_q,
+            norm_slots,
+            mu,
+            log_sigma,
+            gru_ih,
+            gru_hh,
+            norm_mlp,
+            mlp1,
+            mlp2,
+            dec_grid,
+            dec_pos,
+            decoder,
+            specs: sb.specs,
+        }
+    }
+
+    pub fn pixels(&self) -> usize {
+        self.res * self.res
+    }
+    pub fn enc_channels(&self) -> usize {
+        self.encoder.last().map(|l| l.geom.c_out).unwrap_or(3)
+    }
+    pub fn num_params(&self) -> usize {
+        self.specs.iter().map(|s| s.numel()).sum()
+    }
+    /// Cell applications of a training forward: T + 1 (implicit) or T (BPTT).
+    pub fn train_applications(&self) -> usize {
+        if self.implicit {
+            self.iters + 1
+        } else {
+            self.iters
+        }
+    }
+    fn attn_dims(&self, batch: usize) -> AttnDims {
+        AttnDims {
+            batch,
+            n: self.pixels(),
+            k: self.k,
+            d: self.d,
+            heads: self.heads,
+            scale: 1.0 / ((self.d / self.heads) as f64).sqrt(),
+            eps: self.eps,
+        }
+    }
+}
+
+impl SpecBuilder {
+    /// GRUCell tensors: weight_ih / weight_hh [3D, D], bias_ih / bias_hh [3D].
+    fn dense_named(&mut self, prefix: &str, which: &str, d: usize, d3: usize) -> Dense {
+        let w = self.add(
+            format!("{prefix}.weight_{which}"),
+            vec![d3, d],
+            Init::Glorot {
+                fan_in: d,
+                fan_out: d3,
+            },
+        );
+        let b = Some(self.add(format!("{prefix}.bias_{which}"), vec![d3], Init::Zeros));
+        Dense {
+            w,
+            b,
+            n_in: d,
+            n_out: d3,
+        }
+    }
+}
+
+/// Initial parameter values: glorot-uniform from the counter-based generator (stream INIT,
+/// step = tensor index), so a given seed gives the same model on every backend.
+pub fn init_params(specs: &[ParamSpec], seed: u64) -> Vec<Vec<f64>> {
+    let rng = Philox::new(seed);
+    specs
+        .iter()
+        .enumerate()
+        .map(|(t, s)| match s.init {
+            Init::Zeros => vec![0.0; s.numel()],
+            Init::Ones => vec![1.0; s.numel()],
+            Init::Glorot { fan_in, fan_out } => {
+                let limit = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                (0..s.numel())
+                    .map(|i| (2.0 * rng.uniform(stream::INIT, t as u32, i as u64) - 1.0) * limit)
+                    .collect()
+            }
+        })
+        .collect()
+}
+
+/// What one cell application records (all `[B·K, ·]` rows).
+pub struct CellTape<Buf> {
+    pub slots_in: Buf,
+    ln_s: Buf,
+    ln_s_mean: Buf,
+    ln_s_rstd: Buf,
+    q: Buf,
+    attn: Buf,
+    upd: Buf,
+    gi: Buf,
+    gh: Buf,
+    h1: Buf,
+    ln_m: Buf,
+    ln_m_mean: Buf,
+    ln_m_rstd: Buf,
+    hid: Buf,
+    pub out: Buf,
+}
+
+impl<Buf> CellTape<Buf> {
+    fn new<B: Backend<Buf = Buf>>(be: &B, a: &Arch, batch: usize) -> Self {
+        let rows = batch * a.k;
+        let (d, m) = (a.d, a.mlp_hidden);
+        CellTape {
+            slots_in: be.alloc(rows * d),
+            ln_s: be.alloc(rows * d),
+            ln_s_mean: be.alloc(rows),
+            ln_s_rstd: be.alloc(rows),
+            q: be.alloc(rows * d),
+            attn: be.alloc(a.attn_dims(batch).attn_len()),
+            upd: be.alloc(rows * d),
+            gi: be.alloc(rows * 3 * d),
+            gh: be.alloc(rows * 3 * d),
+            h1: be.alloc(rows * d),
+            ln_m: be.alloc(rows * d),
+            ln_m_mean: be.alloc(rows),
+            ln_m_rstd: be.alloc(rows),
+            hid: be.alloc(rows * m),
+            out: be.alloc(rows * d),
+        }
+    }
+    fn bytes<B: Backend<Buf = Buf>>(&self, be: &B, elem: usize) -> usize {
+        [
+            &self.slots_in,
+            &self.ln_s,
+            &self.ln_s_mean,
+            &self.ln_s_rstd,
+            &self.q,
+            &self.attn,
+            &self.upd,
+            &self.gi,
+            &self.gh,
+            &self.h1,
+            &self.ln_m,
+            &self.ln_m_mean,
+            &self.ln_m_rstd,
+            &self.hid,
+            &self.out,
+        ]
+        .iter()
+        .map(|b| be.len(b) * elem)
+        .sum()
+    }
+}
+
+/// Gradient scratch of one cell backward.
+struct CellGrads<Buf> {
+    d_in: Buf,
+    d_out: Buf,
+    dh1: Buf,
+    dhid: Buf,
+    dln_m: Buf,
+    dgi: Buf,
+    dgh: Buf,
+    dupd: Buf,
+    dq: Buf,
+    dln_s: Buf,
+}
+
+/// Every activation buffer of a forward + backward at one batch size, allocated once and
+/// reused by every step (nothing is allocated inside a step).
+pub struct Workspace<Buf> {
+    pub batch: usize,
+    pub image: Buf,
+    enc_act: Vec<Buf>,
+    enc_pos: Buf,
+    ln0: Buf,
+    ln0_mean: Buf,
+    ln0_rstd: Buf,
+    mlp_act: Vec<Buf>,
+    ln_in: Buf,
+    ln_in_mean: Buf,
+    ln_in_rstd: Buf,
+    k: Buf,
+    v: Buf,
+    noise: Buf,
+    slots0: Buf,
+    /// Recorded cell applications: T for BPTT, 1 for implicit.
+    cells: Vec<CellTape<Buf>>,
+    /// Overwritten by every gradient-free iteration (implicit mode and evaluation).
+    scratch: CellTape<Buf>,
+    dec_in: Buf,
+    pub dec_act: Vec<Buf>,
+    pub masks: Buf,
+    pub recon: Buf,
+    pub loss: Buf,
+    // Gradients of activations.
+    d_enc_act: Vec<Buf>,
+    d_enc_pos: Buf,
+    d_ln0: Buf,
+    d_mlp_act: Vec<Buf>,
+    d_ln_in: Buf,
+    dk: Buf,
+    dv: Buf,
+    cg: CellGrads<Buf>,
+    d_dec_in: Buf,
+    d_dec_act: Vec<Buf>,
+    /// Slots given from outside instead of mu + σ·noise (see [`SlotsFrom::Given`]).
+    given_slots: Buf,
+}
+
+/// Where the initial slots come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotsFrom {
+    /// mu + exp(log_sigma) · noise with noise from (seed, SLOT_NOISE, step).
+    Noise,
+    /// The contents of `Workspace::given_slots` (set with [`Model::set_initial_slots`]).
+    Given,
+    /// Implicit training only: the given slots ARE the detached fixed-point estimate; the
+    /// gradient-free iterations are skipped and the recorded application starts from them.
+    /// This is exactly the function whose gradient implicit differentiation computes, so finite
+    /// differences of it check the implicit gradient.
+    Detached,
+}
+
+/// What a forward pass is for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pass {
+    /// Training step `step`: dropout on, tapes recorded for [`Model::backward`].
+    Train { step: u64 },
+    /// Evaluation: no dropout, nothing recorded, `applications` cell applications in total.
+    Eval { applications: usize, step: u64 },
+}
+
+/// Diagnostics of the gradient-free iterations.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardStats {
+    /// Gradient-free iterations actually run (fewer than T when `fwd_tol` stopped them).
+    pub iters_run: usize,
+    /// ||Δslots|| / ||slots|| of the last gradient-free iteration (only when `fwd_tol` is set).
+    pub last_residual: Option<f64>,
+}
+
+pub struct Model<B: Backend> {
+    pub arch: Arch,
+    pub params: Vec<B::Buf>,
+    pub grads: Vec<B::Buf>,
+    pub seed: u64,
+}
+
+impl<B: Backend> Model<B> {
+    /// A freshly initialised model (glorot from `seed`).
+    pub fn new(be: &B, cfg: &ModelConfig, seed: u64) -> Self {
+        let arch = Arch::new(cfg);
+        let values = init_params(&arch.specs, seed);
+        Self::from_values(be, arch, &values, seed)
+    }
+
+    pub fn from_values(be: &B, arch: Arch, values: &[Vec<f64>], seed: u64) -> Self {
+        assert_eq!(values.len(), arch.specs.len());
+        let params = arch
+            .specs
+            .iter()
+            .zip(values)
+            .map(|(s, v)| {
+                assert_eq!(v.len(), s.numel(), "{}", s.name);
+                let mut b = be.alloc(s.numel());
+                be.upload_f64(v, &mut b);
+                b
+            })
+            .collect();
+        let grads = arch.specs.iter().map(|s| be.alloc(s.numel())).collect();
+        Self {
+            arch,
+            params,
+            grads,
+            seed,
+        }
+    }
+
+    pub fn workspace(&self, be: &B, batch: usize) -> Workspace<B::Buf> {
+        let a = &self.arch;
+        let (res, p) = (a.res, a.pixels());
+        let bn = batch * p;
+        let bk = batch * a.k;
+        let enc_act: Vec<_> = a
+            .encoder
+            .iter()
+            .map(|l| be.alloc(batch * l.geom.out_len()))
+            .collect();
+        let d_enc_act: Vec<_> = a
+            .encoder
+            .iter()
+            .map(|l| be.alloc(batch * l.geom.out_len()))
+            .collect();
+        let c = a.enc_channels();
+        let mlp_act: Vec<_> = a.enc_mlp.iter().map(|l| be.alloc(bn * l.n_out)).collect();
+        let d_mlp_act: Vec<_> = a.enc_mlp.iter().map(|l| be.alloc(bn * l.n_out)).collect();
+        let recorded = if a.implicit { 1 } else { a.iters };
+        let dec_act: Vec<_> = a
+            .decoder
+            .iter()
+            .map(|l| be.alloc(bk * l.geom.out_len()))
+            .collect();
+        let d_dec_act: Vec<_> = a
+            .decoder
+            .iter()
+            .map(|l| be.alloc(bk * l.geom.out_len()))
+            .collect();
+        let g = a.dec_grid;
+        let (d, m) = (a.d, a.mlp_hidden);
+        Workspace {
+            batch,
+            image: be.alloc(batch * res * res * 3),
+            enc_act,
+            enc_pos: be.alloc(bn * c),
+            ln0: be.alloc(bn * c),
+            ln0_mean: be.alloc(bn),
+            ln0_rstd: be.alloc(bn),
+            mlp_act,
+            ln_in: be.alloc(bn * a.feat),
+            ln_in_mean: be.alloc(bn),
+            ln_in_rstd: be.alloc(bn),
+            k: be.alloc(bn * d),
+            v: be.alloc(bn * d),
+            noise: be.alloc(bk * d),
+            slots0: be.alloc(bk * d),
+            cells: (0..recorded).map(|_| CellTape::new(be, a, batch)).collect(),
+            scratch: CellTape::new(be, a, batch),
+            dec_in: be.alloc(bk * g * g * d),
+            dec_act,
+            masks: be.alloc(batch * a.k * p),
+            recon: be.alloc(batch * p * 3),
+            loss: be.alloc(1),
+            d_enc_act,
+            d_enc_pos: be.alloc(bn * c),
+            d_ln0: be.alloc(bn * c),
+            d_mlp_act,
+            d_ln_in: be.alloc(bn * a.feat),
+            dk: be.alloc(bn * d),
+            dv: be.alloc(bn * d),
+            cg: CellGrads {
+                d_in: be.alloc(bk * d),
+                d_out: be.alloc(bk * d),
+                dh1: be.alloc(bk * d),
+                dhid: be.alloc(bk * m),
+                dln_m: be.alloc(bk * d),
+                dgi: be.alloc(bk * 3 * d),
+                dgh: be.alloc(bk * 3 * d),
+                dupd: be.alloc(bk * d),
+                dq: be.alloc(bk * d),
+                dln_s: be.alloc(bk * d),
+            },
+            d_dec_in: be.alloc(bk * g * g * d),
+            d_dec_act,
+            given_slots: be.alloc(bk * d),
+        }
+    }
+
+    /// Bytes held by the slot-attention module's saved activations (recorded cell tapes plus the
+    /// gradient-free scratch): constant in T under implicit differentiation, linear under BPTT.
+    pub fn slot_saved_bytes(&self, be: &B, ws: &Workspace<B::Buf>, elem: usize) -> usize {
+        ws.cells
+            .iter()
+            .chain(std::iter::once(&ws.scratch))
+            .map(|c| c.bytes(be, elem))
+            .sum()
+    }
+
+    /// The detached slots the recorded application of the last implicit training forward
+    /// started from (a host read).
+    pub fn detached_slots(&self, be: &B, ws: &Workspace<B::Buf>) -> Vec<f64> {
+        be.download(&ws.cells[0].slots_in)
+    }
+
+    /// The final slots of the last forward (a host read).
+    pub fn final_slots(&self, be: &B, ws: &Workspace<B::Buf>, pass: Pass) -> Vec<f64> {
+        match pass {
+            Pass::Eval { .. } => be.download(&ws.scratch.out),
+            Pass::Train { .. } => be.download(&ws.cells[ws.cells.len() - 1].out),
+        }
+    }
+
+    /// Use `slots` (`[B·K·D]`) as the initial slots of passes with [`SlotsFrom::Given`].
+    pub fn set_initial_slots(&self, be: &B, ws: &mut Workspace<B::Buf>, slots: &[f64]) {
+        be.upload_f64(slots, &mut ws.given_slots);
+    }
+
+    fn dropout_mask(&self, step: u64, application: usize) -> Option<DropoutMask> {
+        (self.arch.dropout > 0.0).then(|| DropoutMask {
+            rng: Philox::new(self.seed),
+            stream: stream::DROPOUT_ITER_BASE + application as u32,
+            step: step as u32,
+            p: self.arch.dropout,
+        })
+    }
+
+    /// One application of the slot-attention cell: tape.slots_in → tape.out.
+    fn cell_fwd(
+        &self,
+        be: &B,
+        k: &B::Buf,
+        v: &B::Buf,
+        t: &mut CellTape<B::Buf>,
+        batch: usize,
+        dropout: Option<DropoutMask>,
+    ) {
+        let a = &self.arch;
+        let p = &self.params;
+        let rows = batch * a.k;
+        let d = a.d;
+        be.layernorm_fwd(
+            rows,
+            d,
+            &t.slots_in,
+            &p[a.norm_slots.g],
+            &p[a.norm_slots.b],
+            &mut t.ln_s,
+            &mut t.ln_s_mean,
+            &mut t.ln_s_rstd,
+        );
+        be.linear_fwd(rows, d, d, &t.ln_s, &p[a.to_q.w], None, false, &mut t.q);
+        be.attention_fwd(&a.attn_dims(batch), k, v, &t.q, &mut t.attn, &mut t.upd);
+        let (ih, hh) = (a.gru_ih, a.gru_hh);
+        be.linear_fwd(
+            rows,
+            d,
+            3 * d,
+            &t.upd,
+            &p[ih.w],
+            ih.b.map(|b| &p[b]),
+            false,
+            &mut t.gi,
+        );
+        be.linear_fwd(
+            rows,
+            d,
+            3 * d,
+            &t.slots_in,
+            &p[hh.w],
+            hh.b.map(|b| &p[b]),
+            false,
+            &mut t.gh,
+        );
+        be.gru_gates_fwd(d, &t.gi, &t.gh, &t.slots_in, &mut t.h1);
+        be.layernorm_fwd(
+            rows,
+            d,
+            &t.h1,
+            &p[a.norm_mlp.g],
+            &p[a.norm_mlp.b],
+            &mut t.ln_m,
+            &mut t.ln_m_mean,
+            &mut t.ln_m_rstd,
+        );
+        let (m1, m2) = (a.mlp1, a.mlp2);
+        be.linear_fwd(
+            rows,
+            d,
+            a.mlp_hidden,
+            &t.ln_m,
+            &p[m1.w],
+            m1.b.map(|b| &p[b]),
+            true,
+            &mut t.hid,
+        );
+        if let Some(mask) = dropout {
+            be.dropout_fwd(&mask, &mut t.hid);
+        }
+        be.linear_fwd(
+            rows,
+            a.mlp_hidden,
+            d,
+            &t.hid,
+            &p[m2.w],
+            m2.b.map(|b| &p[b]),
+            false,
+            &mut t.out,
+        );
+        be.add_assign(&mut t.out, &t.h1);
+    }
+
+    /// Backward of one cell application: from cg.d_out, accumulates cg.d_in, dk, dv and the
+    /// cell's parameter gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn cell_bwd(
+        &mut self,
+        be: &B,
+        k: &B::Buf,
+        v: &B::Buf,
+        t: &CellTape<B::Buf>,
+        cg: &mut CellGrads<B::Buf>,
+        dk: &mut B::Buf,
+        dv: &mut B::Buf,
+        batch: usize,
+        dropout: Option<DropoutMask>,
+    ) {
+        let a = &self.arch;
+        let (p, g) = (&self.params, &mut self.grads);
+        let rows = batch * a.k;
+        let (d, mh) = (a.d, a.mlp_hidden);
+        // Residual: out = h1 + mlp(ln(h1)).
+        be.copy(&cg.d_out, &mut cg.dh1);
+        let (m1, m2) = (a.mlp1, a.mlp2);
+        be.fill_zero(&mut cg.dhid);
+        let (gw, gb) = two_mut(g, m2.w, m2.b.unwrap());
+        be.linear_bwd(
+            rows,
+            mh,
+            d,
+            &t.hid,
+            &p[m2.w],
+            &t.out,
+            false,
+            &cg.d_out,
+            Some(&mut cg.dhid),
+            gw,
+            Some(gb),
+        );
+        if let Some(mask) = dropout {
+            be.dropout_bwd(&mask, &mut cg.dhid);
+        }
+        be.fill_zero(&mut cg.dln_m);
+        let (gw, gb) = two_mut(g, m1.w, m1.b.unwrap());
+        be.linear_bwd(
+            rows,
+            d,
+            mh,
+            &t.ln_m,
+            &p[m1.w],
+            &t.hid,
+            true,
+            &cg.dhid,
+            Some(&mut cg.dln_m),
+            gw,
+            Some(gb),
+        );
+        let (gg, gb) = two_mut(g, a.norm_mlp.g, a.norm_mlp.b);
+        be.layernorm_bwd(
+            rows,
+            d,
+            &t.h1,
+            &p[a.norm_mlp.g],
+            &t.ln_m_mean,
+            &t.ln_m_rstd,
+            &cg.dln_m,
+            &mut cg.dh1,
+            gg,
+            gb,
+        );
+        // GRU.
+        be.fill_zero(&mut cg.dgi);
+        be.fill_zero(&mut cg.dgh);
+        be.gru_gates_bwd(
+            d,
+            &t.gi,
+            &t.gh,
+            &t.slots_in,
+            &cg.dh1,
+            &mut cg.dgi,
+            &mut cg.dgh,
+            &mut cg.d_in,
+        );
+        let (ih, hh) = (a.gru_ih, a.gru_hh);
+        let (gw, gb) = two_mut(g, hh.w, hh.b.unwrap());
+        be.linear_bwd(
+            rows,
+            d,
+            3 * d,
+            &t.slots_in,
+            &p[hh.w],
+            &t.gh,
+            false,
+            &cg.dgh,
+            Some(&mut cg.d_in),
+            gw,
+            Some(gb),
+        );
+        be.fill_zero(&mut cg.dupd);
+        let (gw, gb) = two_mut(g, ih.w, ih.b.unwrap());
+        be.linear_bwd(
+            rows,
+            d,
+            3 * d,
+            &t.upd,
+            &p[ih.w],
+            &t.gi,
+            false,
+            &cg.dgi,
+            Some(&mut cg.dupd),
+            gw,
+            Some(gb),
+        );
+        // Attention.
+        be.fill_zero(&mut cg.dq);
+        be.attention_bwd(
+            &a.attn_dims(batch),
+            k,
+            v,
+            &t.q,
+            &t.attn,
+            &cg.dupd,
+            dk,
+            dv,
+            &mut cg.dq,
+        );
+        be.fill_zero(&mut cg.dln_s);
+        be.linear_bwd(
+            rows,
+            d,
+            d,
+            &t.ln_s,
+            &p[a.to_q.w],
+            &t.q,
+            false,
+            &cg.dq,
+            Some(&mut cg.dln_s),
+            &mut g[a.to_q.w],
+            None,
+        );
+        let (gg, gb) = two_mut(g, a.norm_slots.g, a.norm_slots.b);
+        be.layernorm_bwd(
+            rows,
+            d,
+            &t.slots_in,
+            &p[a.norm_slots.g],
+            &t.ln_s_mean,
+            &t.ln_s_rstd,
+            &cg.dln_s,
+            &mut cg.d_in,
+            gg,
+            gb,
+        );
+    }
+
+    /// Forward pass on the batch in `ws.image`; the loss lands in `ws.loss` (read it with
+    /// [`Model::loss`]), masks and recon in `ws.masks` / `ws.recon`.
+    pub fn forward(
+        &self,
+        be: &B,
+        ws: &mut Workspace<B::Buf>,
+        pass: Pass,
+        init: SlotsFrom,
+    ) -> ForwardStats {
+        let a = &self.arch;
+        let p = &self.params;
+        let batch = ws.batch;
+        let (res, np) = (a.res, a.pixels());
+        let bn = batch * np;
+        let bk = batch * a.k;
+        // Encoder.
+        for (i, l) in a.encoder.iter().enumerate() {
+            let (done, rest) = ws.enc_act.split_at_mut(i);
+            let x = if i == 0 { &ws.image } else { &done[i - 1] };
+            be.conv2d_fwd(&l.geom, batch, x, &p[l.w], &p[l.b], l.relu, &mut rest[0]);
+        }
+        let c = a.enc_channels();
+        be.copy(ws.enc_act.last().unwrap_or(&ws.image), &mut ws.enc_pos);
+        be.softpos_add_fwd(
+            res,
+            res,
+            c,
+            &p[a.enc_pos.w],
+            &p[a.enc_pos.b.unwrap()],
+            &mut ws.enc_pos,
+        );
+        be.layernorm_fwd(
+            bn,
+            c,
+            &ws.enc_pos,
+            &p[a.enc_norm.g],
+            &p[a.enc_norm.b],
+            &mut ws.ln0,
+            &mut ws.ln0_mean,
+            &mut ws.ln0_rstd,
+        );
+        let nl = a.enc_mlp.len();
+        for (i, l) in a.enc_mlp.iter().enumerate() {
+            let (done, rest) = ws.mlp_act.split_at_mut(i);
+            let x = if i == 0 { &ws.ln0 } else { &done[i - 1] };
+            be.linear_fwd(
+                bn,
+                l.n_in,
+                l.n_out,
+                x,
+                &p[l.w],
+                l.b.map(|b| &p[b]),
+                i + 1 < nl,
+                &mut rest[0],
+            );
+        }
+        // Slot attention: inputs.
+        let feats = ws.mlp_act.last().unwrap_or(&ws.ln0);
+        be.layernorm_fwd(
+            bn,
+            a.feat,
+            feats,
+            &p[a.norm_inputs.g],
+            &p[a.norm_inputs.b],
+            &mut ws.ln_in,
+            &mut ws.ln_in_mean,
+            &mut ws.ln_in_rstd,
+        );
+        be.linear_fwd(
+            bn,
+            a.feat,
+            a.d,
+            &ws.ln_in,
+            &p[a.to_k.w],
+            None,
+            false,
+            &mut ws.k,
+        );
+        be.linear_fwd(
+            bn,
+            a.feat,
+            a.d,
+            &ws.ln_in,
+            &p[a.to_v.w],
+            None,
+            false,
+            &mut ws.v,
+        );
+        let step = match pass {
+            Pass::Train { step } | Pass::Eval { step, .. } => step,
+        };
+        match init {
+            SlotsFrom::Noise => {
+                be.fill_normal(
+                    Philox::new(self.seed),
+                    stream::SLOT_NOISE,
+                    step as u32,
+                    &mut ws.noise,
+                );
+                be.slot_init_fwd(a.d, &p[a.mu], &p[a.log_sigma], &ws.noise, &mut ws.slots0);
+            }
+            SlotsFrom::Given | SlotsFrom::Detached => be.copy(&ws.given_slots, &mut ws.slots0),
+        }
+        // Slot attention: the iterations.
+        let mut stats = ForwardStats::default();
+        let (k, v) = (&ws.k, &ws.v);
+        let final_slots: &B::Buf = match pass {
+            Pass::Eval { applications, .. } => {
+                be.copy(&ws.slots0, &mut ws.scratch.slots_in);
+                for it in 0..applications {
+                    if it > 0 {
+                        std::mem::swap(&mut ws.scratch.slots_in, &mut ws.scratch.out);
+                    }
+                    self.cell_fwd(be, k, v, &mut ws.scratch, batch, None);
+                }
+                stats.iters_run = applications;
+                &ws.scratch.out
+            }
+            Pass::Train { step } if a.implicit => {
+                // T gradient-free iterations in the scratch tape (overwritten each time).
+                be.copy(&ws.slots0, &mut ws.scratch.out);
+                let iters = if init == SlotsFrom::Detached {
+                    0
+                } else {
+                    a.iters
+                };
+                for it in 0..iters {
+                    std::mem::swap(&mut ws.scratch.slots_in, &mut ws.scratch.out);
+                    self.cell_fwd(
+                        be,
+                        k,
+                        v,
+                        &mut ws.scratch,
+                        batch,
+                        self.dropout_mask(step, it),
+                    );
+                    stats.iters_run = it + 1;
+                    if let Some(tol) = a.fwd_tol {
+                        let r = be.rel_change(&ws.scratch.out, &ws.scratch.slots_in);
+                        stats.last_residual = Some(r);
+                        if r < tol {
+                            break;
+                        }
+                    }
+                }
+                // One recorded application from the detached fixed-point estimate.
+                let cell = &mut ws.cells[0];
+                be.copy(&ws.scratch.out, &mut cell.slots_in);
+                self.cell_fwd(be, k, v, cell, batch, self.dropout_mask(step, a.iters));
+                &ws.cells[0].out
+            }
+            Pass::Train { step } => {
+                be.copy(&ws.slots0, &mut ws.cells[0].slots_in);
+                for it in 0..a.iters {
+                    if it > 0 {
+                        let (prev, cur) = ws.cells.split_at_mut(it);
+                        be.copy(&prev[it - 1].out, &mut cur[0].slots_in);
+                    }
+                    self.cell_fwd(
+                        be,
+                        k,
+                        v,
+                        &mut ws.cells[it],
+                        batch,
+                        self.dropout_mask(step, it),
+                    );
+                }
+                stats.iters_run = a.iters;
+                &ws.cells[a.iters - 1].out
+            }
+        };
+        // Decoder, per slot (a batch of B·K images).
+        let g = a.dec_grid;
+        be.broadcast_pos_fwd(
+            g,
+            g,
+            a.d,
+            final_slots,
+            &p[a.dec_pos.w],
+            &p[a.dec_pos.b.unwrap()],
+            &mut ws.dec_in,
+        );
+        for (i, l) in a.decoder.iter().enumerate() {
+            let (done, rest) = ws.dec_act.split_at_mut(i);
+            let x = if i == 0 { &ws.dec_in } else { &done[i - 1] };
+            match l.kind {
+                LayerKind::Conv => {
+                    be.conv2d_fwd(&l.geom, bk, x, &p[l.w], &p[l.b], l.relu, &mut rest[0])
+                }
+                LayerKind::ConvTranspose => {
+                    be.conv_t2d_fwd(&l.geom, bk, x, &p[l.w], &p[l.b], l.relu, &mut rest[0])
+                }
+            }
+        }
+        let dec_out = ws.dec_act.last().expect("decoder output");
+        be.composite_mse_fwd(
+            batch,
+            a.k,
+            np,
+            dec_out,
+            &ws.image,
+            &mut ws.masks,
+            &mut ws.recon,
+            &mut ws.loss,
+        );
+        stats
+    }
+
+    /// The loss of the last forward (a host read).
+    pub fn loss(&self, be: &B, ws: &Workspace<B::Buf>) -> f64 {
+        be.download(&ws.loss)[0]
+    }
+
+    pub fn zero_grads(&mut self, be: &B) {
+        for g in &mut self.grads {
+            be.fill_zero(g);
+        }
+    }
+
+    /// Backward of the last `Pass::Train { step }` forward: ACCUMULATES d(loss)/d(param) into
+    /// `self.grads` (call [`Model::zero_grads`] first).
+    pub fn backward(&mut self, be: &B, ws: &mut Workspace<B::Buf>, step: u64, init: SlotsFrom) {
+        let batch = ws.batch;
+        let a = self.arch.clone();
+        let (res, np) = (a.res, a.pixels());
+        let bn = batch * np;
+        let bk = batch * a.k;
+        // Loss → decoder output.
+        let nd = a.decoder.len();
+        for buf in ws.d_dec_act.iter_mut() {
+            be.fill_zero(buf);
+        }
+        be.composite_mse_bwd(
+            batch,
+            a.k,
+            np,
+            &ws.dec_act[nd - 1],
+            &ws.image,
+            &ws.masks,
+            &ws.recon,
+            1.0,
+            &mut ws.d_dec_act[nd - 1],
+        );
+        // Decoder layers, last to first.
+        be.fill_zero(&mut ws.d_dec_in);
+        for i in (0..nd).rev() {
+            let l = a.decoder[i];
+            let (lower, upper) = ws.d_dec_act.split_at_mut(i);
+            let dy = &upper[0];
+            let x = if i == 0 {
+                &ws.dec_in
+            } else {
+                &ws.dec_act[i - 1]
+            };
+            let dx = if i == 0 {
+                &mut ws.d_dec_in
+            } else {
+                &mut lower[i - 1]
+            };
+            let (gw, gb) = two_mut(&mut self.grads, l.w, l.b);
+            match l.kind {
+                LayerKind::Conv => be.conv2d_bwd(
+                    &l.geom,
+                    bk,
+                    x,
+                    &self.params[l.w],
+                    &ws.dec_act[i],
+                    l.relu,
+                    dy,
+                    Some(dx),
+                    gw,
+                    gb,
+                ),
+                LayerKind::ConvTranspose => be.conv_t2d_bwd(
+                    &l.geom,
+                    bk,
+                    x,
+                    &self.params[l.w],
+                    &ws.dec_act[i],
+                    l.relu,
+                    dy,
+                    Some(dx),
+                    gw,
+                    gb,
+                ),
+            }
+        }
+        let cg = &mut ws.cg;
+        be.fill_zero(&mut cg.d_out);
+        let g = a.dec_grid;
+        let (gw, gb) = two_mut(&mut self.grads, a.dec_pos.w, a.dec_pos.b.unwrap());
+        be.broadcast_pos_bwd(g, g, a.d, &ws.d_dec_in, &mut cg.d_out, gw, gb);
+        // Slot attention cells, last to first.
+        be.fill_zero(&mut ws.dk);
+        be.fill_zero(&mut ws.dv);
+        let recorded = ws.cells.len();
+        for it in (0..recorded).rev() {
+            be.fill_zero(&mut ws.cg.d_in);
+            let application = if a.implicit { a.iters } else { it };
+            let mask = self.dropout_mask(step, application);
+            self.cell_bwd(
+                be,
+                &ws.k,
+                &ws.v,
+                &ws.cells[it],
+                &mut ws.cg,
+                &mut ws.dk,
+                &mut ws.dv,
+                batch,
+                mask,
+            );
+            std::mem::swap(&mut ws.cg.d_in, &mut ws.cg.d_out);
+        }
+        // Now cg.d_out holds d(initial slots of the recorded chain).
+        if !a.implicit && init == SlotsFrom::Noise {
+            let (gm, gs) = two_mut(&mut self.grads, a.mu, a.log_sigma);
+            be.slot_init_bwd(
+                a.d,
+                &self.params[a.log_sigma],
+                &ws.noise,
+                &ws.cg.d_out,
+                gm,
+                gs,
+            );
+        }
+        // Implicit: the gradient w.r.t. the detached slots is dropped here; mu and log_sigma
+        // get none.
+        let p = &self.params;
+        let gr = &mut self.grads;
+        be.fill_zero(&mut ws.d_ln_in);
+        be.linear_bwd(
+            bn,
+            a.feat,
+            a.d,
+            &ws.ln_in,
+            &p[a.to_k.w],
+            &ws.k,
+            false,
+            &ws.dk,
+            Some(&mut ws.d_ln_in),
+            &mut gr[a.to_k.w],
+            None,
+        );
+        be.linear_bwd(
+            bn,
+            a.feat,
+            a.d,
+            &ws.ln_in,
+            &p[a.to_v.w],
+            &ws.v,
+            false,
+            &ws.dv,
+            Some(&mut ws.d_ln_in),
+            &mut gr[a.to_v.w],
+            None,
+        );
+        let nl = a.enc_mlp.len();
+        let c = a.enc_channels();
+        for buf in ws.d_mlp_act.iter_mut() {
+            be.fill_zero(buf);
+        }
+        be.fill_zero(&mut ws.d_ln0);
+        {
+            let feats = ws.mlp_act.last().unwrap_or(&ws.ln0);
+            let dfeats = match ws.d_mlp_act.last_mut() {
+                Some(d) => d,
+                None => &mut ws.d_ln0,
+            };
+            let (gg, gb) = two_mut(gr, a.norm_inputs.g, a.norm_inputs.b);
+            be.layernorm_bwd(
+                bn,
+                a.feat,
+                feats,
+                &p[a.norm_inputs.g],
+                &ws.ln_in_mean,
+                &ws.ln_in_rstd,
+                &ws.d_ln_in,
+                dfeats,
+                gg,
+                gb,
+            );
+        }
+        for i in (0..nl).rev() {
+            let l = a.enc_mlp[i];
+            let (lower, upper) = ws.d_mlp_act.split_at_mut(i);
+            let x = if i == 0 { &ws.ln0 } else { &ws.mlp_act[i - 1] };
+            let dx = if i == 0 {
+                &mut ws.d_ln0
+            } else {
+                &mut lower[i - 1]
+            };
+            let (gw, gb) = two_mut(gr, l.w, l.b.unwrap());
+            be.linear_bwd(
+                bn,
+                l.n_in,
+                l.n_out,
+                x,
+                &p[l.w],
+                &ws.mlp_act[i],
+                i + 1 < nl,
+                &upper[0],
+                Some(dx),
+                gw,
+                Some(gb),
+            );
+        }
+        be.fill_zero(&mut ws.d_enc_pos);
+        let (gg, gb) = two_mut(gr, a.enc_norm.g, a.enc_norm.b);
+        be.layernorm_bwd(
+            bn,
+            c,
+            &ws.enc_pos,
+            &p[a.enc_norm.g],
+            &ws.ln0_mean,
+            &ws.ln0_rstd,
+            &ws.d_ln0,
+            &mut ws.d_enc_pos,
+            gg,
+            gb,
+        );
+        let (gw, gb) = two_mut(gr, a.enc_pos.w, a.enc_pos.b.unwrap());
+        be.softpos_add_bwd(res, res, c, &ws.d_enc_pos, gw, gb);
+        // Encoder convs, last to first (the position embedding passes the gradient through).
+        let ne = a.encoder.len();
+        for buf in ws.d_enc_act.iter_mut() {
+            be.fill_zero(buf);
+        }
+        if ne > 0 {
+            be.copy(&ws.d_enc_pos, &mut ws.d_enc_act[ne - 1]);
+        }
+        for i in (0..ne).rev() {
+            let l = a.encoder[i];
+            let (lower, upper) = ws.d_enc_act.split_at_mut(i);
+            let x = if i == 0 {
+                &ws.image
+            } else {
+                &ws.enc_act[i - 1]
+            };
+            let dx = if i == 0 {
+                None
+            } else {
+                Some(&mut lower[i - 1])
+            };
+            let (gw, gb) = two_mut(gr, l.w, l.b);
+            be.conv2d_bwd(
+                &l.geom,
+                batch,
+                x,
+                &p[l.w],
+                &ws.enc_act[i],
+                l.relu,
+                &upper[0],
+                dx,
+                gw,
+                gb,
+            );
+        }
+    }
+}
+
+/// Two distinct mutable elements of a slice.
+pub fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+    assert_ne!(i, j);
+    if i < j {
+        let (a, b) = v.split_at_mut(j);
+        (&mut a[i], &mut b[0])
+    } else {
+        let (a, b) = v.split_at_mut(i);
+        (&mut b[0], &mut a[j])
+    }
+}
