@@ -441,9 +441,10 @@ impl Config {
             .or(self.training.data_root.as_deref())
     }
 
-    /// Slot iterations at test time: `Testing.iters`, else `Model.max_iter_fwd`.
+    /// Cell applications at test time: `Testing.iters`, else the number a training forward
+    /// makes ([`ModelConfig::cell_applications`]: T + 1 implicit, T BPTT).
     pub fn test_iters(&self) -> usize {
-        self.testing.iters.unwrap_or(self.model.max_iter_fwd)
+        self.testing.iters.unwrap_or(self.model.cell_applications())
     }
 
     /// Remarks that do not stop a run but that a user may want to see (printed at start-up):
@@ -1384,7 +1385,11 @@ mod tests {
         }
         let t = TestingConfig::default();
         assert_eq!((t.batch_size, t.num_test, t.num_workers), (64, 320, 0));
-        assert_eq!(expected.test_iters(), 3);
+        assert_eq!(
+            expected.test_iters(),
+            4,
+            "T + 1 with implicit differentiation"
+        );
         assert_eq!(expected.test_data_type(), DataType::Tetrominoes);
         assert_eq!(official_model().decoder_channels(), vec![64; 5]);
         let full = ModelConfig {
@@ -1413,7 +1418,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.test_data_type(), DataType::Folder);
         assert_eq!(c.test_data_root(), Some(Path::new("/data/x")));
-        assert_eq!(c.test_iters(), 5);
+        assert_eq!(c.test_iters(), 6);
         let c = Config::from_yaml(&yaml(
             &[],
             &["data_type: folder", "data_root: /a"],

@@ -4,9 +4,14 @@
 //! written once over the [`backend::Backend`] trait.
 
 pub mod backend;
+pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod data;
+pub mod device;
+pub mod dump;
+pub mod eval;
 pub mod metrics;
 pub mod model;
 pub mod ops;
@@ -14,3 +19,4 @@ pub mod optim;
 pub mod real;
 pub mod render;
 pub mod rng;
+pub mod train;

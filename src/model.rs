@@ -664,6 +664,11 @@ impl<B: Backend> Model<B> {
         be.download(&ws.cells[0].slots_in)
     }
 
+    /// The slot noise of the last forward (a host read).
+    pub fn noise(&self, be: &B, ws: &Workspace<B::Buf>) -> Vec<f64> {
+        be.download(&ws.noise)
+    }
+
     /// The final slots of the last forward (a host read).
     pub fn final_slots(&self, be: &B, ws: &Workspace<B::Buf>, pass: Pass) -> Vec<f64> {
         match pass {
@@ -677,7 +682,9 @@ impl<B: Backend> Model<B> {
         be.upload_f64(slots, &mut ws.given_slots);
     }
 
-    fn dropout_mask(&self, step: u64, application: usize) -> Option<DropoutMask> {
+    /// The dropout mask of cell application `application` of training step `step` (None when
+    /// dropout is off).
+    pub fn dropout_mask(&self, step: u64, application: usize) -> Option<DropoutMask> {
         (self.arch.dropout > 0.0).then(|| DropoutMask {
             rng: Philox::new(self.seed),
             stream: stream::DROPOUT_ITER_BASE + application as u32,

@@ -1,0 +1,92 @@
+//! `slotfix bench`: the time of one training step of a config, on random batches.
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::rng::{stream, Philox};
+use crate::train::Session;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct StepBench {
+    pub backend: String,
+    pub batch: usize,
+    pub resolution: usize,
+    pub slots: usize,
+    pub iters: usize,
+    pub implicit: bool,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub steps: usize,
+    /// Peak resident memory of the process (Linux VmHWM), bytes.
+    pub peak_rss: Option<u64>,
+}
+
+impl StepBench {
+    pub fn images_per_s(&self) -> f64 {
+        self.batch as f64 / (self.median_ms / 1000.0)
+    }
+    pub fn table(&self) -> String {
+        format!(
+            "| backend | config | ms / step (median of {}) | min | max | images / s | peak memory |\n\
+             | --- | --- | ---: | ---: | ---: | ---: | ---: |\n\
+             | {} | {}×{}, K={}, B={}, {} iterations, {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+            self.steps,
+            self.backend,
+            self.resolution,
+            self.resolution,
+            self.slots,
+            self.batch,
+            self.iters,
+            if self.implicit { "implicit" } else { "BPTT" },
+            self.median_ms,
+            self.min_ms,
+            self.max_ms,
+            self.images_per_s(),
+            self.peak_rss.map(|b| format!("{:.2} GiB RSS", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into())
+        )
+    }
+}
+
+/// Peak resident set size from /proc (None elsewhere).
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Time `steps` training steps (after 2 warm-up steps) of `cfg` on random images in [-1, 1].
+pub fn bench_step<B: Backend>(be: B, cfg: &Config, steps: usize) -> StepBench {
+    let describe = be.describe();
+    let mut sess = Session::new(be, cfg.clone());
+    let (b, res) = (cfg.training.batch_size, cfg.model.resolution);
+    let rng = Philox::new(cfg.training.seed);
+    let images: Vec<f32> = (0..b * res * res * 3)
+        .map(|i| (2.0 * rng.uniform(stream::RANDOM_BATCH, 0, i as u64) - 1.0) as f32)
+        .collect();
+    for _ in 0..2 {
+        sess.train_step(&images);
+    }
+    let mut ms: Vec<f64> = (0..steps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            sess.train_step(&images);
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    StepBench {
+        backend: describe,
+        batch: b,
+        resolution: res,
+        slots: cfg.model.num_slots,
+        iters: cfg.model.max_iter_fwd,
+        implicit: cfg.model.implicit_diff,
+        median_ms: ms[ms.len() / 2],
+        min_ms: ms[0],
+        max_ms: ms[ms.len() - 1],
+        steps: ms.len(),
+        peak_rss: peak_rss(),
+    }
+}

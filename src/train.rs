@@ -1,0 +1,648 @@
+//! Training: data in, Adam steps, metrics, pictures and checkpoints out.
+//!
+//! A run is deterministic given the config: the data order of step s, the slot noise and the
+//! dropout masks are all functions of (seed, s), and the checkpoint holds the parameters, the
+//! Adam moments and s, so a resumed run continues bit for bit.
+
+use crate::backend::{AdamStep, Backend};
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::{Config, DataType, NonFinite};
+use crate::data::{self, DataSpec, Dataset, Source, Split};
+use crate::eval::{self, EvalResult};
+use crate::model::{Model, Pass, SlotsFrom, Workspace};
+use crate::optim::learning_rate;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+/// Set by the Ctrl-C handler; the loop saves a checkpoint and stops at the next step boundary.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Checkpoints kept in `save_dir` (older ones are deleted after each save).
+pub const KEEP_CHECKPOINTS: usize = 3;
+/// Test images used for the FG-ARI and the pictures written at every log interval.
+pub const LOG_EVAL_IMAGES: usize = 32;
+/// Examples drawn in each picture grid.
+pub const GRID_EXAMPLES: usize = 4;
+
+pub fn source_of(dt: DataType) -> Source {
+    match dt {
+        DataType::Clevr => Source::Clevr,
+        DataType::Folder => Source::Folder,
+        DataType::Tetrominoes => Source::Tetrominoes,
+        DataType::MultiDsprites => Source::MultiDsprites,
+    }
+}
+
+/// Open the training or test split described by the config.
+pub fn open_data(cfg: &Config, split: Split) -> Result<Box<dyn Dataset>, String> {
+    let t = &cfg.training;
+    let (dt, root, num, workers) = match split {
+        Split::Train => (t.data_type, t.data_root.clone(), t.num_train, t.num_workers),
+        Split::Test => (
+            cfg.test_data_type(),
+            cfg.test_data_root().map(Path::to_path_buf),
+            Some(cfg.testing.num_test),
+            cfg.testing.num_workers,
+        ),
+    };
+    let mut spec = DataSpec::new(source_of(dt), split, cfg.model.resolution);
+    spec.root =
+        root.or_else(|| (dt == DataType::Clevr).then(|| PathBuf::from("./data/CLEVR_v1.0")));
+    spec.num = num;
+    spec.max_objects = t.max_objects;
+    spec.seed = t.seed;
+    spec.num_workers = workers;
+    spec.cache_dir = (!dt.is_embedded()).then(|| t.save_dir.join("cache"));
+    let ds = data::open(&spec).map_err(|e| format!("{} data: {e}", split.name()))?;
+    if ds.resolution() != cfg.model.resolution {
+        return Err(format!(
+            "{} data is {}×{} but Model.resolution = {}",
+            split.name(),
+            ds.resolution(),
+            ds.resolution(),
+            cfg.model.resolution
+        ));
+    }
+    Ok(ds)
+}
+
+/// Model + optimizer state + the step counter: everything a checkpoint holds.
+pub struct Session<B: Backend> {
+    pub be: B,
+    pub cfg: Config,
+    pub model: Model<B>,
+    pub adam_m: Vec<B::Buf>,
+    pub adam_v: Vec<B::Buf>,
+    /// Completed optimizer steps.
+    pub step: u64,
+    ws: Workspace<B::Buf>,
+}
+
+/// What one training step did.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutcome {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// The step was skipped (non-finite loss or gradient with `on_nonfinite: skip`).
+    pub skipped: bool,
+    pub fwd_iters: usize,
+    pub residual: Option<f64>,
+}
+
+impl<B: Backend> Session<B> {
+    pub fn new(be: B, cfg: Config) -> Self {
+        let model = Model::new(&be, &cfg.model, cfg.training.seed);
+        Self::with_model(be, cfg, model)
+    }
+
+    fn with_model(be: B, cfg: Config, model: Model<B>) -> Self {
+        let adam_m = model
+            .arch
+            .specs
+            .iter()
+            .map(|s| be.alloc(s.numel()))
+            .collect();
+        let adam_v = model
+            .arch
+            .specs
+            .iter()
+            .map(|s| be.alloc(s.numel()))
+            .collect();
+        let ws = model.workspace(&be, cfg.training.batch_size);
+        Self {
+            be,
+            cfg,
+            model,
+            adam_m,
+            adam_v,
+            step: 0,
+            ws,
+        }
+    }
+
+    /// Everything needed to continue the run: parameters (PyTorch names), Adam moments, step,
+    /// seed and the config.
+    pub fn to_checkpoint(&self) -> Checkpoint {
+        let mut c = Checkpoint::default();
+        for (i, s) in self.model.arch.specs.iter().enumerate() {
+            c.insert(
+                s.name.clone(),
+                s.shape.clone(),
+                self.be.download_f32(&self.model.params[i]),
+            );
+            c.insert(
+                format!("optim.exp_avg.{}", s.name),
+                s.shape.clone(),
+                self.be.download_f32(&self.adam_m[i]),
+            );
+            c.insert(
+                format!("optim.exp_avg_sq.{}", s.name),
+                s.shape.clone(),
+                self.be.download_f32(&self.adam_v[i]),
+            );
+        }
+        c.meta.insert("step".into(), self.step.to_string());
+        c.meta
+            .insert("seed".into(), self.cfg.training.seed.to_string());
+        // The generator is counter-based: its whole state is the seed and the step.
+        c.meta.insert(
+            "rng".into(),
+            format!(
+                "philox4x32-10 seed={} step={}",
+                self.cfg.training.seed, self.step
+            ),
+        );
+        c.meta.insert("config".into(), self.cfg.to_yaml());
+        c
+    }
+
+    /// Rebuild a session from a checkpoint. The model section of `cfg` must equal the
+    /// checkpoint's (the training section may differ, e.g. a longer max_steps).
+    pub fn from_checkpoint(be: B, cfg: Config, ckpt: &Checkpoint) -> Result<Self, String> {
+        let saved = Config::from_yaml(ckpt.meta("config")?)
+            .map_err(|e| format!("checkpoint config: {e}"))?;
+        if saved.model != cfg.model {
+            return Err(format!(
+                "the checkpoint was trained with a different Model section:\n{}",
+                serde_yaml::to_string(&saved.model).unwrap_or_default()
+            ));
+        }
+        let mut model = Model::new(&be, &cfg.model, cfg.training.seed);
+        let load = |be: &B, name: &str, shape: &[usize], dst: &mut B::Buf| -> Result<(), String> {
+            let (s, v) = ckpt.tensor(name)?;
+            if s != shape {
+                return Err(format!(
+                    "tensor {name}: shape {s:?} in the checkpoint, {shape:?} in the model"
+                ));
+            }
+            be.upload_f32(v, dst);
+            Ok(())
+        };
+        let specs = model.arch.specs.clone();
+        for (i, s) in specs.iter().enumerate() {
+            load(&be, &s.name, &s.shape, &mut model.params[i])?;
+        }
+        let mut sess = Self::with_model(be, cfg, model);
+        for (i, s) in specs.iter().enumerate() {
+            load(
+                &sess.be,
+                &format!("optim.exp_avg.{}", s.name),
+                &s.shape,
+                &mut sess.adam_m[i],
+            )?;
+            load(
+                &sess.be,
+                &format!("optim.exp_avg_sq.{}", s.name),
+                &s.shape,
+                &mut sess.adam_v[i],
+            )?;
+        }
+        sess.step = ckpt
+            .meta("step")?
+            .parse()
+            .map_err(|e| format!("checkpoint step: {e}"))?;
+        Ok(sess)
+    }
+
+    /// The buffers of the last step (loss, masks, recon, noise).
+    pub fn workspace(&self) -> &Workspace<B::Buf> {
+        &self.ws
+    }
+
+    /// Load parameters only (for evaluation, rendering, dump-step).
+    pub fn load_params(&mut self, ckpt: &Checkpoint) -> Result<(), String> {
+        let specs = self.model.arch.specs.clone();
+        for (i, s) in specs.iter().enumerate() {
+            let (shape, v) = ckpt.tensor(&s.name)?;
+            if shape != &s.shape {
+                return Err(format!(
+                    "tensor {}: shape {shape:?} in the checkpoint, {:?} in the model",
+                    s.name, s.shape
+                ));
+            }
+            self.be.upload_f32(v, &mut self.model.params[i]);
+        }
+        Ok(())
+    }
+
+    pub fn lr(&self) -> f64 {
+        let t = &self.cfg.training;
+        learning_rate(t.lr, t.warmup_steps, t.decay_rate, t.decay_steps, self.step)
+    }
+
+    /// Forward + backward for `images` (`[B, H, W, 3]` in [-1, 1]) at the current step, without
+    /// the update. Gradients are left in `model.grads`.
+    pub fn forward_backward(&mut self, images: &[f32]) -> (f64, crate::model::ForwardStats) {
+        self.be.upload_f32(images, &mut self.ws.image);
+        let stats = self.model.forward(
+            &self.be,
+            &mut self.ws,
+            Pass::Train { step: self.step },
+            SlotsFrom::Noise,
+        );
+        self.model.zero_grads(&self.be);
+        self.model
+            .backward(&self.be, &mut self.ws, self.step, SlotsFrom::Noise);
+        (self.model.loss(&self.be, &self.ws), stats)
+    }
+
+    /// One optimizer step on `images`.
+    pub fn train_step(&mut self, images: &[f32]) -> StepOutcome {
+        let (loss, stats) = self.forward_backward(images);
+        let sq: f64 = self
+            .model
+            .grads
+            .iter()
+            .map(|g| self.be.sum_squares(g))
+            .sum();
+        let grad_norm = sq.sqrt();
+        let lr = self.lr();
+        let t = &self.cfg.training;
+        let mut out = StepOutcome {
+            loss,
+            grad_norm,
+            lr,
+            skipped: false,
+            fwd_iters: stats.iters_run,
+            residual: stats.last_residual,
+        };
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            out.skipped = true;
+            return out;
+        }
+        let grad_scale = match t.grad_clip {
+            Some(c) if grad_norm > c => c / grad_norm,
+            _ => 1.0,
+        };
+        let hp = AdamStep {
+            lr,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+            weight_decay: t.weight_decay,
+            t: self.step + 1,
+            grad_scale,
+        };
+        for i in 0..self.model.params.len() {
+            self.be.adam_step(
+                &hp,
+                &mut self.model.params[i],
+                &self.model.grads[i],
+                &mut self.adam_m[i],
+                &mut self.adam_v[i],
+            );
+        }
+        self.step += 1;
+        out
+    }
+
+    /// Count a skipped step so that the next one gets new noise and data.
+    pub fn skip_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// Evaluate on `ds` (MSE, FG-ARI) with `applications` cell applications.
+    pub fn evaluate(
+        &self,
+        ds: &dyn Dataset,
+        applications: usize,
+        limit: Option<usize>,
+    ) -> EvalResult {
+        eval::evaluate(
+            &self.be,
+            &self.model,
+            ds,
+            self.cfg.testing.batch_size,
+            applications,
+            limit,
+        )
+    }
+}
+
+/// Training steps per epoch: full batches only (the last partial batch of an epoch is dropped,
+/// as with PyTorch's drop_last).
+pub fn steps_per_epoch(n_train: usize, batch: usize) -> usize {
+    n_train / batch
+}
+
+/// Example indices of training step `step`.
+pub fn batch_indices(order: &[usize], batch: usize, step: u64, spe: usize) -> Vec<usize> {
+    let j = (step % spe as u64) as usize;
+    order[j * batch..(j + 1) * batch].to_vec()
+}
+
+/// Options of `slotfix train` beyond the config.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    pub resume: bool,
+    /// Delete the checkpoints and metrics of an earlier run in save_dir instead of refusing.
+    pub overwrite: bool,
+    /// No progress bar and no log lines (tests).
+    pub quiet: bool,
+}
+
+/// What a finished (or interrupted) run reports.
+#[derive(Clone, Debug, Default)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
+    pub last_eval: Option<EvalResult>,
+    pub seconds: f64,
+    pub skipped_steps: u64,
+}
+
+/// Total steps of the run: max_steps, else num_epochs × steps per epoch.
+pub fn total_steps(cfg: &Config, spe: usize) -> u64 {
+    cfg.training
+        .max_steps
+        .map(|s| s as u64)
+        .unwrap_or((cfg.training.num_epochs * spe) as u64)
+}
+
+fn save(sess: &Session<impl Backend>, dir: &Path) -> Result<PathBuf, String> {
+    let path = checkpoint::path_for_step(dir, sess.step);
+    sess.to_checkpoint().save(&path)?;
+    checkpoint::prune(dir, KEEP_CHECKPOINTS, &path);
+    Ok(path)
+}
+
+/// Prepare save_dir: refuse to mix two runs unless told to resume or overwrite.
+fn prepare_save_dir<B: Backend>(
+    be: B,
+    cfg: &Config,
+    opts: &TrainOptions,
+    say: &dyn Fn(&str),
+) -> Result<Session<B>, String> {
+    let dir = &cfg.training.save_dir;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        format!(
+            "Training.save_dir = {}: cannot create it: {e}",
+            dir.display()
+        )
+    })?;
+    let existing = checkpoint::list(dir);
+    if opts.resume {
+        let mut skipped = Vec::new();
+        let found = checkpoint::latest_readable(dir, &mut skipped);
+        for s in &skipped {
+            say(&format!("warning: skipping unreadable checkpoint: {s}"));
+        }
+        let (path, ckpt) = found
+            .ok_or_else(|| format!("--resume: no readable checkpoint in {}", dir.display()))?;
+        let sess = Session::from_checkpoint(be, cfg.clone(), &ckpt)?;
+        say(&format!(
+            "resuming from {} (step {})",
+            path.display(),
+            sess.step
+        ));
+        return Ok(sess);
+    }
+    if let Some((step, _)) = existing.last() {
+        if !opts.overwrite {
+            return Err(format!(
+                "Training.save_dir = {} already holds checkpoints of a run (newest: step {step}); \
+                 pass --resume to continue it, --overwrite to start again (deletes them), or choose another save_dir",
+                dir.display()
+            ));
+        }
+        for (_, p) in existing {
+            std::fs::remove_file(&p).map_err(|e| format!("deleting {}: {e}", p.display()))?;
+        }
+        let _ = std::fs::remove_file(dir.join("metrics.jsonl"));
+    }
+    Ok(Session::new(be, cfg.clone()))
+}
+
+/// Run training as configured, on backend `be`.
+pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<TrainSummary, String> {
+    let quiet = opts.quiet;
+    let say = |s: &str| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
+    let t0 = Instant::now();
+    let train_ds = open_data(cfg, Split::Train)?;
+    let test_ds = open_data(cfg, Split::Test)?;
+    say(&format!("train data: {}", train_ds.describe()));
+    say(&format!("test data: {}", test_ds.describe()));
+    let batch = cfg.training.batch_size;
+    let spe = steps_per_epoch(train_ds.len(), batch);
+    if spe == 0 {
+        return Err(format!(
+            "Training.batch_size = {batch}: larger than the training set ({} examples)",
+            train_ds.len()
+        ));
+    }
+    let total = total_steps(cfg, spe);
+    let mut sess = prepare_save_dir(be, cfg, opts, &say)?;
+    say(&format!(
+        "model: {} parameters, K = {}, D = {}, {} iterations ({}), backend {}",
+        sess.model.arch.num_params(),
+        sess.model.arch.k,
+        sess.model.arch.d,
+        cfg.model.max_iter_fwd,
+        if cfg.model.implicit_diff {
+            "implicit differentiation"
+        } else {
+            "BPTT"
+        },
+        sess.be.describe()
+    ));
+    let dir = cfg.training.save_dir.clone();
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| format!("cannot open {}: {e}", metrics_path.display()))?;
+    std::fs::create_dir_all(dir.join("images"))
+        .map_err(|e| format!("cannot create {}/images: {e}", dir.display()))?;
+
+    // Batches are produced on another thread, one step ahead of the trainer.
+    let (tx, rx) = mpsc::sync_channel::<(u64, Vec<f32>)>(2);
+    let start_step = sess.step;
+    let seed = cfg.training.seed;
+    let n_train = train_ds.len();
+    let train_ds: std::sync::Arc<dyn Dataset> = std::sync::Arc::from(train_ds);
+    let loader_ds = train_ds.clone();
+    let loader = std::thread::spawn(move || {
+        let mut cached: Option<(u64, Vec<usize>)> = None;
+        for step in start_step..total {
+            let epoch = step / spe as u64;
+            if cached.as_ref().map(|c| c.0) != Some(epoch) {
+                cached = Some((epoch, data::epoch_order(n_train, seed, epoch as u32)));
+            }
+            let order = &cached.as_ref().expect("set above").1;
+            let idx = batch_indices(order, batch, step, spe);
+            let b = data::load_batch(loader_ds.as_ref(), &idx, false);
+            if tx.send((step, b.images)).is_err() {
+                return; // the trainer stopped early
+            }
+        }
+    });
+
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_position(sess.step);
+    let log = |s: &str| {
+        if quiet {
+        } else if pb.is_hidden() {
+            eprintln!("{s}");
+        } else {
+            pb.println(s);
+        }
+    };
+    let mut summary = TrainSummary::default();
+    let (mut interval_loss, mut interval_n, mut interval_t) = (0.0, 0u64, Instant::now());
+    let applications = cfg.test_iters();
+    let log_every = cfg.training.log_interval as u64;
+    let save_every = cfg.training.save_interval as u64;
+    while sess.step < total {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            summary.interrupted = true;
+            break;
+        }
+        let (step, images) = rx
+            .recv()
+            .map_err(|_| "the data loader thread stopped unexpectedly".to_string())?;
+        debug_assert_eq!(step, sess.step);
+        let out = sess.train_step(&images);
+        if out.skipped {
+            let what = if out.loss.is_finite() {
+                format!("gradient norm {}", out.grad_norm)
+            } else {
+                format!("loss {}", out.loss)
+            };
+            match cfg.training.on_nonfinite {
+                NonFinite::Stop => {
+                    pb.abandon();
+                    return Err(format!(
+                        "step {}: non-finite {what}; stopping (the last good checkpoint in {} is kept; \
+                         set Training.on_nonfinite: skip to skip such steps instead)",
+                        sess.step,
+                        dir.display()
+                    ));
+                }
+                NonFinite::Skip => {
+                    log(&format!(
+                        "step {}: non-finite {what}; step skipped (no update)",
+                        sess.step
+                    ));
+                    sess.skip_step();
+                    summary.skipped_steps += 1;
+                    pb.set_position(sess.step);
+                    continue;
+                }
+            }
+        }
+        summary.first_loss.get_or_insert(out.loss);
+        summary.last_loss = Some(out.loss);
+        interval_loss += out.loss;
+        interval_n += 1;
+        pb.set_position(sess.step);
+        let done = sess.step;
+        if done % log_every == 0 || done == total {
+            let secs = interval_t.elapsed().as_secs_f64();
+            let ips = (interval_n as usize * batch) as f64 / secs.max(1e-9);
+            let mean_loss = interval_loss / interval_n.max(1) as f64;
+            let ev = sess.evaluate(test_ds.as_ref(), applications, Some(LOG_EVAL_IMAGES));
+            let grid = dir.join("images").join(format!("step_{done:08}.png"));
+            let pic = eval::render_grid(
+                &sess.be,
+                &sess.model,
+                test_ds.as_ref(),
+                GRID_EXAMPLES,
+                applications,
+                &grid,
+            );
+            let mut line = serde_json::json!({
+                "step": done, "loss": mean_loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                "images_per_s": ips, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_mse": ev.mse,
+                "fwd_iters": out.fwd_iters,
+            });
+            if let Some(a) = ev.fg_ari {
+                line["fg_ari"] = a.into();
+            }
+            if let Some(r) = out.residual {
+                line["fwd_residual"] = r.into();
+            }
+            writeln!(metrics, "{line}")
+                .map_err(|e| format!("writing {}: {e}", metrics_path.display()))?;
+            let _ = metrics.flush();
+            let _ = crate::render::plot_curves(&metrics_path, &dir.join("curves.png"));
+            let ari = ev
+                .fg_ari
+                .map(|a| format!(" fg-ari {:.3}", a))
+                .unwrap_or_default();
+            log(&format!(
+                "step {done:>7}  loss {mean_loss:.5}  eval mse {:.5}{ari}  lr {:.2e}  |g| {:.3}  {ips:.1} img/s",
+                ev.mse, out.lr, out.grad_norm
+            ));
+            if let Err(e) = pic {
+                log(&format!("warning: could not write {}: {e}", grid.display()));
+            }
+            pb.set_message(format!(
+                "loss {mean_loss:.4} lr {:.1e} {ips:.1} img/s",
+                out.lr
+            ));
+            summary.last_eval = Some(ev);
+            interval_loss = 0.0;
+            interval_n = 0;
+            interval_t = Instant::now();
+        }
+        if done % save_every == 0 && done < total {
+            summary.last_checkpoint = Some(save(&sess, &dir)?);
+        }
+    }
+    drop(rx);
+    let _ = loader.join();
+    // Final (or interrupt) checkpoint.
+    if sess.step > start_step || summary.interrupted {
+        summary.last_checkpoint = Some(save(&sess, &dir)?);
+    }
+    pb.finish_and_clear();
+    summary.steps = sess.step;
+    summary.seconds = t0.elapsed().as_secs_f64();
+    if summary.interrupted {
+        say(&format!(
+            "interrupted at step {}: saved {}",
+            sess.step,
+            summary
+                .last_checkpoint
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ));
+    } else {
+        say(&format!(
+            "done: {} steps in {:.1} s; checkpoint {}; metrics {}; pictures in {}",
+            sess.step,
+            summary.seconds,
+            summary
+                .last_checkpoint
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            metrics_path.display(),
+            dir.join("images").display()
+        ));
+    }
+    Ok(summary)
+}
