@@ -5,6 +5,7 @@
 //! - transposed conv: the adjoint of that map with the roles of input and output swapped:
 //!   y[oy·s−p+ky, ox·s−p+kx, co] += W[ci,co,ky,kx] · x[oy,ox,ci]  (+ b[co]), with
 //!   h_out = (h_in − 1)·s − 2p + k + output_padding (PyTorch's ConvTranspose2d).
+//!
 //! Optional ReLU after the bias. Both are computed as im2col + GEMM: a conv is
 //! `cols(x) · Wᵀ`; a transposed conv is `col2im(x · W)`; the backward passes reuse the same two
 //! gathers, which keeps the four cases short and obviously consistent.
