@@ -113,7 +113,7 @@ impl FileDataset {
             ))
         })?;
         let listing = match source {
-            Source::Clevr => list_clevr(root, spec.split, spec.num)?,
+            Source::Clevr => list_clevr(root, spec.split, spec.num, spec.max_objects)?,
             _ => list_folder(root, spec.split, spec.num)?,
         };
         let resolution = spec.resolution;
@@ -285,7 +285,44 @@ fn truncate(mut files: Vec<PathBuf>, num: Option<usize>) -> Vec<PathBuf> {
     files
 }
 
-fn list_clevr(root: &Path, split: Split, num: Option<usize>) -> Result<Listing, DataError> {
+/// Object counts per image file name from CLEVR's `scenes/CLEVR_<split>_scenes.json`.
+fn clevr_object_counts(
+    root: &Path,
+    sub: &str,
+) -> Result<std::collections::HashMap<String, usize>, DataError> {
+    #[derive(serde::Deserialize)]
+    struct Scene {
+        image_filename: String,
+        objects: Vec<serde::de::IgnoredAny>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Scenes {
+        scenes: Vec<Scene>,
+    }
+    let path = root.join("scenes").join(format!("CLEVR_{sub}_scenes.json"));
+    let file = std::fs::File::open(&path).map_err(|e| {
+        DataError(format!(
+            "CLEVR: max_objects needs the scene descriptions {} to count objects: {e}",
+            path.display()
+        ))
+    })?;
+    let scenes: Scenes = serde_json::from_reader(std::io::BufReader::new(file))
+        .map_err(|e| DataError(format!("CLEVR: {}: {e}", path.display())))?;
+    Ok(scenes
+        .scenes
+        .into_iter()
+        .map(|s| (s.image_filename, s.objects.len()))
+        .collect())
+}
+
+/// CLEVR images of `split`; with `max_objects`, only scenes with at most that many objects
+/// (CLEVR6 = 6), counted from the scene descriptions.
+fn list_clevr(
+    root: &Path,
+    split: Split,
+    num: Option<usize>,
+    max_objects: Option<usize>,
+) -> Result<Listing, DataError> {
     let sub = match split {
         Split::Train => "train",
         Split::Test => "val",
@@ -313,12 +350,25 @@ fn list_clevr(root: &Path, split: Split, num: Option<usize>) -> Result<Listing, 
         // No split folders: accept a plain folder of PNGs.
         None => root.to_path_buf(),
     };
-    let images = list_pngs(&image_dir, "CLEVR").map_err(|e| {
+    let mut images = list_pngs(&image_dir, "CLEVR").map_err(|e| {
         DataError(format!(
             "{e} (expected CLEVR v1.0 PNGs in {}/images/{sub}/ or a folder of PNGs)",
             root.display()
         ))
     })?;
+    if let Some(max) = max_objects {
+        let counts = clevr_object_counts(root, sub)?;
+        images.retain(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            counts.get(name).is_some_and(|&c| c <= max)
+        });
+        if images.is_empty() {
+            return Err(DataError(format!(
+                "CLEVR: no scene of the {} split has at most {max} objects",
+                split.name()
+            )));
+        }
+    }
     Ok(Listing {
         image_dir,
         images: truncate(images, num),
@@ -774,6 +824,38 @@ mod tests {
         let want = [200u8, 10, 99].map(|v| v as f32 / 255.0 * 2.0 - 1.0);
         assert!(constant.chunks_exact(3).all(|p| p == want));
         assert!(constant.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn clevr_max_objects_filters_by_scene_descriptions() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("images/train");
+        std::fs::create_dir_all(&img).unwrap();
+        for name in ["a.png", "b.png", "c.png"] {
+            clevr_probe().save(img.join(name)).unwrap();
+        }
+        let mut spec = clevr_spec(dir.path(), Split::Train);
+        spec.max_objects = Some(6);
+        let e = err_of(FileDataset::open(&spec));
+        assert!(e.contains("CLEVR_train_scenes.json"), "{e}");
+        std::fs::create_dir_all(dir.path().join("scenes")).unwrap();
+        let objs = |n: usize| vec!["{}"; n].join(",");
+        let json = format!(
+            r#"{{"info": {{}}, "scenes": [{{"image_filename": "a.png", "objects": [{}]}},
+            {{"image_filename": "b.png", "objects": [{}]}}, {{"image_filename": "c.png", "objects": [{}]}}]}}"#,
+            objs(3),
+            objs(9),
+            objs(6)
+        );
+        std::fs::write(dir.path().join("scenes/CLEVR_train_scenes.json"), json).unwrap();
+        let ds = FileDataset::open(&spec).unwrap();
+        assert_eq!(
+            ds.len(),
+            2,
+            "a (3 objects) and c (6 objects) are kept, b (9) is not"
+        );
+        spec.max_objects = Some(2);
+        assert!(err_of(FileDataset::open(&spec)).contains("at most 2 objects"));
     }
 
     #[test]
