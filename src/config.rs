@@ -1,6 +1,6 @@
 //! The YAML configuration: `Model`, `Training` and `Testing` sections.
 //!
-//! Every key has an effect documented in the README (table: `CONFIG_REFERENCE.md`). Unknown keys
+//! Every key has an effect documented in the README (section "Configuration reference"). Unknown keys
 //! and wrong types are rejected by serde (`deny_unknown_fields`), ranges by [`Config::validate`];
 //! errors name the key as a path (`Model.num_heads`), the value and what is allowed, and errors
 //! found while parsing keep serde_yaml's line and column.
@@ -62,7 +62,7 @@ pub struct ModelConfig {
     /// T, the number of slot-attention iterations.
     #[serde(default = "d::max_iter_fwd")]
     pub max_iter_fwd: usize,
-    /// Stop the gradient-free iterations early when max |Δslots| / max |slots| falls below it.
+    /// Stop the gradient-free iterations early when ||Δslots|| / ||slots|| (L2 over the batch) falls below it.
     /// Only with `implicit_diff: true` (BPTT differentiates all T iterations).
     #[serde(default)]
     pub fwd_tol: Option<f64>,
@@ -1119,7 +1119,7 @@ mod tests {
 
     const CONFIGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
     /// The key table of the README; `config_reference_documents_every_key` checks it.
-    const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/CONFIG_REFERENCE.md");
+    const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
 
     fn config_file(name: &str) -> PathBuf {
         Path::new(CONFIGS).join(name)

@@ -82,6 +82,9 @@ enum Command {
     Check {
         #[arg(long, value_name = "FILE")]
         cfg: PathBuf,
+        /// Print the model's parameter tensors (checkpoint names, shapes) instead.
+        #[arg(long)]
+        params: bool,
     },
 }
 
@@ -288,8 +291,21 @@ fn main() -> ExitCode {
         ) => run_render(&cfg, &ckpt, &out, n, iters),
         (Some(Command::DumpStep { cfg, ckpt, out }), _) => run_dump(&cfg, ckpt.as_deref(), &out),
         (Some(Command::Bench { cfg, steps }), _) => run_bench(&cfg, steps),
-        (Some(Command::Check { cfg }), _) => load_config(&cfg).map(|c| {
-            print!("{}", c.to_yaml());
+        (Some(Command::Check { cfg, params }), _) => load_config(&cfg).map(|c| {
+            if params {
+                let arch = slotfix::model::Arch::new(&c.model);
+                println!("| name | shape |\n| --- | --- |");
+                for s in &arch.specs {
+                    println!("| `{}` | {:?} |", s.name, s.shape);
+                }
+                println!(
+                    "\n{} tensors, {} parameters",
+                    arch.specs.len(),
+                    arch.num_params()
+                );
+            } else {
+                print!("{}", c.to_yaml());
+            }
             ExitCode::SUCCESS
         }),
         (None, None) => {
