@@ -1339,11 +1339,11 @@ mod tests {
         assert_eq!((q.model.num_slots, q.model.slot_size), (4, 32));
         assert_eq!(q.model.mlp_hidden_size, 64);
         assert_eq!(q.training.batch_size, 16);
-        assert!((300..=600).contains(&q.training.max_steps.unwrap()));
+        assert!((100..=600).contains(&q.training.max_steps.unwrap()));
         assert_eq!(q.training.warmup_steps, 100);
         assert_eq!(
             (q.training.log_interval, q.training.save_interval),
-            (25, 100)
+            (20, 100)
         );
         assert_eq!(q.training.num_train, Some(60_000));
         assert_eq!(q.training.device, Device::Auto);
