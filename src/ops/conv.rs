@@ -10,7 +10,7 @@
 //! `cols(x) · Wᵀ`; a transposed conv is `col2im(x · W)`; the backward passes reuse the same two
 //! gathers, which keeps the four cases short and obviously consistent.
 
-use super::{par_chunks_reduce, REDUCE_CHUNK};
+use super::{par_backward, relu_mask, REDUCE_CHUNK};
 use crate::real::Real;
 use rayon::prelude::*;
 
@@ -212,11 +212,6 @@ fn add_bias_relu<T: Real>(y: &mut [T], bias: &[T], relu: bool) {
     }
 }
 
-/// dy with the ReLU derivative applied (y is the forward output).
-fn masked_grad<T: Real>(dy: &[T], y: &[T], relu: bool) -> Vec<T> {
-    super::relu_mask(dy, y, relu)
-}
-
 fn sum_rows_into<T: Real>(g: &[T], width: usize, db: &mut [T]) {
     for row in g.chunks_exact(width) {
         for (d, &v) in db.iter_mut().zip(row) {
@@ -286,33 +281,26 @@ pub fn conv2d_bwd<T: Real>(
     db: &mut [T],
 ) {
     let pt = g.conv_patches();
-    let (rl, m, wl) = (pt.row_len(), g.h_out * g.w_out, g.weight_len());
-    let mut grads = vec![T::zero(); wl + g.c_out];
+    let (rl, m) = (pt.row_len(), g.h_out * g.w_out);
+    let (il, ol) = (g.in_len(), g.out_len());
     let has_dx = dx.is_some();
-    let mut empty: [T; 0] = [];
-    let (out, per) = match dx {
-        Some(d) => (d, g.in_len()),
-        None => (&mut empty[..], 0),
-    };
-    par_chunks_reduce(
+    par_backward(
         batch,
         REDUCE_CHUNK,
-        out,
-        per,
-        &mut grads,
-        |first, count, dx_chunk, part| {
+        dx,
+        il,
+        dw,
+        Some(db),
+        g.c_out,
+        |first, count, dx_chunk, pw, pb| {
             let mut cols = vec![T::zero(); pt.len()];
-            let (pw, pb) = part.split_at_mut(wl);
             for j in 0..count {
                 let i = first + j;
-                let gy = masked_grad(
-                    &dy[i * g.out_len()..][..g.out_len()],
-                    &y[i * g.out_len()..][..g.out_len()],
-                    relu,
-                );
+                let gy = relu_mask(&dy[i * ol..][..ol], &y[i * ol..][..ol], relu);
                 sum_rows_into(&gy, g.c_out, pb);
                 // dW[c_out, rl] += gyᵀ · cols
-                pt.im2col(&x[i * g.in_len()..][..g.in_len()], &mut cols);
+                pt.im2col(&x[i * il..][..il], &mut cols);
+                let (co, rli) = (g.c_out as isize, rl as isize);
                 T::gemm(
                     g.c_out,
                     m,
@@ -320,13 +308,13 @@ pub fn conv2d_bwd<T: Real>(
                     T::one(),
                     &gy,
                     1,
-                    g.c_out as isize,
+                    co,
                     &cols,
-                    rl as isize,
+                    rli,
                     1,
                     T::one(),
                     pw,
-                    rl as isize,
+                    rli,
                     1,
                 );
                 if has_dx {
@@ -337,27 +325,21 @@ pub fn conv2d_bwd<T: Real>(
                         rl,
                         T::one(),
                         &gy,
-                        g.c_out as isize,
+                        co,
                         1,
                         w,
-                        rl as isize,
+                        rli,
                         1,
                         T::zero(),
                         &mut cols,
-                        rl as isize,
+                        rli,
                         1,
                     );
-                    pt.col2im_add(&cols, &mut dx_chunk[j * g.in_len()..][..g.in_len()]);
+                    pt.col2im_add(&cols, &mut dx_chunk[j * il..][..il]);
                 }
             }
         },
     );
-    for (d, v) in dw.iter_mut().zip(&grads[..wl]) {
-        *d += *v;
-    }
-    for (d, v) in db.iter_mut().zip(&grads[wl..]) {
-        *d += *v;
-    }
 }
 
 /// Forward transposed conv: x `[batch, h_in, w_in, c_in]`, w `[c_in, c_out, k, k]`, b `[c_out]`
@@ -421,79 +403,65 @@ pub fn conv_t2d_bwd<T: Real>(
     db: &mut [T],
 ) {
     let pt = g.transposed_patches();
-    let (rl, m, wl) = (pt.row_len(), g.h_in * g.w_in, g.weight_len());
-    let mut grads = vec![T::zero(); wl + g.c_out];
+    let (rl, m) = (pt.row_len(), g.h_in * g.w_in);
+    let (il, ol) = (g.in_len(), g.out_len());
     let has_dx = dx.is_some();
-    let mut empty: [T; 0] = [];
-    let (out, per) = match dx {
-        Some(d) => (d, g.in_len()),
-        None => (&mut empty[..], 0),
-    };
-    par_chunks_reduce(
+    par_backward(
         batch,
         REDUCE_CHUNK,
-        out,
-        per,
-        &mut grads,
-        |first, count, dx_chunk, part| {
+        dx,
+        il,
+        dw,
+        Some(db),
+        g.c_out,
+        |first, count, dx_chunk, pw, pb| {
             let mut cols = vec![T::zero(); pt.len()];
-            let (pw, pb) = part.split_at_mut(wl);
             for j in 0..count {
                 let i = first + j;
-                let gy = masked_grad(
-                    &dy[i * g.out_len()..][..g.out_len()],
-                    &y[i * g.out_len()..][..g.out_len()],
-                    relu,
-                );
+                let gy = relu_mask(&dy[i * ol..][..ol], &y[i * ol..][..ol], relu);
                 sum_rows_into(&gy, g.c_out, pb);
                 pt.im2col(&gy, &mut cols);
-                let xi = &x[i * g.in_len()..][..g.in_len()];
+                let (ci, rli) = (g.c_in as isize, rl as isize);
                 // dW[c_in, rl] += xᵀ · dcols
                 T::gemm(
                     g.c_in,
                     m,
                     rl,
                     T::one(),
-                    xi,
+                    &x[i * il..][..il],
                     1,
-                    g.c_in as isize,
+                    ci,
                     &cols,
-                    rl as isize,
+                    rli,
                     1,
                     T::one(),
                     pw,
-                    rl as isize,
+                    rli,
                     1,
                 );
                 if has_dx {
                     // dx[m, c_in] += dcols · Wᵀ
-                    let dxi = &mut dx_chunk[j * g.in_len()..][..g.in_len()];
+                    let dxi = &mut dx_chunk[j * il..][..il];
                     T::gemm(
                         m,
                         rl,
                         g.c_in,
                         T::one(),
                         &cols,
-                        rl as isize,
+                        rli,
                         1,
                         w,
                         1,
-                        rl as isize,
+                        rli,
                         T::one(),
                         dxi,
-                        g.c_in as isize,
+                        ci,
                         1,
                     );
                 }
             }
         },
     );
-    for (d, v) in dw.iter_mut().zip(&grads[..wl]) {
-        *d += *v;
-    }
-    for (d, v) in db.iter_mut().zip(&grads[wl..]) {
-        *d += *v;
-    }
 }
 
 #[cfg(test)]

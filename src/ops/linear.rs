@@ -1,7 +1,7 @@
 //! Linear layer on rows: y[r, o] = Σ_i x[r, i] · W[o, i] + b[o], optional ReLU.
 //! W is `[out, in]` (PyTorch's nn.Linear).
 
-use super::{par_chunks_reduce, relu_mask};
+use super::{par_backward, relu_mask};
 use crate::real::Real;
 use rayon::prelude::*;
 
@@ -70,28 +70,23 @@ pub fn linear_bwd<T: Real>(
     dw: &mut [T],
     db: Option<&mut [T]>,
 ) {
-    let wl = n_out * n_in;
-    let mut grads = vec![T::zero(); wl + n_out];
     let has_dx = dx.is_some();
-    let mut empty: [T; 0] = [];
-    let (out, per) = match dx {
-        Some(d) => (d, n_in),
-        None => (&mut empty[..], 0),
-    };
-    par_chunks_reduce(
+    par_backward(
         rows,
         ROW_CHUNK,
-        out,
-        per,
-        &mut grads,
-        |first, count, dx_chunk, part| {
+        dx,
+        n_in,
+        dw,
+        db,
+        n_out,
+        |first, count, dx_chunk, pw, pb| {
             let gy = relu_mask(
                 &dy[first * n_out..][..count * n_out],
                 &y[first * n_out..][..count * n_out],
                 relu,
             );
             let xc = &x[first * n_in..][..count * n_in];
-            let (pw, pb) = part.split_at_mut(wl);
+            let (ni, no) = (n_in as isize, n_out as isize);
             // dW[n_out, n_in] += gyᵀ · x
             T::gemm(
                 n_out,
@@ -100,13 +95,13 @@ pub fn linear_bwd<T: Real>(
                 T::one(),
                 &gy,
                 1,
-                n_out as isize,
+                no,
                 xc,
-                n_in as isize,
+                ni,
                 1,
                 T::one(),
                 pw,
-                n_in as isize,
+                ni,
                 1,
             );
             for row in gy.chunks_exact(n_out) {
@@ -120,23 +115,19 @@ pub fn linear_bwd<T: Real>(
                     n_in,
                     T::one(),
                     &gy,
-                    n_out as isize,
+                    no,
                     1,
                     w,
-                    n_in as isize,
+                    ni,
                     1,
                     T::one(),
                     dx_chunk,
-                    n_in as isize,
+                    ni,
                     1,
                 );
             }
         },
     );
-    dw.iter_mut().zip(&grads[..wl]).for_each(|(d, &v)| *d += v);
-    if let Some(db) = db {
-        db.iter_mut().zip(&grads[wl..]).for_each(|(d, &v)| *d += v);
-    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,45 @@ pub fn par_chunks_reduce<T: Real>(
     }
 }
 
+/// The common frame of a backward pass that writes per-item input gradients and reduces a
+/// weight gradient: runs `work(first, count, dx_chunk, dw_partial, db_partial)` over chunks of
+/// `n` items with [`par_chunks_reduce`] (`dx_chunk` is empty when `dx` is None) and adds the
+/// reduced partials into `dw` and `db`.
+#[allow(clippy::too_many_arguments)]
+pub fn par_backward<T: Real>(
+    n: usize,
+    chunk: usize,
+    dx: Option<&mut [T]>,
+    dx_per_item: usize,
+    dw: &mut [T],
+    db: Option<&mut [T]>,
+    n_bias: usize,
+    work: impl Fn(usize, usize, &mut [T], &mut [T], &mut [T]) + Sync + Send,
+) {
+    let wl = dw.len();
+    let mut grads = vec![T::zero(); wl + n_bias];
+    let mut empty: [T; 0] = [];
+    let (out, per) = match dx {
+        Some(d) => (d, dx_per_item),
+        None => (&mut empty[..], 0),
+    };
+    par_chunks_reduce(
+        n,
+        chunk,
+        out,
+        per,
+        &mut grads,
+        |first, count, dx_chunk, part| {
+            let (pw, pb) = part.split_at_mut(wl);
+            work(first, count, dx_chunk, pw, pb)
+        },
+    );
+    dw.iter_mut().zip(&grads[..wl]).for_each(|(d, &v)| *d += v);
+    if let Some(db) = db {
+        db.iter_mut().zip(&grads[wl..]).for_each(|(d, &v)| *d += v);
+    }
+}
+
 /// Apply the ReLU derivative: a copy of `dy` zeroed where the forward output `y` was not positive.
 pub fn relu_mask<T: Real>(dy: &[T], y: &[T], relu: bool) -> Vec<T> {
     if relu {
