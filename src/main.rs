@@ -1,6 +1,7 @@
 //! The `slotfix` command line.
 
 use clap::{Args, Parser, Subcommand};
+use slotfix::backend::Backend;
 use slotfix::checkpoint::Checkpoint;
 use slotfix::config::Config;
 use slotfix::cpu::Cpu;
@@ -112,8 +113,31 @@ fn load_config(path: &Path) -> Result<Config, String> {
     Ok(cfg)
 }
 
-/// The backend for this config (the CPU is the only one in this build).
-fn backend(cfg: &Config) -> Result<Cpu<f32>, String> {
+/// One command with its config loaded, ready to run on a backend.
+enum Job {
+    Train(TrainOptions),
+    Eval {
+        ckpt: PathBuf,
+        iters: Option<usize>,
+        json: Option<PathBuf>,
+    },
+    Render {
+        ckpt: PathBuf,
+        out: PathBuf,
+        n: usize,
+        iters: Option<usize>,
+    },
+    DumpStep {
+        ckpt: Option<PathBuf>,
+        out: PathBuf,
+    },
+    Bench {
+        steps: usize,
+    },
+}
+
+/// Pick the backend the config asks for and run the job on it.
+fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
     let (chosen, note) = device::select(cfg.training.device)?;
     if let Some(n) = note {
         eprintln!("{n}");
@@ -125,13 +149,17 @@ fn backend(cfg: &Config) -> Result<Cpu<f32>, String> {
                     "note: Model.precision applies to the CUDA backend; the CPU computes in f32"
                 );
             }
-            Ok(Cpu::<f32>::new())
+            run_job(Cpu::<f32>::new(), cfg, job)
         }
     }
 }
 
-fn session_from(cfg: &Config, ckpt: Option<&Path>) -> Result<Session<Cpu<f32>>, String> {
-    let be = backend(cfg)?;
+/// A session on `be` with the parameters (and step) of `ckpt` if given.
+fn session_from<B: Backend>(
+    be: B,
+    cfg: &Config,
+    ckpt: Option<&Path>,
+) -> Result<Session<B>, String> {
     let mut sess = Session::new(be, cfg.clone());
     if let Some(p) = ckpt {
         let c = Checkpoint::load(p)?;
@@ -139,159 +167,152 @@ fn session_from(cfg: &Config, ckpt: Option<&Path>) -> Result<Session<Cpu<f32>>, 
             .map_err(|e| format!("{}: config: {e}", p.display()))?;
         if saved.model != cfg.model {
             return Err(format!(
-                "{}: trained with a different Model section than {}",
-                p.display(),
-                "--cfg"
+                "{}: trained with a different Model section than the --cfg file",
+                p.display()
             ));
         }
-        sess.load_params(&c)?;
-        sess.step = c.meta("step")?.parse().unwrap_or(0);
+        sess.load_params(&c)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        sess.step = c
+            .meta("step")?
+            .parse()
+            .map_err(|e| format!("{}: step: {e}", p.display()))?;
     }
     Ok(sess)
 }
 
-fn run_train(a: TrainArgs) -> Result<ExitCode, String> {
-    let mut cfg = load_config(&a.cfg)?;
-    if let Some(n) = a.max_steps {
-        cfg.training.max_steps = Some(n);
-        cfg.validate().map_err(|e| e.to_string())?;
-    }
-    let be = backend(&cfg)?;
-    // Ctrl-C: finish the current step, save a checkpoint, exit with 130.
-    ctrlc::set_handler(|| {
-        if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130); // a second Ctrl-C: stop now
+fn run_job<B: Backend>(be: B, cfg: &Config, job: Job) -> Result<ExitCode, String> {
+    match job {
+        Job::Train(opts) => {
+            // Ctrl-C: finish the current step, save a checkpoint, exit with 130.
+            ctrlc::set_handler(|| {
+                if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130); // a second Ctrl-C: stop now
+                }
+                eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
+            })
+            .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+            let s = train::train(be, cfg, &opts)?;
+            if let (Some(f), Some(l)) = (s.first_loss, s.last_loss) {
+                eprintln!("loss: first step {f:.5}, last step {l:.5}");
+            }
+            if let Some(e) = s.last_eval {
+                let ari = e
+                    .fg_ari
+                    .map(|a| format!(", FG-ARI {:.1}%", 100.0 * a))
+                    .unwrap_or_default();
+                eprintln!(
+                    "last evaluation on {} test images: MSE {:.5}{ari}",
+                    e.images, e.mse
+                );
+            }
+            Ok(if s.interrupted {
+                ExitCode::from(130)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        eprintln!(
-            "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)"
-        );
-    })
-    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
-    let opts = TrainOptions {
-        resume: a.resume,
-        overwrite: a.overwrite,
-        quiet: false,
-    };
-    let s = train::train(be, &cfg, &opts)?;
-    if let (Some(f), Some(l)) = (s.first_loss, s.last_loss) {
-        eprintln!("loss: first step {f:.5}, last step {l:.5}");
+        Job::Eval { ckpt, iters, json } => {
+            let sess = session_from(be, cfg, Some(&ckpt))?;
+            let ds = train::open_data(cfg, Split::Test)?;
+            let applications = iters.unwrap_or(cfg.test_iters());
+            let t = std::time::Instant::now();
+            let r = sess.evaluate(ds.as_ref(), applications, None);
+            println!("| checkpoint | step | test images | iterations | MSE | FG-ARI (%) |");
+            println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+            let ari = r
+                .fg_ari
+                .map(|a| format!("{:.2}", 100.0 * a))
+                .unwrap_or_else(|| "n/a (no masks)".into());
+            println!(
+                "| {} | {} | {} | {} | {:.6} | {ari} |",
+                ckpt.display(),
+                sess.step,
+                r.images,
+                r.iters,
+                r.mse
+            );
+            let value = serde_json::json!({ "checkpoint": ckpt.display().to_string(), "step": sess.step,
+                "result": r, "seconds": t.elapsed().as_secs_f64() });
+            println!("{value}");
+            if let Some(p) = json {
+                slotfix::checkpoint::write_atomic(&p, format!("{value}\n").as_bytes(), None)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Job::Render {
+            ckpt,
+            out,
+            n,
+            iters,
+        } => {
+            let sess = session_from(be, cfg, Some(&ckpt))?;
+            let ds = train::open_data(cfg, Split::Test)?;
+            let applications = iters.unwrap_or(cfg.test_iters());
+            slotfix::eval::render_grid(&sess.be, &sess.model, ds.as_ref(), n, applications, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Job::DumpStep { ckpt, out } => {
+            let mut sess = session_from(be, cfg, ckpt.as_deref())?;
+            let ds = train::open_data(cfg, Split::Train)?;
+            let c = slotfix::dump::dump_step(&mut sess, ds.as_ref())?;
+            c.save(&out)?;
+            eprintln!(
+                "wrote {} ({} tensors, step {})",
+                out.display(),
+                c.tensors.len(),
+                sess.step
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Job::Bench { steps } => {
+            println!("{}", slotfix::bench::bench_step(be, cfg, steps).table());
+            Ok(ExitCode::SUCCESS)
+        }
     }
-    if let Some(e) = s.last_eval {
-        let ari = e
-            .fg_ari
-            .map(|a| format!(", FG-ARI {:.1}%", 100.0 * a))
-            .unwrap_or_default();
-        eprintln!(
-            "last evaluation on {} test images: MSE {:.5}{ari}",
-            e.images, e.mse
-        );
-    }
-    Ok(if s.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
-fn run_eval(
-    cfg: &Path,
-    ckpt: &Path,
-    iters: Option<usize>,
-    json: Option<PathBuf>,
-) -> Result<ExitCode, String> {
-    let cfg = load_config(cfg)?;
-    let sess = session_from(&cfg, Some(ckpt))?;
-    let ds = train::open_data(&cfg, Split::Test)?;
-    let applications = iters.unwrap_or(cfg.test_iters());
-    let t = std::time::Instant::now();
-    let r = sess.evaluate(ds.as_ref(), applications, None);
-    println!("| checkpoint | step | test images | iterations | MSE | FG-ARI (%) |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    println!(
-        "| {} | {} | {} | {} | {:.6} | {} |",
-        ckpt.display(),
-        sess.step,
-        r.images,
-        r.iters,
-        r.mse,
-        r.fg_ari
-            .map(|a| format!("{:.2}", 100.0 * a))
-            .unwrap_or_else(|| "n/a (no masks)".into())
-    );
-    let value = serde_json::json!({ "checkpoint": ckpt.display().to_string(), "step": sess.step, "result": r,
-        "seconds": t.elapsed().as_secs_f64() });
-    println!("{value}");
-    if let Some(p) = json {
-        slotfix::checkpoint::write_atomic(&p, format!("{value}\n").as_bytes(), None)?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn run_render(
-    cfg: &Path,
-    ckpt: &Path,
-    out: &Path,
-    n: usize,
-    iters: Option<usize>,
-) -> Result<ExitCode, String> {
-    let cfg = load_config(cfg)?;
-    let sess = session_from(&cfg, Some(ckpt))?;
-    let ds = train::open_data(&cfg, Split::Test)?;
-    let applications = iters.unwrap_or(cfg.test_iters());
-    slotfix::eval::render_grid(&sess.be, &sess.model, ds.as_ref(), n, applications, out)?;
-    eprintln!("wrote {}", out.display());
-    Ok(ExitCode::SUCCESS)
-}
-
-fn run_dump(cfg: &Path, ckpt: Option<&Path>, out: &Path) -> Result<ExitCode, String> {
-    let cfg = load_config(cfg)?;
-    let mut sess = session_from(&cfg, ckpt)?;
-    let ds = train::open_data(&cfg, Split::Train)?;
-    let c = slotfix::dump::dump_step(&mut sess, ds.as_ref())?;
-    c.save(out)?;
-    eprintln!(
-        "wrote {} ({} tensors, step {})",
-        out.display(),
-        c.tensors.len(),
-        sess.step
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-fn run_bench(cfg: &Path, steps: usize) -> Result<ExitCode, String> {
-    let cfg = load_config(cfg)?;
-    let be = backend(&cfg)?;
-    let r = slotfix::bench::bench_step(be, &cfg, steps);
-    println!("{}", r.table());
-    Ok(ExitCode::SUCCESS)
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match (cli.command, cli.train) {
-        (Some(Command::Train(a)), _) | (None, Some(a)) => run_train(a),
-        (
-            Some(Command::Eval {
-                cfg,
-                ckpt,
-                iters,
-                json,
-            }),
-            _,
-        ) => run_eval(&cfg, &ckpt, iters, json),
-        (
-            Some(Command::Render {
-                cfg,
+fn run(command: Command) -> Result<ExitCode, String> {
+    let (cfg_path, job) = match command {
+        Command::Train(a) => {
+            let job = Job::Train(TrainOptions {
+                resume: a.resume,
+                overwrite: a.overwrite,
+                quiet: false,
+            });
+            let mut cfg = load_config(&a.cfg)?;
+            if let Some(n) = a.max_steps {
+                cfg.training.max_steps = Some(n);
+                cfg.validate().map_err(|e| format!("--max-steps: {e}"))?;
+            }
+            return dispatch(&cfg, job);
+        }
+        Command::Eval {
+            cfg,
+            ckpt,
+            iters,
+            json,
+        } => (cfg, Job::Eval { ckpt, iters, json }),
+        Command::Render {
+            cfg,
+            ckpt,
+            out,
+            n,
+            iters,
+        } => (
+            cfg,
+            Job::Render {
                 ckpt,
                 out,
                 n,
                 iters,
-            }),
-            _,
-        ) => run_render(&cfg, &ckpt, &out, n, iters),
-        (Some(Command::DumpStep { cfg, ckpt, out }), _) => run_dump(&cfg, ckpt.as_deref(), &out),
-        (Some(Command::Bench { cfg, steps }), _) => run_bench(&cfg, steps),
-        (Some(Command::Check { cfg, params }), _) => load_config(&cfg).map(|c| {
+            },
+        ),
+        Command::DumpStep { cfg, ckpt, out } => (cfg, Job::DumpStep { ckpt, out }),
+        Command::Bench { cfg, steps } => (cfg, Job::Bench { steps }),
+        Command::Check { cfg, params } => {
+            let c = load_config(&cfg)?;
             if params {
                 let arch = slotfix::model::Arch::new(&c.model);
                 println!("| name | shape |\n| --- | --- |");
@@ -306,14 +327,23 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", c.to_yaml());
             }
-            ExitCode::SUCCESS
-        }),
-        (None, None) => {
-            eprintln!("slotfix: give a subcommand or --cfg FILE (see slotfix --help)");
-            Ok(ExitCode::from(2))
+            return Ok(ExitCode::SUCCESS);
         }
     };
-    match result {
+    dispatch(&load_config(&cfg_path)?, job)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = match (cli.command, cli.train) {
+        (Some(c), _) => c,
+        (None, Some(a)) => Command::Train(a),
+        (None, None) => {
+            eprintln!("slotfix: give a subcommand or --cfg FILE (see slotfix --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
