@@ -4,9 +4,9 @@ use crate::backend::AdamStep;
 use crate::real::Real;
 use rayon::prelude::*;
 
-/// lr(step) = base · min(step / warmup, 1) · rate^(step / decay_steps), decay from step 0
-/// (model.md). `step` is 0-based: the first update uses lr(0)... which would be zero with a
-/// warmup, so the schedule is evaluated at step + 1 for the update of 0-based step `step`.
+/// lr(s) = base · min(s / warmup, 1) · rate^(s / decay_steps), decay from the start (model.md),
+/// evaluated at s = step + 1 for the update of 0-based step `step`: the official code evaluates
+/// it at s = step, which makes its first update a no-op (lr 0); otherwise the two are the same.
 pub fn learning_rate(
     base: f64,
     warmup_steps: usize,
