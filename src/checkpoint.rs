@@ -156,10 +156,20 @@ pub fn prune(dir: &Path, keep: usize, protect: &Path) {
     }
 }
 
+/// Where a simulated crash stops [`write_atomic`] (tests): the two points before the rename, the
+/// only step that makes new contents visible under the final name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crash {
+    /// After writing this many bytes of the temporary file.
+    MidWrite(usize),
+    /// After the temporary file is complete and fsynced, before the rename.
+    BeforeRename,
+}
+
 /// Write `bytes` to `path` through a temporary file in the same folder, fsync it, rename it over
-/// `path` and fsync the folder. `crash_after` (tests only) stops after writing that many bytes
-/// of the temporary file and returns an error, as a process killed mid-save would.
-pub fn write_atomic(path: &Path, bytes: &[u8], crash_after: Option<usize>) -> Result<(), String> {
+/// `path` and fsync the folder. `crash` (tests only) stops at that point and returns an error,
+/// leaving the files as a process killed there would.
+pub fn write_atomic(path: &Path, bytes: &[u8], crash: Option<Crash>) -> Result<(), String> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -169,7 +179,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], crash_after: Option<usize>) -> Re
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let io = |e: std::io::Error| format!("writing {}: {e}", tmp.display());
     let mut f = fs::File::create(&tmp).map_err(io)?;
-    if let Some(n) = crash_after {
+    if let Some(Crash::MidWrite(n)) = crash {
         f.write_all(&bytes[..n.min(bytes.len())]).map_err(io)?;
         return Err(format!(
             "simulated crash after {n} bytes of {}",
@@ -179,6 +189,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], crash_after: Option<usize>) -> Re
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
+    if crash == Some(Crash::BeforeRename) {
+        return Err(format!("simulated crash before renaming {}", tmp.display()));
+    }
     fs::rename(&tmp, path)
         .map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), path.display()))?;
     // Make the rename itself durable.
@@ -219,15 +232,21 @@ mod tests {
     fn crash_during_save_leaves_the_previous_checkpoint_readable() {
         let dir = tempfile::tempdir().unwrap();
         sample(100).save(&path_for_step(dir.path(), 100)).unwrap();
-        // A save of step 200 dies half way through writing its temporary file...
+        // A save of step 200 dies half way through writing its temporary file; a save over the
+        // file of step 100 dies after its temporary file is complete, just before the rename...
         let bytes = sample(200).to_bytes().unwrap();
-        let err = write_atomic(
-            &path_for_step(dir.path(), 200),
-            &bytes,
-            Some(bytes.len() / 2),
-        )
-        .unwrap_err();
+        let half = Crash::MidWrite(bytes.len() / 2);
+        let err = write_atomic(&path_for_step(dir.path(), 200), &bytes, Some(half)).unwrap_err();
         assert!(err.contains("simulated crash"));
+        let p100 = path_for_step(dir.path(), 100);
+        let before = fs::read(&p100).unwrap();
+        let err = write_atomic(&p100, &bytes, Some(Crash::BeforeRename)).unwrap_err();
+        assert!(err.contains("before renaming"));
+        assert_eq!(
+            fs::read(&p100).unwrap(),
+            before,
+            "the old file is untouched until the rename"
+        );
         // ... and a truncated file under the final name (e.g. copied by hand) is skipped too.
         fs::write(path_for_step(dir.path(), 300), &bytes[..bytes.len() / 3]).unwrap();
         let mut skipped = Vec::new();

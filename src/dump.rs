@@ -95,5 +95,5 @@ pub fn dump_step<B: Backend>(
 }
 
 fn sess_ws<B: Backend>(sess: &Session<B>) -> &crate::model::Workspace<B::Buf> {
-    sess.workspace()
+    sess.workspace().expect("forward_backward ran")
 }

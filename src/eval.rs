@@ -56,7 +56,7 @@ pub fn evaluate<B: Backend>(
     while start < n {
         let b = batch_size.min(n - start);
         if ws.as_ref().map(|w| w.batch) != Some(b) {
-            ws = Some(model.workspace(be, b));
+            ws = Some(model.eval_workspace(be, b));
         }
         let w = ws.as_mut().expect("set above");
         let idx: Vec<usize> = (start..start + b).collect();
@@ -93,7 +93,7 @@ pub fn render_grid<B: Backend>(
     let n = n.min(ds.len());
     let (k, res) = (model.arch.k, model.arch.res);
     let p = res * res;
-    let mut ws = model.workspace(be, n);
+    let mut ws = model.eval_workspace(be, n);
     let idx: Vec<usize> = (0..n).collect();
     let batch = data::load_batch(ds, &idx, false);
     be.upload_f32(&batch.images, &mut ws.image);

@@ -40,8 +40,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ckpt: PathBuf,
         /// Slot-attention cell applications (default: Testing.iters, else as in training).
-        #[arg(long, value_name = "N")]
-        iters: Option<usize>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        iters: Option<u32>,
         /// Also write the result as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -55,10 +55,11 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "render.png")]
         out: PathBuf,
         /// Number of test examples.
-        #[arg(long, default_value_t = 8)]
-        n: usize,
-        #[arg(long, value_name = "N")]
-        iters: Option<usize>,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+        n: u32,
+        /// Slot-attention cell applications (default: Testing.iters, else as in training).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        iters: Option<u32>,
     },
     /// Write one training step (inputs, noise, dropout masks, parameters, loss, gradients) to a
     /// safetensors file, to replay it in another framework.
@@ -293,7 +294,14 @@ fn run(command: Command) -> Result<ExitCode, String> {
             ckpt,
             iters,
             json,
-        } => (cfg, Job::Eval { ckpt, iters, json }),
+        } => (
+            cfg,
+            Job::Eval {
+                ckpt,
+                iters: iters.map(|i| i as usize),
+                json,
+            },
+        ),
         Command::Render {
             cfg,
             ckpt,
@@ -305,8 +313,8 @@ fn run(command: Command) -> Result<ExitCode, String> {
             Job::Render {
                 ckpt,
                 out,
-                n,
-                iters,
+                n: n as usize,
+                iters: iters.map(|i| i as usize),
             },
         ),
         Command::DumpStep { cfg, ckpt, out } => (cfg, Job::DumpStep { ckpt, out }),

@@ -462,6 +462,8 @@ struct CellGrads<Buf> {
 /// reused by every step (nothing is allocated inside a step).
 pub struct Workspace<Buf> {
     pub batch: usize,
+    /// False for [`Model::eval_workspace`]: only [`Pass::Eval`] may run on it.
+    pub training: bool,
     pub image: Buf,
     enc_act: Vec<Buf>,
     enc_pos: Buf,
@@ -569,46 +571,46 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Buffers for training steps (forward + backward) at batch size `batch`.
     pub fn workspace(&self, be: &B, batch: usize) -> Workspace<B::Buf> {
+        self.new_workspace(be, batch, true)
+    }
+
+    /// Buffers for evaluation passes only ([`Pass::Eval`]): no recorded tapes and no gradient
+    /// buffers, so evaluating next to a training run costs a fraction of its memory.
+    pub fn eval_workspace(&self, be: &B, batch: usize) -> Workspace<B::Buf> {
+        self.new_workspace(be, batch, false)
+    }
+
+    fn new_workspace(&self, be: &B, batch: usize, training: bool) -> Workspace<B::Buf> {
         let a = &self.arch;
         let (res, p) = (a.res, a.pixels());
         let bn = batch * p;
         let bk = batch * a.k;
-        let enc_act: Vec<_> = a
-            .encoder
-            .iter()
-            .map(|l| be.alloc(batch * l.geom.out_len()))
-            .collect();
-        let d_enc_act: Vec<_> = a
-            .encoder
-            .iter()
-            .map(|l| be.alloc(batch * l.geom.out_len()))
-            .collect();
+        // Gradient buffers have length 0 in an evaluation workspace.
+        let galloc = |n: usize| be.alloc(if training { n } else { 0 });
         let c = a.enc_channels();
-        let mlp_act: Vec<_> = a.enc_mlp.iter().map(|l| be.alloc(bn * l.n_out)).collect();
-        let d_mlp_act: Vec<_> = a.enc_mlp.iter().map(|l| be.alloc(bn * l.n_out)).collect();
-        let recorded = if a.implicit { 1 } else { a.iters };
-        let dec_act: Vec<_> = a
-            .decoder
-            .iter()
-            .map(|l| be.alloc(bk * l.geom.out_len()))
-            .collect();
-        let d_dec_act: Vec<_> = a
-            .decoder
-            .iter()
-            .map(|l| be.alloc(bk * l.geom.out_len()))
-            .collect();
-        let g = a.dec_grid;
         let (d, m) = (a.d, a.mlp_hidden);
+        let g = a.dec_grid;
+        let recorded = match (training, a.implicit) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => a.iters,
+        };
         Workspace {
             batch,
+            training,
             image: be.alloc(batch * res * res * 3),
-            enc_act,
+            enc_act: a
+                .encoder
+                .iter()
+                .map(|l| be.alloc(batch * l.geom.out_len()))
+                .collect(),
             enc_pos: be.alloc(bn * c),
             ln0: be.alloc(bn * c),
             ln0_mean: be.alloc(bn),
             ln0_rstd: be.alloc(bn),
-            mlp_act,
+            mlp_act: a.enc_mlp.iter().map(|l| be.alloc(bn * l.n_out)).collect(),
             ln_in: be.alloc(bn * a.feat),
             ln_in_mean: be.alloc(bn),
             ln_in_rstd: be.alloc(bn),
@@ -619,31 +621,43 @@ impl<B: Backend> Model<B> {
             cells: (0..recorded).map(|_| CellTape::new(be, a, batch)).collect(),
             scratch: CellTape::new(be, a, batch),
             dec_in: be.alloc(bk * g * g * d),
-            dec_act,
+            dec_act: a
+                .decoder
+                .iter()
+                .map(|l| be.alloc(bk * l.geom.out_len()))
+                .collect(),
             masks: be.alloc(batch * a.k * p),
             recon: be.alloc(batch * p * 3),
             loss: be.alloc(1),
-            d_enc_act,
-            d_enc_pos: be.alloc(bn * c),
-            d_ln0: be.alloc(bn * c),
-            d_mlp_act,
-            d_ln_in: be.alloc(bn * a.feat),
-            dk: be.alloc(bn * d),
-            dv: be.alloc(bn * d),
+            d_enc_act: a
+                .encoder
+                .iter()
+                .map(|l| galloc(batch * l.geom.out_len()))
+                .collect(),
+            d_enc_pos: galloc(bn * c),
+            d_ln0: galloc(bn * c),
+            d_mlp_act: a.enc_mlp.iter().map(|l| galloc(bn * l.n_out)).collect(),
+            d_ln_in: galloc(bn * a.feat),
+            dk: galloc(bn * d),
+            dv: galloc(bn * d),
             cg: CellGrads {
-                d_in: be.alloc(bk * d),
-                d_out: be.alloc(bk * d),
-                dh1: be.alloc(bk * d),
-                dhid: be.alloc(bk * m),
-                dln_m: be.alloc(bk * d),
-                dgi: be.alloc(bk * 3 * d),
-                dgh: be.alloc(bk * 3 * d),
-                dupd: be.alloc(bk * d),
-                dq: be.alloc(bk * d),
-                dln_s: be.alloc(bk * d),
+                d_in: galloc(bk * d),
+                d_out: galloc(bk * d),
+                dh1: galloc(bk * d),
+                dhid: galloc(bk * m),
+                dln_m: galloc(bk * d),
+                dgi: galloc(bk * 3 * d),
+                dgh: galloc(bk * 3 * d),
+                dupd: galloc(bk * d),
+                dq: galloc(bk * d),
+                dln_s: galloc(bk * d),
             },
-            d_dec_in: be.alloc(bk * g * g * d),
-            d_dec_act,
+            d_dec_in: galloc(bk * g * g * d),
+            d_dec_act: a
+                .decoder
+                .iter()
+                .map(|l| galloc(bk * l.geom.out_len()))
+                .collect(),
             given_slots: be.alloc(bk * d),
         }
     }
@@ -940,6 +954,10 @@ impl<B: Backend> Model<B> {
         pass: Pass,
         init: SlotsFrom,
     ) -> ForwardStats {
+        assert!(
+            ws.training || matches!(pass, Pass::Eval { .. }),
+            "a training pass needs a workspace from Model::workspace"
+        );
         let a = &self.arch;
         let p = &self.params;
         let batch = ws.batch;
@@ -1153,6 +1171,10 @@ impl<B: Backend> Model<B> {
     /// Backward of the last `Pass::Train { step }` forward: ACCUMULATES d(loss)/d(param) into
     /// `self.grads` (call [`Model::zero_grads`] first).
     pub fn backward(&mut self, be: &B, ws: &mut Workspace<B::Buf>, step: u64, init: SlotsFrom) {
+        assert!(
+            ws.training,
+            "backward needs a workspace from Model::workspace"
+        );
         let batch = ws.batch;
         let a = self.arch.clone();
         let (res, np) = (a.res, a.pixels());

@@ -77,9 +77,26 @@ pub struct Session<B: Backend> {
     pub model: Model<B>,
     pub adam_m: Vec<B::Buf>,
     pub adam_v: Vec<B::Buf>,
-    /// Completed optimizer steps.
+    /// Completed training steps (skipped ones included: they consumed their data and noise).
     pub step: u64,
-    ws: Workspace<B::Buf>,
+    /// Adam updates made (the `t` of its bias corrections): steps minus skipped steps.
+    pub updates: u64,
+    /// Training buffers, allocated on the first training step (evaluation does not need them).
+    ws: Option<Workspace<B::Buf>>,
+}
+
+/// Training keys that decide which data and noise each step sees: a resumed run must keep them,
+/// or it would silently become a different run.
+fn data_keys(cfg: &Config) -> [(&'static str, String); 6] {
+    let t = &cfg.training;
+    [
+        ("data_type", format!("{:?}", t.data_type)),
+        ("data_root", format!("{:?}", t.data_root)),
+        ("num_train", format!("{:?}", t.num_train)),
+        ("max_objects", format!("{:?}", t.max_objects)),
+        ("batch_size", t.batch_size.to_string()),
+        ("seed", t.seed.to_string()),
+    ]
 }
 
 /// What one training step did.
@@ -113,7 +130,6 @@ impl<B: Backend> Session<B> {
             .iter()
             .map(|s| be.alloc(s.numel()))
             .collect();
-        let ws = model.workspace(&be, cfg.training.batch_size);
         Self {
             be,
             cfg,
@@ -121,7 +137,8 @@ impl<B: Backend> Session<B> {
             adam_m,
             adam_v,
             step: 0,
-            ws,
+            updates: 0,
+            ws: None,
         }
     }
 
@@ -157,12 +174,15 @@ impl<B: Backend> Session<B> {
                 self.cfg.training.seed, self.step
             ),
         );
+        c.meta
+            .insert("adam_updates".into(), self.updates.to_string());
         c.meta.insert("config".into(), self.cfg.to_yaml());
         c
     }
 
-    /// Rebuild a session from a checkpoint. The model section of `cfg` must equal the
-    /// checkpoint's (the training section may differ, e.g. a longer max_steps).
+    /// Rebuild a session from a checkpoint to continue its run. The Model section and the
+    /// Training keys that decide the data and noise of each step ([`data_keys`]) must equal the
+    /// checkpoint's; the schedule, step budget, intervals and the like may change.
     pub fn from_checkpoint(be: B, cfg: Config, ckpt: &Checkpoint) -> Result<Self, String> {
         let saved = Config::from_yaml(ckpt.meta("config")?)
             .map_err(|e| format!("checkpoint config: {e}"))?;
@@ -170,6 +190,24 @@ impl<B: Backend> Session<B> {
             return Err(format!(
                 "the checkpoint was trained with a different Model section:\n{}",
                 serde_yaml::to_string(&saved.model).unwrap_or_default()
+            ));
+        }
+        let changed: Vec<String> = data_keys(&saved)
+            .into_iter()
+            .zip(data_keys(&cfg))
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, b)| {
+                format!(
+                    "Training.{} = {} (the checkpoint's run used {})",
+                    b.0, b.1, a.1
+                )
+            })
+            .collect();
+        if !changed.is_empty() {
+            return Err(format!(
+                "cannot resume: these keys decide the data and noise of every step and differ from \
+                 the checkpoint's run: {}; restore them, or start a new run in another save_dir",
+                changed.join("; ")
             ));
         }
         let mut model = Model::new(&be, &cfg.model, cfg.training.seed);
@@ -206,12 +244,18 @@ impl<B: Backend> Session<B> {
             .meta("step")?
             .parse()
             .map_err(|e| format!("checkpoint step: {e}"))?;
+        sess.updates = match ckpt.meta("adam_updates") {
+            Ok(u) => u
+                .parse()
+                .map_err(|e| format!("checkpoint adam_updates: {e}"))?,
+            Err(_) => sess.step,
+        };
         Ok(sess)
     }
 
     /// The buffers of the last step (loss, masks, recon, noise).
-    pub fn workspace(&self) -> &Workspace<B::Buf> {
-        &self.ws
+    pub fn workspace(&self) -> Option<&Workspace<B::Buf>> {
+        self.ws.as_ref()
     }
 
     /// Load parameters only (for evaluation, rendering, dump-step).
@@ -238,17 +282,16 @@ impl<B: Backend> Session<B> {
     /// Forward + backward for `images` (`[B, H, W, 3]` in [-1, 1]) at the current step, without
     /// the update. Gradients are left in `model.grads`.
     pub fn forward_backward(&mut self, images: &[f32]) -> (f64, crate::model::ForwardStats) {
-        self.be.upload_f32(images, &mut self.ws.image);
-        let stats = self.model.forward(
-            &self.be,
-            &mut self.ws,
-            Pass::Train { step: self.step },
-            SlotsFrom::Noise,
-        );
-        self.model.zero_grads(&self.be);
-        self.model
-            .backward(&self.be, &mut self.ws, self.step, SlotsFrom::Noise);
-        (self.model.loss(&self.be, &self.ws), stats)
+        let (be, model) = (&self.be, &mut self.model);
+        let ws = self
+            .ws
+            .get_or_insert_with(|| model.workspace(be, self.cfg.training.batch_size));
+        be.upload_f32(images, &mut ws.image);
+        let pass = Pass::Train { step: self.step };
+        let stats = model.forward(be, ws, pass, SlotsFrom::Noise);
+        model.zero_grads(be);
+        model.backward(be, ws, self.step, SlotsFrom::Noise);
+        (model.loss(be, ws), stats)
     }
 
     /// One optimizer step on `images`.
@@ -285,7 +328,7 @@ impl<B: Backend> Session<B> {
             beta2: t.adam_beta2,
             eps: t.adam_eps,
             weight_decay: t.weight_decay,
-            t: self.step + 1,
+            t: self.updates + 1,
             grad_scale,
         };
         for i in 0..self.model.params.len() {
@@ -298,6 +341,7 @@ impl<B: Backend> Session<B> {
             );
         }
         self.step += 1;
+        self.updates += 1;
         out
     }
 
@@ -367,11 +411,37 @@ pub fn total_steps(cfg: &Config, spe: usize) -> u64 {
         .unwrap_or((cfg.training.num_epochs * spe) as u64)
 }
 
-fn save(sess: &Session<impl Backend>, dir: &Path) -> Result<PathBuf, String> {
-    let path = checkpoint::path_for_step(dir, sess.step);
-    sess.to_checkpoint().save(&path)?;
+/// Write `c` (made by [`Session::to_checkpoint`]) into `dir` and delete all but the newest.
+fn write_checkpoint(c: &Checkpoint, dir: &Path) -> Result<PathBuf, String> {
+    let step: u64 = c
+        .meta("step")?
+        .parse()
+        .map_err(|e| format!("checkpoint step: {e}"))?;
+    let path = checkpoint::path_for_step(dir, step);
+    c.save(&path)?;
     checkpoint::prune(dir, KEEP_CHECKPOINTS, &path);
     Ok(path)
+}
+
+/// Keep only the lines of a metrics file whose step is at most `step`.
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(()); // no metrics yet
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        checkpoint::write_atomic(path, kept.as_bytes(), None)?;
+    }
+    Ok(())
 }
 
 /// Prepare save_dir: refuse to mix two runs unless told to resume or overwrite.
@@ -459,6 +529,11 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
     ));
     let dir = cfg.training.save_dir.clone();
     let metrics_path = dir.join("metrics.jsonl");
+    if opts.resume {
+        // Lines logged after the checkpoint we resume from (a run killed between a log line and
+        // its next save) are about to be logged again.
+        truncate_metrics(&metrics_path, sess.step)?;
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -510,6 +585,8 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
         }
     };
     let mut summary = TrainSummary::default();
+    // A checkpoint taken at a save interval, written once the next step proved it finite.
+    let mut pending: Option<Checkpoint> = None;
     let (mut interval_loss, mut interval_n, mut interval_t) = (0.0, 0u64, Instant::now());
     let applications = cfg.test_iters();
     let log_every = cfg.training.log_interval as u64;
@@ -533,11 +610,15 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
             match cfg.training.on_nonfinite {
                 NonFinite::Stop => {
                     pb.abandon();
+                    // `pending` holds the state that produced this step: it is not written.
+                    let kept = checkpoint::list(&dir)
+                        .last()
+                        .map(|(_, p)| format!("the last good checkpoint, {}, is kept", p.display()))
+                        .unwrap_or_else(|| "no checkpoint had been written".into());
                     return Err(format!(
-                        "step {}: non-finite {what}; stopping (the last good checkpoint in {} is kept; \
-                         set Training.on_nonfinite: skip to skip such steps instead)",
-                        sess.step,
-                        dir.display()
+                        "step {}: non-finite {what}; stopping ({kept}; set Training.on_nonfinite: skip \
+                         to skip such steps instead)",
+                        sess.step
                     ));
                 }
                 NonFinite::Skip => {
@@ -547,21 +628,25 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
                     ));
                     sess.skip_step();
                     summary.skipped_steps += 1;
-                    pb.set_position(sess.step);
-                    continue;
                 }
             }
+        } else {
+            // The state saved at the last save_interval has now produced a finite step: only now
+            // is it written, so a checkpoint is never the state a divergence came from.
+            if let Some(c) = pending.take() {
+                summary.last_checkpoint = Some(write_checkpoint(&c, &dir)?);
+            }
+            summary.first_loss.get_or_insert(out.loss);
+            summary.last_loss = Some(out.loss);
+            interval_loss += out.loss;
+            interval_n += 1;
         }
-        summary.first_loss.get_or_insert(out.loss);
-        summary.last_loss = Some(out.loss);
-        interval_loss += out.loss;
-        interval_n += 1;
         pb.set_position(sess.step);
         let done = sess.step;
-        if done % log_every == 0 || done == total {
+        if (done % log_every == 0 || done == total) && interval_n > 0 {
             let secs = interval_t.elapsed().as_secs_f64();
             let ips = (interval_n as usize * batch) as f64 / secs.max(1e-9);
-            let mean_loss = interval_loss / interval_n.max(1) as f64;
+            let mean_loss = interval_loss / interval_n as f64;
             let ev = sess.evaluate(test_ds.as_ref(), applications, Some(LOG_EVAL_IMAGES));
             let grid = dir.join("images").join(format!("step_{done:08}.png"));
             let pic = eval::render_grid(
@@ -575,7 +660,7 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
             let mut line = serde_json::json!({
                 "step": done, "loss": mean_loss, "lr": out.lr, "grad_norm": out.grad_norm,
                 "images_per_s": ips, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_mse": ev.mse,
-                "fwd_iters": out.fwd_iters,
+                "fwd_iters": out.fwd_iters, "skipped_steps": summary.skipped_steps,
             });
             if let Some(a) = ev.fg_ari {
                 line["fg_ari"] = a.into();
@@ -608,14 +693,17 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
             interval_t = Instant::now();
         }
         if done % save_every == 0 && done < total {
-            summary.last_checkpoint = Some(save(&sess, &dir)?);
+            pending = Some(sess.to_checkpoint());
         }
     }
     drop(rx);
     let _ = loader.join();
-    // Final (or interrupt) checkpoint.
+    // Final (or interrupt) checkpoint, after any pending one.
+    if let Some(c) = pending.take() {
+        summary.last_checkpoint = Some(write_checkpoint(&c, &dir)?);
+    }
     if sess.step > start_step || summary.interrupted {
-        summary.last_checkpoint = Some(save(&sess, &dir)?);
+        summary.last_checkpoint = Some(write_checkpoint(&sess.to_checkpoint(), &dir)?);
     }
     pb.finish_and_clear();
     summary.steps = sess.step;

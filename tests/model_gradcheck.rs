@@ -291,16 +291,40 @@ fn implicit_memory_does_not_grow_with_iterations() {
 
 #[test]
 fn fwd_tol_stops_early_and_reports_the_residual() {
-    let mut c = tiny(|m| m.implicit_diff = true);
-    c.max_iter_fwd = 200;
-    c.fwd_tol = Some(1e-3);
-    let (be, model, mut ws) = setup(&c);
-    let stats = model.forward(&be, &mut ws, Pass::Train { step: STEP }, SlotsFrom::Noise);
-    let r = stats.last_residual.expect("residual reported");
-    assert!(stats.iters_run >= 1 && stats.iters_run <= 200);
-    if stats.iters_run < 200 {
-        assert!(r < 1e-3, "stopped with residual {r}");
-    } else {
-        assert!(r >= 1e-3);
-    }
+    let run = |max_iter: usize, tol: Option<f64>| {
+        let c = tiny(|m| {
+            m.implicit_diff = true;
+            m.max_iter_fwd = max_iter;
+            m.fwd_tol = tol;
+        });
+        let (be, model, mut ws) = setup(&c);
+        let stats = model.forward(&be, &mut ws, Pass::Train { step: STEP }, SlotsFrom::Noise);
+        (stats, model.detached_slots(&be, &ws))
+    };
+    // The residual of iteration t, from runs of exactly t iterations (a tolerance never met).
+    let residuals: Vec<f64> = (1..=8)
+        .map(|t| run(t, Some(1e-300)).0.last_residual.unwrap())
+        .collect();
+    // Pick the first iteration j > 1 whose residual is below all earlier ones and a tolerance
+    // between the two: the run must stop exactly after iteration j.
+    let j = (1..residuals.len())
+        .find(|&j| residuals[j] < residuals[..j].iter().cloned().fold(f64::INFINITY, f64::min))
+        .expect("the residual decreases at some point")
+        + 1;
+    let earlier_min = residuals[..j - 1]
+        .iter()
+        .cloned()
+        .fold(f64::INFINITY, f64::min);
+    let tol = 0.5 * (residuals[j - 1] + earlier_min);
+    let (stats, early) = run(200, Some(tol));
+    assert_eq!(
+        stats.iters_run, j,
+        "residuals {residuals:?}, tolerance {tol}"
+    );
+    assert_eq!(stats.last_residual, Some(residuals[j - 1]));
+    // Stopping early changes nothing else: the same slots as a run of exactly j iterations,
+    // which computes no residual at all without fwd_tol.
+    let (stats, exact) = run(j, None);
+    assert_eq!(stats.last_residual, None);
+    assert_eq!(early, exact);
 }

@@ -91,15 +91,25 @@ fn loss_falls_by_a_factor_of_two_in_300_steps() {
 
 #[test]
 fn interrupted_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
+    // 100 examples at batch 8: 12 steps per epoch, so both halves cross epoch boundaries.
+    let cfg = |dir: &Path, steps: usize| {
+        let mut c = tiny_cfg(dir, steps);
+        c.training.num_train = Some(100);
+        c.training.save_interval = 10;
+        c.training.log_interval = 5;
+        c
+    };
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    train::train(Cpu::<f32>::new(), &tiny_cfg(a.path(), 40), &quiet()).unwrap();
-    train::train(Cpu::<f32>::new(), &tiny_cfg(b.path(), 20), &quiet()).unwrap();
+    train::train(Cpu::<f32>::new(), &cfg(a.path(), 40), &quiet()).unwrap();
+    train::train(Cpu::<f32>::new(), &cfg(b.path(), 25), &quiet()).unwrap();
+    // As if killed after logging step 25 but before saving it: the newest checkpoint is 20.
+    std::fs::remove_file(checkpoint::path_for_step(b.path(), 25)).unwrap();
     let resumed = TrainOptions {
         resume: true,
         quiet: true,
         ..Default::default()
     };
-    let s = train::train(Cpu::<f32>::new(), &tiny_cfg(b.path(), 40), &resumed).unwrap();
+    let s = train::train(Cpu::<f32>::new(), &cfg(b.path(), 40), &resumed).unwrap();
     assert_eq!(s.steps, 40);
     let ca = Checkpoint::load(&checkpoint::path_for_step(a.path(), 40)).unwrap();
     let cb = Checkpoint::load(&checkpoint::path_for_step(b.path(), 40)).unwrap();
@@ -112,6 +122,45 @@ fn interrupted_and_resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
         assert_eq!(bits_a, bits_b, "{name} differs after resume");
     }
     assert_eq!(ca.meta("step").unwrap(), "40");
+    // The metrics of the resumed run have each step once, in order (step 25 was logged twice).
+    let steps: Vec<u64> = std::fs::read_to_string(b.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![5, 10, 15, 20, 25, 30, 35, 40]);
+}
+
+#[test]
+fn resume_refuses_a_changed_data_setup() {
+    let dir = tempfile::tempdir().unwrap();
+    train::train(Cpu::<f32>::new(), &tiny_cfg(dir.path(), 4), &quiet()).unwrap();
+    let resumed = TrainOptions {
+        resume: true,
+        quiet: true,
+        ..Default::default()
+    };
+    let mut cfg = tiny_cfg(dir.path(), 8);
+    cfg.training.seed = 99;
+    cfg.training.batch_size = 4;
+    let e = train::train(Cpu::<f32>::new(), &cfg, &resumed).unwrap_err();
+    assert!(
+        e.contains("Training.seed = 99") && e.contains("Training.batch_size = 4"),
+        "{e}"
+    );
+    // Changing the schedule or the step budget is fine.
+    let mut cfg = tiny_cfg(dir.path(), 8);
+    cfg.training.lr = 1e-4;
+    assert_eq!(
+        train::train(Cpu::<f32>::new(), &cfg, &resumed)
+            .unwrap()
+            .steps,
+        8
+    );
 }
 
 #[test]
@@ -177,11 +226,13 @@ fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     assert!(checkpoint::list(dir.path()).iter().all(|(s, _)| *s <= step));
     assert_eq!(std::fs::read(&good).unwrap(), before);
 
-    // With on_nonfinite: skip the run goes on (every step is skipped once it has diverged).
+    // With on_nonfinite: skip the run goes on (every step is skipped once it has diverged), and
+    // the end-of-run checkpoint is still written.
     cfg.training.on_nonfinite = NonFinite::Skip;
     let s = train::train(Cpu::<f32>::new(), &cfg, &resumed).unwrap();
     assert!(s.skipped_steps > 0);
     assert_eq!(s.steps, 60);
+    assert!(checkpoint::path_for_step(dir.path(), 60).exists());
 }
 
 fn bin() -> Command {
