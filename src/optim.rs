@@ -4,9 +4,10 @@ use crate::backend::AdamStep;
 use crate::real::Real;
 use rayon::prelude::*;
 
-/// lr(s) = base · min(s / warmup, 1) · rate^(s / decay_steps), decay from the start (model.md),
-/// evaluated at s = step + 1 for the update of 0-based step `step`: the official code evaluates
-/// it at s = step, which makes its first update a no-op (lr 0); otherwise the two are the same.
+/// The official schedule (model.md): for the update of 0-based step s,
+/// lr(s) = base · min(s / warmup, 1) · rate^(s / decay_steps), decaying from the start. As in the
+/// official code, the first update has lr 0 when there is a warm-up (Adam's moments still see
+/// its gradient).
 pub fn learning_rate(
     base: f64,
     warmup_steps: usize,
@@ -14,7 +15,7 @@ pub fn learning_rate(
     decay_steps: usize,
     step: u64,
 ) -> f64 {
-    let s = (step + 1) as f64;
+    let s = step as f64;
     let warm = if warmup_steps == 0 {
         1.0
     } else {
@@ -55,9 +56,10 @@ mod tests {
     #[test]
     fn schedule_warms_up_then_decays() {
         let lr = |s| learning_rate(4e-4, 10_000, 0.5, 100_000, s);
-        assert!((lr(4_999) - 4e-4 * 0.5 * 0.5f64.powf(0.05)).abs() < 1e-12);
-        assert!((lr(99_999) - 4e-4 * 0.5).abs() < 1e-12);
-        assert!(lr(0) > 0.0);
+        assert!((lr(5_000) - 4e-4 * 0.5 * 0.5f64.powf(0.05)).abs() < 1e-12);
+        assert!((lr(100_000) - 4e-4 * 0.5).abs() < 1e-12);
+        assert!((lr(10_000) - 4e-4 * 0.5f64.powf(0.1)).abs() < 1e-12);
+        assert_eq!(lr(0), 0.0);
         assert_eq!(learning_rate(1e-3, 0, 1.0, 1, 7), 1e-3);
     }
 

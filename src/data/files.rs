@@ -6,10 +6,8 @@
 //! Train reads `train`, Test reads `val`. Preprocessing follows the
 //! official Slot Attention code: RGB (alpha dropped), crop rows 29..221 and columns 64..256 of the
 //! 320x240 image, resize the 192x192 crop to 128x128, scale to [-1, 1] and clip. The resize is
-//! `image::imageops::resize` with `FilterType::Triangle` on the `u8` crop (intermediate values in
-//! `f32`, rounded once to `u8`): a bilinear filter whose support widens by the 1.5x downscale factor,
-//! i.e. antialiased like `tf.image.resize(..., antialias=True)`, so edges are a little softer than
-//! the official `tf.image.resize` bilinear without antialiasing. Other resolutions are refused.
+//! the official `tf.image.resize` bilinear (half-pixel centres, no antialiasing) computed in f32;
+//! the result is stored rounded to u8 (at most 1/510 off). Other resolutions are refused.
 //! No masks.
 //!
 //! **Folder** (`Source::Folder`): `root/images/*.png`, every image exactly `resolution` square, and
@@ -32,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
-use image::imageops::{self, FilterType};
+use image::imageops;
 use image::{DynamicImage, ImageFormat};
 use rayon::prelude::*;
 
@@ -552,14 +550,40 @@ fn clevr_preprocess(path: &Path, image: DynamicImage, out: &mut [u8]) -> Result<
         CLEVR_CROP,
     )
     .to_image();
-    let resized = imageops::resize(
-        &crop,
-        CLEVR_RESOLUTION as u32,
-        CLEVR_RESOLUTION as u32,
-        FilterType::Triangle,
-    );
-    out.copy_from_slice(resized.as_raw());
+    resize_bilinear(&crop, CLEVR_RESOLUTION, out);
     Ok(())
+}
+
+/// The official resize: `tf.image.resize(..., method="bilinear")` (half-pixel centres, no
+/// antialiasing), computed in f32 and rounded to 8 bits for storage (at most 1/510 away from the
+/// float result in [0, 1] units).
+fn resize_bilinear(src: &image::RgbImage, size: usize, out: &mut [u8]) {
+    let (w, h) = (src.width() as usize, src.height() as usize);
+    // For each output coordinate: (lower index, upper index, weight of the upper one).
+    let taps = |n_in: usize| -> Vec<(usize, usize, f32)> {
+        let scale = n_in as f32 / size as f32;
+        (0..size)
+            .map(|o| {
+                let x = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+                let lo = (x.floor() as usize).min(n_in - 1);
+                let hi = (lo + 1).min(n_in - 1);
+                (lo, hi, x - lo as f32)
+            })
+            .collect()
+    };
+    let (xs, ys) = (taps(w), taps(h));
+    let raw = src.as_raw();
+    let at = |x: usize, y: usize, c: usize| raw[(y * w + x) * 3 + c] as f32;
+    for (oy, &(y0, y1, fy)) in ys.iter().enumerate() {
+        for (ox, &(x0, x1, fx)) in xs.iter().enumerate() {
+            for c in 0..3 {
+                let top = at(x0, y0, c) + (at(x1, y0, c) - at(x0, y0, c)) * fx;
+                let bottom = at(x0, y1, c) + (at(x1, y1, c) - at(x0, y1, c)) * fx;
+                let v = top + (bottom - top) * fy;
+                out[(oy * size + ox) * 3 + c] = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
 }
 
 fn folder_image(
@@ -809,14 +833,13 @@ mod tests {
         let px = |x: usize, y: usize, c: usize| probe[(y * 128 + x) * 3 + c];
         // Nothing from outside the crop leaks in (alpha dropped, B stays 0 everywhere).
         assert!((0..128 * 128).all(|p| probe[p * 3 + 2] == -1.0));
-        // By hand: output column 64 samples crop column 64.5 * 1.5 - 0.5 = 96.25 with a triangle of
-        // half-width 1.5, weights 1/6, 5/6, 1/2 on columns 95, 96, 97: 144.33 / 1.5 = 96.22 -> 96.
-        // Rows work the same way in G.
+        // By hand: output column 64 samples crop column 64.5 * 1.5 - 0.5 = 96.25, bilinear between
+        // columns 96 and 97: 0.75 * 96 + 0.25 * 97 = 96.25 -> 96. Rows work the same way in G.
         for k in 0..128 {
             assert_eq!(px(64, k, 0), 96.0 / 255.0 * 2.0 - 1.0);
             assert_eq!(px(k, 64, 1), 96.0 / 255.0 * 2.0 - 1.0);
         }
-        // Column 0: centre 0.25, weights 5/6, 1/2 on columns 0, 1 -> 0.375 -> 0.
+        // Column 0: 0.25, between columns 0 and 1: 0.25 -> 0.
         assert_eq!(px(0, 0, 0), -1.0);
 
         // A constant image keeps its colour exactly.
@@ -824,6 +847,19 @@ mod tests {
         let want = [200u8, 10, 99].map(|v| v as f32 / 255.0 * 2.0 - 1.0);
         assert!(constant.chunks_exact(3).all(|p| p == want));
         assert!(constant.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn resize_is_tf_bilinear_without_antialiasing() {
+        // Alternating black and white columns, 6 → 4: output column j samples 1.5 j + 0.25.
+        let src = RgbImage::from_fn(6, 6, |x, _| Rgb([if x % 2 == 1 { 255 } else { 0 }; 3]));
+        let mut out = vec![0u8; 4 * 4 * 3];
+        resize_bilinear(&src, 4, &mut out);
+        // 0.25·255 = 63.75 → 64 (columns 0|1 and 1|2), 0.75·255 = 191.25 → 191 (3|4 and 4|5).
+        // An antialiased (triangle) filter would average the stripes to ~128 everywhere.
+        let row: Vec<u8> = out[..12].chunks(3).map(|p| p[0]).collect();
+        assert_eq!(row, vec![64, 64, 191, 191]);
+        assert!(out.chunks(12).all(|r| r == &out[..12]));
     }
 
     #[test]
