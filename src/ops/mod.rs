@@ -23,7 +23,8 @@ use rayon::prelude::*;
 
 /// Images (or rows) per parallel work item when a backward pass reduces a weight gradient.
 /// Fixed, not derived from the thread count, so the summation order — and so the result, bit
-/// for bit — is the same on every machine.
+/// for bit — does not depend on the number of threads or their schedule. (Across different CPUs
+/// results can still differ in the last bits: the GEMM picks its SIMD kernel at run time.)
 pub const REDUCE_CHUNK: usize = 4;
 
 /// Runs `work(first, count, out_chunk, partial)` over chunks of `n` items in parallel. Each chunk
