@@ -124,6 +124,11 @@ fn backend(cfg: &Config) -> Result<Cpu<f32>, String> {
             }
             Ok(Cpu::<f32>::new())
         }
+        // Placeholder until the CUDA backend is wired into the CLI: keep training on the CPU.
+        Chosen::Cuda => {
+            eprintln!("note: the CUDA backend is not wired into the CLI yet; training on the CPU");
+            Ok(Cpu::<f32>::new())
+        }
     }
 }
 
