@@ -81,7 +81,10 @@ pub fn compile_file(file: &KernelFile, arch: &'static str) -> Result<Ptx, String
             file.name,
             log.to_string_lossy()
         ),
-        other => format!("NVRTC failed on kernels/{} for {arch}: {other:?}", file.name),
+        other => format!(
+            "NVRTC failed on kernels/{} for {arch}: {other:?}",
+            file.name
+        ),
     })
 }
 
@@ -317,7 +320,9 @@ impl Cuda {
         let mut out = self.scratch::<f64>(1);
         let ni = i(n);
         match y {
-            None => launch!(self, "sum_squares_partial_f32", per_block(nb, 0); &ni, x, &mut partial),
+            None => {
+                launch!(self, "sum_squares_partial_f32", per_block(nb, 0); &ni, x, &mut partial)
+            }
             Some(y) => {
                 assert_eq!(y.len(), n);
                 launch!(self, "diff_squares_partial_f32", per_block(nb, 0); &ni, x, y, &mut partial)
@@ -869,14 +874,7 @@ impl Backend for Cuda {
         launch!(self, "gru_gates_bwd_f32", per_elem(n);
             &ni, &di, gi, gh, h, dh_new, dgi, dgh, dh);
     }
-    fn slot_init_fwd(
-        &self,
-        d: usize,
-        mu: &Buf,
-        log_sigma: &Buf,
-        noise: &Buf,
-        slots: &mut Buf,
-    ) {
+    fn slot_init_fwd(&self, d: usize, mu: &Buf, log_sigma: &Buf, noise: &Buf, slots: &mut Buf) {
         let n = slots.len();
         assert_eq!(noise.len(), n);
         assert_eq!(mu.len(), d);
@@ -994,5 +992,36 @@ fn attn_c(dm: &AttnDims) -> AttnDimsC {
         heads: i(dm.heads),
         scale: dm.scale as f32,
         eps: dm.eps as f32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvrtc_error_names_the_file_and_carries_the_log() {
+        if !nvrtc_available() {
+            eprintln!("skipped: libnvrtc cannot be loaded");
+            return;
+        }
+        let broken = KernelFile {
+            name: "broken.cu",
+            source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",
+            kernels: &["k"],
+        };
+        let e = compile_file(&broken, "sm_90").unwrap_err();
+        assert!(e.contains("kernels/broken.cu"), "{e}");
+        assert!(e.contains("sm_90"), "{e}");
+        assert!(e.contains("undefined_name"), "no compiler log in: {e}");
+    }
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        if driver_available() {
+            return;
+        }
+        assert!(Cuda::new(0).is_err());
+        assert_eq!(device_count(), 0);
     }
 }
