@@ -134,7 +134,11 @@ mod tests {
                 assert!(all.insert(*k), "kernel {k} defined twice");
             }
             // Header-free: NVRTC on the GPU machines has no toolkit headers.
-            assert!(!f.source.contains("#include"), "{} includes a header", f.name);
+            assert!(
+                !f.source.contains("#include"),
+                "{} includes a header",
+                f.name
+            );
         }
     }
 }
