@@ -1,26 +1,42 @@
 //! Choosing where to compute.
 
 use crate::config::Device;
+use crate::cuda::Cuda;
 
 /// The backend a run will use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Chosen {
     Cpu,
+    Cuda,
 }
 
-/// Resolve `Training.device`. This build has the CPU backend only: `auto` falls back to it with a
-/// note; `cuda` is an error that says what to do, never a panic.
+/// Whether a CUDA device can be used: the driver and libnvrtc load and at least one device
+/// exists. Never panics.
+pub fn cuda_present() -> bool {
+    crate::cuda::device_count() > 0
+}
+
+/// Resolve `Training.device`: `auto` picks CUDA when a driver, libnvrtc and a device are present
+/// and otherwise falls back to the CPU with a note; `cuda` without them is an error that says
+/// what to do, never a panic.
 pub fn select(device: Device) -> Result<(Chosen, Option<String>), String> {
     match device {
         Device::Cpu => Ok((Chosen::Cpu, None)),
+        Device::Auto if cuda_present() => Ok((Chosen::Cuda, Some("device: auto → cuda".into()))),
         Device::Auto => Ok((
             Chosen::Cpu,
-            Some("device: auto → cpu (this build of slotfix has no CUDA backend yet)".into()),
+            Some("device: auto → cpu (no CUDA driver / GPU found)".into()),
         )),
+        Device::Cuda if cuda_present() => Ok((Chosen::Cuda, None)),
         Device::Cuda => Err(
-            "Training.device = cuda: this build of slotfix has no CUDA backend yet; \
+            "Training.device = cuda: no CUDA driver / GPU found (or libnvrtc is missing); \
              set device to auto or cpu to train on the CPU"
                 .into(),
         ),
     }
+}
+
+/// The CUDA backend on device 0 (compiles every kernel; an `Err` says why it is unavailable).
+pub fn cuda_backend() -> Result<Cuda, String> {
+    Cuda::new(0)
 }

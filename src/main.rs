@@ -152,6 +152,11 @@ fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
             }
             run_job(Cpu::<f32>::new(), cfg, job)
         }
+        // Placeholder until the CUDA backend is wired into the CLI: keep training on the CPU.
+        Chosen::Cuda => {
+            eprintln!("note: the CUDA backend is not wired into the CLI yet; training on the CPU");
+            Ok(Cpu::<f32>::new())
+        }
     }
 }
 

@@ -1,0 +1,127 @@
+// linear.cu: fully connected layer on rows (version 1: 16×16 shared-memory tiled SGEMM).
+//
+// Math: y[r,o] = relu?(Σ_i x[r,i] · W[o,i] + b[o]),  W is [n_out, n_in] (nn.Linear).
+//   g = dy masked by y > 0 when relu (relu_mask_f32 writes it to a scratch buffer first);
+//   dx[r,i] += Σ_o g[r,o] · W[o,i];   dW[o,i] += Σ_r g[r,o] · x[r,i] (split over fixed row chunks
+//   into partials, then summed in chunk order: deterministic);   db[o] += Σ_r g[r,o].
+// FLOPs: 2 · rows · n_in · n_out for each of y, dx, dW. Compulsory bytes: 4 · (rows·(n_in+n_out)
+// + n_in·n_out) per product (+ 4 · rows · n_out · 3 for the mask, + partials for dW).
+// Backward kernels ACCUMULATE (+=), like the CPU reference.
+
+#define TS 16
+
+static __device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ float block_sum(float v, float* sh) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    const int nw = blockDim.x >> 5;
+    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
+    if (wid == 0) v = warp_sum(v);
+    return v;
+}
+
+// block (TS, TS); grid (ceil(rows/TS), ceil(n_out/TS)) (rows on x: grid.y is limited to 65535). y [rows, n_out] overwritten.
+extern "C" __global__ void linear_fwd_f32(int rows, int n_in, int n_out, const float* __restrict__ x,
+                                          const float* __restrict__ w, const float* __restrict__ b,
+                                          int has_bias, int relu, float* __restrict__ y) {
+    __shared__ float as[TS][TS + 1];  // as[r_local][k]
+    __shared__ float bs[TS][TS + 1];  // bs[k][o_local]
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int r0 = blockIdx.x * TS, o0 = blockIdx.y * TS;
+    float acc = 0.0f;
+    for (int k0 = 0; k0 < n_in; k0 += TS) {
+        const int ra = r0 + ty, ka = k0 + tx;
+        as[ty][tx] = (ra < rows && ka < n_in) ? x[ra * n_in + ka] : 0.0f;
+        const int ob = o0 + ty;
+        bs[tx][ty] = (ob < n_out && ka < n_in) ? w[ob * n_in + ka] : 0.0f;
+        __syncthreads();
+        for (int kk = 0; kk < TS; ++kk) acc += as[ty][kk] * bs[kk][tx];
+        __syncthreads();
+    }
+    const int r = r0 + ty, o = o0 + tx;
+    if (r < rows && o < n_out) {
+        if (has_bias) acc += b[o];
+        if (relu && acc < 0.0f) acc = 0.0f;
+        y[r * n_out + o] = acc;
+    }
+}
+
+// g[i] = y[i] > 0 ? dy[i] : 0 (overwritten).
+extern "C" __global__ void relu_mask_f32(int n, const float* __restrict__ dy, const float* __restrict__ y,
+                                         float* __restrict__ g) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) g[i] = (y[i] > 0.0f) ? dy[i] : 0.0f;
+}
+
+// dx [rows, n_in] += g [rows, n_out] · W [n_out, n_in]. block (TS, TS); grid (ceil(rows/TS), ceil(n_in/TS)).
+extern "C" __global__ void linear_bwd_dx_f32(int rows, int n_in, int n_out, const float* __restrict__ g,
+                                             const float* __restrict__ w, float* __restrict__ dx) {
+    __shared__ float as[TS][TS + 1];  // as[r_local][k]
+    __shared__ float bs[TS][TS + 1];  // bs[k][i_local]
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int r0 = blockIdx.x * TS, i0 = blockIdx.y * TS;
+    float acc = 0.0f;
+    for (int k0 = 0; k0 < n_out; k0 += TS) {
+        const int ra = r0 + ty, ka = k0 + tx;
+        as[ty][tx] = (ra < rows && ka < n_out) ? g[ra * n_out + ka] : 0.0f;
+        const int kb = k0 + ty, ib = i0 + tx;
+        bs[ty][tx] = (kb < n_out && ib < n_in) ? w[kb * n_in + ib] : 0.0f;
+        __syncthreads();
+        for (int kk = 0; kk < TS; ++kk) acc += as[ty][kk] * bs[kk][tx];
+        __syncthreads();
+    }
+    const int r = r0 + ty, i = i0 + tx;
+    if (r < rows && i < n_in) dx[r * n_in + i] += acc;
+}
+
+// partial[z, o, i] = Σ_{r in chunk z} g[r, o] · x[r, i] (overwritten), chunk z = rows
+// [z·chunk, min((z+1)·chunk, rows)). block (TS, TS); grid (ceil(n_in/TS), ceil(n_out/TS), nchunks).
+extern "C" __global__ void linear_bwd_dw_partial_f32(int rows, int n_in, int n_out, int chunk,
+                                                     const float* __restrict__ g, const float* __restrict__ x,
+                                                     float* __restrict__ partial) {
+    __shared__ float as[TS][TS + 1];  // as[k = r_local][o_local]
+    __shared__ float bs[TS][TS + 1];  // bs[k = r_local][i_local]
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int o0 = blockIdx.y * TS, i0 = blockIdx.x * TS;
+    const int rbeg = blockIdx.z * chunk;
+    const int rend = min(rbeg + chunk, rows);
+    float acc = 0.0f;
+    for (int k0 = rbeg; k0 < rend; k0 += TS) {
+        const int r = k0 + ty;
+        as[ty][tx] = (r < rend && o0 + tx < n_out) ? g[r * n_out + o0 + tx] : 0.0f;
+        bs[ty][tx] = (r < rend && i0 + tx < n_in) ? x[r * n_in + i0 + tx] : 0.0f;
+        __syncthreads();
+        for (int kk = 0; kk < TS; ++kk) acc += as[kk][ty] * bs[kk][tx];
+        __syncthreads();
+    }
+    const int o = o0 + ty, i = i0 + tx;
+    if (o < n_out && i < n_in) partial[(blockIdx.z * n_out + o) * n_in + i] = acc;
+}
+
+// dst[e] += Σ_z partial[z, e] in chunk order (one thread per element).
+extern "C" __global__ void sum_partials_f32(int nchunks, int len, const float* __restrict__ partial,
+                                            float* __restrict__ dst) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= len) return;
+    float s = 0.0f;
+    for (int z = 0; z < nchunks; ++z) s += partial[z * len + e];
+    dst[e] += s;
+}
+
+// One block per output feature: db[o] += Σ_r g[r, o].
+extern "C" __global__ void linear_bwd_db_f32(int rows, int n_out, const float* __restrict__ g,
+                                             float* __restrict__ db) {
+    __shared__ float sh[32];
+    const int o = blockIdx.x;
+    float acc = 0.0f;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) acc += g[r * n_out + o];
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) db[o] += acc;
+}

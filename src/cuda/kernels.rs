@@ -1,0 +1,144 @@
+//! The CUDA kernel sources, embedded at build time, and the kernels each file defines. Every file
+//! is header-free (NVRTC needs nothing but libnvrtc) and is compiled as one NVRTC program.
+
+/// One `.cu` file of `kernels/`.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelFile {
+    /// File name under `kernels/`, also the NVRTC program name (it appears in compiler errors).
+    pub name: &'static str,
+    pub source: &'static str,
+    /// The `extern "C" __global__` functions it defines (all loaded at start-up).
+    pub kernels: &'static [&'static str],
+}
+
+pub const KERNEL_FILES: &[KernelFile] = &[
+    KernelFile {
+        name: "conv.cu",
+        source: include_str!("../../kernels/conv.cu"),
+        kernels: &[
+            "conv2d_fwd_f32",
+            "conv2d_bwd_dx_f32",
+            "conv2d_bwd_dw_f32",
+            "conv_bwd_db_f32",
+            "conv_t2d_fwd_f32",
+            "conv_t2d_bwd_dx_f32",
+            "conv_t2d_bwd_dw_f32",
+        ],
+    },
+    KernelFile {
+        name: "linear.cu",
+        source: include_str!("../../kernels/linear.cu"),
+        kernels: &[
+            "linear_fwd_f32",
+            "relu_mask_f32",
+            "linear_bwd_dx_f32",
+            "linear_bwd_dw_partial_f32",
+            "sum_partials_f32",
+            "linear_bwd_db_f32",
+        ],
+    },
+    KernelFile {
+        name: "layernorm.cu",
+        source: include_str!("../../kernels/layernorm.cu"),
+        kernels: &[
+            "layernorm_fwd_f32",
+            "layernorm_bwd_dx_f32",
+            "layernorm_bwd_params_f32",
+        ],
+    },
+    KernelFile {
+        name: "attention.cu",
+        source: include_str!("../../kernels/attention.cu"),
+        kernels: &["attention_fwd_f32", "attention_bwd_f32"],
+    },
+    KernelFile {
+        name: "gru.cu",
+        source: include_str!("../../kernels/gru.cu"),
+        kernels: &["gru_gates_fwd_f32", "gru_gates_bwd_f32"],
+    },
+    KernelFile {
+        name: "posembed.cu",
+        source: include_str!("../../kernels/posembed.cu"),
+        kernels: &[
+            "softpos_add_fwd_f32",
+            "broadcast_pos_fwd_f32",
+            "posembed_bwd_params_f32",
+            "broadcast_pos_bwd_dz_f32",
+        ],
+    },
+    KernelFile {
+        name: "composite.cu",
+        source: include_str!("../../kernels/composite.cu"),
+        kernels: &[
+            "composite_fwd_f32",
+            "composite_loss_f32",
+            "composite_bwd_f32",
+        ],
+    },
+    KernelFile {
+        name: "elementwise.cu",
+        source: include_str!("../../kernels/elementwise.cu"),
+        kernels: &[
+            "fill_normal_f32",
+            "dropout_f32",
+            "slot_init_fwd_f32",
+            "slot_init_bwd_f32",
+            "add_assign_f32",
+            "scale_f32",
+            "fill_f32",
+        ],
+    },
+    KernelFile {
+        name: "optim.cu",
+        source: include_str!("../../kernels/optim.cu"),
+        kernels: &[
+            "adam_f32",
+            "sum_squares_partial_f32",
+            "diff_squares_partial_f32",
+            "sum_partials_f64",
+        ],
+    },
+];
+
+/// The names of the `extern "C" __global__` functions defined in a source (a plain text scan,
+/// used to check the table above against the files).
+pub fn declared_kernels(source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    let marker = "extern \"C\" __global__ void ";
+    while let Some(at) = rest.find(marker) {
+        rest = &rest[at + marker.len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        out.push(name);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lists_exactly_the_kernels_of_each_file() {
+        let mut all = std::collections::HashSet::new();
+        for f in KERNEL_FILES {
+            let mut declared = declared_kernels(f.source);
+            let mut listed: Vec<String> = f.kernels.iter().map(|s| s.to_string()).collect();
+            declared.sort();
+            listed.sort();
+            assert_eq!(declared, listed, "{}", f.name);
+            for k in f.kernels {
+                assert!(all.insert(*k), "kernel {k} defined twice");
+            }
+            // Header-free: NVRTC on the GPU machines has no toolkit headers.
+            assert!(
+                !f.source.contains("#include"),
+                "{} includes a header",
+                f.name
+            );
+        }
+    }
+}

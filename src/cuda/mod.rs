@@ -1,0 +1,1027 @@
+//! The CUDA backend, version 1: straightforward f32 kernels (`kernels/*.cu`), correctness first.
+//!
+//! Everything runs in order on one stream (the context's default stream). The kernels are
+//! compiled once per process with NVRTC for the device's own architecture; they include no
+//! headers, so the GPU machine needs only the driver (`libcuda.so.1`) and `libnvrtc.so.13`.
+//! Semantics are those of [`crate::cpu::Cpu`]: forward outputs are overwritten, backward
+//! gradients are accumulated (`+=`). Weight-gradient reductions use fixed-order block reductions
+//! (no atomics), so every result is deterministic for a given shape. The host reads
+//! (`download`, `sum_squares`, `rel_change`) synchronize; nothing else does.
+//!
+//! Every failure to launch is a panic (the [`Backend`] trait has no error channel); everything
+//! that can fail before the first launch (no driver, no device, NVRTC errors) is an `Err` of
+//! [`Cuda::new`].
+
+pub mod kernels;
+
+use crate::backend::{AdamStep, Backend};
+use crate::ops::attention::AttnDims;
+use crate::ops::conv::ConvGeom;
+use crate::ops::elementwise::DropoutMask;
+use crate::ops::layernorm::LN_EPS;
+use crate::rng::Philox;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
+use kernels::{KernelFile, KERNEL_FILES};
+use std::collections::HashMap;
+use std::panic::catch_unwind;
+use std::sync::Arc;
+
+/// The buffer type of the CUDA backend.
+pub type Buf = CudaSlice<f32>;
+
+/// Threads per block of the 1-D kernels and of the block reductions (a multiple of 32).
+const BLOCK: u32 = 256;
+/// Side of the square tiles of the linear-layer kernels (must match `TS` in linear.cu).
+const TILE: u32 = 16;
+/// Rows per partial product of the linear weight gradient (at least; see `linear_bwd`).
+const DW_ROW_CHUNK: usize = 1024;
+
+/// Whether both the CUDA driver library and libnvrtc can be loaded. Never panics.
+pub fn driver_available() -> bool {
+    catch_unwind(|| unsafe {
+        cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
+    })
+    .unwrap_or(false)
+}
+
+/// Whether libnvrtc can be loaded (enough to compile kernels; no driver or GPU needed).
+pub fn nvrtc_available() -> bool {
+    catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Number of CUDA devices (0 when there is no driver, no device, or anything fails).
+pub fn device_count() -> usize {
+    if !driver_available() {
+        return 0;
+    }
+    match catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) if n > 0 => n as usize,
+        _ => 0,
+    }
+}
+
+/// Compile one kernel file with NVRTC for `arch` (e.g. "sm_90"). The error names the file and
+/// carries the compiler log.
+pub fn compile_file(file: &KernelFile, arch: &'static str) -> Result<Ptx, String> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        name: Some(file.name.to_string()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(file.source, opts).map_err(|e| match e {
+        CompileError::CompileError {
+            nvrtc,
+            options,
+            log,
+        } => format!(
+            "NVRTC could not compile kernels/{} for {arch}: {nvrtc:?} (options {options:?})\n{}",
+            file.name,
+            log.to_string_lossy()
+        ),
+        other => format!(
+            "NVRTC failed on kernels/{} for {arch}: {other:?}",
+            file.name
+        ),
+    })
+}
+
+/// Compile every kernel file for `arch` without any GPU (only libnvrtc is needed); returns the
+/// number of files compiled.
+pub fn compile_all_for(arch: &'static str) -> Result<usize, String> {
+    if !nvrtc_available() {
+        return Err(
+            "libnvrtc cannot be loaded (install nvidia-cuda-nvrtc and put its lib folder on \
+             LD_LIBRARY_PATH)"
+                .into(),
+        );
+    }
+    for f in KERNEL_FILES {
+        compile_file(f, arch)?;
+    }
+    Ok(KERNEL_FILES.len())
+}
+
+/// `ConvGeom` as the kernels see it (struct ConvGeom in conv.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ConvGeomC {
+    h_in: i32,
+    w_in: i32,
+    c_in: i32,
+    h_out: i32,
+    w_out: i32,
+    c_out: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+}
+unsafe impl DeviceRepr for ConvGeomC {}
+
+impl ConvGeomC {
+    fn new(g: &ConvGeom) -> Self {
+        Self {
+            h_in: i(g.h_in),
+            w_in: i(g.w_in),
+            c_in: i(g.c_in),
+            h_out: i(g.h_out),
+            w_out: i(g.w_out),
+            c_out: i(g.c_out),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+        }
+    }
+}
+
+/// `AttnDims` as the kernels see it (struct AttnDims in attention.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnDimsC {
+    batch: i32,
+    n: i32,
+    k: i32,
+    d: i32,
+    heads: i32,
+    scale: f32,
+    eps: f32,
+}
+unsafe impl DeviceRepr for AttnDimsC {}
+
+/// A size as the kernels' `int` (all index arithmetic is 32-bit; larger buffers are refused).
+fn i(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or_else(|_| {
+        panic!("CUDA backend v1: size {n} exceeds the 32-bit index range of its kernels")
+    })
+}
+
+/// One thread per element, `BLOCK` threads per block.
+fn per_elem(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK as usize) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `n` blocks of `BLOCK` threads (one block per reduced element).
+fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes,
+    }
+}
+
+/// One warp per row.
+fn per_warp(rows: usize) -> LaunchConfig {
+    per_elem(rows * 32)
+}
+
+/// 2-D tiles of `TILE`² threads over an `a × b` output (a on grid.x).
+fn tiles(a: usize, b: usize, z: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            a.div_ceil(TILE as usize) as u32,
+            b.div_ceil(TILE as usize) as u32,
+            z as u32,
+        ),
+        block_dim: (TILE, TILE, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch kernel `$name` with config `$cfg` and the given arguments (references; scalars must
+/// be named locals so that they outlive the launch). Panics on a launch error.
+macro_rules! launch {
+    ($cu:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let cfg: LaunchConfig = $cfg;
+        let mut b = $cu.stream.launch_builder($cu.func($name));
+        $( b.arg($arg); )*
+        unsafe { b.launch(cfg) }
+            .unwrap_or_else(|e| panic!("CUDA launch of {} failed: {e:?}", $name));
+    }};
+}
+
+/// The CUDA backend: one device, one stream, every kernel compiled and loaded.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    name: String,
+    arch: &'static str,
+}
+
+impl Cuda {
+    /// Open device `ordinal` and compile every kernel file for its architecture. Never panics:
+    /// no driver, no device or a compile error is an `Err` with a readable message.
+    pub fn new(ordinal: usize) -> Result<Cuda, String> {
+        if !catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false) {
+            return Err("no CUDA driver found (libcuda.so.1 cannot be loaded)".into());
+        }
+        if !nvrtc_available() {
+            return Err(
+                "libnvrtc cannot be loaded (install nvidia-cuda-nvrtc and put its lib folder on \
+                 LD_LIBRARY_PATH)"
+                    .into(),
+            );
+        }
+        let ctx = match catch_unwind(|| CudaContext::new(ordinal)) {
+            Ok(Ok(ctx)) => ctx,
+            Ok(Err(e)) => return Err(format!("no usable CUDA device {ordinal}: {e:?}")),
+            Err(_) => return Err(format!("opening CUDA device {ordinal} panicked")),
+        };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| format!("CUDA device {ordinal}: compute capability: {e:?}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        // CompileOptions wants a &'static str; one short string per process is leaked.
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let stream = ctx.default_stream();
+        let mut funcs = HashMap::new();
+        for f in KERNEL_FILES {
+            let ptx = compile_file(f, arch)?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| format!("loading kernels/{} ({arch}): {e:?}", f.name))?;
+            for &k in f.kernels {
+                let func = module
+                    .load_function(k)
+                    .map_err(|e| format!("kernels/{}: function {k}: {e:?}", f.name))?;
+                funcs.insert(k, func);
+            }
+        }
+        Ok(Cuda {
+            ctx,
+            stream,
+            funcs,
+            name,
+            arch,
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The architecture the kernels were compiled for, e.g. "sm_90".
+    pub fn arch(&self) -> &'static str {
+        self.arch
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Wait for all queued work; reports any asynchronous error.
+    pub fn synchronize(&self) -> Result<(), String> {
+        self.stream
+            .synchronize()
+            .map_err(|e| format!("CUDA synchronize: {e:?}"))
+    }
+
+    /// Set every element of `buf` to `value` (e.g. NaN, to poison outputs in tests).
+    pub fn fill_value(&self, buf: &mut Buf, value: f32) {
+        let n = buf.len();
+        if n == 0 {
+            return;
+        }
+        let ni = i(n);
+        launch!(self, "fill_f32", per_elem(n); &ni, &value, buf);
+    }
+
+    fn func(&self, name: &'static str) -> &CudaFunction {
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("CUDA kernel {name} is not loaded"))
+    }
+
+    /// An uninitialised device buffer, for scratch that a kernel overwrites completely.
+    fn scratch<T: DeviceRepr>(&self, len: usize) -> CudaSlice<T> {
+        unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .unwrap_or_else(|e| panic!("CUDA alloc of {len} elements: {e:?}"))
+    }
+
+    /// Σ x² (or Σ (x − y)²) in double: per-block partials, then one block sums them.
+    fn reduce_squares(&self, x: &Buf, y: Option<&Buf>) -> f64 {
+        let n = x.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let nb = n.div_ceil(BLOCK as usize).min(1024);
+        let mut partial = self.scratch::<f64>(nb);
+        let mut out = self.scratch::<f64>(1);
+        let ni = i(n);
+        match y {
+            None => {
+                launch!(self, "sum_squares_partial_f32", per_block(nb, 0); &ni, x, &mut partial)
+            }
+            Some(y) => {
+                assert_eq!(y.len(), n);
+                launch!(self, "diff_squares_partial_f32", per_block(nb, 0); &ni, x, y, &mut partial)
+            }
+        }
+        let nbi = i(nb);
+        launch!(self, "sum_partials_f64", per_block(1, 0); &nbi, &partial, &mut out);
+        let v = self
+            .stream
+            .clone_dtoh(&out)
+            .unwrap_or_else(|e| panic!("CUDA download: {e:?}"));
+        self.synchronize().unwrap_or_else(|e| panic!("{e}"));
+        v[0]
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_bwd_common(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: Option<&mut Buf>,
+        dw: &mut Buf,
+        db: &mut Buf,
+    ) {
+        assert_eq!(x.len(), batch * g.in_len());
+        assert_eq!(y.len(), batch * g.out_len());
+        assert_eq!(dy.len(), batch * g.out_len());
+        assert_eq!(w.len(), g.weight_len());
+        assert_eq!(dw.len(), g.weight_len());
+        assert_eq!(db.len(), g.c_out);
+        if batch == 0 {
+            return;
+        }
+        let gc = ConvGeomC::new(g);
+        let bi = i(batch);
+        let ri = relu as i32;
+        if let Some(dx) = dx {
+            assert_eq!(dx.len(), batch * g.in_len());
+            let n = batch * g.in_len();
+            if transposed {
+                launch!(self, "conv_t2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
+            } else {
+                launch!(self, "conv2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
+            }
+        }
+        let wl = g.weight_len();
+        if transposed {
+            launch!(self, "conv_t2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
+        } else {
+            launch!(self, "conv2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
+        }
+        let m = i(batch * g.h_out * g.w_out);
+        let co = i(g.c_out);
+        launch!(self, "conv_bwd_db_f32", per_block(g.c_out, 0); &m, &co, y, dy, &ri, db);
+    }
+
+    /// dW and db of the pos-embedding Linear(4 → c) from dy `[nimg, h, w, c]`.
+    #[allow(clippy::too_many_arguments)]
+    fn posembed_params_bwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        dy: &Buf,
+        dwp: &mut Buf,
+        dbp: &mut Buf,
+    ) {
+        assert_eq!(dy.len() % (h * w * c), 0);
+        assert_eq!(dwp.len(), c * 4);
+        assert_eq!(dbp.len(), c);
+        let nimg = i(dy.len() / (h * w * c));
+        let (hi, wi, ci) = (i(h), i(w), i(c));
+        launch!(self, "posembed_bwd_params_f32", per_block(c, 0); &nimg, &hi, &wi, &ci, dy, dwp, dbp);
+    }
+
+    fn dropout(&self, mask: &DropoutMask, x: &mut Buf) {
+        let n = x.len();
+        if n == 0 {
+            return;
+        }
+        let ni = i(n);
+        let (lo, hi) = (mask.rng.seed as u32, (mask.rng.seed >> 32) as u32);
+        let (stream, step) = (mask.stream, mask.step);
+        let p = mask.p;
+        let scale = (1.0 / (1.0 - mask.p)) as f32;
+        launch!(self, "dropout_f32", per_elem(n); &ni, &lo, &hi, &stream, &step, &p, &scale, x);
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = Buf;
+
+    fn describe(&self) -> String {
+        format!("cuda ({}, {}, f32)", self.name, self.arch)
+    }
+    fn alloc(&self, len: usize) -> Buf {
+        let r = if len == 0 {
+            self.stream.null::<f32>()
+        } else {
+            self.stream.alloc_zeros::<f32>(len)
+        };
+        r.unwrap_or_else(|e| panic!("CUDA alloc of {len} floats: {e:?}"))
+    }
+    fn len(&self, buf: &Buf) -> usize {
+        buf.len()
+    }
+    fn upload_f64(&self, src: &[f64], dst: &mut Buf) {
+        let v: Vec<f32> = src.iter().map(|&x| x as f32).collect();
+        self.upload_f32(&v, dst);
+    }
+    fn upload_f32(&self, src: &[f32], dst: &mut Buf) {
+        assert_eq!(src.len(), dst.len());
+        if src.is_empty() {
+            return;
+        }
+        self.stream
+            .memcpy_htod(src, dst)
+            .unwrap_or_else(|e| panic!("CUDA upload: {e:?}"));
+    }
+    fn download(&self, src: &Buf) -> Vec<f64> {
+        self.download_f32(src)
+            .into_iter()
+            .map(|v| v as f64)
+            .collect()
+    }
+    fn download_f32(&self, src: &Buf) -> Vec<f32> {
+        if src.is_empty() {
+            return Vec::new();
+        }
+        let v = self
+            .stream
+            .clone_dtoh(src)
+            .unwrap_or_else(|e| panic!("CUDA download: {e:?}"));
+        self.synchronize().unwrap_or_else(|e| panic!("{e}"));
+        v
+    }
+    fn fill_zero(&self, buf: &mut Buf) {
+        if buf.is_empty() {
+            return;
+        }
+        self.stream
+            .memset_zeros(buf)
+            .unwrap_or_else(|e| panic!("CUDA memset: {e:?}"));
+    }
+    fn copy(&self, src: &Buf, dst: &mut Buf) {
+        assert_eq!(src.len(), dst.len());
+        if src.is_empty() {
+            return;
+        }
+        self.stream
+            .memcpy_dtod(src, dst)
+            .unwrap_or_else(|e| panic!("CUDA copy: {e:?}"));
+    }
+    fn add_assign(&self, y: &mut Buf, x: &Buf) {
+        assert_eq!(y.len(), x.len());
+        let n = y.len();
+        if n == 0 {
+            return;
+        }
+        let ni = i(n);
+        launch!(self, "add_assign_f32", per_elem(n); &ni, y, x);
+    }
+    fn scale(&self, x: &mut Buf, a: f64) {
+        let n = x.len();
+        if n == 0 {
+            return;
+        }
+        let ni = i(n);
+        let af = a as f32;
+        launch!(self, "scale_f32", per_elem(n); &ni, &af, x);
+    }
+    fn sum_squares(&self, x: &Buf) -> f64 {
+        self.reduce_squares(x, None)
+    }
+    fn rel_change(&self, new: &Buf, old: &Buf) -> f64 {
+        let num = self.reduce_squares(new, Some(old));
+        (num / self.sum_squares(old).max(1e-300)).sqrt()
+    }
+    fn fill_normal(&self, rng: Philox, stream: u32, step: u32, buf: &mut Buf) {
+        let n = buf.len();
+        if n == 0 {
+            return;
+        }
+        let ni = i(n);
+        let (lo, hi) = (rng.seed as u32, (rng.seed >> 32) as u32);
+        launch!(self, "fill_normal_f32", per_elem(n); &ni, &lo, &hi, &stream, &step, buf);
+    }
+
+    fn conv2d_fwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        b: &Buf,
+        relu: bool,
+        y: &mut Buf,
+    ) {
+        assert_eq!(x.len(), batch * g.in_len());
+        assert_eq!(y.len(), batch * g.out_len());
+        assert_eq!(w.len(), g.weight_len());
+        assert_eq!(b.len(), g.c_out);
+        let n = batch * g.out_len();
+        if n == 0 {
+            return;
+        }
+        let gc = ConvGeomC::new(g);
+        let (bi, ri) = (i(batch), relu as i32);
+        launch!(self, "conv2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);
+    }
+    fn conv2d_bwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: Option<&mut Buf>,
+        dw: &mut Buf,
+        db: &mut Buf,
+    ) {
+        self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, dx, dw, db);
+    }
+    fn conv_t2d_fwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        b: &Buf,
+        relu: bool,
+        y: &mut Buf,
+    ) {
+        assert_eq!(x.len(), batch * g.in_len());
+        assert_eq!(y.len(), batch * g.out_len());
+        assert_eq!(w.len(), g.weight_len());
+        assert_eq!(b.len(), g.c_out);
+        let n = batch * g.out_len();
+        if n == 0 {
+            return;
+        }
+        let gc = ConvGeomC::new(g);
+        let (bi, ri) = (i(batch), relu as i32);
+        launch!(self, "conv_t2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);
+    }
+    fn conv_t2d_bwd(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: Option<&mut Buf>,
+        dw: &mut Buf,
+        db: &mut Buf,
+    ) {
+        self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, dx, dw, db);
+    }
+    fn linear_fwd(
+        &self,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+        x: &Buf,
+        w: &Buf,
+        b: Option<&Buf>,
+        relu: bool,
+        y: &mut Buf,
+    ) {
+        assert_eq!(x.len(), rows * n_in);
+        assert_eq!(w.len(), n_out * n_in);
+        assert_eq!(y.len(), rows * n_out);
+        if let Some(b) = b {
+            assert_eq!(b.len(), n_out);
+        }
+        if rows == 0 || n_out == 0 {
+            return;
+        }
+        let (ri, ii, oi) = (i(rows), i(n_in), i(n_out));
+        let has_bias = b.is_some() as i32;
+        let relu_i = relu as i32;
+        // Without a bias the kernel never reads `b`; any valid pointer will do.
+        let bias = b.unwrap_or(w);
+        launch!(self, "linear_fwd_f32", tiles(rows, n_out, 1);
+            &ri, &ii, &oi, x, w, bias, &has_bias, &relu_i, y);
+    }
+    fn linear_bwd(
+        &self,
+        rows: usize,
+        n_in: usize,
+        n_out: usize,
+        x: &Buf,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: Option<&mut Buf>,
+        dw: &mut Buf,
+        db: Option<&mut Buf>,
+    ) {
+        assert_eq!(x.len(), rows * n_in);
+        assert_eq!(w.len(), n_out * n_in);
+        assert_eq!(y.len(), rows * n_out);
+        assert_eq!(dy.len(), rows * n_out);
+        assert_eq!(dw.len(), n_out * n_in);
+        if rows == 0 || n_out == 0 || n_in == 0 {
+            return;
+        }
+        let (ri, ii, oi) = (i(rows), i(n_in), i(n_out));
+        // g = dy with the ReLU derivative applied.
+        let masked;
+        let g: &Buf = if relu {
+            let n = rows * n_out;
+            let ni = i(n);
+            let mut m = self.scratch::<f32>(n);
+            launch!(self, "relu_mask_f32", per_elem(n); &ni, dy, y, &mut m);
+            masked = m;
+            &masked
+        } else {
+            dy
+        };
+        if let Some(dx) = dx {
+            assert_eq!(dx.len(), rows * n_in);
+            launch!(self, "linear_bwd_dx_f32", tiles(rows, n_in, 1); &ri, &ii, &oi, g, w, dx);
+        }
+        // dW: partial products over fixed row chunks (grid.z ≤ 65535), summed in chunk order.
+        let chunk = DW_ROW_CHUNK.max(rows.div_ceil(65_535));
+        let nch = rows.div_ceil(chunk);
+        let wl = n_out * n_in;
+        let mut partial = self.scratch::<f32>(nch * wl);
+        let chunk_i = i(chunk);
+        launch!(self, "linear_bwd_dw_partial_f32", tiles(n_in, n_out, nch);
+            &ri, &ii, &oi, &chunk_i, g, x, &mut partial);
+        let (nch_i, wl_i) = (i(nch), i(wl));
+        launch!(self, "sum_partials_f32", per_elem(wl); &nch_i, &wl_i, &partial, dw);
+        if let Some(db) = db {
+            assert_eq!(db.len(), n_out);
+            launch!(self, "linear_bwd_db_f32", per_block(n_out, 0); &ri, &oi, g, db);
+        }
+    }
+    fn layernorm_fwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        x: &Buf,
+        gamma: &Buf,
+        beta: &Buf,
+        y: &mut Buf,
+        mean: &mut Buf,
+        rstd: &mut Buf,
+    ) {
+        assert_eq!(x.len(), rows * dim);
+        assert_eq!(y.len(), rows * dim);
+        assert_eq!(gamma.len(), dim);
+        assert_eq!(beta.len(), dim);
+        assert_eq!(mean.len(), rows);
+        assert_eq!(rstd.len(), rows);
+        if rows == 0 {
+            return;
+        }
+        let (ri, di) = (i(rows), i(dim));
+        let eps = LN_EPS as f32;
+        launch!(self, "layernorm_fwd_f32", per_warp(rows);
+            &ri, &di, x, gamma, beta, &eps, y, mean, rstd);
+    }
+    fn layernorm_bwd(
+        &self,
+        rows: usize,
+        dim: usize,
+        x: &Buf,
+        gamma: &Buf,
+        mean: &Buf,
+        rstd: &Buf,
+        dy: &Buf,
+        dx: &mut Buf,
+        dgamma: &mut Buf,
+        dbeta: &mut Buf,
+    ) {
+        assert_eq!(x.len(), rows * dim);
+        assert_eq!(dy.len(), rows * dim);
+        assert_eq!(dx.len(), rows * dim);
+        assert_eq!(dgamma.len(), dim);
+        assert_eq!(dbeta.len(), dim);
+        if rows == 0 || dim == 0 {
+            return;
+        }
+        let (ri, di) = (i(rows), i(dim));
+        launch!(self, "layernorm_bwd_dx_f32", per_warp(rows);
+            &ri, &di, x, gamma, mean, rstd, dy, dx);
+        launch!(self, "layernorm_bwd_params_f32", per_block(dim, 0);
+            &ri, &di, x, mean, rstd, dy, dgamma, dbeta);
+    }
+    fn softpos_add_fwd(&self, h: usize, w: usize, c: usize, wp: &Buf, bp: &Buf, x: &mut Buf) {
+        assert_eq!(x.len() % (h * w * c), 0);
+        assert_eq!(wp.len(), c * 4);
+        assert_eq!(bp.len(), c);
+        let n = x.len();
+        if n == 0 {
+            return;
+        }
+        let (ni, hi, wi, ci) = (i(n), i(h), i(w), i(c));
+        launch!(self, "softpos_add_fwd_f32", per_elem(n); &ni, &hi, &wi, &ci, wp, bp, x);
+    }
+    fn softpos_add_bwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        dy: &Buf,
+        dwp: &mut Buf,
+        dbp: &mut Buf,
+    ) {
+        self.posembed_params_bwd(h, w, c, dy, dwp, dbp);
+    }
+    fn broadcast_pos_fwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        z: &Buf,
+        wp: &Buf,
+        bp: &Buf,
+        y: &mut Buf,
+    ) {
+        assert_eq!(y.len() % (h * w * c), 0);
+        assert_eq!(z.len(), y.len() / (h * w));
+        assert_eq!(wp.len(), c * 4);
+        assert_eq!(bp.len(), c);
+        let n = y.len();
+        if n == 0 {
+            return;
+        }
+        let (ni, hi, wi, ci) = (i(n), i(h), i(w), i(c));
+        launch!(self, "broadcast_pos_fwd_f32", per_elem(n); &ni, &hi, &wi, &ci, z, wp, bp, y);
+    }
+    fn broadcast_pos_bwd(
+        &self,
+        h: usize,
+        w: usize,
+        c: usize,
+        dy: &Buf,
+        dz: &mut Buf,
+        dwp: &mut Buf,
+        dbp: &mut Buf,
+    ) {
+        assert_eq!(dy.len() % (h * w * c), 0);
+        let nimg = dy.len() / (h * w * c);
+        assert_eq!(dz.len(), nimg * c);
+        if nimg == 0 {
+            return;
+        }
+        let (hwi, ci) = (i(h * w), i(c));
+        launch!(self, "broadcast_pos_bwd_dz_f32", per_block(nimg * c, 0); &hwi, &ci, dy, dz);
+        self.posembed_params_bwd(h, w, c, dy, dwp, dbp);
+    }
+    fn attention_fwd(
+        &self,
+        dm: &AttnDims,
+        k: &Buf,
+        v: &Buf,
+        q: &Buf,
+        attn: &mut Buf,
+        upd: &mut Buf,
+    ) {
+        assert_eq!(dm.d % dm.heads, 0);
+        assert_eq!(k.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(v.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(q.len(), dm.batch * dm.k * dm.d);
+        assert_eq!(attn.len(), dm.attn_len());
+        assert_eq!(upd.len(), dm.batch * dm.k * dm.d);
+        if dm.batch * dm.heads == 0 {
+            return;
+        }
+        let dc = attn_c(dm);
+        let smem = ((dm.k * dm.head_dim() + dm.k) * 4) as u32;
+        assert!(smem <= 48 * 1024, "attention: K·D/heads too large for v1");
+        launch!(self, "attention_fwd_f32", per_block(dm.batch * dm.heads, smem);
+            &dc, k, v, q, attn, upd);
+    }
+    fn attention_bwd(
+        &self,
+        dm: &AttnDims,
+        k: &Buf,
+        v: &Buf,
+        q: &Buf,
+        attn: &Buf,
+        dupd: &Buf,
+        dk: &mut Buf,
+        dv: &mut Buf,
+        dq: &mut Buf,
+    ) {
+        assert_eq!(dm.d % dm.heads, 0);
+        assert_eq!(attn.len(), dm.attn_len());
+        assert_eq!(dupd.len(), dm.batch * dm.k * dm.d);
+        assert_eq!(dk.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(dv.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(dq.len(), dm.batch * dm.k * dm.d);
+        if dm.batch * dm.heads == 0 {
+            return;
+        }
+        let dc = attn_c(dm);
+        let mut scratch = self.scratch::<f32>(dm.attn_len());
+        let smem = (2 * dm.k * 4) as u32;
+        launch!(self, "attention_bwd_f32", per_block(dm.batch * dm.heads, smem);
+            &dc, k, v, q, attn, dupd, &mut scratch, dk, dv, dq);
+    }
+    fn gru_gates_fwd(&self, d: usize, gi: &Buf, gh: &Buf, h: &Buf, h_new: &mut Buf) {
+        let n = h_new.len();
+        assert_eq!(h.len(), n);
+        assert_eq!(gi.len(), 3 * n);
+        assert_eq!(gh.len(), 3 * n);
+        if n == 0 {
+            return;
+        }
+        let (ni, di) = (i(n), i(d));
+        launch!(self, "gru_gates_fwd_f32", per_elem(n); &ni, &di, gi, gh, h, h_new);
+    }
+    fn gru_gates_bwd(
+        &self,
+        d: usize,
+        gi: &Buf,
+        gh: &Buf,
+        h: &Buf,
+        dh_new: &Buf,
+        dgi: &mut Buf,
+        dgh: &mut Buf,
+        dh: &mut Buf,
+    ) {
+        let n = dh_new.len();
+        assert_eq!(h.len(), n);
+        assert_eq!(dh.len(), n);
+        assert_eq!(gi.len(), 3 * n);
+        assert_eq!(dgi.len(), 3 * n);
+        assert_eq!(dgh.len(), 3 * n);
+        if n == 0 {
+            return;
+        }
+        let (ni, di) = (i(n), i(d));
+        launch!(self, "gru_gates_bwd_f32", per_elem(n);
+            &ni, &di, gi, gh, h, dh_new, dgi, dgh, dh);
+    }
+    fn slot_init_fwd(&self, d: usize, mu: &Buf, log_sigma: &Buf, noise: &Buf, slots: &mut Buf) {
+        let n = slots.len();
+        assert_eq!(noise.len(), n);
+        assert_eq!(mu.len(), d);
+        assert_eq!(log_sigma.len(), d);
+        if n == 0 {
+            return;
+        }
+        let (ni, di) = (i(n), i(d));
+        launch!(self, "slot_init_fwd_f32", per_elem(n); &ni, &di, mu, log_sigma, noise, slots);
+    }
+    fn slot_init_bwd(
+        &self,
+        d: usize,
+        log_sigma: &Buf,
+        noise: &Buf,
+        dslots: &Buf,
+        dmu: &mut Buf,
+        dlog_sigma: &mut Buf,
+    ) {
+        assert_eq!(dslots.len() % d, 0);
+        assert_eq!(noise.len(), dslots.len());
+        assert_eq!(dmu.len(), d);
+        assert_eq!(dlog_sigma.len(), d);
+        if d == 0 {
+            return;
+        }
+        let (ri, di) = (i(dslots.len() / d), i(d));
+        launch!(self, "slot_init_bwd_f32", per_elem(d);
+            &ri, &di, log_sigma, noise, dslots, dmu, dlog_sigma);
+    }
+    fn dropout_fwd(&self, mask: &DropoutMask, x: &mut Buf) {
+        self.dropout(mask, x);
+    }
+    fn dropout_bwd(&self, mask: &DropoutMask, dx: &mut Buf) {
+        self.dropout(mask, dx);
+    }
+    fn composite_mse_fwd(
+        &self,
+        batch: usize,
+        k: usize,
+        p: usize,
+        dec: &Buf,
+        target: &Buf,
+        masks: &mut Buf,
+        recon: &mut Buf,
+        loss: &mut Buf,
+    ) {
+        assert_eq!(dec.len(), batch * k * p * 4);
+        assert_eq!(target.len(), batch * p * 3);
+        assert_eq!(masks.len(), batch * k * p);
+        assert_eq!(recon.len(), batch * p * 3);
+        assert_eq!(loss.len(), 1);
+        let n = batch * p;
+        let mut sse = self.scratch::<f32>(n);
+        let (bi, ki, pi) = (i(batch), i(k), i(p));
+        if n > 0 {
+            launch!(self, "composite_fwd_f32", per_elem(n);
+                &bi, &ki, &pi, dec, target, masks, recon, &mut sse);
+        }
+        // As on the CPU: a float sum divided by the f32 count (NaN for an empty batch).
+        let count = (n * 3) as f64 as f32;
+        launch!(self, "composite_loss_f32", per_block(1, 0); &bi, &pi, &count, &sse, loss);
+    }
+    fn composite_mse_bwd(
+        &self,
+        batch: usize,
+        k: usize,
+        p: usize,
+        dec: &Buf,
+        target: &Buf,
+        masks: &Buf,
+        recon: &Buf,
+        dloss: f64,
+        ddec: &mut Buf,
+    ) {
+        assert_eq!(dec.len(), batch * k * p * 4);
+        assert_eq!(ddec.len(), batch * k * p * 4);
+        assert_eq!(target.len(), batch * p * 3);
+        assert_eq!(masks.len(), batch * k * p);
+        assert_eq!(recon.len(), batch * p * 3);
+        let n = batch * p;
+        if n == 0 {
+            return;
+        }
+        // The CPU's T::from(dloss) · T::from(2 / count), both rounded to f32 first.
+        let scale = (dloss as f32) * ((2.0 / (n * 3) as f64) as f32);
+        let (bi, ki, pi) = (i(batch), i(k), i(p));
+        launch!(self, "composite_bwd_f32", per_elem(n);
+            &bi, &ki, &pi, dec, target, masks, recon, &scale, ddec);
+    }
+    fn adam_step(&self, s: &AdamStep, param: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf) {
+        let n = param.len();
+        assert_eq!(grad.len(), n);
+        assert_eq!(m.len(), n);
+        assert_eq!(v.len(), n);
+        if n == 0 {
+            return;
+        }
+        let ni = i(n);
+        let (lr, b1, b2, eps, gs) = (s.lr, s.beta1, s.beta2, s.eps, s.grad_scale);
+        let bc1 = 1.0 - b1.powi(s.t as i32);
+        let bc2 = 1.0 - b2.powi(s.t as i32);
+        let decay = 1.0 - s.lr * s.weight_decay;
+        launch!(self, "adam_f32", per_elem(n);
+            &ni, param, grad, m, v, &lr, &b1, &b2, &bc1, &bc2, &eps, &decay, &gs);
+    }
+}
+
+fn attn_c(dm: &AttnDims) -> AttnDimsC {
+    AttnDimsC {
+        batch: i(dm.batch),
+        n: i(dm.n),
+        k: i(dm.k),
+        d: i(dm.d),
+        heads: i(dm.heads),
+        scale: dm.scale as f32,
+        eps: dm.eps as f32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvrtc_error_names_the_file_and_carries_the_log() {
+        if !nvrtc_available() {
+            eprintln!("skipped: libnvrtc cannot be loaded");
+            return;
+        }
+        let broken = KernelFile {
+            name: "broken.cu",
+            source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",
+            kernels: &["k"],
+        };
+        let e = compile_file(&broken, "sm_90").unwrap_err();
+        assert!(e.contains("kernels/broken.cu"), "{e}");
+        assert!(e.contains("sm_90"), "{e}");
+        assert!(e.contains("undefined_name"), "no compiler log in: {e}");
+    }
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        if driver_available() {
+            return;
+        }
+        assert!(Cuda::new(0).is_err());
+        assert_eq!(device_count(), 0);
+    }
+}

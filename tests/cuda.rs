@@ -1,0 +1,987 @@
+//! CUDA backend tests.
+//!
+//! - `nvrtc_*`: compile every kernel file with NVRTC for sm_80 and sm_90 (no GPU needed, only
+//!   libnvrtc). Skipped with a note when libnvrtc cannot be loaded, unless SLOTFIX_REQUIRE_NVRTC=1
+//!   or SLOTFIX_REQUIRE_GPU=1, which make them fail instead.
+//! - `gpu_*`: every op forward and backward, and whole training steps, on the GPU against
+//!   `Cpu<f32>`. Skipped with a note when there is no driver / GPU, unless SLOTFIX_REQUIRE_GPU=1.
+
+use slotfix::cuda;
+
+fn env_is(name: &str) -> bool {
+    std::env::var(name).map(|v| v == "1").unwrap_or(false)
+}
+
+fn require_gpu() -> bool {
+    env_is("SLOTFIX_REQUIRE_GPU")
+}
+
+fn require_nvrtc() -> bool {
+    require_gpu() || env_is("SLOTFIX_REQUIRE_NVRTC")
+}
+
+fn nvrtc_compiles_for(arch: &'static str) {
+    if !cuda::nvrtc_available() {
+        assert!(
+            !require_nvrtc(),
+            "libnvrtc cannot be loaded but SLOTFIX_REQUIRE_NVRTC / SLOTFIX_REQUIRE_GPU is set"
+        );
+        eprintln!("skipped: libnvrtc cannot be loaded (put its lib folder on LD_LIBRARY_PATH)");
+        return;
+    }
+    let n = cuda::compile_all_for(arch).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n, cuda::kernels::KERNEL_FILES.len());
+    eprintln!("compiled {n} kernel files for {arch}");
+}
+
+#[test]
+fn nvrtc_compiles_every_kernel_sm80() {
+    nvrtc_compiles_for("sm_80");
+}
+
+#[test]
+fn nvrtc_compiles_every_kernel_sm90() {
+    nvrtc_compiles_for("sm_90");
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU parity tests.
+
+use cuda::Cuda;
+use slotfix::backend::{AdamStep, Backend};
+use slotfix::config::{Config, DecoderKind, ModelConfig};
+use slotfix::cpu::Cpu;
+use slotfix::ops::attention::AttnDims;
+use slotfix::ops::conv::ConvGeom;
+use slotfix::ops::elementwise::DropoutMask;
+use slotfix::rng::Philox;
+use slotfix::train::Session;
+
+/// Relative L2 error allowed between a GPU result and `Cpu<f32>` (f32 rounding, different
+/// summation orders).
+const TOL: f64 = 1e-5;
+
+/// Relative L2 error allowed for the gradients of a whole training step. Measured on these
+/// configs, `Cpu<f32>` itself is up to 6.6e-6 away from `Cpu<f64>` (project_q / project_k
+/// weights: cancellations through the softmax over slots, over several iterations); a second
+/// f32 implementation with other summation orders can be as far again, so 1e-5 would fail on
+/// rounding alone. Any indexing or accumulation bug gives errors of order 1.
+const STEP_GRAD_TOL: f64 = 5e-5;
+
+/// The CUDA backend, or None (with a printed reason) when there is no driver / GPU; a failure
+/// under SLOTFIX_REQUIRE_GPU=1.
+fn gpu() -> Option<Cuda> {
+    match Cuda::new(0) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            assert!(!require_gpu(), "SLOTFIX_REQUIRE_GPU=1 but: {e}");
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn cpu() -> Cpu<f32> {
+    Cpu::<f32>::new()
+}
+
+/// Uniform in [−scale, scale), reproducible from `seed`.
+fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let r = Philox::new(seed);
+    (0..n)
+        .map(|i| (2.0 * r.uniform(9, 0, i as u64) - 1.0) as f32 * scale)
+        .collect()
+}
+
+fn up<B: Backend>(g: &B, v: &[f32]) -> B::Buf {
+    let mut b = g.alloc(v.len());
+    g.upload_f32(v, &mut b);
+    b
+}
+
+/// A device buffer full of NaN: any element a kernel fails to write shows up.
+fn poisoned<B: Backend>(g: &B, n: usize) -> B::Buf {
+    up(g, &vec![f32::NAN; n])
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    if num == 0.0 {
+        0.0
+    } else {
+        (num / den.max(1e-300)).sqrt()
+    }
+}
+
+/// Download `buf` and compare it with the CPU's `want`; NaN or Inf fails.
+fn check<B: Backend>(what: &str, g: &B, buf: &B::Buf, want: &[f32]) {
+    check_tol(what, g, buf, want, TOL);
+}
+
+fn check_tol<B: Backend>(what: &str, g: &B, buf: &B::Buf, want: &[f32], tol: f64) {
+    let got = g.download_f32(buf);
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{what}: element {i} is {} (CPU {})", got[i], want[i]);
+    }
+    let e = rel_err(&got, want);
+    eprintln!("{what}: relative L2 error {e:.2e}");
+    assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:e}");
+}
+
+fn conv_case<B: Backend>(
+    g: &B,
+    name: &str,
+    geom: ConvGeom,
+    transposed: bool,
+    relu: bool,
+    seed: u64,
+) {
+    let c = cpu();
+    let batch = 3;
+    let x = rand(batch * geom.in_len(), seed, 1.0);
+    let w = rand(geom.weight_len(), seed + 1, 0.5);
+    let b = rand(geom.c_out, seed + 2, 0.5);
+    let mut y = vec![0.0f32; batch * geom.out_len()];
+    let (xg, wg, bg) = (up(g, &x), up(g, &w), up(g, &b));
+    let mut yg = poisoned(g, y.len());
+    if transposed {
+        c.conv_t2d_fwd(&geom, batch, &x, &w, &b, relu, &mut y);
+        g.conv_t2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
+    } else {
+        c.conv2d_fwd(&geom, batch, &x, &w, &b, relu, &mut y);
+        g.conv2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
+    }
+    check(&format!("{name} y"), g, &yg, &y);
+    // Backward from the CPU's y (same ReLU mask on both sides), into non-zero gradients.
+    let yg = up(g, &y);
+    let dy = rand(y.len(), seed + 3, 1.0);
+    let dyg = up(g, &dy);
+    let mut dx = rand(x.len(), seed + 4, 0.5);
+    let mut dw = rand(w.len(), seed + 5, 0.5);
+    let mut db = rand(b.len(), seed + 6, 0.5);
+    let (mut dxg, mut dwg, mut dbg) = (up(g, &dx), up(g, &dw), up(g, &db));
+    for with_dx in [true, false] {
+        if transposed {
+            c.conv_t2d_bwd(
+                &geom,
+                batch,
+                &x,
+                &w,
+                &y,
+                relu,
+                &dy,
+                with_dx.then_some(&mut dx),
+                &mut dw,
+                &mut db,
+            );
+            g.conv_t2d_bwd(
+                &geom,
+                batch,
+                &xg,
+                &wg,
+                &yg,
+                relu,
+                &dyg,
+                with_dx.then_some(&mut dxg),
+                &mut dwg,
+                &mut dbg,
+            );
+        } else {
+            c.conv2d_bwd(
+                &geom,
+                batch,
+                &x,
+                &w,
+                &y,
+                relu,
+                &dy,
+                with_dx.then_some(&mut dx),
+                &mut dw,
+                &mut db,
+            );
+            g.conv2d_bwd(
+                &geom,
+                batch,
+                &xg,
+                &wg,
+                &yg,
+                relu,
+                &dyg,
+                with_dx.then_some(&mut dxg),
+                &mut dwg,
+                &mut dbg,
+            );
+        }
+        check(&format!("{name} dx (dx given: {with_dx})"), g, &dxg, &dx);
+        check(&format!("{name} dw (dx given: {with_dx})"), g, &dwg, &dw);
+        check(&format!("{name} db (dx given: {with_dx})"), g, &dbg, &db);
+    }
+}
+
+fn conv2d_fwd_bwd_parity<B: Backend>(g: &B) {
+    conv_case(g, "same k5", ConvGeom::same(9, 7, 3, 8, 5), false, true, 10);
+    conv_case(
+        g,
+        "same k3",
+        ConvGeom::same(6, 6, 5, 4, 3),
+        false,
+        false,
+        20,
+    );
+    conv_case(
+        g,
+        "k5 s2 p2",
+        ConvGeom::conv(11, 9, 4, 6, 5, 2, 2),
+        false,
+        true,
+        30,
+    );
+    conv_case(g, "k1", ConvGeom::same(4, 5, 7, 3, 1), false, false, 40);
+    // More positions than threads per block, so the dW reduction strides.
+    conv_case(
+        g,
+        "same k3 20x20",
+        ConvGeom::same(20, 20, 2, 3, 3),
+        false,
+        true,
+        50,
+    );
+}
+
+fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B) {
+    let t = ConvGeom::transposed;
+    conv_case(g, "T k5 s2 op1", t(4, 4, 6, 5, 5, 2, 2, 1), true, true, 110);
+    conv_case(g, "T k5 s1", t(5, 6, 3, 4, 5, 1, 2, 0), true, false, 120);
+    conv_case(g, "T k3 s1", t(6, 4, 3, 4, 3, 1, 1, 0), true, true, 130);
+    conv_case(
+        g,
+        "T k3 s2 op1 12x12",
+        t(12, 12, 3, 2, 3, 2, 1, 1),
+        true,
+        false,
+        140,
+    );
+}
+
+fn linear_fwd_bwd_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    // (rows, n_in, n_out, bias, relu); 2500 rows > the 1024-row chunk of the dW partials.
+    let cases = [
+        (37, 20, 33, true, true),
+        (5, 3, 70, false, false),
+        (2500, 17, 9, true, true),
+        (1, 1, 1, true, false),
+        (64, 64, 192, true, false),
+    ];
+    for (ci, &(rows, n_in, n_out, bias, relu)) in cases.iter().enumerate() {
+        let name = format!("linear {rows}x{n_in}->{n_out} bias {bias} relu {relu}");
+        let s = 1000 + 10 * ci as u64;
+        let x = rand(rows * n_in, s, 1.0);
+        let w = rand(n_out * n_in, s + 1, 0.5);
+        let b = rand(n_out, s + 2, 0.5);
+        let mut y = vec![0.0f32; rows * n_out];
+        c.linear_fwd(rows, n_in, n_out, &x, &w, bias.then_some(&b), relu, &mut y);
+        let (xg, wg, bg) = (up(g, &x), up(g, &w), up(g, &b));
+        let mut yg = poisoned(g, y.len());
+        g.linear_fwd(
+            rows,
+            n_in,
+            n_out,
+            &xg,
+            &wg,
+            bias.then_some(&bg),
+            relu,
+            &mut yg,
+        );
+        check(&format!("{name} y"), g, &yg, &y);
+        let yg = up(g, &y);
+        let dy = rand(y.len(), s + 3, 1.0);
+        let dyg = up(g, &dy);
+        let mut dx = rand(x.len(), s + 4, 0.5);
+        let mut dw = rand(w.len(), s + 5, 0.5);
+        let mut db = rand(b.len(), s + 6, 0.5);
+        let (mut dxg, mut dwg, mut dbg) = (up(g, &dx), up(g, &dw), up(g, &db));
+        for with_dx in [true, false] {
+            c.linear_bwd(
+                rows,
+                n_in,
+                n_out,
+                &x,
+                &w,
+                &y,
+                relu,
+                &dy,
+                with_dx.then_some(&mut dx),
+                &mut dw,
+                bias.then_some(&mut db),
+            );
+            g.linear_bwd(
+                rows,
+                n_in,
+                n_out,
+                &xg,
+                &wg,
+                &yg,
+                relu,
+                &dyg,
+                with_dx.then_some(&mut dxg),
+                &mut dwg,
+                bias.then_some(&mut dbg),
+            );
+            check(&format!("{name} dx"), g, &dxg, &dx);
+            check(&format!("{name} dw"), g, &dwg, &dw);
+            check(&format!("{name} db"), g, &dbg, &db);
+        }
+    }
+}
+
+fn layernorm_fwd_bwd_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    for (ci, &(rows, dim)) in [(50, 64), (7, 100), (3, 5), (300, 32)].iter().enumerate() {
+        let name = format!("layernorm {rows}x{dim}");
+        let s = 2000 + 10 * ci as u64;
+        let mut x = rand(rows * dim, s, 2.0);
+        x.iter_mut().for_each(|v| *v += 0.5); // a non-zero mean
+        let gamma = rand(dim, s + 1, 1.0);
+        let beta = rand(dim, s + 2, 1.0);
+        let (mut y, mut mean, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows], vec![0.0; rows]);
+        c.layernorm_fwd(rows, dim, &x, &gamma, &beta, &mut y, &mut mean, &mut rstd);
+        let (xg, gg, bg) = (up(g, &x), up(g, &gamma), up(g, &beta));
+        let (mut yg, mut mg, mut rg) = (poisoned(g, y.len()), poisoned(g, rows), poisoned(g, rows));
+        g.layernorm_fwd(rows, dim, &xg, &gg, &bg, &mut yg, &mut mg, &mut rg);
+        check(&format!("{name} y"), g, &yg, &y);
+        check(&format!("{name} mean"), g, &mg, &mean);
+        check(&format!("{name} rstd"), g, &rg, &rstd);
+        let (mg, rg) = (up(g, &mean), up(g, &rstd));
+        let dy = rand(y.len(), s + 3, 1.0);
+        let mut dx = rand(x.len(), s + 4, 0.5);
+        let mut dgm = rand(dim, s + 5, 0.5);
+        let mut dbt = rand(dim, s + 6, 0.5);
+        let (dyg, mut dxg, mut dgg, mut dbg) = (up(g, &dy), up(g, &dx), up(g, &dgm), up(g, &dbt));
+        c.layernorm_bwd(
+            rows, dim, &x, &gamma, &mean, &rstd, &dy, &mut dx, &mut dgm, &mut dbt,
+        );
+        g.layernorm_bwd(
+            rows, dim, &xg, &gg, &mg, &rg, &dyg, &mut dxg, &mut dgg, &mut dbg,
+        );
+        check(&format!("{name} dx"), g, &dxg, &dx);
+        check(&format!("{name} dgamma"), g, &dgg, &dgm);
+        check(&format!("{name} dbeta"), g, &dbg, &dbt);
+    }
+}
+
+fn posembed_fwd_bwd_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    for (ci, &(h, w, ch, nimg)) in [(5, 7, 6, 3), (1, 4, 3, 2), (20, 20, 8, 2)]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("posembed {h}x{w}x{ch}");
+        let s = 3000 + 10 * ci as u64;
+        let wp = rand(ch * 4, s, 1.0);
+        let bp = rand(ch, s + 1, 1.0);
+        let (wpg, bpg) = (up(g, &wp), up(g, &bp));
+        let len = nimg * h * w * ch;
+        // Encoder: in place.
+        let mut x = rand(len, s + 2, 1.0);
+        let mut xg = up(g, &x);
+        c.softpos_add_fwd(h, w, ch, &wp, &bp, &mut x);
+        g.softpos_add_fwd(h, w, ch, &wpg, &bpg, &mut xg);
+        check(&format!("{name} softpos y"), g, &xg, &x);
+        let dy = rand(len, s + 3, 1.0);
+        let dyg = up(g, &dy);
+        let mut dwp = rand(ch * 4, s + 4, 0.5);
+        let mut dbp = rand(ch, s + 5, 0.5);
+        let (mut dwpg, mut dbpg) = (up(g, &dwp), up(g, &dbp));
+        c.softpos_add_bwd(h, w, ch, &dy, &mut dwp, &mut dbp);
+        g.softpos_add_bwd(h, w, ch, &dyg, &mut dwpg, &mut dbpg);
+        check(&format!("{name} softpos dW"), g, &dwpg, &dwp);
+        check(&format!("{name} softpos db"), g, &dbpg, &dbp);
+        // Decoder: broadcast.
+        let z = rand(nimg * ch, s + 6, 1.0);
+        let zg = up(g, &z);
+        let mut y = vec![0.0; len];
+        let mut yg = poisoned(g, len);
+        c.broadcast_pos_fwd(h, w, ch, &z, &wp, &bp, &mut y);
+        g.broadcast_pos_fwd(h, w, ch, &zg, &wpg, &bpg, &mut yg);
+        check(&format!("{name} broadcast y"), g, &yg, &y);
+        let mut dz = rand(z.len(), s + 7, 0.5);
+        let mut dzg = up(g, &dz);
+        c.broadcast_pos_bwd(h, w, ch, &dy, &mut dz, &mut dwp, &mut dbp);
+        g.broadcast_pos_bwd(h, w, ch, &dyg, &mut dzg, &mut dwpg, &mut dbpg);
+        check(&format!("{name} broadcast dz"), g, &dzg, &dz);
+        check(&format!("{name} broadcast dW"), g, &dwpg, &dwp);
+        check(&format!("{name} broadcast db"), g, &dbpg, &dbp);
+    }
+}
+
+fn attention_fwd_bwd_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    // (batch, n, k, d, heads, eps); n = 300 > 256 threads per block.
+    let cases = [
+        (3, 50, 5, 8, 1, 1e-8),
+        (2, 300, 7, 16, 2, 1e-8),
+        (2, 40, 3, 12, 3, 1e-2),
+    ];
+    for (ci, &(batch, n, k, d, heads, eps)) in cases.iter().enumerate() {
+        let dm = AttnDims {
+            batch,
+            n,
+            k,
+            d,
+            heads,
+            scale: 1.0 / ((d / heads) as f64).sqrt(),
+            eps,
+        };
+        let name = format!("attention B{batch} N{n} K{k} D{d} H{heads}");
+        let s = 4000 + 10 * ci as u64;
+        let kk = rand(batch * n * d, s, 1.5);
+        let v = rand(batch * n * d, s + 1, 1.0);
+        let q = rand(batch * k * d, s + 2, 1.5);
+        let (mut attn, mut upd) = (vec![0.0; dm.attn_len()], vec![0.0; batch * k * d]);
+        c.attention_fwd(&dm, &kk, &v, &q, &mut attn, &mut upd);
+        let (kg, vg, qg) = (up(g, &kk), up(g, &v), up(g, &q));
+        let (mut ag, mut ug) = (poisoned(g, attn.len()), poisoned(g, upd.len()));
+        g.attention_fwd(&dm, &kg, &vg, &qg, &mut ag, &mut ug);
+        check(&format!("{name} attn"), g, &ag, &attn);
+        check(&format!("{name} upd"), g, &ug, &upd);
+        let ag = up(g, &attn);
+        let du = rand(upd.len(), s + 3, 1.0);
+        let dug = up(g, &du);
+        let mut dk = rand(kk.len(), s + 4, 0.5);
+        let mut dv = rand(v.len(), s + 5, 0.5);
+        let mut dq = rand(q.len(), s + 6, 0.5);
+        let (mut dkg, mut dvg, mut dqg) = (up(g, &dk), up(g, &dv), up(g, &dq));
+        c.attention_bwd(&dm, &kk, &v, &q, &attn, &du, &mut dk, &mut dv, &mut dq);
+        g.attention_bwd(&dm, &kg, &vg, &qg, &ag, &dug, &mut dkg, &mut dvg, &mut dqg);
+        check(&format!("{name} dk"), g, &dkg, &dk);
+        check(&format!("{name} dv"), g, &dvg, &dv);
+        check(&format!("{name} dq"), g, &dqg, &dq);
+    }
+}
+
+fn gru_gates_fwd_bwd_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    let (rows, d) = (10, 12);
+    let gi = rand(rows * 3 * d, 5000, 2.0);
+    let gh = rand(rows * 3 * d, 5001, 2.0);
+    let h = rand(rows * d, 5002, 1.0);
+    let mut hn = vec![0.0; rows * d];
+    c.gru_gates_fwd(d, &gi, &gh, &h, &mut hn);
+    let (gig, ghg, hg) = (up(g, &gi), up(g, &gh), up(g, &h));
+    let mut hng = poisoned(g, hn.len());
+    g.gru_gates_fwd(d, &gig, &ghg, &hg, &mut hng);
+    check("gru h_new", g, &hng, &hn);
+    let dhn = rand(rows * d, 5003, 1.0);
+    let mut dgi = rand(gi.len(), 5004, 0.5);
+    let mut dgh = rand(gh.len(), 5005, 0.5);
+    let mut dh = rand(h.len(), 5006, 0.5);
+    let (dhng, mut dgig, mut dghg, mut dhg) = (up(g, &dhn), up(g, &dgi), up(g, &dgh), up(g, &dh));
+    c.gru_gates_bwd(d, &gi, &gh, &h, &dhn, &mut dgi, &mut dgh, &mut dh);
+    g.gru_gates_bwd(d, &gig, &ghg, &hg, &dhng, &mut dgig, &mut dghg, &mut dhg);
+    check("gru dgi", g, &dgig, &dgi);
+    check("gru dgh", g, &dghg, &dgh);
+    check("gru dh", g, &dhg, &dh);
+}
+
+fn composite_mse_fwd_bwd_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    for (ci, &(batch, k, p)) in [(3, 4, 50), (2, 7, 300)].iter().enumerate() {
+        let name = format!("composite B{batch} K{k} P{p}");
+        let s = 6000 + 10 * ci as u64;
+        let dec = rand(batch * k * p * 4, s, 2.0);
+        let target = rand(batch * p * 3, s + 1, 1.0);
+        let (mut masks, mut recon, mut loss) = (
+            vec![0.0; batch * k * p],
+            vec![0.0; batch * p * 3],
+            vec![0.0; 1],
+        );
+        c.composite_mse_fwd(
+            batch, k, p, &dec, &target, &mut masks, &mut recon, &mut loss,
+        );
+        let (decg, tg) = (up(g, &dec), up(g, &target));
+        let (mut mg, mut rg, mut lg) = (
+            poisoned(g, masks.len()),
+            poisoned(g, recon.len()),
+            poisoned(g, 1),
+        );
+        g.composite_mse_fwd(batch, k, p, &decg, &tg, &mut mg, &mut rg, &mut lg);
+        check(&format!("{name} masks"), g, &mg, &masks);
+        check(&format!("{name} recon"), g, &rg, &recon);
+        check(&format!("{name} loss"), g, &lg, &loss);
+        let (mg, rg) = (up(g, &masks), up(g, &recon));
+        let mut ddec = rand(dec.len(), s + 2, 0.5);
+        let mut ddecg = up(g, &ddec);
+        c.composite_mse_bwd(batch, k, p, &dec, &target, &masks, &recon, 1.7, &mut ddec);
+        g.composite_mse_bwd(batch, k, p, &decg, &tg, &mg, &rg, 1.7, &mut ddecg);
+        check(&format!("{name} ddec"), g, &ddecg, &ddec);
+    }
+}
+
+fn elementwise_rng_and_host_reads_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    let n = 3001;
+    // Normals from Philox: the same numbers (computed in double on both sides).
+    let rng = Philox::new(0x1234_5678_9abc_def0);
+    let mut z = vec![0.0f32; n];
+    c.fill_normal(rng, 2, 17, &mut z);
+    let mut zg = poisoned(g, n);
+    g.fill_normal(rng, 2, 17, &mut zg);
+    check_tol("fill_normal", g, &zg, &z, 1e-7);
+    // Dropout forward and backward.
+    let mask = DropoutMask {
+        rng,
+        stream: 0x101,
+        step: 9,
+        p: 0.3,
+    };
+    let mut x = rand(n, 7000, 1.0);
+    let mut xg = up(g, &x);
+    c.dropout_fwd(&mask, &mut x);
+    g.dropout_fwd(&mask, &mut xg);
+    check("dropout fwd", g, &xg, &x);
+    let got = g.download_f32(&xg);
+    assert_eq!(
+        got.iter().map(|v| *v == 0.0).collect::<Vec<_>>(),
+        x.iter().map(|v| *v == 0.0).collect::<Vec<_>>(),
+        "dropout: the same elements must be dropped"
+    );
+    c.dropout_bwd(&mask, &mut x);
+    g.dropout_bwd(&mask, &mut xg);
+    check("dropout bwd", g, &xg, &x);
+    // Slot initialisation.
+    let (rows, d) = (21, 16);
+    let mu = rand(d, 7001, 1.0);
+    let ls = rand(d, 7002, 1.0);
+    let noise = rand(rows * d, 7003, 2.0);
+    let mut slots = vec![0.0; rows * d];
+    c.slot_init_fwd(d, &mu, &ls, &noise, &mut slots);
+    let (mug, lsg, ng) = (up(g, &mu), up(g, &ls), up(g, &noise));
+    let mut sg = poisoned(g, slots.len());
+    g.slot_init_fwd(d, &mug, &lsg, &ng, &mut sg);
+    check("slot_init slots", g, &sg, &slots);
+    let ds = rand(rows * d, 7004, 1.0);
+    let mut dmu = rand(d, 7005, 0.5);
+    let mut dls = rand(d, 7006, 0.5);
+    let (dsg, mut dmug, mut dlsg) = (up(g, &ds), up(g, &dmu), up(g, &dls));
+    c.slot_init_bwd(d, &ls, &noise, &ds, &mut dmu, &mut dls);
+    g.slot_init_bwd(d, &lsg, &ng, &dsg, &mut dmug, &mut dlsg);
+    check("slot_init dmu", g, &dmug, &dmu);
+    check("slot_init dlog_sigma", g, &dlsg, &dls);
+    // add_assign, scale, copy, fill_zero, upload_f64 / download.
+    let a = rand(n, 7007, 1.0);
+    let b = rand(n, 7008, 1.0);
+    let (mut ag, bg) = (up(g, &a), up(g, &b));
+    let mut want = a.clone();
+    c.add_assign(&mut want, &b);
+    g.add_assign(&mut ag, &bg);
+    check("add_assign", g, &ag, &want);
+    c.scale(&mut want, -0.37);
+    g.scale(&mut ag, -0.37);
+    check("scale", g, &ag, &want);
+    let mut cg = poisoned(g, n);
+    g.copy(&ag, &mut cg);
+    check("copy", g, &cg, &want);
+    g.fill_zero(&mut cg);
+    check("fill_zero", g, &cg, &vec![0.0; n]);
+    let v64: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin() * 1e3).collect();
+    let mut vg = poisoned(g, n);
+    g.upload_f64(&v64, &mut vg);
+    let back = g.download(&vg);
+    assert!(back.iter().zip(&v64).all(|(a, b)| *a == *b as f32 as f64));
+    // Host reads in double.
+    let (ss_c, ss_g) = (c.sum_squares(&a), g.sum_squares(&up(g, &a)));
+    assert!(
+        (ss_c - ss_g).abs() <= 1e-12 * ss_c,
+        "sum_squares {ss_c} vs {ss_g}"
+    );
+    let (rc_c, rc_g) = (c.rel_change(&a, &b), g.rel_change(&up(g, &a), &bg));
+    assert!(
+        (rc_c - rc_g).abs() <= 1e-12 * rc_c,
+        "rel_change {rc_c} vs {rc_g}"
+    );
+    // Large enough for more than one partial block per reduction.
+    let big = rand(1 << 20, 7009, 1.0);
+    let (ss_c, ss_g) = (c.sum_squares(&big), g.sum_squares(&up(g, &big)));
+    assert!(
+        (ss_c - ss_g).abs() <= 1e-10 * ss_c,
+        "sum_squares (big) {ss_c} vs {ss_g}"
+    );
+    // Zero-length buffers are legal.
+    let mut e = g.alloc(0);
+    g.fill_zero(&mut e);
+    assert_eq!(g.download(&e), Vec::<f64>::new());
+    assert_eq!(g.sum_squares(&e), 0.0);
+}
+
+fn adam_step_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    let n = 1000;
+    let mut p = rand(n, 8000, 1.0);
+    let grad = rand(n, 8001, 0.1);
+    let mut m = rand(n, 8002, 0.01);
+    let mut v: Vec<f32> = rand(n, 8003, 0.01).iter().map(|x| x * x).collect();
+    let (mut pg, gg, mut mg, mut vg) = (up(g, &p), up(g, &grad), up(g, &m), up(g, &v));
+    let s = AdamStep {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        t: 3,
+        grad_scale: 0.5,
+    };
+    c.adam_step(&s, &mut p, &grad, &mut m, &mut v);
+    g.adam_step(&s, &mut pg, &gg, &mut mg, &mut vg);
+    // Computed with the same correctly rounded double operations: expected to match to the bit.
+    check_tol("adam param", g, &pg, &p, 1e-7);
+    check_tol("adam m", g, &mg, &m, 1e-7);
+    check_tol("adam v", g, &vg, &v, 1e-7);
+}
+
+#[test]
+fn gpu_conv2d_fwd_bwd() {
+    if let Some(g) = gpu() {
+        conv2d_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_conv_t2d_fwd_bwd() {
+    if let Some(g) = gpu() {
+        conv_t2d_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_linear_fwd_bwd() {
+    if let Some(g) = gpu() {
+        linear_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_layernorm_fwd_bwd() {
+    if let Some(g) = gpu() {
+        layernorm_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_posembed_fwd_bwd() {
+    if let Some(g) = gpu() {
+        posembed_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_attention_fwd_bwd() {
+    if let Some(g) = gpu() {
+        attention_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_gru_gates_fwd_bwd() {
+    if let Some(g) = gpu() {
+        gru_gates_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_composite_mse_fwd_bwd() {
+    if let Some(g) = gpu() {
+        composite_mse_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_elementwise_rng_and_host_reads() {
+    if let Some(g) = gpu() {
+        elementwise_rng_and_host_reads_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_adam_step() {
+    if let Some(g) = gpu() {
+        adam_step_parity(&g);
+    }
+}
+
+/// The test harness itself, with the CPU standing in for the device: every comparison must come
+/// out exact, and this runs everywhere (so the GPU tests are known to be well-formed).
+#[test]
+fn harness_runs_with_cpu_as_device() {
+    let c = cpu();
+    conv2d_fwd_bwd_parity(&c);
+    conv_t2d_fwd_bwd_parity(&c);
+    linear_fwd_bwd_parity(&c);
+    layernorm_fwd_bwd_parity(&c);
+    posembed_fwd_bwd_parity(&c);
+    attention_fwd_bwd_parity(&c);
+    gru_gates_fwd_bwd_parity(&c);
+    composite_mse_fwd_bwd_parity(&c);
+    elementwise_rng_and_host_reads_parity(&c);
+    adam_step_parity(&c);
+    train_step_parity(
+        cpu(),
+        small_config(|m| m.implicit_diff = true),
+        "harness implicit",
+    );
+    train_step_parity(
+        cpu(),
+        small_config(|m| m.implicit_diff = false),
+        "harness bptt",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole training steps.
+
+/// A small model (8×8 images, K = 3, D = 8) with grad clipping and weight decay; `edit` changes it.
+fn small_config(edit: impl FnOnce(&mut ModelConfig)) -> Config {
+    let yaml = "Model:\n  num_slots: 3\n  num_heads: 1\n  num_layers: 2\n  feat_size: 8\n  slot_size: 8\n  \
+         mlp_hidden_size: 12\n  max_iter_fwd: 3\n  resolution: 8\n  encoder_channels: [4, 6]\n  \
+         decoder: broadcast\n  decoder_init_size: 2\n  decoder_channels: [6, 5, 4]\n\
+         Training:\n  data_type: tetrominoes\n  batch_size: 3\n  lr: 0.001\n  warmup_steps: 0\n  \
+         weight_decay: 0.01\n  grad_clip: 0.05\n  seed: 5\n";
+    let mut cfg = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}"));
+    edit(&mut cfg.model);
+    cfg.validate().unwrap_or_else(|e| panic!("{e}"));
+    cfg
+}
+
+/// L2 norm in f64.
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Relative errors of per-tensor lists; a tensor whose CPU norm is below 1e-3 of the largest is
+/// compared against that largest norm (its values are rounding noise around a true zero).
+/// Tensors with `skip[t]` are only checked to be finite.
+fn check_tensors(
+    what: &str,
+    names: &[String],
+    got: &[Vec<f32>],
+    want: &[Vec<f32>],
+    skip: &[bool],
+    tol: f64,
+) {
+    let biggest = want.iter().map(|w| norm(w)).fold(0.0f64, f64::max);
+    let mut worst = (0.0f64, String::new());
+    for (t, ((name, gv), wv)) in names.iter().zip(got).zip(want).enumerate() {
+        assert_eq!(gv.len(), wv.len(), "{what} {name}: length");
+        if let Some(i) = gv.iter().position(|v| !v.is_finite()) {
+            panic!("{what} {name}: element {i} is {}", gv[i]);
+        }
+        if skip[t] {
+            continue;
+        }
+        let diff: f64 = gv
+            .iter()
+            .zip(wv)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let den = norm(wv).max(1e-3 * biggest).max(1e-300);
+        let e = if diff == 0.0 { 0.0 } else { diff / den };
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+        assert!(
+            e <= tol,
+            "{what} {name}: relative L2 error {e:.3e} > {tol:e}"
+        );
+    }
+    eprintln!(
+        "{what}: worst relative L2 error {:.2e} ({})",
+        worst.0, worst.1
+    );
+}
+
+/// The update half of `Session::train_step` (gradient norm, clipping, AdamW on every tensor),
+/// written out so that the test can give both backends the same gradients first.
+fn update<B: Backend>(s: &mut Session<B>) -> f64 {
+    let sq: f64 = s.model.grads.iter().map(|g| s.be.sum_squares(g)).sum();
+    let grad_norm = sq.sqrt();
+    let t = &s.cfg.training;
+    let grad_scale = match t.grad_clip {
+        Some(c) if grad_norm > c => c / grad_norm,
+        _ => 1.0,
+    };
+    let hp = AdamStep {
+        lr: s.lr(),
+        beta1: t.adam_beta1,
+        beta2: t.adam_beta2,
+        eps: t.adam_eps,
+        weight_decay: t.weight_decay,
+        t: s.step + 1,
+        grad_scale,
+    };
+    for i in 0..s.model.params.len() {
+        s.be.adam_step(
+            &hp,
+            &mut s.model.params[i],
+            &s.model.grads[i],
+            &mut s.adam_m[i],
+            &mut s.adam_v[i],
+        );
+    }
+    s.step += 1;
+    grad_norm
+}
+
+fn close(what: &str, got: f64, want: f64, tol: f64) {
+    eprintln!("{what}: cpu {want} gpu {got}");
+    assert!(got.is_finite(), "{what}: {got}");
+    assert!(
+        (got - want).abs() <= tol * want.abs(),
+        "{what}: {got} vs {want} (relative {:.3e})",
+        (got - want).abs() / want.abs()
+    );
+}
+
+/// Whole training steps on `g` and on `Cpu<f32>` from the same initial parameters and images.
+/// Two steps: forward + backward (loss and every gradient compared), then the CPU's gradients
+/// are given to `g` too (a gradient that is a true zero in exact arithmetic, such as the slot
+/// LayerNorm bias or the alpha bias of the last decoder layer, is rounding noise that Adam
+/// normalises to ±lr, so updates from the two backends' own gradients are not comparable) and
+/// both update (gradient norm, clipping, AdamW): parameters and moments compared. A third step
+/// goes through `Session::train_step` itself: loss and gradient norm compared.
+fn train_step_parity<B: Backend>(g: B, cfg: Config, label: &str) {
+    let mut sc = Session::new(cpu(), cfg.clone());
+    let mut sg = Session::new(g, cfg.clone());
+    let res = cfg.model.resolution;
+    let names: Vec<String> = sc.model.arch.specs.iter().map(|s| s.name.clone()).collect();
+    let nt = names.len();
+    let none = vec![false; nt];
+    let images = |step: u64| rand(cfg.training.batch_size * res * res * 3, 9000 + step, 1.0);
+    for step in 0..2u64 {
+        let tag = format!("{label} step {step}");
+        let im = images(step);
+        let (lc, _) = sc.forward_backward(&im);
+        let (lg, _) = sg.forward_backward(&im);
+        close(&format!("{tag} loss"), lg, lc, TOL);
+        let gc: Vec<Vec<f32>> = sc.model.grads.clone();
+        let gg: Vec<Vec<f32>> = sg
+            .model
+            .grads
+            .iter()
+            .map(|b| sg.be.download_f32(b))
+            .collect();
+        check_tensors(
+            &format!("{tag} gradients"),
+            &names,
+            &gg,
+            &gc,
+            &none,
+            STEP_GRAD_TOL,
+        );
+        for (buf, v) in sg.model.grads.iter_mut().zip(&gc) {
+            sg.be.upload_f32(v, buf);
+        }
+        let (nc, ng) = (update(&mut sc), update(&mut sg));
+        close(&format!("{tag} grad norm (same gradients)"), ng, nc, 1e-12);
+        let pc: Vec<Vec<f32>> = sc.model.params.clone();
+        let pg: Vec<Vec<f32>> = sg
+            .model
+            .params
+            .iter()
+            .map(|b| sg.be.download_f32(b))
+            .collect();
+        check_tensors(
+            &format!("{tag} params after AdamW"),
+            &names,
+            &pg,
+            &pc,
+            &none,
+            1e-6,
+        );
+        let mc: Vec<Vec<f32>> = sc.adam_m.clone();
+        let mg: Vec<Vec<f32>> = sg.adam_m.iter().map(|b| sg.be.download_f32(b)).collect();
+        check_tensors(&format!("{tag} adam m"), &names, &mg, &mc, &none, 1e-6);
+        let vc: Vec<Vec<f32>> = sc.adam_v.clone();
+        let vg: Vec<Vec<f32>> = sg.adam_v.iter().map(|b| sg.be.download_f32(b)).collect();
+        check_tensors(&format!("{tag} adam v"), &names, &vg, &vc, &none, 1e-6);
+    }
+    let im = images(2);
+    let (oc, og) = (sc.train_step(&im), sg.train_step(&im));
+    assert!(!oc.skipped && !og.skipped, "{label}: step skipped");
+    close(&format!("{label} train_step loss"), og.loss, oc.loss, TOL);
+    close(
+        &format!("{label} train_step grad norm"),
+        og.grad_norm,
+        oc.grad_norm,
+        TOL,
+    );
+    assert_eq!(sc.step, sg.step);
+}
+
+#[test]
+fn gpu_train_step_bptt() {
+    let Some(g) = gpu() else { return };
+    train_step_parity(g, small_config(|m| m.implicit_diff = false), "bptt");
+}
+
+#[test]
+fn gpu_train_step_implicit() {
+    let Some(g) = gpu() else { return };
+    train_step_parity(g, small_config(|m| m.implicit_diff = true), "implicit");
+}
+
+#[test]
+fn gpu_train_step_implicit_two_heads_dropout_full_decoder() {
+    let Some(g) = gpu() else { return };
+    train_step_parity(
+        g,
+        small_config(|m| {
+            m.implicit_diff = true;
+            m.num_heads = 2;
+            m.dropout = 0.2;
+            m.decoder = DecoderKind::Full;
+            m.decoder_channels = Some(vec![6, 5]);
+        }),
+        "implicit, 2 heads, dropout, full decoder",
+    );
+}
+
+#[test]
+fn gpu_train_step_bptt_two_heads_dropout_full_decoder() {
+    let Some(g) = gpu() else { return };
+    train_step_parity(
+        g,
+        small_config(|m| {
+            m.implicit_diff = false;
+            m.num_heads = 2;
+            m.dropout = 0.2;
+            m.decoder = DecoderKind::Full;
+            m.decoder_channels = Some(vec![6, 5]);
+        }),
+        "bptt, 2 heads, dropout, full decoder",
+    );
+}
+
+#[test]
+fn device_selection_never_panics() {
+    use slotfix::config::Device;
+    use slotfix::device::{select, Chosen};
+    let present = slotfix::device::cuda_present();
+    let (chosen, _) = select(Device::Auto).unwrap();
+    assert_eq!(chosen == Chosen::Cuda, present);
+    assert_eq!(select(Device::Cuda).is_ok(), present);
+    assert_eq!(select(Device::Cpu).unwrap().0, Chosen::Cpu);
+    if require_gpu() {
+        assert!(
+            present,
+            "SLOTFIX_REQUIRE_GPU=1 but no CUDA device is usable"
+        );
+    }
+}
