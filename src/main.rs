@@ -152,10 +152,13 @@ fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
             }
             run_job(Cpu::<f32>::new(), cfg, job)
         }
-        // Placeholder until the CUDA backend is wired into the CLI: keep training on the CPU.
         Chosen::Cuda => {
-            eprintln!("note: the CUDA backend is not wired into the CLI yet; training on the CPU");
-            Ok(Cpu::<f32>::new())
+            if cfg.model.precision == slotfix::config::Precision::Tf32 {
+                eprintln!("note: Model.precision: tf32 is not implemented yet; the CUDA backend computes in f32");
+            }
+            let be = device::cuda_backend()?;
+            eprintln!("backend: {}", be.describe());
+            run_job(be, cfg, job)
         }
     }
 }
