@@ -26,12 +26,21 @@ fn nvrtc_compiles_for(arch: &'static str) {
             !require_nvrtc(),
             "libnvrtc cannot be loaded but SLOTFIX_REQUIRE_NVRTC / SLOTFIX_REQUIRE_GPU is set"
         );
-        eprintln!("skipped: libnvrtc cannot be loaded (put its lib folder on LD_LIBRARY_PATH)");
+        say_skipped("libnvrtc cannot be loaded (put its lib folder on LD_LIBRARY_PATH)");
         return;
     }
     let n = cuda::compile_all_for(arch).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(n, cuda::kernels::KERNEL_FILES.len());
     eprintln!("compiled {n} kernel files for {arch}");
+}
+
+/// Report a skipped test where it shows: straight to the process's stderr, which the test
+/// harness does not capture (eprintln! output of passing tests would be hidden), so a run
+/// without a GPU says in its log which checks did not happen.
+fn say_skipped(reason: &str) {
+    use std::io::Write;
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {name}: {reason}");
 }
 
 #[test]
@@ -75,7 +84,7 @@ fn gpu() -> Option<Cuda> {
         Ok(c) => Some(c),
         Err(e) => {
             assert!(!require_gpu(), "SLOTFIX_REQUIRE_GPU=1 but: {e}");
-            eprintln!("skipped: {e}");
+            say_skipped(&e);
             None
         }
     }
