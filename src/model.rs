@@ -683,14 +683,6 @@ impl<B: Backend> Model<B> {
         be.download(&ws.noise)
     }
 
-    /// The final slots of the last forward (a host read).
-    pub fn final_slots(&self, be: &B, ws: &Workspace<B::Buf>, pass: Pass) -> Vec<f64> {
-        match pass {
-            Pass::Eval { .. } => be.download(&ws.scratch.out),
-            Pass::Train { .. } => be.download(&ws.cells[ws.cells.len() - 1].out),
-        }
-    }
-
     /// Use `slots` (`[B·K·D]`) as the initial slots of passes with [`SlotsFrom::Given`].
     pub fn set_initial_slots(&self, be: &B, ws: &mut Workspace<B::Buf>, slots: &[f64]) {
         be.upload_f64(slots, &mut ws.given_slots);

@@ -157,6 +157,13 @@ fn i(n: usize) -> i32 {
     })
 }
 
+/// The conv kernels compute flat indices over the whole batch in 32-bit ints: refuse sizes past
+/// that range instead of letting them overflow.
+fn check_conv_range(g: &ConvGeom, batch: usize) {
+    i(batch * g.in_len());
+    i(batch * g.out_len());
+}
+
 /// One thread per element, `BLOCK` threads per block.
 fn per_elem(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -362,6 +369,7 @@ impl Cuda {
         if batch == 0 {
             return;
         }
+        check_conv_range(g, batch);
         let gc = ConvGeomC::new(g);
         let bi = i(batch);
         let ri = relu as i32;
@@ -535,6 +543,7 @@ impl Backend for Cuda {
         if n == 0 {
             return;
         }
+        check_conv_range(g, batch);
         let gc = ConvGeomC::new(g);
         let (bi, ri) = (i(batch), relu as i32);
         launch!(self, "conv2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);
@@ -572,6 +581,7 @@ impl Backend for Cuda {
         if n == 0 {
             return;
         }
+        check_conv_range(g, batch);
         let gc = ConvGeomC::new(g);
         let (bi, ri) = (i(batch), relu as i32);
         launch!(self, "conv_t2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);
