@@ -47,6 +47,7 @@ pub fn evaluate<B: Backend>(
     batch_size: usize,
     applications: usize,
     limit: Option<usize>,
+    progress: Option<&indicatif::ProgressBar>,
 ) -> EvalResult {
     let n = limit.map_or(ds.len(), |l| l.min(ds.len()));
     let (k, p) = (model.arch.k, model.arch.pixels());
@@ -71,6 +72,9 @@ pub fn evaluate<B: Backend>(
             ari_n += c;
         }
         start += b;
+        if let Some(pb) = progress {
+            pb.inc(b as u64);
+        }
     }
     EvalResult {
         mse: sse / n.max(1) as f64,

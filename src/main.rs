@@ -226,7 +226,16 @@ fn run_job<B: Backend>(be: B, cfg: &Config, job: Job) -> Result<ExitCode, String
             let ds = train::open_data(cfg, Split::Test)?;
             let applications = iters.unwrap_or(cfg.test_iters());
             let t = std::time::Instant::now();
-            let r = sess.evaluate(ds.as_ref(), applications, None);
+            let pb = indicatif::ProgressBar::new(ds.len() as u64);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "evaluating {pos}/{len} images [{bar:30}] ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let r = sess.evaluate_with_progress(ds.as_ref(), applications, None, Some(&pb));
+            pb.finish_and_clear();
             println!("| checkpoint | step | test images | iterations | MSE | FG-ARI (%) |");
             println!("| --- | ---: | ---: | ---: | ---: | ---: |");
             let ari = r

@@ -357,14 +357,19 @@ impl<B: Backend> Session<B> {
         applications: usize,
         limit: Option<usize>,
     ) -> EvalResult {
-        eval::evaluate(
-            &self.be,
-            &self.model,
-            ds,
-            self.cfg.testing.batch_size,
-            applications,
-            limit,
-        )
+        self.evaluate_with_progress(ds, applications, limit, None)
+    }
+
+    /// [`Session::evaluate`], advancing `progress` by the images done.
+    pub fn evaluate_with_progress(
+        &self,
+        ds: &dyn Dataset,
+        applications: usize,
+        limit: Option<usize>,
+        progress: Option<&ProgressBar>,
+    ) -> EvalResult {
+        let b = self.cfg.testing.batch_size;
+        eval::evaluate(&self.be, &self.model, ds, b, applications, limit, progress)
     }
 }
 

@@ -501,16 +501,26 @@ fn decode_all(
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), DataError> {
     let pixels = resolution * resolution;
     let mut images = vec![0u8; listing.images.len() * pixels * 3];
+    // Decoding tens of thousands of PNGs takes a while: show progress (hidden when stderr is not
+    // a terminal).
+    let pb = indicatif::ProgressBar::new(listing.images.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("decoding {pos}/{len} images [{bar:30}] ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     images
         .par_chunks_mut(pixels * 3)
         .zip(listing.images.par_iter())
         .try_for_each(|(out, path)| {
             let image = read_png(path)?;
+            pb.inc(1);
             match source {
                 Source::Clevr => clevr_preprocess(path, image, out),
                 _ => folder_image(path, image, resolution, out),
             }
         })?;
+    pb.finish_and_clear();
     let masks = match &listing.masks {
         None => None,
         Some(paths) => {
