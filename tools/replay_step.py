@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Replay a `slotfix dump-step` file in PyTorch and compare.
+
+Builds the model of the dump's config from plain PyTorch ops (autograd does the backward), loads
+the dumped parameters, input batch, slot noise and dropout masks, runs the same training step in
+float64 and compares the loss and every parameter gradient with slotfix's.
+
+    slotfix dump-step --cfg configs/quickstart.yaml --out step.safetensors
+    python3 tools/replay_step.py step.safetensors      # needs torch, safetensors, pyyaml
+
+Exit status 0 when the loss and every gradient agree within --tol (relative L2 error).
+"""
+import argparse
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+LN_EPS = 1e-5  # slotfix uses PyTorch's LayerNorm epsilon
+
+
+def grid(h, w):
+    """The soft position grid [u, v, 1-u, 1-v] with u, v = linspace(0, 1) ('ij')."""
+    u, v = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    return torch.stack([u, v, 1 - u, 1 - v], dim=-1)
+
+
+def step(m, P, images, noise, masks):
+    """The loss of one training step (model.md), channels-first like PyTorch."""
+    B, H, W, _ = images.shape
+    K, D = noise.shape[1], noise.shape[2]
+    x = images.permute(0, 3, 1, 2)
+    # Encoder: 5x5 'same' convs + ReLU, position embedding added, LayerNorm, per-token MLP.
+    h = x
+    for i in range(len(m["encoder_channels"])):
+        h = F.relu(F.conv2d(h, P[f"encoder.convs.{i}.weight"], P[f"encoder.convs.{i}.bias"], padding=2))
+    h = h.permute(0, 2, 3, 1) + F.linear(grid(H, W), P["encoder.pos.weight"], P["encoder.pos.bias"])
+    C = h.shape[-1]
+    tok = F.layer_norm(h.reshape(B, H * W, C), (C,), P["encoder.norm.weight"], P["encoder.norm.bias"], LN_EPS)
+    for i in range(m["num_layers"]):
+        tok = F.linear(tok, P[f"encoder.mlp.{2 * i}.weight"], P[f"encoder.mlp.{2 * i}.bias"])
+        if i + 1 < m["num_layers"]:
+            tok = F.relu(tok)
+    # Slot attention.
+    sa = "slot_attention."
+    N, Fdim = tok.shape[1], tok.shape[2]
+    inp = F.layer_norm(tok, (Fdim,), P[sa + "norm_inputs.weight"], P[sa + "norm_inputs.bias"], LN_EPS)
+    k, v = F.linear(inp, P[sa + "project_k.weight"]), F.linear(inp, P[sa + "project_v.weight"])
+    heads = m["num_heads"]
+    dh = D // heads
+
+    def cell(slots, mask):
+        s = F.layer_norm(slots, (D,), P[sa + "norm_slots.weight"], P[sa + "norm_slots.bias"], LN_EPS)
+        q = F.linear(s, P[sa + "project_q.weight"])
+        logits = torch.einsum("bnhd,bkhd->bhnk", k.view(B, N, heads, dh), q.view(B, K, heads, dh)) * dh**-0.5
+        attn = logits.softmax(dim=-1) + float(m["eps"])  # softmax over the slots
+        attn = attn / attn.sum(dim=2, keepdim=True)  # weighted mean over the inputs
+        upd = torch.einsum("bhnk,bnhd->bkhd", attn, v.view(B, N, heads, dh)).reshape(B, K, D)
+        gi = F.linear(upd, P[sa + "gru.weight_ih"], P[sa + "gru.bias_ih"])
+        gh = F.linear(slots, P[sa + "gru.weight_hh"], P[sa + "gru.bias_hh"])
+        ir, iz, i_n = gi.chunk(3, dim=-1)
+        hr, hz, h_n = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(i_n + r * h_n)
+        h1 = (1 - z) * n + z * slots
+        y = F.relu(F.linear(F.layer_norm(h1, (D,), P[sa + "norm_mlp.weight"], P[sa + "norm_mlp.bias"], LN_EPS),
+                            P[sa + "mlp.0.weight"], P[sa + "mlp.0.bias"]))
+        if mask is not None:
+            y = y * mask.view(B, K, -1)
+        return h1 + F.linear(y, P[sa + "mlp.2.weight"], P[sa + "mlp.2.bias"])
+
+    slots = P[sa + "slots_mu"] + P[sa + "slots_log_sigma"].exp() * noise
+    T = m["max_iter_fwd"]
+    if m["implicit_diff"]:
+        with torch.no_grad():
+            for t in range(T):
+                slots = cell(slots, masks.get(t))
+        slots = cell(slots.detach(), masks.get(T))
+    else:
+        for t in range(T):
+            slots = cell(slots, masks.get(t))
+    # Spatial broadcast decoder, per slot.
+    z = slots.reshape(B * K, D)
+    chans = m.get("decoder_channels")
+    if m["decoder"] == "broadcast":
+        chans = chans or [64] * 5
+        g = m["decoder_init_size"]
+        ups = int(round(math.log2(m["resolution"] / g)))
+    else:
+        chans = chans or [32] * 3
+        g, ups = m["resolution"], 0
+    pos = F.linear(grid(g, g), P["decoder.pos.weight"], P["decoder.pos.bias"]).permute(2, 0, 1)
+    h = z[:, :, None, None] + pos[None]
+    for i in range(len(chans)):
+        wgt, b = P[f"decoder.convs.{i}.weight"], P[f"decoder.convs.{i}.bias"]
+        if m["decoder"] == "full":
+            h = F.conv2d(h, wgt, b, padding=2)
+        elif i < ups:
+            h = F.conv_transpose2d(h, wgt, b, stride=2, padding=2, output_padding=1)
+        else:
+            h = F.conv_transpose2d(h, wgt, b, stride=1, padding=2)
+        h = F.relu(h)
+    last = len(chans)
+    wgt, b = P[f"decoder.convs.{last}.weight"], P[f"decoder.convs.{last}.bias"]
+    h = F.conv2d(h, wgt, b, padding=1) if m["decoder"] == "full" else F.conv_transpose2d(h, wgt, b, padding=1)
+    out = h.view(B, K, 4, H, W)
+    alpha = out[:, :, 3:4].softmax(dim=1)  # over the slots
+    recon = (out[:, :, :3] * alpha).sum(dim=1)
+    return ((recon - x) ** 2).mean()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dump")
+    ap.add_argument("--tol", type=float, default=1e-4, help="relative L2 error allowed (slotfix computes in f32)")
+    a = ap.parse_args()
+    with safe_open(a.dump, "pt") as f:
+        meta = f.metadata()
+    t = load_file(a.dump)
+    m = yaml.safe_load(meta["config"])["Model"]
+    torch.set_default_dtype(torch.float64)
+    skip = ("grad.", "input.", "output.")
+    P = {k: v.double().requires_grad_() for k, v in t.items() if not k.startswith(skip)}
+    masks = {int(k.rsplit(".", 1)[1]): v.double() for k, v in t.items() if k.startswith("input.dropout_mask.")}
+    loss = step(m, P, t["input.images"].double(), t["input.slot_noise"].double(), masks)
+    loss.backward()
+    ok = True
+    ours = float(t["output.loss"][0])
+    e = abs(ours - loss.item()) / abs(loss.item())
+    ok &= e < a.tol
+    print(f"| tensor | relative L2 error of slotfix (f32) vs PyTorch (f64) |\n| --- | ---: |")
+    print(f"| loss ({ours:.6f} vs {loss.item():.6f}) | {e:.2e} |")
+    worst = 0.0
+    for name, p in P.items():
+        g_ref = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = t["grad." + name].double()
+        den = g_ref.norm().item()
+        err = (g - g_ref).norm().item() / den if den > 0 else (g.norm().item())
+        # Gradients that are zero in exact arithmetic (e.g. the bias of the slot LayerNorm, to
+        # which the softmax over slots is invariant) are rounding noise in f32: compare absolutely.
+        exact_zero = den < 1e-12 * max(1.0, max(q.grad.norm().item() for q in P.values() if q.grad is not None))
+        bad = (err > a.tol) and not (exact_zero and g.norm().item() < 1e-6)
+        ok &= not bad
+        worst = max(worst, 0.0 if exact_zero else err)
+        print(f"| grad.{name} | {err:.2e}{'  <-- MISMATCH' if bad else ''}{'  (zero in exact arithmetic)' if exact_zero else ''} |")
+    print(f"\nworst relative gradient error {worst:.2e}; {'AGREE' if ok else 'DISAGREE'} at tolerance {a.tol:g}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
