@@ -124,25 +124,35 @@ impl Patches {
         self.ho * self.wo * self.row_len()
     }
 
-    /// Calls `f(col_index, image_index)` for every in-bounds tap of output position (oy, ox).
+    /// Calls `f(col_start, image_start, len)` for every run of in-bounds taps of output position
+    /// (oy, ox): `len` values starting at `col_start` in the row of cols correspond to `len`
+    /// contiguous values of the image. Columns are ordered (ky, kx, channel), so every tap is a
+    /// run of `c` channels, and with stride 1 a whole kernel row of taps is one run.
     #[inline]
-    fn for_taps(&self, oy: usize, ox: usize, mut f: impl FnMut(usize, usize)) {
-        let (k, s, p) = (self.k, self.s as isize, self.p as isize);
-        for ci in 0..self.c {
-            for ky in 0..k {
-                let iy = oy as isize * s - p + ky as isize;
-                if iy < 0 || iy >= self.h as isize {
-                    continue;
+    fn for_runs(&self, oy: usize, ox: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let (k, c, w) = (self.k, self.c, self.w as isize);
+        let (s, p) = (self.s as isize, self.p as isize);
+        for ky in 0..k {
+            let iy = oy as isize * s - p + ky as isize;
+            if iy < 0 || iy >= self.h as isize {
+                continue;
+            }
+            let row_start = iy as usize * self.w;
+            let ix0 = ox as isize * s - p;
+            if s == 1 {
+                // Taps kx in lo..hi are inside the image: one contiguous run.
+                let lo = (-ix0).clamp(0, k as isize) as usize;
+                let hi = (w - ix0).clamp(0, k as isize) as usize;
+                if hi > lo {
+                    let ix = (ix0 + lo as isize) as usize;
+                    f((ky * k + lo) * c, (row_start + ix) * c, (hi - lo) * c);
                 }
+            } else {
                 for kx in 0..k {
-                    let ix = ox as isize * s - p + kx as isize;
-                    if ix < 0 || ix >= self.w as isize {
-                        continue;
+                    let ix = ix0 + kx as isize;
+                    if ix >= 0 && ix < w {
+                        f((ky * k + kx) * c, (row_start + ix as usize) * c, c);
                     }
-                    f(
-                        (ci * k + ky) * k + kx,
-                        (iy as usize * self.w + ix as usize) * self.c + ci,
-                    );
                 }
             }
         }
@@ -154,7 +164,9 @@ impl Patches {
         for oy in 0..self.ho {
             for ox in 0..self.wo {
                 let row = &mut cols[(oy * self.wo + ox) * rl..][..rl];
-                self.for_taps(oy, ox, |col, idx| row[col] = img[idx]);
+                self.for_runs(oy, ox, |col, idx, len| {
+                    row[col..col + len].copy_from_slice(&img[idx..idx + len])
+                });
             }
         }
     }
@@ -164,7 +176,43 @@ impl Patches {
         for oy in 0..self.ho {
             for ox in 0..self.wo {
                 let row = &cols[(oy * self.wo + ox) * rl..][..rl];
-                self.for_taps(oy, ox, |col, idx| img[idx] += row[col]);
+                self.for_runs(oy, ox, |col, idx, len| {
+                    img[idx..idx + len]
+                        .iter_mut()
+                        .zip(&row[col..col + len])
+                        .for_each(|(a, &b)| *a += b)
+                });
+            }
+        }
+    }
+}
+
+/// PyTorch weights `[outer, a, k, k]` → `[outer, k, k, a]`, the (ky, kx, channel) column order of
+/// the gathers (a = in channels of a conv, out channels of a transposed conv).
+fn to_tap_major<T: Real>(w: &[T], a: usize, k: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); w.len()];
+    for (src, dst) in w
+        .chunks_exact(a * k * k)
+        .zip(out.chunks_exact_mut(a * k * k))
+    {
+        for ai in 0..a {
+            for t in 0..k * k {
+                dst[t * a + ai] = src[ai * k * k + t];
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`to_tap_major`], accumulated: `dw += permute(g)`.
+fn add_from_tap_major<T: Real>(g: &[T], a: usize, k: usize, dw: &mut [T]) {
+    for (src, dst) in g
+        .chunks_exact(a * k * k)
+        .zip(dw.chunks_exact_mut(a * k * k))
+    {
+        for ai in 0..a {
+            for t in 0..k * k {
+                dst[ai * k * k + t] += src[t * a + ai];
             }
         }
     }
@@ -235,6 +283,9 @@ pub fn conv2d_fwd<T: Real>(
     assert_eq!(y.len(), batch * g.out_len());
     assert_eq!(w.len(), g.weight_len());
     let pt = g.conv_patches();
+    // Weights in the (ky, kx, channel) column order of the gathers.
+    let wt = to_tap_major(w, g.c_in, g.k);
+    let w = &wt[..];
     let rl = pt.row_len();
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
@@ -281,6 +332,10 @@ pub fn conv2d_bwd<T: Real>(
     db: &mut [T],
 ) {
     let pt = g.conv_patches();
+    // Weights in the (ky, kx, channel) column order of the gathers.
+    let wt = to_tap_major(w, g.c_in, g.k);
+    let w = &wt[..];
+    let mut dwt = vec![T::zero(); g.weight_len()];
     let (rl, m) = (pt.row_len(), g.h_out * g.w_out);
     let (il, ol) = (g.in_len(), g.out_len());
     let has_dx = dx.is_some();
@@ -289,7 +344,7 @@ pub fn conv2d_bwd<T: Real>(
         REDUCE_CHUNK,
         dx,
         il,
-        dw,
+        &mut dwt,
         Some(db),
         g.c_out,
         |first, count, dx_chunk, pw, pb| {
@@ -340,6 +395,7 @@ pub fn conv2d_bwd<T: Real>(
             }
         },
     );
+    add_from_tap_major(&dwt, g.c_in, g.k, dw);
 }
 
 /// Forward transposed conv: x `[batch, h_in, w_in, c_in]`, w `[c_in, c_out, k, k]`, b `[c_out]`
@@ -357,6 +413,9 @@ pub fn conv_t2d_fwd<T: Real>(
     assert_eq!(y.len(), batch * g.out_len());
     assert_eq!(w.len(), g.weight_len());
     let pt = g.transposed_patches();
+    // Weights in the (ky, kx, channel) column order of the gathers.
+    let wt = to_tap_major(w, g.c_out, g.k);
+    let w = &wt[..];
     let rl = pt.row_len();
     y.par_chunks_mut(g.out_len())
         .zip(x.par_chunks(g.in_len()))
@@ -403,6 +462,10 @@ pub fn conv_t2d_bwd<T: Real>(
     db: &mut [T],
 ) {
     let pt = g.transposed_patches();
+    // Weights in the (ky, kx, channel) column order of the gathers.
+    let wt = to_tap_major(w, g.c_out, g.k);
+    let w = &wt[..];
+    let mut dwt = vec![T::zero(); g.weight_len()];
     let (rl, m) = (pt.row_len(), g.h_in * g.w_in);
     let (il, ol) = (g.in_len(), g.out_len());
     let has_dx = dx.is_some();
@@ -411,7 +474,7 @@ pub fn conv_t2d_bwd<T: Real>(
         REDUCE_CHUNK,
         dx,
         il,
-        dw,
+        &mut dwt,
         Some(db),
         g.c_out,
         |first, count, dx_chunk, pw, pb| {
@@ -462,6 +525,7 @@ pub fn conv_t2d_bwd<T: Real>(
             }
         },
     );
+    add_from_tap_major(&dwt, g.c_out, g.k, dw);
 }
 
 #[cfg(test)]
