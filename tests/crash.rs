@@ -42,8 +42,13 @@ Testing:
     Config::from_yaml(&yaml).unwrap();
     let cfg = dir.path().join("cfg.yaml");
     std::fs::write(&cfg, yaml).unwrap();
+    let newest = || checkpoint::list(&run).last().map(|(s, _)| *s).unwrap_or(0);
     let mut last_step = 0;
-    for (round, delay_ms) in [700u64, 450, 900, 620, 1100].into_iter().enumerate() {
+    // Kill points spread over the save-every-step cycle (tens of milliseconds).
+    let delays_ms = [
+        0u64, 45, 90, 20, 130, 70, 10, 160, 35, 110, 55, 5, 80, 25, 140, 60,
+    ];
+    for (round, delay_ms) in delays_ms.into_iter().enumerate() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_slotfix"));
         cmd.arg("train")
             .arg("--cfg")
@@ -53,6 +58,15 @@ Testing:
             cmd.arg("--resume");
         }
         let mut child = cmd.spawn().unwrap();
+        // Wait until this process has saved something new, then kill it a little later.
+        let t0 = std::time::Instant::now();
+        while newest() <= last_step {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "round {round}: nothing saved"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL: no handler runs
         child.wait().unwrap();
@@ -62,8 +76,8 @@ Testing:
         assert!(unreadable.is_empty(), "round {round}: {unreadable:?}");
         let step: u64 = c.meta("step").unwrap().parse().unwrap();
         assert!(
-            step >= last_step,
-            "round {round}: went back from {last_step} to {step}"
+            step > last_step,
+            "round {round}: no progress from {last_step} ({step})"
         );
         last_step = step;
     }
