@@ -14,23 +14,6 @@ struct AttnDims {
     float scale, eps;
 };
 
-static __device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
-static __device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
-    if (wid == 0) v = warp_sum(v);
-    return v;
-}
-
 // grid = batch·heads, block = 256 (a multiple of 32), dynamic shared memory = (k·dh + k) floats.
 // attn [B,H,N,K] and upd [B,K,D] overwritten (each block writes its head's channels of upd).
 extern "C" __global__ void attention_fwd_f32(AttnDims dm, const float* __restrict__ kk,

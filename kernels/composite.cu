@@ -10,23 +10,6 @@
 // + B·K·P + 3·B·P + B·P) forward; 4 · (2·4·B·K·P + B·K·P + 6·B·P) backward.
 // The backward ACCUMULATES (+=) into ddec, like the CPU reference.
 
-static __device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
-static __device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
-    if (wid == 0) v = warp_sum(v);
-    return v;
-}
-
 // One thread per (b, px): masks [B,K,P], recon [B,P,3] and sse [B,P] (per-pixel squared error)
 // overwritten.
 extern "C" __global__ void composite_fwd_f32(int batch, int k, int p, const float* __restrict__ dec,

@@ -21,25 +21,8 @@ static __device__ __forceinline__ float masked_grad(const float* dy, const float
     return (relu && !(y[i] > 0.0f)) ? 0.0f : g;
 }
 
-static __device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); the result is valid in thread 0.
 // `sh` holds at least 32 floats.
-static __device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
-    if (wid == 0) v = warp_sum(v);
-    return v;
-}
-
 // One thread per element of y [batch, h_out, w_out, c_out] (overwritten).
 extern "C" __global__ void conv2d_fwd_f32(ConvGeom g, int batch, const float* __restrict__ x,
                                           const float* __restrict__ w, const float* __restrict__ b,

@@ -12,23 +12,6 @@ static __device__ __forceinline__ float warp_allsum(float v) {
     return v;
 }
 
-static __device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
-static __device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
-    if (wid == 0) v = warp_sum(v);
-    return v;
-}
-
 // One warp per row; blockDim.x a multiple of 32. y overwritten, mean/rstd [rows] overwritten.
 extern "C" __global__ void layernorm_fwd_f32(int rows, int dim, const float* __restrict__ x,
                                              const float* __restrict__ gamma, const float* __restrict__ beta,

@@ -10,23 +10,6 @@
 
 #define TS 16
 
-static __device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
-static __device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
-    if (wid == 0) v = warp_sum(v);
-    return v;
-}
-
 // block (TS, TS); grid (ceil(rows/TS), ceil(n_out/TS)) (rows on x: grid.y is limited to 65535). y [rows, n_out] overwritten.
 extern "C" __global__ void linear_fwd_f32(int rows, int n_in, int n_out, const float* __restrict__ x,
                                           const float* __restrict__ w, const float* __restrict__ b,

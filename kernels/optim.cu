@@ -8,23 +8,6 @@
 // FLOPs: ~15 double ops per element (Adam), 2 per element (sums). Compulsory bytes: Adam 4 · 7
 // per element (p, m, v read+write, g read); sums 4 or 8 per element.
 
-static __device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
-static __device__ double block_sum_d(double v, double* sh) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0;
-    if (wid == 0) v = warp_sum_d(v);
-    return v;
-}
-
 extern "C" __global__ void adam_f32(int n, float* __restrict__ param, const float* __restrict__ grad,
                                     float* __restrict__ m, float* __restrict__ v, double lr, double b1,
                                     double b2, double bc1, double bc2, double eps, double decay,
@@ -48,7 +31,7 @@ extern "C" __global__ void sum_squares_partial_f32(int n, const float* __restric
         const double a = (double)x[i];
         acc += a * a;
     }
-    acc = block_sum_d(acc, sh);
+    acc = block_sum(acc, sh);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
@@ -61,7 +44,7 @@ extern "C" __global__ void diff_squares_partial_f32(int n, const float* __restri
         const double d = (double)a[i] - (double)b[i];
         acc += d * d;
     }
-    acc = block_sum_d(acc, sh);
+    acc = block_sum(acc, sh);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
@@ -70,6 +53,6 @@ extern "C" __global__ void sum_partials_f64(int n, const double* __restrict__ pa
     __shared__ double sh[32];
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
-    acc = block_sum_d(acc, sh);
+    acc = block_sum(acc, sh);
     if (threadIdx.x == 0) out[0] = acc;
 }

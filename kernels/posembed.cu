@@ -8,23 +8,6 @@
 // (4 · (|y| + |z|) decoder); 4 · |dy| (+ 4 · |dz|) backward.
 // Backward kernels ACCUMULATE (+=), like the CPU reference.
 
-static __device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;
-}
-
-static __device__ float block_sum(float v, float* sh) {
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[wid] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.0f;
-    if (wid == 0) v = warp_sum(v);
-    return v;
-}
-
 // grid_q of pixel p = i·w + j of an h×w image.
 static __device__ __forceinline__ float grid_val(int q, int p, int h, int w) {
     const int i = p / w, j = p % w;

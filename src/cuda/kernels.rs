@@ -1,6 +1,10 @@
 //! The CUDA kernel sources, embedded at build time, and the kernels each file defines. Every file
 //! is header-free (NVRTC needs nothing but libnvrtc) and is compiled as one NVRTC program.
 
+/// Helpers shared by every kernel file (block and warp reductions), prepended to each file's
+/// source by [`KernelFile::full_source`].
+pub const COMMON: &str = include_str!("../../kernels/common.cuh");
+
 /// One `.cu` file of `kernels/`.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelFile {
@@ -9,6 +13,14 @@ pub struct KernelFile {
     pub source: &'static str,
     /// The `extern "C" __global__` functions it defines (all loaded at start-up).
     pub kernels: &'static [&'static str],
+}
+
+impl KernelFile {
+    /// What NVRTC compiles: the shared helpers, then the file itself under its own name and line
+    /// numbers.
+    pub fn full_source(&self) -> String {
+        format!("{COMMON}\n#line 1 \"{}\"\n{}", self.name, self.source)
+    }
 }
 
 pub const KERNEL_FILES: &[KernelFile] = &[

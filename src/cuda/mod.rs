@@ -71,7 +71,7 @@ pub fn compile_file(file: &KernelFile, arch: &'static str) -> Result<Ptx, String
         name: Some(file.name.to_string()),
         ..Default::default()
     };
-    compile_ptx_with_opts(file.source, opts).map_err(|e| match e {
+    compile_ptx_with_opts(file.full_source(), opts).map_err(|e| match e {
         CompileError::CompileError {
             nvrtc,
             options,
