@@ -30,6 +30,18 @@ pub enum DecoderKind {
     Full,
 }
 
+/// How parameters are initialised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    /// The official TF code: glorot-uniform weights, zero biases.
+    Official,
+    /// PyTorch's defaults: U(±1/sqrt(fan_in)) for Linear and Conv weights and biases (fan_in of
+    /// a ConvTranspose2d from its weight's dim 1, as PyTorch computes it), U(±1/sqrt(D)) for the
+    /// GRUCell.
+    Pytorch,
+}
+
 /// Numeric precision of the matrix products on the GPU. The CPU always computes in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +106,10 @@ pub struct ModelConfig {
     /// Matrix-product precision of the CUDA backend (`tf32` or `f32`); the CPU always uses f32.
     #[serde(default = "d::precision")]
     pub precision: Precision,
+    /// Parameter initialisation: `official` (glorot-uniform weights, zero biases) or `pytorch`
+    /// (PyTorch's default initialisers of each layer type).
+    #[serde(default = "d::init")]
+    pub init: InitScheme,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,6 +316,9 @@ mod d {
     }
     pub fn precision() -> Precision {
         Precision::Tf32
+    }
+    pub fn init() -> InitScheme {
+        InitScheme::Official
     }
     pub fn batch_size() -> usize {
         64
@@ -1191,6 +1210,7 @@ mod tests {
             mlp_hidden_size: 128,
             eps: 1e-8,
             precision: Precision::Tf32,
+            init: InitScheme::Official,
         }
     }
 
@@ -1874,7 +1894,7 @@ mod tests {
 
     #[test]
     fn key_and_enum_lists_come_from_the_schema() {
-        assert_eq!(section_keys::<ModelConfig>().len(), 17);
+        assert_eq!(section_keys::<ModelConfig>().len(), 18);
         assert_eq!(section_keys::<TrainingConfig>().len(), 23);
         assert_eq!(section_keys::<TestingConfig>().len(), 6);
         assert_eq!(section_keys::<Config>(), &SECTIONS[..]);

@@ -8,7 +8,7 @@
 //! - BPTT: T recorded cell applications from mu + exp(log_sigma)·noise, backward through all.
 
 use crate::backend::Backend;
-use crate::config::{DecoderKind, ModelConfig};
+use crate::config::{DecoderKind, InitScheme, ModelConfig};
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
@@ -18,7 +18,14 @@ use crate::rng::{stream, Philox};
 /// biases, LayerNorm γ = 1, β = 0).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
-    Glorot { fan_in: usize, fan_out: usize },
+    Glorot {
+        fan_in: usize,
+        fan_out: usize,
+    },
+    /// U(−bound, bound).
+    Uniform {
+        bound: f64,
+    },
     Zeros,
     Ones,
 }
@@ -109,6 +116,7 @@ pub struct Arch {
 
 struct SpecBuilder {
     specs: Vec<ParamSpec>,
+    scheme: InitScheme,
 }
 
 impl SpecBuilder {
@@ -116,16 +124,23 @@ impl SpecBuilder {
         self.specs.push(ParamSpec { name, shape, init });
         self.specs.len() - 1
     }
+    /// (weight, bias) initialisers of a layer with these fans under the chosen scheme.
+    fn inits(&self, fan_in: usize, fan_out: usize) -> (Init, Init) {
+        match self.scheme {
+            InitScheme::Official => (Init::Glorot { fan_in, fan_out }, Init::Zeros),
+            InitScheme::Pytorch => {
+                // kaiming_uniform(a = √5) reduces to U(±1/√fan_in); the bias uses the same bound.
+                let u = Init::Uniform {
+                    bound: 1.0 / (fan_in as f64).sqrt(),
+                };
+                (u, u)
+            }
+        }
+    }
     fn dense(&mut self, prefix: &str, n_in: usize, n_out: usize, bias: bool) -> Dense {
-        let w = self.add(
-            format!("{prefix}.weight"),
-            vec![n_out, n_in],
-            Init::Glorot {
-                fan_in: n_in,
-                fan_out: n_out,
-            },
-        );
-        let b = bias.then(|| self.add(format!("{prefix}.bias"), vec![n_out], Init::Zeros));
+        let (wi, bi) = self.inits(n_in, n_out);
+        let w = self.add(format!("{prefix}.weight"), vec![n_out, n_in], wi);
+        let b = bias.then(|| self.add(format!("{prefix}.bias"), vec![n_out], bi));
         Dense { w, b, n_in, n_out }
     }
     fn norm(&mut self, prefix: &str, dim: usize) -> Norm {
@@ -141,12 +156,14 @@ impl SpecBuilder {
             LayerKind::Conv => vec![co, ci, k, k],
             LayerKind::ConvTranspose => vec![ci, co, k, k],
         };
-        let init = Init::Glorot {
-            fan_in: ci * k * k,
-            fan_out: co * k * k,
+        // PyTorch takes fan_in from the weight's dim 1: in·k² for Conv2d, out·k² for
+        // ConvTranspose2d; glorot is symmetric in the two fans.
+        let (wi, bi) = match (self.scheme, kind) {
+            (InitScheme::Pytorch, LayerKind::ConvTranspose) => self.inits(co * k * k, ci * k * k),
+            _ => self.inits(ci * k * k, co * k * k),
         };
-        let w = self.add(format!("{prefix}.weight"), shape, init);
-        let b = self.add(format!("{prefix}.bias"), vec![co], Init::Zeros);
+        let w = self.add(format!("{prefix}.weight"), shape, wi);
+        let b = self.add(format!("{prefix}.bias"), vec![co], bi);
         ConvLayer {
             kind,
             geom,
@@ -159,7 +176,10 @@ impl SpecBuilder {
 
 impl Arch {
     pub fn new(m: &ModelConfig) -> Self {
-        let mut sb = SpecBuilder { specs: Vec::new() };
+        let mut sb = SpecBuilder {
+            specs: Vec::new(),
+            scheme: m.init,
+        };
         let res = m.resolution;
         let (d, k) = (m.slot_size, m.num_slots);
         let mut encoder = Vec::new();
@@ -341,15 +361,10 @@ impl Arch {
 impl SpecBuilder {
     /// GRUCell tensors: weight_ih / weight_hh [3D, D], bias_ih / bias_hh [3D].
     fn dense_named(&mut self, prefix: &str, which: &str, d: usize, d3: usize) -> Dense {
-        let w = self.add(
-            format!("{prefix}.weight_{which}"),
-            vec![d3, d],
-            Init::Glorot {
-                fan_in: d,
-                fan_out: d3,
-            },
-        );
-        let b = Some(self.add(format!("{prefix}.bias_{which}"), vec![d3], Init::Zeros));
+        // (PyTorch's GRUCell draws every tensor from U(±1/√hidden): fan_in = d gives that.)
+        let (wi, bi) = self.inits(d, d3);
+        let w = self.add(format!("{prefix}.weight_{which}"), vec![d3, d], wi);
+        let b = Some(self.add(format!("{prefix}.bias_{which}"), vec![d3], bi));
         Dense {
             w,
             b,
@@ -369,6 +384,9 @@ pub fn init_params(specs: &[ParamSpec], seed: u64) -> Vec<Vec<f64>> {
         .map(|(t, s)| match s.init {
             Init::Zeros => vec![0.0; s.numel()],
             Init::Ones => vec![1.0; s.numel()],
+            Init::Uniform { bound } => (0..s.numel())
+                .map(|i| (2.0 * rng.uniform(stream::INIT, t as u32, i as u64) - 1.0) * bound)
+                .collect(),
             Init::Glorot { fan_in, fan_out } => {
                 let limit = (6.0 / (fan_in + fan_out) as f64).sqrt();
                 (0..s.numel())
@@ -1414,5 +1432,47 @@ pub fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
     } else {
         let (a, b) = v.split_at_mut(i);
         (&mut b[0], &mut a[j])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn arch(init: &str) -> Arch {
+        let yaml = format!("Model:\n  init: {init}\nTraining:\n  data_type: tetrominoes\n");
+        Arch::new(&Config::from_yaml(&yaml).unwrap().model)
+    }
+
+    #[test]
+    fn initialisers_follow_the_scheme() {
+        let (off, pt) = (arch("official"), arch("pytorch"));
+        let (v_off, v_pt) = (init_params(&off.specs, 0), init_params(&pt.specs, 0));
+        let find = |a: &Arch, name: &str| a.specs.iter().position(|s| s.name == name).unwrap();
+        let max = |v: &[f64]| v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        // Official: glorot weights, zero biases. Conv 64→64 k5: limit sqrt(6 / (1600 + 1600)).
+        let w = find(&off, "encoder.convs.1.weight");
+        assert!(
+            max(&v_off[w]) <= (6.0f64 / 3200.0).sqrt()
+                && max(&v_off[w]) > 0.9 * (6.0f64 / 3200.0).sqrt()
+        );
+        assert!(v_off[find(&off, "encoder.convs.1.bias")]
+            .iter()
+            .all(|&b| b == 0.0));
+        // PyTorch: U(±1/sqrt(fan_in)) for weights and biases; ConvTranspose2d's fan_in is out·k².
+        let b = find(&pt, "encoder.convs.1.bias");
+        assert!(max(&v_pt[b]) <= 1.0 / 40.0 && max(&v_pt[b]) > 0.0);
+        let g = find(&pt, "slot_attention.gru.weight_hh");
+        assert!(max(&v_pt[g]) <= 1.0 / 8.0 && max(&v_pt[g]) > 0.9 / 8.0);
+        let d = find(&pt, "decoder.convs.5.weight"); // ConvTranspose2d [64, 4, 3, 3]
+        assert!(
+            max(&v_pt[d]) <= 1.0 / 6.0 && max(&v_pt[d]) > 0.9 / 6.0,
+            "fan_in = 4·9 = 36"
+        );
+        // LayerNorms are ones and zeros in both.
+        assert!(v_pt[find(&pt, "encoder.norm.weight")]
+            .iter()
+            .all(|&x| x == 1.0));
     }
 }
