@@ -407,6 +407,9 @@ impl ModelConfig {
     }
 }
 
+/// Where `data_type: CLEVR` is read from when `data_root` is not set.
+pub const DEFAULT_CLEVR_ROOT: &str = "./data/CLEVR_v1.0";
+
 /// A configuration error: names the key, the value and what is allowed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError(pub String);
@@ -493,7 +496,12 @@ impl Config {
             ("Training", t.data_type, t.data_root.as_deref()),
             ("Testing", self.test_data_type(), self.test_data_root()),
         ] {
-            if !dt.is_embedded() && root.is_none() {
+            if dt == DataType::Clevr && root.is_none() {
+                notes.push(format!(
+                    "{section}.data_root is not set: CLEVR is read from the default {}",
+                    DEFAULT_CLEVR_ROOT
+                ));
+            } else if !dt.is_embedded() && root.is_none() {
                 notes.push(format!(
                     "{section}.data_root is not set: data_type {} reads images from it, \
                      the data loader will need it",

@@ -50,8 +50,9 @@ pub fn open_data(cfg: &Config, split: Split) -> Result<Box<dyn Dataset>, String>
         ),
     };
     let mut spec = DataSpec::new(source_of(dt), split, cfg.model.resolution);
-    spec.root =
-        root.or_else(|| (dt == DataType::Clevr).then(|| PathBuf::from("./data/CLEVR_v1.0")));
+    spec.root = root.or_else(|| {
+        (dt == DataType::Clevr).then(|| PathBuf::from(crate::config::DEFAULT_CLEVR_ROOT))
+    });
     spec.num = num;
     spec.max_objects = t.max_objects;
     spec.seed = t.seed;
