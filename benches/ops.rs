@@ -108,7 +108,7 @@ fn main() {
     let mut y = vec![0f32; b * g.out_len()];
     conv_t2d_fwd(&g, b, &x32, &w32, &b32, true, &mut y);
     let err = rel_err(&y, &y64);
-    let fl = 2.0 * (b * g.macs()) as f64;
+    let fl = 2.0 * (b * g.macs_transposed()) as f64;
     row(
         "conv_t2d_fwd",
         "B2 32→64 s2 64→64 k5",

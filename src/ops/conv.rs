@@ -95,10 +95,16 @@ impl ConvGeom {
     pub fn weight_len(&self) -> usize {
         self.c_in * self.c_out * self.k * self.k
     }
-    /// Multiply-adds per image (the same for a conv and its transpose).
+    /// Multiply-adds per image of the convolution: every output position of `h_out × w_out`
+    /// takes k²·c_in taps per output channel.
     pub fn macs(&self) -> usize {
-        let positions = self.h_out * self.w_out;
-        positions * self.c_out * self.c_in * self.k * self.k
+        self.h_out * self.w_out * self.c_out * self.c_in * self.k * self.k
+    }
+
+    /// Multiply-adds per image when this geometry is a transposed convolution: every INPUT
+    /// position scatters k² taps (a quarter of `macs()` for stride 2).
+    pub fn macs_transposed(&self) -> usize {
+        self.h_in * self.w_in * self.c_out * self.c_in * self.k * self.k
     }
 }
 
