@@ -946,18 +946,23 @@ fn gpu_train_step_implicit() {
     train_step_parity(g, small_config(|m| m.implicit_diff = true), "implicit");
 }
 
+/// Two heads, dropout and the full decoder, in either gradient mode.
+fn heads_dropout_full(implicit: bool) -> Config {
+    small_config(|m| {
+        m.implicit_diff = implicit;
+        m.num_heads = 2;
+        m.dropout = 0.2;
+        m.decoder = DecoderKind::Full;
+        m.decoder_channels = Some(vec![6, 5]);
+    })
+}
+
 #[test]
 fn gpu_train_step_implicit_two_heads_dropout_full_decoder() {
     let Some(g) = gpu() else { return };
     train_step_parity(
         g,
-        small_config(|m| {
-            m.implicit_diff = true;
-            m.num_heads = 2;
-            m.dropout = 0.2;
-            m.decoder = DecoderKind::Full;
-            m.decoder_channels = Some(vec![6, 5]);
-        }),
+        heads_dropout_full(true),
         "implicit, 2 heads, dropout, full decoder",
     );
 }
@@ -967,13 +972,7 @@ fn gpu_train_step_bptt_two_heads_dropout_full_decoder() {
     let Some(g) = gpu() else { return };
     train_step_parity(
         g,
-        small_config(|m| {
-            m.implicit_diff = false;
-            m.num_heads = 2;
-            m.dropout = 0.2;
-            m.decoder = DecoderKind::Full;
-            m.decoder_channels = Some(vec![6, 5]);
-        }),
+        heads_dropout_full(false),
         "bptt, 2 heads, dropout, full decoder",
     );
 }
@@ -984,7 +983,11 @@ fn device_selection_never_panics() {
     use slotfix::device::{select, Chosen};
     let present = slotfix::device::cuda_present();
     let (chosen, _) = select(Device::Auto).unwrap();
-    assert_eq!(chosen == Chosen::Cuda, present);
+    // `auto` takes the GPU only once the backend is marked validated.
+    assert_eq!(
+        chosen == Chosen::Cuda,
+        present && slotfix::device::CUDA_VALIDATED
+    );
     assert_eq!(select(Device::Cuda).is_ok(), present);
     assert_eq!(select(Device::Cpu).unwrap().0, Chosen::Cpu);
     if require_gpu() {
