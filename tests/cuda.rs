@@ -5,6 +5,9 @@
 //!   or SLOTFIX_REQUIRE_GPU=1, which make them fail instead.
 //! - `gpu_*`: every op forward and backward, and whole training steps, on the GPU against
 //!   `Cpu<f32>`. Skipped with a note when there is no driver / GPU, unless SLOTFIX_REQUIRE_GPU=1.
+//! - `emu_*`: the same checks with the kernels run by the emulator on the CPU (`cuda::emu`: the
+//!   kernel sources compiled by the host C++ compiler). Skipped with a note when there is no C++
+//!   compiler, unless SLOTFIX_REQUIRE_EMULATOR=1 (CI sets it).
 
 use slotfix::cuda;
 
@@ -76,6 +79,21 @@ const TOL: f64 = 1e-5;
 /// f32 implementation with other summation orders can be as far again, so 1e-5 would fail on
 /// rounding alone. Any indexing or accumulation bug gives errors of order 1.
 const STEP_GRAD_TOL: f64 = 5e-5;
+
+/// The CUDA backend with its kernels in the emulator, or None (with a printed reason) when no C++
+/// compiler is found; a failure under SLOTFIX_REQUIRE_EMULATOR=1. A compiler that rejects the
+/// kernels is a failure.
+fn emu() -> Option<Cuda> {
+    if let Some(why) = cuda::emu::unavailable_reason() {
+        assert!(
+            !env_is("SLOTFIX_REQUIRE_EMULATOR"),
+            "SLOTFIX_REQUIRE_EMULATOR=1 but: {why}"
+        );
+        say_skipped(&why);
+        return None;
+    }
+    Some(Cuda::emulated().unwrap_or_else(|e| panic!("{e}")))
+}
 
 /// The CUDA backend, or None (with a printed reason) when there is no driver / GPU; a failure
 /// under SLOTFIX_REQUIRE_GPU=1.
@@ -725,6 +743,76 @@ fn gpu_adam_step() {
     }
 }
 
+#[test]
+fn emu_conv2d_fwd_bwd() {
+    if let Some(g) = emu() {
+        conv2d_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_conv_t2d_fwd_bwd() {
+    if let Some(g) = emu() {
+        conv_t2d_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_linear_fwd_bwd() {
+    if let Some(g) = emu() {
+        linear_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_layernorm_fwd_bwd() {
+    if let Some(g) = emu() {
+        layernorm_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_posembed_fwd_bwd() {
+    if let Some(g) = emu() {
+        posembed_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_attention_fwd_bwd() {
+    if let Some(g) = emu() {
+        attention_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_gru_gates_fwd_bwd() {
+    if let Some(g) = emu() {
+        gru_gates_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_composite_mse_fwd_bwd() {
+    if let Some(g) = emu() {
+        composite_mse_fwd_bwd_parity(&g);
+    }
+}
+
+#[test]
+fn emu_elementwise_rng_and_host_reads() {
+    if let Some(g) = emu() {
+        elementwise_rng_and_host_reads_parity(&g);
+    }
+}
+
+#[test]
+fn emu_adam_step() {
+    if let Some(g) = emu() {
+        adam_step_parity(&g);
+    }
+}
+
 /// The test harness itself, with the CPU standing in for the device: every comparison must come
 /// out exact, and this runs everywhere (so the GPU tests are known to be well-formed).
 #[test]
@@ -974,6 +1062,46 @@ fn gpu_train_step_bptt_two_heads_dropout_full_decoder() {
         g,
         heads_dropout_full(false),
         "bptt, 2 heads, dropout, full decoder",
+    );
+}
+
+#[test]
+fn emu_train_step_bptt() {
+    let Some(g) = emu() else { return };
+    train_step_parity(
+        g,
+        small_config(|m| m.implicit_diff = false),
+        "emulated bptt",
+    );
+}
+
+#[test]
+fn emu_train_step_implicit() {
+    let Some(g) = emu() else { return };
+    train_step_parity(
+        g,
+        small_config(|m| m.implicit_diff = true),
+        "emulated implicit",
+    );
+}
+
+#[test]
+fn emu_train_step_implicit_two_heads_dropout_full_decoder() {
+    let Some(g) = emu() else { return };
+    train_step_parity(
+        g,
+        heads_dropout_full(true),
+        "emulated implicit, 2 heads, dropout, full decoder",
+    );
+}
+
+#[test]
+fn emu_train_step_bptt_two_heads_dropout_full_decoder() {
+    let Some(g) = emu() else { return };
+    train_step_parity(
+        g,
+        heads_dropout_full(false),
+        "emulated bptt, 2 heads, dropout, full decoder",
     );
 }
 

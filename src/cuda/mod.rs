@@ -8,10 +8,15 @@
 //! (no atomics), so every result is deterministic for a given shape. The host reads
 //! (`download`, `sum_squares`, `rel_change`) synchronize; nothing else does.
 //!
+//! The same backend can run its kernels in the emulator ([`emu`], [`Cuda::emulated`]): the kernel
+//! sources compiled by the host C++ compiler and run on the CPU, with buffers in host memory.
+//! That is how the launchers and kernels are tested on machines without a GPU.
+//!
 //! Every failure to launch is a panic (the [`Backend`] trait has no error channel); everything
 //! that can fail before the first launch (no driver, no device, NVRTC errors) is an `Err` of
 //! [`Cuda::new`].
 
+pub mod emu;
 pub mod kernels;
 
 use crate::backend::{AdamStep, Backend};
@@ -21,16 +26,164 @@ use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
 use crate::rng::Philox;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 use kernels::{KernelFile, KERNEL_FILES};
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::panic::catch_unwind;
 use std::sync::Arc;
 
+/// Element types of device buffers.
+pub trait Elem: DeviceRepr + bytemuck::Pod + Default {
+    /// What the emulator fills guard zones and fresh scratch with: a signalling NaN, so that a
+    /// read shows as NaN and any arithmetic result written back (a quiet NaN) differs from it.
+    fn poison() -> Self;
+}
+impl Elem for f32 {
+    fn poison() -> f32 {
+        f32::from_bits(0x7fa5_a5a5)
+    }
+}
+impl Elem for f64 {
+    fn poison() -> f64 {
+        f64::from_bits(0x7ff4_a5a5_a5a5_a5a5)
+    }
+}
+
+/// A device buffer: GPU memory, or host memory when the kernels run in the emulator.
+pub struct DevBuf<T: Elem> {
+    mem: Mem<T>,
+}
+
+enum Mem<T: Elem> {
+    Gpu(CudaSlice<T>),
+    Host(HostMem<T>),
+}
+
 /// The buffer type of the CUDA backend.
-pub type Buf = CudaSlice<f32>;
+pub type Buf = DevBuf<f32>;
+
+impl<T: Elem> DevBuf<T> {
+    pub fn len(&self) -> usize {
+        match &self.mem {
+            Mem::Gpu(s) => s.len(),
+            Mem::Host(h) => h.len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn gpu(&self) -> &CudaSlice<T> {
+        match &self.mem {
+            Mem::Gpu(s) => s,
+            Mem::Host(_) => panic!("an emulator buffer passed to the GPU"),
+        }
+    }
+    fn gpu_mut(&mut self) -> &mut CudaSlice<T> {
+        match &mut self.mem {
+            Mem::Gpu(s) => s,
+            Mem::Host(_) => panic!("an emulator buffer passed to the GPU"),
+        }
+    }
+    fn host(&self) -> &HostMem<T> {
+        match &self.mem {
+            Mem::Host(h) => h,
+            Mem::Gpu(_) => panic!("a GPU buffer passed to the emulator"),
+        }
+    }
+    fn host_mut(&mut self) -> &mut HostMem<T> {
+        match &mut self.mem {
+            Mem::Host(h) => h,
+            Mem::Gpu(_) => panic!("a GPU buffer passed to the emulator"),
+        }
+    }
+}
+
+/// Elements of poison on each side of an emulator buffer.
+const GUARD: usize = 64;
+
+/// An emulator buffer: `len` elements between two guard zones of [`Elem::poison`].
+struct HostMem<T> {
+    data: Vec<T>,
+    len: usize,
+    /// Address of the first element: the pointer value a kernel receives (an argument slot
+    /// must point at it).
+    addr: u64,
+}
+
+impl<T: Elem> HostMem<T> {
+    /// Zeros, or poison when `zeroed` is false.
+    fn new(len: usize, zeroed: bool) -> Self {
+        let mut data: Vec<T> = vec![T::poison(); len + 2 * GUARD];
+        if zeroed {
+            data[GUARD..GUARD + len].fill(T::default());
+        }
+        let addr = data[GUARD..].as_mut_ptr() as u64;
+        HostMem { data, len, addr }
+    }
+    fn slice(&self) -> &[T] {
+        &self.data[GUARD..GUARD + self.len]
+    }
+    fn slice_mut(&mut self) -> &mut [T] {
+        &mut self.data[GUARD..GUARD + self.len]
+    }
+    /// The offset (from the first element) of the first guard byte a kernel overwrote.
+    fn guard_damage(&self) -> Option<isize> {
+        let poison_value = T::poison();
+        let poison = bytemuck::bytes_of(&poison_value);
+        let damaged = |v: &T| bytemuck::bytes_of(v) != poison;
+        if let Some(i) = self.data[..GUARD].iter().position(damaged) {
+            return Some(i as isize - GUARD as isize);
+        }
+        self.data[GUARD + self.len..]
+            .iter()
+            .position(damaged)
+            .map(|i| (self.len + i) as isize)
+    }
+}
+
+/// A kernel argument: a buffer or a plain value, for either executor.
+trait Arg {
+    fn push_gpu<'a>(&'a self, b: &mut LaunchArgs<'a>);
+    /// Pointer to the argument's value (for a buffer: to its address), as the emulator's
+    /// argument array wants it.
+    fn emu_ptr(&self) -> *mut c_void;
+    /// For a buffer: which element outside it the last emulated launch wrote.
+    fn emu_guard_damage(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<T: Elem> Arg for DevBuf<T> {
+    fn push_gpu<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(self.gpu());
+    }
+    fn emu_ptr(&self) -> *mut c_void {
+        &self.host().addr as *const u64 as *mut c_void
+    }
+    fn emu_guard_damage(&self) -> Option<String> {
+        let h = self.host();
+        h.guard_damage()
+            .map(|at| format!("element {at}, outside its {} elements", h.len))
+    }
+}
+
+macro_rules! value_arg {
+    ($($t:ty),*) => {$(
+        impl Arg for $t {
+            fn push_gpu<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+                b.arg(self);
+            }
+            fn emu_ptr(&self) -> *mut c_void {
+                self as *const $t as *mut c_void
+            }
+        }
+    )*};
+}
+value_arg!(i32, u32, f32, f64, ConvGeomC, AttnDimsC);
 
 /// Threads per block of the 1-D kernels and of the block reductions (a multiple of 32).
 const BLOCK: u32 = 256;
@@ -201,22 +354,56 @@ fn tiles(a: usize, b: usize, z: usize) -> LaunchConfig {
 }
 
 /// Launch kernel `$name` with config `$cfg` and the given arguments (references; scalars must
-/// be named locals so that they outlive the launch). Panics on a launch error.
+/// be named locals so that they outlive the launch). Panics on a launch error. In the emulator,
+/// a kernel that wrote outside one of its buffers panics too.
 macro_rules! launch {
     ($cu:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let cfg: LaunchConfig = $cfg;
-        let mut b = $cu.stream.launch_builder($cu.func($name));
-        $( b.arg($arg); )*
-        unsafe { b.launch(cfg) }
-            .unwrap_or_else(|e| panic!("CUDA launch of {} failed: {e:?}", $name));
+        match &$cu.exec {
+            Exec::Gpu(gpu) => {
+                let mut b = gpu.stream.launch_builder(gpu.func($name));
+                $( ($arg).push_gpu(&mut b); )*
+                unsafe { b.launch(cfg) }
+                    .unwrap_or_else(|e| panic!("CUDA launch of {} failed: {e:?}", $name));
+            }
+            Exec::Emu(emu) => {
+                let mut args: Vec<*mut c_void> = vec![$( ($arg).emu_ptr() ),*];
+                emu.launch($name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, &mut args)
+                    .unwrap_or_else(|e| panic!("emulated launch of {} failed: {e}", $name));
+                $(
+                    if let Some(at) = ($arg).emu_guard_damage() {
+                        panic!("emulated kernel {} wrote `{}` at {at}", $name, stringify!($arg));
+                    }
+                )*
+            }
+        }
     }};
 }
 
-/// The CUDA backend: one device, one stream, every kernel compiled and loaded.
-pub struct Cuda {
-    ctx: Arc<CudaContext>,
+/// Where the kernels run.
+enum Exec {
+    Gpu(Gpu),
+    Emu(emu::Emulator),
+}
+
+/// One device, one stream, every kernel compiled and loaded.
+struct Gpu {
+    _ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
+}
+
+impl Gpu {
+    fn func(&self, name: &'static str) -> &CudaFunction {
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("CUDA kernel {name} is not loaded"))
+    }
+}
+
+/// The CUDA backend.
+pub struct Cuda {
+    exec: Exec,
     name: String,
     arch: &'static str,
 }
@@ -261,12 +448,29 @@ impl Cuda {
             }
         }
         Ok(Cuda {
-            ctx,
-            stream,
-            funcs,
+            exec: Exec::Gpu(Gpu {
+                _ctx: ctx,
+                stream,
+                funcs,
+            }),
             name,
             arch,
         })
+    }
+
+    /// The backend with its kernels run by the emulator on the CPU (for tests). Err when no C++
+    /// compiler is found or this is not x86-64 Linux.
+    pub fn emulated() -> Result<Cuda, String> {
+        Ok(Cuda {
+            exec: Exec::Emu(emu::Emulator::new()?),
+            name: "kernel emulator on the CPU".into(),
+            arch: "emulated",
+        })
+    }
+
+    /// Whether the kernels run in the emulator.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.exec, Exec::Emu(_))
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -279,19 +483,15 @@ impl Cuda {
         self.arch
     }
 
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
     /// Wait for all queued work; reports any asynchronous error.
     pub fn synchronize(&self) -> Result<(), String> {
-        self.stream
-            .synchronize()
-            .map_err(|e| format!("CUDA synchronize: {e:?}"))
+        match &self.exec {
+            Exec::Gpu(g) => g
+                .stream
+                .synchronize()
+                .map_err(|e| format!("CUDA synchronize: {e:?}")),
+            Exec::Emu(_) => Ok(()),
+        }
     }
 
     /// Set every element of `buf` to `value` (e.g. NaN, to poison outputs in tests).
@@ -304,16 +504,32 @@ impl Cuda {
         launch!(self, "fill_f32", per_elem(n); &ni, &value, buf);
     }
 
-    fn func(&self, name: &'static str) -> &CudaFunction {
-        self.funcs
-            .get(name)
-            .unwrap_or_else(|| panic!("CUDA kernel {name} is not loaded"))
+    /// An uninitialised device buffer, for scratch that a kernel overwrites completely (NaN in
+    /// the emulator, so that a read of an unwritten element shows).
+    fn scratch<T: Elem>(&self, len: usize) -> DevBuf<T> {
+        let mem = match &self.exec {
+            Exec::Gpu(g) => Mem::Gpu(
+                unsafe { g.stream.alloc::<T>(len.max(1)) }
+                    .unwrap_or_else(|e| panic!("CUDA alloc of {len} elements: {e:?}")),
+            ),
+            Exec::Emu(_) => Mem::Host(HostMem::new(len.max(1), false)),
+        };
+        DevBuf { mem }
     }
 
-    /// An uninitialised device buffer, for scratch that a kernel overwrites completely.
-    fn scratch<T: DeviceRepr>(&self, len: usize) -> CudaSlice<T> {
-        unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .unwrap_or_else(|e| panic!("CUDA alloc of {len} elements: {e:?}"))
+    /// Copy a buffer to the host (waits for the queued work).
+    fn read<T: Elem>(&self, src: &DevBuf<T>) -> Vec<T> {
+        match &self.exec {
+            Exec::Gpu(g) => {
+                let v = g
+                    .stream
+                    .clone_dtoh(src.gpu())
+                    .unwrap_or_else(|e| panic!("CUDA download: {e:?}"));
+                self.synchronize().unwrap_or_else(|e| panic!("{e}"));
+                v
+            }
+            Exec::Emu(_) => src.host().slice().to_vec(),
+        }
     }
 
     /// Σ x² (or Σ (x − y)²) in double: per-block partials, then one block sums them.
@@ -337,12 +553,7 @@ impl Cuda {
         }
         let nbi = i(nb);
         launch!(self, "sum_partials_f64", per_block(1, 0); &nbi, &partial, &mut out);
-        let v = self
-            .stream
-            .clone_dtoh(&out)
-            .unwrap_or_else(|e| panic!("CUDA download: {e:?}"));
-        self.synchronize().unwrap_or_else(|e| panic!("{e}"));
-        v[0]
+        self.read(&out)[0]
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -433,12 +644,18 @@ impl Backend for Cuda {
         format!("cuda ({}, {}, f32)", self.name, self.arch)
     }
     fn alloc(&self, len: usize) -> Buf {
-        let r = if len == 0 {
-            self.stream.null::<f32>()
-        } else {
-            self.stream.alloc_zeros::<f32>(len)
+        let mem = match &self.exec {
+            Exec::Gpu(g) => Mem::Gpu(
+                if len == 0 {
+                    g.stream.null::<f32>()
+                } else {
+                    g.stream.alloc_zeros::<f32>(len)
+                }
+                .unwrap_or_else(|e| panic!("CUDA alloc of {len} floats: {e:?}")),
+            ),
+            Exec::Emu(_) => Mem::Host(HostMem::new(len, true)),
         };
-        r.unwrap_or_else(|e| panic!("CUDA alloc of {len} floats: {e:?}"))
+        DevBuf { mem }
     }
     fn len(&self, buf: &Buf) -> usize {
         buf.len()
@@ -452,9 +669,13 @@ impl Backend for Cuda {
         if src.is_empty() {
             return;
         }
-        self.stream
-            .memcpy_htod(src, dst)
-            .unwrap_or_else(|e| panic!("CUDA upload: {e:?}"));
+        match &self.exec {
+            Exec::Gpu(g) => g
+                .stream
+                .memcpy_htod(src, dst.gpu_mut())
+                .unwrap_or_else(|e| panic!("CUDA upload: {e:?}")),
+            Exec::Emu(_) => dst.host_mut().slice_mut().copy_from_slice(src),
+        }
     }
     fn download(&self, src: &Buf) -> Vec<f64> {
         self.download_f32(src)
@@ -466,29 +687,35 @@ impl Backend for Cuda {
         if src.is_empty() {
             return Vec::new();
         }
-        let v = self
-            .stream
-            .clone_dtoh(src)
-            .unwrap_or_else(|e| panic!("CUDA download: {e:?}"));
-        self.synchronize().unwrap_or_else(|e| panic!("{e}"));
-        v
+        self.read(src)
     }
     fn fill_zero(&self, buf: &mut Buf) {
         if buf.is_empty() {
             return;
         }
-        self.stream
-            .memset_zeros(buf)
-            .unwrap_or_else(|e| panic!("CUDA memset: {e:?}"));
+        match &self.exec {
+            Exec::Gpu(g) => g
+                .stream
+                .memset_zeros(buf.gpu_mut())
+                .unwrap_or_else(|e| panic!("CUDA memset: {e:?}")),
+            Exec::Emu(_) => buf.host_mut().slice_mut().fill(0.0),
+        }
     }
     fn copy(&self, src: &Buf, dst: &mut Buf) {
         assert_eq!(src.len(), dst.len());
         if src.is_empty() {
             return;
         }
-        self.stream
-            .memcpy_dtod(src, dst)
-            .unwrap_or_else(|e| panic!("CUDA copy: {e:?}"));
+        match &self.exec {
+            Exec::Gpu(g) => g
+                .stream
+                .memcpy_dtod(src.gpu(), dst.gpu_mut())
+                .unwrap_or_else(|e| panic!("CUDA copy: {e:?}")),
+            Exec::Emu(_) => dst
+                .host_mut()
+                .slice_mut()
+                .copy_from_slice(src.host().slice()),
+        }
     }
     fn add_assign(&self, y: &mut Buf, x: &Buf) {
         assert_eq!(y.len(), x.len());
@@ -1024,6 +1251,20 @@ mod tests {
         assert!(e.contains("kernels/broken.cu"), "{e}");
         assert!(e.contains("sm_90"), "{e}");
         assert!(e.contains("undefined_name"), "no compiler log in: {e}");
+    }
+
+    #[test]
+    fn emulator_guards_show_writes_outside_a_buffer() {
+        let mut h = HostMem::<f32>::new(10, true);
+        assert_eq!(h.guard_damage(), None);
+        assert!(h.data[GUARD - 1].is_nan() && h.data[GUARD + 10].is_nan());
+        // What a kernel's arithmetic would write: a quiet NaN, not the poison itself.
+        h.data[GUARD + 10] += 1.0;
+        assert_eq!(h.guard_damage(), Some(10));
+        let mut h = HostMem::<f64>::new(3, false);
+        assert!(h.slice().iter().all(|v| v.is_nan()));
+        h.data[GUARD - 2] = 0.0;
+        assert_eq!(h.guard_damage(), Some(-2));
     }
 
     #[test]

@@ -1,0 +1,408 @@
+//! The kernel emulator: the CUDA kernels of `kernels/*.cu`, compiled by the host C++ compiler and
+//! run on the CPU, so that the CUDA backend (its launchers and its kernels) can be tested on a
+//! machine without a GPU, CI included.
+//!
+//! Each CUDA thread is a fiber; `__syncthreads` and warp-wide operations are real barriers
+//! (`emu/runtime.cpp`), and the order in which threads run alternates between barriers so that a
+//! missing barrier shows. Buffers live in host memory with poisoned guard zones on both sides:
+//! a kernel that reads past a buffer reads NaN, and one that writes past it fails the launch.
+//!
+//! What it cannot show: data races between blocks, timing, the device's own rounding of `expf`
+//! and fused multiply-adds (results agree with the GPU to f32 rounding, not bit for bit), and
+//! anything about the compiler NVRTC itself (the `nvrtc_*` tests cover compiling).
+
+use super::kernels::{KernelFile, COMMON, KERNEL_FILES};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+const SHIM: &str = include_str!("emu/cuemu.h");
+const RUNTIME: &str = include_str!("emu/runtime.cpp");
+
+type EntryFn = unsafe extern "C" fn(*mut *mut c_void);
+type RunFn = unsafe extern "C" fn(
+    EntryFn,
+    *mut *mut c_void,
+    *const u32,
+    *const u32,
+    u32,
+    *mut c_char,
+    usize,
+) -> i32;
+
+/// The compiled kernels of every file, loaded from one shared library.
+pub struct Emulator {
+    _lib: Arc<libloading::Library>,
+    run: RunFn,
+    entries: HashMap<&'static str, EntryFn>,
+}
+
+/// Why the emulator cannot run here (not x86-64 Linux, or no C++ compiler), or None. When it can
+/// run, a failure to build it is a bug and [`Emulator::new`] reports it.
+pub fn unavailable_reason() -> Option<String> {
+    if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        return Some("the kernel emulator runs on x86-64 Linux only".into());
+    }
+    match Command::new(compiler()).arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some(format!(
+            "no C++ compiler (`{}`) for the kernel emulator",
+            compiler()
+        )),
+    }
+}
+
+impl Emulator {
+    /// Every kernel of `kernels/` (built once per process).
+    pub fn new() -> Result<Emulator, String> {
+        static LIB: OnceLock<Result<Arc<libloading::Library>, String>> = OnceLock::new();
+        let lib = LIB.get_or_init(|| load(KERNEL_FILES)).clone()?;
+        Self::with_library(lib, KERNEL_FILES)
+    }
+
+    /// The kernels of `files` (the emulator's own tests use this).
+    pub fn from_files(files: &[KernelFile]) -> Result<Emulator, String> {
+        Self::with_library(load(files)?, files)
+    }
+
+    fn with_library(
+        lib: Arc<libloading::Library>,
+        files: &[KernelFile],
+    ) -> Result<Emulator, String> {
+        let run: RunFn = unsafe {
+            *lib.get::<RunFn>(b"cuemu_run\0")
+                .map_err(|e| e.to_string())?
+        };
+        let mut entries = HashMap::new();
+        for f in files {
+            for &k in f.kernels {
+                let sym = format!("cuemu_entry_{k}\0");
+                let e: EntryFn = unsafe {
+                    *lib.get::<EntryFn>(sym.as_bytes())
+                        .map_err(|e| format!("emulator: kernel {k}: {e}"))?
+                };
+                entries.insert(k, e);
+            }
+        }
+        Ok(Emulator {
+            _lib: lib,
+            run,
+            entries,
+        })
+    }
+
+    /// Run kernel `name` over `grid` × `block`; `args[i]` points at the i-th argument's value.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), String> {
+        let entry = *self
+            .entries
+            .get(name)
+            .ok_or_else(|| format!("emulator: no kernel {name}"))?;
+        let g = [grid.0, grid.1, grid.2];
+        let b = [block.0, block.1, block.2];
+        let mut err = vec![0u8; 1024];
+        let rc = unsafe {
+            (self.run)(
+                entry,
+                args.as_mut_ptr(),
+                g.as_ptr(),
+                b.as_ptr(),
+                shared_bytes,
+                err.as_mut_ptr() as *mut c_char,
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
+            Err(String::from_utf8_lossy(&err[..end]).into_owned())
+        }
+    }
+}
+
+/// The shared library of `files` (cached on disk by the hash of its sources).
+fn load(files: &[KernelFile]) -> Result<Arc<libloading::Library>, String> {
+    if let Some(why) = unavailable_reason() {
+        return Err(why);
+    }
+    let path = build(files)?;
+    unsafe { libloading::Library::new(&path) }
+        .map(Arc::new)
+        .map_err(|e| format!("emulator: loading {}: {e}", path.display()))
+}
+
+/// The C++ translation unit of one kernel file: the shim, the shared helpers, the file (its
+/// dynamic shared memory turned into the emulator's buffer), and one entry point per kernel that
+/// unpacks the argument array.
+fn translation_unit(f: &KernelFile) -> String {
+    let mut src = String::new();
+    src.push_str("#include \"cuemu.h\"\n#include <type_traits>\n#include <utility>\n");
+    src.push_str(ARITY);
+    src.push_str("#line 1 \"common.cuh\"\n");
+    src.push_str(COMMON);
+    src.push_str(&format!("\n#line 1 \"{}\"\n", f.name));
+    for line in f.source.lines() {
+        src.push_str(&dynamic_shared(line));
+        src.push('\n');
+    }
+    src.push_str(
+        "\ntemplate <class... A, size_t... I>\n\
+         static void cuemu_call(void (*f)(A...), void** a, std::index_sequence<I...>) {\n\
+         \x20   f(*static_cast<typename std::remove_cv<A>::type*>(a[I])...);\n}\n",
+    );
+    for &k in f.kernels {
+        src.push_str(&format!(
+            "extern \"C\" void cuemu_entry_{k}(void** a) {{ cuemu_call({k}, a, \
+             std::make_index_sequence<cuemu_arity({k})>{{}}); }}\n"
+        ));
+    }
+    src
+}
+
+/// `extern __shared__ T name[];` → a pointer to the emulator's dynamic shared memory.
+fn dynamic_shared(line: &str) -> String {
+    let t = line.trim();
+    if let Some(rest) = t.strip_prefix("extern __shared__ ") {
+        if let Some(decl) = rest.strip_suffix("[];") {
+            if let Some((ty, name)) = decl.rsplit_once(' ') {
+                return format!("{ty}* {name} = ({ty}*)cuemu_dyn_smem();");
+            }
+        }
+    }
+    line.to_string()
+}
+
+const ARITY: &str = "template <class... A>\nconstexpr size_t cuemu_arity(void (*)(A...)) { return sizeof...(A); }\n";
+
+fn hash_of(parts: &[&str]) -> u64 {
+    // FNV-1a: stable across Rust versions (the cache key must not change between builds).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.as_bytes().iter().chain(std::iter::once(&0u8)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn compiler() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "c++".into())
+}
+
+const FLAGS: &[&str] = &[
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-ffp-contract=off",
+    "-Wno-unknown-pragmas",
+    "-Wno-unused-function",
+];
+
+/// Compile every kernel file and the runtime into one shared library; returns its path.
+fn build(files: &[KernelFile]) -> Result<PathBuf, String> {
+    let units: Vec<(String, String)> = files
+        .iter()
+        .map(|f| (f.name.replace(".cu", ".cpp"), translation_unit(f)))
+        .collect();
+    let mut parts: Vec<&str> = vec![SHIM, RUNTIME];
+    parts.extend(FLAGS);
+    for (n, s) in &units {
+        parts.push(n);
+        parts.push(s);
+    }
+    let dir = std::env::temp_dir().join(format!("slotfix-cuemu-{:016x}", hash_of(&parts)));
+    let lib = dir.join("libcuemu.so");
+    if lib.exists() {
+        return Ok(lib);
+    }
+    // Build in a private folder, then rename it into place (several test processes may race).
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.with_extension(format!("tmp{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("emulator: {}: {e}", tmp.display()))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(tmp.join(name), text).map_err(|e| format!("emulator: writing {name}: {e}"))
+    };
+    write("cuemu.h", SHIM)?;
+    write("runtime.cpp", RUNTIME)?;
+    for (n, s) in &units {
+        write(n, s)?;
+    }
+    let mut sources = vec!["runtime.cpp".to_string()];
+    sources.extend(units.iter().map(|(n, _)| n.clone()));
+    // One compiler process per file, in parallel; then one link.
+    let children: Vec<(String, std::process::Child)> = sources
+        .iter()
+        .map(|s| {
+            let obj = s.replace(".cpp", ".o");
+            Command::new(compiler())
+                .args(FLAGS)
+                .args(["-c", s, "-o", &obj])
+                .current_dir(&tmp)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map(|c| (s.clone(), c))
+                .map_err(|e| {
+                    format!(
+                        "emulator: cannot run the C++ compiler `{}`: {e}",
+                        compiler()
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    for (s, c) in children {
+        let out = c.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "emulator: compiling {s} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    let objs: Vec<String> = sources.iter().map(|s| s.replace(".cpp", ".o")).collect();
+    run(Command::new(compiler())
+        .args(["-shared", "-pthread", "-o", "libcuemu.so"])
+        .args(&objs)
+        .current_dir(&tmp))?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => {}
+        Err(_) if lib.exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => {
+            return Err(format!(
+                "emulator: {} → {}: {e}",
+                tmp.display(),
+                dir.display()
+            ))
+        }
+    }
+    Ok(lib)
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("emulator: cannot run the C++ compiler: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "emulator: linking failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kernels that exercise the emulator itself.
+    const SELF_TEST: KernelFile = KernelFile {
+        name: "emu_self_test.cu",
+        source: r#"
+// out[i] = the value each shuffle returns to thread i (one warp per 32 outputs, 4 shuffles).
+extern "C" __global__ void shuffles(float* out) {
+    const int t = threadIdx.x;
+    const float v = 100.0f + t;
+    out[4 * t + 0] = __shfl_down_sync(0xffffffffu, v, 3);
+    out[4 * t + 1] = __shfl_xor_sync(0xffffffffu, v, 5);
+    out[4 * t + 2] = __shfl_sync(0xffffffffu, v, 7);
+    out[4 * t + 3] = __shfl_up_sync(0xffffffffu, v, 2, 16);
+}
+// Reverse through shared memory; with `barrier` 0 the read races the write.
+extern "C" __global__ void reverse(int barrier, float salt, float* out) {
+    __shared__ float sh[256];
+    const int t = threadIdx.x;
+    sh[t] = (float)t + salt;
+    if (barrier) __syncthreads();
+    out[t] = sh[blockDim.x - 1 - t];
+}
+// Half of the first warp waits at a block barrier, the other half at a shuffle.
+extern "C" __global__ void deadlock(float* out) {
+    if (threadIdx.x < 16) { __syncthreads(); }
+    else { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1); }
+}
+"#,
+        kernels: &["shuffles", "reverse", "deadlock"],
+    };
+
+    fn emulator() -> Option<Emulator> {
+        if let Some(why) = unavailable_reason() {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        Some(Emulator::from_files(&[SELF_TEST]).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn run(e: &Emulator, name: &str, block: u32, args: &mut [*mut c_void]) -> Result<(), String> {
+        e.launch(name, (1, 1, 1), (block, 1, 1), 0, args)
+    }
+
+    #[test]
+    fn shuffles_follow_the_cuda_semantics() {
+        let Some(e) = emulator() else { return };
+        let mut out = vec![0f32; 64 * 4];
+        let mut p = out.as_mut_ptr();
+        run(&e, "shuffles", 64, &mut [&mut p as *mut _ as *mut c_void]).unwrap();
+        for t in 0..64usize {
+            let (lane, base) = (t % 32, (t / 32 * 32) as f32 + 100.0);
+            let at = |l: usize| base + l as f32;
+            let down = if lane + 3 < 32 {
+                at(lane + 3)
+            } else {
+                at(lane)
+            };
+            let up = if lane % 16 >= 2 {
+                at(lane - 2)
+            } else {
+                at(lane)
+            };
+            assert_eq!(
+                out[4 * t..4 * t + 4],
+                [down, at(lane ^ 5), at(7), up],
+                "thread {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_barrier_shows() {
+        let Some(e) = emulator() else { return };
+        // A new salt per launch: shared memory keeps the previous launch's values.
+        for (barrier, mut salt) in [(1i32, 0f32), (0, 1000.0)] {
+            let mut out = vec![0f32; 256];
+            let mut p = out.as_mut_ptr();
+            let mut b = barrier;
+            let mut args = [
+                &mut b as *mut _ as *mut c_void,
+                &mut salt as *mut _ as *mut c_void,
+                &mut p as *mut _ as *mut c_void,
+            ];
+            run(&e, "reverse", 256, &mut args).unwrap();
+            let right = (0..256).all(|t| out[t] == (255 - t) as f32 + salt);
+            assert_eq!(right, barrier == 1, "barrier {barrier}");
+        }
+    }
+
+    #[test]
+    fn a_deadlock_is_an_error() {
+        let Some(e) = emulator() else { return };
+        let mut out = vec![0f32; 64];
+        let mut p = out.as_mut_ptr();
+        let err = run(&e, "deadlock", 64, &mut [&mut p as *mut _ as *mut c_void]).unwrap_err();
+        assert!(err.contains("deadlock"), "{err}");
+    }
+}

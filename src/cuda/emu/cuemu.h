@@ -1,0 +1,127 @@
+// CUDA C on the CPU, for slotfix's kernel emulator (tests only; see src/cuda/emu.rs).
+//
+// Every kernel file is compiled by the host C++ compiler with this header in front. Each CUDA
+// thread of a block becomes a fiber; `__syncthreads` and every warp-wide operation (shuffles,
+// `__syncwarp`, the tensor-core `mma` emulation) switch back to a scheduler that releases the
+// fibers once all of them have arrived. `__shared__` variables are thread_local statics: the
+// fibers of one block share an OS thread, and blocks running in parallel each have their own.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+struct uint3 {
+    unsigned x, y, z;
+};
+
+struct CuemuThread {
+    uint3 tid;
+    int linear;  // threadIdx.x + blockDim.x · (threadIdx.y + blockDim.y · threadIdx.z)
+};
+
+extern thread_local CuemuThread* cuemu_cur;
+extern thread_local uint3 cuemu_block_idx, cuemu_block_dim, cuemu_grid_dim;
+
+#define threadIdx (cuemu_cur->tid)
+#define blockIdx cuemu_block_idx
+#define blockDim cuemu_block_dim
+#define gridDim cuemu_grid_dim
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __shared__ static thread_local
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+
+// A warp-wide operation: each lane passes a payload; once every lane of the warp has arrived,
+// the runtime calls fn(payloads, lanes) once, then resumes the lanes. fn == nullptr: a plain
+// warp barrier.
+typedef void (*CuemuWarpFn)(void** payloads, int lanes);
+extern "C" void cuemu_warp_op(CuemuWarpFn fn, void* payload, unsigned mask);
+extern "C" void cuemu_syncthreads();
+extern "C" void* cuemu_dyn_smem();
+
+static inline void __syncthreads() { cuemu_syncthreads(); }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) { cuemu_warp_op(nullptr, nullptr, mask); }
+static inline int cuemu_lane() { return cuemu_cur->linear & 31; }
+
+struct CuemuShfl {
+    uint64_t value;
+    int src;  // lane to read from (absolute lane in the warp)
+    uint64_t result;
+};
+
+static void cuemu_shfl_apply(void** p, int lanes) {
+    for (int l = 0; l < lanes; ++l) {
+        CuemuShfl* s = (CuemuShfl*)p[l];
+        s->result = (s->src >= 0 && s->src < lanes) ? ((CuemuShfl*)p[s->src])->value : s->value;
+    }
+}
+
+template <typename T>
+static inline T cuemu_shfl(unsigned mask, T v, int src) {
+    static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+    CuemuShfl s;
+    s.value = 0;
+    memcpy(&s.value, &v, sizeof(T));
+    s.src = src;
+    cuemu_warp_op(cuemu_shfl_apply, &s, mask);
+    T r;
+    memcpy(&r, &s.result, sizeof(T));
+    return r;
+}
+
+template <typename T>
+static inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+    const int lane = cuemu_lane();
+    return cuemu_shfl(mask, v, (lane & ~(width - 1)) + (src_lane & (width - 1)));
+}
+template <typename T>
+static inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    const int lane = cuemu_lane();
+    const int src = ((lane & (width - 1)) + (int)delta < width) ? lane + (int)delta : lane;
+    return cuemu_shfl(mask, v, src);
+}
+template <typename T>
+static inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    const int lane = cuemu_lane();
+    const int src = ((lane & (width - 1)) >= (int)delta) ? lane - (int)delta : lane;
+    return cuemu_shfl(mask, v, src);
+}
+template <typename T>
+static inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    const int lane = cuemu_lane();
+    const int src = lane ^ lane_mask;
+    return cuemu_shfl(mask, v, ((src & ~(width - 1)) == (lane & ~(width - 1))) ? src : lane);
+}
+
+// Arithmetic intrinsics. The emulator is compiled with -ffp-contract=off, so these round as the
+// device's explicitly rounded versions do.
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __ddiv_rn(double a, double b) { return a / b; }
+static inline double __dsqrt_rn(double a) { return sqrt(a); }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fdividef(float a, float b) { return a / b; }
+#define __expf expf  // glibc declares its own __expf / __logf
+#define __logf logf
+static inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
+static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
+static inline float __int_as_float(int a) { float r; memcpy(&r, &a, 4); return r; }
+static inline float __uint_as_float(unsigned a) { float r; memcpy(&r, &a, 4); return r; }
+static inline int __float_as_int(float a) { int r; memcpy(&r, &a, 4); return r; }
+static inline unsigned __float_as_uint(float a) { unsigned r; memcpy(&r, &a, 4); return r; }
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline long long min(long long a, long long b) { return a < b ? a : b; }
+static inline long long max(long long a, long long b) { return a > b ? a : b; }
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+template <typename T>
+static inline T __ldg(const T* p) { return *p; }

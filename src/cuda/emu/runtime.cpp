@@ -1,0 +1,245 @@
+// The scheduler of slotfix's kernel emulator: runs a grid of blocks, each block's threads as
+// fibers on one OS thread, blocks spread over a few OS threads. x86-64 System V only.
+#include "cuemu.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
+
+thread_local CuemuThread* cuemu_cur;
+thread_local uint3 cuemu_block_idx, cuemu_block_dim, cuemu_grid_dim;
+
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *from,
+// switches to the stack `to` and restores the registers saved there.
+extern "C" void cuemu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl cuemu_switch
+    .type cuemu_switch, @function
+cuemu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuemu_switch, .-cuemu_switch
+)");
+
+namespace {
+
+enum State { READY, AT_BARRIER, AT_WARP, DONE };
+
+// 256 KiB per CUDA thread: kernels keep small arrays in registers; on the CPU they are on this
+// stack. Only the touched pages are ever backed by memory.
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+struct Fiber {
+    CuemuThread t;
+    void* sp;
+    State state;
+    CuemuWarpFn warp_fn;
+    void* payload;
+    unsigned mask;
+};
+
+struct Worker {
+    void (*entry)(void**);
+    void** args;
+    std::vector<Fiber> fibers;
+    char* stacks = nullptr;
+    size_t stack_count = 0;
+    void* sched_sp = nullptr;
+    Fiber* current = nullptr;
+    std::vector<char> dyn_smem;
+    std::string error;
+
+    ~Worker() {
+        if (stacks) munmap(stacks, stack_count * STACK_BYTES);
+    }
+};
+
+thread_local Worker* worker;
+
+[[noreturn]] void fiber_main() {
+    Worker* w = worker;
+    w->entry(w->args);
+    Fiber* f = w->current;
+    f->state = DONE;
+    cuemu_switch(&f->sp, w->sched_sp);
+    __builtin_unreachable();
+}
+
+void suspend(State s) {
+    Worker* w = worker;
+    Fiber* f = w->current;
+    f->state = s;
+    cuemu_switch(&f->sp, w->sched_sp);
+}
+
+void resume(Worker* w, Fiber* f) {
+    w->current = f;
+    cuemu_cur = &f->t;
+    cuemu_switch(&w->sched_sp, f->sp);
+}
+
+// Runs one block to completion; false (with w->error set) on a barrier or warp deadlock.
+bool run_block(Worker* w, const uint3 bid) {
+    cuemu_block_idx = bid;
+    const uint3 bd = cuemu_block_dim;
+    const int n = (int)(bd.x * bd.y * bd.z);
+    std::fill(w->dyn_smem.begin(), w->dyn_smem.end(), (char)0xff);  // NaN until written
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = w->fibers[i];
+        f.t.tid = uint3{(unsigned)i % bd.x, ((unsigned)i / bd.x) % bd.y, (unsigned)i / (bd.x * bd.y)};
+        f.t.linear = i;
+        f.state = READY;
+        // Initial frame for cuemu_switch: six saved registers, then fiber_main as the return
+        // address (16-byte aligned so that fiber_main starts with the ABI's alignment).
+        void** sp = (void**)(w->stacks + (size_t)(i + 1) * STACK_BYTES) - 8;
+        for (int r = 0; r < 6; ++r) sp[r] = nullptr;
+        sp[6] = (void*)&fiber_main;
+        sp[7] = nullptr;
+        f.sp = sp;
+    }
+    bool forward = true;
+    for (;;) {
+        // Alternate the order in which the threads run between barriers, so that a missing
+        // barrier between a write by one thread and a read by another shows up either way.
+        for (int j = 0; j < n; ++j) {
+            Fiber& f = w->fibers[forward ? j : n - 1 - j];
+            if (f.state == READY) resume(w, &f);
+        }
+        forward = !forward;
+        bool released = false;
+        for (int w0 = 0; w0 < n; w0 += 32) {
+            const int lanes = std::min(32, n - w0);
+            int at_warp = 0, done = 0;
+            for (int l = 0; l < lanes; ++l) {
+                at_warp += w->fibers[w0 + l].state == AT_WARP;
+                done += w->fibers[w0 + l].state == DONE;
+            }
+            if (at_warp == 0) continue;
+            if (at_warp != lanes) {
+                if (at_warp + done == lanes) {
+                    w->error = "warp " + std::to_string(w0 / 32) +
+                               ": a warp-wide operation was reached by only " +
+                               std::to_string(at_warp) + " of " + std::to_string(lanes) +
+                               " lanes (the others exited)";
+                    return false;
+                }
+                continue;  // the others are at a block barrier: resolved below or a deadlock
+            }
+            const unsigned full = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
+            void* payloads[32];
+            CuemuWarpFn fn = w->fibers[w0].warp_fn;
+            for (int l = 0; l < lanes; ++l) {
+                Fiber& f = w->fibers[w0 + l];
+                if (f.warp_fn != fn || (f.mask & full) != full) {
+                    w->error = "warp " + std::to_string(w0 / 32) +
+                               ": lanes are at different warp-wide operations, or the mask "
+                               "leaves lanes out (the emulator supports full-warp masks only)";
+                    return false;
+                }
+                payloads[l] = f.payload;
+            }
+            if (fn) fn(payloads, lanes);
+            for (int l = 0; l < lanes; ++l) w->fibers[w0 + l].state = READY;
+            released = true;
+        }
+        if (released) continue;
+        int alive = 0, at_barrier = 0;
+        for (int i = 0; i < n; ++i) {
+            alive += w->fibers[i].state != DONE;
+            at_barrier += w->fibers[i].state == AT_BARRIER;
+        }
+        if (alive == 0) return true;
+        if (at_barrier != alive) {
+            w->error = "deadlock: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " +
+                       std::to_string(alive - at_barrier) + " at a warp-wide operation";
+            return false;
+        }
+        // Threads that exited count as arrived, as on the hardware since Volta.
+        for (int i = 0; i < n; ++i)
+            if (w->fibers[i].state == AT_BARRIER) w->fibers[i].state = READY;
+    }
+}
+
+}  // namespace
+
+extern "C" void cuemu_syncthreads() { suspend(AT_BARRIER); }
+
+extern "C" void cuemu_warp_op(CuemuWarpFn fn, void* payload, unsigned mask) {
+    Fiber* f = worker->current;
+    f->warp_fn = fn;
+    f->payload = payload;
+    f->mask = mask;
+    suspend(AT_WARP);
+}
+
+extern "C" void* cuemu_dyn_smem() { return worker->dyn_smem.data(); }
+
+// Runs `entry(args)` over the grid. Returns 0, or 1 with a message in err.
+extern "C" int cuemu_run(void (*entry)(void**), void** args, const unsigned* grid,
+                         const unsigned* block, unsigned shared_bytes, char* err, size_t err_len) {
+    const uint3 gd{grid[0], grid[1], grid[2]}, bd{block[0], block[1], block[2]};
+    const size_t threads = (size_t)bd.x * bd.y * bd.z;
+    const size_t blocks = (size_t)gd.x * gd.y * gd.z;
+    auto fail = [&](const std::string& m) {
+        snprintf(err, err_len, "%s", m.c_str());
+        return 1;
+    };
+    if (threads == 0 || threads > 1024) return fail("block of " + std::to_string(threads) + " threads");
+    if (bd.z > 64 || gd.y > 65535 || gd.z > 65535) return fail("grid or block dimension out of range");
+    if (blocks == 0) return 0;
+    const size_t nworkers = std::min<size_t>(blocks, std::max(1u, std::thread::hardware_concurrency()));
+    std::atomic<size_t> next{0};
+    std::vector<std::string> errors(nworkers);
+    auto work = [&](size_t id) {
+        Worker w;
+        worker = &w;
+        w.entry = entry;
+        w.args = args;
+        w.fibers.resize(threads);
+        w.stack_count = threads;
+        void* m = mmap(nullptr, threads * STACK_BYTES, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) {
+            errors[id] = "mmap of the fiber stacks failed";
+            return;
+        }
+        w.stacks = (char*)m;
+        w.dyn_smem.resize(shared_bytes);
+        cuemu_block_dim = bd;
+        cuemu_grid_dim = gd;
+        for (size_t b; (b = next.fetch_add(1)) < blocks;) {
+            const uint3 bid{(unsigned)(b % gd.x), (unsigned)((b / gd.x) % gd.y), (unsigned)(b / ((size_t)gd.x * gd.y))};
+            if (!run_block(&w, bid)) {
+                errors[id] = "block (" + std::to_string(bid.x) + "," + std::to_string(bid.y) + "," +
+                             std::to_string(bid.z) + "): " + w.error;
+                next.store(blocks);
+                return;
+            }
+        }
+    };
+    std::vector<std::thread> pool;
+    for (size_t id = 1; id < nworkers; ++id) pool.emplace_back(work, id);
+    work(0);
+    for (auto& t : pool) t.join();
+    for (auto& e : errors)
+        if (!e.empty()) return fail(e);
+    return 0;
+}
