@@ -24,3 +24,32 @@ static __device__ T block_sum(T v, T* sh) {
     if (wid == 0) v = warp_sum(v);
     return v;
 }
+
+// x rounded to TF32 (10-bit mantissa, round to nearest with ties away from zero), as the bit
+// pattern the tensor cores read.
+static __device__ __forceinline__ unsigned to_tf32(float x) {
+#ifdef CUEMU
+    return cuemu_to_tf32(x);
+#else
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+#endif
+}
+
+// d += A·B for one warp's 16×8×8 TF32 tile with f32 accumulation (PTX mma.m16n8k8, A row-major,
+// B column-major). With g = lane / 4 and t = lane % 4 the fragments are
+//   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},
+//   d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}.
+// Every lane of the warp must call it together.
+static __device__ __forceinline__ void mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef CUEMU
+    cuemu_mma_tf32_16x8x8(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}

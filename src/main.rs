@@ -153,10 +153,7 @@ fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
             run_job(Cpu::<f32>::new(), cfg, job)
         }
         Chosen::Cuda => {
-            if cfg.model.precision == slotfix::config::Precision::Tf32 {
-                eprintln!("note: Model.precision: tf32 is not implemented yet; the CUDA backend computes in f32");
-            }
-            let be = device::cuda_backend()?;
+            let be = device::cuda_backend()?.with_precision(cfg.model.precision);
             eprintln!("backend: {}", be.describe());
             run_job(be, cfg, job)
         }

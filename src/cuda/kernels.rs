@@ -38,6 +38,16 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         ],
     },
     KernelFile {
+        name: "conv_tc.cu",
+        source: include_str!("../../kernels/conv_tc.cu"),
+        kernels: &[
+            "conv_igemm_direct_tf32",
+            "conv_igemm_adjoint_tf32",
+            "conv_dw_partial_tf32",
+            "conv_dw_reduce_f32",
+        ],
+    },
+    KernelFile {
         name: "linear.cu",
         source: include_str!("../../kernels/linear.cu"),
         kernels: &[

@@ -20,6 +20,7 @@ pub mod emu;
 pub mod kernels;
 
 use crate::backend::{AdamStep, Backend};
+use crate::config::Precision;
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
@@ -183,7 +184,16 @@ macro_rules! value_arg {
         }
     )*};
 }
-value_arg!(i32, u32, f32, f64, ConvGeomC, AttnDimsC);
+value_arg!(
+    i32,
+    u32,
+    f32,
+    f64,
+    ConvGeomC,
+    AttnDimsC,
+    ConvGemmC,
+    ConvDwGemmC
+);
 
 /// Threads per block of the 1-D kernels and of the block reductions (a multiple of 32).
 const BLOCK: u32 = 256;
@@ -289,6 +299,48 @@ impl ConvGeomC {
     }
 }
 
+/// The activation-pass GEMM of the tensor-core convolutions (struct ConvGemm in conv_tc.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ConvGemmC {
+    batch: i32,
+    hp: i32,
+    wp: i32,
+    hs: i32,
+    ws: i32,
+    cs: i32,
+    n: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    w_nc: i32,
+}
+unsafe impl DeviceRepr for ConvGemmC {}
+
+/// The weight-gradient GEMM of the tensor-core convolutions (struct ConvDwGemm in conv_tc.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ConvDwGemmC {
+    rows: i32,
+    batch: i32,
+    hp: i32,
+    wp: i32,
+    hs: i32,
+    ws: i32,
+    cs: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    chunk: i32,
+}
+unsafe impl DeviceRepr for ConvDwGemmC {}
+
+/// Output tile side and threads per block of the tensor-core kernels (TC_BM = TC_BN, TC_THREADS).
+const TC_TILE: usize = 64;
+const TC_THREADS: u32 = 128;
+/// Blocks the split weight-gradient GEMM aims for: two per SM of an H100 (132 SMs).
+const TC_DW_TARGET_BLOCKS: usize = 264;
+
 /// `AttnDims` as the kernels see it (struct AttnDims in attention.cu).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -332,6 +384,19 @@ fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes,
+    }
+}
+
+/// Tensor-core tiles over an `m × n` output, `z` deep.
+fn tc_grid(m: usize, n: usize, z: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            m.div_ceil(TC_TILE) as u32,
+            n.div_ceil(TC_TILE) as u32,
+            z as u32,
+        ),
+        block_dim: (TC_THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -406,6 +471,7 @@ pub struct Cuda {
     exec: Exec,
     name: String,
     arch: &'static str,
+    precision: Precision,
 }
 
 impl Cuda {
@@ -455,6 +521,7 @@ impl Cuda {
             }),
             name,
             arch,
+            precision: Precision::F32,
         })
     }
 
@@ -465,7 +532,20 @@ impl Cuda {
             exec: Exec::Emu(emu::Emulator::new()?),
             name: "kernel emulator on the CPU".into(),
             arch: "emulated",
+            precision: Precision::F32,
         })
+    }
+
+    /// The precision of the convolutions: `F32` (the default: exact f32, v1 kernels) or `Tf32`
+    /// (tensor cores, `kernels/conv_tc.cu`). Matrix products of the linear layers are f32 in
+    /// both for now.
+    pub fn with_precision(mut self, precision: Precision) -> Cuda {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Whether the kernels run in the emulator.
@@ -581,6 +661,15 @@ impl Cuda {
             return;
         }
         check_conv_range(g, batch);
+        if self.precision == Precision::Tf32 {
+            if let Some(dx) = dx {
+                assert_eq!(dx.len(), batch * g.in_len());
+                self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx);
+            }
+            self.conv_tc_dw(transposed, g, batch, x, y, relu, dy, dw);
+            self.conv_db(g, batch, y, relu, dy, db);
+            return;
+        }
         let gc = ConvGeomC::new(g);
         let bi = i(batch);
         let ri = relu as i32;
@@ -599,8 +688,13 @@ impl Cuda {
         } else {
             launch!(self, "conv2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
         }
+        self.conv_db(g, batch, y, relu, dy, db);
+    }
+
+    /// db += Σ over positions of dy (ReLU-masked by y).
+    fn conv_db(&self, g: &ConvGeom, batch: usize, y: &Buf, relu: bool, dy: &Buf, db: &mut Buf) {
         let m = i(batch * g.h_out * g.w_out);
-        let co = i(g.c_out);
+        let (co, ri) = (i(g.c_out), relu as i32);
         launch!(self, "conv_bwd_db_f32", per_block(g.c_out, 0); &m, &co, y, dy, &ri, db);
     }
 
@@ -623,6 +717,137 @@ impl Cuda {
         launch!(self, "posembed_bwd_params_f32", per_block(c, 0); &nimg, &hi, &wi, &ci, dy, dwp, dbp);
     }
 
+    /// Forward pass of a convolution (`transposed` false) or transposed convolution on the
+    /// tensor cores: y = relu?(b + conv(x, W)).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_tc_fwd(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        b: &Buf,
+        relu: bool,
+        y: &mut Buf,
+    ) {
+        // conv: direct gather of x, W[co][ci]; convT: adjoint gather of x, W[ci][co].
+        let p = ConvGemmC {
+            batch: i(batch),
+            hp: i(g.h_out),
+            wp: i(g.w_out),
+            hs: i(g.h_in),
+            ws: i(g.w_in),
+            cs: i(g.c_in),
+            n: i(g.c_out),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+            w_nc: !transposed as i32,
+        };
+        let cfg = tc_grid(batch * g.h_out * g.w_out, g.c_out, 1);
+        let (zero, ri) = (0i32, relu as i32);
+        if transposed {
+            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &zero, y);
+        } else {
+            launch!(self, "conv_igemm_direct_tf32", cfg; &p, x, x, &zero, w, b, &ri, &zero, y);
+        }
+    }
+
+    /// dx += the input gradient of a convolution or transposed convolution, on the tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_tc_dx(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: &mut Buf,
+    ) {
+        // conv: adjoint gather of g, W[co][ci] (W[c][n]); convT: direct gather of g, W[ci][co]
+        // (W[n][c]). The GEMM's rows are the input positions, its columns the input channels.
+        let p = ConvGemmC {
+            batch: i(batch),
+            hp: i(g.h_in),
+            wp: i(g.w_in),
+            hs: i(g.h_out),
+            ws: i(g.w_out),
+            cs: i(g.c_out),
+            n: i(g.c_in),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+            w_nc: transposed as i32,
+        };
+        let cfg = tc_grid(batch * g.h_in * g.w_in, g.c_in, 1);
+        let (zero, one, ri) = (0i32, 1i32, relu as i32);
+        // With accumulate = 1 the kernel never reads the bias: pass w.
+        if transposed {
+            launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &one, dx);
+        } else {
+            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &one, dx);
+        }
+    }
+
+    /// dW += the weight gradient of a convolution or transposed convolution, on the tensor
+    /// cores: the reduction over positions is split into chunks summed in a fixed order.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_tc_dw(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dw: &mut Buf,
+    ) {
+        // conv: rows co, A = g over the output grid, B = direct gather of x.
+        // convT: rows ci, A = x over the input grid, B = direct gather of g.
+        let (rows, hp, wp, hs, ws, cs) = if transposed {
+            (g.c_in, g.h_in, g.w_in, g.h_out, g.w_out, g.c_out)
+        } else {
+            (g.c_out, g.h_out, g.w_out, g.h_in, g.w_in, g.c_in)
+        };
+        let cols = g.k * g.k * cs;
+        let npos = batch * hp * wp;
+        let tiles = rows.div_ceil(TC_TILE) * cols.div_ceil(TC_TILE);
+        let want = TC_DW_TARGET_BLOCKS
+            .div_ceil(tiles)
+            .clamp(1, npos.div_ceil(TC_TILE));
+        let chunk = npos.div_ceil(want).next_multiple_of(16);
+        let chunks = npos.div_ceil(chunk);
+        let p = ConvDwGemmC {
+            rows: i(rows),
+            batch: i(batch),
+            hp: i(hp),
+            wp: i(wp),
+            hs: i(hs),
+            ws: i(ws),
+            cs: i(cs),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+            chunk: i(chunk),
+        };
+        i(chunks * rows * cols);
+        let mut partial = self.scratch::<f32>(chunks * rows * cols);
+        let cfg = tc_grid(rows, cols, chunks);
+        let (zero, ri) = (0i32, relu as i32);
+        if transposed {
+            launch!(self, "conv_dw_partial_tf32", cfg; &p, x, x, &zero, dy, y, &ri, &mut partial);
+        } else {
+            launch!(self, "conv_dw_partial_tf32", cfg; &p, dy, y, &ri, x, x, &zero, &mut partial);
+        }
+        let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
+        launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
+            &ci, &ri2, &csi, &ki, &partial, dw);
+    }
+
     fn dropout(&self, mask: &DropoutMask, x: &mut Buf) {
         let n = x.len();
         if n == 0 {
@@ -641,7 +866,11 @@ impl Backend for Cuda {
     type Buf = Buf;
 
     fn describe(&self) -> String {
-        format!("cuda ({}, {}, f32)", self.name, self.arch)
+        let p = match self.precision {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32 convolutions, f32 elsewhere",
+        };
+        format!("cuda ({}, {}, {p})", self.name, self.arch)
     }
     fn alloc(&self, len: usize) -> Buf {
         let mem = match &self.exec {
@@ -771,6 +1000,9 @@ impl Backend for Cuda {
             return;
         }
         check_conv_range(g, batch);
+        if self.precision == Precision::Tf32 {
+            return self.conv_tc_fwd(false, g, batch, x, w, b, relu, y);
+        }
         let gc = ConvGeomC::new(g);
         let (bi, ri) = (i(batch), relu as i32);
         launch!(self, "conv2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);
@@ -809,6 +1041,9 @@ impl Backend for Cuda {
             return;
         }
         check_conv_range(g, batch);
+        if self.precision == Precision::Tf32 {
+            return self.conv_tc_fwd(true, g, batch, x, w, b, relu, y);
+        }
         let gc = ConvGeomC::new(g);
         let (bi, ri) = (i(batch), relu as i32);
         launch!(self, "conv_t2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);

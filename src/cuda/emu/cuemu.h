@@ -6,6 +6,7 @@
 // fibers once all of them have arrived. `__shared__` variables are thread_local statics: the
 // fibers of one block share an OS thread, and blocks running in parallel each have their own.
 #pragma once
+#define CUEMU 1
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -125,3 +126,61 @@ static inline float min(float a, float b) { return fminf(a, b); }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 template <typename T>
 static inline T __ldg(const T* p) { return *p; }
+
+// cvt.rna.tf32.f32: keep 10 mantissa bits, rounding half away from zero (sign-magnitude, so
+// adding half an ulp of TF32 to the magnitude bits and truncating does it). Inf and NaN pass.
+static inline unsigned cuemu_to_tf32(float x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
+struct CuemuMma {
+    float* d;
+    const unsigned* a;
+    const unsigned* b;
+};
+
+// The tensor core's m16n8k8 TF32 product for a whole warp, from the fragments as the PTX ISA lays
+// them out (see mma_tf32_16x8x8 in common.cuh). The operands' low 13 bits are ignored, as on the
+// hardware; products of TF32 values are exact in f32 and are summed in k order.
+static void cuemu_mma_apply(void** p, int lanes) {
+    float A[16][8], B[8][8], D[16][8];
+    // A partial warp leaves entries unset: NaN, so that the result shows it.
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 8; ++j) A[i][j] = B[i % 8][j] = D[i][j] = NAN;
+    for (int lane = 0; lane < lanes; ++lane) {
+        const CuemuMma* m = (const CuemuMma*)p[lane];
+        const int g = lane >> 2, t = lane & 3;
+        auto v = [](unsigned u) { return __uint_as_float(u & 0xffffe000u); };
+        A[g][t] = v(m->a[0]);
+        A[g + 8][t] = v(m->a[1]);
+        A[g][t + 4] = v(m->a[2]);
+        A[g + 8][t + 4] = v(m->a[3]);
+        B[t][g] = v(m->b[0]);
+        B[t + 4][g] = v(m->b[1]);
+        D[g][2 * t] = m->d[0];
+        D[g][2 * t + 1] = m->d[1];
+        D[g + 8][2 * t] = m->d[2];
+        D[g + 8][2 * t + 1] = m->d[3];
+    }
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 8; ++j) {
+            float acc = D[i][j];
+            for (int k = 0; k < 8; ++k) acc += A[i][k] * B[k][j];
+            D[i][j] = acc;
+        }
+    for (int lane = 0; lane < lanes; ++lane) {
+        const CuemuMma* m = (const CuemuMma*)p[lane];
+        const int g = lane >> 2, t = lane & 3;
+        m->d[0] = D[g][2 * t];
+        m->d[1] = D[g][2 * t + 1];
+        m->d[2] = D[g + 8][2 * t];
+        m->d[3] = D[g + 8][2 * t + 1];
+    }
+}
+
+static inline void cuemu_mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2]) {
+    CuemuMma m{d, a, b};
+    cuemu_warp_op(cuemu_mma_apply, &m, 0xffffffffu);
+}

@@ -124,8 +124,13 @@ bool run_block(Worker* w, const uint3 bid) {
             if (f.state == READY) resume(w, &f);
         }
         forward = !forward;
+        // Release one warp-wide operation per pass, from the lowest warp on even passes and the
+        // highest on odd ones: warps then run far ahead of each other between block barriers,
+        // so that a missing __syncthreads between warps shows too.
         bool released = false;
-        for (int w0 = 0; w0 < n; w0 += 32) {
+        const int nwarps = (n + 31) / 32;
+        for (int wi = 0; wi < nwarps && !released; ++wi) {
+            const int w0 = 32 * (forward ? wi : nwarps - 1 - wi);
             const int lanes = std::min(32, n - w0);
             int at_warp = 0, done = 0;
             for (int l = 0; l < lanes; ++l) {

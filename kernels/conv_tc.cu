@@ -1,0 +1,297 @@
+// conv_tc.cu: convolutions on the tensor cores (version 2, `precision: tf32`). Every pass of a
+// convolution or transposed convolution is an implicit GEMM whose operands are gathered from the
+// channels-last activations on the fly (nothing is unrolled into memory), multiplied with TF32
+// mma.sync (m16n8k8) and accumulated in f32.
+//
+// With a "direct" gather  S(n,py,px ; ky,kx,c) = src[n, py·s−p+ky, px·s−p+kx, c]   and an
+//      "adjoint" gather   S(n,py,px ; ky,kx,c) = src[n, (py+p−ky)/s, (px+p−kx)/s, c] (only where
+//                          the division is exact and in range), the six passes are:
+//   conv  fwd   y [n,oy,ox ; co] = Σ_{ky,kx,ci} direct(x)  · W[co,ci,ky,kx]   (+ b, ReLU)
+//   conv  dx    dx[n,iy,ix ; ci] += Σ_{ky,kx,co} adjoint(g) · W[co,ci,ky,kx]
+//   convT fwd   y [n,oy,ox ; co] = Σ_{ky,kx,ci} adjoint(x) · W[ci,co,ky,kx]   (+ b, ReLU)
+//   convT dx    dx[n,iy,ix ; ci] += Σ_{ky,kx,co} direct(g)  · W[ci,co,ky,kx]
+//   conv  dW    dW[co ; ky,kx,ci] += Σ_{n,oy,ox} g[.., co] · direct(x) over the Ho×Wo grid
+//   convT dW    dW[ci ; ky,kx,co] += Σ_{n,iy,ix} x[.., ci] · direct(g) over the Hi×Wi grid
+// (g = dy with the ReLU mask of y applied while loading). The first four run in
+// conv_igemm_{direct,adjoint}_tf32, the weight gradients in conv_dw_partial_tf32 (split over the
+// reduction into fixed chunks) + conv_dw_reduce_f32 (sums the chunks in order: deterministic).
+//
+// Tiling: 64×64 output tile per block of 128 threads (4 warps, 2×2, each 32×32 = 2×4 mma tiles),
+// k-tiles of 16, single-buffered shared memory with rows padded to 20 words so that the fragment
+// loads are free of bank conflicts. Version 2 aims at correctness and a large step over v1;
+// cp.async pipelining and wider tiles are the next version (benches/NOTES.md).
+
+#define TC_BM 64
+#define TC_BN 64
+#define TC_BK 16
+#define TC_LD (TC_BK + 4)
+#define TC_THREADS 128
+
+// acc[mi][ni] += (this warp's 32 rows of As) · (its 32 rows of Bs)ᵀ over the TC_BK columns.
+static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[TC_LD], const unsigned (*Bs)[TC_LD],
+                                                   int wm, int wn, int lane, float acc[2][4][4]) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < TC_BK; ks += 8) {
+        unsigned a[2][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const int r = wm * 32 + mi * 16 + g;
+            a[mi][0] = As[r][ks + t];
+            a[mi][1] = As[r + 8][ks + t];
+            a[mi][2] = As[r][ks + t + 4];
+            a[mi][3] = As[r + 8][ks + t + 4];
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int c = wn * 32 + ni * 8 + g;
+            b[ni][0] = Bs[c][ks + t];
+            b[ni][1] = Bs[c][ks + t + 4];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
+// The GEMM of the four activation passes: M = batch·hp·wp output positions, N = n channels,
+// K = k·k·cs (tap-major, channel fastest).
+struct ConvGemm {
+    int batch;
+    int hp, wp;      // the output grid (one GEMM row per position)
+    int hs, ws, cs;  // the gathered source [batch, hs, ws, cs]
+    int n;           // output channels
+    int k, stride, pad;
+    int w_nc;        // 1: weights W[n][c][ky][kx]; 0: W[c][n][ky][kx]
+};
+
+template <bool ADJOINT>
+static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ src,
+                                  const float* __restrict__ mask_y, int masked, const float* __restrict__ w,
+                                  const float* __restrict__ bias, int relu, int accumulate,
+                                  float* __restrict__ out) {
+    __shared__ unsigned As[TC_BM][TC_LD];
+    __shared__ unsigned Bs[TC_BN][TC_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int M = p.batch * p.hp * p.wp, N = p.n, K = p.k * p.k * p.cs;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    // This thread loads column kq of each k-tile, for rows r0 + 8j (j < 8) of both tiles.
+    const int kq = tid & 15, r0 = tid >> 4;
+    int row_n[8], row_y[8], row_x[8];  // the positions of its A rows (row_n = −1: past M)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int m = m0 + r0 + 8 * j;
+        row_n[j] = -1;
+        row_y[j] = row_x[j] = 0;
+        if (m < M) {
+            row_x[j] = m % p.wp;
+            const int t = m / p.wp;
+            row_y[j] = t % p.hp;
+            row_n[j] = t / p.hp;
+        }
+    }
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    const int bdim = p.w_nc ? p.cs : N;  // second dimension of W
+    for (int k0 = 0; k0 < K; k0 += TC_BK) {
+        const int kk = k0 + kq;
+        const bool kvalid = kk < K;
+        int c = 0, ky = 0, kx = 0;
+        if (kvalid) {
+            c = kk % p.cs;
+            const int tap = kk / p.cs;
+            ky = tap / p.k;
+            kx = tap % p.k;
+        }
+        float av[8], bv[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            float v = 0.0f;
+            if (kvalid && row_n[j] >= 0) {
+                int sy, sx;
+                bool ok;
+                if (ADJOINT) {
+                    const int ty = row_y[j] + p.pad - ky, tx = row_x[j] + p.pad - kx;
+                    ok = ty >= 0 && tx >= 0 && ty % p.stride == 0 && tx % p.stride == 0;
+                    sy = ty / p.stride;
+                    sx = tx / p.stride;
+                    ok = ok && sy < p.hs && sx < p.ws;
+                } else {
+                    sy = row_y[j] * p.stride - p.pad + ky;
+                    sx = row_x[j] * p.stride - p.pad + kx;
+                    ok = sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws;
+                }
+                if (ok) {
+                    const int idx = ((row_n[j] * p.hs + sy) * p.ws + sx) * p.cs + c;
+                    v = src[idx];
+                    if (masked && !(mask_y[idx] > 0.0f)) v = 0.0f;
+                }
+            }
+            av[j] = v;
+            const int nn = n0 + r0 + 8 * j;
+            float wv = 0.0f;
+            if (kvalid && nn < N) {
+                const int a = p.w_nc ? nn : c, b = p.w_nc ? c : nn;
+                wv = w[((a * bdim + b) * p.k + ky) * p.k + kx];
+            }
+            bv[j] = wv;
+        }
+        __syncthreads();  // every warp has read the previous tile
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            As[r0 + 8 * j][kq] = to_tf32(av[j]);
+            Bs[r0 + 8 * j][kq] = to_tf32(bv[j]);
+        }
+        __syncthreads();
+        tc_tile_mma(As, Bs, wm, wn, lane, acc);
+    }
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int m = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
+                if (m < M && nn < N) {
+                    float v = acc[mi][ni][r];
+                    if (accumulate) {
+                        out[m * N + nn] += v;
+                    } else {
+                        v += bias[nn];
+                        if (relu && v < 0.0f) v = 0.0f;
+                        out[m * N + nn] = v;
+                    }
+                }
+            }
+}
+
+// grid (ceil(M/64), ceil(N/64)), block 128. `masked`: zero src where mask_y <= 0 (g = relu'd dy).
+// accumulate = 0: out = relu?(acc + bias); 1: out += acc (bias unused).
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv_igemm_direct_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
+                       int masked, const float* __restrict__ w, const float* __restrict__ bias, int relu,
+                       int accumulate, float* __restrict__ out) {
+    conv_igemm<false>(p, src, mask_y, masked, w, bias, relu, accumulate, out);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv_igemm_adjoint_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
+                        int masked, const float* __restrict__ w, const float* __restrict__ bias, int relu,
+                        int accumulate, float* __restrict__ out) {
+    conv_igemm<true>(p, src, mask_y, masked, w, bias, relu, accumulate, out);
+}
+
+// The weight-gradient GEMM: rows i < rows (dW's first index), columns kk < k·k·cs (tap-major,
+// channel fastest), reduction over the positions m of a batch × hp × wp grid:
+//   A(i, m) = a_src[m·rows + i],  B(m, kk) = direct gather of b_src [batch, hs, ws, cs].
+struct ConvDwGemm {
+    int rows;
+    int batch, hp, wp;  // the reduction grid
+    int hs, ws, cs;     // b_src's shape
+    int k, stride, pad;
+    int chunk;          // positions per blockIdx.z (a multiple of TC_BK)
+};
+
+// grid (ceil(rows/64), ceil(k·k·cs/64), chunks), block 128: partial[z][i][kk] = the sum over
+// chunk z (overwritten; every element is written).
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask,
+                     int a_masked, const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                     int b_masked, float* __restrict__ partial) {
+    __shared__ unsigned As[TC_BM][TC_LD];
+    __shared__ unsigned Bs[TC_BN][TC_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int R = p.rows, N = p.k * p.k * p.cs, npos = p.batch * p.hp * p.wp;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const int kbeg = blockIdx.z * p.chunk;
+    const int kend = min(kbeg + p.chunk, npos);
+    // This thread loads row q of both tiles (i = m0 + q of A, kk = n0 + q of B), for the
+    // reduction columns mq0 + 2j (j < 8).
+    const int q = tid & 63, mq0 = tid >> 6;
+    const int i = m0 + q, kk = n0 + q;
+    int c = 0, ky = 0, kx = 0;
+    if (kk < N) {
+        c = kk % p.cs;
+        const int tap = kk / p.cs;
+        ky = tap / p.k;
+        kx = tap % p.k;
+    }
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    for (int k0 = kbeg; k0 < kend; k0 += TC_BK) {
+        float av[8], bv[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int m = k0 + mq0 + 2 * j;
+            float a = 0.0f, b = 0.0f;
+            if (m < kend) {
+                if (i < R) {
+                    const int idx = m * R + i;
+                    a = a_src[idx];
+                    if (a_masked && !(a_mask[idx] > 0.0f)) a = 0.0f;
+                }
+                if (kk < N) {
+                    const int px = m % p.wp;
+                    const int t = m / p.wp;
+                    const int py = t % p.hp, n = t / p.hp;
+                    const int sy = py * p.stride - p.pad + ky, sx = px * p.stride - p.pad + kx;
+                    if (sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws) {
+                        const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + c;
+                        b = b_src[idx];
+                        if (b_masked && !(b_mask[idx] > 0.0f)) b = 0.0f;
+                    }
+                }
+            }
+            av[j] = a;
+            bv[j] = b;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            As[q][mq0 + 2 * j] = to_tf32(av[j]);
+            Bs[q][mq0 + 2 * j] = to_tf32(bv[j]);
+        }
+        __syncthreads();
+        tc_tile_mma(As, Bs, wm, wn, lane, acc);
+    }
+    const int g = lane >> 2, t = lane & 3;
+    float* out = partial + (size_t)blockIdx.z * R * N;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ii = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
+                if (ii < R && nn < N) out[ii * N + nn] = acc[mi][ni][r];
+            }
+}
+
+// One thread per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c], z in order.
+extern "C" __global__ void conv_dw_reduce_f32(int chunks, int rows, int cs, int k,
+                                              const float* __restrict__ partial, float* __restrict__ dw) {
+    const int N = k * k * cs;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * N) return;
+    const int i = e / N, kk = e % N;
+    float s = 0.0f;
+    for (int z = 0; z < chunks; ++z) s += partial[(size_t)z * rows * N + e];
+    const int c = kk % cs, tap = kk / cs;
+    dw[((i * cs + c) * k + tap / k) * k + tap % k] += s;
+}
