@@ -6,6 +6,7 @@
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
+use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
 
 /// Hyper-parameters of one Adam(W) update.
@@ -25,6 +26,8 @@ pub struct AdamStep {
 
 pub trait Backend: Sync {
     type Buf: Send + Sync;
+    /// The optimizer's bookkeeping ([`OptReport`]), where the parameters live.
+    type OptState: Send + Sync;
 
     /// A short description, e.g. "cpu (f32, 2 threads)".
     fn describe(&self) -> String;
@@ -283,6 +286,25 @@ pub trait Backend: Sync {
         dloss: f64,
         ddec: &mut Self::Buf,
     );
+    /// Optimizer bookkeeping for gradient tensors of `grad_lens` elements, starting from
+    /// `start`.
+    fn opt_state(&self, grad_lens: &[usize], start: &OptReport) -> Self::OptState;
+    /// One optimizer step over every tensor, without a host read: the global gradient norm,
+    /// the finiteness of it and of `loss` (a 1-element buffer), clipping, and AdamW on every
+    /// parameter when the step is finite ([`OptReport::decide`] is the rule).
+    #[allow(clippy::too_many_arguments)]
+    fn opt_step(
+        &self,
+        h: &OptHyper,
+        loss: &Self::Buf,
+        params: &mut [Self::Buf],
+        grads: &[Self::Buf],
+        m: &mut [Self::Buf],
+        v: &mut [Self::Buf],
+        st: &mut Self::OptState,
+    );
+    /// The bookkeeping as of the last step queued (a host read).
+    fn opt_report(&self, st: &Self::OptState) -> OptReport;
     /// One Adam(W) update of a parameter tensor and its two moment buffers.
     fn adam_step(
         &self,

@@ -3,6 +3,7 @@
 
 use crate::backend::{AdamStep, Backend};
 use crate::ops::{self, attention::AttnDims, conv::ConvGeom, elementwise::DropoutMask};
+use crate::optim::{OptHyper, OptReport};
 use crate::real::Real;
 use crate::rng::Philox;
 use rayon::prelude::*;
@@ -21,6 +22,7 @@ impl<T: Real> Cpu<T> {
 
 impl<T: Real> Backend for Cpu<T> {
     type Buf = Vec<T>;
+    type OptState = crate::optim::OptReport;
 
     fn describe(&self) -> String {
         format!(
@@ -353,6 +355,29 @@ impl<T: Real> Backend for Cpu<T> {
             T::from_f64c(dloss),
             ddec,
         );
+    }
+    fn opt_state(&self, _grad_lens: &[usize], start: &OptReport) -> OptReport {
+        *start
+    }
+    fn opt_step(
+        &self,
+        h: &OptHyper,
+        loss: &Vec<T>,
+        params: &mut [Vec<T>],
+        grads: &[Vec<T>],
+        m: &mut [Vec<T>],
+        v: &mut [Vec<T>],
+        st: &mut OptReport,
+    ) {
+        let norm_sq: f64 = grads.iter().map(|g| self.sum_squares(g)).sum();
+        if let Some(a) = st.decide(h, loss[0].to_f64c(), norm_sq) {
+            for i in 0..params.len() {
+                self.adam_step(&a, &mut params[i], &grads[i], &mut m[i], &mut v[i]);
+            }
+        }
+    }
+    fn opt_report(&self, st: &OptReport) -> OptReport {
+        *st
     }
     fn adam_step(
         &self,

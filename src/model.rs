@@ -175,6 +175,11 @@ impl SpecBuilder {
 }
 
 impl Arch {
+    /// Elements of each parameter tensor (and of its gradient), in `specs` order.
+    pub fn grad_lens(&self) -> Vec<usize> {
+        self.specs.iter().map(|s| s.numel()).collect()
+    }
+
     pub fn new(m: &ModelConfig) -> Self {
         let mut sb = SpecBuilder {
             specs: Vec::new(),

@@ -4,13 +4,13 @@
 //! dropout masks are all functions of (seed, s), and the checkpoint holds the parameters, the
 //! Adam moments and s, so a resumed run continues bit for bit.
 
-use crate::backend::{AdamStep, Backend};
+use crate::backend::Backend;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, DataType, NonFinite};
 use crate::data::{self, DataSpec, Dataset, Source, Split};
 use crate::eval::{self, EvalResult};
 use crate::model::{Model, Pass, SlotsFrom, Workspace};
-use crate::optim::learning_rate;
+use crate::optim::{learning_rate, OptHyper, OptReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,8 +80,9 @@ pub struct Session<B: Backend> {
     pub adam_v: Vec<B::Buf>,
     /// Completed training steps (skipped ones included: they consumed their data and noise).
     pub step: u64,
-    /// Adam updates made (the `t` of its bias corrections): steps minus skipped steps.
-    pub updates: u64,
+    /// The optimizer's bookkeeping (Adam's update count, non-finite steps, losses), kept by the
+    /// backend beside the parameters: read it with [`Session::opt_report`].
+    opt: B::OptState,
     /// Training buffers, allocated on the first training step (evaluation does not need them).
     ws: Option<Workspace<B::Buf>>,
 }
@@ -100,14 +101,11 @@ fn data_keys(cfg: &Config) -> [(&'static str, String); 6] {
     ]
 }
 
-/// What one training step did.
+/// What one training step queued. Its loss, gradient norm and whether it updated are in
+/// [`Session::opt_report`] (a host read, made only when needed).
 #[derive(Clone, Copy, Debug)]
 pub struct StepOutcome {
-    pub loss: f64,
-    pub grad_norm: f64,
     pub lr: f64,
-    /// The step was skipped (non-finite loss or gradient with `on_nonfinite: skip`).
-    pub skipped: bool,
     pub fwd_iters: usize,
     pub residual: Option<f64>,
 }
@@ -131,6 +129,7 @@ impl<B: Backend> Session<B> {
             .iter()
             .map(|s| be.alloc(s.numel()))
             .collect();
+        let opt = be.opt_state(&model.arch.grad_lens(), &OptReport::starting_at(0));
         Self {
             be,
             cfg,
@@ -138,9 +137,14 @@ impl<B: Backend> Session<B> {
             adam_m,
             adam_v,
             step: 0,
-            updates: 0,
+            opt,
             ws: None,
         }
+    }
+
+    /// The optimizer's bookkeeping as of the last step (a host read: waits for the queued work).
+    pub fn opt_report(&self) -> OptReport {
+        self.be.opt_report(&self.opt)
     }
 
     /// Everything needed to continue the run: parameters (PyTorch names), Adam moments, step,
@@ -176,7 +180,7 @@ impl<B: Backend> Session<B> {
             ),
         );
         c.meta
-            .insert("adam_updates".into(), self.updates.to_string());
+            .insert("adam_updates".into(), self.opt_report().updates.to_string());
         c.meta.insert("config".into(), self.cfg.to_yaml());
         c
     }
@@ -245,12 +249,14 @@ impl<B: Backend> Session<B> {
             .meta("step")?
             .parse()
             .map_err(|e| format!("checkpoint step: {e}"))?;
-        sess.updates = match ckpt.meta("adam_updates") {
+        let updates = match ckpt.meta("adam_updates") {
             Ok(u) => u
                 .parse()
                 .map_err(|e| format!("checkpoint adam_updates: {e}"))?,
             Err(_) => sess.step,
         };
+        let lens = sess.model.arch.grad_lens();
+        sess.opt = sess.be.opt_state(&lens, &OptReport::starting_at(updates));
         Ok(sess)
     }
 
@@ -283,6 +289,14 @@ impl<B: Backend> Session<B> {
     /// Forward + backward for `images` (`[B, H, W, 3]` in [-1, 1]) at the current step, without
     /// the update. Gradients are left in `model.grads`.
     pub fn forward_backward(&mut self, images: &[f32]) -> (f64, crate::model::ForwardStats) {
+        let stats = self.queue_forward_backward(images);
+        let ws = self.ws.as_ref().expect("allocated by the pass");
+        (self.model.loss(&self.be, ws), stats)
+    }
+
+    /// Forward and backward on `images` with nothing read back (except the fixed-point residual
+    /// when `fwd_tol` asks for it); the loss stays in the workspace.
+    fn queue_forward_backward(&mut self, images: &[f32]) -> crate::model::ForwardStats {
         let (be, model) = (&self.be, &mut self.model);
         let ws = self
             .ws
@@ -292,63 +306,43 @@ impl<B: Backend> Session<B> {
         let stats = model.forward(be, ws, pass, SlotsFrom::Noise);
         model.zero_grads(be);
         model.backward(be, ws, self.step, SlotsFrom::Noise);
-        (model.loss(be, ws), stats)
+        stats
     }
 
-    /// One optimizer step on `images`.
+    /// One training step on `images`: forward, backward and the optimizer step (gradient norm,
+    /// non-finite check, clipping, AdamW), all queued on the backend with no host read. A
+    /// non-finite step makes no update (and with `on_nonfinite: stop` neither does any later
+    /// one); [`Session::opt_report`] says what happened.
     pub fn train_step(&mut self, images: &[f32]) -> StepOutcome {
-        let (loss, stats) = self.forward_backward(images);
-        let sq: f64 = self
-            .model
-            .grads
-            .iter()
-            .map(|g| self.be.sum_squares(g))
-            .sum();
-        let grad_norm = sq.sqrt();
+        let stats = self.queue_forward_backward(images);
         let lr = self.lr();
         let t = &self.cfg.training;
-        let mut out = StepOutcome {
-            loss,
-            grad_norm,
-            lr,
-            skipped: false,
-            fwd_iters: stats.iters_run,
-            residual: stats.last_residual,
-        };
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            out.skipped = true;
-            return out;
-        }
-        let grad_scale = match t.grad_clip {
-            Some(c) if grad_norm > c => c / grad_norm,
-            _ => 1.0,
-        };
-        let hp = AdamStep {
+        let h = OptHyper {
             lr,
             beta1: t.adam_beta1,
             beta2: t.adam_beta2,
             eps: t.adam_eps,
             weight_decay: t.weight_decay,
-            t: self.updates + 1,
-            grad_scale,
+            grad_clip: t.grad_clip,
+            latch: t.on_nonfinite == NonFinite::Stop,
+            step: self.step,
         };
-        for i in 0..self.model.params.len() {
-            self.be.adam_step(
-                &hp,
-                &mut self.model.params[i],
-                &self.model.grads[i],
-                &mut self.adam_m[i],
-                &mut self.adam_v[i],
-            );
+        let ws = self.ws.as_ref().expect("allocated by the pass");
+        self.be.opt_step(
+            &h,
+            &ws.loss,
+            &mut self.model.params,
+            &self.model.grads,
+            &mut self.adam_m,
+            &mut self.adam_v,
+            &mut self.opt,
+        );
+        self.step += 1;
+        StepOutcome {
+            lr,
+            fwd_iters: stats.iters_run,
+            residual: stats.last_residual,
         }
-        self.step += 1;
-        self.updates += 1;
-        out
-    }
-
-    /// Count a skipped step so that the next one gets new noise and data.
-    pub fn skip_step(&mut self) {
-        self.step += 1;
     }
 
     /// Evaluate on `ds` (MSE, FG-ARI) with `applications` cell applications.
@@ -407,6 +401,90 @@ pub struct TrainSummary {
     pub last_eval: Option<EvalResult>,
     pub seconds: f64,
     pub skipped_steps: u64,
+}
+
+/// What the training loop knows of the optimizer's bookkeeping between host reads.
+struct Reads {
+    /// The report at the last read.
+    seen: OptReport,
+    last_grad_norm: f64,
+    /// Sum and count of the losses of updating steps since the last log line.
+    interval_loss: f64,
+    interval_n: u64,
+}
+
+/// Take in a fresh read `r` of the optimizer's bookkeeping: report non-finite steps since the
+/// last read (an `Err` stops the run under `on_nonfinite: stop`), write the pending checkpoint
+/// if no non-finite step came after it, and add up the losses.
+fn absorb(
+    r: OptReport,
+    reads: &mut Reads,
+    pending: &mut Option<(u64, Checkpoint)>,
+    summary: &mut TrainSummary,
+    cfg: &Config,
+    dir: &Path,
+    log: &dyn Fn(&str),
+) -> Result<(), String> {
+    let seen = reads.seen;
+    if r.skipped > seen.skipped {
+        let (bad_step, loss, norm) = r.first_bad.unwrap_or((0, f64::NAN, f64::NAN));
+        let what = if loss.is_finite() {
+            format!("gradient norm {norm}")
+        } else {
+            format!("loss {loss}")
+        };
+        match cfg.training.on_nonfinite {
+            NonFinite::Stop => {
+                // No update was made from that step on, and `pending` (if any) holds a state
+                // that led to it: neither is written.
+                pending.take();
+                let kept = checkpoint::list(dir)
+                    .last()
+                    .map(|(_, p)| format!("the last good checkpoint, {}, is kept", p.display()))
+                    .unwrap_or_else(|| "no checkpoint had been written".into());
+                return Err(format!(
+                    "step {bad_step}: non-finite {what}; stopping ({kept}; set \
+                     Training.on_nonfinite: skip to skip such steps instead)"
+                ));
+            }
+            NonFinite::Skip => {
+                let n = r.skipped - seen.skipped;
+                let last = r.last_bad_step.unwrap_or(bad_step);
+                let first = if seen.skipped == 0 {
+                    format!("the first at step {bad_step}: non-finite {what}; ")
+                } else {
+                    String::new()
+                };
+                log(&format!(
+                    "{n} non-finite step(s) skipped without an update ({first}the last at step \
+                     {last})"
+                ));
+                summary.skipped_steps = r.skipped;
+            }
+        }
+    }
+    // The state saved at the last save_interval is written once the step it started has proved
+    // finite, so a checkpoint is never the state a divergence came from.
+    if let Some((saved_at, c)) = pending.take() {
+        if r.last_bad_step.is_some_and(|b| b >= saved_at) {
+            log(&format!(
+                "the checkpoint of step {saved_at} is not written: a non-finite step followed it"
+            ));
+        } else {
+            summary.last_checkpoint = Some(write_checkpoint(&c, dir)?);
+        }
+    }
+    if r.loss_count > seen.loss_count {
+        summary.first_loss.get_or_insert(r.last_loss);
+        reads.interval_loss += r.loss_sum - seen.loss_sum;
+        reads.interval_n += r.loss_count - seen.loss_count;
+    }
+    if r.last_loss.is_finite() {
+        summary.last_loss = Some(r.last_loss);
+    }
+    reads.last_grad_norm = r.last_grad_norm;
+    reads.seen = r;
+    Ok(())
 }
 
 /// Total steps of the run: max_steps, else num_epochs × steps per epoch.
@@ -591,9 +669,16 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
         }
     };
     let mut summary = TrainSummary::default();
-    // A checkpoint taken at a save interval, written once the next step proved it finite.
-    let mut pending: Option<Checkpoint> = None;
-    let (mut interval_loss, mut interval_n, mut interval_t) = (0.0, 0u64, Instant::now());
+    // A checkpoint taken at a save interval (with its step), written once the next step proved
+    // it finite.
+    let mut pending: Option<(u64, Checkpoint)> = None;
+    let mut reads = Reads {
+        seen: sess.opt_report(),
+        last_grad_norm: f64::NAN,
+        interval_loss: 0.0,
+        interval_n: 0,
+    };
+    let mut interval_t = Instant::now();
     let applications = cfg.test_iters();
     let log_every = cfg.training.log_interval as u64;
     let save_every = cfg.training.save_interval as u64;
@@ -607,49 +692,21 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
             .map_err(|_| "the data loader thread stopped unexpectedly".to_string())?;
         debug_assert_eq!(step, sess.step);
         let out = sess.train_step(&images);
-        if out.skipped {
-            let what = if out.loss.is_finite() {
-                format!("gradient norm {}", out.grad_norm)
-            } else {
-                format!("loss {}", out.loss)
-            };
-            match cfg.training.on_nonfinite {
-                NonFinite::Stop => {
-                    pb.abandon();
-                    // `pending` holds the state that produced this step: it is not written.
-                    let kept = checkpoint::list(&dir)
-                        .last()
-                        .map(|(_, p)| format!("the last good checkpoint, {}, is kept", p.display()))
-                        .unwrap_or_else(|| "no checkpoint had been written".into());
-                    return Err(format!(
-                        "step {}: non-finite {what}; stopping ({kept}; set Training.on_nonfinite: skip \
-                         to skip such steps instead)",
-                        sess.step
-                    ));
-                }
-                NonFinite::Skip => {
-                    log(&format!(
-                        "step {}: non-finite {what}; step skipped (no update)",
-                        sess.step
-                    ));
-                    sess.skip_step();
-                    summary.skipped_steps += 1;
-                }
-            }
-        } else {
-            // The state saved at the last save_interval has now produced a finite step: only now
-            // is it written, so a checkpoint is never the state a divergence came from.
-            if let Some(c) = pending.take() {
-                summary.last_checkpoint = Some(write_checkpoint(&c, &dir)?);
-            }
-            summary.first_loss.get_or_insert(out.loss);
-            summary.last_loss = Some(out.loss);
-            interval_loss += out.loss;
-            interval_n += 1;
-        }
-        pb.set_position(sess.step);
         let done = sess.step;
-        if (done % log_every == 0 || done == total) && interval_n > 0 {
+        // The host reads the optimizer's bookkeeping only when it needs it: at log intervals,
+        // after the first step, on the step after a save (to prove that checkpoint) and at the
+        // end. Between reads the GPU runs ahead with nothing to wait for.
+        let log_now = done % log_every == 0 || done == total;
+        if log_now || done == start_step + 1 || pending.is_some() || done % save_every == 0 {
+            let r = sess.opt_report();
+            if let Err(e) = absorb(r, &mut reads, &mut pending, &mut summary, cfg, &dir, &log) {
+                pb.abandon();
+                return Err(e);
+            }
+        }
+        pb.set_position(done);
+        if log_now && reads.interval_n > 0 {
+            let (interval_loss, interval_n) = (reads.interval_loss, reads.interval_n);
             let secs = interval_t.elapsed().as_secs_f64();
             let ips = (interval_n as usize * batch) as f64 / secs.max(1e-9);
             let mean_loss = interval_loss / interval_n as f64;
@@ -664,7 +721,7 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
                 &grid,
             );
             let mut line = serde_json::json!({
-                "step": done, "loss": mean_loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                "step": done, "loss": mean_loss, "lr": out.lr, "grad_norm": reads.last_grad_norm,
                 "images_per_s": ips, "elapsed_s": t0.elapsed().as_secs_f64(), "eval_mse": ev.mse,
                 "fwd_iters": out.fwd_iters, "skipped_steps": summary.skipped_steps,
             });
@@ -684,7 +741,7 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
                 .unwrap_or_default();
             log(&format!(
                 "step {done:>7}  loss {mean_loss:.5}  eval mse {:.5}{ari}  lr {:.2e}  |g| {:.3}  {ips:.1} img/s",
-                ev.mse, out.lr, out.grad_norm
+                ev.mse, out.lr, reads.last_grad_norm
             ));
             if let Err(e) = pic {
                 log(&format!("warning: could not write {}: {e}", grid.display()));
@@ -694,18 +751,28 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
                 out.lr
             ));
             summary.last_eval = Some(ev);
-            interval_loss = 0.0;
-            interval_n = 0;
+            reads.interval_loss = 0.0;
+            reads.interval_n = 0;
             interval_t = Instant::now();
         }
         if done % save_every == 0 && done < total {
-            pending = Some(sess.to_checkpoint());
+            pending = Some((done, sess.to_checkpoint()));
         }
     }
     drop(rx);
     let _ = loader.join();
+    // The steps since the last read (an interrupt can come between reads).
+    absorb(
+        sess.opt_report(),
+        &mut reads,
+        &mut pending,
+        &mut summary,
+        cfg,
+        &dir,
+        &log,
+    )?;
     // Final (or interrupt) checkpoint, after any pending one.
-    if let Some(c) = pending.take() {
+    if let Some((_, c)) = pending.take() {
         summary.last_checkpoint = Some(write_checkpoint(&c, &dir)?);
     }
     if sess.step > start_step || summary.interrupted {

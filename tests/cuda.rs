@@ -652,6 +652,94 @@ fn elementwise_rng_and_host_reads_parity<B: Backend>(g: &B) {
     assert_eq!(g.sum_squares(&e), 0.0);
 }
 
+/// The whole optimizer step (`opt_step`: norm over several tensors, clipping, non-finite steps
+/// skipped or latched, AdamW) against the CPU, step by step, with parameters, moments and the
+/// bookkeeping compared after each.
+fn opt_step_parity<B: Backend>(g: &B) {
+    let c = cpu();
+    let lens = [5usize, 3001, 70_000];
+    let init = |seed: u64| -> Vec<Vec<f32>> {
+        lens.iter()
+            .enumerate()
+            .map(|(k, &n)| rand(n, seed + k as u64, 0.5))
+            .collect()
+    };
+    let (mut pc, mut mc, mut vc) = (init(8000), init(8100), init(8200));
+    for v in &mut vc {
+        v.iter_mut().for_each(|x| *x = x.abs());
+    }
+    let ups = |v: &[Vec<f32>]| -> Vec<B::Buf> { v.iter().map(|x| up(g, x)).collect() };
+    let (mut pg, mut mg, mut vg) = (ups(&pc), ups(&mc), ups(&vc));
+    let start = slotfix::optim::OptReport::starting_at(3);
+    let (mut sc, mut sg) = (c.opt_state(&lens, &start), g.opt_state(&lens, &start));
+    let mut h = slotfix::optim::OptHyper {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        grad_clip: Some(2.0),
+        latch: false,
+        step: 0,
+    };
+    // (loss, gradient scale, a non-finite gradient element, latch)
+    let steps = [
+        (0.7f32, 1.0f32, None, false),
+        (0.6, 0.001, None, false), // below the clip norm
+        (f32::NAN, 1.0, None, false),
+        (0.5, 1.0, Some(f32::INFINITY), false),
+        (0.4, 1.0, None, false),
+        (0.3, 1.0, Some(f32::NAN), true),
+        (0.2, 1.0, None, true), // latched: no update
+    ];
+    for (step, &(loss, scale, bad, latch)) in steps.iter().enumerate() {
+        h.step = 100 + step as u64;
+        h.latch = latch;
+        let mut grads = init(8300 + 10 * step as u64);
+        for gr in &mut grads {
+            gr.iter_mut().for_each(|x| *x *= scale);
+        }
+        if let Some(b) = bad {
+            grads[1][17] = b;
+        }
+        let gg = ups(&grads);
+        let (lc, lg) = (vec![loss], up(g, &[loss]));
+        c.opt_step(&h, &lc, &mut pc, &grads, &mut mc, &mut vc, &mut sc);
+        g.opt_step(&h, &lg, &mut pg, &gg, &mut mg, &mut vg, &mut sg);
+        let (rc, rg) = (c.opt_report(&sc), g.opt_report(&sg));
+        let tag = format!("opt step {step}");
+        assert_eq!(rg.updates, rc.updates, "{tag}: updates");
+        assert_eq!(rg.skipped, rc.skipped, "{tag}: skipped");
+        assert_eq!(rg.last_bad_step, rc.last_bad_step, "{tag}: last bad step");
+        assert_eq!(
+            rg.first_bad.map(|b| b.0),
+            rc.first_bad.map(|b| b.0),
+            "{tag}"
+        );
+        assert_eq!(rg.latched, rc.latched, "{tag}: latched");
+        assert_eq!(rg.loss_count, rc.loss_count, "{tag}: loss count");
+        if loss.is_finite() {
+            assert_eq!(rg.last_loss, rc.last_loss, "{tag}: loss");
+        }
+        if bad.is_none() {
+            let e = (rg.last_grad_norm - rc.last_grad_norm).abs() / rc.last_grad_norm;
+            assert!(
+                e < 1e-12,
+                "{tag}: grad norm {} vs {}",
+                rg.last_grad_norm,
+                rc.last_grad_norm
+            );
+        }
+        for k in 0..lens.len() {
+            check_tol(&format!("{tag} param {k}"), g, &pg[k], &pc[k], 1e-6);
+            check_tol(&format!("{tag} m {k}"), g, &mg[k], &mc[k], 1e-6);
+            check_tol(&format!("{tag} v {k}"), g, &vg[k], &vc[k], 1e-6);
+        }
+    }
+    let r = c.opt_report(&sc);
+    assert_eq!((r.updates, r.skipped, r.latched), (6, 4, true));
+}
+
 fn adam_step_parity<B: Backend>(g: &B) {
     let c = cpu();
     let n = 1000;
@@ -818,6 +906,20 @@ fn emu_adam_step() {
 }
 
 #[test]
+fn emu_opt_step() {
+    if let Some(g) = emu() {
+        opt_step_parity(&g);
+    }
+}
+
+#[test]
+fn gpu_opt_step() {
+    if let Some(g) = gpu() {
+        opt_step_parity(&g);
+    }
+}
+
+#[test]
 fn emu_conv2d_tf32_fwd_bwd() {
     if let Some(g) = emu() {
         conv2d_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
@@ -860,6 +962,7 @@ fn harness_runs_with_cpu_as_device() {
     composite_mse_fwd_bwd_parity(&c);
     elementwise_rng_and_host_reads_parity(&c);
     adam_step_parity(&c);
+    opt_step_parity(&c);
     train_step_parity(
         cpu(),
         small_config(|m| m.implicit_diff = true),
@@ -1048,18 +1151,21 @@ fn train_step_parity_tol<B: Backend>(g: B, cfg: Config, label: &str, loss_tol: f
         check_tensors(&format!("{tag} adam v"), &names, &vg, &vc, &none, 1e-6);
     }
     let im = images(2);
-    let (oc, og) = (sc.train_step(&im), sg.train_step(&im));
-    assert!(!oc.skipped && !og.skipped, "{label}: step skipped");
+    sc.train_step(&im);
+    sg.train_step(&im);
+    let (oc, og) = (sc.opt_report(), sg.opt_report());
+    assert_eq!((oc.skipped, og.skipped), (0, 0), "{label}: step skipped");
+    assert_eq!((oc.updates, og.updates), (1, 1), "{label}");
     close(
         &format!("{label} train_step loss"),
-        og.loss,
-        oc.loss,
+        og.last_loss,
+        oc.last_loss,
         loss_tol,
     );
     close(
         &format!("{label} train_step grad norm"),
-        og.grad_norm,
-        oc.grad_norm,
+        og.last_grad_norm,
+        oc.last_grad_norm,
         loss_tol,
     );
     assert_eq!(sc.step, sg.step);
@@ -1190,6 +1296,110 @@ fn gpu_train_step_tf32_implicit() {
         TF32_TOL,
         TF32_STEP_GRAD_TOL,
     );
+}
+
+/// Training steps queue their work and read nothing back: the loss, gradient norm and
+/// non-finite checks stay on the device until the host asks (`Session::opt_report`).
+fn train_steps_make_no_host_read(g: Cuda, label: &str) {
+    let cfg = small_config(|m| m.implicit_diff = true);
+    let res = cfg.model.resolution;
+    let mut s = Session::new(g, cfg.clone());
+    let images = rand(cfg.training.batch_size * res * res * 3, 77, 1.0);
+    s.train_step(&images); // the first step allocates the workspace
+    let before = s.be.host_reads();
+    for _ in 0..3 {
+        s.train_step(&images);
+    }
+    assert_eq!(
+        s.be.host_reads(),
+        before,
+        "{label}: host reads inside training steps"
+    );
+    let r = s.opt_report();
+    assert_eq!(s.be.host_reads(), before + 1, "{label}");
+    assert_eq!((r.updates, r.skipped), (4, 0), "{label}");
+    assert!(
+        r.last_loss.is_finite() && r.last_grad_norm > 0.0,
+        "{label}: {r:?}"
+    );
+}
+
+#[test]
+fn emu_train_steps_make_no_host_read() {
+    if let Some(g) = emu() {
+        train_steps_make_no_host_read(g, "emulated");
+    }
+}
+
+#[test]
+fn gpu_train_steps_make_no_host_read() {
+    if let Some(g) = gpu() {
+        train_steps_make_no_host_read(g, "gpu");
+    }
+}
+
+/// `train::train` end to end on the CUDA backend (here in the emulator, with the tensor-core
+/// convolutions): it trains on real data, logs, evaluates, renders, checkpoints and resumes like
+/// the CPU path, and its logged losses follow the CPU's.
+#[test]
+fn emu_trains_evaluates_checkpoints_and_resumes_end_to_end() {
+    let Some(g) = emu() else { return };
+    let g = g.with_precision(Precision::Tf32);
+    let yaml = |dir: &std::path::Path, steps: usize| {
+        format!(
+            "Model:\n  num_slots: 3\n  slot_size: 16\n  mlp_hidden_size: 32\n  max_iter_fwd: 2\n  \
+             resolution: 16\n  encoder_channels: [8, 8]\n  feat_size: 16\n  decoder: full\n  \
+             decoder_channels: [8, 8]\nTraining:\n  data_type: tetrominoes\n  num_train: 200\n  \
+             batch_size: 4\n  max_steps: {steps}\n  lr: 0.002\n  warmup_steps: 2\n  \
+             log_interval: 4\n  save_interval: 4\n  save_dir: {}\nTesting:\n  batch_size: 8\n  \
+             num_test: 8\n",
+            dir.display()
+        )
+    };
+    let quiet = slotfix::train::TrainOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let losses = |dir: &std::path::Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (dg, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg_g = Config::from_yaml(&yaml(dg.path(), 8)).unwrap();
+    let cfg_c = Config::from_yaml(&yaml(dc.path(), 8)).unwrap();
+    let sg = slotfix::train::train(g, &cfg_g, &quiet).unwrap();
+    let sc = slotfix::train::train(cpu(), &cfg_c, &quiet).unwrap();
+    assert_eq!((sg.steps, sc.steps), (8, 8));
+    let (lg, lc) = (losses(dg.path()), losses(dc.path()));
+    eprintln!("logged losses: emulated tf32 {lg:?}, CPU {lc:?}");
+    assert_eq!(lg.len(), 2);
+    for (a, b) in lg.iter().zip(&lc) {
+        assert!(
+            (a - b).abs() <= 2e-2 * b.abs(),
+            "logged losses {lg:?} vs CPU {lc:?}"
+        );
+    }
+    assert!(sg.last_eval.as_ref().unwrap().fg_ari.is_some());
+    assert!(dg.path().join("images").join("step_00000008.png").exists());
+    assert!(slotfix::checkpoint::path_for_step(dg.path(), 8).exists());
+    // Resume on the emulated backend for 4 more steps.
+    let cfg_g = Config::from_yaml(&yaml(dg.path(), 12)).unwrap();
+    let resumed = slotfix::train::TrainOptions {
+        resume: true,
+        quiet: true,
+        ..Default::default()
+    };
+    let g = Cuda::emulated().unwrap().with_precision(Precision::Tf32);
+    let s = slotfix::train::train(g, &cfg_g, &resumed).unwrap();
+    assert_eq!(s.steps, 12);
+    assert!(slotfix::checkpoint::path_for_step(dg.path(), 12).exists());
 }
 
 #[test]

@@ -115,6 +115,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         source: include_str!("../../kernels/optim.cu"),
         kernels: &[
             "adam_f32",
+            "opt_control_f64",
             "sum_squares_partial_f32",
             "diff_squares_partial_f32",
             "sum_partials_f64",
@@ -130,6 +131,10 @@ pub fn declared_kernels(source: &str) -> Vec<String> {
     let marker = "extern \"C\" __global__ void ";
     while let Some(at) = rest.find(marker) {
         rest = &rest[at + marker.len()..];
+        // `extern "C" __global__ void __launch_bounds__(N) name(...)`
+        if let Some(after) = rest.strip_prefix("__launch_bounds__") {
+            rest = after[after.find(')').map_or(0, |p| p + 1)..].trim_start();
+        }
         let name: String = rest
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')

@@ -25,6 +25,7 @@ use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
+use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
@@ -472,6 +473,8 @@ pub struct Cuda {
     name: String,
     arch: &'static str,
     precision: Precision,
+    /// Host reads of device memory so far (each one waits for the queued work).
+    host_reads: std::sync::atomic::AtomicU64,
 }
 
 impl Cuda {
@@ -522,6 +525,7 @@ impl Cuda {
             name,
             arch,
             precision: Precision::F32,
+            host_reads: Default::default(),
         })
     }
 
@@ -533,6 +537,7 @@ impl Cuda {
             name: "kernel emulator on the CPU".into(),
             arch: "emulated",
             precision: Precision::F32,
+            host_reads: Default::default(),
         })
     }
 
@@ -597,8 +602,16 @@ impl Cuda {
         DevBuf { mem }
     }
 
+    /// How many host reads of device memory (each a synchronization) this backend has made: a
+    /// training step must make none.
+    pub fn host_reads(&self) -> u64 {
+        self.host_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Copy a buffer to the host (waits for the queued work).
     fn read<T: Elem>(&self, src: &DevBuf<T>) -> Vec<T> {
+        self.host_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.exec {
             Exec::Gpu(g) => {
                 let v = g
@@ -622,9 +635,11 @@ impl Cuda {
         let mut partial = self.scratch::<f64>(nb);
         let mut out = self.scratch::<f64>(1);
         let ni = i(n);
+        let zero = 0i32;
         match y {
             None => {
-                launch!(self, "sum_squares_partial_f32", per_block(nb, 0); &ni, x, &mut partial)
+                launch!(self, "sum_squares_partial_f32", per_block(nb, 0);
+                    &ni, x, &mut partial, &zero)
             }
             Some(y) => {
                 assert_eq!(y.len(), n);
@@ -862,8 +877,84 @@ impl Cuda {
     }
 }
 
+/// Blocks of the per-tensor sum-of-squares pass (grid-stride beyond that).
+fn norm_blocks(n: usize) -> usize {
+    n.div_ceil(BLOCK as usize).clamp(1, 1024)
+}
+
+/// Slots of the optimizer's control block (`CTRL_*` in optim.cu).
+mod ctrl {
+    pub const UPDATES: usize = 0;
+    pub const SKIPPED: usize = 1;
+    pub const FIRST_BAD_STEP: usize = 2;
+    pub const FIRST_BAD_LOSS: usize = 3;
+    pub const FIRST_BAD_NORM: usize = 4;
+    pub const LAST_BAD_STEP: usize = 5;
+    pub const LATCHED: usize = 6;
+    pub const LAST_LOSS: usize = 7;
+    pub const LAST_NORM: usize = 8;
+    pub const LOSS_SUM: usize = 9;
+    pub const LOSS_COUNT: usize = 10;
+    pub const APPLY: usize = 11;
+    pub const GRAD_SCALE: usize = 12;
+    pub const BC1: usize = 13;
+    pub const BC2: usize = 14;
+    pub const LEN: usize = 16;
+}
+
+/// The optimizer's bookkeeping on the device: the control block and the partial sums of the
+/// gradient norm (one slot per block of every tensor), both allocated once.
+pub struct CudaOptState {
+    ctrl: DevBuf<f64>,
+    partials: DevBuf<f64>,
+    /// First partial slot of each tensor.
+    offsets: Vec<usize>,
+}
+
+impl Cuda {
+    fn upload_any<T: Elem>(&self, src: &[T], dst: &mut DevBuf<T>) {
+        assert_eq!(src.len(), dst.len());
+        match &self.exec {
+            Exec::Gpu(g) => g
+                .stream
+                .memcpy_htod(src, dst.gpu_mut())
+                .unwrap_or_else(|e| panic!("CUDA upload: {e:?}")),
+            Exec::Emu(_) => dst.host_mut().slice_mut().copy_from_slice(src),
+        }
+    }
+
+    /// Adam on one tensor with the grad scale and bias corrections of `ctrl`.
+    #[allow(clippy::too_many_arguments)]
+    fn adam_ctrl(
+        &self,
+        lr: f64,
+        b1: f64,
+        b2: f64,
+        eps: f64,
+        weight_decay: f64,
+        ctrl: &DevBuf<f64>,
+        param: &mut Buf,
+        grad: &Buf,
+        m: &mut Buf,
+        v: &mut Buf,
+    ) {
+        let n = param.len();
+        assert_eq!(grad.len(), n);
+        assert_eq!(m.len(), n);
+        assert_eq!(v.len(), n);
+        if n == 0 {
+            return;
+        }
+        let ni = i(n);
+        let decay = 1.0 - lr * weight_decay;
+        launch!(self, "adam_f32", per_elem(n);
+            &ni, param, grad, m, v, &lr, &b1, &b2, &eps, &decay, ctrl);
+    }
+}
+
 impl Backend for Cuda {
     type Buf = Buf;
+    type OptState = CudaOptState;
 
     fn describe(&self) -> String {
         let p = match self.precision {
@@ -1438,20 +1529,104 @@ impl Backend for Cuda {
             &bi, &ki, &pi, dec, target, masks, recon, &scale, ddec);
     }
     fn adam_step(&self, s: &AdamStep, param: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf) {
-        let n = param.len();
-        assert_eq!(grad.len(), n);
-        assert_eq!(m.len(), n);
-        assert_eq!(v.len(), n);
-        if n == 0 {
-            return;
+        // A single update with host-known hyper-parameters: its own control block.
+        let mut c = vec![0.0f64; ctrl::LEN];
+        c[ctrl::APPLY] = 1.0;
+        c[ctrl::GRAD_SCALE] = s.grad_scale;
+        c[ctrl::BC1] = 1.0 - s.beta1.powi(s.t as i32);
+        c[ctrl::BC2] = 1.0 - s.beta2.powi(s.t as i32);
+        let mut cb = self.scratch::<f64>(ctrl::LEN);
+        self.upload_any(&c, &mut cb);
+        let wd = s.weight_decay;
+        self.adam_ctrl(s.lr, s.beta1, s.beta2, s.eps, wd, &cb, param, grad, m, v);
+    }
+    fn opt_state(&self, grad_lens: &[usize], start: &OptReport) -> CudaOptState {
+        let mut offsets = Vec::with_capacity(grad_lens.len());
+        let mut total = 0;
+        for &n in grad_lens {
+            offsets.push(total);
+            total += norm_blocks(n);
         }
-        let ni = i(n);
-        let (lr, b1, b2, eps, gs) = (s.lr, s.beta1, s.beta2, s.eps, s.grad_scale);
-        let bc1 = 1.0 - b1.powi(s.t as i32);
-        let bc2 = 1.0 - b2.powi(s.t as i32);
-        let decay = 1.0 - s.lr * s.weight_decay;
-        launch!(self, "adam_f32", per_elem(n);
-            &ni, param, grad, m, v, &lr, &b1, &b2, &bc1, &bc2, &eps, &decay, &gs);
+        i(total);
+        let mut c = vec![0.0f64; ctrl::LEN];
+        c[ctrl::UPDATES] = start.updates as f64;
+        c[ctrl::SKIPPED] = start.skipped as f64;
+        c[ctrl::FIRST_BAD_STEP] = -1.0;
+        c[ctrl::LAST_BAD_STEP] = start.last_bad_step.map_or(-1.0, |s| s as f64);
+        if let Some((step, loss, norm)) = start.first_bad {
+            c[ctrl::FIRST_BAD_STEP] = step as f64;
+            c[ctrl::FIRST_BAD_LOSS] = loss;
+            c[ctrl::FIRST_BAD_NORM] = norm;
+        }
+        c[ctrl::LATCHED] = start.latched as i32 as f64;
+        c[ctrl::LAST_LOSS] = start.last_loss;
+        c[ctrl::LAST_NORM] = start.last_grad_norm;
+        c[ctrl::LOSS_SUM] = start.loss_sum;
+        c[ctrl::LOSS_COUNT] = start.loss_count as f64;
+        let mut ctrl_buf = self.scratch::<f64>(ctrl::LEN);
+        self.upload_any(&c, &mut ctrl_buf);
+        CudaOptState {
+            ctrl: ctrl_buf,
+            partials: self.scratch::<f64>(total),
+            offsets,
+        }
+    }
+    fn opt_step(
+        &self,
+        h: &OptHyper,
+        loss: &Buf,
+        params: &mut [Buf],
+        grads: &[Buf],
+        m: &mut [Buf],
+        v: &mut [Buf],
+        st: &mut CudaOptState,
+    ) {
+        assert_eq!(loss.len(), 1);
+        assert_eq!(grads.len(), st.offsets.len());
+        for (g, &off) in grads.iter().zip(&st.offsets) {
+            let nb = norm_blocks(g.len());
+            let (ni, offi) = (i(g.len()), i(off));
+            launch!(self, "sum_squares_partial_f32", per_block(nb, 0);
+                &ni, g, &mut st.partials, &offi);
+        }
+        let np = i(st.partials.len());
+        let (b1, b2) = (h.beta1, h.beta2);
+        let clip = h.grad_clip.unwrap_or(0.0);
+        let (has_clip, latch) = (h.grad_clip.is_some() as i32, h.latch as i32);
+        let step = h.step as f64;
+        launch!(self, "opt_control_f64", per_block(1, 0);
+            &np, &st.partials, loss, &mut st.ctrl, &b1, &b2, &clip, &has_clip, &latch, &step);
+        for k in 0..params.len() {
+            let wd = h.weight_decay;
+            self.adam_ctrl(
+                h.lr,
+                b1,
+                b2,
+                h.eps,
+                wd,
+                &st.ctrl,
+                &mut params[k],
+                &grads[k],
+                &mut m[k],
+                &mut v[k],
+            );
+        }
+    }
+    fn opt_report(&self, st: &CudaOptState) -> OptReport {
+        let c = self.read(&st.ctrl);
+        let step = |x: f64| (x >= 0.0).then_some(x as u64);
+        OptReport {
+            updates: c[ctrl::UPDATES] as u64,
+            skipped: c[ctrl::SKIPPED] as u64,
+            first_bad: step(c[ctrl::FIRST_BAD_STEP])
+                .map(|s| (s, c[ctrl::FIRST_BAD_LOSS], c[ctrl::FIRST_BAD_NORM])),
+            last_bad_step: step(c[ctrl::LAST_BAD_STEP]),
+            latched: c[ctrl::LATCHED] != 0.0,
+            last_loss: c[ctrl::LAST_LOSS],
+            last_grad_norm: c[ctrl::LAST_NORM],
+            loss_sum: c[ctrl::LOSS_SUM],
+            loss_count: c[ctrl::LOSS_COUNT] as u64,
+        }
     }
 }
 
