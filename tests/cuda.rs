@@ -1298,15 +1298,19 @@ fn gpu_train_step_tf32_implicit() {
     );
 }
 
-/// Training steps queue their work and read nothing back: the loss, gradient norm and
-/// non-finite checks stay on the device until the host asks (`Session::opt_report`).
-fn train_steps_make_no_host_read(g: Cuda, label: &str) {
-    let cfg = small_config(|m| m.implicit_diff = true);
+/// Training steps queue their work, read nothing back and allocate nothing: the loss, gradient
+/// norm and non-finite checks stay on the device until the host asks (`Session::opt_report`),
+/// and scratch buffers come from the backend's pool after the first step.
+fn train_steps_make_no_host_read_or_allocation(g: Cuda, label: &str) {
+    let cfg = small_config(|m| {
+        m.implicit_diff = true;
+        m.dropout = 0.1;
+    });
     let res = cfg.model.resolution;
     let mut s = Session::new(g, cfg.clone());
     let images = rand(cfg.training.batch_size * res * res * 3, 77, 1.0);
     s.train_step(&images); // the first step allocates the workspace
-    let before = s.be.host_reads();
+    let (before, allocs) = (s.be.host_reads(), s.be.allocations());
     for _ in 0..3 {
         s.train_step(&images);
     }
@@ -1314,6 +1318,11 @@ fn train_steps_make_no_host_read(g: Cuda, label: &str) {
         s.be.host_reads(),
         before,
         "{label}: host reads inside training steps"
+    );
+    assert_eq!(
+        s.be.allocations(),
+        allocs,
+        "{label}: allocations inside training steps"
     );
     let r = s.opt_report();
     assert_eq!(s.be.host_reads(), before + 1, "{label}");
@@ -1325,16 +1334,24 @@ fn train_steps_make_no_host_read(g: Cuda, label: &str) {
 }
 
 #[test]
-fn emu_train_steps_make_no_host_read() {
+fn emu_train_steps_make_no_host_read_or_allocation() {
     if let Some(g) = emu() {
-        train_steps_make_no_host_read(g, "emulated");
+        train_steps_make_no_host_read_or_allocation(g, "emulated f32");
+    }
+    if let Some(g) = emu() {
+        let g = g.with_precision(Precision::Tf32);
+        train_steps_make_no_host_read_or_allocation(g, "emulated tf32");
     }
 }
 
 #[test]
-fn gpu_train_steps_make_no_host_read() {
+fn gpu_train_steps_make_no_host_read_or_allocation() {
     if let Some(g) = gpu() {
-        train_steps_make_no_host_read(g, "gpu");
+        train_steps_make_no_host_read_or_allocation(g, "gpu f32");
+    }
+    if let Some(g) = gpu() {
+        let g = g.with_precision(Precision::Tf32);
+        train_steps_make_no_host_read_or_allocation(g, "gpu tf32");
     }
 }
 

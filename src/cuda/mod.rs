@@ -36,22 +36,69 @@ use kernels::{KernelFile, KERNEL_FILES};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::catch_unwind;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Element types of device buffers.
-pub trait Elem: DeviceRepr + bytemuck::Pod + Default {
+pub trait Elem: DeviceRepr + cudarc::driver::ValidAsZeroBits + bytemuck::Pod + Default {
     /// What the emulator fills guard zones and fresh scratch with: a signalling NaN, so that a
     /// read shows as NaN and any arithmetic result written back (a quiet NaN) differs from it.
     fn poison() -> Self;
+    /// The backend's free scratch buffers of this type.
+    fn pool(p: &ScratchPools) -> &Mutex<Vec<DevBuf<Self>>>;
 }
 impl Elem for f32 {
     fn poison() -> f32 {
         f32::from_bits(0x7fa5_a5a5)
     }
+    fn pool(p: &ScratchPools) -> &Mutex<Vec<DevBuf<f32>>> {
+        &p.f32
+    }
 }
 impl Elem for f64 {
     fn poison() -> f64 {
         f64::from_bits(0x7ff4_a5a5_a5a5_a5a5)
+    }
+    fn pool(p: &ScratchPools) -> &Mutex<Vec<DevBuf<f64>>> {
+        &p.f64
+    }
+}
+
+/// Scratch buffers given back after use, reused by size: a training step allocates nothing
+/// after the first one. Reuse is safe without waiting: every kernel runs in order on one stream,
+/// so a later user's kernels run after the earlier user's.
+#[derive(Default)]
+pub struct ScratchPools {
+    f32: Mutex<Vec<DevBuf<f32>>>,
+    f64: Mutex<Vec<DevBuf<f64>>>,
+}
+
+/// A scratch buffer borrowed from the pool; it goes back when dropped.
+struct Scratch<'a, T: Elem> {
+    buf: Option<DevBuf<T>>,
+    pools: &'a ScratchPools,
+}
+
+impl<T: Elem> std::ops::Deref for Scratch<'_, T> {
+    type Target = DevBuf<T>;
+    fn deref(&self) -> &DevBuf<T> {
+        self.buf.as_ref().expect("present until dropped")
+    }
+}
+
+impl<T: Elem> std::ops::DerefMut for Scratch<'_, T> {
+    fn deref_mut(&mut self) -> &mut DevBuf<T> {
+        self.buf.as_mut().expect("present until dropped")
+    }
+}
+
+impl<T: Elem> Drop for Scratch<'_, T> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            T::pool(self.pools)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(b);
+        }
     }
 }
 
@@ -475,6 +522,9 @@ pub struct Cuda {
     precision: Precision,
     /// Host reads of device memory so far (each one waits for the queued work).
     host_reads: std::sync::atomic::AtomicU64,
+    /// Device allocations so far.
+    allocations: std::sync::atomic::AtomicU64,
+    pools: ScratchPools,
 }
 
 impl Cuda {
@@ -526,6 +576,8 @@ impl Cuda {
             arch,
             precision: Precision::F32,
             host_reads: Default::default(),
+            allocations: Default::default(),
+            pools: Default::default(),
         })
     }
 
@@ -538,6 +590,8 @@ impl Cuda {
             arch: "emulated",
             precision: Precision::F32,
             host_reads: Default::default(),
+            allocations: Default::default(),
+            pools: Default::default(),
         })
     }
 
@@ -589,17 +643,54 @@ impl Cuda {
         launch!(self, "fill_f32", per_elem(n); &ni, &value, buf);
     }
 
-    /// An uninitialised device buffer, for scratch that a kernel overwrites completely (NaN in
-    /// the emulator, so that a read of an unwritten element shows).
-    fn scratch<T: Elem>(&self, len: usize) -> DevBuf<T> {
+    /// A new device buffer of `len` elements: zeros, or uninitialised when `zeroed` is false
+    /// (poison in the emulator, so that a read of an unwritten element shows).
+    fn alloc_any<T: Elem>(&self, len: usize, zeroed: bool) -> DevBuf<T> {
+        self.allocations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mem = match &self.exec {
             Exec::Gpu(g) => Mem::Gpu(
-                unsafe { g.stream.alloc::<T>(len.max(1)) }
-                    .unwrap_or_else(|e| panic!("CUDA alloc of {len} elements: {e:?}")),
+                if len == 0 {
+                    g.stream.null::<T>()
+                } else if zeroed {
+                    g.stream.alloc_zeros::<T>(len)
+                } else {
+                    unsafe { g.stream.alloc::<T>(len) }
+                }
+                .unwrap_or_else(|e| panic!("CUDA alloc of {len} elements: {e:?}")),
             ),
-            Exec::Emu(_) => Mem::Host(HostMem::new(len.max(1), false)),
+            Exec::Emu(_) => Mem::Host(HostMem::new(len, zeroed)),
         };
         DevBuf { mem }
+    }
+
+    /// How many device buffers this backend has allocated: a training step after the first
+    /// must allocate none.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A scratch buffer of at least one element (`len.max(1)`), for data that a kernel
+    /// overwrites completely: from the pool when one of that size is free, else new. In the
+    /// emulator it is re-poisoned, so that a read of an element not yet written shows.
+    fn scratch<T: Elem>(&self, len: usize) -> Scratch<'_, T> {
+        let len = len.max(1);
+        let reused = {
+            let mut pool = T::pool(&self.pools)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            pool.iter()
+                .position(|b| b.len() == len)
+                .map(|at| pool.swap_remove(at))
+        };
+        let mut buf = reused.unwrap_or_else(|| self.alloc_any(len, false));
+        if let Mem::Host(h) = &mut buf.mem {
+            h.slice_mut().fill(T::poison());
+        }
+        Scratch {
+            buf: Some(buf),
+            pools: &self.pools,
+        }
     }
 
     /// How many host reads of device memory (each a synchronization) this backend has made: a
@@ -964,18 +1055,7 @@ impl Backend for Cuda {
         format!("cuda ({}, {}, {p})", self.name, self.arch)
     }
     fn alloc(&self, len: usize) -> Buf {
-        let mem = match &self.exec {
-            Exec::Gpu(g) => Mem::Gpu(
-                if len == 0 {
-                    g.stream.null::<f32>()
-                } else {
-                    g.stream.alloc_zeros::<f32>(len)
-                }
-                .unwrap_or_else(|e| panic!("CUDA alloc of {len} floats: {e:?}")),
-            ),
-            Exec::Emu(_) => Mem::Host(HostMem::new(len, true)),
-        };
-        DevBuf { mem }
+        self.alloc_any(len, true)
     }
     fn len(&self, buf: &Buf) -> usize {
         buf.len()
@@ -1563,11 +1643,11 @@ impl Backend for Cuda {
         c[ctrl::LAST_NORM] = start.last_grad_norm;
         c[ctrl::LOSS_SUM] = start.loss_sum;
         c[ctrl::LOSS_COUNT] = start.loss_count as f64;
-        let mut ctrl_buf = self.scratch::<f64>(ctrl::LEN);
+        let mut ctrl_buf = self.alloc_any::<f64>(ctrl::LEN, false);
         self.upload_any(&c, &mut ctrl_buf);
         CudaOptState {
             ctrl: ctrl_buf,
-            partials: self.scratch::<f64>(total),
+            partials: self.alloc_any::<f64>(total.max(1), false),
             offsets,
         }
     }
