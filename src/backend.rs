@@ -286,6 +286,10 @@ pub trait Backend: Sync {
         dloss: f64,
         ddec: &mut Self::Buf,
     );
+    /// Device memory in use in bytes, where the backend has a device (None on the CPU).
+    fn device_memory_used(&self) -> Option<u64> {
+        None
+    }
     /// Optimizer bookkeeping for gradient tensors of `grad_lens` elements, starting from
     /// `start`.
     fn opt_state(&self, grad_lens: &[usize], start: &OptReport) -> Self::OptState;

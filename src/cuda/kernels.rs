@@ -48,6 +48,11 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         ],
     },
     KernelFile {
+        name: "peak.cu",
+        source: include_str!("../../kernels/peak.cu"),
+        kernels: &["mma_peak_tf32"],
+    },
+    KernelFile {
         name: "linear.cu",
         source: include_str!("../../kernels/linear.cu"),
         kernels: &[

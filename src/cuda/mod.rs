@@ -693,6 +693,57 @@ impl Cuda {
         }
     }
 
+    /// Device memory in use (total − free, bytes, all processes), or None in the emulator.
+    pub fn memory_in_use(&self) -> Option<u64> {
+        match &self.exec {
+            Exec::Gpu(g) => {
+                g._ctx.bind_to_thread().ok()?;
+                let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+                Some((total - free) as u64)
+            }
+            Exec::Emu(_) => None,
+        }
+    }
+
+    /// Milliseconds per run of `f` on the device: `reps` runs between two CUDA events, after
+    /// one warm-up run. Err in the emulator (it has no clock worth reading).
+    pub fn time_ms(&self, reps: usize, mut f: impl FnMut()) -> Result<f64, String> {
+        let Exec::Gpu(g) = &self.exec else {
+            return Err("timing needs a GPU (the emulator only checks results)".into());
+        };
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        f();
+        let err = |e| format!("CUDA event: {e:?}");
+        let start = g.stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        for _ in 0..reps.max(1) {
+            f();
+        }
+        let end = g.stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        let ms = start.elapsed_ms(&end).map_err(err)?;
+        Ok(ms as f64 / reps.max(1) as f64)
+    }
+
+    /// The TF32 tensor-core throughput this device reaches with `mma.sync` (TFLOP/s), measured
+    /// by `kernels/peak.cu`; Err in the emulator.
+    pub fn measure_tf32_peak(&self) -> Result<f64, String> {
+        let (blocks, threads, iters) = (132 * 16, 128usize, 4096i32);
+        let mut out = self.scratch::<f32>(blocks * threads);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ms = self.time_ms(3, || {
+            launch!(self, "mma_peak_tf32", cfg; &iters, &mut out);
+        })?;
+        let flops = (blocks * threads / 32) as f64 * iters as f64 * 8.0 * 2.0 * 16.0 * 8.0 * 8.0;
+        let sums = self.read(&out);
+        if sums.iter().any(|v| !v.is_finite()) {
+            return Err("the TF32 peak probe produced a non-finite value".into());
+        }
+        Ok(flops / (ms * 1e-3) / 1e12)
+    }
+
     /// How many host reads of device memory (each a synchronization) this backend has made: a
     /// training step must make none.
     pub fn host_reads(&self) -> u64 {
@@ -1619,6 +1670,9 @@ impl Backend for Cuda {
         self.upload_any(&c, &mut cb);
         let wd = s.weight_decay;
         self.adam_ctrl(s.lr, s.beta1, s.beta2, s.eps, wd, &cb, param, grad, m, v);
+    }
+    fn device_memory_used(&self) -> Option<u64> {
+        self.memory_in_use()
     }
     fn opt_state(&self, grad_lens: &[usize], start: &OptReport) -> CudaOptState {
         let mut offsets = Vec::with_capacity(grad_lens.len());

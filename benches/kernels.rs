@@ -1,0 +1,570 @@
+//! CUDA kernel benchmark: every heavy kernel at the shapes of `configs/clevr6.yaml` (B = 64,
+//! 128×128, 64 channels, K = 7, D = 64; the decoder at B·K = 448 slot images), then whole
+//! training steps. Each op is first spot-checked against the CPU on the first image of the batch
+//! (fresh random inputs, outputs poisoned with NaN), then timed with CUDA events (mean of
+//! `--reps` runs after a warm-up), and set against the device's measured peaks: the bandwidth of
+//! a device-to-device copy and the TF32 `mma.sync` throughput of `kernels/peak.cu`.
+//!
+//! `cargo bench --bench kernels` on a GPU machine (`bash .gpu/run benches`). Without a GPU it
+//! says so and exits 0 (1 under SLOTFIX_REQUIRE_GPU=1). `-- --emulate` runs the same code at
+//! tiny shapes in the kernel emulator: checks only, no timing (what CI-less machines can do).
+
+use slotfix::backend::Backend;
+use slotfix::config::{Config, Precision};
+use slotfix::cpu::Cpu;
+use slotfix::cuda::{Buf, Cuda};
+use slotfix::ops::attention::AttnDims;
+use slotfix::ops::conv::ConvGeom;
+use slotfix::rng::Philox;
+
+/// Nominal FP32 (CUDA-core) peak of an H100 SXM, TFLOP/s, for the f32 kernels' column.
+const FP32_NOMINAL_TFLOPS: f64 = 67.0;
+
+struct Bench {
+    g: Cuda,
+    c: Cpu<f32>,
+    emulated: bool,
+    reps: usize,
+    /// Measured peaks: copy bandwidth (GB/s) and TF32 mma throughput (TFLOP/s).
+    bw: Option<f64>,
+    tf32: Option<f64>,
+}
+
+fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let r = Philox::new(seed);
+    (0..n)
+        .map(|i| (2.0 * r.uniform(11, 0, i as u64) - 1.0) as f32 * scale)
+        .collect()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+impl Bench {
+    fn up(&self, v: &[f32]) -> Buf {
+        let mut b = self.g.alloc(v.len());
+        self.g.upload_f32(v, &mut b);
+        b
+    }
+    fn poisoned(&self, n: usize) -> Buf {
+        let mut b = self.g.alloc(n);
+        self.g.fill_value(&mut b, f32::NAN);
+        b
+    }
+    fn rand_buf(&self, n: usize, seed: u64, scale: f32) -> Buf {
+        self.up(&rand(n, seed, scale))
+    }
+    /// Standard normal values generated on the device (the large activations: generating
+    /// hundreds of millions of values on the host would dominate the run).
+    fn normal_buf(&self, n: usize, seed: u64) -> Buf {
+        let mut b = self.g.alloc(n);
+        self.g.fill_normal(Philox::new(seed), 12, 0, &mut b);
+        b
+    }
+
+    /// Compare the first `want.len()` elements of `got` with the CPU; NaN or an error above
+    /// `tol` aborts the benchmark (a wrong kernel is not timed).
+    fn check(&self, what: &str, got: &Buf, want: &[f32], tol: f64) -> f64 {
+        let all = self.g.download_f32(got);
+        let head = &all[..want.len()];
+        if let Some(i) = all.iter().position(|v| !v.is_finite()) {
+            panic!(
+                "{what}: element {i} is {} (unwritten or overflowed)",
+                all[i]
+            );
+        }
+        let e = rel_err(head, want);
+        assert!(
+            e <= tol,
+            "{what}: relative L2 error {e:.2e} against the CPU > {tol:e}"
+        );
+        e
+    }
+
+    fn time(&self, f: impl FnMut()) -> Option<f64> {
+        if self.emulated {
+            let mut f = f;
+            f();
+            return None;
+        }
+        Some(
+            self.g
+                .time_ms(self.reps, f)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    /// One table row. `flops` decides the peak it is measured against: TF32 or FP32 compute
+    /// when set, else bandwidth.
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        op: &str,
+        shape: &str,
+        err: Option<f64>,
+        ms: Option<f64>,
+        flops: f64,
+        bytes: f64,
+        tf32: bool,
+    ) {
+        let err = err.map_or("(tests)".into(), |e| format!("{e:.1e}"));
+        let Some(ms) = ms else {
+            println!("| {op} | {shape} | {err} | emulated | | | |");
+            return;
+        };
+        let (tflops, gbs) = (flops / ms / 1e9, bytes / ms / 1e6);
+        let pct = if flops > 0.0 {
+            let peak = if tf32 {
+                self.tf32.unwrap_or(f64::NAN)
+            } else {
+                FP32_NOMINAL_TFLOPS
+            };
+            format!(
+                "{:.0} % of {} peak",
+                100.0 * tflops / peak,
+                if tf32 { "TF32" } else { "FP32 (nominal)" }
+            )
+        } else {
+            format!(
+                "{:.0} % of copy bandwidth",
+                100.0 * gbs / self.bw.unwrap_or(f64::NAN)
+            )
+        };
+        let tf = if flops > 0.0 {
+            format!("{tflops:.1}")
+        } else {
+            String::new()
+        };
+        println!("| {op} | {shape} | {err} | {ms:.3} | {tf} | {gbs:.0} | {pct} |");
+    }
+
+    fn conv(
+        &self,
+        name: &str,
+        geom: ConvGeom,
+        batch: usize,
+        transposed: bool,
+        precision: Precision,
+    ) {
+        let g = &self.g;
+        let tf32 = precision == Precision::Tf32;
+        let tol = if tf32 { 1e-3 } else { 1e-5 };
+        let xg = self.normal_buf(batch * geom.in_len(), 1);
+        let x0 = g.download_f32(&xg)[..geom.in_len()].to_vec();
+        let w = rand(geom.weight_len(), 2, 0.1);
+        let b = rand(geom.c_out, 3, 0.1);
+        let (wg, bg) = (self.up(&w), self.up(&b));
+        let mut yg = self.poisoned(batch * geom.out_len());
+        let fwd = |y: &mut Buf| {
+            if transposed {
+                g.conv_t2d_fwd(&geom, batch, &xg, &wg, &bg, true, y)
+            } else {
+                g.conv2d_fwd(&geom, batch, &xg, &wg, &bg, true, y)
+            }
+        };
+        fwd(&mut yg);
+        // The CPU on image 0.
+        let mut y0 = vec![0.0f32; geom.out_len()];
+        if transposed {
+            self.c.conv_t2d_fwd(&geom, 1, &x0, &w, &b, true, &mut y0);
+        } else {
+            self.c.conv2d_fwd(&geom, 1, &x0, &w, &b, true, &mut y0);
+        }
+        let e = self.check(&format!("{name} fwd"), &yg, &y0, tol);
+        let positions = if transposed {
+            geom.h_in * geom.w_in
+        } else {
+            geom.h_out * geom.w_out
+        };
+        let flops = 2.0 * (batch * positions * geom.c_in * geom.c_out * geom.k * geom.k) as f64;
+        let bytes = 4.0 * (batch * (geom.in_len() + geom.out_len()) + geom.weight_len()) as f64;
+        let shape = format!(
+            "B={batch} {}×{}×{} → {}×{}×{}, k{} s{}",
+            geom.h_in,
+            geom.w_in,
+            geom.c_in,
+            geom.h_out,
+            geom.w_out,
+            geom.c_out,
+            geom.k,
+            geom.stride
+        );
+        let ms = self.time(|| fwd(&mut yg));
+        let p = if tf32 { "tf32" } else { "f32" };
+        self.row(
+            &format!("{name} fwd ({p})"),
+            &shape,
+            Some(e),
+            ms,
+            flops,
+            bytes,
+            tf32,
+        );
+        if !tf32 && !self.emulated {
+            // v1's weight-gradient kernels take seconds at these shapes (benches/NOTES.md).
+            println!(
+                "| {name} bwd (f32) | {shape} | | not timed: v1 dW is one block per weight | | | |"
+            );
+            return;
+        }
+        // Backward: dx checked on image 0 (it depends on that image only), dW and db by the
+        // parity tests.
+        let y0c = g.download_f32(&yg)[..geom.out_len()].to_vec();
+        let dyg = self.normal_buf(batch * geom.out_len(), 4);
+        let dy0 = g.download_f32(&dyg)[..geom.out_len()].to_vec();
+        let mut dxg = g.alloc(batch * geom.in_len());
+        let (mut dwg, mut dbg) = (g.alloc(w.len()), g.alloc(b.len()));
+        let bwd = |dx: &mut Buf, dw: &mut Buf, db: &mut Buf| {
+            if transposed {
+                g.conv_t2d_bwd(&geom, batch, &xg, &wg, &yg, true, &dyg, Some(dx), dw, db)
+            } else {
+                g.conv2d_bwd(&geom, batch, &xg, &wg, &yg, true, &dyg, Some(dx), dw, db)
+            }
+        };
+        bwd(&mut dxg, &mut dwg, &mut dbg);
+        let mut dx0 = vec![0.0f32; geom.in_len()];
+        let (mut dw0, mut db0) = (vec![0.0f32; w.len()], vec![0.0f32; b.len()]);
+        if transposed {
+            self.c.conv_t2d_bwd(
+                &geom,
+                1,
+                &x0,
+                &w,
+                &y0c,
+                true,
+                &dy0,
+                Some(&mut dx0),
+                &mut dw0,
+                &mut db0,
+            );
+        } else {
+            self.c.conv2d_bwd(
+                &geom,
+                1,
+                &x0,
+                &w,
+                &y0c,
+                true,
+                &dy0,
+                Some(&mut dx0),
+                &mut dw0,
+                &mut db0,
+            );
+        }
+        let e = self.check(&format!("{name} dx"), &dxg, &dx0, tol);
+        let ms = self.time(|| bwd(&mut dxg, &mut dwg, &mut dbg));
+        let bytes = 4.0 * (batch * (2 * geom.in_len() + 3 * geom.out_len())) as f64;
+        self.row(
+            &format!("{name} bwd dx+dW+db ({p})"),
+            &shape,
+            Some(e),
+            ms,
+            2.0 * flops,
+            bytes,
+            tf32,
+        );
+    }
+
+    fn linear_layernorm(&self, rows: usize, d: usize) {
+        let g = &self.g;
+        let check_rows = rows.min(4096);
+        let x = rand(rows * d, 5, 1.0);
+        let w = rand(d * d, 6, 0.2);
+        let b = rand(d, 7, 0.1);
+        let (xg, wg, bg) = (self.up(&x), self.up(&w), self.up(&b));
+        let mut yg = self.poisoned(rows * d);
+        g.linear_fwd(rows, d, d, &xg, &wg, Some(&bg), true, &mut yg);
+        let mut y0 = vec![0.0f32; check_rows * d];
+        self.c.linear_fwd(
+            check_rows,
+            d,
+            d,
+            &x[..check_rows * d].to_vec(),
+            &w,
+            Some(&b),
+            true,
+            &mut y0,
+        );
+        let e = self.check("linear fwd", &yg, &y0, 1e-5);
+        let shape = format!("{rows} rows, {d}→{d}");
+        let flops = 2.0 * (rows * d * d) as f64;
+        let ms = self.time(|| g.linear_fwd(rows, d, d, &xg, &wg, Some(&bg), true, &mut yg));
+        self.row(
+            "linear fwd + ReLU (f32)",
+            &shape,
+            Some(e),
+            ms,
+            flops,
+            8.0 * (rows * d) as f64,
+            false,
+        );
+        let dyg = self.rand_buf(rows * d, 8, 1.0);
+        let (mut dxg, mut dwg, mut dbg) = (g.alloc(rows * d), g.alloc(d * d), g.alloc(d));
+        let ms = self.time(|| {
+            g.linear_bwd(
+                rows,
+                d,
+                d,
+                &xg,
+                &wg,
+                &yg,
+                true,
+                &dyg,
+                Some(&mut dxg),
+                &mut dwg,
+                Some(&mut dbg),
+            )
+        });
+        self.row(
+            "linear bwd dx+dW+db (f32)",
+            &shape,
+            None,
+            ms,
+            2.0 * flops,
+            16.0 * (rows * d) as f64,
+            false,
+        );
+        let gamma = self.rand_buf(d, 9, 1.0);
+        let (mut mean, mut rstd) = (g.alloc(rows), g.alloc(rows));
+        let mut lg = self.poisoned(rows * d);
+        let ones = vec![1.0f32; d];
+        let zeros = vec![0.0f32; d];
+        g.layernorm_fwd(
+            rows,
+            d,
+            &xg,
+            &self.up(&ones),
+            &self.up(&zeros),
+            &mut lg,
+            &mut mean,
+            &mut rstd,
+        );
+        let (mut l0, mut m0, mut r0) = (
+            vec![0.0f32; check_rows * d],
+            vec![0.0f32; check_rows],
+            vec![0.0f32; check_rows],
+        );
+        self.c.layernorm_fwd(
+            check_rows,
+            d,
+            &x[..check_rows * d].to_vec(),
+            &ones,
+            &zeros,
+            &mut l0,
+            &mut m0,
+            &mut r0,
+        );
+        let e = self.check("layernorm fwd", &lg, &l0, 1e-5);
+        let shape = format!("{rows} × {d}");
+        let ms =
+            self.time(|| g.layernorm_fwd(rows, d, &xg, &gamma, &bg, &mut lg, &mut mean, &mut rstd));
+        self.row(
+            "layernorm fwd (f32)",
+            &shape,
+            Some(e),
+            ms,
+            0.0,
+            8.0 * (rows * d) as f64,
+            false,
+        );
+        let (mut dgam, mut dbet) = (g.alloc(d), g.alloc(d));
+        let ms = self.time(|| {
+            g.layernorm_bwd(
+                rows, d, &xg, &gamma, &mean, &rstd, &dyg, &mut dxg, &mut dgam, &mut dbet,
+            )
+        });
+        self.row(
+            "layernorm bwd (f32)",
+            &shape,
+            None,
+            ms,
+            0.0,
+            16.0 * (rows * d) as f64,
+            false,
+        );
+    }
+
+    fn attention(&self, batch: usize, n: usize, k: usize, d: usize) {
+        let g = &self.g;
+        let dm = AttnDims {
+            batch,
+            n,
+            k,
+            d,
+            heads: 1,
+            scale: 1.0 / (d as f64).sqrt(),
+            eps: 1e-8,
+        };
+        let kk = rand(batch * n * d, 10, 1.0);
+        let v = rand(batch * n * d, 11, 1.0);
+        let q = rand(batch * k * d, 12, 1.0);
+        let (kg, vg, qg) = (self.up(&kk), self.up(&v), self.up(&q));
+        let mut attn = self.poisoned(dm.attn_len());
+        let mut upd = self.poisoned(batch * k * d);
+        g.attention_fwd(&dm, &kg, &vg, &qg, &mut attn, &mut upd);
+        let d1 = AttnDims { batch: 1, ..dm };
+        let (mut a0, mut u0) = (vec![0.0f32; d1.attn_len()], vec![0.0f32; k * d]);
+        self.c.attention_fwd(
+            &d1,
+            &kk[..n * d].to_vec(),
+            &v[..n * d].to_vec(),
+            &q[..k * d].to_vec(),
+            &mut a0,
+            &mut u0,
+        );
+        let e = self.check("attention fwd upd", &upd, &u0, 1e-5);
+        let shape = format!("B={batch} N={n} K={k} D={d}");
+        let bytes = 4.0 * (2 * batch * n * d + dm.attn_len()) as f64;
+        let ms = self.time(|| g.attention_fwd(&dm, &kg, &vg, &qg, &mut attn, &mut upd));
+        self.row(
+            "attention fwd (f32)",
+            &shape,
+            Some(e),
+            ms,
+            0.0,
+            bytes,
+            false,
+        );
+        let dupd = self.rand_buf(batch * k * d, 13, 1.0);
+        let (mut dk, mut dv, mut dq) = (g.alloc(kk.len()), g.alloc(v.len()), g.alloc(q.len()));
+        let ms = self
+            .time(|| g.attention_bwd(&dm, &kg, &vg, &qg, &attn, &dupd, &mut dk, &mut dv, &mut dq));
+        self.row(
+            "attention bwd (f32)",
+            &shape,
+            None,
+            ms,
+            0.0,
+            2.0 * bytes + 8.0 * (batch * n * d) as f64,
+            false,
+        );
+    }
+
+    fn step(&self, cfg_path: &str, steps: usize) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(cfg_path);
+        let mut cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        if self.emulated {
+            cfg.training.batch_size = 2;
+        }
+        let be = if self.emulated {
+            Cuda::emulated()
+        } else {
+            Cuda::new(0)
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_precision(cfg.model.precision);
+        if self.emulated {
+            // One step of the real config is hours in the emulator: the tiny config only.
+            if cfg.model.resolution > 16 {
+                println!("\n(whole step of {cfg_path}: not run in the emulator)");
+                return;
+            }
+        }
+        let r = slotfix::bench::bench_step(be, &cfg, steps);
+        println!("\n{cfg_path}:\n{}", r.table());
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let emulated = args.iter().any(|a| a == "--emulate");
+    let reps = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let g = if emulated {
+        Cuda::emulated()
+    } else {
+        Cuda::new(0)
+    };
+    let g = match g {
+        Ok(g) => g,
+        Err(e) => {
+            println!("kernel benchmark: no CUDA device ({e}); nothing timed");
+            let required = std::env::var("SLOTFIX_REQUIRE_GPU").is_ok_and(|v| v == "1");
+            std::process::exit(if required { 1 } else { 0 });
+        }
+    };
+    let mut b = Bench {
+        g,
+        c: Cpu::new(),
+        emulated,
+        reps,
+        bw: None,
+        tf32: None,
+    };
+    if !emulated {
+        let n = 1usize << 28; // 1 GiB of f32
+        let (src, mut dst) = (b.g.alloc(n), b.g.alloc(n));
+        let ms =
+            b.g.time_ms(reps, || b.g.copy(&src, &mut dst))
+                .unwrap_or_else(|e| panic!("{e}"));
+        b.bw = Some(2.0 * 4.0 * n as f64 / ms / 1e6);
+        b.tf32 = Some(b.g.measure_tf32_peak().unwrap_or_else(|e| panic!("{e}")));
+    }
+    println!(
+        "CUDA kernels on {} ({}); measured peaks: copy {} GB/s, TF32 mma.sync {} TFLOP/s; mean of {reps} runs\n",
+        b.g.device_name(),
+        b.g.arch(),
+        b.bw.map_or("-".into(), |v| format!("{v:.0}")),
+        b.tf32.map_or("-".into(), |v| format!("{v:.0}")),
+    );
+    println!("| kernel | shape | check vs CPU | ms | TFLOP/s | GB/s | of peak |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | --- |");
+    // (batch, resolution, channels, decoder images, tokens)
+    let (batch, res, ch, dec_imgs) = if emulated {
+        (2, 16, 8, 3)
+    } else {
+        (64, 128, 64, 448)
+    };
+    for precision in [Precision::Tf32, Precision::F32] {
+        let g = if emulated {
+            Cuda::emulated()
+        } else {
+            Cuda::new(0)
+        }
+        .unwrap();
+        let bp = Bench {
+            g: g.with_precision(precision),
+            c: Cpu::new(),
+            emulated,
+            reps,
+            bw: b.bw,
+            tf32: b.tf32,
+        };
+        bp.conv(
+            "encoder conv",
+            ConvGeom::same(res, res, ch, ch, 5),
+            batch,
+            false,
+            precision,
+        );
+        bp.conv(
+            "decoder convT s2",
+            ConvGeom::transposed(res / 2, res / 2, ch, ch, 5, 2, 2, 1),
+            dec_imgs,
+            true,
+            precision,
+        );
+        bp.conv(
+            "decoder convT s1",
+            ConvGeom::transposed(res, res, ch, ch, 5, 1, 2, 0),
+            dec_imgs,
+            true,
+            precision,
+        );
+    }
+    b.linear_layernorm(batch * res * res, ch);
+    b.attention(batch, res * res, 7, ch);
+    b.step("configs/tetrominoes.yaml", if emulated { 1 } else { 20 });
+    b.step("configs/clevr6.yaml", 10);
+}
