@@ -169,3 +169,235 @@ extern "C" __global__ void attention_bwd_f32(AttnDims dm, const float* __restric
         *o = acc;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Version 2: the token dimension split over blocks. One block of ATT_T threads takes ATT_T
+// consecutive tokens of one (batch, head), one token per thread; the sums over tokens (the
+// column sums S, the weighted values, c and dq) are written as per-chunk partials and summed
+// over the chunks in a fixed order by a second kernel (deterministic). With a[t,s] = p[t,s] + eps:
+//   upd[s,j] = (Σ_t a[t,s] v[t,j]) / S[s],  S[s] = Σ_t a[t,s];
+//   c[s] = (Σ_t dw[t,s] a[t,s]) / S[s]  (the same c as above, divided once instead of per term).
+// Grids: (chunks = ceil(n / ATT_T), batch·heads). Every token's row of p stays in registers:
+// k ≤ ATT_MAXK (the host falls back to version 1 beyond that).
+// Bytes: forward reads k and v once and writes p once (v re-read K times from L1); backward
+// reads v and p twice, k once, and read-modify-writes dk and dv once.
+
+#define ATT_T 256
+#define ATT_MAXK 16
+
+// Dynamic shared memory: k·dh (q) + ATT_T·k (a) floats.
+// partial [batch·heads][chunks][k][dh + 1]: per chunk, Σ a·v (dh values) then Σ a.
+extern "C" __global__ void __launch_bounds__(ATT_T)
+attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
+                          const float* __restrict__ q, float* __restrict__ attn,
+                          float* __restrict__ partial) {
+    extern __shared__ float smem[];
+    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
+    const int dh = d / heads;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, t0 = chunk * ATT_T, t = t0 + tid;
+    float* qs = smem;          // [k][dh]
+    float* as = smem + k * dh;  // [ATT_T][k]
+    const float* qb = q + b * k * d;
+    for (int idx = tid; idx < k * dh; idx += ATT_T) qs[idx] = qb[(idx / dh) * d + h * dh + idx % dh];
+    __syncthreads();
+    if (t < n) {
+        const float* kt = kk + (b * n + t) * d + h * dh;
+        float p[ATT_MAXK];
+        float mx = __int_as_float(0xff800000);  // -inf
+        for (int s = 0; s < k; ++s) {
+            float l = 0.0f;
+            for (int j = 0; j < dh; ++j) l += kt[j] * qs[s * dh + j];
+            p[s] = dm.scale * l;
+            mx = fmaxf(mx, p[s]);
+        }
+        float z = 0.0f;
+        for (int s = 0; s < k; ++s) {
+            p[s] = expf(p[s] - mx);
+            z += p[s];
+        }
+        float* row = attn + ((size_t)bh * n + t) * k;
+        for (int s = 0; s < k; ++s) {
+            const float ps = p[s] / z;
+            row[s] = ps;
+            as[tid * k + s] = ps + dm.eps;
+        }
+    } else {
+        for (int s = 0; s < k; ++s) as[tid * k + s] = 0.0f;
+    }
+    __syncthreads();
+    const int valid = min(ATT_T, n - t0);
+    float* out = partial + ((size_t)bh * chunks + chunk) * k * (dh + 1);
+    for (int idx = tid; idx < k * (dh + 1); idx += ATT_T) {
+        const int s = idx / (dh + 1), j = idx % (dh + 1);
+        float acc = 0.0f;
+        if (j < dh) {
+            const float* vj = v + (b * n + t0) * d + h * dh + j;
+            for (int i = 0; i < valid; ++i) acc += as[i * k + s] * vj[i * d];
+        } else {
+            for (int i = 0; i < valid; ++i) acc += as[i * k + s];
+        }
+        out[idx] = acc;
+    }
+}
+
+// One thread per (batch·head, s, j < dh): upd[b, s, h·dh + j] = (Σ_c U_c[s][j]) / (Σ_c S_c[s]).
+extern "C" __global__ void attention_fwd_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ partial,
+                                                    float* __restrict__ upd) {
+    const int k = dm.k, d = dm.d, heads = dm.heads, dh = d / heads;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= dm.batch * heads * k * dh) return;
+    const int j = e % dh, s = (e / dh) % k, bh = e / (dh * k);
+    const int b = bh / heads, h = bh % heads;
+    const float* p = partial + (size_t)bh * chunks * k * (dh + 1) + s * (dh + 1);
+    float u = 0.0f, cs = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+        u += p[(size_t)c * k * (dh + 1) + j];
+        cs += p[(size_t)c * k * (dh + 1) + dh];
+    }
+    upd[(b * k + s) * d + h * dh + j] = u / cs;
+}
+
+// dw[s] = <dU[s], v[t]> for this thread's token (dU in shared memory).
+static __device__ __forceinline__ void att_dw(const float* vt, const float* dus, int k, int dh, float* dw) {
+    for (int s = 0; s < k; ++s) {
+        float g = 0.0f;
+        for (int j = 0; j < dh; ++j) g += dus[s * dh + j] * vt[j];
+        dw[s] = g;
+    }
+}
+
+// Backward pass 1. Dynamic shared memory: k·dh (dU) + 2·ATT_T·k floats.
+// stats [batch·heads][chunks][k][2]: per chunk, Σ a and Σ dw·a.
+extern "C" __global__ void __launch_bounds__(ATT_T)
+attention_bwd_stats_f32(AttnDims dm, const float* __restrict__ v, const float* __restrict__ attn,
+                        const float* __restrict__ dupd, float* __restrict__ stats) {
+    extern __shared__ float smem[];
+    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
+    const int dh = d / heads;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, t0 = chunk * ATT_T, t = t0 + tid;
+    float* dus = smem;                  // [k][dh]
+    float* as = smem + k * dh;           // [ATT_T][k]
+    float* dws = as + ATT_T * k;         // [ATT_T][k]
+    const float* du = dupd + b * k * d;
+    for (int idx = tid; idx < k * dh; idx += ATT_T) dus[idx] = du[(idx / dh) * d + h * dh + idx % dh];
+    __syncthreads();
+    if (t < n) {
+        float dw[ATT_MAXK];
+        att_dw(v + (b * n + t) * d + h * dh, dus, k, dh, dw);
+        const float* prow = attn + ((size_t)bh * n + t) * k;
+        for (int s = 0; s < k; ++s) {
+            as[tid * k + s] = prow[s] + dm.eps;
+            dws[tid * k + s] = dw[s];
+        }
+    } else {
+        for (int s = 0; s < k; ++s) as[tid * k + s] = dws[tid * k + s] = 0.0f;
+    }
+    __syncthreads();
+    const int valid = min(ATT_T, n - t0);
+    float* out = stats + ((size_t)bh * chunks + chunk) * k * 2;
+    for (int idx = tid; idx < 2 * k; idx += ATT_T) {
+        const int s = idx / 2;
+        float acc = 0.0f;
+        if (idx % 2 == 0) {
+            for (int i = 0; i < valid; ++i) acc += as[i * k + s];
+        } else {
+            for (int i = 0; i < valid; ++i) acc += dws[i * k + s] * as[i * k + s];
+        }
+        out[idx] = acc;
+    }
+}
+
+// Backward pass 2: dv and dk (+=) for this block's tokens, and the chunk's partial of dq.
+// Dynamic shared memory: 2·k·dh (dU, q) + 2·k (S, c) + 2·ATT_T·k (w, dl) floats.
+// dq_partial [batch·heads][chunks][k][dh].
+extern "C" __global__ void __launch_bounds__(ATT_T)
+attention_bwd_main_f32(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
+                       const float* __restrict__ q, const float* __restrict__ attn,
+                       const float* __restrict__ dupd, const float* __restrict__ stats,
+                       float* __restrict__ dk, float* __restrict__ dv, float* __restrict__ dq_partial) {
+    extern __shared__ float smem[];
+    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
+    const int dh = d / heads;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, t0 = chunk * ATT_T, t = t0 + tid;
+    float* dus = smem;              // [k][dh]
+    float* qs = dus + k * dh;        // [k][dh]
+    float* S = qs + k * dh;          // [k]
+    float* cc = S + k;               // [k]
+    float* ws = cc + k;              // [ATT_T][k]
+    float* dls = ws + ATT_T * k;     // [ATT_T][k]
+    const float* du = dupd + b * k * d;
+    const float* qb = q + b * k * d;
+    for (int idx = tid; idx < k * dh; idx += ATT_T) {
+        const int off = (idx / dh) * d + h * dh + idx % dh;
+        dus[idx] = du[off];
+        qs[idx] = qb[off];
+    }
+    if (tid < k) {
+        const float* st = stats + (size_t)bh * chunks * k * 2 + tid * 2;
+        float sa = 0.0f, sc = 0.0f;
+        for (int c = 0; c < chunks; ++c) {
+            sa += st[(size_t)c * k * 2];
+            sc += st[(size_t)c * k * 2 + 1];
+        }
+        S[tid] = sa;
+        cc[tid] = sc / sa;
+    }
+    __syncthreads();
+    if (t < n) {
+        float dw[ATT_MAXK];
+        att_dw(v + (b * n + t) * d + h * dh, dus, k, dh, dw);
+        const float* prow = attn + ((size_t)bh * n + t) * k;
+        float dot = 0.0f;
+        for (int s = 0; s < k; ++s) dot += ((dw[s] - cc[s]) / S[s]) * prow[s];
+        for (int s = 0; s < k; ++s) {
+            const float da = (dw[s] - cc[s]) / S[s];
+            ws[tid * k + s] = (prow[s] + dm.eps) / S[s];
+            dls[tid * k + s] = dm.scale * prow[s] * (da - dot);
+        }
+    } else {
+        for (int s = 0; s < k; ++s) ws[tid * k + s] = dls[tid * k + s] = 0.0f;
+    }
+    __syncthreads();
+    const int valid = min(ATT_T, n - t0);
+    // dv[t, j] += Σ_s w[t, s] dU[s, j];  dk[t, j] += Σ_s dl[t, s] q[s, j] (coalesced over j).
+    for (int idx = tid; idx < valid * dh; idx += ATT_T) {
+        const int i = idx / dh, j = idx % dh;
+        const size_t o = (size_t)(b * n + t0 + i) * d + h * dh + j;
+        float av = dv[o], ak = dk[o];
+        for (int s = 0; s < k; ++s) {
+            av += ws[i * k + s] * dus[s * dh + j];
+            ak += dls[i * k + s] * qs[s * dh + j];
+        }
+        dv[o] = av;
+        dk[o] = ak;
+    }
+    // This chunk's Σ_t dl[t, s] k[t, j].
+    float* out = dq_partial + ((size_t)bh * chunks + chunk) * k * dh;
+    for (int idx = tid; idx < k * dh; idx += ATT_T) {
+        const int s = idx / dh, j = idx % dh;
+        const float* kj = kk + (size_t)(b * n + t0) * d + h * dh + j;
+        float acc = 0.0f;
+        for (int i = 0; i < valid; ++i) acc += dls[i * k + s] * kj[(size_t)i * d];
+        out[idx] = acc;
+    }
+}
+
+// One thread per (batch·head, s, j < dh): dq[b, s, h·dh + j] += Σ_c dq_partial (chunk order).
+extern "C" __global__ void attention_bwd_dq_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ dq_partial,
+                                                       float* __restrict__ dq) {
+    const int k = dm.k, d = dm.d, heads = dm.heads, dh = d / heads;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= dm.batch * heads * k * dh) return;
+    const int j = e % dh, s = (e / dh) % k, bh = e / (dh * k);
+    const int b = bh / heads, h = bh % heads;
+    const float* p = dq_partial + (size_t)bh * chunks * k * dh + s * dh + j;
+    float acc = 0.0f;
+    for (int c = 0; c < chunks; ++c) acc += p[(size_t)c * k * dh];
+    dq[(b * k + s) * d + h * dh + j] += acc;
+}

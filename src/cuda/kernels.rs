@@ -76,7 +76,15 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "attention.cu",
         source: include_str!("../../kernels/attention.cu"),
-        kernels: &["attention_fwd_f32", "attention_bwd_f32"],
+        kernels: &[
+            "attention_fwd_f32",
+            "attention_bwd_f32",
+            "attention_fwd_partial_f32",
+            "attention_fwd_reduce_f32",
+            "attention_bwd_stats_f32",
+            "attention_bwd_main_f32",
+            "attention_bwd_dq_reduce_f32",
+        ],
     },
     KernelFile {
         name: "gru.cu",
