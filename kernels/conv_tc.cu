@@ -163,10 +163,10 @@ static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ s
                 const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
                 if (m < M && nn < N) {
                     float v = acc[mi][ni][r];
-                    if (accumulate) {
+                    if (accumulate == 1) {
                         out[m * N + nn] += v;
                     } else {
-                        v += bias[nn];
+                        if (accumulate == 0) v += bias[nn];
                         if (relu && v < 0.0f) v = 0.0f;
                         out[m * N + nn] = v;
                     }
@@ -175,7 +175,8 @@ static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ s
 }
 
 // grid (ceil(M/64), ceil(N/64)), block 128. `masked`: zero src where mask_y <= 0 (g = relu'd dy).
-// accumulate = 0: out = relu?(acc + bias); 1: out += acc (bias unused).
+// accumulate = 0: out = relu?(acc + bias); 1: out += acc; 2: out = relu?(acc) (bias unused in 1
+// and 2). A linear layer runs here as a 1×1 convolution over one-pixel images.
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv_igemm_direct_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
                        int masked, const float* __restrict__ w, const float* __restrict__ bias, int relu,

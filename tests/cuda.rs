@@ -301,7 +301,7 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     case("T k5 s2 op1 70->20", t(3, 4, 70, 20, 5, 2, 2, 1), true, 150);
 }
 
-fn linear_fwd_bwd_parity<B: Backend>(g: &B) {
+fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     let c = cpu();
     // (rows, n_in, n_out, bias, relu); 2500 rows > the 1024-row chunk of the dW partials.
     let cases = [
@@ -331,7 +331,7 @@ fn linear_fwd_bwd_parity<B: Backend>(g: &B) {
             relu,
             &mut yg,
         );
-        check(&format!("{name} y"), g, &yg, &y);
+        check_tol(&format!("{name} y"), g, &yg, &y, tol);
         let yg = up(g, &y);
         let dy = rand(y.len(), s + 3, 1.0);
         let dyg = up(g, &dy);
@@ -366,9 +366,9 @@ fn linear_fwd_bwd_parity<B: Backend>(g: &B) {
                 &mut dwg,
                 bias.then_some(&mut dbg),
             );
-            check(&format!("{name} dx"), g, &dxg, &dx);
-            check(&format!("{name} dw"), g, &dwg, &dw);
-            check(&format!("{name} db"), g, &dbg, &db);
+            check_tol(&format!("{name} dx"), g, &dxg, &dx, tol);
+            check_tol(&format!("{name} dw"), g, &dwg, &dw, tol);
+            check_tol(&format!("{name} db"), g, &dbg, &db, tol);
         }
     }
 }
@@ -786,7 +786,7 @@ fn gpu_conv_t2d_fwd_bwd() {
 #[test]
 fn gpu_linear_fwd_bwd() {
     if let Some(g) = gpu() {
-        linear_fwd_bwd_parity(&g);
+        linear_fwd_bwd_parity(&g, TOL);
     }
 }
 
@@ -856,7 +856,7 @@ fn emu_conv_t2d_fwd_bwd() {
 #[test]
 fn emu_linear_fwd_bwd() {
     if let Some(g) = emu() {
-        linear_fwd_bwd_parity(&g);
+        linear_fwd_bwd_parity(&g, TOL);
     }
 }
 
@@ -924,9 +924,32 @@ fn gpu_opt_step() {
 }
 
 #[test]
+fn emu_linear_tf32_fwd_bwd() {
+    if let Some(g) = emu() {
+        linear_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
+    }
+    if let Some(g) = emu() {
+        let g = g.with_precision(Precision::Tf32).with_emulator_exact_tf32();
+        linear_fwd_bwd_parity(&g, TOL);
+    }
+}
+
+#[test]
+fn gpu_linear_tf32_fwd_bwd() {
+    if let Some(g) = gpu() {
+        linear_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
+    }
+}
+
+#[test]
 fn emu_conv2d_tf32_fwd_bwd() {
     if let Some(g) = emu() {
         conv2d_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
+    }
+    // The same kernels with full f32 operands: f32 tolerance.
+    if let Some(g) = emu() {
+        let g = g.with_precision(Precision::Tf32).with_emulator_exact_tf32();
+        conv2d_fwd_bwd_parity(&g, TOL);
     }
 }
 
@@ -934,6 +957,10 @@ fn emu_conv2d_tf32_fwd_bwd() {
 fn emu_conv_t2d_tf32_fwd_bwd() {
     if let Some(g) = emu() {
         conv_t2d_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
+    }
+    if let Some(g) = emu() {
+        let g = g.with_precision(Precision::Tf32).with_emulator_exact_tf32();
+        conv_t2d_fwd_bwd_parity(&g, TOL);
     }
 }
 
@@ -958,7 +985,7 @@ fn harness_runs_with_cpu_as_device() {
     let c = cpu();
     conv2d_fwd_bwd_parity(&c, TOL);
     conv_t2d_fwd_bwd_parity(&c, TOL);
-    linear_fwd_bwd_parity(&c);
+    linear_fwd_bwd_parity(&c, TOL);
     layernorm_fwd_bwd_parity(&c);
     posembed_fwd_bwd_parity(&c);
     attention_fwd_bwd_parity(&c);
@@ -1259,12 +1286,12 @@ fn emu_train_step_bptt_two_heads_dropout_full_decoder() {
 }
 
 /// TF32 tolerance for the gradients of a whole step (the loss and gradient norm use TF32_TOL).
-/// TF32 rounding in every convolution, forward and backward, compounds, and the reconstruction
-/// error 2·(recon − target) that starts the backward pass is a difference of nearly equal
-/// numbers: in the emulator the first step's gradients are within 2e-3, the second step's
-/// (after one update, implicit mode) up to 1.4e-2 (decoder.convs.1.weight). An indexing or
-/// accumulation bug gives errors of order 1.
-const TF32_STEP_GRAD_TOL: f64 = 3e-2;
+/// With TF32 in every convolution and linear layer, forward and backward, rounding compounds,
+/// and small gradients that are sums of cancelling terms (the slot-attention LayerNorms and MLP
+/// of this tiny D = 8 model) come out up to 8.5e-2 away from f32 in the emulator. That this is
+/// rounding and not indexing is checked separately: with the emulator's TF32 rounding switched
+/// off (`emu_train_step_tf32_exact_products_*`) the same kernels agree to STEP_GRAD_TOL.
+const TF32_STEP_GRAD_TOL: f64 = 0.2;
 
 #[test]
 fn emu_train_step_tf32_implicit() {
@@ -1287,6 +1314,27 @@ fn emu_train_step_tf32_bptt_two_heads_dropout_full_decoder() {
         "emulated tf32 bptt, 2 heads, dropout, full decoder",
         TF32_TOL,
         TF32_STEP_GRAD_TOL,
+    );
+}
+
+/// The tensor-core path of a whole step with full f32 operands (emulator only): f32 tolerances.
+#[test]
+fn emu_train_step_tf32_exact_products_implicit() {
+    let Some(g) = emu() else { return };
+    train_step_parity(
+        g.with_precision(Precision::Tf32).with_emulator_exact_tf32(),
+        small_config(|m| m.implicit_diff = true),
+        "emulated tf32 kernels, exact products, implicit",
+    );
+}
+
+#[test]
+fn emu_train_step_tf32_exact_products_bptt_two_heads_dropout_full_decoder() {
+    let Some(g) = emu() else { return };
+    train_step_parity(
+        g.with_precision(Precision::Tf32).with_emulator_exact_tf32(),
+        heads_dropout_full(false),
+        "emulated tf32 kernels, exact products, bptt, 2 heads, dropout, full decoder",
     );
 }
 

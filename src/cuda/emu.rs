@@ -28,6 +28,7 @@ type RunFn = unsafe extern "C" fn(
     *const u32,
     *const u32,
     u32,
+    i32,
     *mut c_char,
     usize,
 ) -> i32;
@@ -37,6 +38,9 @@ pub struct Emulator {
     _lib: Arc<libloading::Library>,
     run: RunFn,
     entries: HashMap<&'static str, EntryFn>,
+    /// TF32 conversions and tensor-core products keep full f32 operands (see
+    /// [`Emulator::set_exact_tf32`]).
+    exact_tf32: bool,
 }
 
 /// Why the emulator cannot run here (not x86-64 Linux, or no C++ compiler), or None. When it can
@@ -90,7 +94,15 @@ impl Emulator {
             _lib: lib,
             run,
             entries,
+            exact_tf32: false,
         })
+    }
+
+    /// With `exact` set, the tensor-core kernels compute with full f32 operands instead of TF32:
+    /// their results must then match the f32 reference at f32 tolerances, which checks their
+    /// indexing apart from their rounding. (No GPU can do this; it is an emulator-only check.)
+    pub fn set_exact_tf32(&mut self, exact: bool) {
+        self.exact_tf32 = exact;
     }
 
     /// Run kernel `name` over `grid` × `block`; `args[i]` points at the i-th argument's value.
@@ -116,6 +128,7 @@ impl Emulator {
                 g.as_ptr(),
                 b.as_ptr(),
                 shared_bytes,
+                self.exact_tf32 as i32,
                 err.as_mut_ptr() as *mut c_char,
                 err.len(),
             )

@@ -595,9 +595,9 @@ impl Cuda {
         })
     }
 
-    /// The precision of the convolutions: `F32` (the default: exact f32, v1 kernels) or `Tf32`
-    /// (tensor cores, `kernels/conv_tc.cu`). Matrix products of the linear layers are f32 in
-    /// both for now.
+    /// The precision of the convolutions and linear layers: `F32` (the default: exact f32, v1
+    /// kernels) or `Tf32` (tensor cores, `kernels/conv_tc.cu`; a linear layer runs as a 1×1
+    /// convolution). Everything else (attention, norms, gates, the loss, Adam) is f32 in both.
     pub fn with_precision(mut self, precision: Precision) -> Cuda {
         self.precision = precision;
         self
@@ -605,6 +605,16 @@ impl Cuda {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// In the emulator: run the tensor-core kernels with full f32 operands instead of TF32
+    /// ([`emu::Emulator::set_exact_tf32`]), so that `precision: tf32` can be checked against the
+    /// f32 reference at f32 tolerances. No effect on a GPU.
+    pub fn with_emulator_exact_tf32(mut self) -> Cuda {
+        if let Exec::Emu(e) = &mut self.exec {
+            e.set_exact_tf32(true);
+        }
+        self
     }
 
     /// Whether the kernels run in the emulator.
@@ -884,7 +894,7 @@ impl Cuda {
         batch: usize,
         x: &Buf,
         w: &Buf,
-        b: &Buf,
+        b: Option<&Buf>,
         relu: bool,
         y: &mut Buf,
     ) {
@@ -903,11 +913,13 @@ impl Cuda {
             w_nc: !transposed as i32,
         };
         let cfg = tc_grid(batch * g.h_out * g.w_out, g.c_out, 1);
-        let (zero, ri) = (0i32, relu as i32);
+        // mode 0: y = relu?(acc + b); 2: y = relu?(acc) (no bias: the kernel never reads it).
+        let (zero, ri, mode) = (0i32, relu as i32, if b.is_some() { 0i32 } else { 2 });
+        let b = b.unwrap_or(w);
         if transposed {
-            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &zero, y);
+            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         } else {
-            launch!(self, "conv_igemm_direct_tf32", cfg; &p, x, x, &zero, w, b, &ri, &zero, y);
+            launch!(self, "conv_igemm_direct_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         }
     }
 
@@ -1101,7 +1113,7 @@ impl Backend for Cuda {
     fn describe(&self) -> String {
         let p = match self.precision {
             Precision::F32 => "f32",
-            Precision::Tf32 => "tf32 convolutions, f32 elsewhere",
+            Precision::Tf32 => "tf32 convolutions and linear layers, f32 elsewhere",
         };
         format!("cuda ({}, {}, {p})", self.name, self.arch)
     }
@@ -1223,7 +1235,7 @@ impl Backend for Cuda {
         }
         check_conv_range(g, batch);
         if self.precision == Precision::Tf32 {
-            return self.conv_tc_fwd(false, g, batch, x, w, b, relu, y);
+            return self.conv_tc_fwd(false, g, batch, x, w, Some(b), relu, y);
         }
         let gc = ConvGeomC::new(g);
         let (bi, ri) = (i(batch), relu as i32);
@@ -1264,7 +1276,7 @@ impl Backend for Cuda {
         }
         check_conv_range(g, batch);
         if self.precision == Precision::Tf32 {
-            return self.conv_tc_fwd(true, g, batch, x, w, b, relu, y);
+            return self.conv_tc_fwd(true, g, batch, x, w, Some(b), relu, y);
         }
         let gc = ConvGeomC::new(g);
         let (bi, ri) = (i(batch), relu as i32);
@@ -1305,6 +1317,12 @@ impl Backend for Cuda {
         if rows == 0 || n_out == 0 {
             return;
         }
+        if self.precision == Precision::Tf32 {
+            // A linear layer is a 1×1 convolution over `rows` one-pixel images.
+            let g = ConvGeom::same(1, 1, n_in, n_out, 1);
+            check_conv_range(&g, rows);
+            return self.conv_tc_fwd(false, &g, rows, x, w, b, relu, y);
+        }
         let (ri, ii, oi) = (i(rows), i(n_in), i(n_out));
         let has_bias = b.is_some() as i32;
         let relu_i = relu as i32;
@@ -1333,6 +1351,20 @@ impl Backend for Cuda {
         assert_eq!(dy.len(), rows * n_out);
         assert_eq!(dw.len(), n_out * n_in);
         if rows == 0 || n_out == 0 || n_in == 0 {
+            return;
+        }
+        if self.precision == Precision::Tf32 {
+            let g = ConvGeom::same(1, 1, n_in, n_out, 1);
+            check_conv_range(&g, rows);
+            if let Some(dx) = dx {
+                assert_eq!(dx.len(), rows * n_in);
+                self.conv_tc_dx(false, &g, rows, w, y, relu, dy, dx);
+            }
+            self.conv_tc_dw(false, &g, rows, x, y, relu, dy, dw);
+            if let Some(db) = db {
+                assert_eq!(db.len(), n_out);
+                self.conv_db(&g, rows, y, relu, dy, db);
+            }
             return;
         }
         let (ri, ii, oi) = (i(rows), i(n_in), i(n_out));

@@ -21,6 +21,10 @@ struct CuemuThread {
 };
 
 extern thread_local CuemuThread* cuemu_cur;
+// Set per launch: TF32 conversions and tensor-core products keep full f32 operands, so that a
+// tensor-core kernel can be compared with the f32 reference at f32 tolerances (its indexing
+// checked apart from its rounding).
+extern thread_local int cuemu_exact_tf32;
 extern thread_local uint3 cuemu_block_idx, cuemu_block_dim, cuemu_grid_dim;
 
 #define threadIdx (cuemu_cur->tid)
@@ -131,7 +135,7 @@ static inline T __ldg(const T* p) { return *p; }
 // adding half an ulp of TF32 to the magnitude bits and truncating does it). Inf and NaN pass.
 static inline unsigned cuemu_to_tf32(float x) {
     unsigned u = __float_as_uint(x);
-    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    if (cuemu_exact_tf32 || (u & 0x7f800000u) == 0x7f800000u) return u;
     return (u + 0x1000u) & 0xffffe000u;
 }
 
@@ -152,7 +156,8 @@ static void cuemu_mma_apply(void** p, int lanes) {
     for (int lane = 0; lane < lanes; ++lane) {
         const CuemuMma* m = (const CuemuMma*)p[lane];
         const int g = lane >> 2, t = lane & 3;
-        auto v = [](unsigned u) { return __uint_as_float(u & 0xffffe000u); };
+        const unsigned keep = cuemu_exact_tf32 ? 0xffffffffu : 0xffffe000u;
+        auto v = [keep](unsigned u) { return __uint_as_float(u & keep); };
         A[g][t] = v(m->a[0]);
         A[g + 8][t] = v(m->a[1]);
         A[g][t + 4] = v(m->a[2]);

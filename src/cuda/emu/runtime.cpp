@@ -11,6 +11,7 @@
 #include <vector>
 
 thread_local CuemuThread* cuemu_cur;
+thread_local int cuemu_exact_tf32;
 thread_local uint3 cuemu_block_idx, cuemu_block_dim, cuemu_grid_dim;
 
 // Saves the callee-saved registers on the current stack, stores the stack pointer in *from,
@@ -199,7 +200,8 @@ extern "C" void* cuemu_dyn_smem() { return worker->dyn_smem.data(); }
 
 // Runs `entry(args)` over the grid. Returns 0, or 1 with a message in err.
 extern "C" int cuemu_run(void (*entry)(void**), void** args, const unsigned* grid,
-                         const unsigned* block, unsigned shared_bytes, char* err, size_t err_len) {
+                         const unsigned* block, unsigned shared_bytes, int exact_tf32, char* err,
+                         size_t err_len) {
     const uint3 gd{grid[0], grid[1], grid[2]}, bd{block[0], block[1], block[2]};
     const size_t threads = (size_t)bd.x * bd.y * bd.z;
     const size_t blocks = (size_t)gd.x * gd.y * gd.z;
@@ -216,6 +218,7 @@ extern "C" int cuemu_run(void (*entry)(void**), void** args, const unsigned* gri
     auto work = [&](size_t id) {
         Worker w;
         worker = &w;
+        cuemu_exact_tf32 = exact_tf32;
         w.entry = entry;
         w.args = args;
         w.fibers.resize(threads);
