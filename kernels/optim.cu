@@ -74,12 +74,11 @@ extern "C" __global__ void opt_control_f64(int nparts, const double* __restrict_
     ctrl[CTRL_BC2] = __dadd_rn(1.0, -pow(b2, t));
 }
 
-// Reads grad_scale, bc1, bc2 from ctrl; does nothing when ctrl[CTRL_APPLY] is 0.
-extern "C" __global__ void adam_f32(int n, float* __restrict__ param, const float* __restrict__ grad,
-                                    float* __restrict__ m, float* __restrict__ v, double lr, double b1,
-                                    double b2, double eps, double decay, const double* __restrict__ ctrl) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n || ctrl[CTRL_APPLY] == 0.0) return;
+// The AdamW update of element i, with grad_scale, bc1, bc2 from ctrl.
+static __device__ __forceinline__ void adam_elem(long long i, float* __restrict__ param,
+                                                 const float* __restrict__ grad, float* __restrict__ m,
+                                                 float* __restrict__ v, double lr, double b1, double b2,
+                                                 double eps, double decay, const double* __restrict__ ctrl) {
     const double grad_scale = ctrl[CTRL_GRAD_SCALE], bc1 = ctrl[CTRL_BC1], bc2 = ctrl[CTRL_BC2];
     const double g = __dmul_rn((double)grad[i], grad_scale);
     const double m1 = __dadd_rn(__dmul_rn(b1, (double)m[i]), __dmul_rn(__dadd_rn(1.0, -b1), g));
@@ -90,9 +89,68 @@ extern "C" __global__ void adam_f32(int n, float* __restrict__ param, const floa
     v[i] = (float)v1;
 }
 
-// partial[offset + blockIdx.x] = Σ over this block's grid-stride elements of x² (double).
-extern "C" __global__ void sum_squares_partial_f32(int n, const float* __restrict__ x, double* __restrict__ partial,
-                                                   int offset) {
+// One tensor; does nothing when ctrl[CTRL_APPLY] is 0.
+extern "C" __global__ void adam_f32(int n, float* __restrict__ param, const float* __restrict__ grad,
+                                    float* __restrict__ m, float* __restrict__ v, double lr, double b1,
+                                    double b2, double eps, double decay, const double* __restrict__ ctrl) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n || ctrl[CTRL_APPLY] == 0.0) return;
+    adam_elem(i, param, grad, m, v, lr, b1, b2, eps, decay, ctrl);
+}
+
+// Multi-tensor versions: one launch for every tensor of the model. tab[5·t ..] = addresses of
+// tensor t's param, grad, m, v and its length; map[block] = (t << 32) | first element of the
+// block's chunk of MT_CHUNK elements (built once per model by the host).
+#define MT_CHUNK 4096
+
+struct MtChunk {
+    int t;
+    long long start, end;
+};
+
+static __device__ __forceinline__ MtChunk mt_chunk(const unsigned long long* tab, const unsigned long long* map) {
+    const unsigned long long e = map[blockIdx.x];
+    MtChunk c;
+    c.t = (int)(e >> 32);
+    c.start = (long long)(e & 0xffffffffull);
+    const long long n = (long long)tab[5 * c.t + 4];
+    c.end = c.start + MT_CHUNK < n ? c.start + MT_CHUNK : n;
+    return c;
+}
+
+// partials[block] = Σ grad² over the block's chunk (double). With the fixed map, the sum in
+// opt_control_f64 has a fixed order: deterministic.
+extern "C" __global__ void sum_squares_multi_f32(const unsigned long long* __restrict__ tab,
+                                                 const unsigned long long* __restrict__ map,
+                                                 double* __restrict__ partials) {
+    __shared__ double sh[32];
+    const MtChunk c = mt_chunk(tab, map);
+    const float* g = (const float*)tab[5 * c.t + 1];
+    double acc = 0.0;
+    for (long long i = c.start + threadIdx.x; i < c.end; i += blockDim.x) {
+        const double a = (double)g[i];
+        acc += a * a;
+    }
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void adam_multi_f32(const unsigned long long* __restrict__ tab,
+                                          const unsigned long long* __restrict__ map, double lr, double b1,
+                                          double b2, double eps, double decay, const double* __restrict__ ctrl) {
+    if (ctrl[CTRL_APPLY] == 0.0) return;
+    const MtChunk c = mt_chunk(tab, map);
+    const unsigned long long* row = tab + 5 * c.t;
+    float* param = (float*)row[0];
+    const float* grad = (const float*)row[1];
+    float* m = (float*)row[2];
+    float* v = (float*)row[3];
+    for (long long i = c.start + threadIdx.x; i < c.end; i += blockDim.x)
+        adam_elem(i, param, grad, m, v, lr, b1, b2, eps, decay, ctrl);
+}
+
+// partial[blockIdx.x] = Σ over this block's grid-stride elements of x² (double).
+extern "C" __global__ void sum_squares_partial_f32(int n, const float* __restrict__ x, double* __restrict__ partial) {
     __shared__ double sh[32];
     double acc = 0.0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -100,7 +158,7 @@ extern "C" __global__ void sum_squares_partial_f32(int n, const float* __restric
         acc += a * a;
     }
     acc = block_sum(acc, sh);
-    if (threadIdx.x == 0) partial[offset + blockIdx.x] = acc;
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 // partial[blockIdx.x] = Σ (a − b)² (double).

@@ -1362,10 +1362,14 @@ fn train_steps_make_no_host_read_or_allocation(g: Cuda, label: &str) {
     let mut s = Session::new(g, cfg.clone());
     let images = rand(cfg.training.batch_size * res * res * 3, 77, 1.0);
     s.train_step(&images); // the first step allocates the workspace
-    let (before, allocs) = (s.be.host_reads(), s.be.allocations());
+    let (before, allocs, launches) = (s.be.host_reads(), s.be.allocations(), s.be.launches());
     for _ in 0..3 {
         s.train_step(&images);
     }
+    eprintln!(
+        "{label}: {} kernel launches per training step",
+        (s.be.launches() - launches) / 3
+    );
     assert_eq!(
         s.be.host_reads(),
         before,

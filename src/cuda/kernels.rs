@@ -129,6 +129,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &[
             "adam_f32",
             "opt_control_f64",
+            "sum_squares_multi_f32",
+            "adam_multi_f32",
             "sum_squares_partial_f32",
             "diff_squares_partial_f32",
             "sum_partials_f64",

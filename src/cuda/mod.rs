@@ -62,6 +62,15 @@ impl Elem for f64 {
         &p.f64
     }
 }
+/// Device addresses and lengths (the multi-tensor tables).
+impl Elem for u64 {
+    fn poison() -> u64 {
+        0xa5a5_a5a5_a5a5_a5a5
+    }
+    fn pool(p: &ScratchPools) -> &Mutex<Vec<DevBuf<u64>>> {
+        &p.u64
+    }
+}
 
 /// Scratch buffers given back after use, reused by size: a training step allocates nothing
 /// after the first one. Reuse is safe without waiting: every kernel runs in order on one stream,
@@ -70,6 +79,7 @@ impl Elem for f64 {
 pub struct ScratchPools {
     f32: Mutex<Vec<DevBuf<f32>>>,
     f64: Mutex<Vec<DevBuf<f64>>>,
+    u64: Mutex<Vec<DevBuf<u64>>>,
 }
 
 /// A scratch buffer borrowed from the pool; it goes back when dropped.
@@ -235,6 +245,7 @@ macro_rules! value_arg {
 value_arg!(
     i32,
     u32,
+    u64,
     f32,
     f64,
     ConvGeomC,
@@ -472,6 +483,7 @@ fn tiles(a: usize, b: usize, z: usize) -> LaunchConfig {
 macro_rules! launch {
     ($cu:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let cfg: LaunchConfig = $cfg;
+        $cu.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &$cu.exec {
             Exec::Gpu(gpu) => {
                 let mut b = gpu.stream.launch_builder(gpu.func($name));
@@ -524,6 +536,8 @@ pub struct Cuda {
     host_reads: std::sync::atomic::AtomicU64,
     /// Device allocations so far.
     allocations: std::sync::atomic::AtomicU64,
+    /// Kernel launches so far (memsets and copies not included).
+    launches: std::sync::atomic::AtomicU64,
     pools: ScratchPools,
 }
 
@@ -577,6 +591,7 @@ impl Cuda {
             precision: Precision::F32,
             host_reads: Default::default(),
             allocations: Default::default(),
+            launches: Default::default(),
             pools: Default::default(),
         })
     }
@@ -591,6 +606,7 @@ impl Cuda {
             precision: Precision::F32,
             host_reads: Default::default(),
             allocations: Default::default(),
+            launches: Default::default(),
             pools: Default::default(),
         })
     }
@@ -672,6 +688,11 @@ impl Cuda {
             Exec::Emu(_) => Mem::Host(HostMem::new(len, zeroed)),
         };
         DevBuf { mem }
+    }
+
+    /// How many kernels this backend has launched.
+    pub fn launches(&self) -> u64 {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many device buffers this backend has allocated: a training step after the first
@@ -787,11 +808,9 @@ impl Cuda {
         let mut partial = self.scratch::<f64>(nb);
         let mut out = self.scratch::<f64>(1);
         let ni = i(n);
-        let zero = 0i32;
         match y {
             None => {
-                launch!(self, "sum_squares_partial_f32", per_block(nb, 0);
-                    &ni, x, &mut partial, &zero)
+                launch!(self, "sum_squares_partial_f32", per_block(nb, 0); &ni, x, &mut partial)
             }
             Some(y) => {
                 assert_eq!(y.len(), n);
@@ -1031,11 +1050,6 @@ impl Cuda {
     }
 }
 
-/// Blocks of the per-tensor sum-of-squares pass (grid-stride beyond that).
-fn norm_blocks(n: usize) -> usize {
-    n.div_ceil(BLOCK as usize).clamp(1, 1024)
-}
-
 /// Slots of the optimizer's control block (`CTRL_*` in optim.cu).
 mod ctrl {
     pub const UPDATES: usize = 0;
@@ -1056,16 +1070,37 @@ mod ctrl {
     pub const LEN: usize = 16;
 }
 
-/// The optimizer's bookkeeping on the device: the control block and the partial sums of the
-/// gradient norm (one slot per block of every tensor), both allocated once.
+/// Elements per block of the multi-tensor kernels (MT_CHUNK in optim.cu).
+const MT_CHUNK: usize = 4096;
+
+/// The optimizer's bookkeeping on the device, all allocated once: the control block, one
+/// partial sum of the gradient norm per block, and the multi-tensor tables (each tensor's
+/// param, grad, m and v addresses and length; each block's tensor and first element).
 pub struct CudaOptState {
     ctrl: DevBuf<f64>,
     partials: DevBuf<f64>,
-    /// First partial slot of each tensor.
-    offsets: Vec<usize>,
+    lens: Vec<usize>,
+    tab: DevBuf<u64>,
+    /// What `tab` holds, to upload it again only if a buffer moved.
+    tab_host: Vec<u64>,
+    map: DevBuf<u64>,
+    blocks: usize,
 }
 
 impl Cuda {
+    /// The device address of a buffer as a kernel sees it.
+    fn addr<T: Elem>(&self, b: &DevBuf<T>) -> u64 {
+        match (&self.exec, &b.mem) {
+            (Exec::Gpu(g), Mem::Gpu(s)) => {
+                use cudarc::driver::DevicePtr;
+                let (p, _record) = s.device_ptr(&g.stream);
+                p
+            }
+            (Exec::Emu(_), Mem::Host(h)) => h.addr,
+            _ => panic!("a buffer of the other executor"),
+        }
+    }
+
     fn upload_any<T: Elem>(&self, src: &[T], dst: &mut DevBuf<T>) {
         assert_eq!(src.len(), dst.len());
         match &self.exec {
@@ -1735,13 +1770,15 @@ impl Backend for Cuda {
         self.memory_in_use()
     }
     fn opt_state(&self, grad_lens: &[usize], start: &OptReport) -> CudaOptState {
-        let mut offsets = Vec::with_capacity(grad_lens.len());
-        let mut total = 0;
-        for &n in grad_lens {
-            offsets.push(total);
-            total += norm_blocks(n);
+        let mut map = Vec::new();
+        for (t, &n) in grad_lens.iter().enumerate() {
+            i(n);
+            for first in (0..n).step_by(MT_CHUNK) {
+                map.push(((t as u64) << 32) | first as u64);
+            }
         }
-        i(total);
+        let blocks = map.len();
+        i(blocks);
         let mut c = vec![0.0f64; ctrl::LEN];
         c[ctrl::UPDATES] = start.updates as f64;
         c[ctrl::SKIPPED] = start.skipped as f64;
@@ -1759,10 +1796,18 @@ impl Backend for Cuda {
         c[ctrl::LOSS_COUNT] = start.loss_count as f64;
         let mut ctrl_buf = self.alloc_any::<f64>(ctrl::LEN, false);
         self.upload_any(&c, &mut ctrl_buf);
+        let mut map_buf = self.alloc_any::<u64>(blocks.max(1), false);
+        if blocks > 0 {
+            self.upload_any(&map, &mut map_buf);
+        }
         CudaOptState {
             ctrl: ctrl_buf,
-            partials: self.alloc_any::<f64>(total.max(1), false),
-            offsets,
+            partials: self.alloc_any::<f64>(blocks.max(1), false),
+            lens: grad_lens.to_vec(),
+            tab: self.alloc_any::<u64>(5 * grad_lens.len().max(1), false),
+            tab_host: Vec::new(),
+            map: map_buf,
+            blocks,
         }
     }
     fn opt_step(
@@ -1776,34 +1821,43 @@ impl Backend for Cuda {
         st: &mut CudaOptState,
     ) {
         assert_eq!(loss.len(), 1);
-        assert_eq!(grads.len(), st.offsets.len());
-        for (g, &off) in grads.iter().zip(&st.offsets) {
-            let nb = norm_blocks(g.len());
-            let (ni, offi) = (i(g.len()), i(off));
-            launch!(self, "sum_squares_partial_f32", per_block(nb, 0);
-                &ni, g, &mut st.partials, &offi);
+        let nt = st.lens.len();
+        assert!(params.len() == nt && grads.len() == nt && m.len() == nt && v.len() == nt);
+        // The table of addresses: uploaded on the first step, and again only if a buffer moved
+        // (a host-to-device copy, not a synchronization).
+        let mut tab = Vec::with_capacity(5 * nt);
+        for t in 0..nt {
+            let n = st.lens[t];
+            assert!(params[t].len() == n && grads[t].len() == n && m[t].len() == n);
+            assert_eq!(v[t].len(), n);
+            tab.extend([
+                self.addr(&params[t]),
+                self.addr(&grads[t]),
+                self.addr(&m[t]),
+                self.addr(&v[t]),
+                n as u64,
+            ]);
         }
-        let np = i(st.partials.len());
+        if tab != st.tab_host && nt > 0 {
+            self.upload_any(&tab, &mut st.tab);
+            st.tab_host = tab;
+        }
+        let cfg = per_block(st.blocks, 0);
+        if st.blocks > 0 {
+            launch!(self, "sum_squares_multi_f32", cfg; &st.tab, &st.map, &mut st.partials);
+        }
+        let np = i(st.blocks);
         let (b1, b2) = (h.beta1, h.beta2);
         let clip = h.grad_clip.unwrap_or(0.0);
         let (has_clip, latch) = (h.grad_clip.is_some() as i32, h.latch as i32);
         let step = h.step as f64;
         launch!(self, "opt_control_f64", per_block(1, 0);
             &np, &st.partials, loss, &mut st.ctrl, &b1, &b2, &clip, &has_clip, &latch, &step);
-        for k in 0..params.len() {
-            let wd = h.weight_decay;
-            self.adam_ctrl(
-                h.lr,
-                b1,
-                b2,
-                h.eps,
-                wd,
-                &st.ctrl,
-                &mut params[k],
-                &grads[k],
-                &mut m[k],
-                &mut v[k],
-            );
+        if st.blocks > 0 {
+            let (lr, eps) = (h.lr, h.eps);
+            let decay = 1.0 - h.lr * h.weight_decay;
+            launch!(self, "adam_multi_f32", cfg;
+                &st.tab, &st.map, &lr, &b1, &b2, &eps, &decay, &st.ctrl);
         }
     }
     fn opt_report(&self, st: &CudaOptState) -> OptReport {
