@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# A GPU session's work in phases that each fit the device tool's 10-minute command limit.
+# Build and stage first, on the development machine:   ../shared/gpu/bundle
+# then, through the device tool (carry [".gpu"]), from the crate root:
+#   bash tools/gpu_session.sh check              # driver, every test, kernel table, step benches
+#   bash tools/gpu_session.sh train tetrominoes 8   # train configs/NAME.yaml on the GPU for N
+#                                                 # minutes (Ctrl-C-style stop: a checkpoint is
+#                                                 # saved), then eval + render the checkpoint
+# Everything lands in $OUT (or .gpu/out): logs, metrics.jsonl, eval JSON, pictures.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/.gpu/out}
+mkdir -p "$out"
+bin=$root/.gpu/bin/slotfix
+[ -x "$bin" ] || { echo "no .gpu/bin/slotfix: run ../shared/gpu/bundle first"; exit 2; }
+
+# configs/NAME.yaml with device: cuda (SLOTFIX_SESSION_DEVICE=cpu for a dry run of this script
+# on a machine without a GPU) and save_dir under $out.
+device=${SLOTFIX_SESSION_DEVICE:-cuda}
+cuda_config() {
+  local name=$1 dst=$out/$1.cuda.yaml
+  sed -e "s|^\(\s*\)device:.*|\1device: $device|" \
+      -e "s|^\(\s*\)save_dir:.*|\1save_dir: $out/runs/$name|" "configs/$name.yaml" > "$dst"
+  echo "$dst"
+}
+
+case ${1:-check} in
+  check)
+    nvidia-smi | tee "$out/nvidia-smi.txt"
+    echo "== tests (GPU tests must not skip)"
+    bash .gpu/run tests 2>&1 | tee "$out/tests.txt"
+    echo "== kernel table"
+    timeout 300 "$root"/.gpu/bench-kernels --reps 10 2>&1 | tee "$out/bench-kernels.txt"
+    for c in tetrominoes clevr6; do
+      echo "== step bench $c"
+      timeout 120 "$bin" bench --cfg "$(cuda_config $c)" --steps 20 2>&1 | tee "$out/bench-$c.txt"
+    done
+    ;;
+  train)
+    name=${2:?config name, e.g. tetrominoes}
+    minutes=${3:-8}
+    cfg=$(cuda_config "$name")
+    start=$(date +%s)
+    # SIGINT is slotfix's Ctrl-C: it finishes the step, saves a checkpoint and exits 130.
+    timeout -s INT "$((minutes * 60))" "$bin" train --cfg "$cfg" --overwrite 2>&1 | tee "$out/train-$name.txt"
+    echo "trained for $(( $(date +%s) - start )) s" | tee -a "$out/train-$name.txt"
+    ckpt=$(ls -1 "$out/runs/$name"/ckpt_*.safetensors 2>/dev/null | sort | tail -1)
+    [ -n "$ckpt" ] || { echo "no checkpoint written"; exit 1; }
+    "$bin" eval --cfg "$cfg" --ckpt "$ckpt" --json "$out/eval-$name.json" 2>&1 | tee "$out/eval-$name.txt"
+    "$bin" render --cfg "$cfg" --ckpt "$ckpt" --out "$out/render-$name.png" 2>&1 | tail -2
+    cp "$out/runs/$name/metrics.jsonl" "$out/metrics-$name.jsonl" 2>/dev/null
+    cp "$out/runs/$name/curves.png" "$out/curves-$name.png" 2>/dev/null
+    last=$(ls -1 "$out/runs/$name/images"/*.png 2>/dev/null | sort | tail -1)
+    [ -n "$last" ] && cp "$last" "$out/grid-$name.png"
+    rm -rf "$out/runs"   # checkpoints are large; the logs, metrics and pictures above stay
+    ;;
+  *)
+    echo "usage: bash tools/gpu_session.sh check | train NAME [MINUTES]"
+    exit 2
+    ;;
+esac
