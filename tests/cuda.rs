@@ -769,159 +769,62 @@ fn adam_step_parity<B: Backend>(g: &B) {
     check_tol("adam v", g, &vg, &v, 1e-7);
 }
 
-#[test]
-fn gpu_conv2d_fwd_bwd() {
-    if let Some(g) = gpu() {
-        conv2d_fwd_bwd_parity(&g, TOL);
-    }
+/// `$emu` and `$gpu`: one check with the kernels in the emulator and on the GPU. Each skips,
+/// saying why, where its executor is missing (and fails instead under SLOTFIX_REQUIRE_EMULATOR /
+/// SLOTFIX_REQUIRE_GPU). `$kind` ("emulated" or "gpu") names the executor in messages.
+macro_rules! emu_and_gpu_tests {
+    ($emu:ident, $gpu:ident, |$g:ident| $body:expr) => {
+        emu_and_gpu_tests!($emu, $gpu, |$g, _kind| $body);
+    };
+    ($emu:ident, $gpu:ident, |$g:ident, $kind:ident| $body:expr) => {
+        #[test]
+        fn $emu() {
+            if let Some($g) = emu() {
+                let $kind = "emulated";
+                $body;
+            }
+        }
+        #[test]
+        fn $gpu() {
+            if let Some($g) = gpu() {
+                let $kind = "gpu";
+                $body;
+            }
+        }
+    };
 }
 
-#[test]
-fn gpu_conv_t2d_fwd_bwd() {
-    if let Some(g) = gpu() {
-        conv_t2d_fwd_bwd_parity(&g, TOL);
-    }
-}
-
-#[test]
-fn gpu_linear_fwd_bwd() {
-    if let Some(g) = gpu() {
-        linear_fwd_bwd_parity(&g, TOL);
-    }
-}
-
-#[test]
-fn gpu_layernorm_fwd_bwd() {
-    if let Some(g) = gpu() {
-        layernorm_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn gpu_posembed_fwd_bwd() {
-    if let Some(g) = gpu() {
-        posembed_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn gpu_attention_fwd_bwd() {
-    if let Some(g) = gpu() {
-        attention_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn gpu_gru_gates_fwd_bwd() {
-    if let Some(g) = gpu() {
-        gru_gates_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn gpu_composite_mse_fwd_bwd() {
-    if let Some(g) = gpu() {
-        composite_mse_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn gpu_elementwise_rng_and_host_reads() {
-    if let Some(g) = gpu() {
-        elementwise_rng_and_host_reads_parity(&g);
-    }
-}
-
-#[test]
-fn gpu_adam_step() {
-    if let Some(g) = gpu() {
-        adam_step_parity(&g);
-    }
-}
-
-#[test]
-fn emu_conv2d_fwd_bwd() {
-    if let Some(g) = emu() {
-        conv2d_fwd_bwd_parity(&g, TOL);
-    }
-}
-
-#[test]
-fn emu_conv_t2d_fwd_bwd() {
-    if let Some(g) = emu() {
-        conv_t2d_fwd_bwd_parity(&g, TOL);
-    }
-}
-
-#[test]
-fn emu_linear_fwd_bwd() {
-    if let Some(g) = emu() {
-        linear_fwd_bwd_parity(&g, TOL);
-    }
-}
-
-#[test]
-fn emu_layernorm_fwd_bwd() {
-    if let Some(g) = emu() {
-        layernorm_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn emu_posembed_fwd_bwd() {
-    if let Some(g) = emu() {
-        posembed_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn emu_attention_fwd_bwd() {
-    if let Some(g) = emu() {
-        attention_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn emu_gru_gates_fwd_bwd() {
-    if let Some(g) = emu() {
-        gru_gates_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn emu_composite_mse_fwd_bwd() {
-    if let Some(g) = emu() {
-        composite_mse_fwd_bwd_parity(&g);
-    }
-}
-
-#[test]
-fn emu_elementwise_rng_and_host_reads() {
-    if let Some(g) = emu() {
-        elementwise_rng_and_host_reads_parity(&g);
-    }
-}
-
-#[test]
-fn emu_adam_step() {
-    if let Some(g) = emu() {
-        adam_step_parity(&g);
-    }
-}
-
-#[test]
-fn emu_opt_step() {
-    if let Some(g) = emu() {
-        opt_step_parity(&g);
-    }
-}
-
-#[test]
-fn gpu_opt_step() {
-    if let Some(g) = gpu() {
-        opt_step_parity(&g);
-    }
-}
+emu_and_gpu_tests!(emu_conv2d_fwd_bwd, gpu_conv2d_fwd_bwd, |g| {
+    conv2d_fwd_bwd_parity(&g, TOL)
+});
+emu_and_gpu_tests!(emu_conv_t2d_fwd_bwd, gpu_conv_t2d_fwd_bwd, |g| {
+    conv_t2d_fwd_bwd_parity(&g, TOL)
+});
+emu_and_gpu_tests!(emu_linear_fwd_bwd, gpu_linear_fwd_bwd, |g| {
+    linear_fwd_bwd_parity(&g, TOL)
+});
+emu_and_gpu_tests!(emu_layernorm_fwd_bwd, gpu_layernorm_fwd_bwd, |g| {
+    layernorm_fwd_bwd_parity(&g)
+});
+emu_and_gpu_tests!(emu_posembed_fwd_bwd, gpu_posembed_fwd_bwd, |g| {
+    posembed_fwd_bwd_parity(&g)
+});
+emu_and_gpu_tests!(emu_attention_fwd_bwd, gpu_attention_fwd_bwd, |g| {
+    attention_fwd_bwd_parity(&g)
+});
+emu_and_gpu_tests!(emu_gru_gates_fwd_bwd, gpu_gru_gates_fwd_bwd, |g| {
+    gru_gates_fwd_bwd_parity(&g)
+});
+emu_and_gpu_tests!(emu_composite_mse_fwd_bwd, gpu_composite_mse_fwd_bwd, |g| {
+    composite_mse_fwd_bwd_parity(&g)
+});
+emu_and_gpu_tests!(
+    emu_elementwise_rng_and_host_reads,
+    gpu_elementwise_rng_and_host_reads,
+    |g| elementwise_rng_and_host_reads_parity(&g)
+);
+emu_and_gpu_tests!(emu_adam_step, gpu_adam_step, |g| adam_step_parity(&g));
+emu_and_gpu_tests!(emu_opt_step, gpu_opt_step, |g| opt_step_parity(&g));
 
 #[test]
 fn emu_linear_tf32_fwd_bwd() {
@@ -1202,18 +1105,6 @@ fn train_step_parity_tol<B: Backend>(g: B, cfg: Config, label: &str, loss_tol: f
     assert_eq!(sc.step, sg.step);
 }
 
-#[test]
-fn gpu_train_step_bptt() {
-    let Some(g) = gpu() else { return };
-    train_step_parity(g, small_config(|m| m.implicit_diff = false), "bptt");
-}
-
-#[test]
-fn gpu_train_step_implicit() {
-    let Some(g) = gpu() else { return };
-    train_step_parity(g, small_config(|m| m.implicit_diff = true), "implicit");
-}
-
 /// Two heads, dropout and the full decoder, in either gradient mode.
 fn heads_dropout_full(implicit: bool) -> Config {
     small_config(|m| {
@@ -1225,65 +1116,42 @@ fn heads_dropout_full(implicit: bool) -> Config {
     })
 }
 
-#[test]
-fn gpu_train_step_implicit_two_heads_dropout_full_decoder() {
-    let Some(g) = gpu() else { return };
-    train_step_parity(
-        g,
-        heads_dropout_full(true),
-        "implicit, 2 heads, dropout, full decoder",
-    );
-}
-
-#[test]
-fn gpu_train_step_bptt_two_heads_dropout_full_decoder() {
-    let Some(g) = gpu() else { return };
-    train_step_parity(
-        g,
-        heads_dropout_full(false),
-        "bptt, 2 heads, dropout, full decoder",
-    );
-}
-
-#[test]
-fn emu_train_step_bptt() {
-    let Some(g) = emu() else { return };
+emu_and_gpu_tests!(emu_train_step_bptt, gpu_train_step_bptt, |g, kind| {
     train_step_parity(
         g,
         small_config(|m| m.implicit_diff = false),
-        "emulated bptt",
-    );
-}
-
-#[test]
-fn emu_train_step_implicit() {
-    let Some(g) = emu() else { return };
-    train_step_parity(
-        g,
-        small_config(|m| m.implicit_diff = true),
-        "emulated implicit",
-    );
-}
-
-#[test]
-fn emu_train_step_implicit_two_heads_dropout_full_decoder() {
-    let Some(g) = emu() else { return };
-    train_step_parity(
+        &format!("{kind} bptt"),
+    )
+});
+emu_and_gpu_tests!(
+    emu_train_step_implicit,
+    gpu_train_step_implicit,
+    |g, kind| {
+        train_step_parity(
+            g,
+            small_config(|m| m.implicit_diff = true),
+            &format!("{kind} implicit"),
+        )
+    }
+);
+emu_and_gpu_tests!(
+    emu_train_step_implicit_two_heads_dropout_full_decoder,
+    gpu_train_step_implicit_two_heads_dropout_full_decoder,
+    |g, kind| train_step_parity(
         g,
         heads_dropout_full(true),
-        "emulated implicit, 2 heads, dropout, full decoder",
-    );
-}
-
-#[test]
-fn emu_train_step_bptt_two_heads_dropout_full_decoder() {
-    let Some(g) = emu() else { return };
-    train_step_parity(
+        &format!("{kind} implicit, 2 heads, dropout, full decoder"),
+    )
+);
+emu_and_gpu_tests!(
+    emu_train_step_bptt_two_heads_dropout_full_decoder,
+    gpu_train_step_bptt_two_heads_dropout_full_decoder,
+    |g, kind| train_step_parity(
         g,
         heads_dropout_full(false),
-        "emulated bptt, 2 heads, dropout, full decoder",
-    );
-}
+        &format!("{kind} bptt, 2 heads, dropout, full decoder"),
+    )
+);
 
 /// TF32 tolerance for the gradients of a whole step (the loss and gradient norm use TF32_TOL).
 /// With TF32 in every convolution and linear layer, forward and backward, rounding compounds,
@@ -1293,17 +1161,19 @@ fn emu_train_step_bptt_two_heads_dropout_full_decoder() {
 /// off (`emu_train_step_tf32_exact_products_*`) the same kernels agree to STEP_GRAD_TOL.
 const TF32_STEP_GRAD_TOL: f64 = 0.2;
 
-#[test]
-fn emu_train_step_tf32_implicit() {
-    let Some(g) = emu() else { return };
-    train_step_parity_tol(
-        g.with_precision(Precision::Tf32),
-        small_config(|m| m.implicit_diff = true),
-        "emulated tf32 implicit",
-        TF32_TOL,
-        TF32_STEP_GRAD_TOL,
-    );
-}
+emu_and_gpu_tests!(
+    emu_train_step_tf32_implicit,
+    gpu_train_step_tf32_implicit,
+    |g, kind| {
+        train_step_parity_tol(
+            g.with_precision(Precision::Tf32),
+            small_config(|m| m.implicit_diff = true),
+            &format!("{kind} tf32 implicit"),
+            TF32_TOL,
+            TF32_STEP_GRAD_TOL,
+        )
+    }
+);
 
 #[test]
 fn emu_train_step_tf32_bptt_two_heads_dropout_full_decoder() {
@@ -1335,18 +1205,6 @@ fn emu_train_step_tf32_exact_products_bptt_two_heads_dropout_full_decoder() {
         g.with_precision(Precision::Tf32).with_emulator_exact_tf32(),
         heads_dropout_full(false),
         "emulated tf32 kernels, exact products, bptt, 2 heads, dropout, full decoder",
-    );
-}
-
-#[test]
-fn gpu_train_step_tf32_implicit() {
-    let Some(g) = gpu() else { return };
-    train_step_parity_tol(
-        g.with_precision(Precision::Tf32),
-        small_config(|m| m.implicit_diff = true),
-        "tf32 implicit",
-        TF32_TOL,
-        TF32_STEP_GRAD_TOL,
     );
 }
 
@@ -1389,27 +1247,19 @@ fn train_steps_make_no_host_read_or_allocation(g: Cuda, label: &str) {
     );
 }
 
-#[test]
-fn emu_train_steps_make_no_host_read_or_allocation() {
-    if let Some(g) = emu() {
-        train_steps_make_no_host_read_or_allocation(g, "emulated f32");
-    }
-    if let Some(g) = emu() {
-        let g = g.with_precision(Precision::Tf32);
-        train_steps_make_no_host_read_or_allocation(g, "emulated tf32");
-    }
-}
-
-#[test]
-fn gpu_train_steps_make_no_host_read_or_allocation() {
-    if let Some(g) = gpu() {
-        train_steps_make_no_host_read_or_allocation(g, "gpu f32");
-    }
-    if let Some(g) = gpu() {
-        let g = g.with_precision(Precision::Tf32);
-        train_steps_make_no_host_read_or_allocation(g, "gpu tf32");
-    }
-}
+emu_and_gpu_tests!(
+    emu_train_steps_make_no_host_read_or_allocation,
+    gpu_train_steps_make_no_host_read_or_allocation,
+    |g, kind| train_steps_make_no_host_read_or_allocation(g, &format!("{kind} f32"))
+);
+emu_and_gpu_tests!(
+    emu_train_steps_tf32_make_no_host_read_or_allocation,
+    gpu_train_steps_tf32_make_no_host_read_or_allocation,
+    |g, kind| train_steps_make_no_host_read_or_allocation(
+        g.with_precision(Precision::Tf32),
+        &format!("{kind} tf32")
+    )
+);
 
 /// `train::train` end to end on the CUDA backend (here in the emulator, with the tensor-core
 /// convolutions): it trains on real data, logs, evaluates, renders, checkpoints and resumes like

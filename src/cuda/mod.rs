@@ -513,7 +513,7 @@ enum Exec {
 
 /// One device, one stream, every kernel compiled and loaded.
 struct Gpu {
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
 }
@@ -581,11 +581,7 @@ impl Cuda {
             }
         }
         Ok(Cuda {
-            exec: Exec::Gpu(Gpu {
-                _ctx: ctx,
-                stream,
-                funcs,
-            }),
+            exec: Exec::Gpu(Gpu { ctx, stream, funcs }),
             name,
             arch,
             precision: Precision::F32,
@@ -721,18 +717,6 @@ impl Cuda {
         Scratch {
             buf: Some(buf),
             pools: &self.pools,
-        }
-    }
-
-    /// Device memory in use (total − free, bytes, all processes), or None in the emulator.
-    pub fn memory_in_use(&self) -> Option<u64> {
-        match &self.exec {
-            Exec::Gpu(g) => {
-                g._ctx.bind_to_thread().ok()?;
-                let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
-                Some((total - free) as u64)
-            }
-            Exec::Emu(_) => None,
         }
     }
 
@@ -1103,6 +1087,9 @@ impl Cuda {
 
     fn upload_any<T: Elem>(&self, src: &[T], dst: &mut DevBuf<T>) {
         assert_eq!(src.len(), dst.len());
+        if src.is_empty() {
+            return;
+        }
         match &self.exec {
             Exec::Gpu(g) => g
                 .stream
@@ -1163,17 +1150,7 @@ impl Backend for Cuda {
         self.upload_f32(&v, dst);
     }
     fn upload_f32(&self, src: &[f32], dst: &mut Buf) {
-        assert_eq!(src.len(), dst.len());
-        if src.is_empty() {
-            return;
-        }
-        match &self.exec {
-            Exec::Gpu(g) => g
-                .stream
-                .memcpy_htod(src, dst.gpu_mut())
-                .unwrap_or_else(|e| panic!("CUDA upload: {e:?}")),
-            Exec::Emu(_) => dst.host_mut().slice_mut().copy_from_slice(src),
-        }
+        self.upload_any(src, dst);
     }
     fn download(&self, src: &Buf) -> Vec<f64> {
         self.download_f32(src)
@@ -1766,9 +1743,18 @@ impl Backend for Cuda {
         let wd = s.weight_decay;
         self.adam_ctrl(s.lr, s.beta1, s.beta2, s.eps, wd, &cb, param, grad, m, v);
     }
+    /// Device memory in use (total − free, bytes, all processes), or None in the emulator.
     fn device_memory_used(&self) -> Option<u64> {
-        self.memory_in_use()
+        match &self.exec {
+            Exec::Gpu(g) => {
+                g.ctx.bind_to_thread().ok()?;
+                let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+                Some((total - free) as u64)
+            }
+            Exec::Emu(_) => None,
+        }
     }
+
     fn opt_state(&self, grad_lens: &[usize], start: &OptReport) -> CudaOptState {
         let mut map = Vec::new();
         for (t, &n) in grad_lens.iter().enumerate() {
