@@ -6,6 +6,10 @@
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
+use crate::ops::tokens::{
+    tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
+    TokenParams,
+};
 use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
 
@@ -176,6 +180,32 @@ pub trait Backend: Sync {
         dwp: &mut Self::Buf,
         dbp: &mut Self::Buf,
     );
+    /// The per-token chain between the encoder and slot attention ([`crate::ops::tokens`]):
+    /// every output in `acts` overwritten. The default composes the single ops (the reference).
+    fn tokens_fwd(
+        &self,
+        dims: &TokenDims,
+        p: &TokenParams<'_, Self::Buf>,
+        enc_out: &Self::Buf,
+        acts: &mut TokenActs<Self::Buf>,
+    ) {
+        tokens_fwd_by_ops(self, dims, p, enc_out, acts)
+    }
+    /// Its backward from dk, dv: `d.d_enc_pos` overwritten with the gradient of `enc_out`, the
+    /// parameter gradients accumulated. The default composes the single ops (the reference).
+    #[allow(clippy::too_many_arguments)]
+    fn tokens_bwd(
+        &self,
+        dims: &TokenDims,
+        p: &TokenParams<'_, Self::Buf>,
+        acts: &TokenActs<Self::Buf>,
+        dk: &Self::Buf,
+        dv: &Self::Buf,
+        d: &mut TokenGradActs<Self::Buf>,
+        g: &mut TokenGrads<'_, Self::Buf>,
+    ) {
+        tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
+    }
     #[allow(clippy::too_many_arguments)]
     fn broadcast_pos_fwd(
         &self,

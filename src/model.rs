@@ -12,6 +12,7 @@ use crate::config::{DecoderKind, InitScheme, ModelConfig};
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
+use crate::ops::tokens::{MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
 use crate::rng::{stream, Philox};
 
 /// How a parameter tensor is initialised (the official code: glorot-uniform weights, zero
@@ -350,6 +351,58 @@ impl Arch {
             self.iters
         }
     }
+    fn token_dims(&self, batch: usize) -> TokenDims {
+        TokenDims {
+            batch,
+            h: self.res,
+            w: self.res,
+            c: self.enc_channels(),
+            feat: self.feat,
+            d: self.d,
+        }
+    }
+    fn token_params<'a, Buf>(&self, p: &'a [Buf]) -> TokenParams<'a, Buf> {
+        TokenParams {
+            pos_w: &p[self.enc_pos.w],
+            pos_b: &p[self.enc_pos.b.expect("position embedding bias")],
+            norm_g: &p[self.enc_norm.g],
+            norm_b: &p[self.enc_norm.b],
+            mlp: self
+                .enc_mlp
+                .iter()
+                .map(|l| MlpLayer {
+                    n_in: l.n_in,
+                    n_out: l.n_out,
+                    w: &p[l.w],
+                    b: &p[l.b.expect("encoder MLP bias")],
+                })
+                .collect(),
+            norm_in_g: &p[self.norm_inputs.g],
+            norm_in_b: &p[self.norm_inputs.b],
+            wk: &p[self.to_k.w],
+            wv: &p[self.to_v.w],
+        }
+    }
+    /// The chain's gradient tensors, borrowed out of the model's gradient list.
+    fn token_grads<'a, Buf>(&self, g: &'a mut [Buf]) -> TokenGrads<'a, Buf> {
+        let mut slots: Vec<Option<&'a mut Buf>> = g.iter_mut().map(Some).collect();
+        let mut take = |i: Pid| slots[i].take().expect("each gradient tensor borrowed once");
+        TokenGrads {
+            pos_w: take(self.enc_pos.w),
+            pos_b: take(self.enc_pos.b.expect("position embedding bias")),
+            norm_g: take(self.enc_norm.g),
+            norm_b: take(self.enc_norm.b),
+            mlp: self
+                .enc_mlp
+                .iter()
+                .map(|l| (take(l.w), take(l.b.expect("encoder MLP bias"))))
+                .collect(),
+            norm_in_g: take(self.norm_inputs.g),
+            norm_in_b: take(self.norm_inputs.b),
+            wk: take(self.to_k.w),
+            wv: take(self.to_v.w),
+        }
+    }
     fn attn_dims(&self, batch: usize) -> AttnDims {
         AttnDims {
             batch,
@@ -489,16 +542,8 @@ pub struct Workspace<Buf> {
     pub training: bool,
     pub image: Buf,
     enc_act: Vec<Buf>,
-    enc_pos: Buf,
-    ln0: Buf,
-    ln0_mean: Buf,
-    ln0_rstd: Buf,
-    mlp_act: Vec<Buf>,
-    ln_in: Buf,
-    ln_in_mean: Buf,
-    ln_in_rstd: Buf,
-    k: Buf,
-    v: Buf,
+    /// The per-token chain's activations, k and v among them.
+    tok: TokenActs<Buf>,
     noise: Buf,
     slots0: Buf,
     /// Recorded cell applications: T for BPTT, 1 for implicit.
@@ -512,10 +557,7 @@ pub struct Workspace<Buf> {
     pub loss: Buf,
     // Gradients of activations.
     d_enc_act: Vec<Buf>,
-    d_enc_pos: Buf,
-    d_ln0: Buf,
-    d_mlp_act: Vec<Buf>,
-    d_ln_in: Buf,
+    d_tok: TokenGradActs<Buf>,
     dk: Buf,
     dv: Buf,
     cg: CellGrads<Buf>,
@@ -612,7 +654,6 @@ impl<B: Backend> Model<B> {
         let bk = batch * a.k;
         // Gradient buffers have length 0 in an evaluation workspace.
         let galloc = |n: usize| be.alloc(if training { n } else { 0 });
-        let c = a.enc_channels();
         let (d, m) = (a.d, a.mlp_hidden);
         let g = a.dec_grid;
         let recorded = match (training, a.implicit) {
@@ -629,16 +670,7 @@ impl<B: Backend> Model<B> {
                 .iter()
                 .map(|l| be.alloc(batch * l.geom.out_len()))
                 .collect(),
-            enc_pos: be.alloc(bn * c),
-            ln0: be.alloc(bn * c),
-            ln0_mean: be.alloc(bn),
-            ln0_rstd: be.alloc(bn),
-            mlp_act: a.enc_mlp.iter().map(|l| be.alloc(bn * l.n_out)).collect(),
-            ln_in: be.alloc(bn * a.feat),
-            ln_in_mean: be.alloc(bn),
-            ln_in_rstd: be.alloc(bn),
-            k: be.alloc(bn * d),
-            v: be.alloc(bn * d),
+            tok: TokenActs::new(be, &a.token_dims(batch), a.enc_mlp.len()),
             noise: be.alloc(bk * d),
             slots0: be.alloc(bk * d),
             cells: (0..recorded).map(|_| CellTape::new(be, a, batch)).collect(),
@@ -657,10 +689,7 @@ impl<B: Backend> Model<B> {
                 .iter()
                 .map(|l| galloc(batch * l.geom.out_len()))
                 .collect(),
-            d_enc_pos: galloc(bn * c),
-            d_ln0: galloc(bn * c),
-            d_mlp_act: a.enc_mlp.iter().map(|l| galloc(bn * l.n_out)).collect(),
-            d_ln_in: galloc(bn * a.feat),
+            d_tok: TokenGradActs::new(be, &a.token_dims(batch), a.enc_mlp.len(), training),
             dk: galloc(bn * d),
             dv: galloc(bn * d),
             cg: CellGrads {
@@ -976,8 +1005,7 @@ impl<B: Backend> Model<B> {
         let a = &self.arch;
         let p = &self.params;
         let batch = ws.batch;
-        let (res, np) = (a.res, a.pixels());
-        let bn = batch * np;
+        let np = a.pixels();
         let bk = batch * a.k;
         // Encoder.
         for (i, l) in a.encoder.iter().enumerate() {
@@ -985,72 +1013,12 @@ impl<B: Backend> Model<B> {
             let x = if i == 0 { &ws.image } else { &done[i - 1] };
             be.conv2d_fwd(&l.geom, batch, x, &p[l.w], &p[l.b], l.relu, &mut rest[0]);
         }
-        let c = a.enc_channels();
-        be.copy(ws.enc_act.last().unwrap_or(&ws.image), &mut ws.enc_pos);
-        be.softpos_add_fwd(
-            res,
-            res,
-            c,
-            &p[a.enc_pos.w],
-            &p[a.enc_pos.b.unwrap()],
-            &mut ws.enc_pos,
-        );
-        be.layernorm_fwd(
-            bn,
-            c,
-            &ws.enc_pos,
-            &p[a.enc_norm.g],
-            &p[a.enc_norm.b],
-            &mut ws.ln0,
-            &mut ws.ln0_mean,
-            &mut ws.ln0_rstd,
-        );
-        let nl = a.enc_mlp.len();
-        for (i, l) in a.enc_mlp.iter().enumerate() {
-            let (done, rest) = ws.mlp_act.split_at_mut(i);
-            let x = if i == 0 { &ws.ln0 } else { &done[i - 1] };
-            be.linear_fwd(
-                bn,
-                l.n_in,
-                l.n_out,
-                x,
-                &p[l.w],
-                l.b.map(|b| &p[b]),
-                i + 1 < nl,
-                &mut rest[0],
-            );
-        }
-        // Slot attention: inputs.
-        let feats = ws.mlp_act.last().unwrap_or(&ws.ln0);
-        be.layernorm_fwd(
-            bn,
-            a.feat,
-            feats,
-            &p[a.norm_inputs.g],
-            &p[a.norm_inputs.b],
-            &mut ws.ln_in,
-            &mut ws.ln_in_mean,
-            &mut ws.ln_in_rstd,
-        );
-        be.linear_fwd(
-            bn,
-            a.feat,
-            a.d,
-            &ws.ln_in,
-            &p[a.to_k.w],
-            None,
-            false,
-            &mut ws.k,
-        );
-        be.linear_fwd(
-            bn,
-            a.feat,
-            a.d,
-            &ws.ln_in,
-            &p[a.to_v.w],
-            None,
-            false,
-            &mut ws.v,
+        // Per-token chain: position embedding, LayerNorm, MLP, LayerNorm, k and v.
+        be.tokens_fwd(
+            &a.token_dims(batch),
+            &a.token_params(p),
+            ws.enc_act.last().unwrap_or(&ws.image),
+            &mut ws.tok,
         );
         let step = match pass {
             Pass::Train { step } | Pass::Eval { step, .. } => step,
@@ -1069,7 +1037,7 @@ impl<B: Backend> Model<B> {
         }
         // Slot attention: the iterations.
         let mut stats = ForwardStats::default();
-        let (k, v) = (&ws.k, &ws.v);
+        let (k, v) = (&ws.tok.k, &ws.tok.v);
         let final_slots: &B::Buf = match pass {
             Pass::Eval { applications, .. } => {
                 be.copy(&ws.slots0, &mut ws.scratch.slots_in);
@@ -1192,8 +1160,7 @@ impl<B: Backend> Model<B> {
         );
         let batch = ws.batch;
         let a = self.arch.clone();
-        let (res, np) = (a.res, a.pixels());
-        let bn = batch * np;
+        let np = a.pixels();
         let bk = batch * a.k;
         // Loss → decoder output.
         let nd = a.decoder.len();
@@ -1270,8 +1237,8 @@ impl<B: Backend> Model<B> {
             let mask = self.dropout_mask(step, application);
             self.cell_bwd(
                 be,
-                &ws.k,
-                &ws.v,
+                &ws.tok.k,
+                &ws.tok.v,
                 &ws.cells[it],
                 &mut ws.cg,
                 &mut ws.dk,
@@ -1295,108 +1262,25 @@ impl<B: Backend> Model<B> {
         }
         // Implicit: the gradient w.r.t. the detached slots is dropped here; mu and log_sigma
         // get none.
+        let mut g = a.token_grads(&mut self.grads);
+        be.tokens_bwd(
+            &a.token_dims(batch),
+            &a.token_params(&self.params),
+            &ws.tok,
+            &ws.dk,
+            &ws.dv,
+            &mut ws.d_tok,
+            &mut g,
+        );
         let p = &self.params;
         let gr = &mut self.grads;
-        be.fill_zero(&mut ws.d_ln_in);
-        be.linear_bwd(
-            bn,
-            a.feat,
-            a.d,
-            &ws.ln_in,
-            &p[a.to_k.w],
-            &ws.k,
-            false,
-            &ws.dk,
-            Some(&mut ws.d_ln_in),
-            &mut gr[a.to_k.w],
-            None,
-        );
-        be.linear_bwd(
-            bn,
-            a.feat,
-            a.d,
-            &ws.ln_in,
-            &p[a.to_v.w],
-            &ws.v,
-            false,
-            &ws.dv,
-            Some(&mut ws.d_ln_in),
-            &mut gr[a.to_v.w],
-            None,
-        );
-        let nl = a.enc_mlp.len();
-        let c = a.enc_channels();
-        for buf in ws.d_mlp_act.iter_mut() {
-            be.fill_zero(buf);
-        }
-        be.fill_zero(&mut ws.d_ln0);
-        {
-            let feats = ws.mlp_act.last().unwrap_or(&ws.ln0);
-            let dfeats = match ws.d_mlp_act.last_mut() {
-                Some(d) => d,
-                None => &mut ws.d_ln0,
-            };
-            let (gg, gb) = two_mut(gr, a.norm_inputs.g, a.norm_inputs.b);
-            be.layernorm_bwd(
-                bn,
-                a.feat,
-                feats,
-                &p[a.norm_inputs.g],
-                &ws.ln_in_mean,
-                &ws.ln_in_rstd,
-                &ws.d_ln_in,
-                dfeats,
-                gg,
-                gb,
-            );
-        }
-        for i in (0..nl).rev() {
-            let l = a.enc_mlp[i];
-            let (lower, upper) = ws.d_mlp_act.split_at_mut(i);
-            let x = if i == 0 { &ws.ln0 } else { &ws.mlp_act[i - 1] };
-            let dx = if i == 0 {
-                &mut ws.d_ln0
-            } else {
-                &mut lower[i - 1]
-            };
-            let (gw, gb) = two_mut(gr, l.w, l.b.unwrap());
-            be.linear_bwd(
-                bn,
-                l.n_in,
-                l.n_out,
-                x,
-                &p[l.w],
-                &ws.mlp_act[i],
-                i + 1 < nl,
-                &upper[0],
-                Some(dx),
-                gw,
-                Some(gb),
-            );
-        }
-        be.fill_zero(&mut ws.d_enc_pos);
-        let (gg, gb) = two_mut(gr, a.enc_norm.g, a.enc_norm.b);
-        be.layernorm_bwd(
-            bn,
-            c,
-            &ws.enc_pos,
-            &p[a.enc_norm.g],
-            &ws.ln0_mean,
-            &ws.ln0_rstd,
-            &ws.d_ln0,
-            &mut ws.d_enc_pos,
-            gg,
-            gb,
-        );
-        let (gw, gb) = two_mut(gr, a.enc_pos.w, a.enc_pos.b.unwrap());
-        be.softpos_add_bwd(res, res, c, &ws.d_enc_pos, gw, gb);
         // Encoder convs, last to first (the position embedding passes the gradient through).
         let ne = a.encoder.len();
         for buf in ws.d_enc_act.iter_mut() {
             be.fill_zero(buf);
         }
         if ne > 0 {
-            be.copy(&ws.d_enc_pos, &mut ws.d_enc_act[ne - 1]);
+            be.copy(&ws.d_tok.d_enc_pos, &mut ws.d_enc_act[ne - 1]);
         }
         for i in (0..ne).rev() {
             let l = a.encoder[i];

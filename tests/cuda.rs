@@ -66,6 +66,9 @@ use slotfix::cpu::Cpu;
 use slotfix::ops::attention::AttnDims;
 use slotfix::ops::conv::ConvGeom;
 use slotfix::ops::elementwise::DropoutMask;
+use slotfix::ops::tokens::{
+    MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams,
+};
 use slotfix::rng::Philox;
 use slotfix::train::Session;
 
@@ -526,6 +529,191 @@ fn gru_gates_fwd_bwd_parity<B: Backend>(g: &B) {
     check("gru dh", g, &dhg, &dh);
 }
 
+/// The per-token chain (`tokens_fwd` / `tokens_bwd`): the CUDA backend fuses it (two MLP layers,
+/// widths up to 64) and the CPU composes the single ops. Shapes: partial last tiles, odd widths,
+/// the widest fused case, and one that is too wide to fuse (the composed fallback on the GPU).
+fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
+    let cpu = cpu();
+    let shapes = [
+        // (batch, h, w, c, feat, d)
+        (2, 5, 5, 16, 24, 20),
+        (3, 4, 7, 7, 33, 5),
+        (1, 9, 9, 64, 64, 64),
+        (2, 3, 3, 8, 72, 16),
+    ];
+    for (si, &(batch, h, w, c, feat, d)) in shapes.iter().enumerate() {
+        let dims = TokenDims {
+            batch,
+            h,
+            w,
+            c,
+            feat,
+            d,
+        };
+        let rows = dims.rows();
+        let name = format!("tokens {rows} rows, c {c}, feat {feat}, d {d}");
+        let s = 7000 + 100 * si as u64;
+        // Parameters: [pos_w, pos_b, norm_g, norm_b, w1, b1, w2, b2, norm_in_g, norm_in_b, wk, wv].
+        let lens = [
+            4 * c,
+            c,
+            c,
+            c,
+            feat * c,
+            feat,
+            feat * feat,
+            feat,
+            feat,
+            feat,
+            d * feat,
+            d * feat,
+        ];
+        let host: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let scale = if [4, 6, 10, 11].contains(&i) {
+                    0.3
+                } else {
+                    1.0
+                };
+                rand(n, s + i as u64, scale)
+            })
+            .collect();
+        let dev: Vec<B::Buf> = host.iter().map(|v| up(g, v)).collect();
+        fn params<Buf>(p: &[Buf], c: usize, feat: usize) -> TokenParams<'_, Buf> {
+            TokenParams {
+                pos_w: &p[0],
+                pos_b: &p[1],
+                norm_g: &p[2],
+                norm_b: &p[3],
+                mlp: vec![
+                    MlpLayer {
+                        n_in: c,
+                        n_out: feat,
+                        w: &p[4],
+                        b: &p[5],
+                    },
+                    MlpLayer {
+                        n_in: feat,
+                        n_out: feat,
+                        w: &p[6],
+                        b: &p[7],
+                    },
+                ],
+                norm_in_g: &p[8],
+                norm_in_b: &p[9],
+                wk: &p[10],
+                wv: &p[11],
+            }
+        }
+        fn grads<Buf>(g: &mut [Buf]) -> TokenGrads<'_, Buf> {
+            let [pw, pb, ng, nb, w1, b1, w2, b2, ig, ib, wk, wv] = g else {
+                unreachable!()
+            };
+            TokenGrads {
+                pos_w: pw,
+                pos_b: pb,
+                norm_g: ng,
+                norm_b: nb,
+                mlp: vec![(w1, b1), (w2, b2)],
+                norm_in_g: ig,
+                norm_in_b: ib,
+                wk,
+                wv,
+            }
+        }
+        // Forward into poisoned outputs.
+        let enc = rand(rows * c, s + 20, 1.5);
+        let mut want = TokenActs::new(&cpu, &dims, 2);
+        cpu.tokens_fwd(&dims, &params(&host, c, feat), &enc, &mut want);
+        let mut got = TokenActs {
+            enc_pos: poisoned(g, rows * c),
+            ln0: poisoned(g, rows * c),
+            ln0_mean: poisoned(g, rows),
+            ln0_rstd: poisoned(g, rows),
+            mlp_act: vec![poisoned(g, rows * feat), poisoned(g, rows * feat)],
+            ln_in: poisoned(g, rows * feat),
+            ln_in_mean: poisoned(g, rows),
+            ln_in_rstd: poisoned(g, rows),
+            k: poisoned(g, rows * d),
+            v: poisoned(g, rows * d),
+        };
+        g.tokens_fwd(&dims, &params(&dev, c, feat), &up(g, &enc), &mut got);
+        let (a, b) = (&got, &want);
+        let pairs = [
+            ("x", &a.enc_pos, &b.enc_pos),
+            ("LN0", &a.ln0, &b.ln0),
+            ("LN0 mean", &a.ln0_mean, &b.ln0_mean),
+            ("LN0 rstd", &a.ln0_rstd, &b.ln0_rstd),
+            ("h", &a.mlp_act[0], &b.mlp_act[0]),
+            ("f", &a.mlp_act[1], &b.mlp_act[1]),
+            ("LN_in", &a.ln_in, &b.ln_in),
+            ("LN_in mean", &a.ln_in_mean, &b.ln_in_mean),
+            ("LN_in rstd", &a.ln_in_rstd, &b.ln_in_rstd),
+            ("k", &a.k, &b.k),
+            ("v", &a.v, &b.v),
+        ];
+        for (what, gbuf, cbuf) in pairs {
+            check(&format!("{name} {what}"), g, gbuf, cbuf);
+        }
+        // Backward from the CPU's activations, into non-zero parameter gradients.
+        let saved = TokenActs {
+            enc_pos: up(g, &want.enc_pos),
+            ln0: up(g, &want.ln0),
+            ln0_mean: up(g, &want.ln0_mean),
+            ln0_rstd: up(g, &want.ln0_rstd),
+            mlp_act: want.mlp_act.iter().map(|a| up(g, a)).collect(),
+            ln_in: up(g, &want.ln_in),
+            ln_in_mean: up(g, &want.ln_in_mean),
+            ln_in_rstd: up(g, &want.ln_in_rstd),
+            k: up(g, &want.k),
+            v: up(g, &want.v),
+        };
+        let dk = rand(rows * d, s + 30, 1.0);
+        let dv = rand(rows * d, s + 31, 1.0);
+        let mut gh: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| rand(n, s + 40 + i as u64, 0.5))
+            .collect();
+        let mut gd: Vec<B::Buf> = gh.iter().map(|v| up(g, v)).collect();
+        let mut dc = TokenGradActs::new(&cpu, &dims, 2, true);
+        cpu.tokens_bwd(
+            &dims,
+            &params(&host, c, feat),
+            &want,
+            &dk,
+            &dv,
+            &mut dc,
+            &mut grads(&mut gh),
+        );
+        let mut dg = TokenGradActs {
+            d_enc_pos: poisoned(g, rows * c),
+            d_ln0: poisoned(g, rows * c),
+            d_mlp_act: vec![poisoned(g, rows * feat), poisoned(g, rows * feat)],
+            d_ln_in: poisoned(g, rows * feat),
+        };
+        g.tokens_bwd(
+            &dims,
+            &params(&dev, c, feat),
+            &saved,
+            &up(g, &dk),
+            &up(g, &dv),
+            &mut dg,
+            &mut grads(&mut gd),
+        );
+        check(&format!("{name} d enc"), g, &dg.d_enc_pos, &dc.d_enc_pos);
+        let names = [
+            "dW pos", "db pos", "dγ0", "dβ0", "dW1", "db1", "dW2", "db2", "dγ_in", "dβ_in", "dWk",
+            "dWv",
+        ];
+        for ((what, gbuf), cbuf) in names.iter().zip(&gd).zip(&gh) {
+            check(&format!("{name} {what}"), g, gbuf, cbuf);
+        }
+    }
+}
+
 fn composite_mse_fwd_bwd_parity<B: Backend>(g: &B) {
     let c = cpu();
     for (ci, &(batch, k, p)) in [(3, 4, 50), (2, 7, 300)].iter().enumerate() {
@@ -814,6 +1002,9 @@ emu_and_gpu_tests!(emu_attention_fwd_bwd, gpu_attention_fwd_bwd, |g| {
 });
 emu_and_gpu_tests!(emu_gru_gates_fwd_bwd, gpu_gru_gates_fwd_bwd, |g| {
     gru_gates_fwd_bwd_parity(&g)
+});
+emu_and_gpu_tests!(emu_tokens_fwd_bwd, gpu_tokens_fwd_bwd, |g| {
+    tokens_fwd_bwd_parity(&g)
 });
 emu_and_gpu_tests!(emu_composite_mse_fwd_bwd, gpu_composite_mse_fwd_bwd, |g| {
     composite_mse_fwd_bwd_parity(&g)

@@ -102,6 +102,11 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         ],
     },
     KernelFile {
+        name: "tokens.cu",
+        source: include_str!("../../kernels/tokens.cu"),
+        kernels: &["tokens_fwd_f32", "tokens_bwd_f32", "tokens_bwd_reduce_f32"],
+    },
+    KernelFile {
         name: "composite.cu",
         source: include_str!("../../kernels/composite.cu"),
         kernels: &[

@@ -25,6 +25,10 @@ use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
+use crate::ops::tokens::{
+    tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
+    TokenParams,
+};
 use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
 use cudarc::driver::{
@@ -251,7 +255,8 @@ value_arg!(
     ConvGeomC,
     AttnDimsC,
     ConvGemmC,
-    ConvDwGemmC
+    ConvDwGemmC,
+    tokens::TokenDimsC
 );
 
 /// Threads per block of the 1-D kernels and of the block reductions (a multiple of 32).
@@ -485,14 +490,14 @@ macro_rules! launch {
         let cfg: LaunchConfig = $cfg;
         $cu.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &$cu.exec {
-            Exec::Gpu(gpu) => {
+            $crate::cuda::Exec::Gpu(gpu) => {
                 let mut b = gpu.stream.launch_builder(gpu.func($name));
                 $( ($arg).push_gpu(&mut b); )*
                 unsafe { b.launch(cfg) }
                     .unwrap_or_else(|e| panic!("CUDA launch of {} failed: {e:?}", $name));
             }
-            Exec::Emu(emu) => {
-                let mut args: Vec<*mut c_void> = vec![$( ($arg).emu_ptr() ),*];
+            $crate::cuda::Exec::Emu(emu) => {
+                let mut args: Vec<*mut std::ffi::c_void> = vec![$( ($arg).emu_ptr() ),*];
                 emu.launch($name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, &mut args)
                     .unwrap_or_else(|e| panic!("emulated launch of {} failed: {e}", $name));
                 $(
@@ -504,6 +509,8 @@ macro_rules! launch {
         }
     }};
 }
+
+mod tokens;
 
 /// Where the kernels run.
 enum Exec {
@@ -1462,6 +1469,35 @@ impl Backend for Cuda {
             &ri, &di, x, gamma, mean, rstd, dy, dx);
         launch!(self, "layernorm_bwd_params_f32", per_block(dim, 0);
             &ri, &di, x, mean, rstd, dy, dgamma, dbeta);
+    }
+    fn tokens_fwd(
+        &self,
+        dims: &TokenDims,
+        p: &TokenParams<'_, Buf>,
+        enc_out: &Buf,
+        acts: &mut TokenActs<Buf>,
+    ) {
+        if Self::tokens_fusable(dims, p) {
+            self.tokens_fwd_fused(dims, p, enc_out, acts)
+        } else {
+            tokens_fwd_by_ops(self, dims, p, enc_out, acts)
+        }
+    }
+    fn tokens_bwd(
+        &self,
+        dims: &TokenDims,
+        p: &TokenParams<'_, Buf>,
+        acts: &TokenActs<Buf>,
+        dk: &Buf,
+        dv: &Buf,
+        d: &mut TokenGradActs<Buf>,
+        g: &mut TokenGrads<'_, Buf>,
+    ) {
+        if Self::tokens_fusable(dims, p) {
+            self.tokens_bwd_fused(dims, p, acts, dk, dv, d, g)
+        } else {
+            tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
+        }
     }
     fn softpos_add_fwd(&self, h: usize, w: usize, c: usize, wp: &Buf, bp: &Buf, x: &mut Buf) {
         assert_eq!(x.len() % (h * w * c), 0);

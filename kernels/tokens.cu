@@ -1,0 +1,374 @@
+// tokens.cu: the per-token chain between the encoder's convolutions and slot attention, fused
+// (version 1: exact f32, shared-memory tiles of 32 tokens, widths up to 64).
+//
+// Math (ops/tokens.rs), per token t of pixel p, e = encoder output [rows, c]:
+//   x = e + pos(p)                      (soft position embedding, posembed.cu)
+//   a = LN0(x);  h = relu(a·W1ᵀ + b1);  f = h·W2ᵀ + b2      (encoder MLP, 2 layers)
+//   u = LN_in(f);  k = u·Wkᵀ;  v = u·Wvᵀ                     (slot attention's inputs)
+// Forward writes x, a, h, f, u, k, v and both LayerNorms' mean/rstd (what the backward and the
+// un-fused ops save); one read of e, one write of each output.
+// Backward from dk, dv: du = dk·Wk + dv·Wv → LN_in backward → df → dh = (df·W2) ⊙ [h > 0]
+// → da = dh·W1 → LN0 backward → dx (= d e: the position embedding passes it through).
+// It writes df, dh (masked) and dx (all OVERWRITTEN) and reduces, per block, the column sums
+// that the small parameters need (dγ, dβ of both LayerNorms, db1, db2, the position embedding's
+// dW and db) into a partial row; tokens_bwd_reduce_f32 adds the rows in block order (+=).
+// The four weight gradients (Σ_t outer products over 10⁶ tokens) are GEMMs: the launcher runs
+// them with the linear layers' weight-gradient kernels.
+//
+// FLOPs (c = feat = d = 64): forward 2·64²·4 = 32.8 kFLOP per token; backward the same for the
+// data path. Compulsory bytes per token: forward 4·(c + 2c + 2·feat + feat + 2d + 4) = 1.8 kB at
+// 64 wide (reads e; writes x, a, h, f, u, k, v, stats); backward 4·(2d + feat + feat + c + 4
+// + feat + feat + c) ≈ 1.8 kB. The weights (16 kB per matrix) are read from L2 once per tile.
+
+#define TK_ROWS 32     // tokens per tile
+#define TK_THREADS 128 // threads per block (4 warps)
+#define TK_MAXD 64     // widest c, feat, d handled
+#define TK_LD 65       // row stride of the shared tiles (odd: conflict-free column access)
+
+struct TokenDims {
+    int rows;  // tokens: batch · h · w
+    int h, w;  // the image grid (for the position embedding)
+    int c, feat, d;
+};
+
+static __device__ __forceinline__ float tk_allsum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// grid_q of pixel p (posembed.cu's grid_val: computed in double, rounded to f32, as on the CPU).
+static __device__ __forceinline__ float tk_grid(int q, int p, int h, int w) {
+    const int i = p / w, j = p % w;
+    const double u = h > 1 ? (double)i / (double)(h - 1) : 0.0;
+    const double v = w > 1 ? (double)j / (double)(w - 1) : 0.0;
+    double g;
+    switch (q) {
+        case 0: g = u; break;
+        case 1: g = v; break;
+        case 2: g = 1.0 - u; break;
+        default: g = 1.0 - v; break;
+    }
+    return (float)g;
+}
+
+// T[r][0..n) ← src rows r0 + r (zeros past `rows`): one coalesced sweep over the tile.
+static __device__ void tk_load(float (*T)[TK_LD], const float* __restrict__ src, int r0, int rows, int n) {
+    for (int e = threadIdx.x; e < TK_ROWS * n; e += TK_THREADS) {
+        const int r = e / n, col = e % n;
+        T[r][col] = (r0 + r < rows) ? src[(r0 + r) * n + col] : 0.0f;
+    }
+}
+
+// dst rows r0 + r ← T[r][0..n), valid rows only.
+static __device__ void tk_store(const float (*T)[TK_LD], float* __restrict__ dst, int r0, int rows, int n) {
+    for (int e = threadIdx.x; e < TK_ROWS * n; e += TK_THREADS) {
+        const int r = e / n, col = e % n;
+        if (r0 + r < rows) dst[(r0 + r) * n + col] = T[r][col];
+    }
+}
+
+// B[i][j] = W[j][i] for W [n_out][n_in] (nn.Linear's layout): X·B is X·Wᵀ (the forward).
+static __device__ void tk_load_wt(float (*B)[TK_LD], const float* __restrict__ W, int n_in, int n_out) {
+    for (int e = threadIdx.x; e < n_in * n_out; e += TK_THREADS) B[e % n_in][e / n_in] = W[e];
+}
+
+// B[j][i] = W[j][i]: X·B is X·W (the backward's input gradient).
+static __device__ void tk_load_w(float (*B)[TK_LD], const float* __restrict__ W, int n_in, int n_out) {
+    for (int e = threadIdx.x; e < n_in * n_out; e += TK_THREADS) B[e / n_in][e % n_in] = W[e];
+}
+
+// Y[r][n] (+)= relu?(Σ_k X[r][k]·B[k][n] + bias[n]) for n < n_out. Thread (ty, tx) = (tid/16,
+// tid%16) owns rows 4ty..4ty+3 and columns tx, tx+16, tx+32, tx+48: per k, 4 + 4 shared loads
+// feed 16 FMAs. Columns past n_out are computed from unset B entries and never stored.
+static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B)[TK_LD], int n_out,
+                               const float* __restrict__ bias, int relu, int accumulate, float (*Y)[TK_LD]) {
+    const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+    float acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int m = 0; m < 4; ++m) acc[r][m] = 0.0f;
+    for (int kk = 0; kk < n_k; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = X[4 * ty + r][kk];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) b[m] = B[kk][tx + 16 * m];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int m = 0; m < 4; ++m) acc[r][m] += a[r] * b[m];
+    }
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        const int n = tx + 16 * m;
+        if (n >= n_out) continue;
+        const float bn = bias ? bias[n] : 0.0f;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            float v = acc[r][m] + bn;
+            if (relu && v < 0.0f) v = 0.0f;
+            Y[4 * ty + r][n] = accumulate ? Y[4 * ty + r][n] + v : v;
+        }
+    }
+}
+
+// LayerNorm of each tile row in place (one warp per row, as layernorm_fwd_f32); μ and 1/σ of
+// row r land in mu[r], rs[r].
+static __device__ void tk_layernorm(float (*T)[TK_LD], int n, const float* __restrict__ g,
+                                    const float* __restrict__ b, float eps, float* mu, float* rs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float fn = (float)n;
+    for (int r = warp; r < TK_ROWS; r += TK_THREADS / 32) {
+        float s = 0.0f;
+        for (int i = lane; i < n; i += 32) s += T[r][i];
+        const float m = tk_allsum(s) / fn;
+        float q = 0.0f;
+        for (int i = lane; i < n; i += 32) {
+            const float dd = T[r][i] - m;
+            q += dd * dd;
+        }
+        const float rstd = 1.0f / sqrtf(tk_allsum(q) / fn + eps);
+        for (int i = lane; i < n; i += 32) T[r][i] = (T[r][i] - m) * rstd * g[i] + b[i];
+        if (lane == 0) {
+            mu[r] = m;
+            rs[r] = rstd;
+        }
+    }
+}
+
+// LayerNorm backward of each tile row, in place on DY (X: the LayerNorm's input):
+// DY ← r·(dy·γ − mean(dy·γ) − x̂·mean(dy·γ·x̂)), x̂ = (x − μ)·r.
+static __device__ void tk_layernorm_bwd(const float (*X)[TK_LD], float (*DY)[TK_LD], int n,
+                                        const float* __restrict__ g, const float* mu, const float* rs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float fn = (float)n;
+    for (int r = warp; r < TK_ROWS; r += TK_THREADS / 32) {
+        float mg = 0.0f, mgx = 0.0f;
+        for (int i = lane; i < n; i += 32) {
+            const float gi = DY[r][i] * g[i];
+            mg += gi;
+            mgx += gi * (X[r][i] - mu[r]) * rs[r];
+        }
+        mg = tk_allsum(mg) / fn;
+        mgx = tk_allsum(mgx) / fn;
+        for (int i = lane; i < n; i += 32) {
+            const float xh = (X[r][i] - mu[r]) * rs[r];
+            DY[r][i] = rs[r] * (DY[r][i] * g[i] - mg - xh * mgx);
+        }
+    }
+}
+
+// Column sums over the tile's valid rows: dγ[i] += Σ dy·x̂, dβ[i] += Σ dy for i = threadIdx.x.
+static __device__ void tk_layernorm_params(const float (*X)[TK_LD], const float (*DY)[TK_LD], int n, int valid,
+                                           const float* mu, const float* rs, float& dg, float& db) {
+    const int i = threadIdx.x;
+    if (i >= n) return;
+    for (int r = 0; r < valid; ++r) {
+        dg += DY[r][i] * (X[r][i] - mu[r]) * rs[r];
+        db += DY[r][i];
+    }
+}
+
+// One block per tile of TK_ROWS tokens: grid ceil(rows / TK_ROWS), block TK_THREADS. Every output
+// is overwritten.
+extern "C" __global__ void __launch_bounds__(TK_THREADS)
+tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restrict__ wp,
+               const float* __restrict__ bp, const float* __restrict__ g0, const float* __restrict__ be0,
+               const float* __restrict__ w1, const float* __restrict__ b1, const float* __restrict__ w2,
+               const float* __restrict__ b2, const float* __restrict__ gi, const float* __restrict__ bei,
+               const float* __restrict__ wk, const float* __restrict__ wv, float eps, float* __restrict__ x_out,
+               float* __restrict__ a_out, float* __restrict__ mean0, float* __restrict__ rstd0,
+               float* __restrict__ h_out, float* __restrict__ f_out, float* __restrict__ u_out,
+               float* __restrict__ mean_in, float* __restrict__ rstd_in, float* __restrict__ k_out,
+               float* __restrict__ v_out) {
+    __shared__ float X[TK_ROWS][TK_LD];
+    __shared__ float Y[TK_ROWS][TK_LD];
+    __shared__ float B[TK_MAXD][TK_LD];
+    __shared__ float mu[TK_ROWS], rs[TK_ROWS];
+    const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
+    const int r0 = blockIdx.x * TK_ROWS;
+    // x = e + pos.
+    for (int e = threadIdx.x; e < TK_ROWS * c; e += TK_THREADS) {
+        const int r = e / c, ch = e % c, row = r0 + r;
+        float val = 0.0f;
+        if (row < rows) {
+            const int pix = row % hw;
+            float pos = bp[ch];
+            for (int q = 0; q < 4; ++q) pos += wp[ch * 4 + q] * tk_grid(q, pix, p.h, p.w);
+            val = enc[row * c + ch] + pos;
+            x_out[row * c + ch] = val;
+        }
+        X[r][ch] = val;
+    }
+    tk_load_wt(B, w1, c, feat);
+    __syncthreads();
+    tk_layernorm(X, c, g0, be0, eps, mu, rs);
+    __syncthreads();
+    tk_store(X, a_out, r0, rows, c);
+    if (threadIdx.x < TK_ROWS && r0 + threadIdx.x < rows) {
+        mean0[r0 + threadIdx.x] = mu[threadIdx.x];
+        rstd0[r0 + threadIdx.x] = rs[threadIdx.x];
+    }
+    tk_gemm(X, c, B, feat, b1, 1, 0, Y);
+    __syncthreads();
+    tk_store(Y, h_out, r0, rows, feat);
+    tk_load_wt(B, w2, feat, feat);
+    __syncthreads();
+    tk_gemm(Y, feat, B, feat, b2, 0, 0, X);
+    __syncthreads();
+    tk_store(X, f_out, r0, rows, feat);
+    tk_load_wt(B, wk, feat, d);
+    __syncthreads();
+    tk_layernorm(X, feat, gi, bei, eps, mu, rs);
+    __syncthreads();
+    tk_store(X, u_out, r0, rows, feat);
+    if (threadIdx.x < TK_ROWS && r0 + threadIdx.x < rows) {
+        mean_in[r0 + threadIdx.x] = mu[threadIdx.x];
+        rstd_in[r0 + threadIdx.x] = rs[threadIdx.x];
+    }
+    tk_gemm(X, feat, B, d, 0, 0, 0, Y);
+    __syncthreads();
+    tk_store(Y, k_out, r0, rows, d);
+    tk_load_wt(B, wv, feat, d);
+    __syncthreads();
+    tk_gemm(X, feat, B, d, 0, 0, 0, Y);
+    __syncthreads();
+    tk_store(Y, v_out, r0, rows, d);
+}
+
+// The partial row of one block: [dγ_in | dβ_in | db2 | db1] (feat each), [dγ0 | dβ0] (c each),
+// dW_pos [c][4], db_pos (c). 4·feat + 7·c floats.
+static __device__ __forceinline__ int tk_partial_len(int c, int feat) { return 4 * feat + 7 * c; }
+
+// Grid-stride over tiles (grid fixed by the launcher, so the block → tile map and the summation
+// order do not depend on the device); block TK_THREADS. partial [gridDim.x][4·feat + 7·c]
+// overwritten; df [rows, feat], dh [rows, feat], dx [rows, c] overwritten.
+extern "C" __global__ void __launch_bounds__(TK_THREADS)
+tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restrict__ dv,
+               const float* __restrict__ wk, const float* __restrict__ wv, const float* __restrict__ f,
+               const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+               const float* __restrict__ gi, const float* __restrict__ w2, const float* __restrict__ h,
+               const float* __restrict__ w1, const float* __restrict__ x, const float* __restrict__ mean0,
+               const float* __restrict__ rstd0, const float* __restrict__ g0, float* __restrict__ df,
+               float* __restrict__ dh, float* __restrict__ dx, float* __restrict__ partial) {
+    __shared__ float X[TK_ROWS][TK_LD];
+    __shared__ float Y[TK_ROWS][TK_LD];
+    __shared__ float B[TK_MAXD][TK_LD];
+    __shared__ float mu[TK_ROWS], rs[TK_ROWS];
+    const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
+    const int ntiles = (rows + TK_ROWS - 1) / TK_ROWS;
+    const int t = threadIdx.x;
+    // Thread t < width keeps column t's sums over all of this block's tiles.
+    float s_gi = 0.0f, s_bi = 0.0f, s_b2 = 0.0f, s_b1 = 0.0f, s_g0 = 0.0f, s_be0 = 0.0f;
+    float s_wp[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s_bp = 0.0f;
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int r0 = tile * TK_ROWS;
+        const int valid = min(TK_ROWS, rows - r0);
+        // du = dk·Wk + dv·Wv  (Y, [32 × feat]).
+        tk_load(X, dk, r0, rows, d);
+        tk_load_w(B, wk, feat, d);
+        __syncthreads();
+        tk_gemm(X, d, B, feat, 0, 0, 0, Y);
+        __syncthreads();
+        tk_load(X, dv, r0, rows, d);
+        tk_load_w(B, wv, feat, d);
+        __syncthreads();
+        tk_gemm(X, d, B, feat, 0, 0, 1, Y);
+        __syncthreads();
+        // LN_in backward: X ← f; Y ← df.
+        tk_load(X, f, r0, rows, feat);
+        if (t < TK_ROWS) {
+            mu[t] = t < valid ? mean_in[r0 + t] : 0.0f;
+            rs[t] = t < valid ? rstd_in[r0 + t] : 0.0f;
+        }
+        tk_load_w(B, w2, feat, feat);
+        __syncthreads();
+        tk_layernorm_params(X, Y, feat, valid, mu, rs, s_gi, s_bi);
+        __syncthreads();
+        tk_layernorm_bwd(X, Y, feat, gi, mu, rs);
+        __syncthreads();
+        tk_store(Y, df, r0, rows, feat);
+        if (t < feat)
+            for (int r = 0; r < valid; ++r) s_b2 += Y[r][t];
+        // dh = (df·W2) ⊙ [h > 0]  (X).
+        tk_gemm(Y, feat, B, feat, 0, 0, 0, X);
+        __syncthreads();
+        for (int e = t; e < TK_ROWS * feat; e += TK_THREADS) {
+            const int r = e / feat, col = e % feat;
+            if (r < valid && h[(r0 + r) * feat + col] > 0.0f) {
+                dh[(r0 + r) * feat + col] = X[r][col];
+            } else {
+                if (r < valid) dh[(r0 + r) * feat + col] = 0.0f;
+                X[r][col] = 0.0f;
+            }
+        }
+        tk_load_w(B, w1, c, feat);
+        __syncthreads();
+        if (t < feat)
+            for (int r = 0; r < valid; ++r) s_b1 += X[r][t];
+        // da = dh·W1  (Y, [32 × c]).
+        tk_gemm(X, feat, B, c, 0, 0, 0, Y);
+        __syncthreads();
+        // LN0 backward: X ← x; Y ← dx.
+        tk_load(X, x, r0, rows, c);
+        if (t < TK_ROWS) {
+            mu[t] = t < valid ? mean0[r0 + t] : 0.0f;
+            rs[t] = t < valid ? rstd0[r0 + t] : 0.0f;
+        }
+        __syncthreads();
+        tk_layernorm_params(X, Y, c, valid, mu, rs, s_g0, s_be0);
+        __syncthreads();
+        tk_layernorm_bwd(X, Y, c, g0, mu, rs);
+        __syncthreads();
+        tk_store(Y, dx, r0, rows, c);
+        if (t < c) {
+            for (int r = 0; r < valid; ++r) {
+                const int pix = (r0 + r) % hw;
+                const float gy = Y[r][t];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) s_wp[q] += gy * tk_grid(q, pix, p.h, p.w);
+                s_bp += gy;
+            }
+        }
+        __syncthreads();
+    }
+    float* row = partial + blockIdx.x * tk_partial_len(c, feat);
+    if (t < feat) {
+        row[t] = s_gi;
+        row[feat + t] = s_bi;
+        row[2 * feat + t] = s_b2;
+        row[3 * feat + t] = s_b1;
+    }
+    if (t < c) {
+        float* rc = row + 4 * feat;
+        rc[t] = s_g0;
+        rc[c + t] = s_be0;
+        for (int q = 0; q < 4; ++q) rc[2 * c + t * 4 + q] = s_wp[q];
+        rc[6 * c + t] = s_bp;
+    }
+}
+
+// One thread per element of the partial row: the sum over the nblk rows in block order, added
+// (+=) into the parameter gradient it belongs to.
+extern "C" __global__ void tokens_bwd_reduce_f32(int nblk, int c, int feat, const float* __restrict__ partial,
+                                                 float* __restrict__ dgi, float* __restrict__ dbei,
+                                                 float* __restrict__ db2, float* __restrict__ db1,
+                                                 float* __restrict__ dg0, float* __restrict__ dbe0,
+                                                 float* __restrict__ dwp, float* __restrict__ dbp) {
+    const int len = tk_partial_len(c, feat);
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= len) return;
+    float s = 0.0f;
+    for (int b = 0; b < nblk; ++b) s += partial[b * len + e];
+    if (e < 4 * feat) {
+        float* dst[4] = {dgi, dbei, db2, db1};
+        dst[e / feat][e % feat] += s;
+        return;
+    }
+    const int k = e - 4 * feat;
+    if (k < c) dg0[k] += s;
+    else if (k < 2 * c) dbe0[k - c] += s;
+    else if (k < 6 * c) dwp[k - 2 * c] += s;
+    else dbp[k - 6 * c] += s;
+}
