@@ -15,6 +15,10 @@ use slotfix::cpu::Cpu;
 use slotfix::cuda::{Buf, Cuda};
 use slotfix::ops::attention::AttnDims;
 use slotfix::ops::conv::ConvGeom;
+use slotfix::ops::tokens::{
+    tokens_bwd_by_ops, tokens_fwd_by_ops, MlpLayer, TokenActs, TokenDims, TokenGradActs,
+    TokenGrads, TokenParams,
+};
 use slotfix::rng::Philox;
 
 /// Nominal FP32 (CUDA-core) peak of an H100 SXM, TFLOP/s, for the f32 kernels' column.
@@ -391,6 +395,156 @@ impl Bench {
         );
     }
 
+    /// The per-token chain (position embedding, LayerNorm, 2-layer MLP, LayerNorm, k and v):
+    /// the fused kernels against the same chain run op by op on the same device.
+    fn tokens(&self, batch: usize, res: usize, ch: usize) {
+        let g = &self.g;
+        let dims = TokenDims {
+            batch,
+            h: res,
+            w: res,
+            c: ch,
+            feat: ch,
+            d: ch,
+        };
+        let (rows, c, f, d) = (dims.rows(), ch, ch, ch);
+        let lens = [4 * c, c, c, c, f * c, f, f * f, f, f, f, d * f, d * f];
+        let host: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| rand(n, 40 + i as u64, if i >= 4 { 0.2 } else { 1.0 }))
+            .collect();
+        let dev: Vec<Buf> = host.iter().map(|v| self.up(v)).collect();
+        fn params<Buf>(p: &[Buf], c: usize, f: usize) -> TokenParams<'_, Buf> {
+            TokenParams {
+                pos_w: &p[0],
+                pos_b: &p[1],
+                norm_g: &p[2],
+                norm_b: &p[3],
+                mlp: vec![
+                    MlpLayer {
+                        n_in: c,
+                        n_out: f,
+                        w: &p[4],
+                        b: &p[5],
+                    },
+                    MlpLayer {
+                        n_in: f,
+                        n_out: f,
+                        w: &p[6],
+                        b: &p[7],
+                    },
+                ],
+                norm_in_g: &p[8],
+                norm_in_b: &p[9],
+                wk: &p[10],
+                wv: &p[11],
+            }
+        }
+        fn grads<Buf>(g: &mut [Buf]) -> TokenGrads<'_, Buf> {
+            let [pw, pb, ng, nb, w1, b1, w2, b2, ig, ib, wk, wv] = g else {
+                unreachable!()
+            };
+            TokenGrads {
+                pos_w: pw,
+                pos_b: pb,
+                norm_g: ng,
+                norm_b: nb,
+                mlp: vec![(w1, b1), (w2, b2)],
+                norm_in_g: ig,
+                norm_in_b: ib,
+                wk,
+                wv,
+            }
+        }
+        let pg = params(&dev, c, f);
+        // Spot check on the first image (the chain is per token: its rows need nothing else).
+        let one = TokenDims { batch: 1, ..dims };
+        let head = |b: &Buf, n: usize| g.download_f32(b)[..n].to_vec();
+        let enc = self.normal_buf(rows * c, 51);
+        let enc0 = head(&enc, one.rows() * c);
+        let mut acts = TokenActs::new(g, &dims, 2);
+        g.fill_value(&mut acts.v, f32::NAN);
+        g.tokens_fwd(&dims, &pg, &enc, &mut acts);
+        let mut want = TokenActs::new(&self.c, &one, 2);
+        self.c
+            .tokens_fwd(&one, &params(&host, c, f), &enc0, &mut want);
+        let e = self.check("tokens fwd v", &acts.v, &want.v, 1e-5);
+        let shape = format!("{rows} tokens, {c}→{f}→{f}→2×{d}");
+        let fl = 2.0 * (rows * (c * f + f * f + 2 * f * d)) as f64;
+        let by = 4.0 * (rows * (3 * c + 3 * f + 2 * d + 4)) as f64;
+        let ms = self.time(|| g.tokens_fwd(&dims, &pg, &enc, &mut acts));
+        self.row(
+            "tokens fwd, fused (f32)",
+            &shape,
+            Some(e),
+            ms,
+            fl,
+            by,
+            false,
+        );
+        let ms = self.time(|| tokens_fwd_by_ops(g, &dims, &pg, &enc, &mut acts));
+        self.row("tokens fwd, op by op", &shape, None, ms, fl, by, false);
+        // Backward.
+        let dk = self.normal_buf(rows * d, 52);
+        let dv = self.normal_buf(rows * d, 53);
+        let mut gd: Vec<Buf> = lens.iter().map(|&n| g.alloc(n)).collect();
+        let mut da = TokenGradActs::new(g, &dims, 2, true);
+        g.fill_value(&mut da.d_enc_pos, f32::NAN);
+        g.tokens_bwd(&dims, &pg, &acts, &dk, &dv, &mut da, &mut grads(&mut gd));
+        let saved = TokenActs {
+            enc_pos: head(&acts.enc_pos, one.rows() * c),
+            ln0: head(&acts.ln0, one.rows() * c),
+            ln0_mean: head(&acts.ln0_mean, one.rows()),
+            ln0_rstd: head(&acts.ln0_rstd, one.rows()),
+            mlp_act: acts
+                .mlp_act
+                .iter()
+                .map(|b| head(b, one.rows() * f))
+                .collect(),
+            ln_in: head(&acts.ln_in, one.rows() * f),
+            ln_in_mean: head(&acts.ln_in_mean, one.rows()),
+            ln_in_rstd: head(&acts.ln_in_rstd, one.rows()),
+            k: head(&acts.k, one.rows() * d),
+            v: head(&acts.v, one.rows() * d),
+        };
+        let mut gh: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+        let mut dc = TokenGradActs::new(&self.c, &one, 2, true);
+        self.c.tokens_bwd(
+            &one,
+            &params(&host, c, f),
+            &saved,
+            &head(&dk, one.rows() * d),
+            &head(&dv, one.rows() * d),
+            &mut dc,
+            &mut grads(&mut gh),
+        );
+        let e = self.check("tokens bwd d enc", &da.d_enc_pos, &dc.d_enc_pos, 1e-5);
+        let ms =
+            self.time(|| g.tokens_bwd(&dims, &pg, &acts, &dk, &dv, &mut da, &mut grads(&mut gd)));
+        self.row(
+            "tokens bwd, fused + dW GEMMs",
+            &shape,
+            Some(e),
+            ms,
+            2.0 * fl,
+            by,
+            false,
+        );
+        let ms = self.time(|| {
+            tokens_bwd_by_ops(g, &dims, &pg, &acts, &dk, &dv, &mut da, &mut grads(&mut gd))
+        });
+        self.row(
+            "tokens bwd, op by op",
+            &shape,
+            None,
+            ms,
+            2.0 * fl,
+            by,
+            false,
+        );
+    }
+
     fn attention(&self, batch: usize, n: usize, k: usize, d: usize) {
         let g = &self.g;
         let dm = AttnDims {
@@ -564,6 +718,7 @@ fn main() {
         );
     }
     b.linear_layernorm(batch * res * res, ch);
+    b.tokens(batch, res, ch);
     b.attention(batch, res * res, 7, ch);
     b.step("configs/tetrominoes.yaml", if emulated { 1 } else { 20 });
     b.step("configs/clevr6.yaml", 10);
