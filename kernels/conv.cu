@@ -113,16 +113,32 @@ extern "C" __global__ void conv2d_bwd_dw_f32(ConvGeom g, int batch, const float*
     if (threadIdx.x == 0) dw[widx] += acc;
 }
 
-// One block per output channel: db[co] += Σ_j g[j, co] over the m = batch·h_out·w_out positions.
-// Shared by conv and transposed conv (both outputs are [batch, h_out, w_out, c_out]).
-extern "C" __global__ void conv_bwd_db_f32(int m, int c_out, const float* __restrict__ y,
-                                           const float* __restrict__ dy, int relu, float* __restrict__ db) {
-    __shared__ float sh[32];
-    const int co = blockIdx.x;
-    float acc = 0.0f;
-    for (int j = threadIdx.x; j < m; j += blockDim.x) acc += masked_grad(dy, y, j * c_out + co, relu);
-    acc = block_sum(acc, sh);
-    if (threadIdx.x == 0) db[co] += acc;
+// Bias gradient, first half: partial[blockIdx.x][col] = Σ over the rows [r0, r0 + chunk) of
+// g[row, col], g = dy masked by y > 0 when relu (overwritten). Shared by conv, transposed conv
+// and the linear layers (all outputs are [rows, n], channels last). Block 256 = 8 warps: lane ↔
+// column of a 32-wide strip, warp ↔ every 8th row, so a warp reads one row's strip contiguously
+// (v1 ran one block per column with a stride of n between threads: 32 sectors per warp load,
+// and only n blocks). sum_partials_f32 (linear.cu) adds the partials in block order into db.
+extern "C" __global__ void col_sum_partial_f32(int m, int n, int chunk, const float* __restrict__ y,
+                                               const float* __restrict__ dy, int relu,
+                                               float* __restrict__ partial) {
+    __shared__ float sh[8][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r0 = blockIdx.x * chunk, r1 = min(r0 + chunk, m);
+    for (int c0 = 0; c0 < n; c0 += 32) {
+        const int col = c0 + lane;
+        float acc = 0.0f;
+        if (col < n)
+            for (int r = r0 + warp; r < r1; r += 8) acc += masked_grad(dy, y, r * n + col, relu);
+        sh[warp][lane] = acc;
+        __syncthreads();
+        if (warp == 0 && col < n) {
+            float s = 0.0f;
+            for (int k = 0; k < 8; ++k) s += sh[k][lane];
+            partial[blockIdx.x * n + col] = s;
+        }
+        __syncthreads();
+    }
 }
 
 // Transposed conv, one thread per element of y [batch, h_out, w_out, c_out] (overwritten):

@@ -3,7 +3,7 @@
 // Math: y[r,o] = relu?(Σ_i x[r,i] · W[o,i] + b[o]),  W is [n_out, n_in] (nn.Linear).
 //   g = dy masked by y > 0 when relu (relu_mask_f32 writes it to a scratch buffer first);
 //   dx[r,i] += Σ_o g[r,o] · W[o,i];   dW[o,i] += Σ_r g[r,o] · x[r,i] (split over fixed row chunks
-//   into partials, then summed in chunk order: deterministic);   db[o] += Σ_r g[r,o].
+//   into partials, then summed in chunk order: deterministic);   db[o] += Σ_r g[r,o] (col_sum_partial_f32 in conv.cu, then sum_partials_f32).
 // FLOPs: 2 · rows · n_in · n_out for each of y, dx, dW. Compulsory bytes: 4 · (rows·(n_in+n_out)
 // + n_in·n_out) per product (+ 4 · rows · n_out · 3 for the mask, + partials for dW).
 // Backward kernels ACCUMULATE (+=), like the CPU reference.
@@ -96,15 +96,4 @@ extern "C" __global__ void sum_partials_f32(int nchunks, int len, const float* _
     float s = 0.0f;
     for (int z = 0; z < nchunks; ++z) s += partial[z * len + e];
     dst[e] += s;
-}
-
-// One block per output feature: db[o] += Σ_r g[r, o].
-extern "C" __global__ void linear_bwd_db_f32(int rows, int n_out, const float* __restrict__ g,
-                                             float* __restrict__ db) {
-    __shared__ float sh[32];
-    const int o = blockIdx.x;
-    float acc = 0.0f;
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) acc += g[r * n_out + o];
-    acc = block_sum(acc, sh);
-    if (threadIdx.x == 0) db[o] += acc;
 }

@@ -31,7 +31,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv2d_fwd_f32",
             "conv2d_bwd_dx_f32",
             "conv2d_bwd_dw_f32",
-            "conv_bwd_db_f32",
+            "col_sum_partial_f32",
             "conv_t2d_fwd_f32",
             "conv_t2d_bwd_dx_f32",
             "conv_t2d_bwd_dw_f32",
@@ -61,7 +61,6 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "linear_bwd_dx_f32",
             "linear_bwd_dw_partial_f32",
             "sum_partials_f32",
-            "linear_bwd_db_f32",
         ],
     },
     KernelFile {

@@ -261,6 +261,8 @@ value_arg!(
 
 /// Threads per block of the 1-D kernels and of the block reductions (a multiple of 32).
 const BLOCK: u32 = 256;
+/// Blocks the bias-gradient column sums aim for (col_sum_partial_f32 needs BLOCK = 256).
+const COL_SUM_BLOCKS: usize = 1024;
 /// Side of the square tiles of the linear-layer kernels (must match `TS` in linear.cu).
 const TILE: u32 = 16;
 /// Rows per partial product of the linear weight gradient (at least; see `linear_bwd`).
@@ -870,9 +872,25 @@ impl Cuda {
 
     /// db += Σ over positions of dy (ReLU-masked by y).
     fn conv_db(&self, g: &ConvGeom, batch: usize, y: &Buf, relu: bool, dy: &Buf, db: &mut Buf) {
-        let m = i(batch * g.h_out * g.w_out);
-        let (co, ri) = (i(g.c_out), relu as i32);
-        launch!(self, "conv_bwd_db_f32", per_block(g.c_out, 0); &m, &co, y, dy, &ri, db);
+        self.col_sums(batch * g.h_out * g.w_out, g.c_out, y, relu, dy, db);
+    }
+
+    /// db[col] += Σ_rows g[row, col] over `[m, n]` with g = dy masked by y > 0 when `relu`: block
+    /// partials over fixed row chunks, added in chunk order (deterministic).
+    fn col_sums(&self, m: usize, n: usize, y: &Buf, relu: bool, dy: &Buf, db: &mut Buf) {
+        assert_eq!(dy.len(), m * n);
+        assert_eq!(db.len(), n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let chunk = m.div_ceil(COL_SUM_BLOCKS).max(64).next_multiple_of(8);
+        let nblk = m.div_ceil(chunk);
+        let mut partial = self.scratch::<f32>(nblk * n);
+        let (mi, ni, ci, ri) = (i(m), i(n), i(chunk), relu as i32);
+        launch!(self, "col_sum_partial_f32", per_block(nblk, 0);
+            &mi, &ni, &ci, y, dy, &ri, &mut partial);
+        let nb = i(nblk);
+        launch!(self, "sum_partials_f32", per_elem(n); &nb, &ni, &partial, db);
     }
 
     /// dW and db of the pos-embedding Linear(4 → c) from dy `[nimg, h, w, c]`.
@@ -1415,7 +1433,7 @@ impl Backend for Cuda {
         launch!(self, "sum_partials_f32", per_elem(wl); &nch_i, &wl_i, &partial, dw);
         if let Some(db) = db {
             assert_eq!(db.len(), n_out);
-            launch!(self, "linear_bwd_db_f32", per_block(n_out, 0); &ri, &oi, g, db);
+            self.col_sums(rows, n_out, g, false, g, db);
         }
     }
     fn layernorm_fwd(
