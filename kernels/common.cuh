@@ -25,6 +25,20 @@ static __device__ T block_sum(T v, T* sh) {
     return v;
 }
 
+// Column sums of the 256-thread blocks laid out lane ↔ column, warp ↔ row (coalesced reads of
+// channels-last rows): the sum over the 8 warps of each lane's v, complete in warp 0. `sh` holds
+// [8][33]; every thread must call it. The leading barrier makes back-to-back calls safe.
+static __device__ __forceinline__ float column_sum_8warps(float v, float (*sh)[33]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    sh[warp][lane] = v;
+    __syncthreads();
+    float s = 0.0f;
+    if (warp == 0)
+        for (int k = 0; k < 8; ++k) s += sh[k][lane];
+    return s;
+}
+
 // x rounded to TF32 (10-bit mantissa, round to nearest with ties away from zero), as the bit
 // pattern the tensor cores read.
 static __device__ __forceinline__ unsigned to_tf32(float x) {

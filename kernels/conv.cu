@@ -130,14 +130,8 @@ extern "C" __global__ void col_sum_partial_f32(int m, int n, int chunk, const fl
         float acc = 0.0f;
         if (col < n)
             for (int r = r0 + warp; r < r1; r += 8) acc += masked_grad(dy, y, r * n + col, relu);
-        sh[warp][lane] = acc;
-        __syncthreads();
-        if (warp == 0 && col < n) {
-            float s = 0.0f;
-            for (int k = 0; k < 8; ++k) s += sh[k][lane];
-            partial[blockIdx.x * n + col] = s;
-        }
-        __syncthreads();
+        const float s = column_sum_8warps(acc, sh);
+        if (warp == 0 && col < n) partial[blockIdx.x * n + col] = s;
     }
 }
 

@@ -2,7 +2,7 @@
 //
 // Math: μ = mean(x), σ² = mean((x−μ)²), r = 1/sqrt(σ²+eps), y = (x−μ)·r·γ + β; saves μ, r.
 //   backward with x̂ = (x−μ)·r, g = dy·γ:  dx += r·(g − mean(g) − x̂·mean(g·x̂));
-//   dγ[i] += Σ_rows dy·x̂,  dβ[i] += Σ_rows dy  (one block per column, fixed-order reduction).
+//   dγ[i] += Σ_rows dy·x̂,  dβ[i] += Σ_rows dy  (block partials over fixed row chunks, added in order).
 // FLOPs ≈ 8 · rows · dim forward, ≈ 14 · rows · dim backward. Compulsory bytes: 4 · (2·rows·dim
 // + 2·rows + 2·dim) forward; 4 · (3·rows·dim + 2·rows + 3·dim) for dx, 4 · 2·rows·dim (+ stats) for dγ/dβ.
 // Backward kernels ACCUMULATE (+=), like the CPU reference.
@@ -68,24 +68,31 @@ extern "C" __global__ void layernorm_bwd_dx_f32(int rows, int dim, const float* 
     }
 }
 
-// One block per column i: dgamma[i] += Σ_r dy·x̂, dbeta[i] += Σ_r dy.
-extern "C" __global__ void layernorm_bwd_params_f32(int rows, int dim, const float* __restrict__ x,
-                                                    const float* __restrict__ mean, const float* __restrict__ rstd,
-                                                    const float* __restrict__ dy, float* __restrict__ dgamma,
-                                                    float* __restrict__ dbeta) {
-    __shared__ float sh[32];
-    const int i = blockIdx.x;
-    float ag = 0.0f, ab = 0.0f;
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        const float d = dy[r * dim + i];
-        const float xh = (x[r * dim + i] - mean[r]) * rstd[r];
-        ag += d * xh;
-        ab += d;
-    }
-    ag = block_sum(ag, sh);
-    ab = block_sum(ab, sh);
-    if (threadIdx.x == 0) {
-        dgamma[i] += ag;
-        dbeta[i] += ab;
+// dγ, dβ, first half: pg[blockIdx.x][i] = Σ dy·x̂, pb[blockIdx.x][i] = Σ dy over the rows
+// [r0, r0 + chunk) (overwritten); sum_partials_f32 (linear.cu) adds them in block order. Block
+// 256: lane ↔ column of a 32-wide strip, warp ↔ every 8th row (coalesced row reads).
+extern "C" __global__ void layernorm_params_partial_f32(int rows, int dim, int chunk, const float* __restrict__ x,
+                                                        const float* __restrict__ mean,
+                                                        const float* __restrict__ rstd,
+                                                        const float* __restrict__ dy, float* __restrict__ pg,
+                                                        float* __restrict__ pb) {
+    __shared__ float sh[8][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r0 = blockIdx.x * chunk, r1 = min(r0 + chunk, rows);
+    for (int c0 = 0; c0 < dim; c0 += 32) {
+        const int i = c0 + lane;
+        float ag = 0.0f, ab = 0.0f;
+        if (i < dim)
+            for (int r = r0 + warp; r < r1; r += 8) {
+                const float d = dy[r * dim + i];
+                ag += d * (x[r * dim + i] - mean[r]) * rstd[r];
+                ab += d;
+            }
+        ag = column_sum_8warps(ag, sh);
+        ab = column_sum_8warps(ab, sh);
+        if (warp == 0 && i < dim) {
+            pg[blockIdx.x * dim + i] = ag;
+            pb[blockIdx.x * dim + i] = ab;
+        }
     }
 }

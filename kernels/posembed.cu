@@ -2,7 +2,7 @@
 // v = j/(w−1) (computed in double, rounded to f32, as on the CPU); pos[p, c] = b[c] + Σ_q W[c,q]·grid_q(p).
 //   encoder  x[n, p, c] += pos[p, c]                (in place)
 //   decoder  y[n, p, c]  = z[n, c] + pos[p, c]       (broadcast, overwritten)
-//   backward s[p, c] = Σ_n dy[n, p, c];  dW[c, q] += Σ_p s·grid_q(p);  db[c] += Σ_p s;
+//   backward dW[c, q] += Σ_{n,p} dy·grid_q(p);  db[c] += Σ_{n,p} dy  (block partials, added in order);
 //            decoder also dz[n, c] += Σ_p dy[n, p, c].
 // FLOPs ≈ 9 per element forward, 6·h·w·c + B·h·w·c backward. Compulsory bytes: 4 · 2·|x| forward
 // (4 · (|y| + |z|) decoder); 4 · |dy| (+ 4 · |dz|) backward.
@@ -51,34 +51,34 @@ extern "C" __global__ void broadcast_pos_fwd_f32(int total, int h, int w, int c,
     y[i] = z[img * c + ch] + pos_val(p, ch, h, w, wp, bp);
 }
 
-// One block per channel ch: s[p] = Σ_n dy[n, p, ch] (batch order); dwp[ch, q] += Σ_p s·grid_q(p);
-// dbp[ch] += Σ_p s.
-extern "C" __global__ void posembed_bwd_params_f32(int nimg, int h, int w, int c, const float* __restrict__ dy,
-                                                   float* __restrict__ dwp, float* __restrict__ dbp) {
-    __shared__ float sh[32];
-    const int ch = blockIdx.x;
+// Position-embedding parameters, first half, over the rows (n, p) [r0, r0 + chunk) of dy
+// [nimg·h·w, c]: pw[blockIdx.x][ch·4 + q] = Σ dy·grid_q(p), pb[blockIdx.x][ch] = Σ dy
+// (overwritten); sum_partials_f32 (linear.cu) adds them in block order. Block 256: lane ↔ channel
+// of a 32-wide strip, warp ↔ every 8th row (coalesced row reads).
+extern "C" __global__ void posembed_params_partial_f32(int m, int h, int w, int c, int chunk,
+                                                       const float* __restrict__ dy, float* __restrict__ pw,
+                                                       float* __restrict__ pb) {
+    __shared__ float sh[8][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int hw = h * w;
-    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, ab = 0.0f;
-    for (int p = threadIdx.x; p < hw; p += blockDim.x) {
-        float s = 0.0f;
-        for (int n = 0; n < nimg; ++n) s += dy[(n * hw + p) * c + ch];
-        a0 += s * grid_val(0, p, h, w);
-        a1 += s * grid_val(1, p, h, w);
-        a2 += s * grid_val(2, p, h, w);
-        a3 += s * grid_val(3, p, h, w);
-        ab += s;
-    }
-    a0 = block_sum(a0, sh);
-    a1 = block_sum(a1, sh);
-    a2 = block_sum(a2, sh);
-    a3 = block_sum(a3, sh);
-    ab = block_sum(ab, sh);
-    if (threadIdx.x == 0) {
-        dwp[ch * 4 + 0] += a0;
-        dwp[ch * 4 + 1] += a1;
-        dwp[ch * 4 + 2] += a2;
-        dwp[ch * 4 + 3] += a3;
-        dbp[ch] += ab;
+    const int r0 = blockIdx.x * chunk, r1 = min(r0 + chunk, m);
+    for (int c0 = 0; c0 < c; c0 += 32) {
+        const int ch = c0 + lane;
+        float a[5] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (ch < c)
+            for (int r = r0 + warp; r < r1; r += 8) {
+                const float d = dy[r * c + ch];
+                const int p = r % hw;
+                for (int q = 0; q < 4; ++q) a[q] += d * grid_val(q, p, h, w);
+                a[4] += d;
+            }
+        for (int q = 0; q < 5; ++q) {
+            const float s = column_sum_8warps(a[q], sh);
+            if (warp == 0 && ch < c) {
+                if (q < 4) pw[blockIdx.x * c * 4 + ch * 4 + q] = s;
+                else pb[blockIdx.x * c + ch] = s;
+            }
+        }
     }
 }
 

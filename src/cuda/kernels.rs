@@ -69,7 +69,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &[
             "layernorm_fwd_f32",
             "layernorm_bwd_dx_f32",
-            "layernorm_bwd_params_f32",
+            "layernorm_params_partial_f32",
         ],
     },
     KernelFile {
@@ -96,7 +96,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &[
             "softpos_add_fwd_f32",
             "broadcast_pos_fwd_f32",
-            "posembed_bwd_params_f32",
+            "posembed_params_partial_f32",
             "broadcast_pos_bwd_dz_f32",
         ],
     },

@@ -435,6 +435,14 @@ fn check_conv_range(g: &ConvGeom, batch: usize) {
     i(batch * g.out_len());
 }
 
+/// Blocks and rows per block of the column-sum kernels over `m` rows (`*_partial_f32`): at most
+/// about COL_SUM_BLOCKS blocks of at least 64 rows, from the sizes alone (the same summation
+/// order on every device).
+fn col_chunks(m: usize) -> (usize, usize) {
+    let chunk = m.div_ceil(COL_SUM_BLOCKS).max(64).next_multiple_of(8);
+    (m.div_ceil(chunk).max(1), chunk)
+}
+
 /// One thread per element, `BLOCK` threads per block.
 fn per_elem(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -883,8 +891,7 @@ impl Cuda {
         if m == 0 || n == 0 {
             return;
         }
-        let chunk = m.div_ceil(COL_SUM_BLOCKS).max(64).next_multiple_of(8);
-        let nblk = m.div_ceil(chunk);
+        let (nblk, chunk) = col_chunks(m);
         let mut partial = self.scratch::<f32>(nblk * n);
         let (mi, ni, ci, ri) = (i(m), i(n), i(chunk), relu as i32);
         launch!(self, "col_sum_partial_f32", per_block(nblk, 0);
@@ -907,9 +914,17 @@ impl Cuda {
         assert_eq!(dy.len() % (h * w * c), 0);
         assert_eq!(dwp.len(), c * 4);
         assert_eq!(dbp.len(), c);
-        let nimg = i(dy.len() / (h * w * c));
         let (hi, wi, ci) = (i(h), i(w), i(c));
-        launch!(self, "posembed_bwd_params_f32", per_block(c, 0); &nimg, &hi, &wi, &ci, dy, dwp, dbp);
+        let m = dy.len() / c;
+        let (nblk, chunk) = col_chunks(m);
+        let mut pw = self.scratch::<f32>(nblk * c * 4);
+        let mut pb = self.scratch::<f32>(nblk * c);
+        let (mi, chi) = (i(m), i(chunk));
+        launch!(self, "posembed_params_partial_f32", per_block(nblk, 0);
+            &mi, &hi, &wi, &ci, &chi, dy, &mut pw, &mut pb);
+        let (nb, c4) = (i(nblk), i(c * 4));
+        launch!(self, "sum_partials_f32", per_elem(c * 4); &nb, &c4, &pw, dwp);
+        launch!(self, "sum_partials_f32", per_elem(c); &nb, &ci, &pb, dbp);
     }
 
     /// Forward pass of a convolution (`transposed` false) or transposed convolution on the
@@ -1485,8 +1500,15 @@ impl Backend for Cuda {
         let (ri, di) = (i(rows), i(dim));
         launch!(self, "layernorm_bwd_dx_f32", per_warp(rows);
             &ri, &di, x, gamma, mean, rstd, dy, dx);
-        launch!(self, "layernorm_bwd_params_f32", per_block(dim, 0);
-            &ri, &di, x, mean, rstd, dy, dgamma, dbeta);
+        let (nblk, chunk) = col_chunks(rows);
+        let mut pg = self.scratch::<f32>(nblk * dim);
+        let mut pb = self.scratch::<f32>(nblk * dim);
+        let chi = i(chunk);
+        launch!(self, "layernorm_params_partial_f32", per_block(nblk, 0);
+            &ri, &di, &chi, x, mean, rstd, dy, &mut pg, &mut pb);
+        let nb = i(nblk);
+        launch!(self, "sum_partials_f32", per_elem(dim); &nb, &di, &pg, dgamma);
+        launch!(self, "sum_partials_f32", per_elem(dim); &nb, &di, &pb, dbeta);
     }
     fn tokens_fwd(
         &self,
