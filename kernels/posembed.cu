@@ -82,13 +82,19 @@ extern "C" __global__ void posembed_params_partial_f32(int m, int h, int w, int 
     }
 }
 
-// One block per (img, ch): dz[img, ch] += Σ_p dy[img, p, ch].
+// One block (256 threads) per image: dz[img, ch] += Σ_p dy[img, p, ch], lane ↔ channel of a
+// 32-wide strip, warp ↔ every 8th pixel (coalesced row reads).
 extern "C" __global__ void broadcast_pos_bwd_dz_f32(int hw, int c, const float* __restrict__ dy,
                                                     float* __restrict__ dz) {
-    __shared__ float sh[32];
-    const int img = blockIdx.x / c, ch = blockIdx.x % c;
-    float acc = 0.0f;
-    for (int p = threadIdx.x; p < hw; p += blockDim.x) acc += dy[(img * hw + p) * c + ch];
-    acc = block_sum(acc, sh);
-    if (threadIdx.x == 0) dz[img * c + ch] += acc;
+    __shared__ float sh[8][33];
+    const int img = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int c0 = 0; c0 < c; c0 += 32) {
+        const int ch = c0 + lane;
+        float acc = 0.0f;
+        if (ch < c)
+            for (int p = warp; p < hw; p += 8) acc += dy[(img * hw + p) * c + ch];
+        const float s = column_sum_8warps(acc, sh);
+        if (warp == 0 && ch < c) dz[img * c + ch] += s;
+    }
 }

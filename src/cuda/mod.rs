@@ -261,8 +261,10 @@ value_arg!(
 
 /// Threads per block of the 1-D kernels and of the block reductions (a multiple of 32).
 const BLOCK: u32 = 256;
-/// Blocks the bias-gradient column sums aim for (col_sum_partial_f32 needs BLOCK = 256).
+/// Blocks the column-sum kernels aim for (`*_partial_f32`, `broadcast_pos_bwd_dz_f32`).
 const COL_SUM_BLOCKS: usize = 1024;
+// Those kernels reduce over exactly 8 warps (`column_sum_8warps` in common.cuh).
+const _: () = assert!(BLOCK == 256);
 /// Side of the square tiles of the linear-layer kernels (must match `TS` in linear.cu).
 const TILE: u32 = 16;
 /// Rows per partial product of the linear weight gradient (at least; see `linear_bwd`).
@@ -1599,7 +1601,7 @@ impl Backend for Cuda {
             return;
         }
         let (hwi, ci) = (i(h * w), i(c));
-        launch!(self, "broadcast_pos_bwd_dz_f32", per_block(nimg * c, 0); &hwi, &ci, dy, dz);
+        launch!(self, "broadcast_pos_bwd_dz_f32", per_block(nimg, 0); &hwi, &ci, dy, dz);
         self.posembed_params_bwd(h, w, c, dy, dwp, dbp);
     }
     fn attention_fwd(
