@@ -8,7 +8,9 @@
 //! Here it is composed from the single ops ([`tokens_fwd_by_ops`], [`tokens_bwd_by_ops`]): that
 //! composition is the reference, and the [`Backend`] trait's default. The CUDA backend replaces
 //! it with one fused kernel each way (`kernels/tokens.cu`) when the MLP has two layers and every
-//! width is at most 64, and is tested against this composition on the CPU.
+//! width is at most 64, and is tested against this composition on the CPU (`tests/cuda.rs`,
+//! `tokens_fwd_bwd_parity`). The composition's own gradients are checked against finite
+//! differences with the rest of the model (`tests/model_gradcheck.rs`, every parameter tensor).
 
 use crate::backend::Backend;
 
