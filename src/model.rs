@@ -556,6 +556,8 @@ pub struct Workspace<Buf> {
     pub recon: Buf,
     pub loss: Buf,
     // Gradients of activations.
+    /// d(output) of every encoder conv but the last, whose output gradient is
+    /// `d_tok.d_enc_pos` (the position embedding passes it through unchanged).
     d_enc_act: Vec<Buf>,
     d_tok: TokenGradActs<Buf>,
     dk: Buf,
@@ -687,6 +689,7 @@ impl<B: Backend> Model<B> {
             d_enc_act: a
                 .encoder
                 .iter()
+                .take(a.encoder.len().saturating_sub(1))
                 .map(|l| galloc(batch * l.geom.out_len()))
                 .collect(),
             d_tok: TokenGradActs::new(be, &a.token_dims(batch), a.enc_mlp.len(), training),
@@ -1279,12 +1282,10 @@ impl<B: Backend> Model<B> {
         for buf in ws.d_enc_act.iter_mut() {
             be.fill_zero(buf);
         }
-        if ne > 0 {
-            be.copy(&ws.d_tok.d_enc_pos, &mut ws.d_enc_act[ne - 1]);
-        }
         for i in (0..ne).rev() {
             let l = a.encoder[i];
             let (lower, upper) = ws.d_enc_act.split_at_mut(i);
+            let dy = upper.first().unwrap_or(&ws.d_tok.d_enc_pos);
             let x = if i == 0 {
                 &ws.image
             } else {
@@ -1303,7 +1304,7 @@ impl<B: Backend> Model<B> {
                 &p[l.w],
                 &ws.enc_act[i],
                 l.relu,
-                &upper[0],
+                dy,
                 dx,
                 gw,
                 gb,
