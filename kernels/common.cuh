@@ -25,6 +25,35 @@ static __device__ T block_sum(T v, T* sh) {
     return v;
 }
 
+// Sum over the warp, complete in every lane.
+static __device__ __forceinline__ float warp_allsum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The soft position embedding (posembed.cu, tokens.cu): grid(i, j) = [u, v, 1−u, 1−v] with
+// u = i/(h−1), v = j/(w−1), computed in double and rounded to f32, as on the CPU.
+// grid_q of pixel p = i·w + j of an h×w image.
+static __device__ __forceinline__ float grid_val(int q, int p, int h, int w) {
+    const int i = p / w, j = p % w;
+    const double u = h > 1 ? (double)i / (double)(h - 1) : 0.0;
+    const double v = w > 1 ? (double)j / (double)(w - 1) : 0.0;
+    double g;
+    switch (q) {
+        case 0: g = u; break;
+        case 1: g = v; break;
+        case 2: g = 1.0 - u; break;
+        default: g = 1.0 - v; break;
+    }
+    return (float)g;
+}
+
+static __device__ __forceinline__ float pos_val(int p, int ch, int h, int w, const float* wp, const float* bp) {
+    float s = bp[ch];
+    for (int q = 0; q < 4; ++q) s += wp[ch * 4 + q] * grid_val(q, p, h, w);
+    return s;
+}
+
 // Column sums of the 256-thread blocks laid out lane ↔ column, warp ↔ row (coalesced reads of
 // channels-last rows): the sum over the 8 warps of each lane's v, complete in warp 0. `sh` holds
 // [8][33]; every thread must call it. The leading barrier makes back-to-back calls safe.

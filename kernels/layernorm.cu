@@ -7,11 +7,6 @@
 // + 2·rows + 2·dim) forward; 4 · (3·rows·dim + 2·rows + 3·dim) for dx, 4 · 2·rows·dim (+ stats) for dγ/dβ.
 // Backward kernels ACCUMULATE (+=), like the CPU reference.
 
-static __device__ __forceinline__ float warp_allsum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // One warp per row; blockDim.x a multiple of 32. y overwritten, mean/rstd [rows] overwritten.
 extern "C" __global__ void layernorm_fwd_f32(int rows, int dim, const float* __restrict__ x,
                                              const float* __restrict__ gamma, const float* __restrict__ beta,

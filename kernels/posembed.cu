@@ -8,26 +8,7 @@
 // (4 · (|y| + |z|) decoder); 4 · |dy| (+ 4 · |dz|) backward.
 // Backward kernels ACCUMULATE (+=), like the CPU reference.
 
-// grid_q of pixel p = i·w + j of an h×w image.
-static __device__ __forceinline__ float grid_val(int q, int p, int h, int w) {
-    const int i = p / w, j = p % w;
-    const double u = h > 1 ? (double)i / (double)(h - 1) : 0.0;
-    const double v = w > 1 ? (double)j / (double)(w - 1) : 0.0;
-    double g;
-    switch (q) {
-        case 0: g = u; break;
-        case 1: g = v; break;
-        case 2: g = 1.0 - u; break;
-        default: g = 1.0 - v; break;
-    }
-    return (float)g;
-}
-
-static __device__ __forceinline__ float pos_val(int p, int ch, int h, int w, const float* wp, const float* bp) {
-    float s = bp[ch];
-    for (int q = 0; q < 4; ++q) s += wp[ch * 4 + q] * grid_val(q, p, h, w);
-    return s;
-}
+// grid_val and pos_val (the embedding of one pixel) are in common.cuh: tokens.cu uses them too.
 
 // x [nimg, h, w, c] += pos; total = nimg·h·w·c.
 extern "C" __global__ void softpos_add_fwd_f32(int total, int h, int w, int c, const float* __restrict__ wp,

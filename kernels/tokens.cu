@@ -31,26 +31,6 @@ struct TokenDims {
     int c, feat, d;
 };
 
-static __device__ __forceinline__ float tk_allsum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// grid_q of pixel p (posembed.cu's grid_val: computed in double, rounded to f32, as on the CPU).
-static __device__ __forceinline__ float tk_grid(int q, int p, int h, int w) {
-    const int i = p / w, j = p % w;
-    const double u = h > 1 ? (double)i / (double)(h - 1) : 0.0;
-    const double v = w > 1 ? (double)j / (double)(w - 1) : 0.0;
-    double g;
-    switch (q) {
-        case 0: g = u; break;
-        case 1: g = v; break;
-        case 2: g = 1.0 - u; break;
-        default: g = 1.0 - v; break;
-    }
-    return (float)g;
-}
-
 // T[r][0..n) ← src rows r0 + r (zeros past `rows`): one coalesced sweep over the tile.
 static __device__ void tk_load(float (*T)[TK_LD], const float* __restrict__ src, int r0, int rows, int n) {
     for (int e = threadIdx.x; e < TK_ROWS * n; e += TK_THREADS) {
@@ -64,6 +44,25 @@ static __device__ void tk_store(const float (*T)[TK_LD], float* __restrict__ dst
     for (int e = threadIdx.x; e < TK_ROWS * n; e += TK_THREADS) {
         const int r = e / n, col = e % n;
         if (r0 + r < rows) dst[(r0 + r) * n + col] = T[r][col];
+    }
+}
+
+// A LayerNorm's per-row mean and 1/σ of the tile, to global (valid rows) and back (zeros past
+// `rows`).
+static __device__ void tk_store_stats(const float* mu, const float* rs, float* __restrict__ mean,
+                                      float* __restrict__ rstd, int r0, int rows) {
+    const int r = threadIdx.x;
+    if (r < TK_ROWS && r0 + r < rows) {
+        mean[r0 + r] = mu[r];
+        rstd[r0 + r] = rs[r];
+    }
+}
+static __device__ void tk_load_stats(float* mu, float* rs, const float* __restrict__ mean,
+                                     const float* __restrict__ rstd, int r0, int rows) {
+    const int r = threadIdx.x;
+    if (r < TK_ROWS) {
+        mu[r] = r0 + r < rows ? mean[r0 + r] : 0.0f;
+        rs[r] = r0 + r < rows ? rstd[r0 + r] : 0.0f;
     }
 }
 
@@ -122,13 +121,13 @@ static __device__ void tk_layernorm(float (*T)[TK_LD], int n, const float* __res
     for (int r = warp; r < TK_ROWS; r += TK_THREADS / 32) {
         float s = 0.0f;
         for (int i = lane; i < n; i += 32) s += T[r][i];
-        const float m = tk_allsum(s) / fn;
+        const float m = warp_allsum(s) / fn;
         float q = 0.0f;
         for (int i = lane; i < n; i += 32) {
             const float dd = T[r][i] - m;
             q += dd * dd;
         }
-        const float rstd = 1.0f / sqrtf(tk_allsum(q) / fn + eps);
+        const float rstd = 1.0f / sqrtf(warp_allsum(q) / fn + eps);
         for (int i = lane; i < n; i += 32) T[r][i] = (T[r][i] - m) * rstd * g[i] + b[i];
         if (lane == 0) {
             mu[r] = m;
@@ -150,8 +149,8 @@ static __device__ void tk_layernorm_bwd(const float (*X)[TK_LD], float (*DY)[TK_
             mg += gi;
             mgx += gi * (X[r][i] - mu[r]) * rs[r];
         }
-        mg = tk_allsum(mg) / fn;
-        mgx = tk_allsum(mgx) / fn;
+        mg = warp_allsum(mg) / fn;
+        mgx = warp_allsum(mgx) / fn;
         for (int i = lane; i < n; i += 32) {
             const float xh = (X[r][i] - mu[r]) * rs[r];
             DY[r][i] = rs[r] * (DY[r][i] * g[i] - mg - xh * mgx);
@@ -193,10 +192,7 @@ tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restri
         const int r = e / c, ch = e % c, row = r0 + r;
         float val = 0.0f;
         if (row < rows) {
-            const int pix = row % hw;
-            float pos = bp[ch];
-            for (int q = 0; q < 4; ++q) pos += wp[ch * 4 + q] * tk_grid(q, pix, p.h, p.w);
-            val = enc[row * c + ch] + pos;
+            val = enc[row * c + ch] + pos_val(row % hw, ch, p.h, p.w, wp, bp);
             x_out[row * c + ch] = val;
         }
         X[r][ch] = val;
@@ -206,10 +202,7 @@ tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restri
     tk_layernorm(X, c, g0, be0, eps, mu, rs);
     __syncthreads();
     tk_store(X, a_out, r0, rows, c);
-    if (threadIdx.x < TK_ROWS && r0 + threadIdx.x < rows) {
-        mean0[r0 + threadIdx.x] = mu[threadIdx.x];
-        rstd0[r0 + threadIdx.x] = rs[threadIdx.x];
-    }
+    tk_store_stats(mu, rs, mean0, rstd0, r0, rows);
     tk_gemm(X, c, B, feat, b1, 1, 0, Y);
     __syncthreads();
     tk_store(Y, h_out, r0, rows, feat);
@@ -223,10 +216,7 @@ tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restri
     tk_layernorm(X, feat, gi, bei, eps, mu, rs);
     __syncthreads();
     tk_store(X, u_out, r0, rows, feat);
-    if (threadIdx.x < TK_ROWS && r0 + threadIdx.x < rows) {
-        mean_in[r0 + threadIdx.x] = mu[threadIdx.x];
-        rstd_in[r0 + threadIdx.x] = rs[threadIdx.x];
-    }
+    tk_store_stats(mu, rs, mean_in, rstd_in, r0, rows);
     tk_gemm(X, feat, B, d, 0, 0, 0, Y);
     __syncthreads();
     tk_store(Y, k_out, r0, rows, d);
@@ -278,10 +268,7 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
         __syncthreads();
         // LN_in backward: X ← f; Y ← df.
         tk_load(X, f, r0, rows, feat);
-        if (t < TK_ROWS) {
-            mu[t] = t < valid ? mean_in[r0 + t] : 0.0f;
-            rs[t] = t < valid ? rstd_in[r0 + t] : 0.0f;
-        }
+        tk_load_stats(mu, rs, mean_in, rstd_in, r0, rows);
         tk_load_w(B, w2, feat, feat);
         __syncthreads();
         tk_layernorm_params(X, Y, feat, valid, mu, rs, s_gi, s_bi);
@@ -312,10 +299,7 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
         __syncthreads();
         // LN0 backward: X ← x; Y ← dx.
         tk_load(X, x, r0, rows, c);
-        if (t < TK_ROWS) {
-            mu[t] = t < valid ? mean0[r0 + t] : 0.0f;
-            rs[t] = t < valid ? rstd0[r0 + t] : 0.0f;
-        }
+        tk_load_stats(mu, rs, mean0, rstd0, r0, rows);
         __syncthreads();
         tk_layernorm_params(X, Y, c, valid, mu, rs, s_g0, s_be0);
         __syncthreads();
@@ -327,7 +311,7 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
                 const int pix = (r0 + r) % hw;
                 const float gy = Y[r][t];
 #pragma unroll
-                for (int q = 0; q < 4; ++q) s_wp[q] += gy * tk_grid(q, pix, p.h, p.w);
+                for (int q = 0; q < 4; ++q) s_wp[q] += gy * grid_val(q, pix, p.h, p.w);
                 s_bp += gy;
             }
         }
