@@ -2,6 +2,18 @@
 // (NVRTC on a user's machine has no include paths), followed by a #line directive so that
 // compiler messages give the file's own line numbers.
 
+// The per-step scalars (double[STEP_VALS_LEN], `Cuda::step_vals`): the host writes them before
+// a training step and the kernels whose work depends on the step read them here instead of
+// taking them as arguments, so that one captured step (a CUDA graph) replays every later step.
+#define STEP_VAL_STEP 0   // the training step (the RNG counter takes its low 32 bits)
+#define STEP_VAL_LR 1     // the learning rate
+#define STEP_VAL_DECAY 2  // 1 − lr · weight_decay (AdamW), rounded once on the host
+#define STEP_VALS_LEN 4
+
+static __device__ __forceinline__ unsigned int step_counter(const double* step_vals) {
+    return (unsigned int)(unsigned long long)step_vals[STEP_VAL_STEP];
+}
+
 // Sum over the 32 lanes of a warp; the result is complete in lane 0. Call with the whole warp.
 template <typename T>
 static __device__ __forceinline__ T warp_sum(T v) {

@@ -43,25 +43,29 @@ static __device__ __forceinline__ void philox_words(unsigned int seed_lo, unsign
 }
 
 // Fills out[0..n) with standard normals (element i = normal(seed, stream, step, i)).
+// step = step_counter(step_vals).
 extern "C" __global__ void fill_normal_f32(int n, unsigned int seed_lo, unsigned int seed_hi,
-                                           unsigned int stream, unsigned int step, float* __restrict__ out) {
+                                           unsigned int stream, const double* __restrict__ step_vals,
+                                           float* __restrict__ out) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     unsigned int w[4];
-    philox_words(seed_lo, seed_hi, stream, step, (unsigned long long)i, w);
+    philox_words(seed_lo, seed_hi, stream, step_counter(step_vals), (unsigned long long)i, w);
     const double u1 = __dmul_rn((double)(w[0] >> 8) + 1.0, 1.0 / 16777216.0);
     const double u2 = __dmul_rn((double)(w[1] >> 8), 1.0 / 16777216.0);
     const double tau = 6.283185307179586476925286766559;
     out[i] = (float)(sqrt(__dmul_rn(-2.0, log(u1))) * cos(__dmul_rn(tau, u2)));
 }
 
-// In place: x[i] = keep ? x[i] · scale : 0 with keep = uniform(seed, stream, step, i) >= p.
+// In place: x[i] = keep ? x[i] · scale : 0 with keep = uniform(seed, stream, step, i) >= p,
+// step = step_counter(step_vals).
 extern "C" __global__ void dropout_f32(int n, unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
-                                       unsigned int step, double p, float scale, float* __restrict__ x) {
+                                       const double* __restrict__ step_vals, double p, float scale,
+                                       float* __restrict__ x) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     unsigned int w[4];
-    philox_words(seed_lo, seed_hi, stream, step, (unsigned long long)i, w);
+    philox_words(seed_lo, seed_hi, stream, step_counter(step_vals), (unsigned long long)i, w);
     const double u = __dmul_rn((double)(w[0] >> 8), 1.0 / 16777216.0);
     x[i] = (u >= p) ? x[i] * scale : 0.0f;
 }

@@ -38,7 +38,8 @@ static __device__ bool is_finite_d(double x) { return x == x && x - x == 0.0; }
 extern "C" __global__ void opt_control_f64(int nparts, const double* __restrict__ partials,
                                            const float* __restrict__ loss, double* __restrict__ ctrl,
                                            double b1, double b2, double clip, int has_clip, int latch,
-                                           double step) {
+                                           const double* __restrict__ step_vals) {
+    const double step = step_vals[STEP_VAL_STEP];
     __shared__ double sh[32];
     double acc = 0.0;
     for (int i = threadIdx.x; i < nparts; i += blockDim.x) acc += partials[i];
@@ -135,10 +136,13 @@ extern "C" __global__ void sum_squares_multi_f32(const unsigned long long* __res
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
+// lr and decay from step_vals.
 extern "C" __global__ void adam_multi_f32(const unsigned long long* __restrict__ tab,
-                                          const unsigned long long* __restrict__ map, double lr, double b1,
-                                          double b2, double eps, double decay, const double* __restrict__ ctrl) {
+                                          const unsigned long long* __restrict__ map, double b1, double b2,
+                                          double eps, const double* __restrict__ ctrl,
+                                          const double* __restrict__ step_vals) {
     if (ctrl[CTRL_APPLY] == 0.0) return;
+    const double lr = step_vals[STEP_VAL_LR], decay = step_vals[STEP_VAL_DECAY];
     const MtChunk c = mt_chunk(tab, map);
     const unsigned long long* row = tab + 5 * c.t;
     float* param = (float*)row[0];

@@ -32,6 +32,9 @@ pub trait Backend: Sync {
     type Buf: Send + Sync;
     /// The optimizer's bookkeeping ([`OptReport`]), where the parameters live.
     type OptState: Send + Sync;
+    /// A captured training step that the backend can replay (a CUDA graph); `()` on a backend
+    /// that cannot capture.
+    type StepGraph;
 
     /// A short description, e.g. "cpu (f32, 2 threads)".
     fn describe(&self) -> String;
@@ -339,6 +342,23 @@ pub trait Backend: Sync {
     );
     /// The bookkeeping as of the last step queued (a host read).
     fn opt_report(&self, st: &Self::OptState) -> OptReport;
+    /// Called before each training step with its hyper-parameters, before anything of the step
+    /// is queued: a backend that reads the per-step values (step number, learning rate) from
+    /// its own memory sets them here, so that a replayed step uses the current ones.
+    fn begin_step(&self, _h: &OptHyper) {}
+    /// Whether [`Backend::capture_begin`] can work here.
+    fn can_capture(&self) -> bool {
+        false
+    }
+    /// Start capturing: until [`Backend::capture_end`] the queued work is recorded, not run.
+    /// Err (and nothing started) where the backend cannot capture.
+    fn capture_begin(&self) -> Result<(), String> {
+        Err(format!("{} cannot capture a step", self.describe()))
+    }
+    /// End the capture and return what it recorded (not yet run).
+    fn capture_end(&self) -> Result<Self::StepGraph, String>;
+    /// Queue a captured step again.
+    fn replay(&self, graph: &Self::StepGraph) -> Result<(), String>;
     /// One Adam(W) update of a parameter tensor and its two moment buffers.
     fn adam_step(
         &self,

@@ -14,6 +14,8 @@ pub struct StepBench {
     pub slots: usize,
     pub iters: usize,
     pub implicit: bool,
+    /// The timed steps were replays of a captured step (a CUDA graph).
+    pub graph: bool,
     pub median_ms: f64,
     pub min_ms: f64,
     pub max_ms: f64,
@@ -35,7 +37,11 @@ impl StepBench {
              | --- | --- | ---: | ---: | ---: | ---: | ---: |\n\
              | {} | {}×{}, K={}, B={}, {} iterations, {} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
             self.steps,
-            self.backend,
+            if self.graph {
+                format!("{}, CUDA graph", self.backend)
+            } else {
+                self.backend.clone()
+            },
             self.resolution,
             self.resolution,
             self.slots,
@@ -63,7 +69,8 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Time `steps` training steps (after 2 warm-up steps) of `cfg` on random images in [-1, 1].
+/// Time `steps` training steps (after 2 warm-up steps, the second of which is captured when
+/// the step runs as a CUDA graph) of `cfg` on random images in [-1, 1].
 /// Each timed step ends with a read of the optimizer's bookkeeping, which waits for the device,
 /// so a step's time is its execution, not just its queueing.
 pub fn bench_step<B: Backend>(be: B, cfg: &Config, steps: usize) -> StepBench {
@@ -94,6 +101,7 @@ pub fn bench_step<B: Backend>(be: B, cfg: &Config, steps: usize) -> StepBench {
         slots: cfg.model.num_slots,
         iters: cfg.model.max_iter_fwd,
         implicit: cfg.model.implicit_diff,
+        graph: sess.replaying(),
         median_ms: ms[ms.len() / 2],
         min_ms: ms[0],
         max_ms: ms[ms.len() - 1],

@@ -234,6 +234,10 @@ pub struct TrainingConfig {
     /// `stop` or `skip` the step when the loss or a gradient is NaN or infinite.
     #[serde(default = "d::on_nonfinite")]
     pub on_nonfinite: NonFinite,
+    /// CUDA backend: capture the training step into a CUDA graph once and replay it (one
+    /// launch per step). Ignored on the CPU and when `Model.fwd_tol` is set.
+    #[serde(default = "d::cuda_graph")]
+    pub cuda_graph: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -364,6 +368,9 @@ mod d {
     }
     pub fn on_nonfinite() -> NonFinite {
         NonFinite::Stop
+    }
+    pub fn cuda_graph() -> bool {
+        true
     }
     pub fn num_test() -> usize {
         320
@@ -1247,6 +1254,7 @@ mod tests {
             device: Device::Auto,
             seed: 0,
             on_nonfinite: NonFinite::Stop,
+            cuda_graph: true,
         }
     }
 
@@ -1903,7 +1911,7 @@ mod tests {
     #[test]
     fn key_and_enum_lists_come_from_the_schema() {
         assert_eq!(section_keys::<ModelConfig>().len(), 18);
-        assert_eq!(section_keys::<TrainingConfig>().len(), 23);
+        assert_eq!(section_keys::<TrainingConfig>().len(), 24);
         assert_eq!(section_keys::<TestingConfig>().len(), 6);
         assert_eq!(section_keys::<Config>(), &SECTIONS[..]);
         assert_eq!(enum_values::<Device>(), &["auto", "cpu", "cuda"]);

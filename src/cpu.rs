@@ -23,6 +23,7 @@ impl<T: Real> Cpu<T> {
 impl<T: Real> Backend for Cpu<T> {
     type Buf = Vec<T>;
     type OptState = crate::optim::OptReport;
+    type StepGraph = ();
 
     fn describe(&self) -> String {
         format!(
@@ -378,6 +379,12 @@ impl<T: Real> Backend for Cpu<T> {
     }
     fn opt_report(&self, st: &OptReport) -> OptReport {
         *st
+    }
+    fn capture_end(&self) -> Result<(), String> {
+        Err("the CPU backend does not capture".into())
+    }
+    fn replay(&self, _graph: &()) -> Result<(), String> {
+        Err("the CPU backend does not capture".into())
     }
     fn adam_step(
         &self,

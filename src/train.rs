@@ -9,7 +9,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, DataType, NonFinite};
 use crate::data::{self, DataSpec, Dataset, Source, Split};
 use crate::eval::{self, EvalResult};
-use crate::model::{Model, Pass, SlotsFrom, Workspace};
+use crate::model::{ForwardStats, Model, Pass, SlotsFrom, Workspace};
 use crate::optim::{learning_rate, OptHyper, OptReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -73,6 +73,10 @@ pub fn open_data(cfg: &Config, split: Split) -> Result<Box<dyn Dataset>, String>
 
 /// Model + optimizer state + the step counter: everything a checkpoint holds.
 pub struct Session<B: Backend> {
+    /// Eager steps, or a captured one replayed. A captured step refers to the buffers below by
+    /// address: they are allocated once and written in place (checkpoint loads upload into
+    /// them), never replaced. (First, so that it is dropped before the backend's kernels.)
+    mode: StepMode<B::StepGraph>,
     pub be: B,
     pub cfg: Config,
     pub model: Model<B>,
@@ -85,6 +89,18 @@ pub struct Session<B: Backend> {
     opt: B::OptState,
     /// Training buffers, allocated on the first training step (evaluation does not need them).
     ws: Option<Workspace<B::Buf>>,
+}
+
+/// How [`Session::train_step`] queues a step.
+enum StepMode<G> {
+    /// Queue every step op by op.
+    Eager,
+    /// The next step runs eagerly and allocates what a step needs; the one after is captured.
+    WarmUp,
+    /// Capture the next step.
+    Capture,
+    /// Replay the captured step (its forward statistics are those of every step).
+    Replay { graph: G, stats: ForwardStats },
 }
 
 /// Training keys that decide which data and noise each step sees: a resumed run must keep them,
@@ -139,7 +155,19 @@ impl<B: Backend> Session<B> {
             step: 0,
             opt,
             ws: None,
+            mode: StepMode::WarmUp,
         }
+    }
+
+    /// Whether training steps are captured and replayed: wanted by the config, possible on
+    /// the backend, and every step the same work (`fwd_tol` decides on the host when to stop).
+    fn captures_steps(&self) -> bool {
+        self.cfg.training.cuda_graph && self.model.arch.fwd_tol.is_none() && self.be.can_capture()
+    }
+
+    /// Whether the steps are now replays of a captured one.
+    pub fn replaying(&self) -> bool {
+        matches!(self.mode, StepMode::Replay { .. })
     }
 
     /// The optimizer's bookkeeping as of the last step (a host read: waits for the queued work).
@@ -288,7 +316,7 @@ impl<B: Backend> Session<B> {
 
     /// Forward + backward for `images` (`[B, H, W, 3]` in [-1, 1]) at the current step, without
     /// the update. Gradients are left in `model.grads`.
-    pub fn forward_backward(&mut self, images: &[f32]) -> (f64, crate::model::ForwardStats) {
+    pub fn forward_backward(&mut self, images: &[f32]) -> (f64, ForwardStats) {
         let stats = self.queue_forward_backward(images);
         let ws = self.ws.as_ref().expect("allocated by the pass");
         (self.model.loss(&self.be, ws), stats)
@@ -296,12 +324,24 @@ impl<B: Backend> Session<B> {
 
     /// Forward and backward on `images` with nothing read back (except the fixed-point residual
     /// when `fwd_tol` asks for it); the loss stays in the workspace.
-    fn queue_forward_backward(&mut self, images: &[f32]) -> crate::model::ForwardStats {
+    fn queue_forward_backward(&mut self, images: &[f32]) -> ForwardStats {
+        self.upload_batch(images);
+        self.queue_forward_backward_of_batch()
+    }
+
+    /// Copy `images` into the workspace (allocated on first use).
+    fn upload_batch(&mut self, images: &[f32]) {
         let (be, model) = (&self.be, &mut self.model);
         let ws = self
             .ws
             .get_or_insert_with(|| model.workspace(be, self.cfg.training.batch_size));
         be.upload_f32(images, &mut ws.image);
+    }
+
+    /// [`Session::queue_forward_backward`] of the batch already uploaded.
+    fn queue_forward_backward_of_batch(&mut self) -> ForwardStats {
+        let (be, model) = (&self.be, &mut self.model);
+        let ws = self.ws.as_mut().expect("allocated by upload_batch");
         let pass = Pass::Train { step: self.step };
         let stats = model.forward(be, ws, pass, SlotsFrom::Noise);
         model.zero_grads(be);
@@ -313,12 +353,13 @@ impl<B: Backend> Session<B> {
     /// non-finite check, clipping, AdamW), all queued on the backend with no host read. A
     /// non-finite step makes no update (and with `on_nonfinite: stop` neither does any later
     /// one); [`Session::opt_report`] says what happened.
+    ///
+    /// With `cuda_graph` on a backend that can capture, the second step of the session is
+    /// captured and every later one replays it ([`StepMode`]); the results are the same.
     pub fn train_step(&mut self, images: &[f32]) -> StepOutcome {
-        let stats = self.queue_forward_backward(images);
-        let lr = self.lr();
         let t = &self.cfg.training;
         let h = OptHyper {
-            lr,
+            lr: self.lr(),
             beta1: t.adam_beta1,
             beta2: t.adam_beta2,
             eps: t.adam_eps,
@@ -327,9 +368,58 @@ impl<B: Backend> Session<B> {
             latch: t.on_nonfinite == NonFinite::Stop,
             step: self.step,
         };
+        self.be.begin_step(&h);
+        let stats = match std::mem::replace(&mut self.mode, StepMode::Eager) {
+            StepMode::Replay { graph, stats } => {
+                self.upload_batch(images);
+                self.be
+                    .replay(&graph)
+                    .unwrap_or_else(|e| panic!("replaying the captured training step: {e}"));
+                self.mode = StepMode::Replay { graph, stats };
+                stats
+            }
+            StepMode::Capture => {
+                self.upload_batch(images);
+                match self.capture_step(&h) {
+                    Ok((graph, stats)) => {
+                        self.be
+                            .replay(&graph)
+                            .unwrap_or_else(|e| panic!("running the captured training step: {e}"));
+                        self.mode = StepMode::Replay { graph, stats };
+                        stats
+                    }
+                    Err(e) => {
+                        eprintln!("note: {e}; training steps run without a CUDA graph");
+                        self.queue_step_of_batch(&h)
+                    }
+                }
+            }
+            StepMode::WarmUp => {
+                if self.captures_steps() {
+                    self.mode = StepMode::Capture;
+                }
+                self.upload_batch(images);
+                self.queue_step_of_batch(&h)
+            }
+            StepMode::Eager => {
+                self.upload_batch(images);
+                self.queue_step_of_batch(&h)
+            }
+        };
+        self.step += 1;
+        StepOutcome {
+            lr: h.lr,
+            fwd_iters: stats.iters_run,
+            residual: stats.last_residual,
+        }
+    }
+
+    /// Forward, backward and the optimizer step on the uploaded batch, queued op by op.
+    fn queue_step_of_batch(&mut self, h: &OptHyper) -> ForwardStats {
+        let stats = self.queue_forward_backward_of_batch();
         let ws = self.ws.as_ref().expect("allocated by the pass");
         self.be.opt_step(
-            &h,
+            h,
             &ws.loss,
             &mut self.model.params,
             &self.model.grads,
@@ -337,12 +427,20 @@ impl<B: Backend> Session<B> {
             &mut self.adam_v,
             &mut self.opt,
         );
-        self.step += 1;
-        StepOutcome {
-            lr,
-            fwd_iters: stats.iters_run,
-            residual: stats.last_residual,
-        }
+        stats
+    }
+
+    /// Capture [`Session::queue_step_of_batch`] (nothing runs). An Err leaves nothing queued.
+    fn capture_step(&mut self, h: &OptHyper) -> Result<(B::StepGraph, ForwardStats), String> {
+        self.be
+            .capture_begin()
+            .map_err(|e| format!("cannot start a CUDA graph capture ({e})"))?;
+        let stats = self.queue_step_of_batch(h);
+        let graph = self
+            .be
+            .capture_end()
+            .map_err(|e| format!("the CUDA graph capture failed ({e})"))?;
+        Ok((graph, stats))
     }
 
     /// Evaluate on `ds` (MSE, FG-ARI) with `applications` cell applications.

@@ -1403,10 +1403,12 @@ fn emu_train_step_tf32_exact_products_bptt_two_heads_dropout_full_decoder() {
 /// norm and non-finite checks stay on the device until the host asks (`Session::opt_report`),
 /// and scratch buffers come from the backend's pool after the first step.
 fn train_steps_make_no_host_read_or_allocation(g: Cuda, label: &str) {
-    let cfg = small_config(|m| {
+    let mut cfg = small_config(|m| {
         m.implicit_diff = true;
         m.dropout = 0.1;
     });
+    // Eager steps, so that the launches per step are counted (a replay launches none).
+    cfg.training.cuda_graph = false;
     let res = cfg.model.resolution;
     let mut s = Session::new(g, cfg.clone());
     let images = rand(cfg.training.batch_size * res * res * 3, 77, 1.0);
@@ -1451,6 +1453,110 @@ emu_and_gpu_tests!(
         &format!("{kind} tf32")
     )
 );
+
+/// With `cuda_graph`, the first step runs eagerly, the second is captured and every later one
+/// replays it. The replayed steps must compute exactly what eager steps do, bit for bit (the
+/// same kernels in the same order; every reduction has a fixed order): the slot noise and the
+/// dropout masks of each step (the RNG counter), the learning rate of a warm-up that changes
+/// every step, the bias corrections, and the optimizer's bookkeeping. Between steps another
+/// user of the step scalars (an evaluation's slot noise) runs, as in a training run.
+fn graph_steps_equal_eager_steps(graphed: Cuda, eager: Cuda, label: &str) {
+    let mut cfg = small_config(|m| {
+        m.implicit_diff = true;
+        m.dropout = 0.1;
+    });
+    cfg.training.warmup_steps = 4;
+    let mut sg = Session::new(graphed, cfg.clone());
+    cfg.training.cuda_graph = false;
+    let mut se = Session::new(eager, cfg.clone());
+    let res = cfg.model.resolution;
+    let steps = 6u64;
+    for step in 0..steps {
+        let images = rand(cfg.training.batch_size * res * res * 3, 500 + step, 1.0);
+        let launches = sg.be.launches();
+        let (og, oe) = (sg.train_step(&images), se.train_step(&images));
+        assert_eq!(og.lr, oe.lr, "{label} step {step}");
+        if step >= 2 {
+            assert!(sg.replaying(), "{label}: step {step} is not a replay");
+            assert_eq!(
+                sg.be.launches(),
+                launches,
+                "{label}: a replay launched kernels"
+            );
+        }
+        let (rg, re) = (sg.opt_report(), se.opt_report());
+        assert_eq!(rg, re, "{label} step {step}: optimizer reports differ");
+        // An evaluation's slot noise between steps moves the device's step counter.
+        let mut noise = sg.be.alloc(7);
+        sg.be
+            .fill_normal(Philox::new(3), 1, 1000 + step as u32, &mut noise);
+    }
+    assert_eq!(sg.be.replays(), steps - 1, "{label}: replays");
+    assert!(!se.replaying(), "{label}: cuda_graph: false replayed");
+    assert_eq!(se.be.replays(), 0, "{label}");
+    let rg = sg.opt_report();
+    assert_eq!((rg.updates, rg.skipped), (steps, 0), "{label}: {rg:?}");
+    assert!(rg.last_loss.is_finite(), "{label}: {rg:?}");
+    let names: Vec<&str> = sg
+        .model
+        .arch
+        .specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    let pairs = [
+        ("param", &sg.model.params, &se.model.params),
+        ("adam m", &sg.adam_m, &se.adam_m),
+        ("adam v", &sg.adam_v, &se.adam_v),
+    ];
+    for (what, g, e) in pairs {
+        for ((name, bg), be) in names.iter().zip(g).zip(e) {
+            let (vg, ve) = (sg.be.download_f32(bg), se.be.download_f32(be));
+            let same = vg.iter().zip(&ve).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{label}: {what} {name} differs after {steps} steps (replayed vs eager)"
+            );
+        }
+    }
+    let ws = |s: &Session<Cuda>| s.be.download_f32(&s.workspace().expect("trained").masks);
+    assert_eq!(ws(&sg), ws(&se), "{label}: masks of the last step");
+}
+
+emu_and_gpu_tests!(
+    emu_graph_steps_equal_eager_steps,
+    gpu_graph_steps_equal_eager_steps,
+    |g, kind| {
+        let other = if kind == "gpu" { gpu() } else { emu() }.expect("a second backend");
+        graph_steps_equal_eager_steps(
+            g.with_precision(Precision::Tf32),
+            other.with_precision(Precision::Tf32),
+            kind,
+        )
+    }
+);
+
+/// Inside a capture, what a replay could not repeat stops with its name.
+#[test]
+fn emu_capture_refuses_host_reads_uploads_and_allocations() {
+    let Some(g) = emu() else { return };
+    let mut buf = g.alloc(4);
+    for what in ["host read", "host-to-device copy", "device allocation"] {
+        g.capture_begin().expect("capture");
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match what {
+            "host read" => drop(g.download_f32(&buf)),
+            "host-to-device copy" => g.upload_f32(&[1.0; 4], &mut buf),
+            _ => drop(g.alloc(3)),
+        }))
+        .expect_err(what);
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains(what) && msg.contains("inside a captured training step"),
+            "{what}: {msg}"
+        );
+        let _ = g.capture_end();
+    }
+}
 
 /// `train::train` end to end on the CUDA backend (here in the emulator, with the tensor-core
 /// convolutions): it trains on real data, logs, evaluates, renders, checkpoints and resumes like

@@ -1,6 +1,7 @@
 //! The CUDA backend, version 1: straightforward f32 kernels (`kernels/*.cu`), correctness first.
 //!
-//! Everything runs in order on one stream (the context's default stream). The kernels are
+//! Everything runs in order on one stream (a stream of its own: the legacy default stream cannot
+//! be captured into a CUDA graph, see [`graph`]). The kernels are
 //! compiled once per process with NVRTC for the device's own architecture; they include no
 //! headers, so the GPU machine needs only the driver (`libcuda.so.1`) and `libnvrtc.so.13`.
 //! Semantics are those of [`crate::cpu::Cpu`]: forward outputs are overwritten, backward
@@ -17,7 +18,10 @@
 //! [`Cuda::new`].
 
 pub mod emu;
+mod graph;
 pub mod kernels;
+
+pub use graph::CudaStepGraph;
 
 use crate::backend::{AdamStep, Backend};
 use crate::config::Precision;
@@ -214,6 +218,8 @@ trait Arg {
     /// Pointer to the argument's value (for a buffer: to its address), as the emulator's
     /// argument array wants it.
     fn emu_ptr(&self) -> *mut c_void;
+    /// Bytes at [`Arg::emu_ptr`] (what a capture copies).
+    fn emu_size(&self) -> usize;
     /// For a buffer: which element outside it the last emulated launch wrote.
     fn emu_guard_damage(&self) -> Option<String> {
         None
@@ -226,6 +232,9 @@ impl<T: Elem> Arg for DevBuf<T> {
     }
     fn emu_ptr(&self) -> *mut c_void {
         &self.host().addr as *const u64 as *mut c_void
+    }
+    fn emu_size(&self) -> usize {
+        std::mem::size_of::<u64>()
     }
     fn emu_guard_damage(&self) -> Option<String> {
         let h = self.host();
@@ -242,6 +251,9 @@ macro_rules! value_arg {
             }
             fn emu_ptr(&self) -> *mut c_void {
                 self as *const $t as *mut c_void
+            }
+            fn emu_size(&self) -> usize {
+                std::mem::size_of::<$t>()
             }
         }
     )*};
@@ -510,13 +522,18 @@ macro_rules! launch {
             }
             $crate::cuda::Exec::Emu(emu) => {
                 let mut args: Vec<*mut std::ffi::c_void> = vec![$( ($arg).emu_ptr() ),*];
-                emu.launch($name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, &mut args)
-                    .unwrap_or_else(|e| panic!("emulated launch of {} failed: {e}", $name));
-                $(
-                    if let Some(at) = ($arg).emu_guard_damage() {
-                        panic!("emulated kernel {} wrote `{}` at {at}", $name, stringify!($arg));
-                    }
-                )*
+                let recorded = $cu.emu_record(|| {
+                    $crate::cuda::Cuda::emu_launch_op($name, cfg, &args, &[$( ($arg).emu_size() ),*])
+                });
+                if !recorded {
+                    emu.launch($name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, &mut args)
+                        .unwrap_or_else(|e| panic!("emulated launch of {} failed: {e}", $name));
+                    $(
+                        if let Some(at) = ($arg).emu_guard_damage() {
+                            panic!("emulated kernel {} wrote `{}` at {at}", $name, stringify!($arg));
+                        }
+                    )*
+                }
             }
         }
     }};
@@ -555,9 +572,31 @@ pub struct Cuda {
     host_reads: std::sync::atomic::AtomicU64,
     /// Device allocations so far.
     allocations: std::sync::atomic::AtomicU64,
-    /// Kernel launches so far (memsets and copies not included).
+    /// Kernel launches so far (memsets and copies not included; a replayed step counts as
+    /// none, see `replays`).
     launches: std::sync::atomic::AtomicU64,
     pools: ScratchPools,
+    /// The per-step scalars the kernels read (`STEP_VAL_*` in common.cuh).
+    step_vals: Mutex<StepVals>,
+    /// A capture is in progress ([`graph`]); in the emulator, what it has recorded so far.
+    capturing: std::sync::atomic::AtomicBool,
+    emu_tape: Mutex<Vec<graph::EmuOp>>,
+    /// Captured steps replayed so far.
+    replays: std::sync::atomic::AtomicU64,
+}
+
+/// Slots of the per-step scalars (`STEP_VAL_*` in common.cuh).
+mod step_val {
+    pub const STEP: usize = 0;
+    pub const LR: usize = 1;
+    pub const DECAY: usize = 2;
+}
+const STEP_VALS_LEN: usize = 4;
+
+/// The per-step scalars on the device and what they hold.
+struct StepVals {
+    buf: DevBuf<f64>,
+    host: [f64; STEP_VALS_LEN],
 }
 
 impl Cuda {
@@ -585,7 +624,13 @@ impl Cuda {
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         // CompileOptions wants a &'static str; one short string per process is leaked.
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let stream = ctx.default_stream();
+        // One stream of our own (capturable, unlike the legacy default stream). Every buffer
+        // is used on that stream only, so cudarc's cross-stream event tracking (which would
+        // record events on every launch, and cannot wait on them inside a capture) is off.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| format!("CUDA device {ordinal}: creating a stream: {e:?}"))?;
         let mut funcs = HashMap::new();
         for f in KERNEL_FILES {
             let ptx = compile_file(f, arch)?;
@@ -599,8 +644,16 @@ impl Cuda {
                 funcs.insert(k, func);
             }
         }
-        Ok(Cuda {
-            exec: Exec::Gpu(Gpu { ctx, stream, funcs }),
+        Ok(Cuda::with_exec(
+            Exec::Gpu(Gpu { ctx, stream, funcs }),
+            name,
+            arch,
+        ))
+    }
+
+    fn with_exec(exec: Exec, name: String, arch: &'static str) -> Cuda {
+        let mut cu = Cuda {
+            exec,
             name,
             arch,
             precision: Precision::F32,
@@ -608,22 +661,33 @@ impl Cuda {
             allocations: Default::default(),
             launches: Default::default(),
             pools: Default::default(),
-        })
+            // Replaced just below, once the executor can allocate.
+            step_vals: Mutex::new(StepVals {
+                buf: DevBuf {
+                    mem: Mem::Host(HostMem::new(0, true)),
+                },
+                host: [0.0; STEP_VALS_LEN],
+            }),
+            capturing: Default::default(),
+            emu_tape: Default::default(),
+            replays: Default::default(),
+        };
+        let buf = cu.alloc_any(STEP_VALS_LEN, true);
+        cu.step_vals
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .buf = buf;
+        cu
     }
 
     /// The backend with its kernels run by the emulator on the CPU (for tests). Err when no C++
     /// compiler is found or this is not x86-64 Linux.
     pub fn emulated() -> Result<Cuda, String> {
-        Ok(Cuda {
-            exec: Exec::Emu(emu::Emulator::new()?),
-            name: "kernel emulator on the CPU".into(),
-            arch: "emulated",
-            precision: Precision::F32,
-            host_reads: Default::default(),
-            allocations: Default::default(),
-            launches: Default::default(),
-            pools: Default::default(),
-        })
+        Ok(Cuda::with_exec(
+            Exec::Emu(emu::Emulator::new()?),
+            "kernel emulator on the CPU".into(),
+            "emulated",
+        ))
     }
 
     /// The precision of the convolutions and linear layers: `F32` (the default: exact f32, v1
@@ -687,6 +751,7 @@ impl Cuda {
     /// A new device buffer of `len` elements: zeros, or uninitialised when `zeroed` is false
     /// (poison in the emulator, so that a read of an unwritten element shows).
     fn alloc_any<T: Elem>(&self, len: usize, zeroed: bool) -> DevBuf<T> {
+        self.forbid_in_capture("a device allocation");
         self.allocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mem = match &self.exec {
@@ -730,7 +795,8 @@ impl Cuda {
                 .map(|at| pool.swap_remove(at))
         };
         let mut buf = reused.unwrap_or_else(|| self.alloc_any(len, false));
-        if let Mem::Host(h) = &mut buf.mem {
+        // (Not while capturing: the poison would land now, not when the replay runs.)
+        if let (Mem::Host(h), false) = (&mut buf.mem, self.capturing()) {
             h.slice_mut().fill(T::poison());
         }
         Scratch {
@@ -786,6 +852,7 @@ impl Cuda {
 
     /// Copy a buffer to the host (waits for the queued work).
     fn read<T: Elem>(&self, src: &DevBuf<T>) -> Vec<T> {
+        self.forbid_in_capture("a host read of device memory");
         self.host_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.exec {
@@ -1069,10 +1136,53 @@ impl Cuda {
         }
         let ni = i(n);
         let (lo, hi) = (mask.rng.seed as u32, (mask.rng.seed >> 32) as u32);
-        let (stream, step) = (mask.stream, mask.step);
+        let stream = mask.stream;
+        self.set_step_counter(mask.step);
         let p = mask.p;
         let scale = (1.0 / (1.0 - mask.p)) as f32;
-        launch!(self, "dropout_f32", per_elem(n); &ni, &lo, &hi, &stream, &step, &p, &scale, x);
+        let sv = self.step_vals();
+        launch!(self, "dropout_f32", per_elem(n); &ni, &lo, &hi, &stream, &sv.buf, &p, &scale, x);
+    }
+
+    /// Make the per-step scalars hold `vals`: an upload (a host-to-device copy, no
+    /// synchronization) only when they changed. During a capture they must not change: the
+    /// host sets them before it captures or replays a step.
+    fn set_step_vals(&self, vals: [f64; STEP_VALS_LEN]) {
+        let mut sv = self.step_vals();
+        let same = sv
+            .host
+            .iter()
+            .zip(&vals)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        if !same {
+            self.forbid_in_capture("a change of the per-step scalars (step, lr)");
+            // In stream order: kernels queued before read the old values, later ones the new.
+            self.upload_any(&vals, &mut sv.buf);
+            sv.host = vals;
+        }
+    }
+
+    fn step_vals(&self) -> std::sync::MutexGuard<'_, StepVals> {
+        self.step_vals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make the RNG counter of the per-step scalars `step` (the low 32 bits are what the
+    /// kernels use), keeping the learning rate.
+    fn set_step_counter(&self, step: u32) {
+        let mut vals = self.step_vals().host;
+        if vals[step_val::STEP] as u64 as u32 != step {
+            vals[step_val::STEP] = step as f64;
+            self.set_step_vals(vals);
+        }
+    }
+
+    /// The per-step scalars of a training step with hyper-parameters `h`.
+    fn step_vals_for(h: &OptHyper) -> [f64; STEP_VALS_LEN] {
+        let mut vals = [0.0; STEP_VALS_LEN];
+        vals[step_val::STEP] = h.step as f64;
+        vals[step_val::LR] = h.lr;
+        vals[step_val::DECAY] = 1.0 - h.lr * h.weight_decay;
+        vals
     }
 }
 
@@ -1132,6 +1242,7 @@ impl Cuda {
         if src.is_empty() {
             return;
         }
+        self.forbid_in_capture("a host-to-device copy");
         match &self.exec {
             Exec::Gpu(g) => g
                 .stream
@@ -1173,6 +1284,7 @@ impl Cuda {
 impl Backend for Cuda {
     type Buf = Buf;
     type OptState = CudaOptState;
+    type StepGraph = CudaStepGraph;
 
     fn describe(&self) -> String {
         let p = match self.precision {
@@ -1215,7 +1327,15 @@ impl Backend for Cuda {
                 .stream
                 .memset_zeros(buf.gpu_mut())
                 .unwrap_or_else(|e| panic!("CUDA memset: {e:?}")),
-            Exec::Emu(_) => buf.host_mut().slice_mut().fill(0.0),
+            Exec::Emu(_) => {
+                let zero = graph::EmuOp::Zero {
+                    dst: buf.host().addr,
+                    bytes: 4 * buf.len(),
+                };
+                if !self.emu_record(|| zero) {
+                    buf.host_mut().slice_mut().fill(0.0)
+                }
+            }
         }
     }
     fn copy(&self, src: &Buf, dst: &mut Buf) {
@@ -1228,10 +1348,18 @@ impl Backend for Cuda {
                 .stream
                 .memcpy_dtod(src.gpu(), dst.gpu_mut())
                 .unwrap_or_else(|e| panic!("CUDA copy: {e:?}")),
-            Exec::Emu(_) => dst
-                .host_mut()
-                .slice_mut()
-                .copy_from_slice(src.host().slice()),
+            Exec::Emu(_) => {
+                let op = || graph::EmuOp::Copy {
+                    src: src.host().addr,
+                    dst: dst.host().addr,
+                    bytes: 4 * src.len(),
+                };
+                if !self.emu_record(op) {
+                    dst.host_mut()
+                        .slice_mut()
+                        .copy_from_slice(src.host().slice())
+                }
+            }
         }
     }
     fn add_assign(&self, y: &mut Buf, x: &Buf) {
@@ -1266,7 +1394,9 @@ impl Backend for Cuda {
         }
         let ni = i(n);
         let (lo, hi) = (rng.seed as u32, (rng.seed >> 32) as u32);
-        launch!(self, "fill_normal_f32", per_elem(n); &ni, &lo, &hi, &stream, &step, buf);
+        self.set_step_counter(step);
+        let sv = self.step_vals();
+        launch!(self, "fill_normal_f32", per_elem(n); &ni, &lo, &hi, &stream, &sv.buf, buf);
     }
 
     fn conv2d_fwd(
@@ -1914,15 +2044,30 @@ impl Backend for Cuda {
         let (b1, b2) = (h.beta1, h.beta2);
         let clip = h.grad_clip.unwrap_or(0.0);
         let (has_clip, latch) = (h.grad_clip.is_some() as i32, h.latch as i32);
-        let step = h.step as f64;
+        // Step, lr and decay from the per-step scalars (normally set by `begin_step` already).
+        self.set_step_vals(Self::step_vals_for(h));
+        let sv = &self.step_vals().buf;
         launch!(self, "opt_control_f64", per_block(1, 0);
-            &np, &st.partials, loss, &mut st.ctrl, &b1, &b2, &clip, &has_clip, &latch, &step);
+            &np, &st.partials, loss, &mut st.ctrl, &b1, &b2, &clip, &has_clip, &latch, sv);
         if st.blocks > 0 {
-            let (lr, eps) = (h.lr, h.eps);
-            let decay = 1.0 - h.lr * h.weight_decay;
-            launch!(self, "adam_multi_f32", cfg;
-                &st.tab, &st.map, &lr, &b1, &b2, &eps, &decay, &st.ctrl);
+            let eps = h.eps;
+            launch!(self, "adam_multi_f32", cfg; &st.tab, &st.map, &b1, &b2, &eps, &st.ctrl, sv);
         }
+    }
+    fn begin_step(&self, h: &OptHyper) {
+        self.set_step_vals(Self::step_vals_for(h));
+    }
+    fn can_capture(&self) -> bool {
+        true
+    }
+    fn capture_begin(&self) -> Result<(), String> {
+        Cuda::capture_begin(self)
+    }
+    fn capture_end(&self) -> Result<CudaStepGraph, String> {
+        Cuda::capture_end(self)
+    }
+    fn replay(&self, graph: &CudaStepGraph) -> Result<(), String> {
+        Cuda::replay(self, graph)
     }
     fn opt_report(&self, st: &CudaOptState) -> OptReport {
         let c = self.read(&st.ctrl);
