@@ -201,7 +201,10 @@ impl Bench {
             geom.stride
         );
         let ms = self.time(|| fwd(&mut yg));
-        let p = if tf32 { "tf32" } else { "f32" };
+        let p = match (tf32, g.conv_tc_version()) {
+            (true, v) => format!("tf32 v{v}"),
+            (false, _) => "f32".into(),
+        };
         self.row(
             &format!("{name} fwd ({p})"),
             &shape,
@@ -682,7 +685,12 @@ fn main() {
     } else {
         (64, 128, 64, 448)
     };
-    for precision in [Precision::Tf32, Precision::F32] {
+    // TF32 with version 3 of the activation passes (the default), then version 2, then f32.
+    for (precision, version) in [
+        (Precision::Tf32, 3),
+        (Precision::Tf32, 2),
+        (Precision::F32, 3),
+    ] {
         let g = if emulated {
             Cuda::emulated()
         } else {
@@ -690,7 +698,7 @@ fn main() {
         }
         .unwrap();
         let bp = Bench {
-            g: g.with_precision(precision),
+            g: g.with_precision(precision).with_conv_tc_version(version),
             c: Cpu::new(),
             emulated,
             reps,

@@ -92,6 +92,20 @@ static __device__ __forceinline__ unsigned to_tf32(float x) {
 #endif
 }
 
+// 16-byte loads; `p` must be 16-byte aligned (the emulator checks it, the hardware faults).
+static __device__ __forceinline__ float4 ld_f4(const float* p) {
+#ifdef CUEMU
+    cuemu_check_align16(p);
+#endif
+    return *(const float4*)p;
+}
+static __device__ __forceinline__ uint4 ld_u4(const unsigned* p) {
+#ifdef CUEMU
+    cuemu_check_align16(p);
+#endif
+    return *(const uint4*)p;
+}
+
 // d += A·B for one warp's 16×8×8 TF32 tile with f32 accumulation (PTX mma.m16n8k8, A row-major,
 // B column-major). With g = lane / 4 and t = lane % 4 the fragments are
 //   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},

@@ -17,9 +17,11 @@
 // reduction into fixed chunks) + conv_dw_reduce_f32 (sums the chunks in order: deterministic).
 //
 // Tiling: 64×64 output tile per block of 128 threads (4 warps, 2×2, each 32×32 = 2×4 mma tiles),
-// k-tiles of 16, single-buffered shared memory with rows padded to 20 words so that the fragment
-// loads are free of bank conflicts. Version 2 aims at correctness and a large step over v1;
-// cp.async pipelining and wider tiles are the next version (benches/NOTES.md).
+// k-tiles of 16, shared-memory rows padded to 20 words so that the fragment loads are free of
+// bank conflicts. Version 2 (conv_igemm_*_tf32, any channel count): single-buffered, every
+// element gathered with its own index arithmetic. Version 3 (conv_igemm_*_v3_tf32, gathered
+// channels a multiple of 16, i.e. every 64-channel layer): 16-byte loads, weights pre-permuted,
+// two stages (below). The weight gradients are still version 2 (benches/NOTES.md).
 
 #define TC_BM 64
 #define TC_BN 64
@@ -189,6 +191,165 @@ conv_igemm_adjoint_tf32(ConvGemm p, const float* __restrict__ src, const float* 
                         int masked, const float* __restrict__ w, const float* __restrict__ bias, int relu,
                         int accumulate, float* __restrict__ out) {
     conv_igemm<true>(p, src, mask_y, masked, w, bias, relu, accumulate, out);
+}
+
+// ---- Version 3 of the activation passes: taken when cs is a multiple of TC_BK ----
+// Then a k-tile (16 consecutive k) lies within one tap and covers 16 consecutive channels, so a
+// thread computes each of its rows' source address once per k-tile and loads 4 channels at a
+// time (16-byte loads). The weights are permuted once per call into wt[N][K] (conv_w_nk_tf32:
+// K tap-major, channel fastest, already rounded to TF32), so a B row of a k-tile is 64
+// contiguous bytes instead of 16 loads 4·k² bytes apart. Two shared-memory stages: the next
+// k-tile's global loads are issued before the current tile's mma and stored after it, with one
+// barrier per k-tile.
+
+// wt[nn][(ky·k + kx)·cs + c] = tf32(W[nn][c][ky][kx]) (w_nc = 1) or tf32(W[c][nn][ky][kx])
+// (w_nc = 0), for nn < n, c < cs. One thread per element of wt (writes coalesced).
+extern "C" __global__ void conv_w_nk_tf32(int n, int cs, int k, int w_nc, const float* __restrict__ w,
+                                          unsigned* __restrict__ wt) {
+    const int K = k * k * cs;
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n * K) return;
+    const int nn = e / K, kk = e % K;
+    const int c = kk % cs, tap = kk / cs;
+    const int a = w_nc ? nn : c, b = w_nc ? c : nn;
+    const int bdim = w_nc ? cs : n;
+    wt[e] = to_tf32(w[((a * bdim + b) * k + tap / k) * k + tap % k]);
+}
+
+// This thread's part of k-tile k0: 4 channels (quad q) of A rows r0 and r0 + 32 and of B rows
+// n0 + r0 and n0 + r0 + 32.
+template <bool ADJOINT>
+static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* __restrict__ src,
+                                               const float* __restrict__ mask_y, int masked,
+                                               const unsigned* __restrict__ wt, int K, int n0, int k0, int q,
+                                               int r0, const int row_n[2], const int row_y[2],
+                                               const int row_x[2], float4 av[2], uint4 bv[2]) {
+    const int tap = k0 / p.cs, c = k0 % p.cs + 4 * q;
+    const int ky = tap / p.k, kx = tap % p.k;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (row_n[j] >= 0) {
+            int sy, sx;
+            bool ok;
+            if (ADJOINT) {
+                const int ty = row_y[j] + p.pad - ky, tx = row_x[j] + p.pad - kx;
+                ok = ty >= 0 && tx >= 0 && ty % p.stride == 0 && tx % p.stride == 0;
+                sy = ty / p.stride;
+                sx = tx / p.stride;
+                ok = ok && sy < p.hs && sx < p.ws;
+            } else {
+                sy = row_y[j] * p.stride - p.pad + ky;
+                sx = row_x[j] * p.stride - p.pad + kx;
+                ok = sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws;
+            }
+            if (ok) {
+                const int idx = ((row_n[j] * p.hs + sy) * p.ws + sx) * p.cs + c;
+                v = ld_f4(src + idx);
+                if (masked) {
+                    const float4 mk = ld_f4(mask_y + idx);
+                    if (!(mk.x > 0.0f)) v.x = 0.0f;
+                    if (!(mk.y > 0.0f)) v.y = 0.0f;
+                    if (!(mk.z > 0.0f)) v.z = 0.0f;
+                    if (!(mk.w > 0.0f)) v.w = 0.0f;
+                }
+            }
+        }
+        av[j] = v;
+        const int nn = n0 + r0 + 32 * j;
+        bv[j] = nn < p.n ? ld_u4(wt + (size_t)nn * K + k0 + 4 * q) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+template <bool ADJOINT>
+static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict__ src,
+                                     const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
+                                     const float* __restrict__ bias, int relu, int accumulate,
+                                     float* __restrict__ out) {
+    __shared__ __align__(16) unsigned As[2][TC_BM][TC_LD];
+    __shared__ __align__(16) unsigned Bs[2][TC_BN][TC_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int M = p.batch * p.hp * p.wp, N = p.n, K = p.k * p.k * p.cs;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const int q = tid & 3, r0 = tid >> 2;
+    int row_n[2], row_y[2], row_x[2];  // the positions of its A rows (row_n = −1: past M)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int m = m0 + r0 + 32 * j;
+        row_n[j] = -1;
+        row_y[j] = row_x[j] = 0;
+        if (m < M) {
+            row_x[j] = m % p.wp;
+            const int t = m / p.wp;
+            row_y[j] = t % p.hp;
+            row_n[j] = t / p.hp;
+        }
+    }
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    float4 av[2];
+    uint4 bv[2];
+    v3_load<ADJOINT>(p, src, mask_y, masked, wt, K, n0, 0, q, r0, row_n, row_y, row_x, av, bv);
+    const int ntiles = K / TC_BK;
+    for (int t = 0; t < ntiles; ++t) {
+        // Store the loaded tile into stage t % 2. Every warp finished reading that stage (tile
+        // t − 2) before the barrier that ended iteration t − 1.
+        const int st = t & 1;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            *(uint4*)&As[st][r0 + 32 * j][4 * q] =
+                make_uint4(to_tf32(av[j].x), to_tf32(av[j].y), to_tf32(av[j].z), to_tf32(av[j].w));
+            *(uint4*)&Bs[st][r0 + 32 * j][4 * q] = bv[j];
+        }
+        __syncthreads();
+        // The next tile's loads are in flight while the tensor cores work on this one.
+        if (t + 1 < ntiles)
+            v3_load<ADJOINT>(p, src, mask_y, masked, wt, K, n0, (t + 1) * TC_BK, q, r0, row_n, row_y, row_x,
+                             av, bv);
+        tc_tile_mma(As[st], Bs[st], wm, wn, lane, acc);
+    }
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int m = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
+                if (m < M && nn < N) {
+                    float v = acc[mi][ni][r];
+                    if (accumulate == 1) {
+                        out[m * N + nn] += v;
+                    } else {
+                        if (accumulate == 0) v += bias[nn];
+                        if (relu && v < 0.0f) v = 0.0f;
+                        out[m * N + nn] = v;
+                    }
+                }
+            }
+}
+
+// As conv_igemm_{direct,adjoint}_tf32, with cs % 16 == 0 and the weights as wt from
+// conv_w_nk_tf32.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv_igemm_direct_v3_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
+                          int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,
+                          int accumulate, float* __restrict__ out) {
+    conv_igemm_v3<false>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv_igemm_adjoint_v3_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
+                           int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,
+                           int accumulate, float* __restrict__ out) {
+    conv_igemm_v3<true>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);
 }
 
 // The weight-gradient GEMM: rows i < rows (dW's first index), columns kk < k·k·cs (tap-major,

@@ -290,6 +290,15 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     case("same k3 20x20", ConvGeom::same(20, 20, 2, 3, 3), true, 50);
     // More than one 64-wide tile of channels and of the reduction (the tensor-core kernels).
     case("same k3 24->70", ConvGeom::same(5, 6, 24, 70, 3), true, 60);
+    // Channel counts that are multiples of 16 (version 3 of the tensor-core passes): forward
+    // (direct gather) and dx (adjoint gather, stride 2, ReLU-masked), two column tiles.
+    case(
+        "k5 s2 32->16",
+        ConvGeom::conv(11, 9, 32, 16, 5, 2, 2),
+        true,
+        70,
+    );
+    case("same k3 16->80", ConvGeom::same(6, 5, 16, 80, 3), true, 80);
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -302,6 +311,9 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     case("T k3 s1", t(6, 4, 3, 4, 3, 1, 1, 0), true, 130);
     case("T k3 s2 op1 12x12", t(12, 12, 3, 2, 3, 2, 1, 1), false, 140);
     case("T k5 s2 op1 70->20", t(3, 4, 70, 20, 5, 2, 2, 1), true, 150);
+    // Version 3 (channels multiples of 16): adjoint gather forward, direct gather dx.
+    case("T k5 s2 op1 16->32", t(5, 4, 16, 32, 5, 2, 2, 1), true, 160);
+    case("T k5 s1 48->16", t(6, 5, 48, 16, 5, 1, 2, 0), false, 170);
 }
 
 fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -1386,6 +1398,25 @@ fn emu_train_step_tf32_exact_products_implicit() {
         g.with_precision(Precision::Tf32).with_emulator_exact_tf32(),
         small_config(|m| m.implicit_diff = true),
         "emulated tf32 kernels, exact products, implicit",
+    );
+}
+
+/// Layers 16 and 32 wide, so that the whole step runs version 3 of the tensor-core passes
+/// (gathered channels a multiple of 16) wherever it applies.
+#[test]
+fn emu_train_step_tf32_exact_products_16_wide() {
+    let Some(g) = emu() else { return };
+    train_step_parity(
+        g.with_precision(Precision::Tf32).with_emulator_exact_tf32(),
+        small_config(|m| {
+            m.implicit_diff = true;
+            m.encoder_channels = vec![16, 16];
+            m.decoder_channels = Some(vec![16, 16, 4]);
+            m.feat_size = 16;
+            m.slot_size = 16;
+            m.mlp_hidden_size = 32;
+        }),
+        "emulated tf32 kernels, exact products, implicit, 16 wide",
     );
 }
 

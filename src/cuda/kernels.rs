@@ -43,6 +43,9 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &[
             "conv_igemm_direct_tf32",
             "conv_igemm_adjoint_tf32",
+            "conv_w_nk_tf32",
+            "conv_igemm_direct_v3_tf32",
+            "conv_igemm_adjoint_v3_tf32",
             "conv_dw_partial_tf32",
             "conv_dw_reduce_f32",
         ],

@@ -583,6 +583,8 @@ pub struct Cuda {
     emu_tape: Mutex<Vec<graph::EmuOp>>,
     /// Captured steps replayed so far.
     replays: std::sync::atomic::AtomicU64,
+    /// Version 3 of the tensor-core activation passes where it applies (else version 2).
+    conv_tc_v3: bool,
 }
 
 /// Slots of the per-step scalars (`STEP_VAL_*` in common.cuh).
@@ -671,6 +673,7 @@ impl Cuda {
             capturing: Default::default(),
             emu_tape: Default::default(),
             replays: Default::default(),
+            conv_tc_v3: true,
         };
         let buf = cu.alloc_any(STEP_VALS_LEN, true);
         cu.step_vals
@@ -696,6 +699,23 @@ impl Cuda {
     pub fn with_precision(mut self, precision: Precision) -> Cuda {
         self.precision = precision;
         self
+    }
+
+    /// Which version of the tensor-core activation passes (`kernels/conv_tc.cu`) runs where
+    /// both apply: 3 (the default) or 2, for benchmarks that compare them.
+    pub fn with_conv_tc_version(mut self, version: u8) -> Cuda {
+        assert!(version == 2 || version == 3, "conv_tc versions are 2 and 3");
+        self.conv_tc_v3 = version == 3;
+        self
+    }
+
+    /// See [`Cuda::with_conv_tc_version`].
+    pub fn conv_tc_version(&self) -> u8 {
+        if self.conv_tc_v3 {
+            3
+        } else {
+            2
+        }
     }
 
     pub fn precision(&self) -> Precision {
@@ -1028,11 +1048,32 @@ impl Cuda {
         // mode 0: y = relu?(acc + b); 2: y = relu?(acc) (no bias: the kernel never reads it).
         let (zero, ri, mode) = (0i32, relu as i32, if b.is_some() { 0i32 } else { 2 });
         let b = b.unwrap_or(w);
-        if transposed {
+        if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
+            let wt = &*wt;
+            if transposed {
+                launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
+            } else {
+                launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
+            }
+        } else if transposed {
             launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         } else {
             launch!(self, "conv_igemm_direct_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         }
+    }
+
+    /// For version 3 of the tensor-core activation passes (a gathered source of `cs` channels,
+    /// a multiple of 16): the weights as `[n][k·k·cs]` TF32 bit patterns (conv_w_nk_tf32), in a
+    /// scratch buffer. None: version 2 applies.
+    fn conv_tc_v3_weights(&self, p: &ConvGemmC, w: &Buf) -> Option<Scratch<'_, f32>> {
+        if !self.conv_tc_v3 || p.cs % 16 != 0 {
+            return None;
+        }
+        let total = p.n as usize * (p.k * p.k * p.cs) as usize;
+        i(total);
+        let mut wt = self.scratch::<f32>(total);
+        launch!(self, "conv_w_nk_tf32", per_elem(total); &p.n, &p.cs, &p.k, &p.w_nc, w, &mut *wt);
+        Some(wt)
     }
 
     /// dx += the input gradient of a convolution or transposed convolution, on the tensor cores.
@@ -1066,7 +1107,14 @@ impl Cuda {
         let cfg = tc_grid(batch * g.h_in * g.w_in, g.c_in, 1);
         let (zero, one, ri) = (0i32, 1i32, relu as i32);
         // With accumulate = 1 the kernel never reads the bias: pass w.
-        if transposed {
+        if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
+            let wt = &*wt;
+            if transposed {
+                launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
+            } else {
+                launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
+            }
+        } else if transposed {
             launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &one, dx);
         } else {
             launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &one, dx);

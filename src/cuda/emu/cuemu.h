@@ -14,6 +14,20 @@
 struct uint3 {
     unsigned x, y, z;
 };
+// The 16-byte vector types (4-byte aligned here; `ld_f4` / `ld_u4` in common.cuh check the
+// 16-byte alignment the hardware requires).
+struct float4 {
+    float x, y, z, w;
+};
+struct uint4 {
+    unsigned x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+extern "C" void cuemu_fault(const char* msg);
+static inline void cuemu_check_align16(const void* p) {
+    if ((uintptr_t)p & 15) cuemu_fault("misaligned address: a 16-byte load from an address not a multiple of 16");
+}
 
 struct CuemuThread {
     uint3 tid;
@@ -39,6 +53,7 @@ extern thread_local uint3 cuemu_block_idx, cuemu_block_dim, cuemu_grid_dim;
 #define __shared__ static thread_local
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 
 // A warp-wide operation: each lane passes a payload; once every lane of the warp has arrived,
 // the runtime calls fn(payloads, lanes) once, then resumes the lanes. fn == nullptr: a plain

@@ -172,7 +172,7 @@ bool run_block(Worker* w, const uint3 bid) {
             alive += w->fibers[i].state != DONE;
             at_barrier += w->fibers[i].state == AT_BARRIER;
         }
-        if (alive == 0) return true;
+        if (alive == 0) return w->error.empty();  // a fault (cuemu_fault) fails the block
         if (at_barrier != alive) {
             w->error = "deadlock: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " +
                        std::to_string(alive - at_barrier) + " at a warp-wide operation";
@@ -197,6 +197,12 @@ extern "C" void cuemu_warp_op(CuemuWarpFn fn, void* payload, unsigned mask) {
 }
 
 extern "C" void* cuemu_dyn_smem() { return worker->dyn_smem.data(); }
+
+// A fault the hardware would raise (e.g. a misaligned vector load): the launch fails with `msg`
+// (the first one), after the block completes.
+extern "C" void cuemu_fault(const char* msg) {
+    if (worker->error.empty()) worker->error = msg;
+}
 
 // Runs `entry(args)` over the grid. Returns 0, or 1 with a message in err.
 extern "C" int cuemu_run(void (*entry)(void**), void** args, const unsigned* grid,
