@@ -21,7 +21,8 @@
 // bank conflicts. Version 2 (conv_igemm_*_tf32, any channel count): single-buffered, every
 // element gathered with its own index arithmetic. Version 3 (conv_igemm_*_v3_tf32, gathered
 // channels a multiple of 16, i.e. every 64-channel layer): 16-byte loads, weights pre-permuted,
-// two stages (below). The weight gradients are still version 2 (benches/NOTES.md).
+// two stages (below). Weight gradients: conv_dw_partial_tf32 (version 2) and, when the rows
+// and gathered channels are multiples of 4, conv_dw_partial_v3_tf32 (16-byte loads, two stages).
 
 #define TC_BM 64
 #define TC_BN 64
@@ -430,6 +431,153 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
         }
         __syncthreads();
         tc_tile_mma(As, Bs, wm, wn, lane, acc);
+    }
+    const int g = lane >> 2, t = lane & 3;
+    float* out = partial + (size_t)blockIdx.z * R * N;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ii = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
+                if (ii < R && nn < N) out[ii * N + nn] = acc[mi][ni][r];
+            }
+}
+
+// Version 3 of the weight-gradient partials, taken when rows and cs are multiples of 4: the
+// tiles are kept transposed in shared memory (reduction index first, rows padded to 72 words,
+// which keeps the fragment loads free of bank conflicts), so that both operands load 4
+// consecutive rows i / columns kk with one 16-byte load; each thread's column group lies in one
+// tap, fixed for the whole block, and each of its two positions per k-tile is decoded once.
+// Two stages and the next k-tile's loads in flight during the mma, as conv_igemm_v3.
+#define TC_LDT (TC_BM + 8)
+
+static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                                const float* __restrict__ a_mask, int a_masked,
+                                                const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                                int b_masked, int k0, int kend, int mm, int i, int kk, int c,
+                                                int ky, int kx, float4 av[2], float4 bv[2]) {
+    const int R = p.rows, N = p.k * p.k * p.cs;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int m = k0 + mm + 8 * j;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+        if (m < kend) {
+            if (i < R) {
+                const int idx = m * R + i;
+                a = ld_f4(a_src + idx);
+                if (a_masked) {
+                    const float4 mk = ld_f4(a_mask + idx);
+                    if (!(mk.x > 0.0f)) a.x = 0.0f;
+                    if (!(mk.y > 0.0f)) a.y = 0.0f;
+                    if (!(mk.z > 0.0f)) a.z = 0.0f;
+                    if (!(mk.w > 0.0f)) a.w = 0.0f;
+                }
+            }
+            if (kk < N) {
+                const int px = m % p.wp;
+                const int t = m / p.wp;
+                const int py = t % p.hp, n = t / p.hp;
+                const int sy = py * p.stride - p.pad + ky, sx = px * p.stride - p.pad + kx;
+                if (sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws) {
+                    const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + c;
+                    b = ld_f4(b_src + idx);
+                    if (b_masked) {
+                        const float4 mk = ld_f4(b_mask + idx);
+                        if (!(mk.x > 0.0f)) b.x = 0.0f;
+                        if (!(mk.y > 0.0f)) b.y = 0.0f;
+                        if (!(mk.z > 0.0f)) b.z = 0.0f;
+                        if (!(mk.w > 0.0f)) b.w = 0.0f;
+                    }
+                }
+            }
+        }
+        av[j] = a;
+        bv[j] = b;
+    }
+}
+
+// acc += the warp's tile over one k-tile of the transposed stages (At[k][row], Bt[k][col]).
+static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[TC_LDT], const unsigned (*Bt)[TC_LDT],
+                                                     int wm, int wn, int lane, float acc[2][4][4]) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < TC_BK; ks += 8) {
+        unsigned a[2][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+            const int r = wm * 32 + mi * 16 + g;
+            a[mi][0] = At[ks + t][r];
+            a[mi][1] = At[ks + t][r + 8];
+            a[mi][2] = At[ks + t + 4][r];
+            a[mi][3] = At[ks + t + 4][r + 8];
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int c = wn * 32 + ni * 8 + g;
+            b[ni][0] = Bt[ks + t][c];
+            b[ni][1] = Bt[ks + t + 4][c];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
+static __device__ __forceinline__ uint4 tf32x4(float4 v) {
+    return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
+}
+
+// As conv_dw_partial_tf32 (same grid and output), with rows % 4 == 0 and cs % 4 == 0.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv_dw_partial_v3_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask,
+                        int a_masked, const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                        int b_masked, float* __restrict__ partial) {
+    __shared__ __align__(16) unsigned At[2][TC_BK][TC_LDT];
+    __shared__ __align__(16) unsigned Bt[2][TC_BK][TC_LDT];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int R = p.rows, N = p.k * p.k * p.cs, npos = p.batch * p.hp * p.wp;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const int kbeg = blockIdx.z * p.chunk;
+    const int kend = min(kbeg + p.chunk, npos);
+    // This thread loads rows i..i+3 of A and columns kk..kk+3 of B (group g4), at the
+    // reduction positions k0 + mm and k0 + mm + 8 of each k-tile.
+    const int g4 = tid & 15, mm = tid >> 4;
+    const int i = m0 + 4 * g4, kk = n0 + 4 * g4;
+    int c = 0, ky = 0, kx = 0;
+    if (kk < N) {
+        c = kk % p.cs;
+        const int tap = kk / p.cs;
+        ky = tap / p.k;
+        kx = tap % p.k;
+    }
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    float4 av[2], bv[2];
+    dw3_load(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, mm, i, kk, c, ky, kx, av, bv);
+    const int ntiles = (kend - kbeg + TC_BK - 1) / TC_BK;
+    for (int t = 0; t < ntiles; ++t) {
+        // Stage t % 2 was last read in iteration t − 2, before the barrier of iteration t − 1.
+        const int st = t & 1;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            *(uint4*)&At[st][mm + 8 * j][4 * g4] = tf32x4(av[j]);
+            *(uint4*)&Bt[st][mm + 8 * j][4 * g4] = tf32x4(bv[j]);
+        }
+        __syncthreads();
+        if (t + 1 < ntiles)
+            dw3_load(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + (t + 1) * TC_BK, kend, mm, i, kk,
+                     c, ky, kx, av, bv);
+        tc_tile_mma_t(At[st], Bt[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
     float* out = partial + (size_t)blockIdx.z * R * N;

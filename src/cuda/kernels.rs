@@ -47,6 +47,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_direct_v3_tf32",
             "conv_igemm_adjoint_v3_tf32",
             "conv_dw_partial_tf32",
+            "conv_dw_partial_v3_tf32",
             "conv_dw_reduce_f32",
         ],
     },

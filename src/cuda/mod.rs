@@ -1167,10 +1167,16 @@ impl Cuda {
         let mut partial = self.scratch::<f32>(chunks * rows * cols);
         let cfg = tc_grid(rows, cols, chunks);
         let (zero, ri) = (0i32, relu as i32);
-        if transposed {
-            launch!(self, "conv_dw_partial_tf32", cfg; &p, x, x, &zero, dy, y, &ri, &mut partial);
-        } else {
-            launch!(self, "conv_dw_partial_tf32", cfg; &p, dy, y, &ri, x, x, &zero, &mut partial);
+        let v3 = self.conv_tc_v3 && rows % 4 == 0 && cs % 4 == 0;
+        match (transposed, v3) {
+            (true, true) => launch!(self, "conv_dw_partial_v3_tf32", cfg;
+                &p, x, x, &zero, dy, y, &ri, &mut partial),
+            (true, false) => launch!(self, "conv_dw_partial_tf32", cfg;
+                &p, x, x, &zero, dy, y, &ri, &mut partial),
+            (false, true) => launch!(self, "conv_dw_partial_v3_tf32", cfg;
+                &p, dy, y, &ri, x, x, &zero, &mut partial),
+            (false, false) => launch!(self, "conv_dw_partial_tf32", cfg;
+                &p, dy, y, &ri, x, x, &zero, &mut partial),
         }
         let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
         launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
