@@ -430,16 +430,25 @@ impl<B: Backend> Session<B> {
         stats
     }
 
-    /// Capture [`Session::queue_step_of_batch`] (nothing runs). An Err leaves nothing queued.
+    /// Capture [`Session::queue_step_of_batch`] (nothing runs). An Err leaves nothing queued:
+    /// also when queueing panicked inside the capture (say, a driver refusing an operation
+    /// there), so that the run goes on eagerly instead of dying on an optimisation.
     fn capture_step(&mut self, h: &OptHyper) -> Result<(B::StepGraph, ForwardStats), String> {
         self.be
             .capture_begin()
             .map_err(|e| format!("cannot start a CUDA graph capture ({e})"))?;
-        let stats = self.queue_step_of_batch(h);
-        let graph = self
-            .be
-            .capture_end()
-            .map_err(|e| format!("the CUDA graph capture failed ({e})"))?;
+        let queued =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.queue_step_of_batch(h)));
+        let graph = self.be.capture_end();
+        let stats = queued.map_err(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            format!("queueing the step inside the CUDA graph capture failed ({msg})")
+        })?;
+        let graph = graph.map_err(|e| format!("the CUDA graph capture failed ({e})"))?;
         Ok((graph, stats))
     }
 

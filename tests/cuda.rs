@@ -1567,6 +1567,48 @@ emu_and_gpu_tests!(
     }
 );
 
+/// A step that cannot be captured (here: a fixed-point tolerance switched on after the warm-up
+/// step, whose residual is a host read) is queued eagerly instead, and training goes on with
+/// the same results as a session that never tried.
+#[test]
+fn emu_failed_capture_falls_back_to_eager_steps() {
+    let (Some(g1), Some(g2)) = (emu(), emu()) else {
+        return;
+    };
+    let cfg = small_config(|m| m.implicit_diff = true);
+    let mut tried = Session::new(g1, cfg.clone());
+    let mut eager_cfg = cfg.clone();
+    eager_cfg.training.cuda_graph = false;
+    let mut eager = Session::new(g2, eager_cfg);
+    let res = cfg.model.resolution;
+    for step in 0..4u64 {
+        let images = rand(cfg.training.batch_size * res * res * 3, 700 + step, 1.0);
+        if step == 1 {
+            // The next step is the one captured: make it read the residual on the host.
+            tried.model.arch.fwd_tol = Some(1e-30);
+            eager.model.arch.fwd_tol = Some(1e-30);
+        }
+        tried.train_step(&images);
+        eager.train_step(&images);
+        assert!(!tried.replaying(), "step {step} replayed");
+        assert_eq!(tried.opt_report(), eager.opt_report(), "step {step}");
+    }
+    assert_eq!(tried.be.replays(), 0);
+    let a: Vec<Vec<f32>> = tried
+        .model
+        .params
+        .iter()
+        .map(|b| tried.be.download_f32(b))
+        .collect();
+    let b: Vec<Vec<f32>> = eager
+        .model
+        .params
+        .iter()
+        .map(|b| eager.be.download_f32(b))
+        .collect();
+    assert!(a == b, "parameters differ after the fallback");
+}
+
 /// Inside a capture, what a replay could not repeat stops with its name.
 #[test]
 fn emu_capture_refuses_host_reads_uploads_and_allocations() {
