@@ -217,16 +217,47 @@ extern "C" __global__ void conv_w_nk_tf32(int n, int cs, int k, int w_nc, const 
     wt[e] = to_tf32(w[((a * bdim + b) * k + tap / k) * k + tap % k]);
 }
 
-// This thread's part of k-tile k0: 4 channels (quad q) of A rows r0 and r0 + 32 and of B rows
-// n0 + r0 and n0 + r0 + 32.
+// The adjoint gather with stride s > 1 touches, for an output position (oy, ox), only the taps
+// with ky ≡ oy + pad and kx ≡ ox + pad (mod s): 1/s² of them (with k = 5, s = 2: 4, 6 or 9 of 25).
+// Version 3 therefore splits the output positions into the s² phases (oy mod s, ox mod s),
+// blockIdx.z = phase, and runs each phase's GEMM over its own taps only, so no tensor-core work
+// is spent on taps that are zero (v2 multiplies them: 4× the work of a stride-2 convT forward).
+// Without phases (direct gathers, stride 1) this is the plain GEMM: one phase, every tap.
+struct V3Phase {
+    int s;        // phase stride (1: no phases)
+    int qy, qx;   // this block's phase
+    int hq, wq;   // the phase's grid of output positions
+    int ky0, kx0; // its first tap in each direction; taps step by s
+    int ntx;      // its taps along x
+    int ntiles;   // its k-tiles: taps · cs / 16
+};
+
+static __device__ __forceinline__ V3Phase v3_phase(const ConvGemm& p, bool phased) {
+    V3Phase f;
+    f.s = phased ? p.stride : 1;
+    f.qy = phased ? (int)blockIdx.z / p.stride : 0;
+    f.qx = phased ? (int)blockIdx.z % p.stride : 0;
+    f.hq = (p.hp - f.qy + f.s - 1) / f.s;
+    f.wq = (p.wp - f.qx + f.s - 1) / f.s;
+    f.ky0 = phased ? (f.qy + p.pad) % p.stride : 0;
+    f.kx0 = phased ? (f.qx + p.pad) % p.stride : 0;
+    const int nty = (p.k - f.ky0 + f.s - 1) / f.s;
+    f.ntx = (p.k - f.kx0 + f.s - 1) / f.s;
+    f.ntiles = nty * f.ntx * (p.cs / TC_BK);
+    return f;
+}
+
+// This thread's part of the phase's k-tile t: 4 channels (quad q) of A rows r0 and r0 + 32 and
+// of B rows n0 + r0 and n0 + r0 + 32.
 template <bool ADJOINT>
-static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* __restrict__ src,
+static __device__ __forceinline__ void v3_load(const ConvGemm& p, const V3Phase& f, const float* __restrict__ src,
                                                const float* __restrict__ mask_y, int masked,
-                                               const unsigned* __restrict__ wt, int K, int n0, int k0, int q,
+                                               const unsigned* __restrict__ wt, int K, int n0, int t, int q,
                                                int r0, const int row_n[2], const int row_y[2],
                                                const int row_x[2], float4 av[2], uint4 bv[2]) {
-    const int tap = k0 / p.cs, c = k0 % p.cs + 4 * q;
-    const int ky = tap / p.k, kx = tap % p.k;
+    const int per_tap = p.cs / TC_BK;
+    const int tap_i = t / per_tap, c = (t % per_tap) * TC_BK + 4 * q;
+    const int ky = f.ky0 + f.s * (tap_i / f.ntx), kx = f.kx0 + f.s * (tap_i % f.ntx);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -258,8 +289,19 @@ static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* _
         }
         av[j] = v;
         const int nn = n0 + r0 + 32 * j;
-        bv[j] = nn < p.n ? ld_u4(wt + (size_t)nn * K + k0 + 4 * q) : make_uint4(0u, 0u, 0u, 0u);
+        bv[j] = nn < p.n ? ld_u4(wt + (size_t)nn * K + (ky * p.k + kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
     }
+}
+
+// The output row of the phase's GEMM row m (−1: past the phase's positions), and its position.
+static __device__ __forceinline__ int v3_row(const ConvGemm& p, const V3Phase& f, int m, int& oy, int& ox) {
+    oy = ox = 0;
+    if (m >= p.batch * f.hq * f.wq) return -1;
+    const int rx = m % f.wq, t = m / f.wq;
+    const int ry = t % f.hq, n = t / f.hq;
+    oy = f.qy + f.s * ry;
+    ox = f.qx + f.s * rx;
+    return n;
 }
 
 template <bool ADJOINT>
@@ -271,22 +313,13 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     __shared__ __align__(16) unsigned Bs[2][TC_BN][TC_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;
-    const int M = p.batch * p.hp * p.wp, N = p.n, K = p.k * p.k * p.cs;
+    const int N = p.n, K = p.k * p.k * p.cs;
+    const V3Phase f = v3_phase(p, ADJOINT && p.stride > 1);
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int q = tid & 3, r0 = tid >> 2;
-    int row_n[2], row_y[2], row_x[2];  // the positions of its A rows (row_n = −1: past M)
+    int row_n[2], row_y[2], row_x[2];  // the positions of its A rows (row_n = −1: none)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int m = m0 + r0 + 32 * j;
-        row_n[j] = -1;
-        row_y[j] = row_x[j] = 0;
-        if (m < M) {
-            row_x[j] = m % p.wp;
-            const int t = m / p.wp;
-            row_y[j] = t % p.hp;
-            row_n[j] = t / p.hp;
-        }
-    }
+    for (int j = 0; j < 2; ++j) row_n[j] = v3_row(p, f, m0 + r0 + 32 * j, row_y[j], row_x[j]);
     float acc[2][4][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -296,9 +329,8 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
     float4 av[2];
     uint4 bv[2];
-    v3_load<ADJOINT>(p, src, mask_y, masked, wt, K, n0, 0, q, r0, row_n, row_y, row_x, av, bv);
-    const int ntiles = K / TC_BK;
-    for (int t = 0; t < ntiles; ++t) {
+    if (f.ntiles > 0) v3_load<ADJOINT>(p, f, src, mask_y, masked, wt, K, n0, 0, q, r0, row_n, row_y, row_x, av, bv);
+    for (int t = 0; t < f.ntiles; ++t) {
         // Store the loaded tile into stage t % 2. Every warp finished reading that stage (tile
         // t − 2) before the barrier that ended iteration t − 1.
         const int st = t & 1;
@@ -310,35 +342,41 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         }
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
-        if (t + 1 < ntiles)
-            v3_load<ADJOINT>(p, src, mask_y, masked, wt, K, n0, (t + 1) * TC_BK, q, r0, row_n, row_y, row_x,
-                             av, bv);
+        if (t + 1 < f.ntiles)
+            v3_load<ADJOINT>(p, f, src, mask_y, masked, wt, K, n0, t + 1, q, r0, row_n, row_y, row_x, av, bv);
         tc_tile_mma(As[st], Bs[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int r2 = 0; r2 < 2; ++r2) {
+            int oy, ox;
+            const int n = v3_row(p, f, m0 + wm * 32 + mi * 16 + g + 8 * r2, oy, ox);
+            if (n < 0) continue;
+            const int m = (n * p.hp + oy) * p.wp + ox;  // the row of `out`
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int m = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
-                const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
-                if (m < M && nn < N) {
-                    float v = acc[mi][ni][r];
-                    if (accumulate == 1) {
-                        out[m * N + nn] += v;
-                    } else {
-                        if (accumulate == 0) v += bias[nn];
-                        if (relu && v < 0.0f) v = 0.0f;
-                        out[m * N + nn] = v;
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int r1 = 0; r1 < 2; ++r1) {
+                    const int nn = n0 + wn * 32 + ni * 8 + 2 * t + r1;
+                    if (nn < N) {
+                        float v = acc[mi][ni][2 * r2 + r1];
+                        if (accumulate == 1) {
+                            out[m * N + nn] += v;
+                        } else {
+                            if (accumulate == 0) v += bias[nn];
+                            if (relu && v < 0.0f) v = 0.0f;
+                            out[m * N + nn] = v;
+                        }
                     }
                 }
-            }
+        }
 }
 
 // As conv_igemm_{direct,adjoint}_tf32, with cs % 16 == 0 and the weights as wt from
-// conv_w_nk_tf32.
+// conv_w_nk_tf32. The adjoint one with stride s > 1 runs on the grid (ceil(batch · ceil(hp/s) ·
+// ceil(wp/s) / 64), ceil(n/64), s²): one z per phase.
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv_igemm_direct_v3_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
                           int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,

@@ -299,6 +299,13 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         70,
     );
     case("same k3 16->80", ConvGeom::same(6, 5, 16, 80, 3), true, 80);
+    // dx of a stride-2 3×3 conv: the adjoint gather's phases (v3).
+    case(
+        "k3 s2 16->16",
+        ConvGeom::conv(9, 8, 16, 16, 3, 2, 1),
+        true,
+        90,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -314,6 +321,15 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     // Version 3 (channels multiples of 16): adjoint gather forward, direct gather dx.
     case("T k5 s2 op1 16->32", t(5, 4, 16, 32, 5, 2, 2, 1), true, 160);
     case("T k5 s1 48->16", t(6, 5, 48, 16, 5, 1, 2, 0), false, 170);
+    // Stride 2 with k = 3 (phases with 4, 2, 2 and 1 taps) and with k = 1 (three of the four
+    // phases have no tap at all: bias only).
+    case("T k3 s2 op1 16->16", t(5, 3, 16, 16, 3, 2, 1, 1), true, 180);
+    case(
+        "T k1 s2 op1 16->16",
+        t(3, 4, 16, 16, 1, 2, 0, 1),
+        false,
+        190,
+    );
 }
 
 fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {

@@ -475,6 +475,18 @@ fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
     }
 }
 
+/// The grid of `conv_igemm_adjoint_v3_tf32`: with stride s > 1 one z per output phase
+/// (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions per image.
+fn v3_adjoint_grid(p: &ConvGemmC) -> LaunchConfig {
+    let s = p.stride as usize;
+    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+    if s > 1 {
+        tc_grid(batch * hp.div_ceil(s) * wp.div_ceil(s), p.n as usize, s * s)
+    } else {
+        tc_grid(batch * hp * wp, p.n as usize, 1)
+    }
+}
+
 /// Tensor-core tiles over an `m × n` output, `z` deep.
 fn tc_grid(m: usize, n: usize, z: usize) -> LaunchConfig {
     LaunchConfig {
@@ -1051,6 +1063,7 @@ impl Cuda {
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
             let wt = &*wt;
             if transposed {
+                let cfg = v3_adjoint_grid(&p);
                 launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
             } else {
                 launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
@@ -1112,6 +1125,7 @@ impl Cuda {
             if transposed {
                 launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
             } else {
+                let cfg = v3_adjoint_grid(&p);
                 launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
             }
         } else if transposed {
