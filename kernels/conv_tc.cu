@@ -247,14 +247,20 @@ static __device__ __forceinline__ V3Phase v3_phase(const ConvGemm& p, bool phase
     return f;
 }
 
-// This thread's part of the phase's k-tile t: 4 channels (quad q) of A rows r0 and r0 + 32 and
-// of B rows n0 + r0 and n0 + r0 + 32.
+// Version 3 tiles are 128 output rows × 64 channels per block of 8 warps (4 × 2, each 32 × 32
+// as in v2): every block reads the whole permuted weight matrix from L2 (410 KB for a 64-channel
+// 5×5 layer), so twice the rows per block halves that traffic, the largest of the pass.
+#define V3_BM 128
+#define V3_THREADS 256
+
+// This thread's part of the phase's k-tile t: 4 channels (quad q) of A rows r0 and r0 + 64 and
+// of B row n0 + r0.
 template <bool ADJOINT>
 static __device__ __forceinline__ void v3_load(const ConvGemm& p, const V3Phase& f, const float* __restrict__ src,
                                                const float* __restrict__ mask_y, int masked,
                                                const unsigned* __restrict__ wt, int K, int n0, int t, int q,
                                                int r0, const int row_n[2], const int row_y[2],
-                                               const int row_x[2], float4 av[2], uint4 bv[2]) {
+                                               const int row_x[2], float4 av[2], uint4& bv) {
     const int per_tap = p.cs / TC_BK;
     const int tap_i = t / per_tap, c = (t % per_tap) * TC_BK + 4 * q;
     const int ky = f.ky0 + f.s * (tap_i / f.ntx), kx = f.kx0 + f.s * (tap_i % f.ntx);
@@ -288,9 +294,9 @@ static __device__ __forceinline__ void v3_load(const ConvGemm& p, const V3Phase&
             }
         }
         av[j] = v;
-        const int nn = n0 + r0 + 32 * j;
-        bv[j] = nn < p.n ? ld_u4(wt + (size_t)nn * K + (ky * p.k + kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
     }
+    const int nn = n0 + r0;
+    bv = nn < p.n ? ld_u4(wt + (size_t)nn * K + (ky * p.k + kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // The output row of the phase's GEMM row m (−1: past the phase's positions), and its position.
@@ -309,17 +315,17 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
-    __shared__ __align__(16) unsigned As[2][TC_BM][TC_LD];
+    __shared__ __align__(16) unsigned As[2][V3_BM][TC_LD];
     __shared__ __align__(16) unsigned Bs[2][TC_BN][TC_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 1, wn = warp & 1;
     const int N = p.n, K = p.k * p.k * p.cs;
     const V3Phase f = v3_phase(p, ADJOINT && p.stride > 1);
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const int m0 = blockIdx.x * V3_BM, n0 = blockIdx.y * TC_BN;
     const int q = tid & 3, r0 = tid >> 2;
     int row_n[2], row_y[2], row_x[2];  // the positions of its A rows (row_n = −1: none)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) row_n[j] = v3_row(p, f, m0 + r0 + 32 * j, row_y[j], row_x[j]);
+    for (int j = 0; j < 2; ++j) row_n[j] = v3_row(p, f, m0 + r0 + 64 * j, row_y[j], row_x[j]);
     float acc[2][4][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -328,18 +334,17 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
     float4 av[2];
-    uint4 bv[2];
+    uint4 bv;
     if (f.ntiles > 0) v3_load<ADJOINT>(p, f, src, mask_y, masked, wt, K, n0, 0, q, r0, row_n, row_y, row_x, av, bv);
     for (int t = 0; t < f.ntiles; ++t) {
         // Store the loaded tile into stage t % 2. Every warp finished reading that stage (tile
         // t − 2) before the barrier that ended iteration t − 1.
         const int st = t & 1;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            *(uint4*)&As[st][r0 + 32 * j][4 * q] =
+        for (int j = 0; j < 2; ++j)
+            *(uint4*)&As[st][r0 + 64 * j][4 * q] =
                 make_uint4(to_tf32(av[j].x), to_tf32(av[j].y), to_tf32(av[j].z), to_tf32(av[j].w));
-            *(uint4*)&Bs[st][r0 + 32 * j][4 * q] = bv[j];
-        }
+        *(uint4*)&Bs[st][r0][4 * q] = bv;
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
         if (t + 1 < f.ntiles)
@@ -375,16 +380,16 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
 }
 
 // As conv_igemm_{direct,adjoint}_tf32, with cs % 16 == 0 and the weights as wt from
-// conv_w_nk_tf32. The adjoint one with stride s > 1 runs on the grid (ceil(batch · ceil(hp/s) ·
-// ceil(wp/s) / 64), ceil(n/64), s²): one z per phase.
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+// conv_w_nk_tf32; grid (ceil(M / 128), ceil(n / 64), 1), block 256. The adjoint one with stride
+// s > 1 runs on (ceil(batch · ceil(hp/s) · ceil(wp/s) / 128), ceil(n / 64), s²): one z per phase.
+extern "C" __global__ void __launch_bounds__(V3_THREADS)
 conv_igemm_direct_v3_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
                           int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,
                           int accumulate, float* __restrict__ out) {
     conv_igemm_v3<false>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(V3_THREADS)
 conv_igemm_adjoint_v3_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
                            int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,
                            int accumulate, float* __restrict__ out) {

@@ -306,6 +306,13 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         true,
         90,
     );
+    // More output rows than one 128-row v3 tile: several full tiles and a partial one.
+    case(
+        "k3 16->16 12x12",
+        ConvGeom::same(12, 12, 16, 16, 3),
+        true,
+        100,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -329,6 +336,13 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         t(3, 4, 16, 16, 1, 2, 0, 1),
         false,
         190,
+    );
+    // Phases of more than one 128-row tile.
+    case(
+        "T k5 s2 op1 16->16 8x8",
+        t(8, 8, 16, 16, 5, 2, 2, 1),
+        true,
+        200,
     );
 }
 

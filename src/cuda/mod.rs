@@ -475,15 +475,26 @@ fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
     }
 }
 
-/// The grid of `conv_igemm_adjoint_v3_tf32`: with stride s > 1 one z per output phase
-/// (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions per image.
-fn v3_adjoint_grid(p: &ConvGemmC) -> LaunchConfig {
-    let s = p.stride as usize;
+/// Rows per block and threads per block of version 3 of the tensor-core activation passes
+/// (V3_BM, V3_THREADS in conv_tc.cu); its tiles are TC_TILE channels wide.
+const V3_BM: usize = 128;
+const V3_THREADS: u32 = 256;
+
+/// The grid of `conv_igemm_{direct,adjoint}_v3_tf32`. An adjoint gather with stride s > 1 has
+/// one z per output phase (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions per
+/// image.
+fn v3_grid(p: &ConvGemmC, adjoint: bool) -> LaunchConfig {
     let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
-    if s > 1 {
-        tc_grid(batch * hp.div_ceil(s) * wp.div_ceil(s), p.n as usize, s * s)
-    } else {
-        tc_grid(batch * hp * wp, p.n as usize, 1)
+    let s = if adjoint { p.stride as usize } else { 1 };
+    let rows = batch * hp.div_ceil(s) * wp.div_ceil(s);
+    LaunchConfig {
+        grid_dim: (
+            rows.div_ceil(V3_BM) as u32,
+            (p.n as usize).div_ceil(TC_TILE) as u32,
+            (s * s) as u32,
+        ),
+        block_dim: (V3_THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -1062,8 +1073,8 @@ impl Cuda {
         let b = b.unwrap_or(w);
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
             let wt = &*wt;
+            let cfg = v3_grid(&p, transposed);
             if transposed {
-                let cfg = v3_adjoint_grid(&p);
                 launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
             } else {
                 launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
@@ -1122,10 +1133,10 @@ impl Cuda {
         // With accumulate = 1 the kernel never reads the bias: pass w.
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
             let wt = &*wt;
+            let cfg = v3_grid(&p, !transposed);
             if transposed {
                 launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
             } else {
-                let cfg = v3_adjoint_grid(&p);
                 launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
             }
         } else if transposed {
