@@ -475,6 +475,11 @@ fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
     }
 }
 
+/// Columns and threads per block of `conv_dw_partial_v3_tf32` (DW3_BN, DW3_THREADS in
+/// conv_tc.cu); its tiles are TC_TILE rows high.
+const DW3_BN: usize = 128;
+const DW3_THREADS: u32 = 256;
+
 /// Rows per block and threads per block of version 3 of the tensor-core activation passes
 /// (V3_BM, V3_THREADS in conv_tc.cu); its tiles are TC_TILE channels wide.
 const V3_BM: usize = 128;
@@ -1169,7 +1174,10 @@ impl Cuda {
         };
         let cols = g.k * g.k * cs;
         let npos = batch * hp * wp;
-        let tiles = rows.div_ceil(TC_TILE) * cols.div_ceil(TC_TILE);
+        // Version 3 (conv_dw_partial_v3_tf32) tiles are DW3_BN columns wide.
+        let v3 = self.conv_tc_v3 && rows % 4 == 0 && cs % 4 == 0;
+        let col_tile = if v3 { DW3_BN } else { TC_TILE };
+        let tiles = rows.div_ceil(TC_TILE) * cols.div_ceil(col_tile);
         let want = TC_DW_TARGET_BLOCKS
             .div_ceil(tiles)
             .clamp(1, npos.div_ceil(TC_TILE));
@@ -1190,9 +1198,20 @@ impl Cuda {
         };
         i(chunks * rows * cols);
         let mut partial = self.scratch::<f32>(chunks * rows * cols);
-        let cfg = tc_grid(rows, cols, chunks);
+        let cfg = if v3 {
+            LaunchConfig {
+                grid_dim: (
+                    rows.div_ceil(TC_TILE) as u32,
+                    cols.div_ceil(DW3_BN) as u32,
+                    chunks as u32,
+                ),
+                block_dim: (DW3_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            tc_grid(rows, cols, chunks)
+        };
         let (zero, ri) = (0i32, relu as i32);
-        let v3 = self.conv_tc_v3 && rows % 4 == 0 && cs % 4 == 0;
         match (transposed, v3) {
             (true, true) => launch!(self, "conv_dw_partial_v3_tf32", cfg;
                 &p, x, x, &zero, dy, y, &ri, &mut partial),
