@@ -247,25 +247,26 @@ static __device__ __forceinline__ V3Phase v3_phase(const ConvGemm& p, bool phase
     return f;
 }
 
-// Version 3 tiles are 128 output rows × 64 channels per block of 8 warps (4 × 2, each 32 × 32
-// as in v2): every block reads the whole permuted weight matrix from L2 (410 KB for a 64-channel
-// 5×5 layer), so twice the rows per block halves that traffic, the largest of the pass.
-#define V3_BM 128
+// Version 3 tiles: 8 warps of 32 × 32 (as in v2), WN of them side by side along the channels.
+// WN = 2: 128 output rows × 64 channels; every block reads the whole permuted weight matrix from
+// L2 (410 KB for a 64-channel 5×5 layer), so twice v2's rows per block halves that traffic, the
+// largest of the pass. WN = 1: 256 rows × 32 channels, for layers of at most 32 channels (the
+// small models), which would leave half of a 64-wide tile's tensor-core work on zero columns.
 #define V3_THREADS 256
 
-// This thread's part of the phase's k-tile t: 4 channels (quad q) of A rows r0 and r0 + 64 and
-// of B row n0 + r0.
-template <bool ADJOINT>
+// This thread's part of the phase's k-tile t: 4 channels (quad q) of A rows r0 + 64·j (j < AJ)
+// and, when has_b, of B row n0 + r0.
+template <bool ADJOINT, int AJ>
 static __device__ __forceinline__ void v3_load(const ConvGemm& p, const V3Phase& f, const float* __restrict__ src,
                                                const float* __restrict__ mask_y, int masked,
                                                const unsigned* __restrict__ wt, int K, int n0, int t, int q,
-                                               int r0, const int row_n[2], const int row_y[2],
-                                               const int row_x[2], float4 av[2], uint4& bv) {
+                                               int r0, const int row_n[AJ], const int row_y[AJ],
+                                               const int row_x[AJ], float4 av[AJ], bool has_b, uint4& bv) {
     const int per_tap = p.cs / TC_BK;
     const int tap_i = t / per_tap, c = (t % per_tap) * TC_BK + 4 * q;
     const int ky = f.ky0 + f.s * (tap_i / f.ntx), kx = f.kx0 + f.s * (tap_i % f.ntx);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < AJ; ++j) {
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (row_n[j] >= 0) {
             int sy, sx;
@@ -296,7 +297,8 @@ static __device__ __forceinline__ void v3_load(const ConvGemm& p, const V3Phase&
         av[j] = v;
     }
     const int nn = n0 + r0;
-    bv = nn < p.n ? ld_u4(wt + (size_t)nn * K + (ky * p.k + kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
+    if (has_b)
+        bv = nn < p.n ? ld_u4(wt + (size_t)nn * K + (ky * p.k + kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // The output row of the phase's GEMM row m (−1: past the phase's positions), and its position.
@@ -310,22 +312,24 @@ static __device__ __forceinline__ int v3_row(const ConvGemm& p, const V3Phase& f
     return n;
 }
 
-template <bool ADJOINT>
+template <bool ADJOINT, int WN>
 static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
-    __shared__ __align__(16) unsigned As[2][V3_BM][TC_LD];
-    __shared__ __align__(16) unsigned Bs[2][TC_BN][TC_LD];
+    constexpr int BN = 32 * WN, BM = 256 / WN, AJ = BM / 64;
+    __shared__ __align__(16) unsigned As[2][BM][TC_LD];
+    __shared__ __align__(16) unsigned Bs[2][BN][TC_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1;
+    const int wm = warp / WN, wn = warp % WN;
     const int N = p.n, K = p.k * p.k * p.cs;
     const V3Phase f = v3_phase(p, ADJOINT && p.stride > 1);
-    const int m0 = blockIdx.x * V3_BM, n0 = blockIdx.y * TC_BN;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int q = tid & 3, r0 = tid >> 2;
-    int row_n[2], row_y[2], row_x[2];  // the positions of its A rows (row_n = −1: none)
+    const bool has_b = r0 < BN;  // this thread loads a B row
+    int row_n[AJ], row_y[AJ], row_x[AJ];  // the positions of its A rows (row_n = −1: none)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) row_n[j] = v3_row(p, f, m0 + r0 + 64 * j, row_y[j], row_x[j]);
+    for (int j = 0; j < AJ; ++j) row_n[j] = v3_row(p, f, m0 + r0 + 64 * j, row_y[j], row_x[j]);
     float acc[2][4][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -333,22 +337,24 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
-    float4 av[2];
-    uint4 bv;
-    if (f.ntiles > 0) v3_load<ADJOINT>(p, f, src, mask_y, masked, wt, K, n0, 0, q, r0, row_n, row_y, row_x, av, bv);
+    float4 av[AJ];
+    uint4 bv = make_uint4(0u, 0u, 0u, 0u);
+    if (f.ntiles > 0)
+        v3_load<ADJOINT, AJ>(p, f, src, mask_y, masked, wt, K, n0, 0, q, r0, row_n, row_y, row_x, av, has_b, bv);
     for (int t = 0; t < f.ntiles; ++t) {
         // Store the loaded tile into stage t % 2. Every warp finished reading that stage (tile
         // t − 2) before the barrier that ended iteration t − 1.
         const int st = t & 1;
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < AJ; ++j)
             *(uint4*)&As[st][r0 + 64 * j][4 * q] =
                 make_uint4(to_tf32(av[j].x), to_tf32(av[j].y), to_tf32(av[j].z), to_tf32(av[j].w));
-        *(uint4*)&Bs[st][r0][4 * q] = bv;
+        if (has_b) *(uint4*)&Bs[st][r0][4 * q] = bv;
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
         if (t + 1 < f.ntiles)
-            v3_load<ADJOINT>(p, f, src, mask_y, masked, wt, K, n0, t + 1, q, r0, row_n, row_y, row_x, av, bv);
+            v3_load<ADJOINT, AJ>(p, f, src, mask_y, masked, wt, K, n0, t + 1, q, r0, row_n, row_y, row_x, av, has_b,
+                                 bv);
         tc_tile_mma(As[st], Bs[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
@@ -380,21 +386,20 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
 }
 
 // As conv_igemm_{direct,adjoint}_tf32, with cs % 16 == 0 and the weights as wt from
-// conv_w_nk_tf32; grid (ceil(M / 128), ceil(n / 64), 1), block 256. The adjoint one with stride
-// s > 1 runs on (ceil(batch · ceil(hp/s) · ceil(wp/s) / 128), ceil(n / 64), s²): one z per phase.
-extern "C" __global__ void __launch_bounds__(V3_THREADS)
-conv_igemm_direct_v3_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
-                          int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,
-                          int accumulate, float* __restrict__ out) {
-    conv_igemm_v3<false>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);
-}
-
-extern "C" __global__ void __launch_bounds__(V3_THREADS)
-conv_igemm_adjoint_v3_tf32(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y,
-                           int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,
-                           int accumulate, float* __restrict__ out) {
-    conv_igemm_v3<true>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);
-}
+// conv_w_nk_tf32; block 256. `*_v3_*`: 128 × 64 tiles, grid (ceil(M / 128), ceil(n / 64), 1);
+// `*_v3n32_*` (n ≤ 32): 256 × 32 tiles, grid (ceil(M / 256), 1, 1). The adjoint ones with
+// stride s > 1 count M per phase, M = batch · ceil(hp/s) · ceil(wp/s), and have s² in z.
+#define V3_ENTRY(NAME, ADJ, WN)                                                                              \
+    extern "C" __global__ void __launch_bounds__(V3_THREADS)                                               \
+        NAME(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y, int masked,      \
+             const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu, int accumulate,      \
+             float* __restrict__ out) {                                                                    \
+        conv_igemm_v3<ADJ, WN>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                 \
+    }
+V3_ENTRY(conv_igemm_direct_v3_tf32, false, 2)
+V3_ENTRY(conv_igemm_adjoint_v3_tf32, true, 2)
+V3_ENTRY(conv_igemm_direct_v3n32_tf32, false, 1)
+V3_ENTRY(conv_igemm_adjoint_v3n32_tf32, true, 1)
 
 // The weight-gradient GEMM: rows i < rows (dW's first index), columns kk < k·k·cs (tap-major,
 // channel fastest), reduction over the positions m of a batch × hp × wp grid:
@@ -489,31 +494,42 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
             }
 }
 
-// Version 3 of the weight-gradient partials, taken when rows and cs are multiples of 4. Tiles of
-// 64 rows × 128 columns (two taps of a 64-channel layer) per block of 8 warps (2 × 4, each
-// 32 × 32): every column block reads all of its chunk's A rows (dy or x), so wider column tiles
-// read A fewer times (12.5× instead of 25× for a 5×5 layer), and the two taps' B gathers
-// overlap in L1. The stages are kept transposed in shared memory (reduction index first; row
-// lengths ≡ 8 mod 32 keep the fragment loads free of bank conflicts), so that both operands load
-// 4 consecutive rows i / columns kk with one 16-byte load; each thread's column group lies in
-// one tap, fixed for the whole block. Two stages with the next k-tile's loads in flight during
-// the mma, as conv_igemm_v3.
-#define DW3_BN 128
+// Version 3 of the weight-gradient partials, taken when rows and cs are multiples of 4. Blocks
+// of 8 warps of 32 × 32, WM of them along the rows: WM = 2 gives 64 rows × 128 columns (two
+// taps of a 64-channel layer), WM = 1 gives 32 × 256 for layers of at most 32 rows (the small
+// models, which would leave half of a 64-row tile's tensor-core work on zero rows). Every column
+// block reads all of its chunk's A rows (dy or x), so wide column tiles read A fewer times
+// (12.5× instead of 25× for a 64-channel 5×5 layer), and neighbouring taps' B gathers overlap in
+// L1. The stages are kept transposed in shared memory (reduction index first; row lengths ≡ 8
+// mod 32 keep the fragment loads free of bank conflicts), so that both operands load 4
+// consecutive rows i / columns kk with one 16-byte load; each thread's column group lies in one
+// tap, fixed for the whole block. Two stages with the next k-tile's loads in flight during the
+// mma, as conv_igemm_v3.
 #define DW3_THREADS 256
-#define DW3_LDA (TC_BM + 8)
-#define DW3_LDB (DW3_BN + 8)
 
-// This thread's part of a k-tile at reduction position k0: A rows i..i+3 at position k0 + ma,
-// B columns kk..kk+3 (channel c of tap (ky, kx)) at positions k0 + mb and k0 + mb + 8.
+template <int WM>
+struct Dw3 {
+    static constexpr int BM = 32 * WM, BN = 256 / WM;  // the block's tile
+    static constexpr int LDA = BM + 8, LDB = BN + 8;    // shared-memory row lengths
+    static constexpr int GA = BM / 4, GB = BN / 4;      // 4-wide row / column groups
+    static constexpr int MA = DW3_THREADS / GA;         // A loaders per k-tile (the first 16 load)
+    static constexpr int MB = DW3_THREADS / GB;         // B loaders per group; each loads BJ positions
+    static constexpr int BJ = TC_BK / MB;
+};
+
+// This thread's part of a k-tile at reduction position k0: A rows i..i+3 at position k0 + ma
+// (when has_a), B columns kk..kk+3 (channel c of tap (ky, kx)) at positions k0 + mb + MB·j.
+template <int WM>
 static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
-                                                int b_masked, int k0, int kend, int ma, int i, int mb, int kk,
-                                                int c, int ky, int kx, float4& av, float4 bv[2]) {
+                                                int b_masked, int k0, int kend, bool has_a, int ma, int i, int mb,
+                                                int kk, int c, int ky, int kx, float4& av, float4 bv[]) {
+    using T = Dw3<WM>;
     const int R = p.rows, N = p.k * p.k * p.cs;
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const int m = k0 + ma;
-    if (m < kend && i < R) {
+    if (has_a && m < kend && i < R) {
         const int idx = m * R + i;
         a = ld_f4(a_src + idx);
         if (a_masked) {
@@ -526,8 +542,8 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
     }
     av = a;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        const int mj = k0 + mb + 8 * j;
+    for (int j = 0; j < T::BJ; ++j) {
+        const int mj = k0 + mb + T::MB * j;
         float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (mj < kend && kk < N) {
             const int px = mj % p.wp;
@@ -551,8 +567,9 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
 }
 
 // acc += the warp's tile over one k-tile of the transposed stages (At[k][row], Bt[k][col]).
-static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[DW3_LDA], const unsigned (*Bt)[DW3_LDB],
-                                                     int wm, int wn, int lane, float acc[2][4][4]) {
+template <int LDA, int LDB>
+static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[LDA], const unsigned (*Bt)[LDB], int wm,
+                                                     int wn, int lane, float acc[2][4][4]) {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int ks = 0; ks < TC_BK; ks += 8) {
@@ -582,23 +599,22 @@ static __device__ __forceinline__ uint4 tf32x4(float4 v) {
     return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
 }
 
-// As conv_dw_partial_tf32 (same output), with rows % 4 == 0 and cs % 4 == 0, on the grid
-// (ceil(rows / 64), ceil(k·k·cs / 128), chunks), block 256.
-extern "C" __global__ void __launch_bounds__(DW3_THREADS)
-conv_dw_partial_v3_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask,
-                        int a_masked, const float* __restrict__ b_src, const float* __restrict__ b_mask,
-                        int b_masked, float* __restrict__ partial) {
-    __shared__ __align__(16) unsigned At[2][TC_BK][DW3_LDA];
-    __shared__ __align__(16) unsigned Bt[2][TC_BK][DW3_LDB];
+template <int WM>
+static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                          const float* __restrict__ a_mask, int a_masked,
+                                          const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                          int b_masked, float* __restrict__ partial) {
+    using T = Dw3<WM>;
+    __shared__ __align__(16) unsigned At[2][TC_BK][T::LDA];
+    __shared__ __align__(16) unsigned Bt[2][TC_BK][T::LDB];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 2, wn = warp & 3;
+    const int wm = warp / (8 / WM), wn = warp % (8 / WM);
     const int R = p.rows, N = p.k * p.k * p.cs, npos = p.batch * p.hp * p.wp;
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * DW3_BN;
+    const int m0 = blockIdx.x * T::BM, n0 = blockIdx.y * T::BN;
     const int kbeg = blockIdx.z * p.chunk;
     const int kend = min(kbeg + p.chunk, npos);
-    // A: rows i..i+3 (group ga of 16) at reduction offset ma (of 16);
-    // B: columns kk..kk+3 (group gb of 32) at reduction offsets mb and mb + 8.
-    const int ga = tid & 15, ma = tid >> 4, gb = tid & 31, mb = tid >> 5;
+    const int ga = tid % T::GA, ma = tid / T::GA, gb = tid % T::GB, mb = tid / T::GB;
+    const bool has_a = ma < TC_BK;
     const int i = m0 + 4 * ga, kk = n0 + 4 * gb;
     int c = 0, ky = 0, kx = 0;
     if (kk < N) {
@@ -614,20 +630,21 @@ conv_dw_partial_v3_tf32(ConvDwGemm p, const float* __restrict__ a_src, const flo
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
-    float4 av, bv[2];
-    dw3_load(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, ma, i, mb, kk, c, ky, kx, av, bv);
+    float4 av, bv[T::BJ];
+    dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, mb, kk, c, ky, kx, av,
+                 bv);
     const int ntiles = (kend - kbeg + TC_BK - 1) / TC_BK;
     for (int t = 0; t < ntiles; ++t) {
         // Stage t % 2 was last read in iteration t − 2, before the barrier of iteration t − 1.
         const int st = t & 1;
-        *(uint4*)&At[st][ma][4 * ga] = tf32x4(av);
+        if (has_a) *(uint4*)&At[st][ma][4 * ga] = tf32x4(av);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) *(uint4*)&Bt[st][mb + 8 * j][4 * gb] = tf32x4(bv[j]);
+        for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][mb + T::MB * j][4 * gb] = tf32x4(bv[j]);
         __syncthreads();
         if (t + 1 < ntiles)
-            dw3_load(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + (t + 1) * TC_BK, kend, ma, i, mb,
-                     kk, c, ky, kx, av, bv);
-        tc_tile_mma_t(At[st], Bt[st], wm, wn, lane, acc);
+            dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + (t + 1) * TC_BK, kend, has_a, ma,
+                         i, mb, kk, c, ky, kx, av, bv);
+        tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
     float* out = partial + (size_t)blockIdx.z * R * N;
@@ -642,6 +659,19 @@ conv_dw_partial_v3_tf32(ConvDwGemm p, const float* __restrict__ a_src, const flo
                 if (ii < R && nn < N) out[ii * N + nn] = acc[mi][ni][r];
             }
 }
+
+// As conv_dw_partial_tf32 (same output), with rows % 4 == 0 and cs % 4 == 0; block 256.
+// `conv_dw_partial_v3_tf32`: 64 × 128 tiles, grid (ceil(rows / 64), ceil(k·k·cs / 128), chunks);
+// `conv_dw_partial_v3r32_tf32` (rows ≤ 32): 32 × 256 tiles, grid (1, ceil(k·k·cs / 256), chunks).
+#define DW3_ENTRY(NAME, WM)                                                                               \
+    extern "C" __global__ void __launch_bounds__(DW3_THREADS)                                            \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked, \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,             \
+             float* __restrict__ partial) {                                                              \
+        conv_dw_partial_v3<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial);           \
+    }
+DW3_ENTRY(conv_dw_partial_v3_tf32, 2)
+DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1)
 
 // One thread per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c], z in order.
 extern "C" __global__ void conv_dw_reduce_f32(int chunks, int rows, int cs, int k,

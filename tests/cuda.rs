@@ -313,6 +313,13 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         true,
         100,
     );
+    // The same with 64 output channels (128 × 64 tiles rather than 256 × 32).
+    case(
+        "k3 16->64 12x12",
+        ConvGeom::same(12, 12, 16, 64, 3),
+        false,
+        105,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {

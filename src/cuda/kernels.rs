@@ -46,8 +46,11 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_w_nk_tf32",
             "conv_igemm_direct_v3_tf32",
             "conv_igemm_adjoint_v3_tf32",
+            "conv_igemm_direct_v3n32_tf32",
+            "conv_igemm_adjoint_v3n32_tf32",
             "conv_dw_partial_tf32",
             "conv_dw_partial_v3_tf32",
+            "conv_dw_partial_v3r32_tf32",
             "conv_dw_reduce_f32",
         ],
     },
@@ -147,9 +150,21 @@ pub const KERNEL_FILES: &[KernelFile] = &[
 ];
 
 /// The names of the `extern "C" __global__` functions defined in a source (a plain text scan,
-/// used to check the table above against the files).
+/// used to check the table above against the files). Kernels stamped out by an entry macro
+/// (`#define X_ENTRY(NAME, ...)` whose body declares `NAME`, used as `X_ENTRY(name, ...)` at the
+/// start of a line) count by those uses.
 pub fn declared_kernels(source: &str) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = source
+        .lines()
+        .filter_map(|line| {
+            let (mac, args) = line.split_once('(')?;
+            let is_use = mac.ends_with("_ENTRY")
+                && mac
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            is_use.then(|| args.split(',').next().unwrap_or("").trim().to_string())
+        })
+        .collect();
     let mut rest = source;
     let marker = "extern \"C\" __global__ void ";
     while let Some(at) = rest.find(marker) {
@@ -158,11 +173,16 @@ pub fn declared_kernels(source: &str) -> Vec<String> {
         if let Some(after) = rest.strip_prefix("__launch_bounds__") {
             rest = after[after.find(')').map_or(0, |p| p + 1)..].trim_start();
         }
+        // (A macro definition continues its line with a backslash.)
         let name: String = rest
+            .trim_start_matches(|c: char| c.is_whitespace() || c == '\\')
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
-        out.push(name);
+        // (`NAME`: the parameter of an entry macro's definition, counted by its uses above.)
+        if name != "NAME" {
+            out.push(name);
+        }
     }
     out
 }

@@ -475,32 +475,39 @@ fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
     }
 }
 
-/// Columns and threads per block of `conv_dw_partial_v3_tf32` (DW3_BN, DW3_THREADS in
-/// conv_tc.cu); its tiles are TC_TILE rows high.
-const DW3_BN: usize = 128;
+/// Threads per block of `conv_dw_partial_v3*_tf32` (DW3_THREADS in conv_tc.cu).
 const DW3_THREADS: u32 = 256;
 
-/// Rows per block and threads per block of version 3 of the tensor-core activation passes
-/// (V3_BM, V3_THREADS in conv_tc.cu); its tiles are TC_TILE channels wide.
-const V3_BM: usize = 128;
+/// Threads per block of version 3 of the tensor-core activation passes (V3_THREADS in
+/// conv_tc.cu).
 const V3_THREADS: u32 = 256;
 
-/// The grid of `conv_igemm_{direct,adjoint}_v3_tf32`. An adjoint gather with stride s > 1 has
-/// one z per output phase (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions per
-/// image.
-fn v3_grid(p: &ConvGemmC, adjoint: bool) -> LaunchConfig {
-    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+/// The kernel and grid of version 3 of an activation pass: 128 × 64 tiles, or 256 × 32 tiles
+/// (`*_v3n32_*`) when there are at most 32 output channels. An adjoint gather with stride s > 1
+/// has one z per output phase (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions
+/// per image.
+fn v3_kernel(p: &ConvGemmC, adjoint: bool) -> (&'static str, LaunchConfig) {
+    let (hp, wp, batch, n) = (p.hp as usize, p.wp as usize, p.batch as usize, p.n as usize);
     let s = if adjoint { p.stride as usize } else { 1 };
     let rows = batch * hp.div_ceil(s) * wp.div_ceil(s);
-    LaunchConfig {
+    let narrow = n <= 32;
+    let (bm, bn) = if narrow { (256, 32) } else { (128, 64) };
+    let name = match (adjoint, narrow) {
+        (false, false) => "conv_igemm_direct_v3_tf32",
+        (true, false) => "conv_igemm_adjoint_v3_tf32",
+        (false, true) => "conv_igemm_direct_v3n32_tf32",
+        (true, true) => "conv_igemm_adjoint_v3n32_tf32",
+    };
+    let cfg = LaunchConfig {
         grid_dim: (
-            rows.div_ceil(V3_BM) as u32,
-            (p.n as usize).div_ceil(TC_TILE) as u32,
+            rows.div_ceil(bm) as u32,
+            n.div_ceil(bn) as u32,
             (s * s) as u32,
         ),
         block_dim: (V3_THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    };
+    (name, cfg)
 }
 
 /// Tensor-core tiles over an `m × n` output, `z` deep.
@@ -538,7 +545,7 @@ fn tiles(a: usize, b: usize, z: usize) -> LaunchConfig {
 /// be named locals so that they outlive the launch). Panics on a launch error. In the emulator,
 /// a kernel that wrote outside one of its buffers panics too.
 macro_rules! launch {
-    ($cu:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
+    ($cu:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let cfg: LaunchConfig = $cfg;
         $cu.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &$cu.exec {
@@ -1078,12 +1085,8 @@ impl Cuda {
         let b = b.unwrap_or(w);
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
             let wt = &*wt;
-            let cfg = v3_grid(&p, transposed);
-            if transposed {
-                launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
-            } else {
-                launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
-            }
+            let (name, cfg) = v3_kernel(&p, transposed);
+            launch!(self, name, cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
         } else if transposed {
             launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         } else {
@@ -1138,12 +1141,8 @@ impl Cuda {
         // With accumulate = 1 the kernel never reads the bias: pass w.
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
             let wt = &*wt;
-            let cfg = v3_grid(&p, !transposed);
-            if transposed {
-                launch!(self, "conv_igemm_direct_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
-            } else {
-                launch!(self, "conv_igemm_adjoint_v3_tf32", cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
-            }
+            let (name, cfg) = v3_kernel(&p, !transposed);
+            launch!(self, name, cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
         } else if transposed {
             launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &one, dx);
         } else {
@@ -1174,10 +1173,14 @@ impl Cuda {
         };
         let cols = g.k * g.k * cs;
         let npos = batch * hp * wp;
-        // Version 3 (conv_dw_partial_v3_tf32) tiles are DW3_BN columns wide.
+        // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3).
         let v3 = self.conv_tc_v3 && rows % 4 == 0 && cs % 4 == 0;
-        let col_tile = if v3 { DW3_BN } else { TC_TILE };
-        let tiles = rows.div_ceil(TC_TILE) * cols.div_ceil(col_tile);
+        let (row_tile, col_tile, v3_name) = match (v3, rows <= 32) {
+            (false, _) => (TC_TILE, TC_TILE, ""),
+            (true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
+            (true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
+        };
+        let tiles = rows.div_ceil(row_tile) * cols.div_ceil(col_tile);
         let want = TC_DW_TARGET_BLOCKS
             .div_ceil(tiles)
             .clamp(1, npos.div_ceil(TC_TILE));
@@ -1201,8 +1204,8 @@ impl Cuda {
         let cfg = if v3 {
             LaunchConfig {
                 grid_dim: (
-                    rows.div_ceil(TC_TILE) as u32,
-                    cols.div_ceil(DW3_BN) as u32,
+                    rows.div_ceil(row_tile) as u32,
+                    cols.div_ceil(col_tile) as u32,
                     chunks as u32,
                 ),
                 block_dim: (DW3_THREADS, 1, 1),
@@ -1213,11 +1216,11 @@ impl Cuda {
         };
         let (zero, ri) = (0i32, relu as i32);
         match (transposed, v3) {
-            (true, true) => launch!(self, "conv_dw_partial_v3_tf32", cfg;
+            (true, true) => launch!(self, v3_name, cfg;
                 &p, x, x, &zero, dy, y, &ri, &mut partial),
             (true, false) => launch!(self, "conv_dw_partial_tf32", cfg;
                 &p, x, x, &zero, dy, y, &ri, &mut partial),
-            (false, true) => launch!(self, "conv_dw_partial_v3_tf32", cfg;
+            (false, true) => launch!(self, v3_name, cfg;
                 &p, dy, y, &ri, x, x, &zero, &mut partial),
             (false, false) => launch!(self, "conv_dw_partial_tf32", cfg;
                 &p, dy, y, &ri, x, x, &zero, &mut partial),
