@@ -1,4 +1,8 @@
-//! The CUDA backend, version 1: straightforward f32 kernels (`kernels/*.cu`), correctness first.
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`) for every op of the model. With
+//! `precision: f32` the convolutions and linear layers use exact-f32 kernels (version 1, the
+//! parity reference); with `tf32` they run as implicit GEMMs on the tensor cores
+//! (`kernels/conv_tc.cu`: version 3 for channel counts that are multiples of 16, version 2
+//! otherwise). `benches/NOTES.md` has each kernel's floor, predictions and version log.
 //!
 //! Everything runs in order on one stream (a stream of its own: the legacy default stream cannot
 //! be captured into a CUDA graph, see [`graph`]). The kernels are
