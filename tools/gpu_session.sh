@@ -3,6 +3,8 @@
 # Build and stage first, on the development machine:   ../shared/gpu/bundle
 # then, through the device tool (carry [".gpu"]), from the crate root:
 #   bash tools/gpu_session.sh check              # driver, every test, kernel table, step benches
+#   bash tools/gpu_session.sh sanitize           # compute-sanitizer memcheck, racecheck and
+#                                                 # synccheck over the per-op GPU parity tests
 #   bash tools/gpu_session.sh train tetrominoes 8   # train configs/NAME.yaml on the GPU for N
 #                                                 # minutes (Ctrl-C-style stop: a checkpoint is
 #                                                 # saved), then eval + render the checkpoint
@@ -37,6 +39,21 @@ case ${1:-check} in
       timeout 120 "$bin" bench --cfg "$(cuda_config $c)" --steps 20 2>&1 | tee "$out/bench-$c.txt"
     done
     ;;
+  sanitize)
+    # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
+    # threads, barrier misuse. The per-op tests only (whole training steps are slow under the
+    # tools); each tool gets at most 3 minutes.
+    export SLOTFIX_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=$root LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
+    t=$(ls -1 .gpu/test-cuda-* 2>/dev/null | head -1)
+    [ -n "$t" ] || { echo "no .gpu/test-cuda-*: run ../shared/gpu/bundle first"; exit 2; }
+    for tool in memcheck racecheck synccheck; do
+      echo "== compute-sanitizer --tool $tool"
+      timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" gpu_ --skip train \
+        --test-threads 1 > "$out/sanitize-$tool.txt" 2>&1
+      echo "exit $? (0: clean, 9: errors found, 124: time limit)"
+      grep -E "ERROR SUMMARY|test result|Invalid|Race|Barrier" "$out/sanitize-$tool.txt" | sort | uniq -c | head -20
+    done
+    ;;
   train)
     name=${2:?config name, e.g. tetrominoes}
     minutes=${3:-8}
@@ -56,7 +73,7 @@ case ${1:-check} in
     rm -rf "$out/runs"   # checkpoints are large; the logs, metrics and pictures above stay
     ;;
   *)
-    echo "usage: bash tools/gpu_session.sh check | train NAME [MINUTES]"
+    echo "usage: bash tools/gpu_session.sh check | sanitize | train NAME [MINUTES]"
     exit 2
     ;;
 esac
