@@ -254,6 +254,17 @@ static __device__ __forceinline__ V3Phase v3_phase(const ConvGemm& p, bool phase
 // small models), which would leave half of a 64-wide tile's tensor-core work on zero columns.
 #define V3_THREADS 256
 
+// v with the lanes zeroed where the mask (y of a ReLU layer) is not positive: dy through the
+// ReLU, as v2 applies it element by element.
+static __device__ __forceinline__ float4 relu_masked(float4 v, const float* mask) {
+    const float4 mk = ld_f4(mask);
+    if (!(mk.x > 0.0f)) v.x = 0.0f;
+    if (!(mk.y > 0.0f)) v.y = 0.0f;
+    if (!(mk.z > 0.0f)) v.z = 0.0f;
+    if (!(mk.w > 0.0f)) v.w = 0.0f;
+    return v;
+}
+
 // This thread's part of the phase's k-tile t: 4 channels (quad q) of A rows r0 + 64·j (j < AJ)
 // and, when has_b, of B row n0 + r0.
 template <bool ADJOINT, int AJ>
@@ -285,13 +296,7 @@ static __device__ __forceinline__ void v3_load(const ConvGemm& p, const V3Phase&
             if (ok) {
                 const int idx = ((row_n[j] * p.hs + sy) * p.ws + sx) * p.cs + c;
                 v = ld_f4(src + idx);
-                if (masked) {
-                    const float4 mk = ld_f4(mask_y + idx);
-                    if (!(mk.x > 0.0f)) v.x = 0.0f;
-                    if (!(mk.y > 0.0f)) v.y = 0.0f;
-                    if (!(mk.z > 0.0f)) v.z = 0.0f;
-                    if (!(mk.w > 0.0f)) v.w = 0.0f;
-                }
+                if (masked) v = relu_masked(v, mask_y + idx);
             }
         }
         av[j] = v;
@@ -532,13 +537,7 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
     if (has_a && m < kend && i < R) {
         const int idx = m * R + i;
         a = ld_f4(a_src + idx);
-        if (a_masked) {
-            const float4 mk = ld_f4(a_mask + idx);
-            if (!(mk.x > 0.0f)) a.x = 0.0f;
-            if (!(mk.y > 0.0f)) a.y = 0.0f;
-            if (!(mk.z > 0.0f)) a.z = 0.0f;
-            if (!(mk.w > 0.0f)) a.w = 0.0f;
-        }
+        if (a_masked) a = relu_masked(a, a_mask + idx);
     }
     av = a;
 #pragma unroll
@@ -553,13 +552,7 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
             if (sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws) {
                 const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + c;
                 b = ld_f4(b_src + idx);
-                if (b_masked) {
-                    const float4 mk = ld_f4(b_mask + idx);
-                    if (!(mk.x > 0.0f)) b.x = 0.0f;
-                    if (!(mk.y > 0.0f)) b.y = 0.0f;
-                    if (!(mk.z > 0.0f)) b.z = 0.0f;
-                    if (!(mk.w > 0.0f)) b.w = 0.0f;
-                }
+                if (b_masked) b = relu_masked(b, b_mask + idx);
             }
         }
         bv[j] = b;
