@@ -265,56 +265,94 @@ static __device__ __forceinline__ float4 relu_masked(float4 v, const float* mask
     return v;
 }
 
-// This thread's part of the phase's k-tile t: 4 channels (quad q) of A rows r0 + 64·j (j < AJ)
-// and, when has_b, of B row n0 + r0.
+// Where a k-tile of the phase's GEMM reads: tap (ky, kx), the offsets (oy_, ox_) that map a row's
+// base position to its source pixel, and the tile's first channel. Stepped from one k-tile to the
+// next by additions (v3_next): the k-loop has no integer division.
+//   direct gather:  source = base + (ky, kx) with base = (oy·s − pad, ox·s − pad);
+//   adjoint gather: source = base − (ty, tx) with base = (ry + ⌊(qy + pad)/s⌋, rx + ...), (ty, tx)
+//                   the phase's tap indices, ky = ky0 + s·ty (exact: the phase's taps divide).
+struct V3Tap {
+    int ky, kx;    // the tap
+    int ty, tx;    // its index among the phase's taps
+    int c0;        // first channel of the k-tile
+};
+
+static __device__ __forceinline__ void v3_next(const ConvGemm& p, const V3Phase& f, V3Tap& tp) {
+    tp.c0 += TC_BK;
+    if (tp.c0 == p.cs) {
+        tp.c0 = 0;
+        ++tp.tx;
+        tp.kx += f.s;
+        if (tp.tx == f.ntx) {
+            tp.tx = 0;
+            tp.kx = f.kx0;
+            ++tp.ty;
+            tp.ky += f.s;
+        }
+    }
+}
+
+// A row of the phase's GEMM: its image's first pixel (n·hs·ws; −1: no row) and base position.
+struct V3Row {
+    int pix0, by, bx;
+};
+
+// This thread's part of k-tile `tp`: 4 channels (quad q) of its AJ A rows and, when has_b, of
+// B row n0 + r0.
 template <bool ADJOINT, int AJ>
-static __device__ __forceinline__ void v3_load(const ConvGemm& p, const V3Phase& f, const float* __restrict__ src,
+static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* __restrict__ src,
                                                const float* __restrict__ mask_y, int masked,
-                                               const unsigned* __restrict__ wt, int K, int n0, int t, int q,
-                                               int r0, const int row_n[AJ], const int row_y[AJ],
-                                               const int row_x[AJ], float4 av[AJ], bool has_b, uint4& bv) {
-    const int per_tap = p.cs / TC_BK;
-    const int tap_i = t / per_tap, c = (t % per_tap) * TC_BK + 4 * q;
-    const int ky = f.ky0 + f.s * (tap_i / f.ntx), kx = f.kx0 + f.s * (tap_i % f.ntx);
+                                               const unsigned* __restrict__ wt, int K, int n0, const V3Tap& tp,
+                                               int q, int r0, const V3Row rows[AJ], float4 av[AJ], bool has_b,
+                                               uint4& bv) {
+    const int c = tp.c0 + 4 * q;
+    const int dy = ADJOINT ? -tp.ty : tp.ky, dx = ADJOINT ? -tp.tx : tp.kx;
 #pragma unroll
     for (int j = 0; j < AJ; ++j) {
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (row_n[j] >= 0) {
-            int sy, sx;
-            bool ok;
-            if (ADJOINT) {
-                const int ty = row_y[j] + p.pad - ky, tx = row_x[j] + p.pad - kx;
-                ok = ty >= 0 && tx >= 0 && ty % p.stride == 0 && tx % p.stride == 0;
-                sy = ty / p.stride;
-                sx = tx / p.stride;
-                ok = ok && sy < p.hs && sx < p.ws;
-            } else {
-                sy = row_y[j] * p.stride - p.pad + ky;
-                sx = row_x[j] * p.stride - p.pad + kx;
-                ok = sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws;
-            }
-            if (ok) {
-                const int idx = ((row_n[j] * p.hs + sy) * p.ws + sx) * p.cs + c;
-                v = ld_f4(src + idx);
-                if (masked) v = relu_masked(v, mask_y + idx);
-            }
+        const int sy = rows[j].by + dy, sx = rows[j].bx + dx;
+        if (rows[j].pix0 >= 0 && sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws) {
+            const int idx = (rows[j].pix0 + sy * p.ws + sx) * p.cs + c;
+            v = ld_f4(src + idx);
+            if (masked) v = relu_masked(v, mask_y + idx);
         }
         av[j] = v;
     }
     const int nn = n0 + r0;
     if (has_b)
-        bv = nn < p.n ? ld_u4(wt + (size_t)nn * K + (ky * p.k + kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
+        bv = nn < p.n ? ld_u4(wt + (size_t)nn * K + (tp.ky * p.k + tp.kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// The output row of the phase's GEMM row m (−1: past the phase's positions), and its position.
-static __device__ __forceinline__ int v3_row(const ConvGemm& p, const V3Phase& f, int m, int& oy, int& ox) {
-    oy = ox = 0;
+// The output row of the phase's GEMM row m (−1: past the phase's positions), its position, and
+// its position in the phase's grid.
+static __device__ __forceinline__ int v3_row(const ConvGemm& p, const V3Phase& f, int m, int& oy, int& ox, int& ry,
+                                             int& rx) {
+    oy = ox = ry = rx = 0;
     if (m >= p.batch * f.hq * f.wq) return -1;
-    const int rx = m % f.wq, t = m / f.wq;
-    const int ry = t % f.hq, n = t / f.hq;
+    rx = m % f.wq;
+    const int t = m / f.wq;
+    ry = t % f.hq;
+    const int n = t / f.hq;
     oy = f.qy + f.s * ry;
     ox = f.qx + f.s * rx;
     return n;
+}
+
+// The A row of GEMM row m (see V3Tap for the base positions).
+template <bool ADJOINT>
+static __device__ __forceinline__ V3Row v3_a_row(const ConvGemm& p, const V3Phase& f, int m) {
+    int oy, ox, ry, rx;
+    const int n = v3_row(p, f, m, oy, ox, ry, rx);
+    V3Row r;
+    r.pix0 = n < 0 ? -1 : n * p.hs * p.ws;
+    if (ADJOINT) {
+        r.by = ry + (f.qy + p.pad) / f.s;
+        r.bx = rx + (f.qx + p.pad) / f.s;
+    } else {
+        r.by = oy * p.stride - p.pad;
+        r.bx = ox * p.stride - p.pad;
+    }
+    return r;
 }
 
 template <bool ADJOINT, int WN>
@@ -332,9 +370,13 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int q = tid & 3, r0 = tid >> 2;
     const bool has_b = r0 < BN;  // this thread loads a B row
-    int row_n[AJ], row_y[AJ], row_x[AJ];  // the positions of its A rows (row_n = −1: none)
+    V3Row rows[AJ];  // its A rows
 #pragma unroll
-    for (int j = 0; j < AJ; ++j) row_n[j] = v3_row(p, f, m0 + r0 + 64 * j, row_y[j], row_x[j]);
+    for (int j = 0; j < AJ; ++j) rows[j] = v3_a_row<ADJOINT>(p, f, m0 + r0 + 64 * j);
+    V3Tap tp;  // the k-tile to load next
+    tp.ky = f.ky0;
+    tp.kx = f.kx0;
+    tp.ty = tp.tx = tp.c0 = 0;
     float acc[2][4][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -344,8 +386,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
     float4 av[AJ];
     uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-    if (f.ntiles > 0)
-        v3_load<ADJOINT, AJ>(p, f, src, mask_y, masked, wt, K, n0, 0, q, r0, row_n, row_y, row_x, av, has_b, bv);
+    if (f.ntiles > 0) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, K, n0, tp, q, r0, rows, av, has_b, bv);
     for (int t = 0; t < f.ntiles; ++t) {
         // Store the loaded tile into stage t % 2. Every warp finished reading that stage (tile
         // t − 2) before the barrier that ended iteration t − 1.
@@ -357,9 +398,10 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         if (has_b) *(uint4*)&Bs[st][r0][4 * q] = bv;
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
-        if (t + 1 < f.ntiles)
-            v3_load<ADJOINT, AJ>(p, f, src, mask_y, masked, wt, K, n0, t + 1, q, r0, row_n, row_y, row_x, av, has_b,
-                                 bv);
+        if (t + 1 < f.ntiles) {
+            v3_next(p, f, tp);
+            v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, K, n0, tp, q, r0, rows, av, has_b, bv);
+        }
         tc_tile_mma(As[st], Bs[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
@@ -367,8 +409,8 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int r2 = 0; r2 < 2; ++r2) {
-            int oy, ox;
-            const int n = v3_row(p, f, m0 + wm * 32 + mi * 16 + g + 8 * r2, oy, ox);
+            int oy, ox, ry, rx;
+            const int n = v3_row(p, f, m0 + wm * 32 + mi * 16 + g + 8 * r2, oy, ox, ry, rx);
             if (n < 0) continue;
             const int m = (n * p.hp + oy) * p.wp + ox;  // the row of `out`
 #pragma unroll
@@ -522,14 +564,49 @@ struct Dw3 {
     static constexpr int BJ = TC_BK / MB;
 };
 
+// A reduction position m of the dW GEMM and its (n, py, px) on the grid, stepped by TC_BK per
+// k-tile with additions where the grid is at least TC_BK wide (one wrap at most), by division
+// otherwise (e.g. a linear layer's 1×1 grid).
+struct DwPos {
+    int m, n, py, px;
+};
+
+static __device__ __forceinline__ DwPos dw_pos(const ConvDwGemm& p, int m) {
+    DwPos q;
+    q.m = m;
+    q.px = m % p.wp;
+    const int t = m / p.wp;
+    q.py = t % p.hp;
+    q.n = t / p.hp;
+    return q;
+}
+
+static __device__ __forceinline__ void dw_pos_next(const ConvDwGemm& p, DwPos& q) {
+    if (p.wp < TC_BK) {
+        q = dw_pos(p, q.m + TC_BK);
+        return;
+    }
+    q.m += TC_BK;
+    q.px += TC_BK;
+    if (q.px >= p.wp) {
+        q.px -= p.wp;
+        if (++q.py == p.hp) {
+            q.py = 0;
+            ++q.n;
+        }
+    }
+}
+
 // This thread's part of a k-tile at reduction position k0: A rows i..i+3 at position k0 + ma
-// (when has_a), B columns kk..kk+3 (channel c of tap (ky, kx)) at positions k0 + mb + MB·j.
+// (when has_a), B columns kk..kk+3 (channel c of tap (ky, kx)) at the positions bpos[j]
+// (k0 + mb + MB·j).
 template <int WM>
 static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
-                                                int b_masked, int k0, int kend, bool has_a, int ma, int i, int mb,
-                                                int kk, int c, int ky, int kx, float4& av, float4 bv[]) {
+                                                int b_masked, int k0, int kend, bool has_a, int ma, int i,
+                                                const DwPos bpos[], int kk, int c, int ky, int kx, float4& av,
+                                                float4 bv[]) {
     using T = Dw3<WM>;
     const int R = p.rows, N = p.k * p.k * p.cs;
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -542,15 +619,12 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
     av = a;
 #pragma unroll
     for (int j = 0; j < T::BJ; ++j) {
-        const int mj = k0 + mb + T::MB * j;
+        const DwPos& q = bpos[j];
         float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (mj < kend && kk < N) {
-            const int px = mj % p.wp;
-            const int t = mj / p.wp;
-            const int py = t % p.hp, n = t / p.hp;
-            const int sy = py * p.stride - p.pad + ky, sx = px * p.stride - p.pad + kx;
+        if (q.m < kend && kk < N) {
+            const int sy = q.py * p.stride - p.pad + ky, sx = q.px * p.stride - p.pad + kx;
             if (sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws) {
-                const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + c;
+                const int idx = ((q.n * p.hs + sy) * p.ws + sx) * p.cs + c;
                 b = ld_f4(b_src + idx);
                 if (b_masked) b = relu_masked(b, b_mask + idx);
             }
@@ -624,8 +698,11 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
     float4 av, bv[T::BJ];
-    dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, mb, kk, c, ky, kx, av,
-                 bv);
+    DwPos bpos[T::BJ];  // this thread's B positions in the next k-tile
+#pragma unroll
+    for (int j = 0; j < T::BJ; ++j) bpos[j] = dw_pos(p, kbeg + mb + T::MB * j);
+    dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, bpos, kk, c, ky, kx,
+                 av, bv);
     const int ntiles = (kend - kbeg + TC_BK - 1) / TC_BK;
     for (int t = 0; t < ntiles; ++t) {
         // Stage t % 2 was last read in iteration t − 2, before the barrier of iteration t − 1.
@@ -634,9 +711,12 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
 #pragma unroll
         for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][mb + T::MB * j][4 * gb] = tf32x4(bv[j]);
         __syncthreads();
-        if (t + 1 < ntiles)
+        if (t + 1 < ntiles) {
+#pragma unroll
+            for (int j = 0; j < T::BJ; ++j) dw_pos_next(p, bpos[j]);
             dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + (t + 1) * TC_BK, kend, has_a, ma,
-                         i, mb, kk, c, ky, kx, av, bv);
+                         i, bpos, kk, c, ky, kx, av, bv);
+        }
         tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;

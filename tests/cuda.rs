@@ -320,6 +320,14 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         false,
         105,
     );
+    // A grid at least 16 wide: the weight gradient steps its positions by additions (with
+    // wraps into the next row and the next image) instead of dividing.
+    case(
+        "k3 16->16 20x17",
+        ConvGeom::same(20, 17, 16, 16, 3),
+        true,
+        107,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -350,6 +358,13 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         t(8, 8, 16, 16, 5, 2, 2, 1),
         true,
         200,
+    );
+    // Input grid at least 16 wide (the convT weight gradient reduces over the input grid).
+    case(
+        "T k3 s2 op1 16->16 9x17",
+        t(9, 17, 16, 16, 3, 2, 1, 1),
+        true,
+        210,
     );
 }
 
