@@ -1165,11 +1165,10 @@ impl<B: Backend> Model<B> {
         let a = self.arch.clone();
         let np = a.pixels();
         let bk = batch * a.k;
-        // Loss → decoder output.
+        // Loss → decoder output. (Each layer's dx is the only contribution to the gradient of
+        // its input, so the conv backward overwrites it: no zeroing of those buffers.)
         let nd = a.decoder.len();
-        for buf in ws.d_dec_act.iter_mut() {
-            be.fill_zero(buf);
-        }
+        be.fill_zero(&mut ws.d_dec_act[nd - 1]);
         be.composite_mse_bwd(
             batch,
             a.k,
@@ -1182,7 +1181,6 @@ impl<B: Backend> Model<B> {
             &mut ws.d_dec_act[nd - 1],
         );
         // Decoder layers, last to first.
-        be.fill_zero(&mut ws.d_dec_in);
         for i in (0..nd).rev() {
             let l = a.decoder[i];
             let (lower, upper) = ws.d_dec_act.split_at_mut(i);
@@ -1199,7 +1197,7 @@ impl<B: Backend> Model<B> {
             };
             let (gw, gb) = two_mut(&mut self.grads, l.w, l.b);
             match l.kind {
-                LayerKind::Conv => be.conv2d_bwd(
+                LayerKind::Conv => be.conv2d_bwd_set_dx(
                     &l.geom,
                     bk,
                     x,
@@ -1207,11 +1205,11 @@ impl<B: Backend> Model<B> {
                     &ws.dec_act[i],
                     l.relu,
                     dy,
-                    Some(dx),
+                    dx,
                     gw,
                     gb,
                 ),
-                LayerKind::ConvTranspose => be.conv_t2d_bwd(
+                LayerKind::ConvTranspose => be.conv_t2d_bwd_set_dx(
                     &l.geom,
                     bk,
                     x,
@@ -1219,7 +1217,7 @@ impl<B: Backend> Model<B> {
                     &ws.dec_act[i],
                     l.relu,
                     dy,
-                    Some(dx),
+                    dx,
                     gw,
                     gb,
                 ),
@@ -1278,10 +1276,8 @@ impl<B: Backend> Model<B> {
         let p = &self.params;
         let gr = &mut self.grads;
         // Encoder convs, last to first (the position embedding passes the gradient through).
+        // Each layer's dx is the only contribution to its input's gradient: overwritten.
         let ne = a.encoder.len();
-        for buf in ws.d_enc_act.iter_mut() {
-            be.fill_zero(buf);
-        }
         for i in (0..ne).rev() {
             let l = a.encoder[i];
             let (lower, upper) = ws.d_enc_act.split_at_mut(i);
@@ -1291,24 +1287,15 @@ impl<B: Backend> Model<B> {
             } else {
                 &ws.enc_act[i - 1]
             };
-            let dx = if i == 0 {
-                None
-            } else {
-                Some(&mut lower[i - 1])
-            };
             let (gw, gb) = two_mut(gr, l.w, l.b);
-            be.conv2d_bwd(
-                &l.geom,
-                batch,
-                x,
-                &p[l.w],
-                &ws.enc_act[i],
-                l.relu,
-                dy,
-                dx,
-                gw,
-                gb,
-            );
+            let (w, y) = (&p[l.w], &ws.enc_act[i]);
+            if i == 0 {
+                // The image needs no gradient.
+                be.conv2d_bwd(&l.geom, batch, x, w, y, l.relu, dy, None, gw, gb);
+            } else {
+                let dx = &mut lower[i - 1];
+                be.conv2d_bwd_set_dx(&l.geom, batch, x, w, y, l.relu, dy, dx, gw, gb);
+            }
         }
     }
 }

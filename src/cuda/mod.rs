@@ -963,6 +963,7 @@ impl Cuda {
         relu: bool,
         dy: &Buf,
         dx: Option<&mut Buf>,
+        dx_set: bool,
         dw: &mut Buf,
         db: &mut Buf,
     ) {
@@ -979,7 +980,7 @@ impl Cuda {
         if self.precision == Precision::Tf32 {
             if let Some(dx) = dx {
                 assert_eq!(dx.len(), batch * g.in_len());
-                self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx);
+                self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx, dx_set);
             }
             self.conv_tc_dw(transposed, g, batch, x, y, relu, dy, dw);
             self.conv_db(g, batch, y, relu, dy, db);
@@ -991,6 +992,10 @@ impl Cuda {
         if let Some(dx) = dx {
             assert_eq!(dx.len(), batch * g.in_len());
             let n = batch * g.in_len();
+            // (The exact-f32 dx kernels only accumulate.)
+            if dx_set {
+                self.fill_zero(dx);
+            }
             if transposed {
                 launch!(self, "conv_t2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
             } else {
@@ -1112,7 +1117,8 @@ impl Cuda {
         Some(wt)
     }
 
-    /// dx += the input gradient of a convolution or transposed convolution, on the tensor cores.
+    /// dx += (or, with `dx_set`, dx =) the input gradient of a convolution or transposed
+    /// convolution, on the tensor cores.
     #[allow(clippy::too_many_arguments)]
     fn conv_tc_dx(
         &self,
@@ -1124,6 +1130,7 @@ impl Cuda {
         relu: bool,
         dy: &Buf,
         dx: &mut Buf,
+        dx_set: bool,
     ) {
         // conv: adjoint gather of g, W[co][ci] (W[c][n]); convT: direct gather of g, W[ci][co]
         // (W[n][c]). The GEMM's rows are the input positions, its columns the input channels.
@@ -1141,16 +1148,18 @@ impl Cuda {
             w_nc: transposed as i32,
         };
         let cfg = tc_grid(batch * g.h_in * g.w_in, g.c_in, 1);
-        let (zero, one, ri) = (0i32, 1i32, relu as i32);
-        // With accumulate = 1 the kernel never reads the bias: pass w.
+        // accumulate = 1: dx += the product; 2 with relu = 0: dx = the product. Neither reads
+        // the bias: pass w.
+        let (zero, ri) = (0i32, relu as i32);
+        let mode = if dx_set { 2i32 } else { 1 };
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
             let wt = &*wt;
             let (name, cfg) = v3_kernel(&p, !transposed);
-            launch!(self, name, cfg; &p, dy, y, &ri, wt, w, &zero, &one, dx);
+            launch!(self, name, cfg; &p, dy, y, &ri, wt, w, &zero, &mode, dx);
         } else if transposed {
-            launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &one, dx);
+            launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
         } else {
-            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &one, dx);
+            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
         }
     }
 
@@ -1543,7 +1552,22 @@ impl Backend for Cuda {
         dw: &mut Buf,
         db: &mut Buf,
     ) {
-        self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, dx, dw, db);
+        self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, dx, false, dw, db);
+    }
+    fn conv2d_bwd_set_dx(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: &mut Buf,
+        dw: &mut Buf,
+        db: &mut Buf,
+    ) {
+        self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, Some(dx), true, dw, db);
     }
     fn conv_t2d_fwd(
         &self,
@@ -1584,7 +1608,22 @@ impl Backend for Cuda {
         dw: &mut Buf,
         db: &mut Buf,
     ) {
-        self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, dx, dw, db);
+        self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, dx, false, dw, db);
+    }
+    fn conv_t2d_bwd_set_dx(
+        &self,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: &mut Buf,
+        dw: &mut Buf,
+        db: &mut Buf,
+    ) {
+        self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, Some(dx), true, dw, db);
     }
     fn linear_fwd(
         &self,
@@ -1647,7 +1686,7 @@ impl Backend for Cuda {
             check_conv_range(&g, rows);
             if let Some(dx) = dx {
                 assert_eq!(dx.len(), rows * n_in);
-                self.conv_tc_dx(false, &g, rows, w, y, relu, dy, dx);
+                self.conv_tc_dx(false, &g, rows, w, y, relu, dy, dx, false);
             }
             self.conv_tc_dw(false, &g, rows, x, y, relu, dy, dw);
             if let Some(db) = db {
