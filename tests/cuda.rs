@@ -1582,10 +1582,16 @@ emu_and_gpu_tests!(
 /// dropout masks of each step (the RNG counter), the learning rate of a warm-up that changes
 /// every step, the bias corrections, and the optimizer's bookkeeping. Between steps another
 /// user of the step scalars (an evaluation's slot noise) runs, as in a training run.
-fn graph_steps_equal_eager_steps(graphed: Cuda, eager: Cuda, label: &str) {
+fn graph_steps_equal_eager_steps(graphed: Cuda, eager: Cuda, implicit: bool, label: &str) {
     let mut cfg = small_config(|m| {
-        m.implicit_diff = true;
+        m.implicit_diff = implicit;
         m.dropout = 0.1;
+        // 16 and 32 wide: the v3 convolutions, with the phased stride-2 decoder, in the graph.
+        m.encoder_channels = vec![16, 16];
+        m.decoder_channels = Some(vec![16, 16, 4]);
+        m.feat_size = 16;
+        m.slot_size = 16;
+        m.mlp_hidden_size = 32;
     });
     cfg.training.warmup_steps = 4;
     let mut sg = Session::new(graphed, cfg.clone());
@@ -1649,11 +1655,18 @@ emu_and_gpu_tests!(
     emu_graph_steps_equal_eager_steps,
     gpu_graph_steps_equal_eager_steps,
     |g, kind| {
-        let other = if kind == "gpu" { gpu() } else { emu() }.expect("a second backend");
+        let again = || if kind == "gpu" { gpu() } else { emu() }.expect("another backend");
         graph_steps_equal_eager_steps(
             g.with_precision(Precision::Tf32),
-            other.with_precision(Precision::Tf32),
-            kind,
+            again().with_precision(Precision::Tf32),
+            true,
+            &format!("{kind} implicit"),
+        );
+        graph_steps_equal_eager_steps(
+            again().with_precision(Precision::Tf32),
+            again().with_precision(Precision::Tf32),
+            false,
+            &format!("{kind} bptt"),
         )
     }
 );
