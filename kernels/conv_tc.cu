@@ -58,6 +58,41 @@ static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[TC_LD], 
     }
 }
 
+// The warp's 2 × 4 accumulator tiles, zeroed.
+static __device__ __forceinline__ void zero_acc(float acc[2][4][4]) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+}
+
+// GEMM column kk (tap-major, channel fastest) as channel c of tap (ky, kx).
+static __device__ __forceinline__ void split_k(int kk, int cs, int k, int& c, int& ky, int& kx) {
+    c = kk % cs;
+    const int tap = kk / cs;
+    ky = tap / k;
+    kx = tap % k;
+}
+
+// The epilogue of the weight-gradient partials: out[ii][nn] (R × N) = the warp's accumulators,
+// whose 32 × 32 tile starts at row r0 and column c0 (fragment layout of mma_tf32_16x8x8).
+static __device__ __forceinline__ void store_dw_partial(const float acc[2][4][4], float* __restrict__ out, int R,
+                                                        int N, int r0, int c0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ii = r0 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int nn = c0 + ni * 8 + 2 * t + (r & 1);
+                if (ii < R && nn < N) out[ii * N + nn] = acc[mi][ni][r];
+            }
+}
+
 // The GEMM of the four activation passes: M = batch·hp·wp output positions, N = n channels,
 // K = k·k·cs (tap-major, channel fastest).
 struct ConvGemm {
@@ -96,23 +131,13 @@ static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ s
         }
     }
     float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    zero_acc(acc);
     const int bdim = p.w_nc ? p.cs : N;  // second dimension of W
     for (int k0 = 0; k0 < K; k0 += TC_BK) {
         const int kk = k0 + kq;
         const bool kvalid = kk < K;
         int c = 0, ky = 0, kx = 0;
-        if (kvalid) {
-            c = kk % p.cs;
-            const int tap = kk / p.cs;
-            ky = tap / p.k;
-            kx = tap % p.k;
-        }
+        if (kvalid) split_k(kk, p.cs, p.k, c, ky, kx);
         float av[8], bv[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -211,10 +236,11 @@ extern "C" __global__ void conv_w_nk_tf32(int n, int cs, int k, int w_nc, const 
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= n * K) return;
     const int nn = e / K, kk = e % K;
-    const int c = kk % cs, tap = kk / cs;
+    int c, ky, kx;
+    split_k(kk, cs, k, c, ky, kx);
     const int a = w_nc ? nn : c, b = w_nc ? c : nn;
     const int bdim = w_nc ? cs : n;
-    wt[e] = to_tf32(w[((a * bdim + b) * k + tap / k) * k + tap % k]);
+    wt[e] = to_tf32(w[((a * bdim + b) * k + ky) * k + kx]);
 }
 
 // The adjoint gather with stride s > 1 touches, for an output position (oy, ox), only the taps
@@ -378,12 +404,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     tp.kx = f.kx0;
     tp.ty = tp.tx = tp.c0 = 0;
     float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    zero_acc(acc);
     float4 av[AJ];
     uint4 bv = make_uint4(0u, 0u, 0u, 0u);
     if (f.ntiles > 0) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, K, n0, tp, q, r0, rows, av, has_b, bv);
@@ -478,19 +499,9 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
     const int q = tid & 63, mq0 = tid >> 6;
     const int i = m0 + q, kk = n0 + q;
     int c = 0, ky = 0, kx = 0;
-    if (kk < N) {
-        c = kk % p.cs;
-        const int tap = kk / p.cs;
-        ky = tap / p.k;
-        kx = tap % p.k;
-    }
+    if (kk < N) split_k(kk, p.cs, p.k, c, ky, kx);
     float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    zero_acc(acc);
     for (int k0 = kbeg; k0 < kend; k0 += TC_BK) {
         float av[8], bv[8];
 #pragma unroll
@@ -527,18 +538,7 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
         __syncthreads();
         tc_tile_mma(As, Bs, wm, wn, lane, acc);
     }
-    const int g = lane >> 2, t = lane & 3;
-    float* out = partial + (size_t)blockIdx.z * R * N;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int ii = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
-                const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
-                if (ii < R && nn < N) out[ii * N + nn] = acc[mi][ni][r];
-            }
+    store_dw_partial(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
 }
 
 // Version 3 of the weight-gradient partials, taken when rows and cs are multiples of 4. Blocks
@@ -684,19 +684,9 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
     const bool has_a = ma < TC_BK;
     const int i = m0 + 4 * ga, kk = n0 + 4 * gb;
     int c = 0, ky = 0, kx = 0;
-    if (kk < N) {
-        c = kk % p.cs;
-        const int tap = kk / p.cs;
-        ky = tap / p.k;
-        kx = tap % p.k;
-    }
+    if (kk < N) split_k(kk, p.cs, p.k, c, ky, kx);
     float acc[2][4][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    zero_acc(acc);
     float4 av, bv[T::BJ];
     DwPos bpos[T::BJ];  // this thread's B positions in the next k-tile
 #pragma unroll
@@ -719,18 +709,7 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
         }
         tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
     }
-    const int g = lane >> 2, t = lane & 3;
-    float* out = partial + (size_t)blockIdx.z * R * N;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int ii = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
-                const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
-                if (ii < R && nn < N) out[ii * N + nn] = acc[mi][ni][r];
-            }
+    store_dw_partial(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
 }
 
 // As conv_dw_partial_tf32 (same output), with rows % 4 == 0 and cs % 4 == 0; block 256.
