@@ -369,40 +369,34 @@ impl<B: Backend> Session<B> {
             step: self.step,
         };
         self.be.begin_step(&h);
-        let stats = match std::mem::replace(&mut self.mode, StepMode::Eager) {
+        let mode = std::mem::replace(&mut self.mode, StepMode::Eager);
+        // The batch goes in before any capture (a host-to-device copy cannot be captured).
+        self.upload_batch(images);
+        let stats = match mode {
             StepMode::Replay { graph, stats } => {
-                self.upload_batch(images);
                 self.be
                     .replay(&graph)
                     .unwrap_or_else(|e| panic!("replaying the captured training step: {e}"));
                 self.mode = StepMode::Replay { graph, stats };
                 stats
             }
-            StepMode::Capture => {
-                self.upload_batch(images);
-                match self.capture_step(&h) {
-                    Ok((graph, stats)) => {
-                        self.be
-                            .replay(&graph)
-                            .unwrap_or_else(|e| panic!("running the captured training step: {e}"));
-                        self.mode = StepMode::Replay { graph, stats };
-                        stats
-                    }
-                    Err(e) => {
-                        eprintln!("note: {e}; training steps run without a CUDA graph");
-                        self.queue_step_of_batch(&h)
-                    }
+            StepMode::Capture => match self.capture_step(&h) {
+                Ok((graph, stats)) => {
+                    self.be
+                        .replay(&graph)
+                        .unwrap_or_else(|e| panic!("running the captured training step: {e}"));
+                    self.mode = StepMode::Replay { graph, stats };
+                    stats
                 }
-            }
-            StepMode::WarmUp => {
-                if self.captures_steps() {
+                Err(e) => {
+                    eprintln!("note: {e}; training steps run without a CUDA graph");
+                    self.queue_step_of_batch(&h)
+                }
+            },
+            warm_up_or_eager => {
+                if matches!(warm_up_or_eager, StepMode::WarmUp) && self.captures_steps() {
                     self.mode = StepMode::Capture;
                 }
-                self.upload_batch(images);
-                self.queue_step_of_batch(&h)
-            }
-            StepMode::Eager => {
-                self.upload_batch(images);
                 self.queue_step_of_batch(&h)
             }
         };
