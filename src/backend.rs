@@ -13,6 +13,40 @@ use crate::ops::tokens::{
 use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
 
+/// Where a set of buffers comes from: every backend, or a [`SizeCounter`] that only adds up
+/// their sizes (so that a workspace can be sized before anything is allocated).
+pub trait Alloc {
+    type Buf;
+    /// A zero-filled buffer of `len` f32 elements.
+    fn buffer(&self, len: usize) -> Self::Buf;
+}
+
+impl<B: Backend + ?Sized> Alloc for B {
+    type Buf = B::Buf;
+    fn buffer(&self, len: usize) -> B::Buf {
+        self.alloc(len)
+    }
+}
+
+/// Counts the bytes of the f32 buffers asked of it and allocates nothing.
+#[derive(Default)]
+pub struct SizeCounter {
+    bytes: std::cell::Cell<u64>,
+}
+
+impl SizeCounter {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
+    }
+}
+
+impl Alloc for SizeCounter {
+    type Buf = ();
+    fn buffer(&self, len: usize) {
+        self.bytes.set(self.bytes.get() + 4 * len as u64);
+    }
+}
+
 /// Hyper-parameters of one Adam(W) update.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
@@ -359,6 +393,11 @@ pub trait Backend: Sync {
     );
     /// Device memory in use in bytes, where the backend has a device (None on the CPU).
     fn device_memory_used(&self) -> Option<u64> {
+        None
+    }
+    /// Bytes that new buffers can take now and where ("GPU": its free memory; "host": the
+    /// available memory on the CPU), or None where it is not known.
+    fn memory_available(&self) -> Option<(u64, &'static str)> {
         None
     }
     /// Optimizer bookkeeping for gradient tensors of `grad_lens` elements, starting from

@@ -3,7 +3,7 @@
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::rng::{stream, Philox};
-use crate::train::Session;
+use crate::train::{MemoryPlan, Session};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -25,6 +25,8 @@ pub struct StepBench {
     /// Device memory in use after the timed steps (every training buffer is allocated once,
     /// before the second step), bytes; None on the CPU.
     pub device_mem: Option<u64>,
+    /// The buffers of the session and its workspace, as `MemoryPlan` predicts them, bytes.
+    pub planned_bytes: u64,
 }
 
 impl StepBench {
@@ -52,10 +54,14 @@ impl StepBench {
             self.min_ms,
             self.max_ms,
             self.images_per_s(),
-            match (self.device_mem, self.peak_rss) {
-                (Some(d), _) => format!("{:.2} GiB on the device", d as f64 / (1u64 << 30) as f64),
-                (None, Some(b)) => format!("{:.2} GiB RSS", b as f64 / (1u64 << 30) as f64),
-                (None, None) => "n/a".into(),
+            {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                let measured = match (self.device_mem, self.peak_rss) {
+                    (Some(d), _) => format!("{:.2} GiB on the device", gib(d)),
+                    (None, Some(b)) => format!("{:.2} GiB RSS", gib(b)),
+                    (None, None) => "n/a".into(),
+                };
+                format!("{measured} ({:.2} GiB planned)", gib(self.planned_bytes))
             }
         )
     }
@@ -108,5 +114,6 @@ pub fn bench_step<B: Backend>(be: B, cfg: &Config, steps: usize) -> StepBench {
         steps: ms.len(),
         peak_rss: peak_rss(),
         device_mem: sess.be.device_memory_used(),
+        planned_bytes: MemoryPlan::new(&sess.model.arch, b, 0).total(),
     }
 }

@@ -32,6 +32,13 @@ impl<T: Real> Backend for Cpu<T> {
             rayon::current_num_threads()
         )
     }
+    /// MemAvailable of /proc/meminfo (Linux; None elsewhere).
+    fn memory_available(&self) -> Option<(u64, &'static str)> {
+        let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some((kb * 1024, "host"))
+    }
     fn alloc(&self, len: usize) -> Vec<T> {
         vec![T::zero(); len]
     }

@@ -7,7 +7,7 @@ use slotfix::config::Config;
 use slotfix::cpu::Cpu;
 use slotfix::data::Split;
 use slotfix::device::{self, Chosen};
-use slotfix::train::{self, Session, TrainOptions};
+use slotfix::train::{self, MemoryPlan, Session, TrainOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -188,6 +188,20 @@ fn session_from<B: Backend>(
 }
 
 fn run_job<B: Backend>(be: B, cfg: &Config, job: Job) -> Result<ExitCode, String> {
+    // Stop with advice, not an allocation failure halfway in, when the buffers cannot fit.
+    // (Training checks this itself, after it has opened the data.)
+    let arch = slotfix::model::Arch::new(&cfg.model);
+    let plan = match &job {
+        Job::Train(_) => None,
+        Job::Eval { .. } => Some(MemoryPlan::new(&arch, 0, cfg.testing.batch_size)),
+        Job::Render { n, .. } => Some(MemoryPlan::new(&arch, 0, *n)),
+        Job::DumpStep { .. } | Job::Bench { .. } => {
+            Some(MemoryPlan::new(&arch, cfg.training.batch_size, 0))
+        }
+    };
+    if let Some(p) = plan {
+        eprintln!("{}", p.check(be.memory_available())?);
+    }
     match job {
         Job::Train(opts) => {
             // Ctrl-C: finish the current step, save a checkpoint, exit with 130.

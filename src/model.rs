@@ -7,7 +7,7 @@
 //!   backward runs through that application only, and mu / log_sigma get no gradient;
 //! - BPTT: T recorded cell applications from mu + exp(log_sigma)·noise, backward through all.
 
-use crate::backend::Backend;
+use crate::backend::{Alloc, Backend, SizeCounter};
 use crate::config::{DecoderKind, InitScheme, ModelConfig};
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
@@ -343,6 +343,17 @@ impl Arch {
     pub fn num_params(&self) -> usize {
         self.specs.iter().map(|s| s.numel()).sum()
     }
+    /// Bytes of a training (or, with `training` false, evaluation) workspace at batch size
+    /// `batch`: the buffers that [`Workspace::new`] allocates, counted without allocating.
+    pub fn workspace_bytes(&self, batch: usize, training: bool) -> u64 {
+        let counter = SizeCounter::default();
+        Workspace::new(&counter, self, batch, training);
+        counter.bytes()
+    }
+    /// Bytes of the parameters, their gradients and Adam's two moments.
+    pub fn train_state_bytes(&self) -> u64 {
+        4 * 4 * self.num_params() as u64
+    }
     /// Cell applications of a training forward: T + 1 (implicit) or T (BPTT).
     pub fn train_applications(&self) -> usize {
         if self.implicit {
@@ -475,25 +486,25 @@ pub struct CellTape<Buf> {
 }
 
 impl<Buf> CellTape<Buf> {
-    fn new<B: Backend<Buf = Buf>>(be: &B, a: &Arch, batch: usize) -> Self {
+    fn new<A: Alloc<Buf = Buf>>(be: &A, a: &Arch, batch: usize) -> Self {
         let rows = batch * a.k;
         let (d, m) = (a.d, a.mlp_hidden);
         CellTape {
-            slots_in: be.alloc(rows * d),
-            ln_s: be.alloc(rows * d),
-            ln_s_mean: be.alloc(rows),
-            ln_s_rstd: be.alloc(rows),
-            q: be.alloc(rows * d),
-            attn: be.alloc(a.attn_dims(batch).attn_len()),
-            upd: be.alloc(rows * d),
-            gi: be.alloc(rows * 3 * d),
-            gh: be.alloc(rows * 3 * d),
-            h1: be.alloc(rows * d),
-            ln_m: be.alloc(rows * d),
-            ln_m_mean: be.alloc(rows),
-            ln_m_rstd: be.alloc(rows),
-            hid: be.alloc(rows * m),
-            out: be.alloc(rows * d),
+            slots_in: be.buffer(rows * d),
+            ln_s: be.buffer(rows * d),
+            ln_s_mean: be.buffer(rows),
+            ln_s_rstd: be.buffer(rows),
+            q: be.buffer(rows * d),
+            attn: be.buffer(a.attn_dims(batch).attn_len()),
+            upd: be.buffer(rows * d),
+            gi: be.buffer(rows * 3 * d),
+            gh: be.buffer(rows * 3 * d),
+            h1: be.buffer(rows * d),
+            ln_m: be.buffer(rows * d),
+            ln_m_mean: be.buffer(rows),
+            ln_m_rstd: be.buffer(rows),
+            hid: be.buffer(rows * m),
+            out: be.buffer(rows * d),
         }
     }
     fn bytes<B: Backend<Buf = Buf>>(&self, be: &B, elem: usize) -> usize {
@@ -567,6 +578,77 @@ pub struct Workspace<Buf> {
     d_dec_act: Vec<Buf>,
     /// Slots given from outside instead of mu + σ·noise (see [`SlotsFrom::Given`]).
     given_slots: Buf,
+}
+
+impl<Buf> Workspace<Buf> {
+    /// Every buffer of a training (or, with `training` false, evaluation) workspace at batch
+    /// size `batch`, from `be`.
+    pub fn new<A: Alloc<Buf = Buf>>(be: &A, a: &Arch, batch: usize, training: bool) -> Self {
+        let (res, p) = (a.res, a.pixels());
+        let bn = batch * p;
+        let bk = batch * a.k;
+        // Gradient buffers have length 0 in an evaluation workspace.
+        let galloc = |n: usize| be.buffer(if training { n } else { 0 });
+        let (d, m) = (a.d, a.mlp_hidden);
+        let g = a.dec_grid;
+        let recorded = match (training, a.implicit) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => a.iters,
+        };
+        Workspace {
+            batch,
+            training,
+            image: be.buffer(batch * res * res * 3),
+            enc_act: a
+                .encoder
+                .iter()
+                .map(|l| be.buffer(batch * l.geom.out_len()))
+                .collect(),
+            tok: TokenActs::new(be, &a.token_dims(batch), a.enc_mlp.len()),
+            noise: be.buffer(bk * d),
+            slots0: be.buffer(bk * d),
+            cells: (0..recorded).map(|_| CellTape::new(be, a, batch)).collect(),
+            scratch: CellTape::new(be, a, batch),
+            dec_in: be.buffer(bk * g * g * d),
+            dec_act: a
+                .decoder
+                .iter()
+                .map(|l| be.buffer(bk * l.geom.out_len()))
+                .collect(),
+            masks: be.buffer(batch * a.k * p),
+            recon: be.buffer(batch * p * 3),
+            loss: be.buffer(1),
+            d_enc_act: a
+                .encoder
+                .iter()
+                .take(a.encoder.len().saturating_sub(1))
+                .map(|l| galloc(batch * l.geom.out_len()))
+                .collect(),
+            d_tok: TokenGradActs::new(be, &a.token_dims(batch), a.enc_mlp.len(), training),
+            dk: galloc(bn * d),
+            dv: galloc(bn * d),
+            cg: CellGrads {
+                d_in: galloc(bk * d),
+                d_out: galloc(bk * d),
+                dh1: galloc(bk * d),
+                dhid: galloc(bk * m),
+                dln_m: galloc(bk * d),
+                dgi: galloc(bk * 3 * d),
+                dgh: galloc(bk * 3 * d),
+                dupd: galloc(bk * d),
+                dq: galloc(bk * d),
+                dln_s: galloc(bk * d),
+            },
+            d_dec_in: galloc(bk * g * g * d),
+            d_dec_act: a
+                .decoder
+                .iter()
+                .map(|l| galloc(bk * l.geom.out_len()))
+                .collect(),
+            given_slots: be.buffer(bk * d),
+        }
+    }
 }
 
 /// Where the initial slots come from.
@@ -650,71 +732,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn new_workspace(&self, be: &B, batch: usize, training: bool) -> Workspace<B::Buf> {
-        let a = &self.arch;
-        let (res, p) = (a.res, a.pixels());
-        let bn = batch * p;
-        let bk = batch * a.k;
-        // Gradient buffers have length 0 in an evaluation workspace.
-        let galloc = |n: usize| be.alloc(if training { n } else { 0 });
-        let (d, m) = (a.d, a.mlp_hidden);
-        let g = a.dec_grid;
-        let recorded = match (training, a.implicit) {
-            (false, _) => 0,
-            (true, true) => 1,
-            (true, false) => a.iters,
-        };
-        Workspace {
-            batch,
-            training,
-            image: be.alloc(batch * res * res * 3),
-            enc_act: a
-                .encoder
-                .iter()
-                .map(|l| be.alloc(batch * l.geom.out_len()))
-                .collect(),
-            tok: TokenActs::new(be, &a.token_dims(batch), a.enc_mlp.len()),
-            noise: be.alloc(bk * d),
-            slots0: be.alloc(bk * d),
-            cells: (0..recorded).map(|_| CellTape::new(be, a, batch)).collect(),
-            scratch: CellTape::new(be, a, batch),
-            dec_in: be.alloc(bk * g * g * d),
-            dec_act: a
-                .decoder
-                .iter()
-                .map(|l| be.alloc(bk * l.geom.out_len()))
-                .collect(),
-            masks: be.alloc(batch * a.k * p),
-            recon: be.alloc(batch * p * 3),
-            loss: be.alloc(1),
-            d_enc_act: a
-                .encoder
-                .iter()
-                .take(a.encoder.len().saturating_sub(1))
-                .map(|l| galloc(batch * l.geom.out_len()))
-                .collect(),
-            d_tok: TokenGradActs::new(be, &a.token_dims(batch), a.enc_mlp.len(), training),
-            dk: galloc(bn * d),
-            dv: galloc(bn * d),
-            cg: CellGrads {
-                d_in: galloc(bk * d),
-                d_out: galloc(bk * d),
-                dh1: galloc(bk * d),
-                dhid: galloc(bk * m),
-                dln_m: galloc(bk * d),
-                dgi: galloc(bk * 3 * d),
-                dgh: galloc(bk * 3 * d),
-                dupd: galloc(bk * d),
-                dq: galloc(bk * d),
-                dln_s: galloc(bk * d),
-            },
-            d_dec_in: galloc(bk * g * g * d),
-            d_dec_act: a
-                .decoder
-                .iter()
-                .map(|l| galloc(bk * l.geom.out_len()))
-                .collect(),
-            given_slots: be.alloc(bk * d),
-        }
+        Workspace::new(be, &self.arch, batch, training)
     }
 
     /// Bytes held by the slot-attention module's saved activations (recorded cell tapes plus the

@@ -9,7 +9,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, DataType, NonFinite};
 use crate::data::{self, DataSpec, Dataset, Source, Split};
 use crate::eval::{self, EvalResult};
-use crate::model::{ForwardStats, Model, Pass, SlotsFrom, Workspace};
+use crate::model::{Arch, ForwardStats, Model, Pass, SlotsFrom, Workspace};
 use crate::optim::{learning_rate, OptHyper, OptReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -469,6 +469,109 @@ impl<B: Backend> Session<B> {
     }
 }
 
+/// The memory a job's buffers take, predicted from the architecture before any of them is
+/// allocated (the kernels' scratch and the CUDA context come on top).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// The training workspace (activations and their gradients) and its batch size; 0 and 0
+    /// for a job that does not train.
+    pub train_bytes: u64,
+    pub train_batch: usize,
+    /// The largest evaluation workspace the job makes, next to the training one.
+    pub eval_bytes: u64,
+    /// Parameters, gradients and Adam's moments (allocated with the session).
+    pub state_bytes: u64,
+}
+
+impl MemoryPlan {
+    /// For a training workspace at batch size `train_batch` and an evaluation one at
+    /// `eval_batch` (0: none).
+    pub fn new(arch: &Arch, train_batch: usize, eval_batch: usize) -> Self {
+        MemoryPlan {
+            train_bytes: if train_batch > 0 {
+                arch.workspace_bytes(train_batch, true)
+            } else {
+                0
+            },
+            train_batch,
+            eval_bytes: if eval_batch > 0 {
+                arch.workspace_bytes(eval_batch, false)
+            } else {
+                0
+            },
+            state_bytes: arch.train_state_bytes(),
+        }
+    }
+
+    /// For a training run: its steps, and the evaluation and pictures at every log interval.
+    pub fn training(cfg: &Config, arch: &Arch) -> Self {
+        // The evaluation (at most LOG_EVAL_IMAGES per batch) and then the picture grid.
+        let eval_batch = cfg.testing.batch_size.clamp(GRID_EXAMPLES, LOG_EVAL_IMAGES);
+        Self::new(arch, cfg.training.batch_size, eval_batch)
+    }
+
+    /// Bytes of all the buffers.
+    pub fn total(&self) -> u64 {
+        self.train_bytes + self.eval_bytes + self.state_bytes
+    }
+
+    /// A line for the log: what the buffers take and, when known, what is free. Err when the
+    /// buffers cannot fit in `available` bytes, saying what to change.
+    pub fn check(&self, available: Option<(u64, &str)>) -> Result<String, String> {
+        let gib = |b: u64| {
+            if b >= 1 << 30 {
+                format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+            } else {
+                format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+            }
+        };
+        let mut parts = Vec::new();
+        if self.train_batch > 0 {
+            parts.push(format!(
+                "training {} at batch size {}",
+                gib(self.train_bytes),
+                self.train_batch
+            ));
+        }
+        if self.eval_bytes > 0 {
+            parts.push(format!("evaluation {}", gib(self.eval_bytes)));
+        }
+        parts.push(format!(
+            "parameters and optimizer {}",
+            gib(self.state_bytes)
+        ));
+        let need = self.total();
+        let what = format!("buffers {} ({})", gib(need), parts.join(", "));
+        let Some((free, place)) = available else {
+            return Ok(format!("memory: {what}"));
+        };
+        if need > free {
+            let advice = if self.train_batch > 0 {
+                format!(
+                    "lower Training.batch_size (the training buffers take about {} per image)",
+                    gib(self.train_bytes / self.train_batch as u64)
+                )
+            } else {
+                "lower Testing.batch_size (or the number of images asked for)".to_string()
+            };
+            return Err(format!(
+                "not enough {place} memory: {what}, but {} is free; {advice}",
+                gib(free)
+            ));
+        }
+        // The kernels' scratch pools are not counted above: warn when they may not fit.
+        let tight = if need > free / 10 * 9 {
+            " (tight: the kernels' scratch needs some more)"
+        } else {
+            ""
+        };
+        Ok(format!(
+            "memory: {what}; {} free on the {place}{tight}",
+            gib(free)
+        ))
+    }
+}
+
 /// Training steps per epoch: full batches only (the last partial batch of an epoch is dropped,
 /// as with PyTorch's drop_last).
 pub fn steps_per_epoch(n_train: usize, batch: usize) -> usize {
@@ -698,6 +801,8 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
         ));
     }
     let total = total_steps(cfg, spe);
+    // Before anything in save_dir is touched (--overwrite deletes an earlier run).
+    let memory = MemoryPlan::training(cfg, &Arch::new(&cfg.model)).check(be.memory_available())?;
     let mut sess = prepare_save_dir(be, cfg, opts, &say)?;
     say(&format!(
         "model: {} parameters, K = {}, D = {}, {} iterations ({}), backend {}",
@@ -712,6 +817,7 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
         },
         sess.be.describe()
     ));
+    say(&memory);
     let dir = cfg.training.save_dir.clone();
     let metrics_path = dir.join("metrics.jsonl");
     if opts.resume {
@@ -907,4 +1013,78 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
         ));
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const GIB: u64 = 1 << 30;
+
+    fn plan() -> MemoryPlan {
+        MemoryPlan {
+            train_bytes: 12 * GIB,
+            train_batch: 64,
+            eval_bytes: GIB,
+            state_bytes: GIB / 2,
+        }
+    }
+
+    #[test]
+    fn memory_check_refuses_what_cannot_fit_and_says_what_to_change() {
+        let e = plan().check(Some((10 * GIB, "GPU"))).unwrap_err();
+        for part in [
+            "not enough GPU memory",
+            "buffers 13.50 GiB",
+            "training 12.00 GiB at batch size 64",
+            "10.00 GiB is free",
+            "lower Training.batch_size",
+            "192.0 MiB per image",
+        ] {
+            assert!(e.contains(part), "{part:?} missing from: {e}");
+        }
+        let eval_only = MemoryPlan {
+            train_bytes: 0,
+            train_batch: 0,
+            ..plan()
+        };
+        let e = eval_only.check(Some((GIB, "host"))).unwrap_err();
+        assert!(
+            e.contains("host memory") && e.contains("Testing.batch_size"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn memory_check_passes_what_fits_and_warns_when_tight() {
+        let ok = plan().check(Some((80 * GIB, "GPU"))).unwrap();
+        assert!(
+            ok.contains("80.00 GiB free on the GPU") && !ok.contains("tight"),
+            "{ok}"
+        );
+        let tight = plan().check(Some((14 * GIB, "GPU"))).unwrap();
+        assert!(tight.contains("tight"), "{tight}");
+        let unknown = plan().check(None).unwrap();
+        assert!(
+            unknown.contains("buffers 13.50 GiB") && !unknown.contains("free"),
+            "{unknown}"
+        );
+    }
+
+    /// The plan of the benchmark shape (clevr6: 128×128, K = 7, B = 64, implicit),
+    /// against the figure counted on the CPU backend with a counting allocator (13.76 GiB,
+    /// benches/NOTES.md).
+    #[test]
+    fn memory_plan_of_clevr6_matches_the_counted_workspace() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/clevr6.yaml");
+        let cfg = Config::load(std::path::Path::new(path)).unwrap();
+        let p = MemoryPlan::training(&cfg, &Arch::new(&cfg.model));
+        let gib = p.train_bytes as f64 / GIB as f64;
+        assert!((gib - 13.76).abs() < 0.005, "{gib} GiB");
+        assert_eq!(p.train_batch, 64);
+        // No gradient buffers in an evaluation workspace: far less per image than training.
+        let per_image_eval = p.eval_bytes as f64 / LOG_EVAL_IMAGES as f64;
+        assert!(per_image_eval < 0.6 * p.train_bytes as f64 / 64.0);
+    }
 }

@@ -70,7 +70,7 @@ use slotfix::ops::tokens::{
     MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams,
 };
 use slotfix::rng::Philox;
-use slotfix::train::Session;
+use slotfix::train::{MemoryPlan, Session};
 
 /// Relative L2 error allowed between a GPU result and `Cpu<f32>` (f32 rounding, different
 /// summation orders).
@@ -1532,9 +1532,26 @@ fn train_steps_make_no_host_read_or_allocation(g: Cuda, label: &str) {
     // Eager steps, so that the launches per step are counted (a replay launches none).
     cfg.training.cuda_graph = false;
     let res = cfg.model.resolution;
+    let before_session = g.allocated_bytes();
     let mut s = Session::new(g, cfg.clone());
     let images = rand(cfg.training.batch_size * res * res * 3, 77, 1.0);
     s.train_step(&images); // the first step allocates the workspace
+                           // The memory plan (what `slotfix train` checks against the free memory before it starts)
+                           // counts every buffer of the session; the rest is the kernels' scratch and the optimizer's
+                           // tables, which must stay small beside it (here, at a tiny shape, the TF32 kernels'
+                           // fixed-size partials make it ~20%).
+    let plan = MemoryPlan::new(&s.model.arch, cfg.training.batch_size, 0);
+    let allocated = s.be.allocated_bytes() - before_session;
+    assert!(
+        allocated >= plan.total() && allocated - plan.total() <= plan.total() / 2,
+        "{label}: {allocated} bytes allocated by a session and its first step, {} planned",
+        plan.total()
+    );
+    eprintln!(
+        "{label}: planned {} bytes, allocated {allocated} (scratch and tables {:.1}%)",
+        plan.total(),
+        100.0 * (allocated - plan.total()) as f64 / plan.total() as f64
+    );
     let (before, allocs, launches) = (s.be.host_reads(), s.be.allocations(), s.be.launches());
     for _ in 0..3 {
         s.train_step(&images);

@@ -193,6 +193,38 @@ fn a_second_run_in_the_same_save_dir_needs_resume_or_overwrite() {
     assert!(e.contains("no readable checkpoint"), "{e}");
 }
 
+/// A run whose buffers cannot fit stops with the numbers and the advice before it allocates
+/// them, and before `--overwrite` deletes the run already in save_dir.
+#[test]
+fn a_run_too_large_for_memory_stops_before_touching_save_dir() {
+    use slotfix::backend::Backend;
+    if Cpu::<f32>::new().memory_available().is_none() {
+        eprintln!("SKIPPED: no /proc/meminfo here, so the host's free memory is unknown");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    train::train(Cpu::<f32>::new(), &tiny_cfg(dir.path(), 3), &quiet()).unwrap();
+    let mut huge = tiny_cfg(dir.path(), 3);
+    // ~25 TB of activations (the data is procedural: nothing is generated up front).
+    huge.training.num_train = Some(100_000_000);
+    huge.training.batch_size = 50_000_000;
+    let o = TrainOptions {
+        overwrite: true,
+        quiet: true,
+        ..Default::default()
+    };
+    let e = train::train(Cpu::<f32>::new(), &huge, &o).unwrap_err();
+    assert!(
+        e.contains("not enough host memory") && e.contains("lower Training.batch_size"),
+        "{e}"
+    );
+    assert_eq!(
+        checkpoint::list(dir.path()).len(),
+        1,
+        "the earlier run was deleted"
+    );
+}
+
 #[test]
 fn non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

@@ -611,6 +611,8 @@ pub struct Cuda {
     host_reads: std::sync::atomic::AtomicU64,
     /// Device allocations so far.
     allocations: std::sync::atomic::AtomicU64,
+    /// Bytes of every device buffer allocated so far (freed ones included).
+    allocated_bytes: std::sync::atomic::AtomicU64,
     /// Kernel launches so far (memsets and copies not included; a replayed step counts as
     /// none, see `replays`).
     launches: std::sync::atomic::AtomicU64,
@@ -700,6 +702,7 @@ impl Cuda {
             precision: Precision::F32,
             host_reads: Default::default(),
             allocations: Default::default(),
+            allocated_bytes: Default::default(),
             launches: Default::default(),
             pools: Default::default(),
             // Replaced just below, once the executor can allocate.
@@ -813,6 +816,10 @@ impl Cuda {
         self.forbid_in_capture("a device allocation");
         self.allocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.allocated_bytes.fetch_add(
+            (len * std::mem::size_of::<T>()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mem = match &self.exec {
             Exec::Gpu(g) => Mem::Gpu(
                 if len == 0 {
@@ -838,6 +845,12 @@ impl Cuda {
     /// must allocate none.
     pub fn allocations(&self) -> u64 {
         self.allocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of every device buffer this backend has allocated (freed ones included).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A scratch buffer of at least one element (`len.max(1)`), for data that a kernel
@@ -2103,6 +2116,16 @@ impl Backend for Cuda {
                 let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
                 Some((total - free) as u64)
             }
+            Exec::Emu(_) => None,
+        }
+    }
+    fn memory_available(&self) -> Option<(u64, &'static str)> {
+        match &self.exec {
+            Exec::Gpu(g) => g
+                .ctx
+                .mem_get_info()
+                .ok()
+                .map(|(free, _)| (free as u64, "GPU")),
             Exec::Emu(_) => None,
         }
     }

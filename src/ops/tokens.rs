@@ -12,7 +12,7 @@
 //! `tokens_fwd_bwd_parity`). The composition's own gradients are checked against finite
 //! differences with the rest of the model (`tests/model_gradcheck.rs`, every parameter tensor).
 
-use crate::backend::Backend;
+use crate::backend::{Alloc, Backend};
 
 /// Widths of the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,19 +92,19 @@ pub struct TokenActs<Buf> {
 }
 
 impl<Buf> TokenActs<Buf> {
-    pub fn new<B: Backend<Buf = Buf>>(be: &B, dims: &TokenDims, mlp_layers: usize) -> Self {
+    pub fn new<A: Alloc<Buf = Buf> + ?Sized>(be: &A, dims: &TokenDims, mlp_layers: usize) -> Self {
         let (rows, c, feat, d) = (dims.rows(), dims.c, dims.feat, dims.d);
         TokenActs {
-            enc_pos: be.alloc(rows * c),
-            ln0: be.alloc(rows * c),
-            ln0_mean: be.alloc(rows),
-            ln0_rstd: be.alloc(rows),
-            mlp_act: (0..mlp_layers).map(|_| be.alloc(rows * feat)).collect(),
-            ln_in: be.alloc(rows * feat),
-            ln_in_mean: be.alloc(rows),
-            ln_in_rstd: be.alloc(rows),
-            k: be.alloc(rows * d),
-            v: be.alloc(rows * d),
+            enc_pos: be.buffer(rows * c),
+            ln0: be.buffer(rows * c),
+            ln0_mean: be.buffer(rows),
+            ln0_rstd: be.buffer(rows),
+            mlp_act: (0..mlp_layers).map(|_| be.buffer(rows * feat)).collect(),
+            ln_in: be.buffer(rows * feat),
+            ln_in_mean: be.buffer(rows),
+            ln_in_rstd: be.buffer(rows),
+            k: be.buffer(rows * d),
+            v: be.buffer(rows * d),
         }
     }
 
@@ -126,14 +126,14 @@ pub struct TokenGradActs<Buf> {
 
 impl<Buf> TokenGradActs<Buf> {
     /// Zero-length buffers when `training` is false (an evaluation workspace).
-    pub fn new<B: Backend<Buf = Buf>>(
-        be: &B,
+    pub fn new<A: Alloc<Buf = Buf> + ?Sized>(
+        be: &A,
         dims: &TokenDims,
         mlp_layers: usize,
         training: bool,
     ) -> Self {
         let (rows, c, feat) = (dims.rows(), dims.c, dims.feat);
-        let galloc = |n: usize| be.alloc(if training { n } else { 0 });
+        let galloc = |n: usize| be.buffer(if training { n } else { 0 });
         TokenGradActs {
             d_enc_pos: galloc(rows * c),
             d_ln0: galloc(rows * c),
