@@ -2,13 +2,15 @@
 # A GPU session's work in phases that each fit the device tool's 10-minute command limit.
 # Build and stage first, on the development machine:   ../shared/gpu/bundle
 # then, through the device tool (carry [".gpu"]), from the crate root:
-#   bash tools/gpu_session.sh check              # driver, every test, kernel table, step benches
+#   bash tools/gpu_session.sh check              # driver, then every test (GPU tests must not skip)
+#   bash tools/gpu_session.sh bench              # kernel table, then the step benches
 #   bash tools/gpu_session.sh sanitize           # compute-sanitizer memcheck, racecheck and
 #                                                 # synccheck over the per-op GPU parity tests
 #   bash tools/gpu_session.sh train tetrominoes 8   # train configs/NAME.yaml on the GPU for N
 #                                                 # minutes (Ctrl-C-style stop: a checkpoint is
 #                                                 # saved), then eval + render the checkpoint
-# Everything lands in $OUT (or .gpu/out): logs, metrics.jsonl, eval JSON, pictures.
+# Everything lands in $OUT (or .gpu/out): logs, metrics.jsonl, eval JSON, pictures. Each phase
+# is its own device call, so that one that runs long does not cost the others' results.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -32,6 +34,8 @@ case ${1:-check} in
     nvidia-smi | tee "$out/nvidia-smi.txt"
     echo "== tests (GPU tests must not skip)"
     bash .gpu/run tests 2>&1 | tee "$out/tests.txt"
+    ;;
+  bench)
     echo "== kernel table"
     timeout 300 "$root"/.gpu/bench-kernels --reps 10 2>&1 | tee "$out/bench-kernels.txt"
     for c in tetrominoes clevr6; do
@@ -73,7 +77,7 @@ case ${1:-check} in
     rm -rf "$out/runs"   # checkpoints are large; the logs, metrics and pictures above stay
     ;;
   *)
-    echo "usage: bash tools/gpu_session.sh check | sanitize | train NAME [MINUTES]"
+    echo "usage: bash tools/gpu_session.sh check | bench | sanitize | train NAME [MINUTES]"
     exit 2
     ;;
 esac
