@@ -964,6 +964,42 @@ impl Cuda {
         self.read(&out)[0]
     }
 
+    /// Forward of a convolution (`transposed`: of a transposed one): checks, then the
+    /// tensor-core path under TF32 or the exact-f32 kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_fwd_common(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        b: &Buf,
+        relu: bool,
+        y: &mut Buf,
+    ) {
+        assert_eq!(x.len(), batch * g.in_len());
+        assert_eq!(y.len(), batch * g.out_len());
+        assert_eq!(w.len(), g.weight_len());
+        assert_eq!(b.len(), g.c_out);
+        let n = batch * g.out_len();
+        if n == 0 {
+            return;
+        }
+        check_conv_range(g, batch);
+        if self.precision == Precision::Tf32 {
+            return self.conv_tc_fwd(transposed, g, batch, x, w, Some(b), relu, y);
+        }
+        let gc = ConvGeomC::new(g);
+        let (bi, ri) = (i(batch), relu as i32);
+        let name = if transposed {
+            "conv_t2d_fwd_f32"
+        } else {
+            "conv2d_fwd_f32"
+        };
+        launch!(self, name, per_elem(n); &gc, &bi, x, w, b, &ri, y);
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn conv_bwd_common(
         &self,
@@ -1536,21 +1572,7 @@ impl Backend for Cuda {
         relu: bool,
         y: &mut Buf,
     ) {
-        assert_eq!(x.len(), batch * g.in_len());
-        assert_eq!(y.len(), batch * g.out_len());
-        assert_eq!(w.len(), g.weight_len());
-        assert_eq!(b.len(), g.c_out);
-        let n = batch * g.out_len();
-        if n == 0 {
-            return;
-        }
-        check_conv_range(g, batch);
-        if self.precision == Precision::Tf32 {
-            return self.conv_tc_fwd(false, g, batch, x, w, Some(b), relu, y);
-        }
-        let gc = ConvGeomC::new(g);
-        let (bi, ri) = (i(batch), relu as i32);
-        launch!(self, "conv2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);
+        self.conv_fwd_common(false, g, batch, x, w, b, relu, y);
     }
     fn conv2d_bwd(
         &self,
@@ -1592,21 +1614,7 @@ impl Backend for Cuda {
         relu: bool,
         y: &mut Buf,
     ) {
-        assert_eq!(x.len(), batch * g.in_len());
-        assert_eq!(y.len(), batch * g.out_len());
-        assert_eq!(w.len(), g.weight_len());
-        assert_eq!(b.len(), g.c_out);
-        let n = batch * g.out_len();
-        if n == 0 {
-            return;
-        }
-        check_conv_range(g, batch);
-        if self.precision == Precision::Tf32 {
-            return self.conv_tc_fwd(true, g, batch, x, w, Some(b), relu, y);
-        }
-        let gc = ConvGeomC::new(g);
-        let (bi, ri) = (i(batch), relu as i32);
-        launch!(self, "conv_t2d_fwd_f32", per_elem(n); &gc, &bi, x, w, b, &ri, y);
+        self.conv_fwd_common(true, g, batch, x, w, b, relu, y);
     }
     fn conv_t2d_bwd(
         &self,
