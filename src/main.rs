@@ -79,6 +79,9 @@ enum Command {
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Override Training.batch_size (e.g. to compare with a figure at another batch size).
+        #[arg(long, value_name = "N")]
+        batch_size: Option<usize>,
     },
     /// Load and validate a config, print it with every default filled in.
     Check {
@@ -346,7 +349,18 @@ fn run(command: Command) -> Result<ExitCode, String> {
             },
         ),
         Command::DumpStep { cfg, ckpt, out } => (cfg, Job::DumpStep { ckpt, out }),
-        Command::Bench { cfg, steps } => (cfg, Job::Bench { steps }),
+        Command::Bench {
+            cfg,
+            steps,
+            batch_size,
+        } => {
+            let mut c = load_config(&cfg)?;
+            if let Some(b) = batch_size {
+                c.training.batch_size = b;
+                c.validate().map_err(|e| format!("--batch-size: {e}"))?;
+            }
+            return dispatch(&c, Job::Bench { steps });
+        }
         Command::Check { cfg, params } => {
             let c = load_config(&cfg)?;
             if params {

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # A GPU session's work in phases that each fit the device tool's 10-minute command limit.
-# Build and stage first, on the development machine:   ../shared/gpu/bundle
+# Build and stage first, on the development machine:
+#   ../shared/gpu/bundle && git describe --always --dirty > .gpu/commit
 # then, through the device tool (carry [".gpu"]), from the crate root:
 #   bash tools/gpu_session.sh check              # driver, then every test (GPU tests must not skip)
-#   bash tools/gpu_session.sh bench              # kernel table, then the step benches
+#   bash tools/gpu_session.sh bench              # kernel table, then the step benches, put
+#                                                 # together with date, device and commit as
+#                                                 # $OUT/BENCHMARKS.md (review it, then commit it)
 #   bash tools/gpu_session.sh sanitize           # compute-sanitizer memcheck, racecheck and
 #                                                 # synccheck over the per-op GPU parity tests
 #   bash tools/gpu_session.sh train tetrominoes 8   # train configs/NAME.yaml on the GPU for N
@@ -38,10 +41,35 @@ case ${1:-check} in
   bench)
     echo "== kernel table"
     timeout 300 "$root"/.gpu/bench-kernels --reps 10 2>&1 | tee "$out/bench-kernels.txt"
+    # At performance.md's batch sizes (B = 64 for both).
     for c in tetrominoes clevr6; do
       echo "== step bench $c"
-      timeout 120 "$bin" bench --cfg "$(cuda_config $c)" --steps 20 2>&1 | tee "$out/bench-$c.txt"
+      timeout 120 "$bin" bench --cfg "$(cuda_config $c)" --steps 20 --batch-size 64 2>&1 | tee "$out/bench-$c.txt"
     done
+    {
+      echo "# Benchmarks"
+      echo
+      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+      driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+      echo "Measured $(date -u +%Y-%m-%d) on ${gpu:-(no GPU found)}, driver ${driver:-?},"
+      echo "slotfix $(cat .gpu/commit 2>/dev/null || echo '(commit not recorded)'), with \`bash tools/gpu_session.sh bench\`."
+      echo
+      echo "## Training step (\`slotfix bench --cfg configs/NAME.yaml --steps 20 --batch-size 64\`, device: cuda)"
+      echo
+      for c in tetrominoes clevr6; do
+        grep -E "^\|" "$out/bench-$c.txt" | { [ "$c" = tetrominoes ] && cat || tail -n +3; }
+      done
+      echo
+      echo "PyTorch 2.11 on an H100 80GB HBM3 (shared/reference/performance.md): 128×128, K = 7,"
+      echo "B = 64, TF32: eager 91.7 ms / step (698 images/s, 42.3 GiB), torch.compile 80.5 ms"
+      echo "(795 images/s, 42.0 GiB). Small model (35×35, K = 4, B = 64): eager 9.3–14.5 ms,"
+      echo "torch.compile with CUDA graphs 3.0 ms."
+      echo
+      echo "## Kernels (\`cargo bench --bench kernels\`)"
+      echo
+      cat "$out/bench-kernels.txt"
+    } > "$out/BENCHMARKS.md"
+    echo "== wrote $out/BENCHMARKS.md"
     ;;
   sanitize)
     # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
