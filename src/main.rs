@@ -215,7 +215,18 @@ fn run_job<B: Backend>(be: B, cfg: &Config, job: Job) -> Result<ExitCode, String
                 eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
             })
             .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
-            let s = train::train(be, cfg, &opts)?;
+            // A failure inside a step (a CUDA error, a bug) panics; say what survives it.
+            let s = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                train::train(be, cfg, &opts)
+            }))
+            .map_err(|panic| {
+                format!(
+                    "training failed: {}\nthe checkpoints already in {} are intact; continue \
+                     from the newest with --resume (run with RUST_BACKTRACE=1 to report this)",
+                    train::panic_message(panic.as_ref()),
+                    cfg.training.save_dir.display()
+                )
+            })??;
             if let (Some(f), Some(l)) = (s.first_loss, s.last_loss) {
                 eprintln!("loss: first step {f:.5}, last step {l:.5}");
             }

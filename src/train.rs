@@ -435,12 +435,10 @@ impl<B: Backend> Session<B> {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.queue_step_of_batch(h)));
         let graph = self.be.capture_end();
         let stats = queued.map_err(|panic| {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            format!("queueing the step inside the CUDA graph capture failed ({msg})")
+            format!(
+                "queueing the step inside the CUDA graph capture failed ({})",
+                panic_message(panic.as_ref())
+            )
         })?;
         let graph = graph.map_err(|e| format!("the CUDA graph capture failed ({e})"))?;
         Ok((graph, stats))
@@ -570,6 +568,15 @@ impl MemoryPlan {
             gib(free)
         ))
     }
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Training steps per epoch: full batches only (the last partial batch of an epoch is dropped,
