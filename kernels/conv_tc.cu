@@ -22,7 +22,8 @@
 // element gathered with its own index arithmetic. Version 3 (conv_igemm_*_v3_tf32, gathered
 // channels a multiple of 16, i.e. every 64-channel layer): 16-byte loads, weights pre-permuted,
 // two stages (below). Weight gradients: conv_dw_partial_tf32 (version 2) and, when the rows
-// and gathered channels are multiples of 4, conv_dw_partial_v3_tf32 (16-byte loads, two stages).
+// and gathered channels are multiples of 4, conv_dw_partial_v3_tf32 (16-byte loads, two stages),
+// which also sums the bias gradient from its loaded operands (conv_db_from_sums_f32 adds it up).
 
 #define TC_BM 64
 #define TC_BN 64
@@ -666,11 +667,50 @@ static __device__ __forceinline__ uint4 tf32x4(float4 v) {
     return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
 }
 
+// Sums over one chunk's positions of the block's A rows (sums_of == 1: into sums[z][R], by the
+// blocks of the first column tile) or B columns (sums_of == 2: into sums[z][N], by the blocks of
+// the first row tile), in f32 from the values as loaded (masked, not yet rounded to TF32); none
+// when sums_of == 0. A bias
+// gradient is such a sum (conv: of the A rows, dy; convT: of the B columns of the taps that
+// reach every output once), so it costs no pass over dy of its own. The per-thread sums meet in
+// shared memory (the stages, no longer needed) and are added in a fixed order.
+template <int WM>
+static __device__ __forceinline__ void dw3_operand_sums(const ConvDwGemm& p, unsigned* stage_a, unsigned* stage_b,
+                                                        float4 as, float4 bs, bool has_a, int ma, int ga, int mb,
+                                                        int gb, int m0, int n0, int sums_of,
+                                                        float* __restrict__ sums) {
+    using T = Dw3<WM>;
+    const int R = p.rows, N = p.k * p.k * p.cs, tid = threadIdx.x;
+    const bool do_a = sums_of == 1 && blockIdx.y == 0, do_b = sums_of == 2 && blockIdx.x == 0;
+    if (!do_a && !do_b) return;  // uniform over the block
+    __syncthreads();              // every warp is done with the stages
+    float* red_a = (float*)stage_a;  // [TC_BK][BM]
+    float* red_b = (float*)stage_b;  // [MB][BN]
+    if (do_a && has_a) *(float4*)&red_a[ma * T::BM + 4 * ga] = as;
+    if (do_b) *(float4*)&red_b[mb * T::BN + 4 * gb] = bs;
+    __syncthreads();
+    if (do_a && tid < T::BM && m0 + tid < R) {
+        float s = 0.0f;
+        for (int j = 0; j < TC_BK; ++j) s += red_a[j * T::BM + tid];
+        sums[(size_t)blockIdx.z * R + m0 + tid] = s;
+    }
+    if (do_b && tid < T::BN && n0 + tid < N) {
+        float s = 0.0f;
+        for (int j = 0; j < T::MB; ++j) s += red_b[j * T::BN + tid];
+        sums[(size_t)blockIdx.z * N + n0 + tid] = s;
+    }
+}
+
+static __device__ __forceinline__ float4 add4(float4 a, float4 b) {
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
 template <int WM>
 static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __restrict__ a_src,
                                           const float* __restrict__ a_mask, int a_masked,
                                           const float* __restrict__ b_src, const float* __restrict__ b_mask,
-                                          int b_masked, float* __restrict__ partial) {
+                                          int b_masked, float* __restrict__ partial, int sums_of,
+                                          float* __restrict__ sums) {
     using T = Dw3<WM>;
     __shared__ __align__(16) unsigned At[2][TC_BK][T::LDA];
     __shared__ __align__(16) unsigned Bt[2][TC_BK][T::LDB];
@@ -694,12 +734,17 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
     dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, bpos, kk, c, ky, kx,
                  av, bv);
     const int ntiles = (kend - kbeg + TC_BK - 1) / TC_BK;
+    float4 as = make_float4(0.0f, 0.0f, 0.0f, 0.0f), bs = as;  // see dw3_operand_sums
     for (int t = 0; t < ntiles; ++t) {
         // Stage t % 2 was last read in iteration t − 2, before the barrier of iteration t − 1.
         const int st = t & 1;
+        as = add4(as, av);
         if (has_a) *(uint4*)&At[st][ma][4 * ga] = tf32x4(av);
 #pragma unroll
-        for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][mb + T::MB * j][4 * gb] = tf32x4(bv[j]);
+        for (int j = 0; j < T::BJ; ++j) {
+            bs = add4(bs, bv[j]);
+            *(uint4*)&Bt[st][mb + T::MB * j][4 * gb] = tf32x4(bv[j]);
+        }
         __syncthreads();
         if (t + 1 < ntiles) {
 #pragma unroll
@@ -710,17 +755,19 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
         tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
     }
     store_dw_partial(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
+    dw3_operand_sums<WM>(p, &At[0][0][0], &Bt[0][0][0], as, bs, has_a, ma, ga, mb, gb, m0, n0, sums_of, sums);
 }
 
-// As conv_dw_partial_tf32 (same output), with rows % 4 == 0 and cs % 4 == 0; block 256.
+// As conv_dw_partial_tf32 (same output), with rows % 4 == 0 and cs % 4 == 0; block 256; plus
+// the operand sums of dw3_operand_sums (sums_of: 0 none, 1 A rows, 2 B columns).
 // `conv_dw_partial_v3_tf32`: 64 × 128 tiles, grid (ceil(rows / 64), ceil(k·k·cs / 128), chunks);
 // `conv_dw_partial_v3r32_tf32` (rows ≤ 32): 32 × 256 tiles, grid (1, ceil(k·k·cs / 256), chunks).
-#define DW3_ENTRY(NAME, WM)                                                                               \
-    extern "C" __global__ void __launch_bounds__(DW3_THREADS)                                            \
-        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked, \
-             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,             \
-             float* __restrict__ partial) {                                                              \
-        conv_dw_partial_v3<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial);           \
+#define DW3_ENTRY(NAME, WM)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(DW3_THREADS)                                               \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, float* __restrict__ sums) {                        \
+        conv_dw_partial_v3<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of, sums); \
     }
 DW3_ENTRY(conv_dw_partial_v3_tf32, 2)
 DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1)
@@ -736,4 +783,19 @@ extern "C" __global__ void conv_dw_reduce_f32(int chunks, int rows, int cs, int 
     for (int z = 0; z < chunks; ++z) s += partial[(size_t)z * rows * N + e];
     const int c = kk % cs, tap = kk / cs;
     dw[((i * cs + c) * k + tap / k) * k + tap % k] += s;
+}
+
+// The bias gradient from the operand sums of conv_dw_partial_v3_*: db[c] += Σ_z Σ_{tap in taps}
+// sums[z][tap·cs + c], z outer and taps in increasing order (deterministic). One thread per
+// channel. conv: the A-row sums (len = cs = rows, taps = 1); convT: the B-column sums (len = k·k·cs,
+// taps = the bit mask of the taps that reach every output position once).
+extern "C" __global__ void conv_db_from_sums_f32(int chunks, int len, int cs, unsigned taps,
+                                                 const float* __restrict__ sums, float* __restrict__ db) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cs) return;
+    float s = 0.0f;
+    for (int z = 0; z < chunks; ++z)
+        for (int tap = 0; tap < 32; ++tap)
+            if ((taps >> tap) & 1u) s += sums[(size_t)z * len + tap * cs + c];
+    db[c] += s;
 }

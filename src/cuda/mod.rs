@@ -479,6 +479,37 @@ fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
     }
 }
 
+/// The taps (bit ky·k + kx) whose direct gathers of a transposed convolution's output, over its
+/// input grid, reach every output position exactly once: one tap per output phase q mod s in
+/// each axis (tap ky reaches q = s·p − pad + ky for p in [0, n_in)). The column sums of those
+/// taps in the dW GEMM add up to the bias gradient. None when a phase has no such tap, or the
+/// taps do not fit a 32-bit mask.
+fn convt_covering_taps(g: &ConvGeom) -> Option<u32> {
+    if g.k * g.k > 32 {
+        return None;
+    }
+    let (s, pad) = (g.stride as isize, g.pad as isize);
+    // For each output phase with outputs: the tap that covers all of them.
+    let axis = |n_in: usize, n_out: usize| -> Option<Vec<usize>> {
+        let (n_in, n_out) = (n_in as isize, n_out as isize);
+        (0..s.min(n_out))
+            .map(|phase| {
+                let last = phase + (n_out - 1 - phase) / s * s;
+                (0..g.k).find(|&ky| {
+                    let off = phase + pad - ky as isize;
+                    off >= 0 && off % s == 0 && (last + pad - ky as isize) / s < n_in
+                })
+            })
+            .collect()
+    };
+    let (ys, xs) = (axis(g.h_in, g.h_out)?, axis(g.w_in, g.w_out)?);
+    Some(
+        ys.iter()
+            .flat_map(|&ky| xs.iter().map(move |&kx| 1u32 << (ky * g.k + kx)))
+            .sum(),
+    )
+}
+
 /// Threads per block of `conv_dw_partial_v3*_tf32` (DW3_THREADS in conv_tc.cu).
 const DW3_THREADS: u32 = 256;
 
@@ -1031,8 +1062,7 @@ impl Cuda {
                 assert_eq!(dx.len(), batch * g.in_len());
                 self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx, dx_set);
             }
-            self.conv_tc_dw(transposed, g, batch, x, y, relu, dy, dw);
-            self.conv_db(g, batch, y, relu, dy, db);
+            self.conv_tc_dw(transposed, g, batch, x, y, relu, dy, dw, Some(db));
             return;
         }
         let gc = ConvGeomC::new(g);
@@ -1215,6 +1245,9 @@ impl Cuda {
     /// dW += the weight gradient of a convolution or transposed convolution, on the tensor
     /// cores: the reduction over positions is split into chunks summed in a fixed order.
     #[allow(clippy::too_many_arguments)]
+    /// dW (and db when given) of a convolution on the tensor cores. With version 3 the bias
+    /// gradient comes from the operand sums of the dW GEMM (see `dw3_operand_sums` in
+    /// conv_tc.cu) where the geometry allows; otherwise from a column-sum pass over dy.
     fn conv_tc_dw(
         &self,
         transposed: bool,
@@ -1225,6 +1258,7 @@ impl Cuda {
         relu: bool,
         dy: &Buf,
         dw: &mut Buf,
+        db: Option<&mut Buf>,
     ) {
         // conv: rows co, A = g over the output grid, B = direct gather of x.
         // convT: rows ci, A = x over the input grid, B = direct gather of g.
@@ -1277,19 +1311,49 @@ impl Cuda {
             tc_grid(rows, cols, chunks)
         };
         let (zero, ri) = (0i32, relu as i32);
+        // The bias gradient's taps: conv sums dy, the A rows (one "tap"); convT the B columns
+        // of the taps that reach every output position exactly once.
+        let db_taps = match (v3, &db, transposed) {
+            (true, Some(_), false) => Some(1u32),
+            (true, Some(_), true) => convt_covering_taps(g),
+            _ => None,
+        };
+        let sums_len = if transposed { cols } else { rows };
+        let mut sums = self.scratch::<f32>(if db_taps.is_some() {
+            chunks * sums_len
+        } else {
+            1
+        });
+        // 0: no sums; 1: of the A rows (conv: dy); 2: of the B columns (convT: gathered dy).
+        let sums_of: i32 = match (db_taps, transposed) {
+            (None, _) => 0,
+            (Some(_), false) => 1,
+            (Some(_), true) => 2,
+        };
         match (transposed, v3) {
             (true, true) => launch!(self, v3_name, cfg;
-                &p, x, x, &zero, dy, y, &ri, &mut partial),
+                &p, x, x, &zero, dy, y, &ri, &mut partial, &sums_of, &mut sums),
             (true, false) => launch!(self, "conv_dw_partial_tf32", cfg;
                 &p, x, x, &zero, dy, y, &ri, &mut partial),
             (false, true) => launch!(self, v3_name, cfg;
-                &p, dy, y, &ri, x, x, &zero, &mut partial),
+                &p, dy, y, &ri, x, x, &zero, &mut partial, &sums_of, &mut sums),
             (false, false) => launch!(self, "conv_dw_partial_tf32", cfg;
                 &p, dy, y, &ri, x, x, &zero, &mut partial),
         }
         let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
         launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
             &ci, &ri2, &csi, &ki, &partial, dw);
+        if let Some(db) = db {
+            assert_eq!(db.len(), g.c_out);
+            match db_taps {
+                Some(taps) => {
+                    let (li, oi) = (i(sums_len), i(g.c_out));
+                    launch!(self, "conv_db_from_sums_f32", per_elem(g.c_out);
+                        &ci, &li, &oi, &taps, &*sums, db);
+                }
+                None => self.conv_db(g, batch, y, relu, dy, db),
+            }
+        }
     }
 
     fn dropout(&self, mask: &DropoutMask, x: &mut Buf) {
@@ -1709,11 +1773,7 @@ impl Backend for Cuda {
                 assert_eq!(dx.len(), rows * n_in);
                 self.conv_tc_dx(false, &g, rows, w, y, relu, dy, dx, false);
             }
-            self.conv_tc_dw(false, &g, rows, x, y, relu, dy, dw);
-            if let Some(db) = db {
-                assert_eq!(db.len(), n_out);
-                self.conv_db(&g, rows, y, relu, dy, db);
-            }
+            self.conv_tc_dw(false, &g, rows, x, y, relu, dy, dw, db);
             return;
         }
         let (ri, ii, oi) = (i(rows), i(n_in), i(n_out));
@@ -2299,6 +2359,94 @@ fn attn_c(dm: &AttnDims) -> AttnDimsC {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How often each output position of a transposed convolution is reached by the taps of
+    /// `mask` over the input grid (per axis: tap ky reaches q = s·p − pad + ky).
+    fn tap_coverage(g: &ConvGeom, mask: u32) -> Vec<usize> {
+        let mut count = vec![0; g.h_out * g.w_out];
+        for tap in (0..g.k * g.k).filter(|t| mask >> t & 1 == 1) {
+            let (ky, kx) = (tap / g.k, tap % g.k);
+            for py in 0..g.h_in {
+                for px in 0..g.w_in {
+                    let qy = (py * g.stride + ky) as isize - g.pad as isize;
+                    let qx = (px * g.stride + kx) as isize - g.pad as isize;
+                    if (0..g.h_out as isize).contains(&qy) && (0..g.w_out as isize).contains(&qx) {
+                        count[qy as usize * g.w_out + qx as usize] += 1;
+                    }
+                }
+            }
+        }
+        count
+    }
+
+    #[test]
+    fn convt_covering_taps_reach_every_output_once() {
+        // The decoder layers of the configs: 5×5 stride 2 (pad 2, output padding 1), 5×5 and
+        // 3×3 stride 1 "same".
+        let s2 = ConvGeom::transposed(8, 8, 64, 64, 5, 2, 2, 1);
+        let bit = |ky: usize, kx: usize, k: usize| 1u32 << (ky * k + kx);
+        assert_eq!(
+            convt_covering_taps(&s2),
+            Some(bit(2, 2, 5) | bit(2, 3, 5) | bit(3, 2, 5) | bit(3, 3, 5))
+        );
+        let s1 = ConvGeom::transposed(16, 16, 64, 64, 5, 1, 2, 0);
+        assert_eq!(convt_covering_taps(&s1), Some(bit(2, 2, 5)));
+        let k3 = ConvGeom::transposed(16, 16, 64, 4, 3, 1, 1, 0);
+        assert_eq!(convt_covering_taps(&k3), Some(bit(1, 1, 3)));
+        // Every small geometry: a mask reaches each output exactly once; None only where some
+        // output phase has no single tap that reaches all of its positions.
+        let (mut some, mut none) = (0, 0);
+        for k in 1..=5 {
+            for stride in 1..=3 {
+                for pad in 0..k {
+                    for out_pad in 0..stride {
+                        for h_in in 1..=5 {
+                            if (h_in - 1) * stride + k + out_pad <= 2 * pad {
+                                continue; // no output
+                            }
+                            let g =
+                                ConvGeom::transposed(h_in, h_in + 1, 4, 4, k, stride, pad, out_pad);
+                            match convt_covering_taps(&g) {
+                                Some(mask) => {
+                                    some += 1;
+                                    assert!(
+                                        tap_coverage(&g, mask).iter().all(|&c| c == 1),
+                                        "{g:?}: mask {mask:b}"
+                                    );
+                                }
+                                None => {
+                                    none += 1;
+                                    // Some output row phase (or column phase) that no single
+                                    // tap covers completely.
+                                    let covers =
+                                        |n_in: usize, n_out: usize, phase: usize, ky: usize| {
+                                            (phase..n_out).step_by(stride).all(|q| {
+                                                let off = (q + pad) as isize - ky as isize;
+                                                off >= 0
+                                                    && off as usize % stride == 0
+                                                    && (off as usize / stride) < n_in
+                                            })
+                                        };
+                                    let axis_ok = |n_in: usize, n_out: usize| {
+                                        (0..stride.min(n_out))
+                                            .all(|ph| (0..k).any(|ky| covers(n_in, n_out, ph, ky)))
+                                    };
+                                    assert!(
+                                        !(axis_ok(g.h_in, g.h_out) && axis_ok(g.w_in, g.w_out)),
+                                        "{g:?}: a covering tap set exists but none was found"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            some > 100 && none > 10,
+            "{some} geometries with taps, {none} without"
+        );
+    }
 
     #[test]
     fn nvrtc_error_names_the_file_and_carries_the_log() {
