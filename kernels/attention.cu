@@ -185,6 +185,39 @@ extern "C" __global__ void attention_bwd_f32(AttnDims dm, const float* __restric
 #define ATT_T 256
 #define ATT_MAXK 16
 
+// out[s] = Σ_j x[j] · m[s·dh + j] for s < k, j in order: this thread's row x (global memory) against
+// k rows m (shared memory, the same for every thread: broadcast reads). x is read once, 16 bytes
+// at a time when `vec4` (dh and the row offsets multiples of 4). Every loop over the slots runs to
+// the constant ATT_MAXK, guarded by s < k, so that out[] stays in registers (a loop bound known
+// only at run time would put it in local memory).
+static __device__ __forceinline__ void att_row_dots(const float* __restrict__ x, const float* m, int k, int dh,
+                                                    bool vec4, float out[ATT_MAXK]) {
+#pragma unroll
+    for (int s = 0; s < ATT_MAXK; ++s) out[s] = 0.0f;
+    if (vec4) {
+        for (int j = 0; j < dh; j += 4) {
+            const float4 xv = ld_f4(x + j);
+#pragma unroll
+            for (int s = 0; s < ATT_MAXK; ++s) {
+                if (s < k) {
+                    const float4 mv = *(const float4*)(m + s * dh + j);
+                    out[s] += xv.x * mv.x;
+                    out[s] += xv.y * mv.y;
+                    out[s] += xv.z * mv.z;
+                    out[s] += xv.w * mv.w;
+                }
+            }
+        }
+    } else {
+        for (int j = 0; j < dh; ++j) {
+            const float xj = x[j];
+#pragma unroll
+            for (int s = 0; s < ATT_MAXK; ++s)
+                if (s < k) out[s] += xj * m[s * dh + j];
+        }
+    }
+}
+
 // Dynamic shared memory: k·dh (q) + ATT_T·k (a) floats.
 // partial [batch·heads][chunks][k][dh + 1]: per chunk, Σ a·v (dh values) then Σ a.
 extern "C" __global__ void __launch_bounds__(ATT_T)
@@ -199,29 +232,38 @@ attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float
     const int tid = threadIdx.x, t0 = chunk * ATT_T, t = t0 + tid;
     float* qs = smem;          // [k][dh]
     float* as = smem + k * dh;  // [ATT_T][k]
+    const bool vec4 = (d & 3) == 0 && (dh & 3) == 0;
     const float* qb = q + b * k * d;
     for (int idx = tid; idx < k * dh; idx += ATT_T) qs[idx] = qb[(idx / dh) * d + h * dh + idx % dh];
     __syncthreads();
     if (t < n) {
-        const float* kt = kk + (b * n + t) * d + h * dh;
         float p[ATT_MAXK];
+        att_row_dots(kk + (b * n + t) * d + h * dh, qs, k, dh, vec4, p);
         float mx = __int_as_float(0xff800000);  // -inf
-        for (int s = 0; s < k; ++s) {
-            float l = 0.0f;
-            for (int j = 0; j < dh; ++j) l += kt[j] * qs[s * dh + j];
-            p[s] = dm.scale * l;
-            mx = fmaxf(mx, p[s]);
+#pragma unroll
+        for (int s = 0; s < ATT_MAXK; ++s) {
+            if (s < k) {
+                p[s] *= dm.scale;
+                mx = fmaxf(mx, p[s]);
+            }
         }
         float z = 0.0f;
-        for (int s = 0; s < k; ++s) {
-            p[s] = expf(p[s] - mx);
-            z += p[s];
+#pragma unroll
+        for (int s = 0; s < ATT_MAXK; ++s) {
+            if (s < k) {
+                p[s] = expf(p[s] - mx);
+                z += p[s];
+            }
         }
         float* row = attn + ((size_t)bh * n + t) * k;
-        for (int s = 0; s < k; ++s) {
-            const float ps = p[s] / z;
-            row[s] = ps;
-            as[tid * k + s] = ps + dm.eps;
+        const float rz = 1.0f / z;
+#pragma unroll
+        for (int s = 0; s < ATT_MAXK; ++s) {
+            if (s < k) {
+                const float ps = p[s] * rz;
+                row[s] = ps;
+                as[tid * k + s] = ps + dm.eps;
+            }
         }
     } else {
         for (int s = 0; s < k; ++s) as[tid * k + s] = 0.0f;
@@ -259,14 +301,6 @@ extern "C" __global__ void attention_fwd_reduce_f32(AttnDims dm, int chunks, con
     upd[(b * k + s) * d + h * dh + j] = u / cs;
 }
 
-// dw[s] = <dU[s], v[t]> for this thread's token (dU in shared memory).
-static __device__ __forceinline__ void att_dw(const float* vt, const float* dus, int k, int dh, float* dw) {
-    for (int s = 0; s < k; ++s) {
-        float g = 0.0f;
-        for (int j = 0; j < dh; ++j) g += dus[s * dh + j] * vt[j];
-        dw[s] = g;
-    }
-}
 
 // Backward pass 1. Dynamic shared memory: k·dh (dU) + 2·ATT_T·k floats.
 // stats [batch·heads][chunks][k][2]: per chunk, Σ a and Σ dw·a.
@@ -287,11 +321,14 @@ attention_bwd_stats_f32(AttnDims dm, const float* __restrict__ v, const float* _
     __syncthreads();
     if (t < n) {
         float dw[ATT_MAXK];
-        att_dw(v + (b * n + t) * d + h * dh, dus, k, dh, dw);
+        att_row_dots(v + (b * n + t) * d + h * dh, dus, k, dh, (d & 3) == 0 && (dh & 3) == 0, dw);
         const float* prow = attn + ((size_t)bh * n + t) * k;
-        for (int s = 0; s < k; ++s) {
-            as[tid * k + s] = prow[s] + dm.eps;
-            dws[tid * k + s] = dw[s];
+#pragma unroll
+        for (int s = 0; s < ATT_MAXK; ++s) {
+            if (s < k) {
+                as[tid * k + s] = prow[s] + dm.eps;
+                dws[tid * k + s] = dw[s];
+            }
         }
     } else {
         for (int s = 0; s < k; ++s) as[tid * k + s] = dws[tid * k + s] = 0.0f;
@@ -314,11 +351,14 @@ attention_bwd_stats_f32(AttnDims dm, const float* __restrict__ v, const float* _
 // Backward pass 2: dv and dk (+=) for this block's tokens, and the chunk's partial of dq.
 // Dynamic shared memory: 2·k·dh (dU, q) + 2·k (S, c) + 2·ATT_T·k (w, dl) floats.
 // dq_partial [batch·heads][chunks][k][dh].
-extern "C" __global__ void __launch_bounds__(ATT_T)
-attention_bwd_main_f32(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
-                       const float* __restrict__ q, const float* __restrict__ attn,
-                       const float* __restrict__ dupd, const float* __restrict__ stats,
-                       float* __restrict__ dk, float* __restrict__ dv, float* __restrict__ dq_partial) {
+// (No __launch_bounds__: with (ATT_T) ptxas 13.0 settles on 48 registers and spills a few
+// bytes; without, 48 and no spill; with (ATT_T, 1), 80: fewer resident blocks for a kernel that
+// waits on memory. `nvrtc_kernel_resources_*` checks that nothing spills.)
+extern "C" __global__ void attention_bwd_main_f32(AttnDims dm, const float* __restrict__ kk,
+                                                  const float* __restrict__ v, const float* __restrict__ q,
+                                                  const float* __restrict__ attn, const float* __restrict__ dupd,
+                                                  const float* __restrict__ stats, float* __restrict__ dk,
+                                                  float* __restrict__ dv, float* __restrict__ dq_partial) {
     extern __shared__ float smem[];
     const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
     const int dh = d / heads;
@@ -327,8 +367,8 @@ attention_bwd_main_f32(AttnDims dm, const float* __restrict__ kk, const float* _
     const int tid = threadIdx.x, t0 = chunk * ATT_T, t = t0 + tid;
     float* dus = smem;              // [k][dh]
     float* qs = dus + k * dh;        // [k][dh]
-    float* S = qs + k * dh;          // [k]
-    float* cc = S + k;               // [k]
+    float* rS = qs + k * dh;         // [k]: 1 / S (one division per slot, not per token)
+    float* cc = rS + k;              // [k]
     float* ws = cc + k;              // [ATT_T][k]
     float* dls = ws + ATT_T * k;     // [ATT_T][k]
     const float* du = dupd + b * k * d;
@@ -345,20 +385,25 @@ attention_bwd_main_f32(AttnDims dm, const float* __restrict__ kk, const float* _
             sa += st[(size_t)c * k * 2];
             sc += st[(size_t)c * k * 2 + 1];
         }
-        S[tid] = sa;
+        rS[tid] = 1.0f / sa;
         cc[tid] = sc / sa;
     }
     __syncthreads();
     if (t < n) {
         float dw[ATT_MAXK];
-        att_dw(v + (b * n + t) * d + h * dh, dus, k, dh, dw);
+        att_row_dots(v + (b * n + t) * d + h * dh, dus, k, dh, (d & 3) == 0 && (dh & 3) == 0, dw);
         const float* prow = attn + ((size_t)bh * n + t) * k;
         float dot = 0.0f;
-        for (int s = 0; s < k; ++s) dot += ((dw[s] - cc[s]) / S[s]) * prow[s];
-        for (int s = 0; s < k; ++s) {
-            const float da = (dw[s] - cc[s]) / S[s];
-            ws[tid * k + s] = (prow[s] + dm.eps) / S[s];
-            dls[tid * k + s] = dm.scale * prow[s] * (da - dot);
+#pragma unroll
+        for (int s = 0; s < ATT_MAXK; ++s)
+            if (s < k) dot += ((dw[s] - cc[s]) * rS[s]) * prow[s];
+#pragma unroll
+        for (int s = 0; s < ATT_MAXK; ++s) {
+            if (s < k) {
+                const float da = (dw[s] - cc[s]) * rS[s];
+                ws[tid * k + s] = (prow[s] + dm.eps) * rS[s];
+                dls[tid * k + s] = dm.scale * prow[s] * (da - dot);
+            }
         }
     } else {
         for (int s = 0; s < k; ++s) ws[tid * k + s] = dls[tid * k + s] = 0.0f;

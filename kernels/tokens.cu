@@ -346,8 +346,10 @@ extern "C" __global__ void tokens_bwd_reduce_f32(int nblk, int c, int feat, cons
     float s = 0.0f;
     for (int b = 0; b < nblk; ++b) s += partial[b * len + e];
     if (e < 4 * feat) {
-        float* dst[4] = {dgi, dbei, db2, db1};
-        dst[e / feat][e % feat] += s;
+        // (A chain, not an array of the four pointers: that array would live in local memory.)
+        const int which = e / feat;
+        float* dst = which == 0 ? dgi : which == 1 ? dbei : which == 2 ? db2 : db1;
+        dst[e % feat] += s;
         return;
     }
     const int k = e - 4 * feat;

@@ -335,6 +335,88 @@ pub fn compile_file(file: &KernelFile, arch: &'static str) -> Result<Ptx, String
     })
 }
 
+/// What ptxas reports for one kernel compiled to machine code.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub shared_bytes: u32,
+    /// Per-thread local memory (arrays indexed at run time live there, spills too).
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+/// The kernels of a `ptxas -v` log: per kernel "Compiling entry function 'NAME' for 'sm_90'",
+/// then "N bytes stack frame, S bytes spill stores, L bytes spill loads", then "Used R
+/// registers, used 1 barriers, B bytes smem".
+fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
+    // The number in the comma-separated part of `line` that names `what`.
+    let number_of = |line: &str, what: &str| -> u32 {
+        line.split(',')
+            .filter(|part| part.contains(what))
+            .find_map(|part| part.split_whitespace().find_map(|t| t.parse().ok()))
+            .unwrap_or(0)
+    };
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            out.push(KernelResources {
+                name: rest.split('\'').next().unwrap_or("").to_string(),
+                registers: 0,
+                shared_bytes: 0,
+                stack_bytes: 0,
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+            });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("spill stores") {
+                k.stack_bytes = number_of(line, "stack frame");
+                k.spill_store_bytes = number_of(line, "spill stores");
+                k.spill_load_bytes = number_of(line, "spill loads");
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = number_of(line, "registers");
+                k.shared_bytes = number_of(line, "smem");
+            }
+        }
+    }
+    out
+}
+
+/// Compile `file` to machine code for `arch` (e.g. "sm_90"; no GPU needed) with `ptxas -v` and
+/// read each kernel's registers, static shared memory and spills from the log: what decides
+/// how many blocks fit on an SM, known before any GPU runs.
+pub fn kernel_resources(file: &KernelFile, arch: &str) -> Result<Vec<KernelResources>, String> {
+    use cudarc::nvrtc::result;
+    let src = std::ffi::CString::new(file.full_source()).map_err(|e| e.to_string())?;
+    let name = std::ffi::CString::new(file.name).map_err(|e| e.to_string())?;
+    let prog = result::create_program(&src, Some(&name)).map_err(|e| format!("{e:?}"))?;
+    let opts = [
+        format!("--gpu-architecture={arch}"),
+        "--ptxas-options=-v".into(),
+    ];
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    let log = unsafe { result::get_program_log(prog) }.map_err(|e| format!("{e:?}"))?;
+    let _ = unsafe { result::destroy_program(prog) };
+    let log = unsafe { std::ffi::CStr::from_ptr(log.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    compiled.map_err(|e| {
+        format!(
+            "NVRTC could not compile kernels/{} for {arch}: {e:?}\n{log}",
+            file.name
+        )
+    })?;
+    let out = parse_ptxas_log(&log);
+    if out.is_empty() {
+        return Err(format!(
+            "no ptxas report for kernels/{} in the NVRTC log:\n{log}",
+            file.name
+        ));
+    }
+    Ok(out)
+}
+
 /// Compile every kernel file for `arch` without any GPU (only libnvrtc is needed); returns the
 /// number of files compiled.
 pub fn compile_all_for(arch: &'static str) -> Result<usize, String> {
@@ -2377,6 +2459,43 @@ mod tests {
             }
         }
         count
+    }
+
+    #[test]
+    fn ptxas_log_parses_registers_shared_memory_stack_and_spills() {
+        let log = "ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'conv_a' for 'sm_90'
+ptxas info    : Function properties for conv_a
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 76 registers, used 1 barriers, 30720 bytes smem
+ptxas info    : Compile time = 10.745 ms
+ptxas info    : Compiling entry function 'spilly' for 'sm_90'
+ptxas info    : Function properties for spilly
+ptxas         .     2048 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 2048 bytes cumulative stack size
+";
+        let k = parse_ptxas_log(log);
+        assert_eq!(k.len(), 2);
+        assert_eq!(
+            (
+                k[0].name.as_str(),
+                k[0].registers,
+                k[0].shared_bytes,
+                k[0].stack_bytes
+            ),
+            ("conv_a", 76, 30720, 0)
+        );
+        assert_eq!((k[0].spill_store_bytes, k[0].spill_load_bytes), (0, 0));
+        assert_eq!(
+            (
+                k[1].name.as_str(),
+                k[1].registers,
+                k[1].shared_bytes,
+                k[1].stack_bytes
+            ),
+            ("spilly", 255, 0, 2048)
+        );
+        assert_eq!((k[1].spill_store_bytes, k[1].spill_load_bytes), (24, 16));
     }
 
     #[test]
