@@ -80,11 +80,17 @@ static __device__ __forceinline__ float column_sum_8warps(float v, float (*sh)[3
     return s;
 }
 
-// x rounded to TF32 (10-bit mantissa, round to nearest with ties away from zero), as the bit
-// pattern the tensor cores read.
+// x rounded to TF32 (10-bit mantissa, round to nearest), as the bit pattern the tensor cores
+// read. On sm_90 cvt.rn (ties to even) is one instruction (F2FP.TF32); sm_80 has only cvt.rna
+// (ties away from zero), which ptxas expands to four. They differ only on exact ties. The
+// emulator rounds as sm_90 does.
 static __device__ __forceinline__ unsigned to_tf32(float x) {
 #ifdef CUEMU
     return cuemu_to_tf32(x);
+#elif __CUDA_ARCH__ >= 900
+    unsigned r;
+    asm("cvt.rn.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
 #else
     unsigned r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));

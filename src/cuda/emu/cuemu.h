@@ -146,12 +146,13 @@ static inline float max(float a, float b) { return fmaxf(a, b); }
 template <typename T>
 static inline T __ldg(const T* p) { return *p; }
 
-// cvt.rna.tf32.f32: keep 10 mantissa bits, rounding half away from zero (sign-magnitude, so
-// adding half an ulp of TF32 to the magnitude bits and truncating does it). Inf and NaN pass.
+// cvt.rn.tf32.f32 (sm_90): keep 10 mantissa bits, rounding to nearest with ties to even
+// (sign-magnitude: add just under half a TF32 ulp, plus one when the kept part is odd, and
+// truncate; a carry into the exponent is the correct rounding up). Inf and NaN pass.
 static inline unsigned cuemu_to_tf32(float x) {
     unsigned u = __float_as_uint(x);
     if (cuemu_exact_tf32 || (u & 0x7f800000u) == 0x7f800000u) return u;
-    return (u + 0x1000u) & 0xffffe000u;
+    return (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
 }
 
 struct CuemuMma {
