@@ -32,8 +32,14 @@
 #define TC_THREADS 128
 
 // acc[mi][ni] += (this warp's 32 rows of As) · (its 32 rows of Bs)ᵀ over the TC_BK columns.
-static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[TC_LD], const unsigned (*Bs)[TC_LD],
-                                                   int wm, int wn, int lane, float acc[2][4][4]) {
+// B_PAIRED: each 8 columns of Bs are in the order k0 k4 k1 k5 k2 k6 k3 k7 (conv_w_nk_tf32 writes
+// the weights so), so a lane's two B values for k slots t and t + 4 lie side by side and come
+// in one 8-byte load, already in the register order mma wants; rows of LDB ≡ 8 (mod 16) words
+// keep those loads free of bank conflicts. (A cannot be paired this way: its fragment's register
+// order runs over rows first.) Rows of TC_LD = 20 words keep the 4-byte loads conflict-free.
+template <int LDA, int LDB, bool B_PAIRED>
+static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[LDA], const unsigned (*Bs)[LDB], int wm,
+                                                   int wn, int lane, float acc[2][4][4]) {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int ks = 0; ks < TC_BK; ks += 8) {
@@ -49,8 +55,14 @@ static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[TC_LD], 
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
             const int c = wn * 32 + ni * 8 + g;
-            b[ni][0] = Bs[c][ks + t];
-            b[ni][1] = Bs[c][ks + t + 4];
+            if (B_PAIRED) {
+                const uint2 bb = *(const uint2*)&Bs[c][ks + 2 * t];
+                b[ni][0] = bb.x;
+                b[ni][1] = bb.y;
+            } else {
+                b[ni][0] = Bs[c][ks + t];
+                b[ni][1] = Bs[c][ks + t + 4];
+            }
         }
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
@@ -179,7 +191,7 @@ static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ s
             Bs[r0 + 8 * j][kq] = to_tf32(bv[j]);
         }
         __syncthreads();
-        tc_tile_mma(As, Bs, wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, TC_LD, false>(As, Bs, wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -229,8 +241,10 @@ conv_igemm_adjoint_tf32(ConvGemm p, const float* __restrict__ src, const float* 
 // k-tile's global loads are issued before the current tile's mma and stored after it, with one
 // barrier per k-tile.
 
-// wt[nn][(ky·k + kx)·cs + c] = tf32(W[nn][c][ky][kx]) (w_nc = 1) or tf32(W[c][nn][ky][kx])
-// (w_nc = 0), for nn < n, c < cs. One thread per element of wt (writes coalesced).
+// wt[nn][pair((ky·k + kx)·cs + c)] = tf32(W[nn][c][ky][kx]) (w_nc = 1) or tf32(W[c][nn][ky][kx])
+// (w_nc = 0), for nn < n, c < cs, where pair() orders each 8 consecutive k as k0 k4 k1 k5 k2 k6
+// k3 k7 (K is a multiple of 16 here): the mma's B fragment pairs, side by side (tc_tile_mma).
+// One thread per element of wt (writes coalesced within each 8).
 extern "C" __global__ void conv_w_nk_tf32(int n, int cs, int k, int w_nc, const float* __restrict__ w,
                                           unsigned* __restrict__ wt) {
     const int K = k * k * cs;
@@ -241,7 +255,8 @@ extern "C" __global__ void conv_w_nk_tf32(int n, int cs, int k, int w_nc, const 
     split_k(kk, cs, k, c, ky, kx);
     const int a = w_nc ? nn : c, b = w_nc ? c : nn;
     const int bdim = w_nc ? cs : n;
-    wt[e] = to_tf32(w[((a * bdim + b) * k + ky) * k + kx]);
+    const int pos = (kk & ~7) | ((kk & 3) << 1) | ((kk >> 2) & 1);
+    wt[nn * K + pos] = to_tf32(w[((a * bdim + b) * k + ky) * k + kx]);
 }
 
 // The adjoint gather with stride s > 1 touches, for an output position (oy, ox), only the taps
@@ -388,8 +403,9 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
     constexpr int BN = 32 * WN, BM = 256 / WN, AJ = BM / 64;
+    constexpr int LDB = TC_BK + 8;  // B's fragments are read in pairs (tc_tile_mma)
     __shared__ __align__(16) unsigned As[2][BM][TC_LD];
-    __shared__ __align__(16) unsigned Bs[2][BN][TC_LD];
+    __shared__ __align__(16) unsigned Bs[2][BN][LDB];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp % WN;
     const int N = p.n, K = p.k * p.k * p.cs;
@@ -424,7 +440,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
             v3_next(p, f, tp);
             v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, K, n0, tp, q, r0, rows, av, has_b, bv);
         }
-        tc_tile_mma(As[st], Bs[st], wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, LDB, true>(As[st], Bs[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -537,7 +553,7 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
             Bs[q][mq0 + 2 * j] = to_tf32(bv[j]);
         }
         __syncthreads();
-        tc_tile_mma(As, Bs, wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, TC_LD, false>(As, Bs, wm, wn, lane, acc);
     }
     store_dw_partial(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
 }
@@ -734,17 +750,21 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
     dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, bpos, kk, c, ky, kx,
                  av, bv);
     const int ntiles = (kend - kbeg + TC_BK - 1) / TC_BK;
-    float4 as = make_float4(0.0f, 0.0f, 0.0f, 0.0f), bs = as;  // see dw3_operand_sums
+    // The operand sums (see dw3_operand_sums), only in the blocks that write them: a uniform
+    // branch, not 12 adds per k-tile in every block.
+    const bool sum_a = sums_of == 1 && blockIdx.y == 0, sum_b = sums_of == 2 && blockIdx.x == 0;
+    float4 as = make_float4(0.0f, 0.0f, 0.0f, 0.0f), bs = as;
     for (int t = 0; t < ntiles; ++t) {
         // Stage t % 2 was last read in iteration t − 2, before the barrier of iteration t − 1.
         const int st = t & 1;
-        as = add4(as, av);
+        if (sum_a) as = add4(as, av);
+        if (sum_b) {
+#pragma unroll
+            for (int j = 0; j < T::BJ; ++j) bs = add4(bs, bv[j]);
+        }
         if (has_a) *(uint4*)&At[st][ma][4 * ga] = tf32x4(av);
 #pragma unroll
-        for (int j = 0; j < T::BJ; ++j) {
-            bs = add4(bs, bv[j]);
-            *(uint4*)&Bt[st][mb + T::MB * j][4 * gb] = tf32x4(bv[j]);
-        }
+        for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][mb + T::MB * j][4 * gb] = tf32x4(bv[j]);
         __syncthreads();
         if (t + 1 < ntiles) {
 #pragma unroll

@@ -22,6 +22,9 @@ struct float4 {
 struct uint4 {
     unsigned x, y, z, w;
 };
+struct uint2 {  // 8 bytes (the hardware requires 8-byte alignment: tc_tile_mma's offsets are even)
+    unsigned x, y;
+};
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 extern "C" void cuemu_fault(const char* msg);
