@@ -340,13 +340,12 @@ struct V3Row {
 };
 
 // This thread's part of k-tile `tp`: 4 channels (quad q) of its AJ A rows and, when has_b, of
-// B row n0 + r0.
+// its B row (`wrow`: the row at the thread's 4 columns; null past n).
 template <bool ADJOINT, int AJ>
 static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* __restrict__ src,
                                                const float* __restrict__ mask_y, int masked,
-                                               const unsigned* __restrict__ wt, int K, int n0, const V3Tap& tp,
-                                               int q, int r0, const V3Row rows[AJ], float4 av[AJ], bool has_b,
-                                               uint4& bv) {
+                                               const unsigned* __restrict__ wrow, const V3Tap& tp, int q,
+                                               const V3Row rows[AJ], float4 av[AJ], bool has_b, uint4& bv) {
     const int c = tp.c0 + 4 * q;
     const int dy = ADJOINT ? -tp.ty : tp.ky, dx = ADJOINT ? -tp.tx : tp.kx;
 #pragma unroll
@@ -360,9 +359,7 @@ static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* _
         }
         av[j] = v;
     }
-    const int nn = n0 + r0;
-    if (has_b)
-        bv = nn < p.n ? ld_u4(wt + (size_t)nn * K + (tp.ky * p.k + tp.kx) * p.cs + c) : make_uint4(0u, 0u, 0u, 0u);
+    if (has_b) bv = wrow ? ld_u4(wrow + (tp.ky * p.k + tp.kx) * p.cs + tp.c0) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // The output row of the phase's GEMM row m (−1: past the phase's positions), its position, and
@@ -413,6 +410,9 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int q = tid & 3, r0 = tid >> 2;
     const bool has_b = r0 < BN;  // this thread loads a B row
+    // Its row of the permuted weights, at its 4 columns of a k-tile (null past n): the k-loop
+    // adds only the tile's offset.
+    const unsigned* wrow = has_b && n0 + r0 < N ? wt + (size_t)(n0 + r0) * K + 4 * q : nullptr;
     V3Row rows[AJ];  // its A rows
 #pragma unroll
     for (int j = 0; j < AJ; ++j) rows[j] = v3_a_row<ADJOINT>(p, f, m0 + r0 + 64 * j);
@@ -424,7 +424,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     zero_acc(acc);
     float4 av[AJ];
     uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-    if (f.ntiles > 0) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, K, n0, tp, q, r0, rows, av, has_b, bv);
+    if (f.ntiles > 0) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
     for (int t = 0; t < f.ntiles; ++t) {
         // Store the loaded tile into stage t % 2. Every warp finished reading that stage (tile
         // t − 2) before the barrier that ended iteration t − 1.
@@ -438,7 +438,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         // The next tile's loads are in flight while the tensor cores work on this one.
         if (t + 1 < f.ntiles) {
             v3_next(p, f, tp);
-            v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, K, n0, tp, q, r0, rows, av, has_b, bv);
+            v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
         }
         tc_tile_mma<TC_LD, LDB, true>(As[st], Bs[st], wm, wn, lane, acc);
     }
