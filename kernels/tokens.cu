@@ -23,7 +23,8 @@
 #define TK_ROWS 32     // tokens per tile
 #define TK_THREADS 128 // threads per block (4 warps)
 #define TK_MAXD 64     // widest c, feat, d handled
-#define TK_LD 65       // row stride of the shared tiles (odd: conflict-free column access)
+#define TK_LD 68       // row stride of the shared tiles: 16-byte aligned rows for tk_gemm's reads;
+                       // every other shared access runs along a row (conflict-free at any stride)
 
 struct TokenDims {
     int rows;  // tokens: batch · h · w
@@ -66,9 +67,13 @@ static __device__ void tk_load_stats(float* mu, float* rs, const float* __restri
     }
 }
 
-// B[i][j] = W[j][i] for W [n_out][n_in] (nn.Linear's layout): X·B is X·Wᵀ (the forward).
+// B[i][j] = W[j][i] for W [n_out][n_in] (nn.Linear's layout): X·B is X·Wᵀ (the forward). The
+// lanes run along B's row j (the reads of W are strided, from L1: a matrix is 16 kB).
 static __device__ void tk_load_wt(float (*B)[TK_LD], const float* __restrict__ W, int n_in, int n_out) {
-    for (int e = threadIdx.x; e < n_in * n_out; e += TK_THREADS) B[e % n_in][e / n_in] = W[e];
+    for (int e = threadIdx.x; e < n_in * n_out; e += TK_THREADS) {
+        const int i = e / n_out, j = e % n_out;
+        B[i][j] = W[j * n_in + i];
+    }
 }
 
 // B[j][i] = W[j][i]: X·B is X·W (the backward's input gradient).
@@ -77,8 +82,11 @@ static __device__ void tk_load_w(float (*B)[TK_LD], const float* __restrict__ W,
 }
 
 // Y[r][n] (+)= relu?(Σ_k X[r][k]·B[k][n] + bias[n]) for n < n_out. Thread (ty, tx) = (tid/16,
-// tid%16) owns rows 4ty..4ty+3 and columns tx, tx+16, tx+32, tx+48: per k, 4 + 4 shared loads
-// feed 16 FMAs. Columns past n_out are computed from unset B entries and never stored.
+// tid%16) owns rows 4ty..4ty+3 and columns 4tx..4tx+3, and takes k four at a time: a 16-byte
+// read of each of its X rows (the 16 lanes of a row group read the same address: a broadcast)
+// and of each of the 4 B rows (16 lanes, 256 contiguous bytes) feed 64 FMAs, 8 shared reads
+// where version 1 needed 32 (it was bound by them). Each sum still runs over k in order.
+// Columns past n_out are computed from unset B entries and never stored.
 static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B)[TK_LD], int n_out,
                                const float* __restrict__ bias, int relu, int accumulate, float (*Y)[TK_LD]) {
     const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
@@ -87,12 +95,31 @@ static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B
     for (int r = 0; r < 4; ++r)
 #pragma unroll
         for (int m = 0; m < 4; ++m) acc[r][m] = 0.0f;
-    for (int kk = 0; kk < n_k; ++kk) {
+    const int n4 = n_k & ~3;
+    for (int kk = 0; kk < n4; kk += 4) {
+        float4 a[4], b[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = *(const float4*)&X[4 * ty + r][kk];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[i] = *(const float4*)&B[kk + i][4 * tx];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const float ar[4] = {a[r].x, a[r].y, a[r].z, a[r].w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                acc[r][0] += ar[i] * b[i].x;
+                acc[r][1] += ar[i] * b[i].y;
+                acc[r][2] += ar[i] * b[i].z;
+                acc[r][3] += ar[i] * b[i].w;
+            }
+        }
+    }
+    for (int kk = n4; kk < n_k; ++kk) {  // widths that are not multiples of 4
         float a[4], b[4];
 #pragma unroll
         for (int r = 0; r < 4; ++r) a[r] = X[4 * ty + r][kk];
 #pragma unroll
-        for (int m = 0; m < 4; ++m) b[m] = B[kk][tx + 16 * m];
+        for (int m = 0; m < 4; ++m) b[m] = B[kk][4 * tx + m];
 #pragma unroll
         for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -100,7 +127,7 @@ static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B
     }
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-        const int n = tx + 16 * m;
+        const int n = 4 * tx + m;
         if (n >= n_out) continue;
         const float bn = bias ? bias[n] : 0.0f;
 #pragma unroll
@@ -181,9 +208,9 @@ tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restri
                float* __restrict__ h_out, float* __restrict__ f_out, float* __restrict__ u_out,
                float* __restrict__ mean_in, float* __restrict__ rstd_in, float* __restrict__ k_out,
                float* __restrict__ v_out) {
-    __shared__ float X[TK_ROWS][TK_LD];
-    __shared__ float Y[TK_ROWS][TK_LD];
-    __shared__ float B[TK_MAXD][TK_LD];
+    __shared__ __align__(16) float X[TK_ROWS][TK_LD];
+    __shared__ __align__(16) float Y[TK_ROWS][TK_LD];
+    __shared__ __align__(16) float B[TK_MAXD][TK_LD];
     __shared__ float mu[TK_ROWS], rs[TK_ROWS];
     const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
     const int r0 = blockIdx.x * TK_ROWS;
@@ -242,9 +269,9 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
                const float* __restrict__ w1, const float* __restrict__ x, const float* __restrict__ mean0,
                const float* __restrict__ rstd0, const float* __restrict__ g0, float* __restrict__ df,
                float* __restrict__ dh, float* __restrict__ dx, float* __restrict__ partial) {
-    __shared__ float X[TK_ROWS][TK_LD];
-    __shared__ float Y[TK_ROWS][TK_LD];
-    __shared__ float B[TK_MAXD][TK_LD];
+    __shared__ __align__(16) float X[TK_ROWS][TK_LD];
+    __shared__ __align__(16) float Y[TK_ROWS][TK_LD];
+    __shared__ __align__(16) float B[TK_MAXD][TK_LD];
     __shared__ float mu[TK_ROWS], rs[TK_ROWS];
     const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
     const int ntiles = (rows + TK_ROWS - 1) / TK_ROWS;
