@@ -91,6 +91,8 @@ static __device__ __forceinline__ void split_k(int kk, int cs, int k, int& c, in
 
 // The epilogue of the weight-gradient partials: out[ii][nn] (R × N) = the warp's accumulators,
 // whose 32 × 32 tile starts at row r0 and column c0 (fragment layout of mma_tf32_16x8x8).
+// ROWS_PAIRED: the mma's rows g and g + 8 are the tile's rows 2g and 2g + 1 (tc_tile_mma_t).
+template <bool ROWS_PAIRED>
 static __device__ __forceinline__ void store_dw_partial(const float acc[2][4][4], float* __restrict__ out, int R,
                                                         int N, int r0, int c0, int lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -100,7 +102,7 @@ static __device__ __forceinline__ void store_dw_partial(const float acc[2][4][4]
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int ii = r0 + mi * 16 + g + (r >= 2 ? 8 : 0);
+                const int ii = r0 + mi * 16 + (ROWS_PAIRED ? 2 * g + (r >= 2) : g + (r >= 2 ? 8 : 0));
                 const int nn = c0 + ni * 8 + 2 * t + (r & 1);
                 if (ii < R && nn < N) out[ii * N + nn] = acc[mi][ni][r];
             }
@@ -555,7 +557,7 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
         __syncthreads();
         tc_tile_mma<TC_LD, TC_LD, false>(As, Bs, wm, wn, lane, acc);
     }
-    store_dw_partial(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
+    store_dw_partial<false>(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
 }
 
 // Version 3 of the weight-gradient partials, taken when rows and cs are multiples of 4. Blocks
@@ -651,6 +653,10 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
 }
 
 // acc += the warp's tile over one k-tile of the transposed stages (At[k][row], Bt[k][col]).
+// The mma's rows g and g + 8 are the tile's rows 2g and 2g + 1 (store_dw_partial<true> writes
+// them back there), so a lane's a0, a1 (and a2, a3) lie side by side: one 8-byte shared load
+// each, in the register order mma takes. With LDA ≡ 8 (mod 32) a half-warp's 8-byte loads cover
+// the 32 banks once.
 template <int LDA, int LDB>
 static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[LDA], const unsigned (*Bt)[LDB], int wm,
                                                      int wn, int lane, float acc[2][4][4]) {
@@ -660,11 +666,13 @@ static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[LDA], 
         unsigned a[2][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
-            const int r = wm * 32 + mi * 16 + g;
-            a[mi][0] = At[ks + t][r];
-            a[mi][1] = At[ks + t][r + 8];
-            a[mi][2] = At[ks + t + 4][r];
-            a[mi][3] = At[ks + t + 4][r + 8];
+            const int r = wm * 32 + mi * 16 + 2 * g;
+            const uint2 lo = *(const uint2*)&At[ks + t][r];
+            const uint2 hi = *(const uint2*)&At[ks + t + 4][r];
+            a[mi][0] = lo.x;
+            a[mi][1] = lo.y;
+            a[mi][2] = hi.x;
+            a[mi][3] = hi.y;
         }
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
@@ -774,7 +782,7 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
         }
         tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
     }
-    store_dw_partial(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
+    store_dw_partial<true>(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
     dw3_operand_sums<WM>(p, &At[0][0][0], &Bt[0][0][0], as, bs, has_a, ma, ga, mb, gb, m0, n0, sums_of, sums);
 }
 
