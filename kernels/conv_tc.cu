@@ -21,9 +21,11 @@
 // bank conflicts. Version 2 (conv_igemm_*_tf32, any channel count): single-buffered, every
 // element gathered with its own index arithmetic. Version 3 (conv_igemm_*_v3_tf32, gathered
 // channels a multiple of 16, i.e. every 64-channel layer): 16-byte loads, weights pre-permuted,
-// two stages (below). Weight gradients: conv_dw_partial_tf32 (version 2) and, when the rows
+// two stages, B fragments read in pairs (below). Weight gradients: conv_dw_partial_tf32 (version 2) and, when the rows
 // and gathered channels are multiples of 4, conv_dw_partial_v3_tf32 (16-byte loads, two stages),
-// which also sums the bias gradient from its loaded operands (conv_db_from_sums_f32 adds it up).
+// which also sums the bias gradient from its loaded operands (conv_db_from_sums_f32 adds it up)
+// and reads its A fragments in pairs. The loops' instruction counts (tools/kernel_sass.py) and
+// the reasons for each layout are in benches/NOTES.md.
 
 #define TC_BM 64
 #define TC_BN 64
