@@ -23,13 +23,22 @@ fn require_nvrtc() -> bool {
     require_gpu() || env_is("SLOTFIX_REQUIRE_NVRTC")
 }
 
-fn nvrtc_compiles_for(arch: &'static str) {
+/// Whether libnvrtc is there; says SKIPPED when not (and fails under SLOTFIX_REQUIRE_NVRTC /
+/// SLOTFIX_REQUIRE_GPU).
+fn nvrtc_or_skip() -> bool {
     if !cuda::nvrtc_available() {
         assert!(
             !require_nvrtc(),
             "libnvrtc cannot be loaded but SLOTFIX_REQUIRE_NVRTC / SLOTFIX_REQUIRE_GPU is set"
         );
         say_skipped("libnvrtc cannot be loaded (put its lib folder on LD_LIBRARY_PATH)");
+        return false;
+    }
+    true
+}
+
+fn nvrtc_compiles_for(arch: &'static str) {
+    if !nvrtc_or_skip() {
         return;
     }
     let n = cuda::compile_all_for(arch).unwrap_or_else(|e| panic!("{e}"));
@@ -62,12 +71,7 @@ fn nvrtc_compiles_every_kernel_sm90() {
 /// block's loads overlap another's `mma`) use at most 128 registers per thread: the occupancy
 /// the v3 design assumes, checked before any GPU runs. Prints each kernel's resources.
 fn nvrtc_kernel_resources(arch: &'static str) {
-    if !cuda::nvrtc_available() {
-        assert!(
-            !require_nvrtc(),
-            "libnvrtc cannot be loaded but SLOTFIX_REQUIRE_NVRTC is set"
-        );
-        say_skipped("libnvrtc cannot be loaded (put its lib folder on LD_LIBRARY_PATH)");
+    if !nvrtc_or_skip() {
         return;
     }
     let mut seen = 0;

@@ -2474,28 +2474,28 @@ ptxas info    : Function properties for spilly
 ptxas         .     2048 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads
 ptxas info    : Used 255 registers, used 0 barriers, 2048 bytes cumulative stack size
 ";
-        let k = parse_ptxas_log(log);
-        assert_eq!(k.len(), 2);
+        let kernel = |name: &str,
+                      registers,
+                      shared_bytes,
+                      stack_bytes,
+                      spill_store_bytes,
+                      spill_load_bytes| {
+            KernelResources {
+                name: name.into(),
+                registers,
+                shared_bytes,
+                stack_bytes,
+                spill_store_bytes,
+                spill_load_bytes,
+            }
+        };
         assert_eq!(
-            (
-                k[0].name.as_str(),
-                k[0].registers,
-                k[0].shared_bytes,
-                k[0].stack_bytes
-            ),
-            ("conv_a", 76, 30720, 0)
+            parse_ptxas_log(log),
+            [
+                kernel("conv_a", 76, 30720, 0, 0, 0),
+                kernel("spilly", 255, 0, 2048, 24, 16)
+            ]
         );
-        assert_eq!((k[0].spill_store_bytes, k[0].spill_load_bytes), (0, 0));
-        assert_eq!(
-            (
-                k[1].name.as_str(),
-                k[1].registers,
-                k[1].shared_bytes,
-                k[1].stack_bytes
-            ),
-            ("spilly", 255, 0, 2048)
-        );
-        assert_eq!((k[1].spill_store_bytes, k[1].spill_load_bytes), (24, 16));
     }
 
     #[test]
