@@ -338,9 +338,11 @@ static __device__ __forceinline__ void v3_next(const ConvGemm& p, const V3Phase&
     }
 }
 
-// A row of the phase's GEMM: its image's first pixel (n·hs·ws; −1: no row) and base position.
+// A row of the phase's GEMM: its base position (the source pixel of tap offset 0) and that
+// pixel's index in src, so that a k-tile's gather is base + the tap's offset, after a bounds test.
 struct V3Row {
-    int pix0, by, bx;
+    int by, bx;  // (−2^30 when there is no row: then every bounds test fails)
+    int base;    // the index of (by, bx, channel 0) in src: (n·hs·ws + by·ws + bx)·cs
 };
 
 // This thread's part of k-tile `tp`: 4 channels (quad q) of its AJ A rows and, when has_b, of
@@ -352,12 +354,14 @@ static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* _
                                                const V3Row rows[AJ], float4 av[AJ], bool has_b, uint4& bv) {
     const int c = tp.c0 + 4 * q;
     const int dy = ADJOINT ? -tp.ty : tp.ky, dx = ADJOINT ? -tp.tx : tp.kx;
+    const int toff = (dy * p.ws + dx) * p.cs + c;  // the tap's offset from a row's base
 #pragma unroll
     for (int j = 0; j < AJ; ++j) {
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const int sy = rows[j].by + dy, sx = rows[j].bx + dx;
-        if (rows[j].pix0 >= 0 && sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws) {
-            const int idx = (rows[j].pix0 + sy * p.ws + sx) * p.cs + c;
+        // (Unsigned: a negative coordinate fails the same test as one past the edge.)
+        if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
+            const int idx = rows[j].base + toff;
             v = ld_f4(src + idx);
             if (masked) v = relu_masked(v, mask_y + idx);
         }
@@ -387,7 +391,6 @@ static __device__ __forceinline__ V3Row v3_a_row(const ConvGemm& p, const V3Phas
     int oy, ox, ry, rx;
     const int n = v3_row(p, f, m, oy, ox, ry, rx);
     V3Row r;
-    r.pix0 = n < 0 ? -1 : n * p.hs * p.ws;
     if (ADJOINT) {
         r.by = ry + (f.qy + p.pad) / f.s;
         r.bx = rx + (f.qx + p.pad) / f.s;
@@ -395,6 +398,8 @@ static __device__ __forceinline__ V3Row v3_a_row(const ConvGemm& p, const V3Phas
         r.by = oy * p.stride - p.pad;
         r.bx = ox * p.stride - p.pad;
     }
+    r.base = ((n * p.hs + r.by) * p.ws + r.bx) * p.cs;
+    if (n < 0) r.by = r.bx = -(1 << 30);
     return r;
 }
 
