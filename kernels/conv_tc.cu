@@ -649,7 +649,7 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
         float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (q.m < kend && kk < N) {
             const int sy = q.py * p.stride - p.pad + ky, sx = q.px * p.stride - p.pad + kx;
-            if (sy >= 0 && sy < p.hs && sx >= 0 && sx < p.ws) {
+            if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {  // (negative: fails too)
                 const int idx = ((q.n * p.hs + sy) * p.ws + sx) * p.cs + c;
                 b = ld_f4(b_src + idx);
                 if (b_masked) b = relu_masked(b, b_mask + idx);
