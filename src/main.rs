@@ -387,6 +387,9 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 );
             } else {
                 print!("{}", c.to_yaml());
+                // What a training run's buffers will take (stderr: stdout stays the YAML).
+                let arch = slotfix::model::Arch::new(&c.model);
+                eprintln!("{}", MemoryPlan::training(&c, &arch).check(None)?);
             }
             return Ok(ExitCode::SUCCESS);
         }

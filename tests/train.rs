@@ -420,6 +420,11 @@ fn cli_errors_are_messages_not_panics() {
         .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("feat_size: 256"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("memory: buffers") && err.contains("at batch size 64"),
+        "{err}"
+    );
 }
 
 #[test]
