@@ -144,12 +144,14 @@ pub trait Backend: Sync {
         dw: &mut Self::Buf,
         db: &mut Self::Buf,
     );
-    /// [`Backend::conv2d_bwd`] with `dx` OVERWRITTEN rather than accumulated into: for a dx
-    /// that has no other contribution, it saves zeroing it first and reading it back. The
-    /// default is exactly that zeroing followed by the accumulating op.
+    /// [`Backend::conv2d_bwd`] (or, when `transposed`, [`Backend::conv_t2d_bwd`]) with `dx`
+    /// OVERWRITTEN rather than accumulated into: for a dx that has no other contribution, it
+    /// saves zeroing it first and reading it back. The default is exactly that zeroing followed
+    /// by the accumulating op.
     #[allow(clippy::too_many_arguments)]
-    fn conv2d_bwd_set_dx(
+    fn conv_bwd_set_dx(
         &self,
+        transposed: bool,
         g: &ConvGeom,
         batch: usize,
         x: &Self::Buf,
@@ -162,25 +164,11 @@ pub trait Backend: Sync {
         db: &mut Self::Buf,
     ) {
         self.fill_zero(dx);
-        self.conv2d_bwd(g, batch, x, w, y, relu, dy, Some(dx), dw, db);
-    }
-    /// [`Backend::conv_t2d_bwd`] with `dx` overwritten (see [`Backend::conv2d_bwd_set_dx`]).
-    #[allow(clippy::too_many_arguments)]
-    fn conv_t2d_bwd_set_dx(
-        &self,
-        g: &ConvGeom,
-        batch: usize,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        y: &Self::Buf,
-        relu: bool,
-        dy: &Self::Buf,
-        dx: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        db: &mut Self::Buf,
-    ) {
-        self.fill_zero(dx);
-        self.conv_t2d_bwd(g, batch, x, w, y, relu, dy, Some(dx), dw, db);
+        if transposed {
+            self.conv_t2d_bwd(g, batch, x, w, y, relu, dy, Some(dx), dw, db);
+        } else {
+            self.conv2d_bwd(g, batch, x, w, y, relu, dy, Some(dx), dw, db);
+        }
     }
     #[allow(clippy::too_many_arguments)]
     fn linear_fwd(

@@ -1214,32 +1214,19 @@ impl<B: Backend> Model<B> {
                 &mut lower[i - 1]
             };
             let (gw, gb) = two_mut(&mut self.grads, l.w, l.b);
-            match l.kind {
-                LayerKind::Conv => be.conv2d_bwd_set_dx(
-                    &l.geom,
-                    bk,
-                    x,
-                    &self.params[l.w],
-                    &ws.dec_act[i],
-                    l.relu,
-                    dy,
-                    dx,
-                    gw,
-                    gb,
-                ),
-                LayerKind::ConvTranspose => be.conv_t2d_bwd_set_dx(
-                    &l.geom,
-                    bk,
-                    x,
-                    &self.params[l.w],
-                    &ws.dec_act[i],
-                    l.relu,
-                    dy,
-                    dx,
-                    gw,
-                    gb,
-                ),
-            }
+            be.conv_bwd_set_dx(
+                l.kind == LayerKind::ConvTranspose,
+                &l.geom,
+                bk,
+                x,
+                &self.params[l.w],
+                &ws.dec_act[i],
+                l.relu,
+                dy,
+                dx,
+                gw,
+                gb,
+            );
         }
         let cg = &mut ws.cg;
         be.fill_zero(&mut cg.d_out);
@@ -1312,7 +1299,7 @@ impl<B: Backend> Model<B> {
                 be.conv2d_bwd(&l.geom, batch, x, w, y, l.relu, dy, None, gw, gb);
             } else {
                 let dx = &mut lower[i - 1];
-                be.conv2d_bwd_set_dx(&l.geom, batch, x, w, y, l.relu, dy, dx, gw, gb);
+                be.conv_bwd_set_dx(false, &l.geom, batch, x, w, y, l.relu, dy, dx, gw, gb);
             }
         }
     }

@@ -342,43 +342,16 @@ fn conv_case<B: Backend>(
             tol,
         );
     }
-    // dx overwritten (`*_set_dx`) into a poisoned buffer: the CPU's dx from zero.
+    // dx overwritten (`conv_bwd_set_dx`) into a poisoned buffer: the CPU's dx from zero.
     let mut dx0 = vec![0.0f32; x.len()];
     let (mut dw1, mut db1) = (dw.clone(), db.clone());
     let mut dxs = poisoned(g, x.len());
-    if transposed {
-        c.conv_t2d_bwd(
-            &geom,
-            batch,
-            &x,
-            &w,
-            &y,
-            relu,
-            &dy,
-            Some(&mut dx0),
-            &mut dw1,
-            &mut db1,
-        );
-        g.conv_t2d_bwd_set_dx(
-            &geom, batch, &xg, &wg, &yg, relu, &dyg, &mut dxs, &mut dwg, &mut dbg,
-        );
-    } else {
-        c.conv2d_bwd(
-            &geom,
-            batch,
-            &x,
-            &w,
-            &y,
-            relu,
-            &dy,
-            Some(&mut dx0),
-            &mut dw1,
-            &mut db1,
-        );
-        g.conv2d_bwd_set_dx(
-            &geom, batch, &xg, &wg, &yg, relu, &dyg, &mut dxs, &mut dwg, &mut dbg,
-        );
-    }
+    c.conv_bwd_set_dx(
+        transposed, &geom, batch, &x, &w, &y, relu, &dy, &mut dx0, &mut dw1, &mut db1,
+    );
+    g.conv_bwd_set_dx(
+        transposed, &geom, batch, &xg, &wg, &yg, relu, &dyg, &mut dxs, &mut dwg, &mut dbg,
+    );
     check_tol(&format!("{name} dx (set)"), g, &dxs, &dx0, tol);
     check_tol(&format!("{name} dw (set_dx)"), g, &dwg, &dw1, tol);
 }

@@ -1735,21 +1735,6 @@ impl Backend for Cuda {
     ) {
         self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, dx, false, dw, db);
     }
-    fn conv2d_bwd_set_dx(
-        &self,
-        g: &ConvGeom,
-        batch: usize,
-        x: &Buf,
-        w: &Buf,
-        y: &Buf,
-        relu: bool,
-        dy: &Buf,
-        dx: &mut Buf,
-        dw: &mut Buf,
-        db: &mut Buf,
-    ) {
-        self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, Some(dx), true, dw, db);
-    }
     fn conv_t2d_fwd(
         &self,
         g: &ConvGeom,
@@ -1777,8 +1762,9 @@ impl Backend for Cuda {
     ) {
         self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, dx, false, dw, db);
     }
-    fn conv_t2d_bwd_set_dx(
+    fn conv_bwd_set_dx(
         &self,
+        transposed: bool,
         g: &ConvGeom,
         batch: usize,
         x: &Buf,
@@ -1790,7 +1776,20 @@ impl Backend for Cuda {
         dw: &mut Buf,
         db: &mut Buf,
     ) {
-        self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, Some(dx), true, dw, db);
+        self.conv_bwd_common(
+            transposed,
+            g,
+            batch,
+            x,
+            w,
+            y,
+            relu,
+            dy,
+            Some(dx),
+            true,
+            dw,
+            db,
+        );
     }
     fn linear_fwd(
         &self,
