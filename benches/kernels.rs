@@ -16,8 +16,8 @@ use slotfix::cuda::{Buf, Cuda};
 use slotfix::ops::attention::AttnDims;
 use slotfix::ops::conv::ConvGeom;
 use slotfix::ops::tokens::{
-    tokens_bwd_by_ops, tokens_fwd_by_ops, MlpLayer, TokenActs, TokenDims, TokenGradActs,
-    TokenGrads, TokenParams,
+    tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
+    TokenParams,
 };
 use slotfix::rng::Philox;
 
@@ -418,49 +418,7 @@ impl Bench {
             .map(|(i, &n)| rand(n, 40 + i as u64, if i >= 4 { 0.2 } else { 1.0 }))
             .collect();
         let dev: Vec<Buf> = host.iter().map(|v| self.up(v)).collect();
-        fn params<Buf>(p: &[Buf], c: usize, f: usize) -> TokenParams<'_, Buf> {
-            TokenParams {
-                pos_w: &p[0],
-                pos_b: &p[1],
-                norm_g: &p[2],
-                norm_b: &p[3],
-                mlp: vec![
-                    MlpLayer {
-                        n_in: c,
-                        n_out: f,
-                        w: &p[4],
-                        b: &p[5],
-                    },
-                    MlpLayer {
-                        n_in: f,
-                        n_out: f,
-                        w: &p[6],
-                        b: &p[7],
-                    },
-                ],
-                norm_in_g: &p[8],
-                norm_in_b: &p[9],
-                wk: &p[10],
-                wv: &p[11],
-            }
-        }
-        fn grads<Buf>(g: &mut [Buf]) -> TokenGrads<'_, Buf> {
-            let [pw, pb, ng, nb, w1, b1, w2, b2, ig, ib, wk, wv] = g else {
-                unreachable!()
-            };
-            TokenGrads {
-                pos_w: pw,
-                pos_b: pb,
-                norm_g: ng,
-                norm_b: nb,
-                mlp: vec![(w1, b1), (w2, b2)],
-                norm_in_g: ig,
-                norm_in_b: ib,
-                wk,
-                wv,
-            }
-        }
-        let pg = params(&dev, c, f);
+        let pg = TokenParams::from_flat(&dev, c, f);
         // Spot check on the first image (the chain is per token: its rows need nothing else).
         let one = TokenDims { batch: 1, ..dims };
         let head = |b: &Buf, n: usize| g.download_f32(b)[..n].to_vec();
@@ -471,7 +429,7 @@ impl Bench {
         g.tokens_fwd(&dims, &pg, &enc, &mut acts);
         let mut want = TokenActs::new(&self.c, &one, 2);
         self.c
-            .tokens_fwd(&one, &params(&host, c, f), &enc0, &mut want);
+            .tokens_fwd(&one, &TokenParams::from_flat(&host, c, f), &enc0, &mut want);
         let e = self.check("tokens fwd v", &acts.v, &want.v, 1e-5);
         let shape = format!("{rows} tokens, {c}→{f}→{f}→2×{d}");
         let fl = 2.0 * (rows * (c * f + f * f + 2 * f * d)) as f64;
@@ -494,7 +452,15 @@ impl Bench {
         let mut gd: Vec<Buf> = lens.iter().map(|&n| g.alloc(n)).collect();
         let mut da = TokenGradActs::new(g, &dims, 2, true);
         g.fill_value(&mut da.d_enc_pos, f32::NAN);
-        g.tokens_bwd(&dims, &pg, &acts, &dk, &dv, &mut da, &mut grads(&mut gd));
+        g.tokens_bwd(
+            &dims,
+            &pg,
+            &acts,
+            &dk,
+            &dv,
+            &mut da,
+            &mut TokenGrads::from_flat(&mut gd),
+        );
         let saved = TokenActs {
             enc_pos: head(&acts.enc_pos, one.rows() * c),
             ln0: head(&acts.ln0, one.rows() * c),
@@ -515,16 +481,25 @@ impl Bench {
         let mut dc = TokenGradActs::new(&self.c, &one, 2, true);
         self.c.tokens_bwd(
             &one,
-            &params(&host, c, f),
+            &TokenParams::from_flat(&host, c, f),
             &saved,
             &head(&dk, one.rows() * d),
             &head(&dv, one.rows() * d),
             &mut dc,
-            &mut grads(&mut gh),
+            &mut TokenGrads::from_flat(&mut gh),
         );
         let e = self.check("tokens bwd d enc", &da.d_enc_pos, &dc.d_enc_pos, 1e-5);
-        let ms =
-            self.time(|| g.tokens_bwd(&dims, &pg, &acts, &dk, &dv, &mut da, &mut grads(&mut gd)));
+        let ms = self.time(|| {
+            g.tokens_bwd(
+                &dims,
+                &pg,
+                &acts,
+                &dk,
+                &dv,
+                &mut da,
+                &mut TokenGrads::from_flat(&mut gd),
+            )
+        });
         self.row(
             "tokens bwd, fused + dW GEMMs",
             &shape,
@@ -535,7 +510,16 @@ impl Bench {
             false,
         );
         let ms = self.time(|| {
-            tokens_bwd_by_ops(g, &dims, &pg, &acts, &dk, &dv, &mut da, &mut grads(&mut gd))
+            tokens_bwd_by_ops(
+                g,
+                &dims,
+                &pg,
+                &acts,
+                &dk,
+                &dv,
+                &mut da,
+                &mut TokenGrads::from_flat(&mut gd),
+            )
         });
         self.row(
             "tokens bwd, op by op",

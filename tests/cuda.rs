@@ -132,9 +132,7 @@ use slotfix::cpu::Cpu;
 use slotfix::ops::attention::AttnDims;
 use slotfix::ops::conv::ConvGeom;
 use slotfix::ops::elementwise::DropoutMask;
-use slotfix::ops::tokens::{
-    MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams,
-};
+use slotfix::ops::tokens::{TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
 use slotfix::rng::Philox;
 use slotfix::train::{MemoryPlan, Session};
 
@@ -727,52 +725,15 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
             })
             .collect();
         let dev: Vec<B::Buf> = host.iter().map(|v| up(g, v)).collect();
-        fn params<Buf>(p: &[Buf], c: usize, feat: usize) -> TokenParams<'_, Buf> {
-            TokenParams {
-                pos_w: &p[0],
-                pos_b: &p[1],
-                norm_g: &p[2],
-                norm_b: &p[3],
-                mlp: vec![
-                    MlpLayer {
-                        n_in: c,
-                        n_out: feat,
-                        w: &p[4],
-                        b: &p[5],
-                    },
-                    MlpLayer {
-                        n_in: feat,
-                        n_out: feat,
-                        w: &p[6],
-                        b: &p[7],
-                    },
-                ],
-                norm_in_g: &p[8],
-                norm_in_b: &p[9],
-                wk: &p[10],
-                wv: &p[11],
-            }
-        }
-        fn grads<Buf>(g: &mut [Buf]) -> TokenGrads<'_, Buf> {
-            let [pw, pb, ng, nb, w1, b1, w2, b2, ig, ib, wk, wv] = g else {
-                unreachable!()
-            };
-            TokenGrads {
-                pos_w: pw,
-                pos_b: pb,
-                norm_g: ng,
-                norm_b: nb,
-                mlp: vec![(w1, b1), (w2, b2)],
-                norm_in_g: ig,
-                norm_in_b: ib,
-                wk,
-                wv,
-            }
-        }
         // Forward into poisoned outputs.
         let enc = rand(rows * c, s + 20, 1.5);
         let mut want = TokenActs::new(&cpu, &dims, 2);
-        cpu.tokens_fwd(&dims, &params(&host, c, feat), &enc, &mut want);
+        cpu.tokens_fwd(
+            &dims,
+            &TokenParams::from_flat(&host, c, feat),
+            &enc,
+            &mut want,
+        );
         let mut got = TokenActs {
             enc_pos: poisoned(g, rows * c),
             ln0: poisoned(g, rows * c),
@@ -785,7 +746,12 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
             k: poisoned(g, rows * d),
             v: poisoned(g, rows * d),
         };
-        g.tokens_fwd(&dims, &params(&dev, c, feat), &up(g, &enc), &mut got);
+        g.tokens_fwd(
+            &dims,
+            &TokenParams::from_flat(&dev, c, feat),
+            &up(g, &enc),
+            &mut got,
+        );
         let (a, b) = (&got, &want);
         let pairs = [
             ("x", &a.enc_pos, &b.enc_pos),
@@ -827,12 +793,12 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
         let mut dc = TokenGradActs::new(&cpu, &dims, 2, true);
         cpu.tokens_bwd(
             &dims,
-            &params(&host, c, feat),
+            &TokenParams::from_flat(&host, c, feat),
             &want,
             &dk,
             &dv,
             &mut dc,
-            &mut grads(&mut gh),
+            &mut TokenGrads::from_flat(&mut gh),
         );
         let mut dg = TokenGradActs {
             d_enc_pos: poisoned(g, rows * c),
@@ -842,12 +808,12 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
         };
         g.tokens_bwd(
             &dims,
-            &params(&dev, c, feat),
+            &TokenParams::from_flat(&dev, c, feat),
             &saved,
             &up(g, &dk),
             &up(g, &dv),
             &mut dg,
-            &mut grads(&mut gd),
+            &mut TokenGrads::from_flat(&mut gd),
         );
         check(&format!("{name} d enc"), g, &dg.d_enc_pos, &dc.d_enc_pos);
         let names = [

@@ -59,6 +59,38 @@ pub struct TokenParams<'a, Buf> {
     pub wv: &'a Buf,
 }
 
+impl<'a, Buf> TokenParams<'a, Buf> {
+    /// The tensors of a flat list in the order pos_w, pos_b, norm_g, norm_b, (W, b) of each MLP
+    /// layer (the first c → feat, the others feat → feat), norm_in_g, norm_in_b, wk, wv: the
+    /// layout the kernel benches and parity tests build.
+    pub fn from_flat(p: &'a [Buf], c: usize, feat: usize) -> Self {
+        assert!(
+            p.len() >= 8 && p.len() % 2 == 0,
+            "{} token tensors",
+            p.len()
+        );
+        let layers = (p.len() - 8) / 2;
+        TokenParams {
+            pos_w: &p[0],
+            pos_b: &p[1],
+            norm_g: &p[2],
+            norm_b: &p[3],
+            mlp: (0..layers)
+                .map(|i| MlpLayer {
+                    n_in: if i == 0 { c } else { feat },
+                    n_out: feat,
+                    w: &p[4 + 2 * i],
+                    b: &p[5 + 2 * i],
+                })
+                .collect(),
+            norm_in_g: &p[4 + 2 * layers],
+            norm_in_b: &p[5 + 2 * layers],
+            wk: &p[6 + 2 * layers],
+            wv: &p[7 + 2 * layers],
+        }
+    }
+}
+
 /// Their gradients (accumulated into, like every backward).
 pub struct TokenGrads<'a, Buf> {
     pub pos_w: &'a mut Buf,
@@ -71,6 +103,45 @@ pub struct TokenGrads<'a, Buf> {
     pub norm_in_b: &'a mut Buf,
     pub wk: &'a mut Buf,
     pub wv: &'a mut Buf,
+}
+
+impl<'a, Buf> TokenGrads<'a, Buf> {
+    /// The gradients of a flat list in the order of [`TokenParams::from_flat`].
+    pub fn from_flat(g: &'a mut [Buf]) -> Self {
+        assert!(
+            g.len() >= 8 && g.len() % 2 == 0,
+            "{} token tensors",
+            g.len()
+        );
+        let layers = (g.len() - 8) / 2;
+        let (head, rest) = g.split_at_mut(4);
+        let (mlp, tail) = rest.split_at_mut(2 * layers);
+        let [pos_w, pos_b, norm_g, norm_b] = head else {
+            unreachable!("split at 4")
+        };
+        let [norm_in_g, norm_in_b, wk, wv] = tail else {
+            unreachable!("checked above")
+        };
+        TokenGrads {
+            pos_w,
+            pos_b,
+            norm_g,
+            norm_b,
+            mlp: mlp
+                .chunks_exact_mut(2)
+                .map(|wb| {
+                    let [w, b] = wb else {
+                        unreachable!("chunks of 2")
+                    };
+                    (w, b)
+                })
+                .collect(),
+            norm_in_g,
+            norm_in_b,
+            wk,
+            wv,
+        }
+    }
 }
 
 /// What the forward writes (all overwritten) and the backward reads.
