@@ -14,6 +14,50 @@ static __device__ __forceinline__ unsigned int step_counter(const double* step_v
     return (unsigned int)(unsigned long long)step_vals[STEP_VAL_STEP];
 }
 
+// The counter-based RNG (Philox4x32-10, as src/rng.rs): words of block (index, stream, step) under
+// key seed. Used by elementwise.cu (normal fills, dropout) and slotcell.cu (the MLP's dropout).
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+
+static __device__ __forceinline__ void philox4x32_10(unsigned int c[4], unsigned int k0, unsigned int k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k0 += PHILOX_W0;
+            k1 += PHILOX_W1;
+        }
+        const unsigned int hi0 = __umulhi(PHILOX_M0, c[0]), lo0 = PHILOX_M0 * c[0];
+        const unsigned int hi1 = __umulhi(PHILOX_M1, c[2]), lo1 = PHILOX_M1 * c[2];
+        const unsigned int n0 = hi1 ^ c[1] ^ k0;
+        const unsigned int n2 = hi0 ^ c[3] ^ k1;
+        c[0] = n0;
+        c[1] = lo1;
+        c[2] = n2;
+        c[3] = lo0;
+    }
+}
+
+static __device__ __forceinline__ void philox_words(unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
+                                                    unsigned int step, unsigned long long index, unsigned int w[4]) {
+    w[0] = (unsigned int)index;
+    w[1] = (unsigned int)(index >> 32);
+    w[2] = stream;
+    w[3] = step;
+    philox4x32_10(w, seed_lo, seed_hi);
+}
+
+// Dropout's keep decision for element `index`: uniform(seed, stream, step, index) >= p, the
+// uniform from the top 24 bits of the first word, rounded as src/rng.rs does.
+static __device__ __forceinline__ bool dropout_keep(unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
+                                                    unsigned int step, unsigned long long index, double p) {
+    unsigned int w[4];
+    philox_words(seed_lo, seed_hi, stream, step, index, w);
+    return __dmul_rn((double)(w[0] >> 8), 1.0 / 16777216.0) >= p;
+}
+
+static __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
 // Sum over the 32 lanes of a warp; the result is complete in lane 0. Call with the whole warp.
 template <typename T>
 static __device__ __forceinline__ T warp_sum(T v) {

@@ -1,4 +1,5 @@
-// elementwise.cu: small elementwise ops and the counter-based RNG (Philox4x32-10, as src/rng.rs).
+// elementwise.cu: small elementwise ops and the counter-based RNG's fills (Philox4x32-10 itself is
+// in common.cuh).
 // Math:
 //   fill_normal   out[i] = (float) normal(seed, stream, step, i), Box-Muller in double:
 //                 u1 = ((w0>>8) + 1)/2^24, u2 = (w1>>8)/2^24, sqrt(−2 ln u1) · cos(2π u2)
@@ -11,36 +12,6 @@
 // double). Compulsory bytes: 4 B (fill), 8 B (dropout/scale), 12 B (add) per element.
 // Backward kernels ACCUMULATE (+=), like the CPU reference.
 
-#define PHILOX_M0 0xD2511F53u
-#define PHILOX_M1 0xCD9E8D57u
-#define PHILOX_W0 0x9E3779B9u
-#define PHILOX_W1 0xBB67AE85u
-
-static __device__ __forceinline__ void philox4x32_10(unsigned int c[4], unsigned int k0, unsigned int k1) {
-    for (int round = 0; round < 10; ++round) {
-        if (round > 0) {
-            k0 += PHILOX_W0;
-            k1 += PHILOX_W1;
-        }
-        const unsigned int hi0 = __umulhi(PHILOX_M0, c[0]), lo0 = PHILOX_M0 * c[0];
-        const unsigned int hi1 = __umulhi(PHILOX_M1, c[2]), lo1 = PHILOX_M1 * c[2];
-        const unsigned int n0 = hi1 ^ c[1] ^ k0;
-        const unsigned int n2 = hi0 ^ c[3] ^ k1;
-        c[0] = n0;
-        c[1] = lo1;
-        c[2] = n2;
-        c[3] = lo0;
-    }
-}
-
-static __device__ __forceinline__ void philox_words(unsigned int seed_lo, unsigned int seed_hi, unsigned int stream,
-                                                    unsigned int step, unsigned long long index, unsigned int w[4]) {
-    w[0] = (unsigned int)index;
-    w[1] = (unsigned int)(index >> 32);
-    w[2] = stream;
-    w[3] = step;
-    philox4x32_10(w, seed_lo, seed_hi);
-}
 
 // Fills out[0..n) with standard normals (element i = normal(seed, stream, step, i)).
 // step = step_counter(step_vals).
@@ -64,10 +35,8 @@ extern "C" __global__ void dropout_f32(int n, unsigned int seed_lo, unsigned int
                                        float* __restrict__ x) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    unsigned int w[4];
-    philox_words(seed_lo, seed_hi, stream, step_counter(step_vals), (unsigned long long)i, w);
-    const double u = __dmul_rn((double)(w[0] >> 8), 1.0 / 16777216.0);
-    x[i] = (u >= p) ? x[i] * scale : 0.0f;
+    const bool keep = dropout_keep(seed_lo, seed_hi, stream, step_counter(step_vals), (unsigned long long)i, p);
+    x[i] = keep ? x[i] * scale : 0.0f;
 }
 
 // slots [rows, d] (overwritten); total = rows·d.

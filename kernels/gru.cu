@@ -5,9 +5,7 @@
 //   dgi += (dr, dz, dn), dgh += (dr, dz, dn·r).
 // One thread per (row, j). FLOPs ≈ 20 forward, ≈ 45 backward per element (3 exp/tanh).
 // Compulsory bytes per element: 4 · 8 forward, 4 · (8 + 1 + 14) backward.
-// Backward ACCUMULATES (+=), like the CPU reference.
-
-static __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+// Backward ACCUMULATES (+=), like the CPU reference. (sigmoidf_ is in common.cuh.)
 
 // h_new [rows, d] (overwritten); total = rows·d.
 extern "C" __global__ void gru_gates_fwd_f32(int total, int d, const float* __restrict__ gi,
