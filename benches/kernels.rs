@@ -15,6 +15,8 @@ use slotfix::cpu::Cpu;
 use slotfix::cuda::{Buf, Cuda};
 use slotfix::ops::attention::AttnDims;
 use slotfix::ops::conv::ConvGeom;
+use slotfix::ops::elementwise::DropoutMask;
+use slotfix::ops::slotcell::{self, SlotCellDims};
 use slotfix::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
     TokenParams,
@@ -398,6 +400,54 @@ impl Bench {
         );
     }
 
+    /// The slot cell's per-slot work around the attention (LayerNorm + q; GRU, LayerNorm,
+    /// residual MLP with dropout): the fused kernels against the same ops run one by one.
+    fn slot_cell(&self, rows: usize, d: usize, hidden: usize) {
+        let g = &self.g;
+        let dims = SlotCellDims { rows, d, hidden };
+        let host: Vec<Vec<f32>> = slotcell::param_lens(&dims)
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| rand(n, 60 + i as u64, 0.3))
+            .collect();
+        let dev: Vec<Buf> = host.iter().map(|v| self.up(v)).collect();
+        let mask = DropoutMask {
+            rng: Philox::new(61),
+            stream: 7,
+            step: 3,
+            p: 0.1,
+        };
+        let (slots, upd) = (rand(rows * d, 62, 1.0), rand(rows * d, 63, 1.0));
+        let (slots_g, upd_g) = (self.up(&slots), self.up(&upd));
+        let lens = slotcell::out_lens(&dims);
+        let mut got: Vec<Buf> = lens.iter().map(|&n| self.poisoned(n)).collect();
+        let mut want: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+        let m = Some(&mask);
+        let run = |by_ops: bool, o: &mut [Buf]| {
+            slotcell::slot_cell_fwd_flat(g, by_ops, &dims, &dev, &slots_g, &upd_g, m, o)
+        };
+        run(false, &mut got);
+        slotcell::slot_cell_fwd_flat(&self.c, false, &dims, &host, &slots, &upd, m, &mut want);
+        let e = self.check("slot cell out", &got[11], &want[11], 1e-5);
+        let shape = format!("{rows} slots, d {d}, hidden {hidden}");
+        let fl = 2.0 * (rows * (d * d + 6 * d * d + 2 * d * hidden)) as f64;
+        let weights: usize = slotcell::param_lens(&dims).iter().sum();
+        let by = 4.0 * (lens.iter().sum::<usize>() + 2 * rows * d + weights) as f64;
+        let ms = self.time(|| run(false, &mut got));
+        let name = "slot cell q + update, fused (f32)";
+        self.row(name, &shape, Some(e), ms, fl, by, false);
+        let ms = self.time(|| run(true, &mut got));
+        self.row(
+            "slot cell q + update, op by op",
+            &shape,
+            None,
+            ms,
+            fl,
+            by,
+            false,
+        );
+    }
+
     /// The per-token chain (position embedding, LayerNorm, 2-layer MLP, LayerNorm, k and v):
     /// the fused kernels against the same chain run op by op on the same device.
     fn tokens(&self, batch: usize, res: usize, ch: usize) {
@@ -732,6 +782,9 @@ fn main() {
     b.linear_layernorm(batch * res * res, ch);
     b.tokens(batch, res, ch);
     b.attention(batch, res * res, 7, ch);
+    // The slot cell at clevr6's B·K = 448 slots (the small model: 256) of width 64, MLP 128.
+    let (slot_rows, slot_d) = if emulated { (21, 8) } else { (batch * 7, 64) };
+    b.slot_cell(slot_rows, slot_d, 2 * slot_d);
     // The small model with and without the captured step (what the graph saves in launches),
     // at performance.md's B = 64.
     let small_steps = if emulated { 1 } else { 20 };

@@ -6,6 +6,10 @@
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
+use crate::ops::slotcell::{
+    slot_query_fwd_by_ops, slot_update_fwd_by_ops, SlotCellDims, SlotQueryOut, SlotQueryParams,
+    SlotUpdateOut, SlotUpdateParams,
+};
 use crate::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
     TokenParams,
@@ -268,6 +272,30 @@ pub trait Backend: Sync {
         g: &mut TokenGrads<'_, Self::Buf>,
     ) {
         tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
+    }
+    /// The slot-attention cell's per-slot work before the attention ([`crate::ops::slotcell`]):
+    /// every output in `o` overwritten. The default composes the single ops (the reference).
+    fn slot_query_fwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotQueryParams<'_, Self::Buf>,
+        slots: &Self::Buf,
+        o: SlotQueryOut<'_, Self::Buf>,
+    ) {
+        slot_query_fwd_by_ops(self, dims, p, slots, o)
+    }
+    /// ... and after it, from the attention's update `upd` to the new slots: every output in `o`
+    /// overwritten. The default composes the single ops (the reference).
+    fn slot_update_fwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotUpdateParams<'_, Self::Buf>,
+        upd: &Self::Buf,
+        slots: &Self::Buf,
+        dropout: Option<&DropoutMask>,
+        o: SlotUpdateOut<'_, Self::Buf>,
+    ) {
+        slot_update_fwd_by_ops(self, dims, p, upd, slots, dropout, o)
     }
     #[allow(clippy::too_many_arguments)]
     fn broadcast_pos_fwd(

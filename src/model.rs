@@ -12,6 +12,9 @@ use crate::config::{DecoderKind, InitScheme, ModelConfig};
 use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
+use crate::ops::slotcell::{
+    SlotCellDims, SlotQueryOut, SlotQueryParams, SlotUpdateOut, SlotUpdateParams,
+};
 use crate::ops::tokens::{MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
 use crate::rng::{stream, Philox};
 
@@ -784,77 +787,59 @@ impl<B: Backend> Model<B> {
     ) {
         let a = &self.arch;
         let p = &self.params;
-        let rows = batch * a.k;
-        let d = a.d;
-        be.layernorm_fwd(
-            rows,
-            d,
+        let dims = SlotCellDims {
+            rows: batch * a.k,
+            d: a.d,
+            hidden: a.mlp_hidden,
+        };
+        let query = SlotQueryParams {
+            norm_g: &p[a.norm_slots.g],
+            norm_b: &p[a.norm_slots.b],
+            wq: &p[a.to_q.w],
+        };
+        be.slot_query_fwd(
+            &dims,
+            &query,
             &t.slots_in,
-            &p[a.norm_slots.g],
-            &p[a.norm_slots.b],
-            &mut t.ln_s,
-            &mut t.ln_s_mean,
-            &mut t.ln_s_rstd,
+            SlotQueryOut {
+                ln: &mut t.ln_s,
+                mean: &mut t.ln_s_mean,
+                rstd: &mut t.ln_s_rstd,
+                q: &mut t.q,
+            },
         );
-        be.linear_fwd(rows, d, d, &t.ln_s, &p[a.to_q.w], None, false, &mut t.q);
         be.attention_fwd(&a.attn_dims(batch), k, v, &t.q, &mut t.attn, &mut t.upd);
-        let (ih, hh) = (a.gru_ih, a.gru_hh);
-        be.linear_fwd(
-            rows,
-            d,
-            3 * d,
+        let bias = |l: Dense| &p[l.b.expect("the GRU's and the MLP's layers have biases")];
+        let (ih, hh, m1, m2) = (a.gru_ih, a.gru_hh, a.mlp1, a.mlp2);
+        let update = SlotUpdateParams {
+            w_ih: &p[ih.w],
+            b_ih: bias(ih),
+            w_hh: &p[hh.w],
+            b_hh: bias(hh),
+            norm_g: &p[a.norm_mlp.g],
+            norm_b: &p[a.norm_mlp.b],
+            w1: &p[m1.w],
+            b1: bias(m1),
+            w2: &p[m2.w],
+            b2: bias(m2),
+        };
+        be.slot_update_fwd(
+            &dims,
+            &update,
             &t.upd,
-            &p[ih.w],
-            ih.b.map(|b| &p[b]),
-            false,
-            &mut t.gi,
-        );
-        be.linear_fwd(
-            rows,
-            d,
-            3 * d,
             &t.slots_in,
-            &p[hh.w],
-            hh.b.map(|b| &p[b]),
-            false,
-            &mut t.gh,
+            dropout.as_ref(),
+            SlotUpdateOut {
+                gi: &mut t.gi,
+                gh: &mut t.gh,
+                h1: &mut t.h1,
+                ln: &mut t.ln_m,
+                mean: &mut t.ln_m_mean,
+                rstd: &mut t.ln_m_rstd,
+                hid: &mut t.hid,
+                out: &mut t.out,
+            },
         );
-        be.gru_gates_fwd(d, &t.gi, &t.gh, &t.slots_in, &mut t.h1);
-        be.layernorm_fwd(
-            rows,
-            d,
-            &t.h1,
-            &p[a.norm_mlp.g],
-            &p[a.norm_mlp.b],
-            &mut t.ln_m,
-            &mut t.ln_m_mean,
-            &mut t.ln_m_rstd,
-        );
-        let (m1, m2) = (a.mlp1, a.mlp2);
-        be.linear_fwd(
-            rows,
-            d,
-            a.mlp_hidden,
-            &t.ln_m,
-            &p[m1.w],
-            m1.b.map(|b| &p[b]),
-            true,
-            &mut t.hid,
-        );
-        if let Some(mask) = dropout {
-            be.dropout_fwd(&mask, &mut t.hid);
-        }
-        be.linear_fwd(
-            rows,
-            a.mlp_hidden,
-            d,
-            &t.hid,
-            &p[m2.w],
-            m2.b.map(|b| &p[b]),
-            false,
-            &mut t.out,
-        );
-        be.add_assign(&mut t.out, &t.h1);
     }
 
     /// Backward of one cell application: from cg.d_out, accumulates cg.d_in, dk, dv and the

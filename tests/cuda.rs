@@ -132,6 +132,7 @@ use slotfix::cpu::Cpu;
 use slotfix::ops::attention::AttnDims;
 use slotfix::ops::conv::ConvGeom;
 use slotfix::ops::elementwise::DropoutMask;
+use slotfix::ops::slotcell::{self, SlotCellDims};
 use slotfix::ops::tokens::{TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
 use slotfix::rng::Philox;
 use slotfix::train::{MemoryPlan, Session};
@@ -673,6 +674,67 @@ fn gru_gates_fwd_bwd_parity<B: Backend>(g: &B) {
     check("gru dh", g, &dhg, &dh);
 }
 
+/// The slot cell's per-slot work around the attention (`slot_query_fwd`, `slot_update_fwd`): the
+/// CUDA backend fuses each (d ≤ 64, hidden ≤ 256, multiples of 4), the CPU composes the single
+/// ops. Shapes: a partial last block, the papers' widths, the widest fused case, the narrowest,
+/// and one that cannot be fused (the composed fallback on the GPU); with and without dropout.
+fn slot_cell_fwd_parity<B: Backend>(g: &B) {
+    let cpu = cpu();
+    let shapes = [
+        // (rows, d, hidden, dropout)
+        (13, 8, 12, false),
+        (21, 64, 128, true),
+        (9, 64, 256, true),
+        (3, 4, 4, true),
+        (7, 6, 10, true),
+    ];
+    for (si, &(rows, d, hidden, drop)) in shapes.iter().enumerate() {
+        let dims = SlotCellDims { rows, d, hidden };
+        let name = format!("slot cell {rows} rows, d {d}, hidden {hidden}, dropout {drop}");
+        let s = 8000 + 100 * si as u64;
+        let host: Vec<Vec<f32>> = slotcell::param_lens(&dims)
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                // The weight matrices narrower (the LayerNorms' γ, β and the biases stay O(1)).
+                let scale = if [2, 3, 5, 9, 11].contains(&i) {
+                    0.3
+                } else {
+                    1.0
+                };
+                rand(n, s + i as u64, scale)
+            })
+            .collect();
+        let dev: Vec<B::Buf> = host.iter().map(|v| up(g, v)).collect();
+        let slots = rand(rows * d, s + 20, 1.5);
+        let upd = rand(rows * d, s + 21, 1.5);
+        let mask = drop.then(|| DropoutMask {
+            rng: Philox::new(s + 22),
+            stream: 7,
+            step: 11,
+            p: 0.25,
+        });
+        let lens = slotcell::out_lens(&dims);
+        let mut want: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+        let mut got: Vec<B::Buf> = lens.iter().map(|&n| poisoned(g, n)).collect();
+        let m = mask.as_ref();
+        slotcell::slot_cell_fwd_flat(&cpu, false, &dims, &host, &slots, &upd, m, &mut want);
+        let (slots_g, upd_g) = (up(g, &slots), up(g, &upd));
+        slotcell::slot_cell_fwd_flat(g, false, &dims, &dev, &slots_g, &upd_g, m, &mut got);
+        for ((what, gbuf), cbuf) in slotcell::OUT_NAMES.iter().zip(&got).zip(&want) {
+            check(&format!("{name} {what}"), g, gbuf, cbuf);
+        }
+        if drop {
+            let dropped = want[10].iter().filter(|&&v| v == 0.0).count();
+            assert!(
+                dropped > 0 && dropped < want[10].len(),
+                "{name}: {dropped} of {} hidden activations zero",
+                want[10].len()
+            );
+        }
+    }
+}
+
 /// The per-token chain (`tokens_fwd` / `tokens_bwd`): the CUDA backend fuses it (two MLP layers,
 /// widths up to 64) and the CPU composes the single ops. Shapes: partial last tiles, odd widths,
 /// the widest fused case, and one that is too wide to fuse (the composed fallback on the GPU).
@@ -1114,6 +1176,9 @@ emu_and_gpu_tests!(emu_attention_fwd_bwd, gpu_attention_fwd_bwd, |g| {
 });
 emu_and_gpu_tests!(emu_gru_gates_fwd_bwd, gpu_gru_gates_fwd_bwd, |g| {
     gru_gates_fwd_bwd_parity(&g)
+});
+emu_and_gpu_tests!(emu_slot_cell_fwd, gpu_slot_cell_fwd, |g| {
+    slot_cell_fwd_parity(&g)
 });
 emu_and_gpu_tests!(emu_tokens_fwd_bwd, gpu_tokens_fwd_bwd, |g| {
     tokens_fwd_bwd_parity(&g)

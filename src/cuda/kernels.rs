@@ -114,6 +114,11 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &["tokens_fwd_f32", "tokens_bwd_f32", "tokens_bwd_reduce_f32"],
     },
     KernelFile {
+        name: "slotcell.cu",
+        source: include_str!("../../kernels/slotcell.cu"),
+        kernels: &["slot_query_fwd_f32", "slot_update_fwd_f32"],
+    },
+    KernelFile {
         name: "composite.cu",
         source: include_str!("../../kernels/composite.cu"),
         kernels: &[

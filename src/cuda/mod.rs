@@ -33,6 +33,10 @@ use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
+use crate::ops::slotcell::{
+    slot_query_fwd_by_ops, slot_update_fwd_by_ops, SlotCellDims, SlotQueryOut, SlotQueryParams,
+    SlotUpdateOut, SlotUpdateParams,
+};
 use crate::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
     TokenParams,
@@ -272,7 +276,8 @@ value_arg!(
     AttnDimsC,
     ConvGemmC,
     ConvDwGemmC,
-    tokens::TokenDimsC
+    tokens::TokenDimsC,
+    slotcell::SlotCellDimsC
 );
 
 /// Threads per block of the 1-D kernels and of the block reductions (a multiple of 32).
@@ -691,6 +696,7 @@ macro_rules! launch {
     }};
 }
 
+mod slotcell;
 mod tokens;
 
 /// Where the kernels run.
@@ -1975,6 +1981,34 @@ impl Backend for Cuda {
             self.tokens_bwd_fused(dims, p, acts, dk, dv, d, g)
         } else {
             tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
+        }
+    }
+    fn slot_query_fwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotQueryParams<'_, Buf>,
+        slots: &Buf,
+        o: SlotQueryOut<'_, Buf>,
+    ) {
+        if Self::slot_cell_fusable(dims) {
+            self.slot_query_fwd_fused(dims, p, slots, o)
+        } else {
+            slot_query_fwd_by_ops(self, dims, p, slots, o)
+        }
+    }
+    fn slot_update_fwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotUpdateParams<'_, Buf>,
+        upd: &Buf,
+        slots: &Buf,
+        dropout: Option<&DropoutMask>,
+        o: SlotUpdateOut<'_, Buf>,
+    ) {
+        if Self::slot_cell_fusable(dims) {
+            self.slot_update_fwd_fused(dims, p, upd, slots, dropout, o)
+        } else {
+            slot_update_fwd_by_ops(self, dims, p, upd, slots, dropout, o)
         }
     }
     fn softpos_add_fwd(&self, h: usize, w: usize, c: usize, wp: &Buf, bp: &Buf, x: &mut Buf) {

@@ -14,6 +14,7 @@ pub mod gru;
 pub mod layernorm;
 pub mod linear;
 pub mod posembed;
+pub mod slotcell;
 pub mod tokens;
 
 #[cfg(test)]

@@ -1,0 +1,118 @@
+//! Launchers of the fused slot-cell kernels (`kernels/slotcell.cu`; the math and the reference
+//! composition are in [`crate::ops::slotcell`]).
+
+use super::{i, Arg, Buf, Cuda};
+use crate::ops::elementwise::DropoutMask;
+use crate::ops::layernorm::LN_EPS;
+use crate::ops::slotcell::{
+    SlotCellDims, SlotQueryOut, SlotQueryParams, SlotUpdateOut, SlotUpdateParams,
+};
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+/// `struct SlotCellDims` of slotcell.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SlotCellDimsC {
+    rows: i32,
+    d: i32,
+    hidden: i32,
+}
+unsafe impl DeviceRepr for SlotCellDimsC {}
+
+/// Rows per block, threads per block, and the widest d and hidden width of slotcell.cu
+/// (SC_ROWS, SC_THREADS, SC_MAXD, SC_MAXH).
+const SC_ROWS: usize = 8;
+const SC_THREADS: u32 = 256;
+const SC_MAXD: usize = 64;
+const SC_MAXH: usize = 256;
+
+fn launch_cfg(dims: &SlotCellDims) -> (SlotCellDimsC, LaunchConfig) {
+    i(dims.rows * 3 * dims.d.max(dims.hidden));
+    let c = SlotCellDimsC {
+        rows: i(dims.rows),
+        d: i(dims.d),
+        hidden: i(dims.hidden),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (dims.rows.div_ceil(SC_ROWS) as u32, 1, 1),
+        block_dim: (SC_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (c, cfg)
+}
+
+impl Cuda {
+    /// Whether the fused kernels cover these widths: d ≤ 64 and hidden ≤ 256, both multiples of
+    /// 4 (the weights' rows are read 16 bytes at a time). Otherwise the single ops run.
+    pub(super) fn slot_cell_fusable(dims: &SlotCellDims) -> bool {
+        (1..=SC_MAXD).contains(&dims.d)
+            && (1..=SC_MAXH).contains(&dims.hidden)
+            && dims.d % 4 == 0
+            && dims.hidden % 4 == 0
+    }
+
+    pub(super) fn slot_query_fwd_fused(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotQueryParams<'_, Buf>,
+        slots: &Buf,
+        o: SlotQueryOut<'_, Buf>,
+    ) {
+        let (rows, d) = (dims.rows, dims.d);
+        assert_eq!(slots.len(), rows * d);
+        assert_eq!(p.wq.len(), d * d);
+        if rows == 0 {
+            return;
+        }
+        let (dc, cfg) = launch_cfg(dims);
+        let eps = LN_EPS as f32;
+        launch!(self, "slot_query_fwd_f32", cfg;
+            &dc, slots, p.norm_g, p.norm_b, p.wq, &eps, o.ln, o.mean, o.rstd, o.q);
+    }
+
+    pub(super) fn slot_update_fwd_fused(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotUpdateParams<'_, Buf>,
+        upd: &Buf,
+        slots: &Buf,
+        dropout: Option<&DropoutMask>,
+        o: SlotUpdateOut<'_, Buf>,
+    ) {
+        let (rows, d, m) = (dims.rows, dims.d, dims.hidden);
+        assert_eq!(upd.len(), rows * d);
+        assert_eq!(slots.len(), rows * d);
+        assert_eq!(p.w_ih.len(), 3 * d * d);
+        assert_eq!(p.w_hh.len(), 3 * d * d);
+        assert_eq!(p.w1.len(), m * d);
+        assert_eq!(p.w2.len(), d * m);
+        assert_eq!(o.hid.len(), rows * m);
+        if rows == 0 {
+            return;
+        }
+        let (dc, cfg) = launch_cfg(dims);
+        let eps = LN_EPS as f32;
+        // Dropout's arguments as dropout_f32 takes them (its step from the per-step scalars).
+        let (on, lo, hi, stream, drop_p, scale) = match dropout {
+            Some(mask) => {
+                self.set_step_counter(mask.step);
+                let seed = mask.rng.seed;
+                let scale = (1.0 / (1.0 - mask.p)) as f32;
+                (
+                    1i32,
+                    seed as u32,
+                    (seed >> 32) as u32,
+                    mask.stream,
+                    mask.p,
+                    scale,
+                )
+            }
+            None => (0, 0, 0, 0, 0.0, 1.0f32),
+        };
+        let sv = self.step_vals();
+        launch!(self, "slot_update_fwd_f32", cfg;
+            &dc, upd, slots, p.w_ih, p.b_ih, p.w_hh, p.b_hh, p.norm_g, p.norm_b, p.w1, p.b1,
+            p.w2, p.b2, &eps, &on, &lo, &hi, &stream, &sv.buf, &drop_p, &scale,
+            o.gi, o.gh, o.h1, o.ln, o.mean, o.rstd, o.hid, o.out);
+    }
+}

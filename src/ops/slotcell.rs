@@ -1,0 +1,235 @@
+//! The per-slot work of one slot-attention cell application, before and after the attention, as
+//! two ops.
+//!
+//! Math, per slot row s (`[rows, d]`, rows = batch · K), with u the attention's update:
+//!   query:   ls = LN_s(s);  q = ls·Wqᵀ
+//!   update:  gi = u·W_ihᵀ + b_ih;  gh = s·W_hhᵀ + b_hh      (PyTorch's GRUCell, `[rows, 3d]`)
+//!            h1 = gates(gi, gh, s)                        ([`crate::ops::gru`])
+//!            lm = LN_m(h1);  hid = dropout(relu(lm·W1ᵀ + b1));  out = (hid·W2ᵀ + b2) + h1
+//!
+//! Here both are composed from the single ops ([`slot_query_fwd_by_ops`],
+//! [`slot_update_fwd_by_ops`]): that composition is the reference and the [`Backend`] trait's
+//! default. The CUDA backend replaces each with one kernel (`kernels/slotcell.cu`; before, they
+//! were 2 and 8 launches over a few hundred rows) when d ≤ 64 and the MLP's hidden width ≤ 256,
+//! both multiples of 4, and is tested against this composition on the CPU (`tests/cuda.rs`,
+//! `slot_cell_fwd_parity`). The backward stays with the single ops (the model's `cell_bwd`),
+//! from the tape these write; the composition's gradients are checked against finite
+//! differences with the rest of the model (`tests/model_gradcheck.rs`).
+
+use crate::backend::Backend;
+use crate::ops::elementwise::DropoutMask;
+
+/// Widths of the cell's per-slot work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotCellDims {
+    /// Slot rows: batch · K.
+    pub rows: usize,
+    /// Slot width.
+    pub d: usize,
+    /// The residual MLP's hidden width.
+    pub hidden: usize,
+}
+
+/// The query's parameters: LN_s's γ and β (`[d]`), Wq (`[d][d]`, no bias).
+pub struct SlotQueryParams<'a, Buf> {
+    pub norm_g: &'a Buf,
+    pub norm_b: &'a Buf,
+    pub wq: &'a Buf,
+}
+
+/// What the query writes (every element overwritten).
+pub struct SlotQueryOut<'a, Buf> {
+    /// LN_s(s), `[rows, d]`, with its per-row mean and 1/σ (`[rows]`).
+    pub ln: &'a mut Buf,
+    pub mean: &'a mut Buf,
+    pub rstd: &'a mut Buf,
+    /// `[rows, d]`.
+    pub q: &'a mut Buf,
+}
+
+/// The update's parameters, in PyTorch's layouts: W_ih, W_hh `[3d][d]` and their biases `[3d]`
+/// (gate order r, z, n); LN_m's γ, β `[d]`; W1 `[hidden][d]`, b1; W2 `[d][hidden]`, b2.
+pub struct SlotUpdateParams<'a, Buf> {
+    pub w_ih: &'a Buf,
+    pub b_ih: &'a Buf,
+    pub w_hh: &'a Buf,
+    pub b_hh: &'a Buf,
+    pub norm_g: &'a Buf,
+    pub norm_b: &'a Buf,
+    pub w1: &'a Buf,
+    pub b1: &'a Buf,
+    pub w2: &'a Buf,
+    pub b2: &'a Buf,
+}
+
+/// What the update writes (every element overwritten): the tape of the cell's backward.
+pub struct SlotUpdateOut<'a, Buf> {
+    /// `[rows, 3d]` each, biases included.
+    pub gi: &'a mut Buf,
+    pub gh: &'a mut Buf,
+    /// The GRU's output, `[rows, d]`.
+    pub h1: &'a mut Buf,
+    /// LN_m(h1) `[rows, d]` with its per-row mean and 1/σ.
+    pub ln: &'a mut Buf,
+    pub mean: &'a mut Buf,
+    pub rstd: &'a mut Buf,
+    /// The MLP's hidden activations after the ReLU and the dropout, `[rows, hidden]`.
+    pub hid: &'a mut Buf,
+    /// The new slots, `[rows, d]`.
+    pub out: &'a mut Buf,
+}
+
+/// The query by the single ops (the reference).
+pub fn slot_query_fwd_by_ops<B: Backend + ?Sized>(
+    be: &B,
+    dims: &SlotCellDims,
+    p: &SlotQueryParams<'_, B::Buf>,
+    slots: &B::Buf,
+    o: SlotQueryOut<'_, B::Buf>,
+) {
+    let (rows, d) = (dims.rows, dims.d);
+    be.layernorm_fwd(rows, d, slots, p.norm_g, p.norm_b, o.ln, o.mean, o.rstd);
+    be.linear_fwd(rows, d, d, o.ln, p.wq, None, false, o.q);
+}
+
+/// The update by the single ops (the reference). `dropout` applies to the hidden activations.
+pub fn slot_update_fwd_by_ops<B: Backend + ?Sized>(
+    be: &B,
+    dims: &SlotCellDims,
+    p: &SlotUpdateParams<'_, B::Buf>,
+    upd: &B::Buf,
+    slots: &B::Buf,
+    dropout: Option<&DropoutMask>,
+    o: SlotUpdateOut<'_, B::Buf>,
+) {
+    let (rows, d, m) = (dims.rows, dims.d, dims.hidden);
+    be.linear_fwd(rows, d, 3 * d, upd, p.w_ih, Some(p.b_ih), false, o.gi);
+    be.linear_fwd(rows, d, 3 * d, slots, p.w_hh, Some(p.b_hh), false, o.gh);
+    be.gru_gates_fwd(d, o.gi, o.gh, slots, o.h1);
+    be.layernorm_fwd(rows, d, o.h1, p.norm_g, p.norm_b, o.ln, o.mean, o.rstd);
+    be.linear_fwd(rows, d, m, o.ln, p.w1, Some(p.b1), true, o.hid);
+    if let Some(mask) = dropout {
+        be.dropout_fwd(mask, o.hid);
+    }
+    be.linear_fwd(rows, m, d, o.hid, p.w2, Some(p.b2), false, o.out);
+    be.add_assign(o.out, o.h1);
+}
+
+/// Names of the parameter tensors in the order [`slot_cell_fwd_flat`] takes them.
+pub const PARAM_NAMES: [&str; 13] = [
+    "norm_slots.g",
+    "norm_slots.b",
+    "project_q",
+    "gru.weight_ih",
+    "gru.bias_ih",
+    "gru.weight_hh",
+    "gru.bias_hh",
+    "norm_mlp.g",
+    "norm_mlp.b",
+    "mlp.0.weight",
+    "mlp.0.bias",
+    "mlp.2.weight",
+    "mlp.2.bias",
+];
+
+/// Names of the outputs in the order [`slot_cell_fwd_flat`] writes them.
+pub const OUT_NAMES: [&str; 12] = [
+    "ls", "ls mean", "ls rstd", "q", "gi", "gh", "h1", "lm", "lm mean", "lm rstd", "hid", "out",
+];
+
+/// Lengths of the tensors of [`PARAM_NAMES`].
+pub fn param_lens(dims: &SlotCellDims) -> [usize; 13] {
+    let (d, m) = (dims.d, dims.hidden);
+    [
+        d,
+        d,
+        d * d,
+        3 * d * d,
+        3 * d,
+        3 * d * d,
+        3 * d,
+        d,
+        d,
+        m * d,
+        m,
+        d * m,
+        d,
+    ]
+}
+
+/// Lengths of the outputs of [`OUT_NAMES`].
+pub fn out_lens(dims: &SlotCellDims) -> [usize; 12] {
+    let (r, d, m) = (dims.rows, dims.d, dims.hidden);
+    [
+        r * d,
+        r,
+        r,
+        r * d,
+        r * 3 * d,
+        r * 3 * d,
+        r * d,
+        r * d,
+        r,
+        r,
+        r * m,
+        r * d,
+    ]
+}
+
+/// Both ops, the query then the update (from `upd`, as if the attention had produced it), with
+/// their tensors in flat lists: the layout of the kernel bench and the parity tests. `by_ops`
+/// runs the reference composition on `be` instead of its own implementation.
+#[allow(clippy::too_many_arguments)]
+pub fn slot_cell_fwd_flat<B: Backend + ?Sized>(
+    be: &B,
+    by_ops: bool,
+    dims: &SlotCellDims,
+    p: &[B::Buf],
+    slots: &B::Buf,
+    upd: &B::Buf,
+    dropout: Option<&DropoutMask>,
+    o: &mut [B::Buf],
+) {
+    let [ls, ls_mean, ls_rstd, q, gi, gh, h1, lm, lm_mean, lm_rstd, hid, out] = o else {
+        panic!("{} slot cell outputs, not 12", o.len())
+    };
+    let [norm_g, norm_b, wq, w_ih, b_ih, w_hh, b_hh, norm_mg, norm_mb, w1, b1, w2, b2] = p else {
+        panic!("{} slot cell tensors, not 13", p.len())
+    };
+    let query = SlotQueryParams { norm_g, norm_b, wq };
+    let qo = SlotQueryOut {
+        ln: ls,
+        mean: ls_mean,
+        rstd: ls_rstd,
+        q,
+    };
+    let update = SlotUpdateParams {
+        w_ih,
+        b_ih,
+        w_hh,
+        b_hh,
+        norm_g: norm_mg,
+        norm_b: norm_mb,
+        w1,
+        b1,
+        w2,
+        b2,
+    };
+    let uo = SlotUpdateOut {
+        gi,
+        gh,
+        h1,
+        ln: lm,
+        mean: lm_mean,
+        rstd: lm_rstd,
+        hid,
+        out,
+    };
+    if by_ops {
+        slot_query_fwd_by_ops(be, dims, &query, slots, qo);
+        slot_update_fwd_by_ops(be, dims, &update, upd, slots, dropout, uo);
+    } else {
+        be.slot_query_fwd(dims, &query, slots, qo);
+        be.slot_update_fwd(dims, &update, upd, slots, dropout, uo);
+    }
+}
