@@ -7,8 +7,9 @@ use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::slotcell::{
-    slot_query_fwd_by_ops, slot_update_fwd_by_ops, SlotCellDims, SlotQueryOut, SlotQueryParams,
-    SlotUpdateOut, SlotUpdateParams,
+    slot_query_bwd_by_ops, slot_query_fwd_by_ops, slot_update_bwd_by_ops, slot_update_fwd_by_ops,
+    SlotCellDims, SlotQueryGrads, SlotQueryOut, SlotQueryParams, SlotQueryTape, SlotUpdateGrads,
+    SlotUpdateOut, SlotUpdateParams, SlotUpdateScratch, SlotUpdateTape,
 };
 use crate::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
@@ -296,6 +297,38 @@ pub trait Backend: Sync {
         o: SlotUpdateOut<'_, Self::Buf>,
     ) {
         slot_update_fwd_by_ops(self, dims, p, upd, slots, dropout, o)
+    }
+    /// The update's backward from d_out: `d_upd` overwritten, `d_in` and the parameter gradients
+    /// accumulated, `s` scratch. The default composes the single ops (the reference).
+    #[allow(clippy::too_many_arguments)]
+    fn slot_update_bwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotUpdateParams<'_, Self::Buf>,
+        t: &SlotUpdateTape<'_, Self::Buf>,
+        dropout: Option<&DropoutMask>,
+        d_out: &Self::Buf,
+        s: SlotUpdateScratch<'_, Self::Buf>,
+        d_upd: &mut Self::Buf,
+        d_in: &mut Self::Buf,
+        g: SlotUpdateGrads<'_, Self::Buf>,
+    ) {
+        slot_update_bwd_by_ops(self, dims, p, t, dropout, d_out, s, d_upd, d_in, g)
+    }
+    /// The query's backward from dq: `d_in` and the parameter gradients accumulated, `dln`
+    /// scratch. The default composes the single ops (the reference).
+    #[allow(clippy::too_many_arguments)]
+    fn slot_query_bwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotQueryParams<'_, Self::Buf>,
+        t: &SlotQueryTape<'_, Self::Buf>,
+        dq: &Self::Buf,
+        dln: &mut Self::Buf,
+        d_in: &mut Self::Buf,
+        g: SlotQueryGrads<'_, Self::Buf>,
+    ) {
+        slot_query_bwd_by_ops(self, dims, p, t, dq, dln, d_in, g)
     }
     #[allow(clippy::too_many_arguments)]
     fn broadcast_pos_fwd(

@@ -13,7 +13,8 @@ use crate::ops::attention::AttnDims;
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::slotcell::{
-    SlotCellDims, SlotQueryOut, SlotQueryParams, SlotUpdateOut, SlotUpdateParams,
+    SlotCellDims, SlotQueryGrads, SlotQueryOut, SlotQueryParams, SlotQueryTape, SlotUpdateGrads,
+    SlotUpdateOut, SlotUpdateParams, SlotUpdateScratch, SlotUpdateTape,
 };
 use crate::ops::tokens::{MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
 use crate::rng::{stream, Philox};
@@ -417,6 +418,63 @@ impl Arch {
             wv: take(self.to_v.w),
         }
     }
+    fn slot_cell_dims(&self, batch: usize) -> SlotCellDims {
+        SlotCellDims {
+            rows: batch * self.k,
+            d: self.d,
+            hidden: self.mlp_hidden,
+        }
+    }
+    fn slot_query_params<'a, Buf>(&self, p: &'a [Buf]) -> SlotQueryParams<'a, Buf> {
+        SlotQueryParams {
+            norm_g: &p[self.norm_slots.g],
+            norm_b: &p[self.norm_slots.b],
+            wq: &p[self.to_q.w],
+        }
+    }
+    fn slot_query_grads<'a, Buf>(&self, g: &'a mut [Buf]) -> SlotQueryGrads<'a, Buf> {
+        let mut slots: Vec<Option<&'a mut Buf>> = g.iter_mut().map(Some).collect();
+        let mut take = |i: Pid| slots[i].take().expect("each gradient tensor borrowed once");
+        SlotQueryGrads {
+            norm_g: take(self.norm_slots.g),
+            norm_b: take(self.norm_slots.b),
+            wq: take(self.to_q.w),
+        }
+    }
+    fn slot_update_params<'a, Buf>(&self, p: &'a [Buf]) -> SlotUpdateParams<'a, Buf> {
+        let bias = |l: Dense| &p[l.b.expect("the GRU's and the MLP's layers have biases")];
+        let (ih, hh, m1, m2) = (self.gru_ih, self.gru_hh, self.mlp1, self.mlp2);
+        SlotUpdateParams {
+            w_ih: &p[ih.w],
+            b_ih: bias(ih),
+            w_hh: &p[hh.w],
+            b_hh: bias(hh),
+            norm_g: &p[self.norm_mlp.g],
+            norm_b: &p[self.norm_mlp.b],
+            w1: &p[m1.w],
+            b1: bias(m1),
+            w2: &p[m2.w],
+            b2: bias(m2),
+        }
+    }
+    fn slot_update_grads<'a, Buf>(&self, g: &'a mut [Buf]) -> SlotUpdateGrads<'a, Buf> {
+        let mut slots: Vec<Option<&'a mut Buf>> = g.iter_mut().map(Some).collect();
+        let mut take = |i: Pid| slots[i].take().expect("each gradient tensor borrowed once");
+        let bias = |l: Dense| l.b.expect("the GRU's and the MLP's layers have biases");
+        let (ih, hh, m1, m2) = (self.gru_ih, self.gru_hh, self.mlp1, self.mlp2);
+        SlotUpdateGrads {
+            w_ih: take(ih.w),
+            b_ih: take(bias(ih)),
+            w_hh: take(hh.w),
+            b_hh: take(bias(hh)),
+            norm_g: take(self.norm_mlp.g),
+            norm_b: take(self.norm_mlp.b),
+            w1: take(m1.w),
+            b1: take(bias(m1)),
+            w2: take(m2.w),
+            b2: take(bias(m2)),
+        }
+    }
     fn attn_dims(&self, batch: usize) -> AttnDims {
         AttnDims {
             batch,
@@ -787,19 +845,10 @@ impl<B: Backend> Model<B> {
     ) {
         let a = &self.arch;
         let p = &self.params;
-        let dims = SlotCellDims {
-            rows: batch * a.k,
-            d: a.d,
-            hidden: a.mlp_hidden,
-        };
-        let query = SlotQueryParams {
-            norm_g: &p[a.norm_slots.g],
-            norm_b: &p[a.norm_slots.b],
-            wq: &p[a.to_q.w],
-        };
+        let dims = a.slot_cell_dims(batch);
         be.slot_query_fwd(
             &dims,
-            &query,
+            &a.slot_query_params(p),
             &t.slots_in,
             SlotQueryOut {
                 ln: &mut t.ln_s,
@@ -809,23 +858,9 @@ impl<B: Backend> Model<B> {
             },
         );
         be.attention_fwd(&a.attn_dims(batch), k, v, &t.q, &mut t.attn, &mut t.upd);
-        let bias = |l: Dense| &p[l.b.expect("the GRU's and the MLP's layers have biases")];
-        let (ih, hh, m1, m2) = (a.gru_ih, a.gru_hh, a.mlp1, a.mlp2);
-        let update = SlotUpdateParams {
-            w_ih: &p[ih.w],
-            b_ih: bias(ih),
-            w_hh: &p[hh.w],
-            b_hh: bias(hh),
-            norm_g: &p[a.norm_mlp.g],
-            norm_b: &p[a.norm_mlp.b],
-            w1: &p[m1.w],
-            b1: bias(m1),
-            w2: &p[m2.w],
-            b2: bias(m2),
-        };
         be.slot_update_fwd(
             &dims,
-            &update,
+            &a.slot_update_params(p),
             &t.upd,
             &t.slots_in,
             dropout.as_ref(),
@@ -859,99 +894,34 @@ impl<B: Backend> Model<B> {
     ) {
         let a = &self.arch;
         let (p, g) = (&self.params, &mut self.grads);
-        let rows = batch * a.k;
-        let (d, mh) = (a.d, a.mlp_hidden);
-        // Residual: out = h1 + mlp(ln(h1)).
-        be.copy(&cg.d_out, &mut cg.dh1);
-        let (m1, m2) = (a.mlp1, a.mlp2);
-        be.fill_zero(&mut cg.dhid);
-        let (gw, gb) = two_mut(g, m2.w, m2.b.unwrap());
-        be.linear_bwd(
-            rows,
-            mh,
-            d,
-            &t.hid,
-            &p[m2.w],
-            &t.out,
-            false,
+        let dims = a.slot_cell_dims(batch);
+        be.slot_update_bwd(
+            &dims,
+            &a.slot_update_params(p),
+            &SlotUpdateTape {
+                upd: &t.upd,
+                slots: &t.slots_in,
+                gi: &t.gi,
+                gh: &t.gh,
+                h1: &t.h1,
+                ln: &t.ln_m,
+                mean: &t.ln_m_mean,
+                rstd: &t.ln_m_rstd,
+                hid: &t.hid,
+                out: &t.out,
+            },
+            dropout.as_ref(),
             &cg.d_out,
-            Some(&mut cg.dhid),
-            gw,
-            Some(gb),
-        );
-        if let Some(mask) = dropout {
-            be.dropout_bwd(&mask, &mut cg.dhid);
-        }
-        be.fill_zero(&mut cg.dln_m);
-        let (gw, gb) = two_mut(g, m1.w, m1.b.unwrap());
-        be.linear_bwd(
-            rows,
-            d,
-            mh,
-            &t.ln_m,
-            &p[m1.w],
-            &t.hid,
-            true,
-            &cg.dhid,
-            Some(&mut cg.dln_m),
-            gw,
-            Some(gb),
-        );
-        let (gg, gb) = two_mut(g, a.norm_mlp.g, a.norm_mlp.b);
-        be.layernorm_bwd(
-            rows,
-            d,
-            &t.h1,
-            &p[a.norm_mlp.g],
-            &t.ln_m_mean,
-            &t.ln_m_rstd,
-            &cg.dln_m,
-            &mut cg.dh1,
-            gg,
-            gb,
-        );
-        // GRU.
-        be.fill_zero(&mut cg.dgi);
-        be.fill_zero(&mut cg.dgh);
-        be.gru_gates_bwd(
-            d,
-            &t.gi,
-            &t.gh,
-            &t.slots_in,
-            &cg.dh1,
-            &mut cg.dgi,
-            &mut cg.dgh,
+            SlotUpdateScratch {
+                dh1: &mut cg.dh1,
+                dln: &mut cg.dln_m,
+                dhid: &mut cg.dhid,
+                dgi: &mut cg.dgi,
+                dgh: &mut cg.dgh,
+            },
+            &mut cg.dupd,
             &mut cg.d_in,
-        );
-        let (ih, hh) = (a.gru_ih, a.gru_hh);
-        let (gw, gb) = two_mut(g, hh.w, hh.b.unwrap());
-        be.linear_bwd(
-            rows,
-            d,
-            3 * d,
-            &t.slots_in,
-            &p[hh.w],
-            &t.gh,
-            false,
-            &cg.dgh,
-            Some(&mut cg.d_in),
-            gw,
-            Some(gb),
-        );
-        be.fill_zero(&mut cg.dupd);
-        let (gw, gb) = two_mut(g, ih.w, ih.b.unwrap());
-        be.linear_bwd(
-            rows,
-            d,
-            3 * d,
-            &t.upd,
-            &p[ih.w],
-            &t.gi,
-            false,
-            &cg.dgi,
-            Some(&mut cg.dupd),
-            gw,
-            Some(gb),
+            a.slot_update_grads(g),
         );
         // Attention.
         be.fill_zero(&mut cg.dq);
@@ -966,32 +936,20 @@ impl<B: Backend> Model<B> {
             dv,
             &mut cg.dq,
         );
-        be.fill_zero(&mut cg.dln_s);
-        be.linear_bwd(
-            rows,
-            d,
-            d,
-            &t.ln_s,
-            &p[a.to_q.w],
-            &t.q,
-            false,
+        be.slot_query_bwd(
+            &dims,
+            &a.slot_query_params(p),
+            &SlotQueryTape {
+                slots: &t.slots_in,
+                ln: &t.ln_s,
+                mean: &t.ln_s_mean,
+                rstd: &t.ln_s_rstd,
+                q: &t.q,
+            },
             &cg.dq,
-            Some(&mut cg.dln_s),
-            &mut g[a.to_q.w],
-            None,
-        );
-        let (gg, gb) = two_mut(g, a.norm_slots.g, a.norm_slots.b);
-        be.layernorm_bwd(
-            rows,
-            d,
-            &t.slots_in,
-            &p[a.norm_slots.g],
-            &t.ln_s_mean,
-            &t.ln_s_rstd,
-            &cg.dln_s,
+            &mut cg.dln_s,
             &mut cg.d_in,
-            gg,
-            gb,
+            a.slot_query_grads(g),
         );
     }
 

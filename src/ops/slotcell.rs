@@ -115,6 +115,184 @@ pub fn slot_update_fwd_by_ops<B: Backend + ?Sized>(
     be.add_assign(o.out, o.h1);
 }
 
+/// What the query's backward reads from its forward.
+pub struct SlotQueryTape<'a, Buf> {
+    pub slots: &'a Buf,
+    pub ln: &'a Buf,
+    pub mean: &'a Buf,
+    pub rstd: &'a Buf,
+    pub q: &'a Buf,
+}
+
+/// The query's parameter gradients (accumulated).
+pub struct SlotQueryGrads<'a, Buf> {
+    pub norm_g: &'a mut Buf,
+    pub norm_b: &'a mut Buf,
+    pub wq: &'a mut Buf,
+}
+
+/// What the update's backward reads from its forward (its inputs and [`SlotUpdateOut`]).
+pub struct SlotUpdateTape<'a, Buf> {
+    pub upd: &'a Buf,
+    pub slots: &'a Buf,
+    pub gi: &'a Buf,
+    pub gh: &'a Buf,
+    pub h1: &'a Buf,
+    pub ln: &'a Buf,
+    pub mean: &'a Buf,
+    pub rstd: &'a Buf,
+    pub hid: &'a Buf,
+    pub out: &'a Buf,
+}
+
+/// The update's parameter gradients (accumulated), in the order of [`SlotUpdateParams`].
+pub struct SlotUpdateGrads<'a, Buf> {
+    pub w_ih: &'a mut Buf,
+    pub b_ih: &'a mut Buf,
+    pub w_hh: &'a mut Buf,
+    pub b_hh: &'a mut Buf,
+    pub norm_g: &'a mut Buf,
+    pub norm_b: &'a mut Buf,
+    pub w1: &'a mut Buf,
+    pub b1: &'a mut Buf,
+    pub w2: &'a mut Buf,
+    pub b2: &'a mut Buf,
+}
+
+/// Scratch of the update's backward (contents afterwards unspecified): `[rows, d]` dh1 and dln,
+/// `[rows, hidden]` dhid, `[rows, 3d]` dgi and dgh.
+pub struct SlotUpdateScratch<'a, Buf> {
+    pub dh1: &'a mut Buf,
+    pub dln: &'a mut Buf,
+    pub dhid: &'a mut Buf,
+    pub dgi: &'a mut Buf,
+    pub dgh: &'a mut Buf,
+}
+
+/// The update's backward by the single ops (the reference): from d_out, `d_upd` OVERWRITTEN with
+/// the gradient of the attention's update, the gradient of the incoming slots ADDED to `d_in`, the
+/// parameter gradients accumulated.
+#[allow(clippy::too_many_arguments)]
+pub fn slot_update_bwd_by_ops<B: Backend + ?Sized>(
+    be: &B,
+    dims: &SlotCellDims,
+    p: &SlotUpdateParams<'_, B::Buf>,
+    t: &SlotUpdateTape<'_, B::Buf>,
+    dropout: Option<&DropoutMask>,
+    d_out: &B::Buf,
+    s: SlotUpdateScratch<'_, B::Buf>,
+    d_upd: &mut B::Buf,
+    d_in: &mut B::Buf,
+    g: SlotUpdateGrads<'_, B::Buf>,
+) {
+    let (rows, d, m) = (dims.rows, dims.d, dims.hidden);
+    // Residual: out = h1 + mlp(LN_m(h1)).
+    be.copy(d_out, s.dh1);
+    be.fill_zero(s.dhid);
+    let (x, y) = (t.hid, t.out);
+    be.linear_bwd(
+        rows,
+        m,
+        d,
+        x,
+        p.w2,
+        y,
+        false,
+        d_out,
+        Some(s.dhid),
+        g.w2,
+        Some(g.b2),
+    );
+    if let Some(mask) = dropout {
+        be.dropout_bwd(mask, s.dhid);
+    }
+    be.fill_zero(s.dln);
+    let dhid = &*s.dhid;
+    be.linear_bwd(
+        rows,
+        d,
+        m,
+        t.ln,
+        p.w1,
+        t.hid,
+        true,
+        dhid,
+        Some(s.dln),
+        g.w1,
+        Some(g.b1),
+    );
+    let (gamma, mean, rstd) = (p.norm_g, t.mean, t.rstd);
+    be.layernorm_bwd(
+        rows, d, t.h1, gamma, mean, rstd, s.dln, s.dh1, g.norm_g, g.norm_b,
+    );
+    // GRU.
+    be.fill_zero(s.dgi);
+    be.fill_zero(s.dgh);
+    be.gru_gates_bwd(d, t.gi, t.gh, t.slots, s.dh1, s.dgi, s.dgh, d_in);
+    let (dgi, dgh) = (&*s.dgi, &*s.dgh);
+    be.linear_bwd(
+        rows,
+        d,
+        3 * d,
+        t.slots,
+        p.w_hh,
+        t.gh,
+        false,
+        dgh,
+        Some(d_in),
+        g.w_hh,
+        Some(g.b_hh),
+    );
+    be.fill_zero(d_upd);
+    be.linear_bwd(
+        rows,
+        d,
+        3 * d,
+        t.upd,
+        p.w_ih,
+        t.gi,
+        false,
+        dgi,
+        Some(d_upd),
+        g.w_ih,
+        Some(g.b_ih),
+    );
+}
+
+/// The query's backward by the single ops (the reference): from dq, the gradient of the slots
+/// ADDED to `d_in`, the parameter gradients accumulated; `dln` (`[rows, d]`) is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn slot_query_bwd_by_ops<B: Backend + ?Sized>(
+    be: &B,
+    dims: &SlotCellDims,
+    p: &SlotQueryParams<'_, B::Buf>,
+    t: &SlotQueryTape<'_, B::Buf>,
+    dq: &B::Buf,
+    dln: &mut B::Buf,
+    d_in: &mut B::Buf,
+    g: SlotQueryGrads<'_, B::Buf>,
+) {
+    let (rows, d) = (dims.rows, dims.d);
+    be.fill_zero(dln);
+    be.linear_bwd(
+        rows,
+        d,
+        d,
+        t.ln,
+        p.wq,
+        t.q,
+        false,
+        dq,
+        Some(dln),
+        g.wq,
+        None,
+    );
+    let (gamma, mean, rstd) = (p.norm_g, t.mean, t.rstd);
+    be.layernorm_bwd(
+        rows, d, t.slots, gamma, mean, rstd, dln, d_in, g.norm_g, g.norm_b,
+    );
+}
+
 /// Names of the parameter tensors in the order [`slot_cell_fwd_flat`] takes them.
 pub const PARAM_NAMES: [&str; 13] = [
     "norm_slots.g",
