@@ -437,15 +437,60 @@ impl Bench {
         let name = "slot cell q + update, fused (f32)";
         self.row(name, &shape, Some(e), ms, fl, by, false);
         let ms = self.time(|| run(true, &mut got));
-        self.row(
-            "slot cell q + update, op by op",
-            &shape,
-            None,
-            ms,
-            fl,
-            by,
+        let name = "slot cell q + update, op by op";
+        self.row(name, &shape, None, ms, fl, by, false);
+        // Backward, from the forward's outputs, into zeroed gradients.
+        let (d_out_h, dq_h) = (rand(rows * d, 64, 1.0), rand(rows * d, 65, 1.0));
+        let (d_out, dq) = (self.up(&d_out_h), self.up(&dq_h));
+        let sl = slotcell::scratch_lens(&dims);
+        let mut scratch: Vec<Buf> = sl.iter().map(|&n| g.alloc(n)).collect();
+        let (mut d_upd, mut d_in) = (self.poisoned(rows * d), g.alloc(rows * d));
+        let pl = slotcell::param_lens(&dims);
+        let mut grads: Vec<Buf> = pl.iter().map(|&n| g.alloc(n)).collect();
+        let bwd = |by_ops: bool,
+                   scratch: &mut [Buf],
+                   d_upd: &mut Buf,
+                   d_in: &mut Buf,
+                   grads: &mut [Buf]| {
+            slotcell::slot_cell_bwd_flat(
+                g, by_ops, &dims, &dev, &got, &slots_g, &upd_g, m, &d_out, &dq, scratch, d_upd,
+                d_in, grads,
+            )
+        };
+        bwd(false, &mut scratch, &mut d_upd, &mut d_in, &mut grads);
+        let mut sc: Vec<Vec<f32>> = sl.iter().map(|&n| vec![0.0; n]).collect();
+        let (mut d_upd_h, mut d_in_h) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+        let mut grads_h: Vec<Vec<f32>> = pl.iter().map(|&n| vec![0.0; n]).collect();
+        slotcell::slot_cell_bwd_flat(
+            &self.c,
             false,
+            &dims,
+            &host,
+            &want,
+            &slots,
+            &upd,
+            m,
+            &d_out_h,
+            &dq_h,
+            &mut sc,
+            &mut d_upd_h,
+            &mut d_in_h,
+            &mut grads_h,
         );
+        let e = [
+            self.check("slot cell bwd d_upd", &d_upd, &d_upd_h, 1e-5),
+            self.check("slot cell bwd d_in", &d_in, &d_in_h, 1e-5),
+            self.check("slot cell bwd dW_ih", &grads[3], &grads_h[3], 1e-5),
+        ]
+        .into_iter()
+        .fold(0.0, f64::max);
+        let (bfl, bby) = (2.0 * fl, 2.0 * by);
+        let ms = self.time(|| bwd(false, &mut scratch, &mut d_upd, &mut d_in, &mut grads));
+        let name = "slot cell bwd (update + q), fused (f32)";
+        self.row(name, &shape, Some(e), ms, bfl, bby, false);
+        let ms = self.time(|| bwd(true, &mut scratch, &mut d_upd, &mut d_in, &mut grads));
+        let name = "slot cell bwd (update + q), op by op";
+        self.row(name, &shape, None, ms, bfl, bby, false);
     }
 
     /// The per-token chain (position embedding, LayerNorm, 2-layer MLP, LayerNorm, k and v):

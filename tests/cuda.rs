@@ -674,15 +674,16 @@ fn gru_gates_fwd_bwd_parity<B: Backend>(g: &B) {
     check("gru dh", g, &dhg, &dh);
 }
 
-/// The slot cell's per-slot work around the attention (`slot_query_fwd`, `slot_update_fwd`): the
-/// CUDA backend fuses each (d ≤ 64, hidden ≤ 256, multiples of 4), the CPU composes the single
-/// ops. Shapes: a partial last block, the papers' widths, the widest fused case, the narrowest,
+/// The slot cell's per-slot work around the attention (`slot_query_fwd`, `slot_update_fwd` and
+/// their backward ops): the CUDA backend fuses each (d ≤ 64, hidden ≤ 256, multiples of 4), the
+/// CPU composes the single ops. Shapes: a partial last block, the papers' widths, the widest fused case, the narrowest,
 /// and one that cannot be fused (the composed fallback on the GPU); with and without dropout.
-fn slot_cell_fwd_parity<B: Backend>(g: &B) {
+fn slot_cell_fwd_bwd_parity<B: Backend>(g: &B) {
     let cpu = cpu();
     let shapes = [
-        // (rows, d, hidden, dropout)
+        // (rows, d, hidden, dropout); 70 rows: three row chunks of the parameter gradients
         (13, 8, 12, false),
+        (70, 16, 32, true),
         (21, 64, 128, true),
         (9, 64, 256, true),
         (3, 4, 4, true),
@@ -723,6 +724,49 @@ fn slot_cell_fwd_parity<B: Backend>(g: &B) {
         slotcell::slot_cell_fwd_flat(g, false, &dims, &dev, &slots_g, &upd_g, m, &mut got);
         for ((what, gbuf), cbuf) in slotcell::OUT_NAMES.iter().zip(&got).zip(&want) {
             check(&format!("{name} {what}"), g, gbuf, cbuf);
+        }
+        // Backward from the CPU's forward, into non-zero d_in and parameter gradients (both
+        // accumulate) and a poisoned d_upd (overwritten).
+        let fwd: Vec<B::Buf> = want.iter().map(|v| up(g, v)).collect();
+        let d_out = rand(rows * d, s + 30, 1.0);
+        let dq = rand(rows * d, s + 31, 1.0);
+        let mut d_in = rand(rows * d, s + 32, 0.5);
+        let mut d_upd = vec![0.0; rows * d];
+        let mut gh: Vec<Vec<f32>> = slotcell::param_lens(&dims)
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| rand(n, s + 40 + i as u64, 0.5))
+            .collect();
+        let mut gd: Vec<B::Buf> = gh.iter().map(|v| up(g, v)).collect();
+        let (mut d_in_g, mut d_upd_g) = (up(g, &d_in), poisoned(g, rows * d));
+        let lens = slotcell::scratch_lens(&dims);
+        let mut sc: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+        let mut sg: Vec<B::Buf> = lens.iter().map(|&n| poisoned(g, n)).collect();
+        slotcell::slot_cell_bwd_flat(
+            &cpu, false, &dims, &host, &want, &slots, &upd, m, &d_out, &dq, &mut sc, &mut d_upd,
+            &mut d_in, &mut gh,
+        );
+        let (d_out_g, dq_g) = (up(g, &d_out), up(g, &dq));
+        slotcell::slot_cell_bwd_flat(
+            g,
+            false,
+            &dims,
+            &dev,
+            &fwd,
+            &slots_g,
+            &upd_g,
+            m,
+            &d_out_g,
+            &dq_g,
+            &mut sg,
+            &mut d_upd_g,
+            &mut d_in_g,
+            &mut gd,
+        );
+        check(&format!("{name} d_upd"), g, &d_upd_g, &d_upd);
+        check(&format!("{name} d_in"), g, &d_in_g, &d_in);
+        for ((what, gbuf), cbuf) in slotcell::PARAM_NAMES.iter().zip(&gd).zip(&gh) {
+            check(&format!("{name} d {what}"), g, gbuf, cbuf);
         }
         if drop {
             let dropped = want[10].iter().filter(|&&v| v == 0.0).count();
@@ -1177,8 +1221,8 @@ emu_and_gpu_tests!(emu_attention_fwd_bwd, gpu_attention_fwd_bwd, |g| {
 emu_and_gpu_tests!(emu_gru_gates_fwd_bwd, gpu_gru_gates_fwd_bwd, |g| {
     gru_gates_fwd_bwd_parity(&g)
 });
-emu_and_gpu_tests!(emu_slot_cell_fwd, gpu_slot_cell_fwd, |g| {
-    slot_cell_fwd_parity(&g)
+emu_and_gpu_tests!(emu_slot_cell_fwd_bwd, gpu_slot_cell_fwd_bwd, |g| {
+    slot_cell_fwd_bwd_parity(&g)
 });
 emu_and_gpu_tests!(emu_tokens_fwd_bwd, gpu_tokens_fwd_bwd, |g| {
     tokens_fwd_bwd_parity(&g)

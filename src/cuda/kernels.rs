@@ -116,7 +116,16 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "slotcell.cu",
         source: include_str!("../../kernels/slotcell.cu"),
-        kernels: &["slot_query_fwd_f32", "slot_update_fwd_f32"],
+        kernels: &[
+            "slot_query_fwd_f32",
+            "slot_update_fwd_f32",
+            "slot_update_bwd_f32",
+            "slot_update_bwd_params_partial_f32",
+            "slot_update_bwd_params_reduce_f32",
+            "slot_query_bwd_f32",
+            "slot_query_bwd_params_partial_f32",
+            "slot_query_bwd_params_reduce_f32",
+        ],
     },
     KernelFile {
         name: "composite.cu",

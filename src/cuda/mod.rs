@@ -34,8 +34,9 @@ use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
 use crate::ops::slotcell::{
-    slot_query_fwd_by_ops, slot_update_fwd_by_ops, SlotCellDims, SlotQueryOut, SlotQueryParams,
-    SlotUpdateOut, SlotUpdateParams,
+    slot_query_bwd_by_ops, slot_query_fwd_by_ops, slot_update_bwd_by_ops, slot_update_fwd_by_ops,
+    SlotCellDims, SlotQueryGrads, SlotQueryOut, SlotQueryParams, SlotQueryTape, SlotUpdateGrads,
+    SlotUpdateOut, SlotUpdateParams, SlotUpdateScratch, SlotUpdateTape,
 };
 use crate::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
@@ -2009,6 +2010,40 @@ impl Backend for Cuda {
             self.slot_update_fwd_fused(dims, p, upd, slots, dropout, o)
         } else {
             slot_update_fwd_by_ops(self, dims, p, upd, slots, dropout, o)
+        }
+    }
+    fn slot_update_bwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotUpdateParams<'_, Buf>,
+        t: &SlotUpdateTape<'_, Buf>,
+        dropout: Option<&DropoutMask>,
+        d_out: &Buf,
+        s: SlotUpdateScratch<'_, Buf>,
+        d_upd: &mut Buf,
+        d_in: &mut Buf,
+        g: SlotUpdateGrads<'_, Buf>,
+    ) {
+        if Self::slot_cell_fusable(dims) {
+            self.slot_update_bwd_fused(dims, p, t, dropout, d_out, s, d_upd, d_in, g)
+        } else {
+            slot_update_bwd_by_ops(self, dims, p, t, dropout, d_out, s, d_upd, d_in, g)
+        }
+    }
+    fn slot_query_bwd(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotQueryParams<'_, Buf>,
+        t: &SlotQueryTape<'_, Buf>,
+        dq: &Buf,
+        dln: &mut Buf,
+        d_in: &mut Buf,
+        g: SlotQueryGrads<'_, Buf>,
+    ) {
+        if Self::slot_cell_fusable(dims) {
+            self.slot_query_bwd_fused(dims, p, t, dq, dln, d_in, g)
+        } else {
+            slot_query_bwd_by_ops(self, dims, p, t, dq, dln, d_in, g)
         }
     }
     fn softpos_add_fwd(&self, h: usize, w: usize, c: usize, wp: &Buf, bp: &Buf, x: &mut Buf) {

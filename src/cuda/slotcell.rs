@@ -5,7 +5,8 @@ use super::{i, Arg, Buf, Cuda};
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
 use crate::ops::slotcell::{
-    SlotCellDims, SlotQueryOut, SlotQueryParams, SlotUpdateOut, SlotUpdateParams,
+    param_lens, SlotCellDims, SlotQueryGrads, SlotQueryOut, SlotQueryParams, SlotQueryTape,
+    SlotUpdateGrads, SlotUpdateOut, SlotUpdateParams, SlotUpdateScratch, SlotUpdateTape,
 };
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
@@ -25,6 +26,17 @@ const SC_ROWS: usize = 8;
 const SC_THREADS: u32 = 256;
 const SC_MAXD: usize = 64;
 const SC_MAXH: usize = 256;
+/// Rows per partial sum of the parameter gradients (SC_CHUNK).
+const SC_CHUNK: usize = 32;
+
+/// Grid of the parameter-gradient kernels: `len` elements, `chunks` row chunks.
+fn params_cfg(len: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (len.div_ceil(SC_THREADS as usize) as u32, chunks as u32, 1),
+        block_dim: (SC_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
 fn launch_cfg(dims: &SlotCellDims) -> (SlotCellDimsC, LaunchConfig) {
     i(dims.rows * 3 * dims.d.max(dims.hidden));
@@ -114,5 +126,75 @@ impl Cuda {
             &dc, upd, slots, p.w_ih, p.b_ih, p.w_hh, p.b_hh, p.norm_g, p.norm_b, p.w1, p.b1,
             p.w2, p.b2, &eps, &on, &lo, &hi, &stream, &sv.buf, &drop_p, &scale,
             o.gi, o.gh, o.h1, o.ln, o.mean, o.rstd, o.hid, o.out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn slot_update_bwd_fused(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotUpdateParams<'_, Buf>,
+        t: &SlotUpdateTape<'_, Buf>,
+        dropout: Option<&DropoutMask>,
+        d_out: &Buf,
+        s: SlotUpdateScratch<'_, Buf>,
+        d_upd: &mut Buf,
+        d_in: &mut Buf,
+        g: SlotUpdateGrads<'_, Buf>,
+    ) {
+        let (rows, d, m) = (dims.rows, dims.d, dims.hidden);
+        assert_eq!(d_out.len(), rows * d);
+        assert_eq!(t.hid.len(), rows * m);
+        assert_eq!(s.dgi.len(), rows * 3 * d);
+        assert_eq!(s.dhid.len(), rows * m);
+        if rows == 0 {
+            return;
+        }
+        let (dc, cfg) = launch_cfg(dims);
+        let scale = dropout.map_or(1.0f32, |mask| (1.0 / (1.0 - mask.p)) as f32);
+        launch!(self, "slot_update_bwd_f32", cfg;
+            &dc, p.w_ih, p.w_hh, p.norm_g, p.w1, p.w2, t.slots, t.gi, t.gh, t.h1, t.mean, t.rstd,
+            t.hid, &scale, d_out, s.dln, s.dhid, s.dgi, s.dgh, d_upd, d_in);
+        // (The update's tensors: the last ten of param_lens, in the kernel's segment order.)
+        let len: usize = param_lens(dims)[3..].iter().sum();
+        let chunks = rows.div_ceil(SC_CHUNK);
+        let mut partial = self.scratch::<f32>(chunks * len);
+        launch!(self, "slot_update_bwd_params_partial_f32", params_cfg(len, chunks);
+            &dc, t.upd, t.slots, t.h1, t.mean, t.rstd, t.ln, t.hid, d_out, s.dln, s.dhid, s.dgi,
+            s.dgh, &mut partial);
+        let nc = i(chunks);
+        launch!(self, "slot_update_bwd_params_reduce_f32", params_cfg(len, 1);
+            &dc, &nc, &partial, g.w_ih, g.b_ih, g.w_hh, g.b_hh, g.norm_g, g.norm_b, g.w1, g.b1,
+            g.w2, g.b2);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn slot_query_bwd_fused(
+        &self,
+        dims: &SlotCellDims,
+        p: &SlotQueryParams<'_, Buf>,
+        t: &SlotQueryTape<'_, Buf>,
+        dq: &Buf,
+        dln: &mut Buf,
+        d_in: &mut Buf,
+        g: SlotQueryGrads<'_, Buf>,
+    ) {
+        let (rows, d) = (dims.rows, dims.d);
+        assert_eq!(dq.len(), rows * d);
+        assert_eq!(dln.len(), rows * d);
+        assert_eq!(d_in.len(), rows * d);
+        if rows == 0 {
+            return;
+        }
+        let (dc, cfg) = launch_cfg(dims);
+        launch!(self, "slot_query_bwd_f32", cfg;
+            &dc, p.wq, p.norm_g, t.slots, t.mean, t.rstd, dq, dln, d_in);
+        let len: usize = param_lens(dims)[..3].iter().sum();
+        let chunks = rows.div_ceil(SC_CHUNK);
+        let mut partial = self.scratch::<f32>(chunks * len);
+        launch!(self, "slot_query_bwd_params_partial_f32", params_cfg(len, chunks);
+            &dc, t.slots, t.mean, t.rstd, t.ln, dq, dln, &mut partial);
+        let nc = i(chunks);
+        launch!(self, "slot_query_bwd_params_reduce_f32", params_cfg(len, 1);
+            &dc, &nc, &partial, g.wq, g.norm_g, g.norm_b);
     }
 }

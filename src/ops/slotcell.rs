@@ -1,5 +1,5 @@
 //! The per-slot work of one slot-attention cell application, before and after the attention, as
-//! two ops.
+//! two ops each way.
 //!
 //! Math, per slot row s (`[rows, d]`, rows = batch · K), with u the attention's update:
 //!   query:   ls = LN_s(s);  q = ls·Wqᵀ
@@ -7,13 +7,15 @@
 //!            h1 = gates(gi, gh, s)                        ([`crate::ops::gru`])
 //!            lm = LN_m(h1);  hid = dropout(relu(lm·W1ᵀ + b1));  out = (hid·W2ᵀ + b2) + h1
 //!
-//! Here both are composed from the single ops ([`slot_query_fwd_by_ops`],
-//! [`slot_update_fwd_by_ops`]): that composition is the reference and the [`Backend`] trait's
-//! default. The CUDA backend replaces each with one kernel (`kernels/slotcell.cu`; before, they
-//! were 2 and 8 launches over a few hundred rows) when d ≤ 64 and the MLP's hidden width ≤ 256,
-//! both multiples of 4, and is tested against this composition on the CPU (`tests/cuda.rs`,
-//! `slot_cell_fwd_parity`). The backward stays with the single ops (the model's `cell_bwd`),
-//! from the tape these write; the composition's gradients are checked against finite
+//! Backward (from d_out, and from dq after the attention's backward): the same math in reverse;
+//! d_upd is overwritten, the slots' gradient and the parameter gradients accumulate.
+//!
+//! Here all four ops are composed from the single ops (`slot_*_by_ops`): that composition is the
+//! reference and the [`Backend`] trait's default. The CUDA backend replaces each with fused
+//! kernels (`kernels/slotcell.cu`: one launch per forward op instead of 2 and 8, three per
+//! backward op instead of ~7 and ~22) when d ≤ 64 and the MLP's hidden width ≤ 256, both
+//! multiples of 4, and is tested against this composition on the CPU (`tests/cuda.rs`,
+//! `slot_cell_fwd_bwd_parity`). The composition's own gradients are checked against finite
 //! differences with the rest of the model (`tests/model_gradcheck.rs`).
 
 use crate::backend::Backend;
@@ -409,5 +411,111 @@ pub fn slot_cell_fwd_flat<B: Backend + ?Sized>(
     } else {
         be.slot_query_fwd(dims, &query, slots, qo);
         be.slot_update_fwd(dims, &update, upd, slots, dropout, uo);
+    }
+}
+
+/// Lengths of the backward's scratch buffers in the order [`slot_cell_bwd_flat`] takes them:
+/// dh1, dln_m, dhid, dgi, dgh, dln_s.
+pub fn scratch_lens(dims: &SlotCellDims) -> [usize; 6] {
+    let (r, d, m) = (dims.rows, dims.d, dims.hidden);
+    [r * d, r * d, r * m, r * 3 * d, r * 3 * d, r * d]
+}
+
+/// Both backward ops, the update's from `d_out` then the query's from `dq` (as if the attention
+/// had turned `d_upd` into it), with their tensors in flat lists: `p` and `g` as [`PARAM_NAMES`],
+/// `fwd` as [`OUT_NAMES`] (the forward's outputs), `scratch` as [`scratch_lens`]. `d_upd` is
+/// overwritten; `d_in` and `g` accumulate. `by_ops` runs the reference composition on `be`.
+#[allow(clippy::too_many_arguments)]
+pub fn slot_cell_bwd_flat<B: Backend + ?Sized>(
+    be: &B,
+    by_ops: bool,
+    dims: &SlotCellDims,
+    p: &[B::Buf],
+    fwd: &[B::Buf],
+    slots: &B::Buf,
+    upd: &B::Buf,
+    dropout: Option<&DropoutMask>,
+    d_out: &B::Buf,
+    dq: &B::Buf,
+    scratch: &mut [B::Buf],
+    d_upd: &mut B::Buf,
+    d_in: &mut B::Buf,
+    g: &mut [B::Buf],
+) {
+    let [ls, ls_mean, ls_rstd, q, gi, gh, h1, lm, lm_mean, lm_rstd, hid, out] = fwd else {
+        panic!("{} slot cell outputs, not 12", fwd.len())
+    };
+    let [dh1, dln, dhid, dgi, dgh, dln_s] = scratch else {
+        panic!("{} slot cell scratch buffers, not 6", scratch.len())
+    };
+    let [norm_g, norm_b, wq, w_ih, b_ih, w_hh, b_hh, norm_mg, norm_mb, w1, b1, w2, b2] = p else {
+        panic!("{} slot cell tensors, not 13", p.len())
+    };
+    let [gn_g, gn_b, g_wq, g_wih, g_bih, g_whh, g_bhh, gm_g, gm_b, g_w1, g_b1, g_w2, g_b2] = g
+    else {
+        panic!("{} slot cell gradients, not 13", g.len())
+    };
+    let update = SlotUpdateParams {
+        w_ih,
+        b_ih,
+        w_hh,
+        b_hh,
+        norm_g: norm_mg,
+        norm_b: norm_mb,
+        w1,
+        b1,
+        w2,
+        b2,
+    };
+    let ut = SlotUpdateTape {
+        upd,
+        slots,
+        gi,
+        gh,
+        h1,
+        ln: lm,
+        mean: lm_mean,
+        rstd: lm_rstd,
+        hid,
+        out,
+    };
+    let us = SlotUpdateScratch {
+        dh1,
+        dln,
+        dhid,
+        dgi,
+        dgh,
+    };
+    let ug = SlotUpdateGrads {
+        w_ih: g_wih,
+        b_ih: g_bih,
+        w_hh: g_whh,
+        b_hh: g_bhh,
+        norm_g: gm_g,
+        norm_b: gm_b,
+        w1: g_w1,
+        b1: g_b1,
+        w2: g_w2,
+        b2: g_b2,
+    };
+    let query = SlotQueryParams { norm_g, norm_b, wq };
+    let qt = SlotQueryTape {
+        slots,
+        ln: ls,
+        mean: ls_mean,
+        rstd: ls_rstd,
+        q,
+    };
+    let qg = SlotQueryGrads {
+        norm_g: gn_g,
+        norm_b: gn_b,
+        wq: g_wq,
+    };
+    if by_ops {
+        slot_update_bwd_by_ops(be, dims, &update, &ut, dropout, d_out, us, d_upd, d_in, ug);
+        slot_query_bwd_by_ops(be, dims, &query, &qt, dq, dln_s, d_in, qg);
+    } else {
+        be.slot_update_bwd(dims, &update, &ut, dropout, d_out, us, d_upd, d_in, ug);
+        be.slot_query_bwd(dims, &query, &qt, dq, dln_s, d_in, qg);
     }
 }
