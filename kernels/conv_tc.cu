@@ -23,7 +23,7 @@
 // channels a multiple of 16, i.e. every 64-channel layer): 16-byte loads, weights pre-permuted,
 // two stages, B fragments read in pairs (below). Weight gradients: conv_dw_partial_tf32 (version 2) and, when the rows
 // and gathered channels are multiples of 4, conv_dw_partial_v3_tf32 (16-byte loads, two stages),
-// which also sums the bias gradient from its loaded operands (conv_db_from_sums_f32 adds it up)
+// which also sums the bias gradient from its loaded operands (conv_dw_reduce_f32 adds it up)
 // and reads its A fragments in pairs. The loops' instruction counts (tools/kernel_sass.py) and
 // the reasons for each layout are in benches/NOTES.md.
 
@@ -808,29 +808,29 @@ DW3_ENTRY(conv_dw_partial_v3_tf32, 2)
 DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1)
 
 // One thread per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c], z in order.
-extern "C" __global__ void conv_dw_reduce_f32(int chunks, int rows, int cs, int k,
-                                              const float* __restrict__ partial, float* __restrict__ dw) {
+// Then, when db_len > 0, one thread per channel of the bias gradient from the operand sums of
+// conv_dw_partial_v3_* (in the same launch: one fewer per layer): db[c] += Σ_z Σ_{tap in taps}
+// sums[z][tap·db_len + c], z outer and taps in increasing order (deterministic). conv: the A-row
+// sums (sums_len = db_len = rows, taps = 1); convT: the B-column sums (sums_len = k·k·cs, taps
+// = the bit mask of the taps that reach every output position once).
+extern "C" __global__ void conv_dw_reduce_f32(int chunks, int rows, int cs, int k, const float* __restrict__ partial,
+                                              float* __restrict__ dw, int sums_len, int db_len, unsigned taps,
+                                              const float* __restrict__ sums, float* __restrict__ db) {
     const int N = k * k * cs;
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= rows * N) return;
-    const int i = e / N, kk = e % N;
-    float s = 0.0f;
-    for (int z = 0; z < chunks; ++z) s += partial[(size_t)z * rows * N + e];
-    const int c = kk % cs, tap = kk / cs;
-    dw[((i * cs + c) * k + tap / k) * k + tap % k] += s;
-}
-
-// The bias gradient from the operand sums of conv_dw_partial_v3_*: db[c] += Σ_z Σ_{tap in taps}
-// sums[z][tap·cs + c], z outer and taps in increasing order (deterministic). One thread per
-// channel. conv: the A-row sums (len = cs = rows, taps = 1); convT: the B-column sums (len = k·k·cs,
-// taps = the bit mask of the taps that reach every output position once).
-extern "C" __global__ void conv_db_from_sums_f32(int chunks, int len, int cs, unsigned taps,
-                                                 const float* __restrict__ sums, float* __restrict__ db) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cs) return;
+    if (e < rows * N) {
+        const int i = e / N, kk = e % N;
+        float s = 0.0f;
+        for (int z = 0; z < chunks; ++z) s += partial[(size_t)z * rows * N + e];
+        const int c = kk % cs, tap = kk / cs;
+        dw[((i * cs + c) * k + tap / k) * k + tap % k] += s;
+        return;
+    }
+    const int c = e - rows * N;
+    if (c >= db_len) return;
     float s = 0.0f;
     for (int z = 0; z < chunks; ++z)
         for (int tap = 0; tap < 32; ++tap)
-            if ((taps >> tap) & 1u) s += sums[(size_t)z * len + tap * cs + c];
+            if ((taps >> tap) & 1u) s += sums[(size_t)z * sums_len + tap * db_len + c];
     db[c] += s;
 }

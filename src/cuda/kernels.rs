@@ -52,7 +52,6 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_dw_partial_v3_tf32",
             "conv_dw_partial_v3r32_tf32",
             "conv_dw_reduce_f32",
-            "conv_db_from_sums_f32",
         ],
     },
     KernelFile {

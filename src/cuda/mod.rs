@@ -1430,17 +1430,23 @@ impl Cuda {
                 &p, dy, y, &ri, x, x, &zero, &mut partial),
         }
         let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
-        launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
-            &ci, &ri2, &csi, &ki, &partial, dw);
-        if let Some(db) = db {
-            assert_eq!(db.len(), g.c_out);
-            match db_taps {
-                Some(taps) => {
-                    let (li, oi) = (i(sums_len), i(g.c_out));
-                    launch!(self, "conv_db_from_sums_f32", per_elem(g.c_out);
-                        &ci, &li, &oi, &taps, &*sums, db);
+        let sl = i(sums_len);
+        match (db, db_taps) {
+            (Some(db), Some(taps)) => {
+                assert_eq!(db.len(), g.c_out);
+                let oi = i(g.c_out);
+                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols + g.c_out);
+                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &oi, &taps, &*sums, db);
+            }
+            (db, _) => {
+                // (No sums: no bias, or version 2, which sums the bias over dy on its own.)
+                let (zero_u, mut none) = (0u32, self.scratch::<f32>(1));
+                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
+                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &zero, &zero_u, &*sums, &mut *none);
+                if let Some(db) = db {
+                    assert_eq!(db.len(), g.c_out);
+                    self.conv_db(g, batch, y, relu, dy, db);
                 }
-                None => self.conv_db(g, batch, y, relu, dy, db),
             }
         }
     }
