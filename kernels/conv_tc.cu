@@ -624,14 +624,17 @@ static __device__ __forceinline__ void dw_pos_next(const ConvDwGemm& p, DwPos& q
 }
 
 // This thread's part of a k-tile at reduction position k0: A rows i..i+3 at position k0 + ma
-// (when has_a), B columns kk..kk+3 (channel c of tap (ky, kx)) at the positions bpos[j]
-// (k0 + mb + MB·j).
+// (when has_a), B columns kk..kk+3 (channel c of tap (ky, kx)) at the BJ consecutive positions
+// from q (k0 + BJ·mb). When they lie in one row of the grid (all but the k-tiles that wrap; the
+// same for a whole warp, whose threads share mb), their source pixels share a row and step by
+// the stride: one address and one row test for all of them. Otherwise each position is
+// stepped from q.
 template <int WM>
 static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
                                                 int b_masked, int k0, int kend, bool has_a, int ma, int i,
-                                                const DwPos bpos[], int kk, int c, int ky, int kx, float4& av,
+                                                const DwPos& q, int kk, int c, int ky, int kx, float4& av,
                                                 float4 bv[]) {
     using T = Dw3<WM>;
     const int R = p.rows, N = p.k * p.k * p.cs;
@@ -643,14 +646,39 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
         if (a_masked) a = relu_masked(a, a_mask + idx);
     }
     av = a;
+    if (q.px + T::BJ <= p.wp) {
+        const int sy = q.py * p.stride - p.pad + ky, sx0 = q.px * p.stride - p.pad + kx;
+        // (Unsigned: a negative coordinate fails the same test as one past the edge.)
+        const bool row_ok = kk < N && (unsigned)sy < (unsigned)p.hs;
+        const int idx0 = ((q.n * p.hs + sy) * p.ws + sx0) * p.cs + c;
+#pragma unroll
+        for (int j = 0; j < T::BJ; ++j) {
+            float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (row_ok && q.m + j < kend && (unsigned)(sx0 + j * p.stride) < (unsigned)p.ws) {
+                const int idx = idx0 + j * p.stride * p.cs;
+                b = ld_f4(b_src + idx);
+                if (b_masked) b = relu_masked(b, b_mask + idx);
+            }
+            bv[j] = b;
+        }
+        return;
+    }
 #pragma unroll
     for (int j = 0; j < T::BJ; ++j) {
-        const DwPos& q = bpos[j];
+        DwPos r = q;
+        r.px += j;
+        while (r.px >= p.wp) {  // (once at most unless the grid is narrower than BJ)
+            r.px -= p.wp;
+            if (++r.py == p.hp) {
+                r.py = 0;
+                ++r.n;
+            }
+        }
         float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (q.m < kend && kk < N) {
-            const int sy = q.py * p.stride - p.pad + ky, sx = q.px * p.stride - p.pad + kx;
-            if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {  // (negative: fails too)
-                const int idx = ((q.n * p.hs + sy) * p.ws + sx) * p.cs + c;
+        if (q.m + j < kend && kk < N) {
+            const int sy = r.py * p.stride - p.pad + ky, sx = r.px * p.stride - p.pad + kx;
+            if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
+                const int idx = ((r.n * p.hs + sy) * p.ws + sx) * p.cs + c;
                 b = ld_f4(b_src + idx);
                 if (b_masked) b = relu_masked(b, b_mask + idx);
             }
@@ -759,10 +787,8 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
     float acc[2][4][4];
     zero_acc(acc);
     float4 av, bv[T::BJ];
-    DwPos bpos[T::BJ];  // this thread's B positions in the next k-tile
-#pragma unroll
-    for (int j = 0; j < T::BJ; ++j) bpos[j] = dw_pos(p, kbeg + mb + T::MB * j);
-    dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, bpos, kk, c, ky, kx,
+    DwPos bq = dw_pos(p, kbeg + T::BJ * mb);  // this thread's first B position in the next k-tile
+    dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, bq, kk, c, ky, kx,
                  av, bv);
     const int ntiles = (kend - kbeg + TC_BK - 1) / TC_BK;
     // The operand sums (see dw3_operand_sums), only in the blocks that write them: a uniform
@@ -779,13 +805,12 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
         }
         if (has_a) *(uint4*)&At[st][ma][4 * ga] = tf32x4(av);
 #pragma unroll
-        for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][mb + T::MB * j][4 * gb] = tf32x4(bv[j]);
+        for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][T::BJ * mb + j][4 * gb] = tf32x4(bv[j]);
         __syncthreads();
         if (t + 1 < ntiles) {
-#pragma unroll
-            for (int j = 0; j < T::BJ; ++j) dw_pos_next(p, bpos[j]);
+            dw_pos_next(p, bq);
             dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + (t + 1) * TC_BK, kend, has_a, ma,
-                         i, bpos, kk, c, ky, kx, av, bv);
+                         i, bq, kk, c, ky, kx, av, bv);
         }
         tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
     }

@@ -447,13 +447,16 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
 
 fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     let c = cpu();
-    // (rows, n_in, n_out, bias, relu); 2500 rows > the 1024-row chunk of the dW partials.
+    // (rows, n_in, n_out, bias, relu); 2500 rows > the 1024-row chunk of the dW partials;
+    // 50 × 12 → 28: the narrow version 3 dW tile, whose 4 positions per thread wrap the 1 × 1
+    // grid three times.
     let cases = [
         (37, 20, 33, true, true),
         (5, 3, 70, false, false),
         (2500, 17, 9, true, true),
         (1, 1, 1, true, false),
         (64, 64, 192, true, false),
+        (50, 12, 28, true, true),
     ];
     for (ci, &(rows, n_in, n_out, bias, relu)) in cases.iter().enumerate() {
         let name = format!("linear {rows}x{n_in}->{n_out} bias {bias} relu {relu}");
