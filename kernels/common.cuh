@@ -156,6 +156,36 @@ static __device__ __forceinline__ uint4 ld_u4(const unsigned* p) {
     return *(const uint4*)p;
 }
 
+// A shared-memory address for ldsm_x4: the 32-bit shared-window address on the device (so that
+// constant offsets fold into the instruction), the pointer itself in the emulator.
+#ifdef CUEMU
+typedef const unsigned* SmemAddr;
+static __device__ __forceinline__ SmemAddr smem_addr(const unsigned* p) { return p; }
+#else
+typedef unsigned SmemAddr;
+static __device__ __forceinline__ SmemAddr smem_addr(const unsigned* p) {
+    unsigned addr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(p));
+    return addr;
+}
+#endif
+
+// ldmatrix.x4 on 32-bit words (ldmatrix.sync.aligned.m8n8.x4.shared.b16, each word two b16):
+// lane 8·j + i supplies the address (base + `words` words) of row i of matrix j (4 words,
+// 16-byte aligned, in shared memory); lane L receives word L % 4 of row L / 4 of matrix j in
+// r[j]. For the A fragment of mma_tf32_16x8x8 below, matrices 0–3 are rows 0–7, 8–15, 0–7, 8–15
+// by words 0–3, 0–3, 4–7, 4–7 of the 16 × 8 tile: one instruction instead of four loads. Every
+// lane of the warp must call it together.
+static __device__ __forceinline__ void ldsm_x4(unsigned r[4], SmemAddr base, int words) {
+#ifdef CUEMU
+    cuemu_ldmatrix_x4(r, base + words);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(base + 4 * words));
+#endif
+}
+
 // d += A·B for one warp's 16×8×8 TF32 tile with f32 accumulation (PTX mma.m16n8k8, A row-major,
 // B column-major). With g = lane / 4 and t = lane % 4 the fragments are
 //   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},

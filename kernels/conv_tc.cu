@@ -39,15 +39,24 @@
 // in one 8-byte load, already in the register order mma wants; rows of LDB ≡ 8 (mod 16) words
 // keep those loads free of bank conflicts. (A cannot be paired this way: its fragment's register
 // order runs over rows first.) Rows of TC_LD = 20 words keep the 4-byte loads conflict-free.
-template <int LDA, int LDB, bool B_PAIRED>
+// A_LDSM: each A fragment is one ldmatrix.x4 (ldsm_x4) instead of four 4-byte loads; its rows
+// must be 16-byte aligned (20 words are), and the 8 rows of each of its matrices then start in
+// 8 different 4-bank groups: conflict-free too.
+template <int LDA, int LDB, bool B_PAIRED, bool A_LDSM>
 static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[LDA], const unsigned (*Bs)[LDB], int wm,
                                                    int wn, int lane, float acc[2][4][4]) {
     const int g = lane >> 2, t = lane & 3;
+    // The row this lane supplies to ldsm_x4: row (lane & 7) of matrix lane / 8.
+    const SmemAddr a_row = smem_addr(&As[wm * 32 + (lane & 7) + (lane & 8)][(lane >> 4) << 2]);
 #pragma unroll
     for (int ks = 0; ks < TC_BK; ks += 8) {
         unsigned a[2][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
+            if (A_LDSM) {
+                ldsm_x4(a[mi], a_row, mi * 16 * LDA + ks);
+                continue;
+            }
             const int r = wm * 32 + mi * 16 + g;
             a[mi][0] = As[r][ks + t];
             a[mi][1] = As[r + 8][ks + t];
@@ -195,7 +204,7 @@ static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ s
             Bs[r0 + 8 * j][kq] = to_tf32(bv[j]);
         }
         __syncthreads();
-        tc_tile_mma<TC_LD, TC_LD, false>(As, Bs, wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, TC_LD, false, false>(As, Bs, wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -449,7 +458,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
             v3_next(p, f, tp);
             v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
         }
-        tc_tile_mma<TC_LD, LDB, true>(As[st], Bs[st], wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, LDB, true, true>(As[st], Bs[st], wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -562,7 +571,7 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
             Bs[q][mq0 + 2 * j] = to_tf32(bv[j]);
         }
         __syncthreads();
-        tc_tile_mma<TC_LD, TC_LD, false>(As, Bs, wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, TC_LD, false, false>(As, Bs, wm, wn, lane, acc);
     }
     store_dw_partial<false>(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
 }

@@ -204,6 +204,30 @@ static void cuemu_mma_apply(void** p, int lanes) {
     }
 }
 
+struct CuemuLdsm {
+    const unsigned* row;  // the row this lane supplies (16 bytes)
+    unsigned r[4];
+};
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 on 32-bit words (two b16 each), as the PTX ISA lays
+// it out: lane 8·j + i supplies the address of row i of matrix j; lane L receives word L % 4 of
+// row L / 4 of matrix j in register j. A partial warp is a fault (the instruction is .aligned).
+static void cuemu_ldsm_apply(void** p, int lanes) {
+    if (lanes != 32) cuemu_fault("ldmatrix by a partial warp");
+    for (int l = 0; l < 32; ++l) {
+        CuemuLdsm* s = (CuemuLdsm*)p[l];
+        for (int j = 0; j < 4; ++j) s->r[j] = ((const CuemuLdsm*)p[8 * j + l / 4])->row[l % 4];
+    }
+}
+
+static inline void cuemu_ldmatrix_x4(unsigned r[4], const unsigned* row) {
+    cuemu_check_align16(row);
+    CuemuLdsm s;
+    s.row = row;
+    cuemu_warp_op(cuemu_ldsm_apply, &s, 0xffffffffu);
+    for (int j = 0; j < 4; ++j) r[j] = s.r[j];
+}
+
 static inline void cuemu_mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2]) {
     CuemuMma m{d, a, b};
     cuemu_warp_op(cuemu_mma_apply, &m, 0xffffffffu);
