@@ -4,6 +4,9 @@
 //! overwritten, backward gradients are accumulated (`+=`).
 
 use crate::ops::attention::AttnDims;
+use crate::ops::bcastconv::{
+    bcast_conv_bwd_by_ops, bcast_conv_fwd_by_ops, BcastConvDims, BcastConvGrads, BcastConvParams,
+};
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::slotcell::{
@@ -352,6 +355,36 @@ pub trait Backend: Sync {
         dwp: &mut Self::Buf,
         dbp: &mut Self::Buf,
     );
+    /// The decoder's broadcast input and first convolution ([`crate::ops::bcastconv`]): y
+    /// overwritten; `x` is the reference's broadcast input (written here, read by the backward;
+    /// a backend that splits the convolution need not write it). The default composes the
+    /// single ops (the reference).
+    fn bcast_conv_fwd(
+        &self,
+        dims: &BcastConvDims,
+        p: &BcastConvParams<'_, Self::Buf>,
+        z: &Self::Buf,
+        x: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) {
+        bcast_conv_fwd_by_ops(self, dims, p, z, x, y)
+    }
+    /// Its backward from dy: the gradient of z added to `dz`, the parameter gradients
+    /// accumulated, `dx` scratch. The default composes the single ops (the reference).
+    #[allow(clippy::too_many_arguments)]
+    fn bcast_conv_bwd(
+        &self,
+        dims: &BcastConvDims,
+        p: &BcastConvParams<'_, Self::Buf>,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        dz: &mut Self::Buf,
+        g: BcastConvGrads<'_, Self::Buf>,
+    ) {
+        bcast_conv_bwd_by_ops(self, dims, p, x, y, dy, dx, dz, g)
+    }
     fn attention_fwd(
         &self,
         dm: &AttnDims,

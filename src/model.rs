@@ -10,6 +10,7 @@
 use crate::backend::{Alloc, Backend, SizeCounter};
 use crate::config::{DecoderKind, InitScheme, ModelConfig};
 use crate::ops::attention::AttnDims;
+use crate::ops::bcastconv::{BcastConvDims, BcastConvGrads, BcastConvParams};
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::slotcell::{
@@ -416,6 +417,36 @@ impl Arch {
             norm_in_b: take(self.norm_inputs.b),
             wk: take(self.to_k.w),
             wv: take(self.to_v.w),
+        }
+    }
+    /// The decoder's broadcast input with its first layer as one op ([`crate::ops::bcastconv`]),
+    /// when that layer is a convolution (the full-resolution decoder); None for a transposed one.
+    fn bcast_conv_dims(&self, slots: usize) -> Option<BcastConvDims> {
+        let l = &self.decoder[0];
+        (l.kind == LayerKind::Conv).then_some(BcastConvDims {
+            slots,
+            geom: l.geom,
+        })
+    }
+    fn bcast_conv_params<'a, Buf>(&self, p: &'a [Buf]) -> BcastConvParams<'a, Buf> {
+        let l = &self.decoder[0];
+        BcastConvParams {
+            pos_w: &p[self.dec_pos.w],
+            pos_b: &p[self.dec_pos.b.expect("decoder position embedding bias")],
+            w: &p[l.w],
+            b: &p[l.b],
+            relu: l.relu,
+        }
+    }
+    fn bcast_conv_grads<'a, Buf>(&self, g: &'a mut [Buf]) -> BcastConvGrads<'a, Buf> {
+        let mut slots: Vec<Option<&'a mut Buf>> = g.iter_mut().map(Some).collect();
+        let mut take = |i: Pid| slots[i].take().expect("each gradient tensor borrowed once");
+        let l = &self.decoder[0];
+        BcastConvGrads {
+            pos_w: take(self.dec_pos.w),
+            pos_b: take(self.dec_pos.b.expect("decoder position embedding bias")),
+            w: take(l.w),
+            b: take(l.b),
         }
     }
     fn slot_cell_dims(&self, batch: usize) -> SlotCellDims {
@@ -1067,18 +1098,30 @@ impl<B: Backend> Model<B> {
                 &ws.cells[a.iters - 1].out
             }
         };
-        // Decoder, per slot (a batch of B·K images).
+        // Decoder, per slot (a batch of B·K images). A first convolution runs with the broadcast
+        // (one op: see ops::bcastconv).
         let g = a.dec_grid;
-        be.broadcast_pos_fwd(
-            g,
-            g,
-            a.d,
-            final_slots,
-            &p[a.dec_pos.w],
-            &p[a.dec_pos.b.unwrap()],
-            &mut ws.dec_in,
-        );
-        for (i, l) in a.decoder.iter().enumerate() {
+        let bcast_conv = a.bcast_conv_dims(bk);
+        match &bcast_conv {
+            Some(dims) => be.bcast_conv_fwd(
+                dims,
+                &a.bcast_conv_params(p),
+                final_slots,
+                &mut ws.dec_in,
+                &mut ws.dec_act[0],
+            ),
+            None => be.broadcast_pos_fwd(
+                g,
+                g,
+                a.d,
+                final_slots,
+                &p[a.dec_pos.w],
+                &p[a.dec_pos.b.unwrap()],
+                &mut ws.dec_in,
+            ),
+        }
+        let first = usize::from(bcast_conv.is_some());
+        for (i, l) in a.decoder.iter().enumerate().skip(first) {
             let (done, rest) = ws.dec_act.split_at_mut(i);
             let x = if i == 0 { &ws.dec_in } else { &done[i - 1] };
             match l.kind {
@@ -1141,8 +1184,10 @@ impl<B: Backend> Model<B> {
             1.0,
             &mut ws.d_dec_act[nd - 1],
         );
-        // Decoder layers, last to first.
-        for i in (0..nd).rev() {
+        // Decoder layers, last to first (but a first convolution run with the broadcast).
+        let bcast_conv = a.bcast_conv_dims(bk);
+        let first = usize::from(bcast_conv.is_some());
+        for i in (first..nd).rev() {
             let l = a.decoder[i];
             let (lower, upper) = ws.d_dec_act.split_at_mut(i);
             let dy = &upper[0];
@@ -1173,9 +1218,23 @@ impl<B: Backend> Model<B> {
         }
         let cg = &mut ws.cg;
         be.fill_zero(&mut cg.d_out);
-        let g = a.dec_grid;
-        let (gw, gb) = two_mut(&mut self.grads, a.dec_pos.w, a.dec_pos.b.unwrap());
-        be.broadcast_pos_bwd(g, g, a.d, &ws.d_dec_in, &mut cg.d_out, gw, gb);
+        match &bcast_conv {
+            Some(dims) => be.bcast_conv_bwd(
+                dims,
+                &a.bcast_conv_params(&self.params),
+                &ws.dec_in,
+                &ws.dec_act[0],
+                &ws.d_dec_act[0],
+                &mut ws.d_dec_in,
+                &mut cg.d_out,
+                a.bcast_conv_grads(&mut self.grads),
+            ),
+            None => {
+                let g = a.dec_grid;
+                let (gw, gb) = two_mut(&mut self.grads, a.dec_pos.w, a.dec_pos.b.unwrap());
+                be.broadcast_pos_bwd(g, g, a.d, &ws.d_dec_in, &mut cg.d_out, gw, gb);
+            }
+        }
         // Slot attention cells, last to first.
         be.fill_zero(&mut ws.dk);
         be.fill_zero(&mut ws.dv);

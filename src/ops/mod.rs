@@ -7,6 +7,7 @@
 //! (`+=`), so the caller zeroes them once per step and shared tensors just add up.
 
 pub mod attention;
+pub mod bcastconv;
 pub mod composite;
 pub mod conv;
 pub mod elementwise;
