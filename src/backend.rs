@@ -369,13 +369,14 @@ pub trait Backend: Sync {
     ) {
         bcast_conv_fwd_by_ops(self, dims, p, z, x, y)
     }
-    /// Its backward from dy: the gradient of z added to `dz`, the parameter gradients
-    /// accumulated, `dx` scratch. The default composes the single ops (the reference).
+    /// Its backward from dy (z: the forward's input): the gradient of z added to `dz`, the
+    /// parameter gradients accumulated, `dx` scratch. The default composes the single ops (the reference).
     #[allow(clippy::too_many_arguments)]
     fn bcast_conv_bwd(
         &self,
         dims: &BcastConvDims,
         p: &BcastConvParams<'_, Self::Buf>,
+        z: &Self::Buf,
         x: &Self::Buf,
         y: &Self::Buf,
         dy: &Self::Buf,
@@ -383,7 +384,7 @@ pub trait Backend: Sync {
         dz: &mut Self::Buf,
         g: BcastConvGrads<'_, Self::Buf>,
     ) {
-        bcast_conv_bwd_by_ops(self, dims, p, x, y, dy, dx, dz, g)
+        bcast_conv_bwd_by_ops(self, dims, p, z, x, y, dy, dx, dz, g)
     }
     fn attention_fwd(
         &self,

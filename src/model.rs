@@ -1222,6 +1222,7 @@ impl<B: Backend> Model<B> {
             Some(dims) => be.bcast_conv_bwd(
                 dims,
                 &a.bcast_conv_params(&self.params),
+                &ws.cells.last().expect("a recorded cell application").out,
                 &ws.dec_in,
                 &ws.dec_act[0],
                 &ws.d_dec_act[0],

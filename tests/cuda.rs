@@ -130,6 +130,7 @@ use slotfix::backend::{AdamStep, Backend};
 use slotfix::config::{Config, DecoderKind, ModelConfig, Precision};
 use slotfix::cpu::Cpu;
 use slotfix::ops::attention::AttnDims;
+use slotfix::ops::bcastconv::{BcastConvDims, BcastConvGrads, BcastConvParams};
 use slotfix::ops::conv::ConvGeom;
 use slotfix::ops::elementwise::DropoutMask;
 use slotfix::ops::slotcell::{self, SlotCellDims};
@@ -782,6 +783,100 @@ fn slot_cell_fwd_bwd_parity<B: Backend>(g: &B) {
     }
 }
 
+/// The decoder's broadcast input and first convolution (`bcast_conv_fwd` / `bcast_conv_bwd`):
+/// the CUDA backend splits the convolution by border classes ("same", stride 1, grids at least k
+/// wide), the CPU composes the single ops. Shapes: k = 5 with a ReLU, k = 3 on a non-square grid
+/// without one, k = 7 on a grid exactly 7 wide, and a grid narrower than k (the composed
+/// fallback on the GPU).
+fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
+    let cpu = cpu();
+    let cases = [
+        // (slots, h, w, c_in, c_out, k, relu)
+        (5, 7, 7, 8, 6, 5, true),
+        (3, 9, 6, 4, 4, 3, false),
+        (2, 7, 8, 3, 5, 7, true),
+        (2, 4, 4, 4, 3, 5, true),
+    ];
+    for (ci, &(slots, h, w, c_in, c_out, k, relu)) in cases.iter().enumerate() {
+        let dims = BcastConvDims {
+            slots,
+            geom: ConvGeom::same(h, w, c_in, c_out, k),
+        };
+        let name = format!("bcast conv {slots} slots {h}x{w} {c_in}->{c_out} k{k} relu {relu}");
+        let s = 9000 + 100 * ci as u64;
+        // [pos_w, pos_b, w, b]
+        let lens = [4 * c_in, c_in, c_out * c_in * k * k, c_out];
+        let host: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| rand(n, s + i as u64, if i == 2 { 0.3 } else { 1.0 }))
+            .collect();
+        let dev: Vec<B::Buf> = host.iter().map(|v| up(g, v)).collect();
+        let z = rand(slots * c_in, s + 10, 1.0);
+        let (xn, yn) = (slots * h * w * c_in, slots * h * w * c_out);
+        let (mut x, mut y) = (vec![0.0; xn], vec![0.0; yn]);
+        let pc = BcastConvParams {
+            pos_w: &host[0],
+            pos_b: &host[1],
+            w: &host[2],
+            b: &host[3],
+            relu,
+        };
+        cpu.bcast_conv_fwd(&dims, &pc, &z, &mut x, &mut y);
+        let pg = BcastConvParams {
+            pos_w: &dev[0],
+            pos_b: &dev[1],
+            w: &dev[2],
+            b: &dev[3],
+            relu,
+        };
+        let zg = up(g, &z);
+        let (mut xg, mut yg) = (poisoned(g, xn), poisoned(g, yn));
+        g.bcast_conv_fwd(&dims, &pg, &zg, &mut xg, &mut yg);
+        check_tol(&format!("{name} y"), g, &yg, &y, tol);
+        // Backward from the CPU's forward, into non-zero gradients (they accumulate).
+        let dy = rand(yn, s + 11, 1.0);
+        let mut dz = rand(slots * c_in, s + 12, 0.5);
+        let mut gh: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| rand(n, s + 20 + i as u64, 0.5))
+            .collect();
+        let mut gd: Vec<B::Buf> = gh.iter().map(|v| up(g, v)).collect();
+        let mut dzg = up(g, &dz);
+        let mut dx = vec![0.0; xn];
+        let [gpw, gpb, gw, gb] = &mut gh[..] else {
+            unreachable!()
+        };
+        let grads = BcastConvGrads {
+            pos_w: gpw,
+            pos_b: gpb,
+            w: gw,
+            b: gb,
+        };
+        cpu.bcast_conv_bwd(&dims, &pc, &z, &x, &y, &dy, &mut dx, &mut dz, grads);
+        let (xg2, yg2, dyg) = (up(g, &x), up(g, &y), up(g, &dy));
+        let mut dxg = poisoned(g, xn);
+        let [gpw, gpb, gw, gb] = &mut gd[..] else {
+            unreachable!()
+        };
+        let grads = BcastConvGrads {
+            pos_w: gpw,
+            pos_b: gpb,
+            w: gw,
+            b: gb,
+        };
+        g.bcast_conv_bwd(&dims, &pg, &zg, &xg2, &yg2, &dyg, &mut dxg, &mut dzg, grads);
+        check_tol(&format!("{name} dz"), g, &dzg, &dz, tol);
+        for (what, (gbuf, cbuf)) in ["d pos_w", "d pos_b", "dw", "db"]
+            .iter()
+            .zip(gd.iter().zip(&gh))
+        {
+            check_tol(&format!("{name} {what}"), g, gbuf, cbuf, tol);
+        }
+    }
+}
+
 /// The per-token chain (`tokens_fwd` / `tokens_bwd`): the CUDA backend fuses it (two MLP layers,
 /// widths up to 64) and the CPU composes the single ops. Shapes: partial last tiles, odd widths,
 /// the widest fused case, and one that is too wide to fuse (the composed fallback on the GPU).
@@ -1224,6 +1319,14 @@ emu_and_gpu_tests!(emu_attention_fwd_bwd, gpu_attention_fwd_bwd, |g| {
 emu_and_gpu_tests!(emu_gru_gates_fwd_bwd, gpu_gru_gates_fwd_bwd, |g| {
     gru_gates_fwd_bwd_parity(&g)
 });
+emu_and_gpu_tests!(emu_bcast_conv_fwd_bwd, gpu_bcast_conv_fwd_bwd, |g| {
+    bcast_conv_fwd_bwd_parity(&g, TOL)
+});
+emu_and_gpu_tests!(
+    emu_bcast_conv_tf32_fwd_bwd,
+    gpu_bcast_conv_tf32_fwd_bwd,
+    |g| bcast_conv_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL)
+);
 emu_and_gpu_tests!(emu_slot_cell_fwd_bwd, gpu_slot_cell_fwd_bwd, |g| {
     slot_cell_fwd_bwd_parity(&g)
 });

@@ -113,6 +113,20 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &["tokens_fwd_f32", "tokens_bwd_f32", "tokens_bwd_reduce_f32"],
     },
     KernelFile {
+        name: "bcastconv.cu",
+        source: include_str!("../../kernels/bcastconv.cu"),
+        kernels: &[
+            "bconv_weight_classes_f32",
+            "bconv_slot_classes_f32",
+            "bconv_out_f32",
+            "bconv_bwd_classes_f32",
+            "bconv_bwd_pos_f32",
+            "bconv_bwd_dz_f32",
+            "bconv_bwd_dwc_f32",
+            "bconv_bwd_dw_fold_f32",
+        ],
+    },
+    KernelFile {
         name: "slotcell.cu",
         source: include_str!("../../kernels/slotcell.cu"),
         kernels: &[

@@ -30,6 +30,9 @@ pub use graph::CudaStepGraph;
 use crate::backend::{AdamStep, Backend};
 use crate::config::Precision;
 use crate::ops::attention::AttnDims;
+use crate::ops::bcastconv::{
+    bcast_conv_bwd_by_ops, bcast_conv_fwd_by_ops, BcastConvDims, BcastConvGrads, BcastConvParams,
+};
 use crate::ops::conv::ConvGeom;
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
@@ -697,6 +700,7 @@ macro_rules! launch {
     }};
 }
 
+mod bcastconv;
 mod slotcell;
 mod tokens;
 
@@ -1988,6 +1992,38 @@ impl Backend for Cuda {
             self.tokens_bwd_fused(dims, p, acts, dk, dv, d, g)
         } else {
             tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
+        }
+    }
+    fn bcast_conv_fwd(
+        &self,
+        dims: &BcastConvDims,
+        p: &BcastConvParams<'_, Buf>,
+        z: &Buf,
+        x: &mut Buf,
+        y: &mut Buf,
+    ) {
+        if dims.splits() {
+            self.bcast_conv_fwd_split(dims, p, z, y)
+        } else {
+            bcast_conv_fwd_by_ops(self, dims, p, z, x, y)
+        }
+    }
+    fn bcast_conv_bwd(
+        &self,
+        dims: &BcastConvDims,
+        p: &BcastConvParams<'_, Buf>,
+        z: &Buf,
+        x: &Buf,
+        y: &Buf,
+        dy: &Buf,
+        dx: &mut Buf,
+        dz: &mut Buf,
+        g: BcastConvGrads<'_, Buf>,
+    ) {
+        if dims.splits() {
+            self.bcast_conv_bwd_split(dims, p, z, y, dy, dz, g)
+        } else {
+            bcast_conv_bwd_by_ops(self, dims, p, z, x, y, dy, dx, dz, g)
         }
     }
     fn slot_query_fwd(

@@ -75,13 +75,15 @@ pub fn bcast_conv_fwd_by_ops<B: Backend + ?Sized>(
     be.conv2d_fwd(g, dims.slots, x, p.w, p.b, p.relu, y);
 }
 
-/// The backward by the single ops (the reference), from dy and the forward's y (and its x): the
-/// gradient of z ADDED to `dz`, the parameter gradients accumulated; `dx` is scratch of x's size.
+/// The backward by the single ops (the reference), from dy and the forward's y (and its x; z is
+/// what a split backward reads instead): the gradient of z ADDED to `dz`, the parameter gradients
+/// accumulated; `dx` is scratch of x's size.
 #[allow(clippy::too_many_arguments)]
 pub fn bcast_conv_bwd_by_ops<B: Backend + ?Sized>(
     be: &B,
     dims: &BcastConvDims,
     p: &BcastConvParams<'_, B::Buf>,
+    _z: &B::Buf,
     x: &B::Buf,
     y: &B::Buf,
     dy: &B::Buf,
