@@ -2,6 +2,7 @@
 //! Generic over f32 (training) and f64 (gradient checks).
 
 use crate::backend::{AdamStep, Backend};
+use crate::ops::bcastconv::{self, BcastConvDims, BcastConvGrads, BcastConvParams};
 use crate::ops::{self, attention::AttnDims, conv::ConvGeom, elementwise::DropoutMask};
 use crate::optim::{OptHyper, OptReport};
 use crate::real::Real;
@@ -246,6 +247,40 @@ impl<T: Real> Backend for Cpu<T> {
         y: &mut Vec<T>,
     ) {
         ops::posembed::broadcast_pos_fwd(h, w, c, z, wp, bp, y);
+    }
+    fn bcast_conv_fwd(
+        &self,
+        dims: &BcastConvDims,
+        p: &BcastConvParams<'_, Vec<T>>,
+        z: &Vec<T>,
+        x: &mut Vec<T>,
+        y: &mut Vec<T>,
+    ) {
+        if dims.splits() {
+            bcastconv::bcast_conv_fwd_split(dims, p.pos_w, p.pos_b, p.w, p.b, p.relu, z, y)
+        } else {
+            bcastconv::bcast_conv_fwd_by_ops(self, dims, p, z, x, y)
+        }
+    }
+    fn bcast_conv_bwd(
+        &self,
+        dims: &BcastConvDims,
+        p: &BcastConvParams<'_, Vec<T>>,
+        z: &Vec<T>,
+        x: &Vec<T>,
+        y: &Vec<T>,
+        dy: &Vec<T>,
+        dx: &mut Vec<T>,
+        dz: &mut Vec<T>,
+        g: BcastConvGrads<'_, Vec<T>>,
+    ) {
+        if dims.splits() {
+            bcastconv::bcast_conv_bwd_split(
+                dims, p.pos_w, p.pos_b, p.w, p.relu, z, y, dy, dz, g.pos_w, g.pos_b, g.w, g.b,
+            )
+        } else {
+            bcastconv::bcast_conv_bwd_by_ops(self, dims, p, z, x, y, dy, dx, dz, g)
+        }
     }
     fn broadcast_pos_bwd(
         &self,

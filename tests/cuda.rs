@@ -130,7 +130,9 @@ use slotfix::backend::{AdamStep, Backend};
 use slotfix::config::{Config, DecoderKind, ModelConfig, Precision};
 use slotfix::cpu::Cpu;
 use slotfix::ops::attention::AttnDims;
-use slotfix::ops::bcastconv::{BcastConvDims, BcastConvGrads, BcastConvParams};
+use slotfix::ops::bcastconv::{
+    bcast_conv_bwd_by_ops, bcast_conv_fwd_by_ops, BcastConvDims, BcastConvGrads, BcastConvParams,
+};
 use slotfix::ops::conv::ConvGeom;
 use slotfix::ops::elementwise::DropoutMask;
 use slotfix::ops::slotcell::{self, SlotCellDims};
@@ -785,7 +787,8 @@ fn slot_cell_fwd_bwd_parity<B: Backend>(g: &B) {
 
 /// The decoder's broadcast input and first convolution (`bcast_conv_fwd` / `bcast_conv_bwd`):
 /// the CUDA backend splits the convolution by border classes ("same", stride 1, grids at least k
-/// wide), the CPU composes the single ops. Shapes: k = 5 with a ReLU, k = 3 on a non-square grid
+/// wide), against the composition of the single ops on the CPU (the reference; the CPU backend
+/// itself splits too). Shapes: k = 5 with a ReLU, k = 3 on a non-square grid
 /// without one, k = 7 on a grid exactly 7 wide, and a grid narrower than k (the composed
 /// fallback on the GPU).
 fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -822,7 +825,7 @@ fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
             b: &host[3],
             relu,
         };
-        cpu.bcast_conv_fwd(&dims, &pc, &z, &mut x, &mut y);
+        bcast_conv_fwd_by_ops(&cpu, &dims, &pc, &z, &mut x, &mut y);
         let pg = BcastConvParams {
             pos_w: &dev[0],
             pos_b: &dev[1],
@@ -854,7 +857,7 @@ fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
             w: gw,
             b: gb,
         };
-        cpu.bcast_conv_bwd(&dims, &pc, &z, &x, &y, &dy, &mut dx, &mut dz, grads);
+        bcast_conv_bwd_by_ops(&cpu, &dims, &pc, &z, &x, &y, &dy, &mut dx, &mut dz, grads);
         let (xg2, yg2, dyg) = (up(g, &x), up(g, &y), up(g, &dy));
         let mut dxg = poisoned(g, xn);
         let [gpw, gpb, gw, gb] = &mut gd[..] else {
