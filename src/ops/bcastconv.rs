@@ -12,10 +12,11 @@
 //! pixels. So y needs k² matrix-vector products per slot plus one convolution of a single image
 //! instead of a convolution of S images (32 GFLOP → 0.03 at the tetrominoes shapes, B = 64),
 //! and the backward likewise (the gradient of z from per-class sums of dy, the weight gradient
-//! from per-class outer products plus one single-image weight gradient). The CUDA backend
-//! computes it so (`kernels/bcastconv.cu`) for "same" stride-1 convolutions of grids at least
-//! k wide, and is tested against this composition on the CPU (`tests/cuda.rs`,
-//! `bcast_conv_fwd_bwd_parity`).
+//! from per-class outer products plus one single-image weight gradient). Both backends compute
+//! it so for "same" stride-1 convolutions of grids at least k wide: the CPU with
+//! [`bcast_conv_fwd_split`] / [`bcast_conv_bwd_split`] (tested against the composition in f64
+//! below; the model's gradient check runs through it), CUDA with `kernels/bcastconv.cu` (tested
+//! against the composition on the CPU: `tests/cuda.rs`, `bcast_conv_fwd_bwd_parity`).
 
 use crate::backend::Backend;
 use crate::ops::conv::{self, ConvGeom};
