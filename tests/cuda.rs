@@ -1751,10 +1751,15 @@ fn emu_train_step_tf32_exact_products_bptt_two_heads_dropout_full_decoder() {
 /// Training steps queue their work, read nothing back and allocate nothing: the loss, gradient
 /// norm and non-finite checks stay on the device until the host asks (`Session::opt_report`),
 /// and scratch buffers come from the backend's pool after the first step.
-fn train_steps_make_no_host_read_or_allocation(g: Cuda, label: &str) {
+fn train_steps_make_no_host_read_or_allocation(g: Cuda, full_decoder: bool, label: &str) {
     let mut cfg = small_config(|m| {
         m.implicit_diff = true;
         m.dropout = 0.1;
+        if full_decoder {
+            // (Its first convolution split by border classes: ops::bcastconv.)
+            m.decoder = DecoderKind::Full;
+            m.decoder_channels = Some(vec![6, 5]);
+        }
     });
     // Eager steps, so that the launches per step are counted (a replay launches none).
     cfg.training.cuda_graph = false;
@@ -1809,14 +1814,15 @@ fn train_steps_make_no_host_read_or_allocation(g: Cuda, label: &str) {
 emu_and_gpu_tests!(
     emu_train_steps_make_no_host_read_or_allocation,
     gpu_train_steps_make_no_host_read_or_allocation,
-    |g, kind| train_steps_make_no_host_read_or_allocation(g, &format!("{kind} f32"))
+    |g, kind| train_steps_make_no_host_read_or_allocation(g, false, &format!("{kind} f32"))
 );
 emu_and_gpu_tests!(
     emu_train_steps_tf32_make_no_host_read_or_allocation,
     gpu_train_steps_tf32_make_no_host_read_or_allocation,
     |g, kind| train_steps_make_no_host_read_or_allocation(
         g.with_precision(Precision::Tf32),
-        &format!("{kind} tf32")
+        true,
+        &format!("{kind} tf32, full decoder")
     )
 );
 
@@ -1826,16 +1832,26 @@ emu_and_gpu_tests!(
 /// dropout masks of each step (the RNG counter), the learning rate of a warm-up that changes
 /// every step, the bias corrections, and the optimizer's bookkeeping. Between steps another
 /// user of the step scalars (an evaluation's slot noise) runs, as in a training run.
-fn graph_steps_equal_eager_steps(graphed: Cuda, eager: Cuda, implicit: bool, label: &str) {
+fn graph_steps_equal_eager_steps(
+    graphed: Cuda,
+    eager: Cuda,
+    implicit: bool,
+    full_decoder: bool,
+    label: &str,
+) {
     let mut cfg = small_config(|m| {
         m.implicit_diff = implicit;
         m.dropout = 0.1;
-        // 16 and 32 wide: the v3 convolutions, with the phased stride-2 decoder, in the graph.
+        // 16 and 32 wide: the v3 convolutions, with the phased stride-2 decoder (or the full
+        // decoder's split first convolution), in the graph.
         m.encoder_channels = vec![16, 16];
         m.decoder_channels = Some(vec![16, 16, 4]);
         m.feat_size = 16;
         m.slot_size = 16;
         m.mlp_hidden_size = 32;
+        if full_decoder {
+            m.decoder = DecoderKind::Full;
+        }
     });
     cfg.training.warmup_steps = 4;
     let mut sg = Session::new(graphed, cfg.clone());
@@ -1904,13 +1920,15 @@ emu_and_gpu_tests!(
             g.with_precision(Precision::Tf32),
             again().with_precision(Precision::Tf32),
             true,
+            false,
             &format!("{kind} implicit"),
         );
         graph_steps_equal_eager_steps(
             again().with_precision(Precision::Tf32),
             again().with_precision(Precision::Tf32),
             false,
-            &format!("{kind} bptt"),
+            true,
+            &format!("{kind} bptt, full decoder"),
         )
     }
 );
