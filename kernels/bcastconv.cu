@@ -72,24 +72,86 @@ static __device__ __forceinline__ float bc_grad(const float* y, const float* dy,
     return (!relu || y[i] > 0.0f) ? dy[i] : 0.0f;
 }
 
-// dZc[s][cls][o] = Σ_{pixels of cls} g[s][p][o] (rows, then columns, in order). One thread per
-// element (S·k²·O); a warp's threads take consecutive o (coalesced reads).
-extern "C" __global__ void bconv_bwd_classes_f32(int slots, int h, int w, int n_out, int k, int pad, int relu,
-                                                 const float* __restrict__ y, const float* __restrict__ dy,
-                                                 float* __restrict__ dzc) {
-    const int ncls = k * k;
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= slots * ncls * n_out) return;
-    const int o = e % n_out, cls = (e / n_out) % ncls, s = e / (n_out * ncls);
-    const int cy = cls / k, cx = cls % k;
-    const int y0 = bc_first(cy, h, pad), ny = bc_count(cy, h, pad);
-    const int x0 = bc_first(cx, w, pad), nx = bc_count(cx, w, pad);
-    float acc = 0.0f;
-    for (int py = y0; py < y0 + ny; ++py)
+// dZc[s][cls][o] = Σ_{pixels of cls} g[s][p][o]. One block of BC_THREADS per slot, lanes along
+// o (coalesced rows of g), warp w taking rows w, w + 8, ... of the slot's image, pad ≤ BC_MAXPAD.
+// A border row is one class row: its warp writes that row's k sums itself. The interior rows
+// share their k classes: each warp sums its own, and warp 0 adds the 8 partial rows in order.
+// (One thread per class and channel instead left the interior class's 961 pixels to one
+// thread each: latency-bound at ~0.1 ms for the tetrominoes shapes.)
+#define BC_THREADS 256
+#define BC_MAXPAD 3
+#define BC_MAXK (2 * BC_MAXPAD + 1)
+extern "C" __global__ void __launch_bounds__(BC_THREADS)
+bconv_bwd_classes_f32(int slots, int h, int w, int n_out, int k, int pad, int relu, const float* __restrict__ y,
+                      const float* __restrict__ dy, float* __restrict__ dzc) {
+    __shared__ float cls_sum[BC_MAXK * BC_MAXK][32];
+    __shared__ float part[BC_THREADS / 32][BC_MAXK][32];
+    const int s = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int o0 = 0; o0 < n_out; o0 += 32) {
+        const int o = o0 + lane;
+        const bool on = o < n_out;
+        // This warp's sums over its interior rows: columns of class j, pad, pad + 1 + j.
+        float int_left[BC_MAXPAD], int_right[BC_MAXPAD], int_center = 0.0f;
+#pragma unroll
+        for (int j = 0; j < BC_MAXPAD; ++j) int_left[j] = int_right[j] = 0.0f;
+        for (int py = warp; py < h; py += BC_THREADS / 32) {
+            // This lane's channel along the row (offsets in elements from the row's start).
+            const long long base = (((long long)s * h + py) * w) * n_out + o;
+            const float* yr = y + base;
+            const float* dyr = dy + base;
+            float left[BC_MAXPAD], right[BC_MAXPAD], center = 0.0f;
+#pragma unroll
+            for (int j = 0; j < BC_MAXPAD; ++j) {
+                const bool col = on && j < pad;
+                left[j] = col ? bc_grad(yr, dyr, j * n_out, relu) : 0.0f;
+                right[j] = col ? bc_grad(yr, dyr, (w - pad + j) * n_out, relu) : 0.0f;
+            }
+            if (on) {
 #pragma unroll 4
-        for (int px = x0; px < x0 + nx; ++px)
-            acc += bc_grad(y, dy, (((long long)s * h + py) * w + px) * n_out + o, relu);
-    dzc[e] = acc;
+                for (int px = pad; px < w - pad; ++px) center += bc_grad(yr, dyr, px * n_out, relu);
+            }
+            const int cy = bc_class(py, h, pad);
+            if (cy == pad) {
+                int_center += center;
+#pragma unroll
+                for (int j = 0; j < BC_MAXPAD; ++j) {
+                    int_left[j] += left[j];
+                    int_right[j] += right[j];
+                }
+            } else {
+                cls_sum[cy * k + pad][lane] = center;
+#pragma unroll
+                for (int j = 0; j < BC_MAXPAD; ++j) {
+                    if (j < pad) {
+                        cls_sum[cy * k + j][lane] = left[j];
+                        cls_sum[cy * k + pad + 1 + j][lane] = right[j];
+                    }
+                }
+            }
+        }
+        part[warp][pad][lane] = int_center;
+#pragma unroll
+        for (int j = 0; j < BC_MAXPAD; ++j) {
+            if (j < pad) {
+                part[warp][j][lane] = int_left[j];
+                part[warp][pad + 1 + j][lane] = int_right[j];
+            }
+        }
+        __syncthreads();
+        if (warp == 0) {
+            for (int cx = 0; cx < k; ++cx) {
+                float t = 0.0f;
+                for (int wi = 0; wi < BC_THREADS / 32; ++wi) t += part[wi][cx][lane];
+                cls_sum[pad * k + cx][lane] = t;
+            }
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < k * k * 32; e += BC_THREADS) {
+            const int cls = e >> 5, l = e & 31;
+            if (o0 + l < n_out) dzc[((long long)s * k * k + cls) * n_out + o0 + l] = cls_sum[cls][l];
+        }
+        __syncthreads();  // before the next channel chunk reuses the shared sums
+    }
 }
 
 // dP[p][o] = Σ_s g[s][p][o], slots in order. One thread per element (H·W·O).

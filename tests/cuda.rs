@@ -788,8 +788,9 @@ fn slot_cell_fwd_bwd_parity<B: Backend>(g: &B) {
 /// The decoder's broadcast input and first convolution (`bcast_conv_fwd` / `bcast_conv_bwd`):
 /// the CUDA backend splits the convolution by border classes ("same", stride 1, grids at least k
 /// wide), against the composition of the single ops on the CPU (the reference; the CPU backend
-/// itself splits too). Shapes: k = 5 with a ReLU, k = 3 on a non-square grid
-/// without one, k = 7 on a grid exactly 7 wide, and a grid narrower than k (the composed
+/// itself splits too). Shapes: k = 5 with a ReLU, k = 3 on a non-square grid without one, k = 7
+/// on a grid exactly 7 wide, 40 output channels (two channel chunks of the class sums), 12 rows
+/// (interior rows for every warp of the class sums), and a grid narrower than k (the composed
 /// fallback on the GPU).
 fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     let cpu = cpu();
@@ -798,6 +799,8 @@ fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         (5, 7, 7, 8, 6, 5, true),
         (3, 9, 6, 4, 4, 3, false),
         (2, 7, 8, 3, 5, 7, true),
+        (3, 6, 5, 3, 40, 3, true),
+        (2, 12, 10, 3, 6, 5, true),
         (2, 4, 4, 4, 3, 5, true),
     ];
     for (ci, &(slots, h, w, c_in, c_out, k, relu)) in cases.iter().enumerate() {

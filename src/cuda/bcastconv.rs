@@ -8,6 +8,10 @@ use crate::ops::bcastconv::{BcastConvDims, BcastConvGrads, BcastConvParams};
 use crate::ops::conv::ConvGeom;
 use cudarc::driver::LaunchConfig;
 
+/// Threads of `bconv_bwd_classes_f32` (BC_THREADS) and the widest padding it takes (BC_MAXPAD).
+const BC_THREADS: u32 = 256;
+const BC_MAXPAD: usize = 3;
+
 /// The widths the kernels take, as i32: slots, h, w, c_in, c_out, k, pad.
 struct Ints {
     s: i32,
@@ -36,6 +40,12 @@ impl Ints {
 }
 
 impl Cuda {
+    /// Whether the split kernels cover this op: a split convolution (BcastConvDims::splits)
+    /// with kernels up to 7 × 7.
+    pub(super) fn bcast_conv_splits(dims: &BcastConvDims) -> bool {
+        dims.splits() && dims.geom.pad <= BC_MAXPAD
+    }
+
     /// The position image (pos(p) at every pixel, one image) in a scratch buffer.
     fn bcast_pos_image(
         &self,
@@ -108,7 +118,12 @@ impl Cuda {
         // Per-class sums of g and the sum over slots of g.
         let zlen = dims.slots * (ncls * n.o) as usize;
         let mut dzc = self.scratch::<f32>(zlen);
-        launch!(self, "bconv_bwd_classes_f32", per_elem(zlen);
+        let per_slot = LaunchConfig {
+            grid_dim: (dims.slots as u32, 1, 1),
+            block_dim: (BC_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "bconv_bwd_classes_f32", per_slot;
             &n.s, &n.h, &n.w, &n.o, &n.k, &n.pad, &relu, y, dy, &mut *dzc);
         let hw = n.h * n.w;
         let plen = (hw * n.o) as usize;
