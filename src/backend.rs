@@ -356,9 +356,10 @@ pub trait Backend: Sync {
         dbp: &mut Self::Buf,
     );
     /// The decoder's broadcast input and first convolution ([`crate::ops::bcastconv`]): y
-    /// overwritten; `x` is the reference's broadcast input (written here, read by the backward;
-    /// a backend that splits the convolution need not write it). The default composes the
-    /// single ops (the reference).
+    /// overwritten; `x` is the composition's broadcast input (written here, read by the
+    /// backward). When `dims.splits()` every backend must split the convolution, and `x` (and
+    /// the backward's `dx`) may be empty placeholders. The default composes the single ops (the
+    /// reference).
     fn bcast_conv_fwd(
         &self,
         dims: &BcastConvDims,

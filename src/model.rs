@@ -683,6 +683,10 @@ impl<Buf> Workspace<Buf> {
         let galloc = |n: usize| be.buffer(if training { n } else { 0 });
         let (d, m) = (a.d, a.mlp_hidden);
         let g = a.dec_grid;
+        // The decoder's broadcast input and its gradient: only a composed first layer reads
+        // them (a split one works from the slots: ops::bcastconv).
+        let split = a.bcast_conv_dims(bk).is_some_and(|dims| dims.splits());
+        let bcast_len = if split { 0 } else { bk * g * g * d };
         let recorded = match (training, a.implicit) {
             (false, _) => 0,
             (true, true) => 1,
@@ -702,7 +706,7 @@ impl<Buf> Workspace<Buf> {
             slots0: be.buffer(bk * d),
             cells: (0..recorded).map(|_| CellTape::new(be, a, batch)).collect(),
             scratch: CellTape::new(be, a, batch),
-            dec_in: be.buffer(bk * g * g * d),
+            dec_in: be.buffer(bcast_len),
             dec_act: a
                 .decoder
                 .iter()
@@ -732,7 +736,7 @@ impl<Buf> Workspace<Buf> {
                 dq: galloc(bk * d),
                 dln_s: galloc(bk * d),
             },
-            d_dec_in: galloc(bk * g * g * d),
+            d_dec_in: galloc(bcast_len),
             d_dec_act: a
                 .decoder
                 .iter()

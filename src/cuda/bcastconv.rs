@@ -8,9 +8,8 @@ use crate::ops::bcastconv::{BcastConvDims, BcastConvGrads, BcastConvParams};
 use crate::ops::conv::ConvGeom;
 use cudarc::driver::LaunchConfig;
 
-/// Threads of `bconv_bwd_classes_f32` (BC_THREADS) and the widest padding it takes (BC_MAXPAD).
+/// Threads of `bconv_bwd_classes_f32` (BC_THREADS; it takes k ≤ 7, as BcastConvDims::splits).
 const BC_THREADS: u32 = 256;
-const BC_MAXPAD: usize = 3;
 
 /// The widths the kernels take, as i32: slots, h, w, c_in, c_out, k, pad.
 struct Ints {
@@ -40,12 +39,6 @@ impl Ints {
 }
 
 impl Cuda {
-    /// Whether the split kernels cover this op: a split convolution (BcastConvDims::splits)
-    /// with kernels up to 7 × 7.
-    pub(super) fn bcast_conv_splits(dims: &BcastConvDims) -> bool {
-        dims.splits() && dims.geom.pad <= BC_MAXPAD
-    }
-
     /// The position image (pos(p) at every pixel, one image) in a scratch buffer.
     fn bcast_pos_image(
         &self,

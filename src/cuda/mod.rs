@@ -2002,7 +2002,7 @@ impl Backend for Cuda {
         x: &mut Buf,
         y: &mut Buf,
     ) {
-        if Self::bcast_conv_splits(dims) {
+        if dims.splits() {
             self.bcast_conv_fwd_split(dims, p, z, y)
         } else {
             bcast_conv_fwd_by_ops(self, dims, p, z, x, y)
@@ -2020,7 +2020,7 @@ impl Backend for Cuda {
         dz: &mut Buf,
         g: BcastConvGrads<'_, Buf>,
     ) {
-        if Self::bcast_conv_splits(dims) {
+        if dims.splits() {
             self.bcast_conv_bwd_split(dims, p, z, y, dy, dz, g)
         } else {
             bcast_conv_bwd_by_ops(self, dims, p, z, x, y, dy, dx, dz, g)

@@ -34,12 +34,15 @@ pub struct BcastConvDims {
 }
 
 impl BcastConvDims {
-    /// Whether the convolution is "same" with stride 1 on a grid at least k wide, the case the
-    /// split by border classes covers.
+    /// Whether the split by border classes covers the convolution: "same" with stride 1, k at
+    /// most 7 (the widest the CUDA kernels take), on a grid at least k wide. Every backend
+    /// splits exactly then, and the model then passes placeholders for the broadcast input and
+    /// its gradient, which only the composition reads.
     pub fn splits(&self) -> bool {
         let g = &self.geom;
         g.stride == 1
             && g.k == 2 * g.pad + 1
+            && g.k <= 7
             && (g.h_out, g.w_out) == (g.h_in, g.w_in)
             && g.h_in >= g.k
             && g.w_in >= g.k
@@ -75,6 +78,11 @@ pub fn bcast_conv_fwd_by_ops<B: Backend + ?Sized>(
     y: &mut B::Buf,
 ) {
     let g = &dims.geom;
+    assert_eq!(
+        be.len(x),
+        dims.slots * g.in_len(),
+        "the composed op needs the broadcast input (a placeholder is only for split ops)"
+    );
     be.broadcast_pos_fwd(g.h_in, g.w_in, g.c_in, z, p.pos_w, p.pos_b, x);
     be.conv2d_fwd(g, dims.slots, x, p.w, p.b, p.relu, y);
 }
