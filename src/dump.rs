@@ -42,7 +42,7 @@ pub fn dump_step<B: Backend>(
     for app in 0..applications {
         if let Some(mask) = sess.model.dropout_mask(step, app) {
             let n = batch * k * a.mlp_hidden;
-            let scale = (1.0 / (1.0 - mask.p)) as f32;
+            let scale = mask.scale() as f32;
             let m: Vec<f32> = (0..n)
                 .map(|i| if mask.keep(i) { scale } else { 0.0 })
                 .collect();

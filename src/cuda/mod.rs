@@ -1461,13 +1461,23 @@ impl Cuda {
             return;
         }
         let ni = i(n);
-        let (lo, hi) = (mask.rng.seed as u32, (mask.rng.seed >> 32) as u32);
-        let stream = mask.stream;
-        self.set_step_counter(mask.step);
-        let p = mask.p;
-        let scale = (1.0 / (1.0 - mask.p)) as f32;
+        let a = self.dropout_args(mask);
         let sv = self.step_vals();
-        launch!(self, "dropout_f32", per_elem(n); &ni, &lo, &hi, &stream, &sv.buf, &p, &scale, x);
+        launch!(self, "dropout_f32", per_elem(n);
+            &ni, &a.seed_lo, &a.seed_hi, &a.stream, &sv.buf, &a.p, &a.scale, x);
+    }
+
+    /// A dropout mask as the kernels take it (dropout_f32, slot_update_fwd_f32), with the
+    /// per-step scalars' RNG counter set to its step.
+    fn dropout_args(&self, mask: &DropoutMask) -> DropoutArgs {
+        self.set_step_counter(mask.step);
+        DropoutArgs {
+            seed_lo: mask.rng.seed as u32,
+            seed_hi: (mask.rng.seed >> 32) as u32,
+            stream: mask.stream,
+            p: mask.p,
+            scale: mask.scale() as f32,
+        }
     }
 
     /// Make the per-step scalars hold `vals`: an upload (a host-to-device copy, no
@@ -1510,6 +1520,15 @@ impl Cuda {
         vals[step_val::DECAY] = 1.0 - h.lr * h.weight_decay;
         vals
     }
+}
+
+/// See [`Cuda::dropout_args`].
+struct DropoutArgs {
+    seed_lo: u32,
+    seed_hi: u32,
+    stream: u32,
+    p: f64,
+    scale: f32,
 }
 
 /// Slots of the optimizer's control block (`CTRL_*` in optim.cu).

@@ -1,7 +1,7 @@
 //! Launchers of the fused slot-cell kernels (`kernels/slotcell.cu`; the math and the reference
 //! composition are in [`crate::ops::slotcell`]).
 
-use super::{i, Arg, Buf, Cuda};
+use super::{i, Arg, Buf, Cuda, DropoutArgs};
 use crate::ops::elementwise::DropoutMask;
 use crate::ops::layernorm::LN_EPS;
 use crate::ops::slotcell::{
@@ -104,27 +104,21 @@ impl Cuda {
         }
         let (dc, cfg) = launch_cfg(dims);
         let eps = LN_EPS as f32;
-        // Dropout's arguments as dropout_f32 takes them (its step from the per-step scalars).
-        let (on, lo, hi, stream, drop_p, scale) = match dropout {
-            Some(mask) => {
-                self.set_step_counter(mask.step);
-                let seed = mask.rng.seed;
-                let scale = (1.0 / (1.0 - mask.p)) as f32;
-                (
-                    1i32,
-                    seed as u32,
-                    (seed >> 32) as u32,
-                    mask.stream,
-                    mask.p,
-                    scale,
-                )
-            }
-            None => (0, 0, 0, 0, 0.0, 1.0f32),
-        };
+        let on = i32::from(dropout.is_some());
+        let a = dropout.map_or(
+            DropoutArgs {
+                seed_lo: 0,
+                seed_hi: 0,
+                stream: 0,
+                p: 0.0,
+                scale: 1.0,
+            },
+            |mask| self.dropout_args(mask),
+        );
         let sv = self.step_vals();
         launch!(self, "slot_update_fwd_f32", cfg;
             &dc, upd, slots, p.w_ih, p.b_ih, p.w_hh, p.b_hh, p.norm_g, p.norm_b, p.w1, p.b1,
-            p.w2, p.b2, &eps, &on, &lo, &hi, &stream, &sv.buf, &drop_p, &scale,
+            p.w2, p.b2, &eps, &on, &a.seed_lo, &a.seed_hi, &a.stream, &sv.buf, &a.p, &a.scale,
             o.gi, o.gh, o.h1, o.ln, o.mean, o.rstd, o.hid, o.out);
     }
 
@@ -150,7 +144,7 @@ impl Cuda {
             return;
         }
         let (dc, cfg) = launch_cfg(dims);
-        let scale = dropout.map_or(1.0f32, |mask| (1.0 / (1.0 - mask.p)) as f32);
+        let scale = dropout.map_or(1.0, |mask| mask.scale() as f32);
         launch!(self, "slot_update_bwd_f32", cfg;
             &dc, p.w_ih, p.w_hh, p.norm_g, p.w1, p.w2, t.slots, t.gi, t.gh, t.h1, t.mean, t.rstd,
             t.hid, &scale, d_out, s.dln, s.dhid, s.dgi, s.dgh, d_upd, d_in);

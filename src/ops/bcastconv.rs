@@ -144,16 +144,6 @@ fn weight_classes<T: Real>(g: &ConvGeom, w: &[T]) -> Vec<T> {
     wc
 }
 
-/// P = conv(pos) + b: the position image through the convolution (one image, `[h, w, c_out]`),
-/// and the position image itself.
-fn pos_conv<T: Real>(g: &ConvGeom, pos_w: &[T], pos_b: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<T>) {
-    let mut img = vec![T::zero(); g.in_len()];
-    posembed::softpos_add_fwd(g.h_in, g.w_in, g.c_in, pos_w, pos_b, &mut img);
-    let mut p = vec![T::zero(); g.out_len()];
-    conv::conv2d_fwd(g, 1, &img, w, b, false, &mut p);
-    (img, p)
-}
-
 /// The forward split by border classes (the CPU's own; the composition above is the reference
 /// it is tested against): y[s, p] = act(Wc[cls(p)]·z[s] + P[p]). Needs [`BcastConvDims::splits`].
 #[allow(clippy::too_many_arguments)]
@@ -172,7 +162,10 @@ pub fn bcast_conv_fwd_split<T: Real>(
     let (h, wd, c, o, k, pad) = (g.h_in, g.w_in, g.c_in, g.c_out, g.k, g.pad);
     assert_eq!(z.len(), dims.slots * c);
     assert_eq!(y.len(), dims.slots * g.out_len());
-    let (_, p) = pos_conv(g, pos_w, pos_b, w, b);
+    // P = conv(pos) + b: the position image (one image) through the convolution.
+    let img = posembed::pos_table(h, wd, c, pos_w, pos_b);
+    let mut p = vec![T::zero(); g.out_len()];
+    conv::conv2d_fwd(g, 1, &img, w, b, false, &mut p);
     let wc = weight_classes(g, w);
     y.par_chunks_mut(g.out_len())
         .zip(z.par_chunks(c))
@@ -252,8 +245,7 @@ pub fn bcast_conv_bwd_split<T: Real>(
             }
         }
     });
-    let mut img = vec![T::zero(); g.in_len()];
-    posembed::softpos_add_fwd(h, wd, c, pos_w, pos_b, &mut img);
+    let img = posembed::pos_table(h, wd, c, pos_w, pos_b);
     let mut dimg = vec![T::zero(); g.in_len()];
     conv::conv2d_bwd(g, 1, &img, w, &dp, false, &dp, Some(&mut dimg), g_w, g_b);
     posembed::softpos_add_bwd(h, wd, c, &dimg, g_pos_w, g_pos_b);

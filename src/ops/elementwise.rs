@@ -47,11 +47,15 @@ impl DropoutMask {
     pub fn keep(&self, i: usize) -> bool {
         self.rng.uniform(self.stream, self.step, i as u64) >= self.p
     }
+    /// What a kept element is multiplied by: 1 / (1 − p).
+    pub fn scale(&self) -> f64 {
+        1.0 / (1.0 - self.p)
+    }
 }
 
 /// In place: x = x · keep / (1 − p).
 pub fn dropout_fwd<T: Real>(mask: &DropoutMask, x: &mut [T]) {
-    let scale = T::from_f64c(1.0 / (1.0 - mask.p));
+    let scale = T::from_f64c(mask.scale());
     x.par_iter_mut()
         .enumerate()
         .for_each(|(i, v)| *v = if mask.keep(i) { *v * scale } else { T::zero() });
