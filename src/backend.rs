@@ -27,12 +27,18 @@ pub trait Alloc {
     type Buf;
     /// A zero-filled buffer of `len` f32 elements.
     fn buffer(&self, len: usize) -> Self::Buf;
+    /// Whether the decoder's first convolution will run split ([`Backend::bcast_conv_splits`]):
+    /// then the workspace holds no broadcast input or gradient.
+    fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool;
 }
 
 impl<B: Backend + ?Sized> Alloc for B {
     type Buf = B::Buf;
     fn buffer(&self, len: usize) -> B::Buf {
         self.alloc(len)
+    }
+    fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
+        Backend::bcast_conv_splits(self, dims)
     }
 }
 
@@ -52,6 +58,10 @@ impl Alloc for SizeCounter {
     type Buf = ();
     fn buffer(&self, len: usize) {
         self.bytes.set(self.bytes.get() + 4 * len as u64);
+    }
+    /// As both backends do by default (the CUDA backend's `bcast_split` fast path on).
+    fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
+        dims.splits()
     }
 }
 
@@ -355,11 +365,18 @@ pub trait Backend: Sync {
         dwp: &mut Self::Buf,
         dbp: &mut Self::Buf,
     );
+    /// Whether [`Backend::bcast_conv_fwd`] and its backward split the convolution by border
+    /// classes for `dims` (possible when `dims.splits()`). The default, false, goes with the
+    /// default composition of those two methods; a backend that splits overrides all three.
+    fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
+        let _ = dims;
+        false
+    }
     /// The decoder's broadcast input and first convolution ([`crate::ops::bcastconv`]): y
     /// overwritten; `x` is the composition's broadcast input (written here, read by the
-    /// backward). When `dims.splits()` every backend must split the convolution, and `x` (and
-    /// the backward's `dx`) may be empty placeholders. The default composes the single ops (the
-    /// reference).
+    /// backward). When `self.bcast_conv_splits(dims)` the backend splits the convolution, and
+    /// `x` (and the backward's `dx`) may be empty placeholders. The default composes the single
+    /// ops (the reference).
     fn bcast_conv_fwd(
         &self,
         dims: &BcastConvDims,

@@ -248,6 +248,9 @@ impl<T: Real> Backend for Cpu<T> {
     ) {
         ops::posembed::broadcast_pos_fwd(h, w, c, z, wp, bp, y);
     }
+    fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
+        dims.splits()
+    }
     fn bcast_conv_fwd(
         &self,
         dims: &BcastConvDims,
@@ -256,7 +259,7 @@ impl<T: Real> Backend for Cpu<T> {
         x: &mut Vec<T>,
         y: &mut Vec<T>,
     ) {
-        if dims.splits() {
+        if self.bcast_conv_splits(dims) {
             bcastconv::bcast_conv_fwd_split(dims, p.pos_w, p.pos_b, p.w, p.b, p.relu, z, y)
         } else {
             bcastconv::bcast_conv_fwd_by_ops(self, dims, p, z, x, y)
@@ -274,7 +277,7 @@ impl<T: Real> Backend for Cpu<T> {
         dz: &mut Vec<T>,
         g: BcastConvGrads<'_, Vec<T>>,
     ) {
-        if dims.splits() {
+        if self.bcast_conv_splits(dims) {
             bcastconv::bcast_conv_bwd_split(
                 dims, p.pos_w, p.pos_b, p.w, p.relu, z, y, dy, dz, g.pos_w, g.pos_b, g.w, g.b,
             )

@@ -1,7 +1,7 @@
 //! Choosing where to compute.
 
 use crate::config::Device;
-use crate::cuda::Cuda;
+use crate::cuda::{Cuda, FastPaths};
 
 /// The backend a run will use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +57,9 @@ pub fn select(device: Device) -> Result<(Chosen, Option<String>), String> {
     }
 }
 
-/// The CUDA backend on device 0 (compiles every kernel; an `Err` says why it is unavailable).
+/// The CUDA backend on device 0 (compiles every kernel; an `Err` says why it is unavailable),
+/// with the fast paths named in `SLOTFIX_CUDA_DISABLE` switched off ([`FastPaths`]).
 pub fn cuda_backend() -> Result<Cuda, String> {
-    Cuda::new(0)
+    let fast = FastPaths::from_env()?;
+    Ok(Cuda::new(0)?.with_fast_paths(fast))
 }

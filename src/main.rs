@@ -153,6 +153,14 @@ fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
                     "note: Model.precision applies to the CUDA backend; the CPU computes in f32"
                 );
             }
+            if std::env::var_os(slotfix::cuda::fastpaths::DISABLE_ENV)
+                .is_some_and(|v| !v.is_empty())
+            {
+                eprintln!(
+                    "note: {} applies to the CUDA backend; ignored on the CPU",
+                    slotfix::cuda::fastpaths::DISABLE_ENV
+                );
+            }
             run_job(Cpu::<f32>::new(), cfg, job)
         }
         Chosen::Cuda => {

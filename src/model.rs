@@ -685,7 +685,9 @@ impl<Buf> Workspace<Buf> {
         let g = a.dec_grid;
         // The decoder's broadcast input and its gradient: only a composed first layer reads
         // them (a split one works from the slots: ops::bcastconv).
-        let split = a.bcast_conv_dims(bk).is_some_and(|dims| dims.splits());
+        let split = a
+            .bcast_conv_dims(bk)
+            .is_some_and(|dims| be.bcast_conv_splits(&dims));
         let bcast_len = if split { 0 } else { bk * g * g * d };
         let recorded = match (training, a.implicit) {
             (false, _) => 0,

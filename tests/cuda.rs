@@ -125,7 +125,7 @@ fn nvrtc_kernel_resources_sm90() {
 // ---------------------------------------------------------------------------------------------
 // GPU parity tests.
 
-use cuda::Cuda;
+use cuda::{Cuda, FastPaths};
 use slotfix::backend::{AdamStep, Backend};
 use slotfix::config::{Config, DecoderKind, ModelConfig, Precision};
 use slotfix::cpu::Cpu;
@@ -1546,13 +1546,19 @@ fn close(what: &str, got: f64, want: f64, tol: f64) {
 /// normalises to ±lr, so updates from the two backends' own gradients are not comparable) and
 /// both update (gradient norm, clipping, AdamW): parameters and moments compared. A third step
 /// goes through `Session::train_step` itself: loss and gradient norm compared.
-fn train_step_parity<B: Backend>(g: B, cfg: Config, label: &str) {
-    train_step_parity_tol(g, cfg, label, TOL, STEP_GRAD_TOL);
+fn train_step_parity<B: Backend>(g: B, cfg: Config, label: &str) -> B {
+    train_step_parity_tol(g, cfg, label, TOL, STEP_GRAD_TOL)
 }
 
 /// [`train_step_parity`] with the tolerances for the loss (and gradient norm) and for the
-/// gradients given.
-fn train_step_parity_tol<B: Backend>(g: B, cfg: Config, label: &str, loss_tol: f64, grad_tol: f64) {
+/// gradients given. Returns the backend that ran the step.
+fn train_step_parity_tol<B: Backend>(
+    g: B,
+    cfg: Config,
+    label: &str,
+    loss_tol: f64,
+    grad_tol: f64,
+) -> B {
     let mut sc = Session::new(cpu(), cfg.clone());
     let mut sg = Session::new(g, cfg.clone());
     let res = cfg.model.resolution;
@@ -1627,6 +1633,7 @@ fn train_step_parity_tol<B: Backend>(g: B, cfg: Config, label: &str, loss_tol: f
         loss_tol,
     );
     assert_eq!(sc.step, sg.step);
+    sg.be
 }
 
 /// Two heads, dropout and the full decoder, in either gradient mode.
@@ -1739,6 +1746,69 @@ fn emu_train_step_tf32_exact_products_16_wide() {
         }),
         "emulated tf32 kernels, exact products, implicit, 16 wide",
     );
+}
+
+/// Layers 16 wide with the full decoder and dropout: every fast path of the CUDA backend applies.
+fn all_fast_paths_config() -> Config {
+    small_config(|m| {
+        m.implicit_diff = true;
+        m.dropout = 0.1;
+        m.encoder_channels = vec![16, 16];
+        m.decoder = DecoderKind::Full;
+        m.decoder_channels = Some(vec![16, 16]);
+        m.feat_size = 16;
+        m.slot_size = 16;
+        m.mlp_hidden_size = 32;
+    })
+}
+
+/// Whether kernel `name` belongs to fast path `path` (one of `FastPaths::NAMES`).
+fn fast_path_kernel(path: &str, name: &str) -> bool {
+    match path {
+        "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
+        "dw_v3" => name.starts_with("conv_dw_partial_v3"),
+        "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",
+        "tokens" => name == "tokens_fwd_f32" || name == "tokens_bwd_f32",
+        "slot_cell" => name.starts_with("slot_query_") || name.starts_with("slot_update_"),
+        "bcast_split" => name.starts_with("bconv_"),
+        _ => panic!("no kernels listed for fast path {path}"),
+    }
+}
+
+/// Each fast path switched off (`SLOTFIX_CUDA_DISABLE`) leaves a training step equal to the
+/// CPU's, and none of that path's kernels runs while every other path's still does; with all
+/// of them on, each path's kernels run. (Exact TF32 products, so f32 tolerances.)
+#[test]
+fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
+    let mut cases = vec![("none".to_string(), FastPaths::ALL)];
+    for name in FastPaths::NAMES {
+        cases.push((name.to_string(), FastPaths::all_but(name).unwrap()));
+    }
+    cases.push(("all".to_string(), FastPaths::all_but("all").unwrap()));
+    for (off, fast) in cases {
+        let Some(g) = emu() else { return };
+        let g = g
+            .with_precision(Precision::Tf32)
+            .with_emulator_exact_tf32()
+            .with_fast_paths(fast);
+        let label = format!("emulated, fast paths off: {off}");
+        let g = train_step_parity(g, all_fast_paths_config(), &label);
+        let launched = g.emu_kernel_launches();
+        for path in FastPaths::NAMES {
+            let ran: Vec<&str> = launched
+                .keys()
+                .copied()
+                .filter(|k| fast_path_kernel(path, k))
+                .collect();
+            let on = fast.is_on(path) == Some(true);
+            assert_eq!(
+                !ran.is_empty(),
+                on,
+                "{label}: fast path {path} is {}, but its kernels that ran are {ran:?}",
+                if on { "on" } else { "off" }
+            );
+        }
+    }
 }
 
 #[test]

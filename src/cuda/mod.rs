@@ -22,9 +22,11 @@
 //! [`Cuda::new`].
 
 pub mod emu;
+pub mod fastpaths;
 mod graph;
 pub mod kernels;
 
+pub use fastpaths::FastPaths;
 pub use graph::CudaStepGraph;
 
 use crate::backend::{AdamStep, Backend};
@@ -682,6 +684,7 @@ macro_rules! launch {
                     .unwrap_or_else(|e| panic!("CUDA launch of {} failed: {e:?}", $name));
             }
             $crate::cuda::Exec::Emu(emu) => {
+                *$cu.emu_launched.lock().unwrap_or_else(|e| e.into_inner()).entry($name).or_insert(0) += 1;
                 let mut args: Vec<*mut std::ffi::c_void> = vec![$( ($arg).emu_ptr() ),*];
                 let recorded = $cu.emu_record(|| {
                     $crate::cuda::Cuda::emu_launch_op($name, cfg, &args, &[$( ($arg).emu_size() ),*])
@@ -748,8 +751,10 @@ pub struct Cuda {
     emu_tape: Mutex<Vec<graph::EmuOp>>,
     /// Captured steps replayed so far.
     replays: std::sync::atomic::AtomicU64,
-    /// Version 3 of the tensor-core activation passes where it applies (else version 2).
-    conv_tc_v3: bool,
+    /// The fast paths this backend may take (all by default; see [`fastpaths`]).
+    fast: FastPaths,
+    /// In the emulator: launches so far per kernel name (tests check which kernels ran).
+    emu_launched: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// Slots of the per-step scalars (`STEP_VAL_*` in common.cuh).
@@ -839,7 +844,8 @@ impl Cuda {
             capturing: Default::default(),
             emu_tape: Default::default(),
             replays: Default::default(),
-            conv_tc_v3: true,
+            fast: FastPaths::ALL,
+            emu_launched: Default::default(),
         };
         let buf = cu.alloc_any(STEP_VALS_LEN, true);
         cu.step_vals
@@ -867,21 +873,32 @@ impl Cuda {
         self
     }
 
-    /// Which version of the tensor-core activation passes (`kernels/conv_tc.cu`) runs where
-    /// both apply: 3 (the default) or 2, for benchmarks that compare them.
+    /// Which version of the tensor-core passes (`kernels/conv_tc.cu`: activations and weight
+    /// gradients) runs where both apply: 3 (the default) or 2, for benchmarks that compare them.
     pub fn with_conv_tc_version(mut self, version: u8) -> Cuda {
         assert!(version == 2 || version == 3, "conv_tc versions are 2 and 3");
-        self.conv_tc_v3 = version == 3;
+        self.fast.conv_v3 = version == 3;
+        self.fast.dw_v3 = version == 3;
         self
     }
 
-    /// See [`Cuda::with_conv_tc_version`].
+    /// See [`Cuda::with_conv_tc_version`] (3 when the activation passes' version 3 is on).
     pub fn conv_tc_version(&self) -> u8 {
-        if self.conv_tc_v3 {
+        if self.fast.conv_v3 {
             3
         } else {
             2
         }
+    }
+
+    /// The fast paths this backend may take; the others run their fallbacks ([`fastpaths`]).
+    pub fn with_fast_paths(mut self, fast: FastPaths) -> Cuda {
+        self.fast = fast;
+        self
+    }
+
+    pub fn fast_paths(&self) -> FastPaths {
+        self.fast
     }
 
     pub fn precision(&self) -> Precision {
@@ -963,6 +980,15 @@ impl Cuda {
     /// How many kernels this backend has launched.
     pub fn launches(&self) -> u64 {
         self.launches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// In the emulator: how many times each kernel has been launched so far (empty on a GPU,
+    /// where launches are not recorded by name).
+    pub fn emu_kernel_launches(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.emu_launched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// How many device buffers this backend has allocated: a training step after the first
@@ -1279,7 +1305,7 @@ impl Cuda {
     /// a multiple of 16): the weights as `[n][k·k·cs]` TF32 bit patterns (conv_w_nk_tf32), in a
     /// scratch buffer. None: version 2 applies.
     fn conv_tc_v3_weights(&self, p: &ConvGemmC, w: &Buf) -> Option<Scratch<'_, f32>> {
-        if !self.conv_tc_v3 || p.cs % 16 != 0 {
+        if !self.fast.conv_v3 || p.cs % 16 != 0 {
             return None;
         }
         let total = p.n as usize * (p.k * p.k * p.cs) as usize;
@@ -1363,7 +1389,7 @@ impl Cuda {
         let cols = g.k * g.k * cs;
         let npos = batch * hp * wp;
         // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3).
-        let v3 = self.conv_tc_v3 && rows % 4 == 0 && cs % 4 == 0;
+        let v3 = self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
         let (row_tile, col_tile, v3_name) = match (v3, rows <= 32) {
             (false, _) => (TC_TILE, TC_TILE, ""),
             (true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
@@ -1636,7 +1662,13 @@ impl Backend for Cuda {
             Precision::F32 => "f32",
             Precision::Tf32 => "tf32 convolutions and linear layers, f32 elsewhere",
         };
-        format!("cuda ({}, {}, {p})", self.name, self.arch)
+        let off = self.fast.off();
+        let off = if off.is_empty() {
+            String::new()
+        } else {
+            format!("; fast paths off: {}", off.join(", "))
+        };
+        format!("cuda ({}, {}, {p}{off})", self.name, self.arch)
     }
     fn alloc(&self, len: usize) -> Buf {
         self.alloc_any(len, true)
@@ -1991,7 +2023,7 @@ impl Backend for Cuda {
         enc_out: &Buf,
         acts: &mut TokenActs<Buf>,
     ) {
-        if Self::tokens_fusable(dims, p) {
+        if self.fast.tokens && Self::tokens_fusable(dims, p) {
             self.tokens_fwd_fused(dims, p, enc_out, acts)
         } else {
             tokens_fwd_by_ops(self, dims, p, enc_out, acts)
@@ -2007,11 +2039,14 @@ impl Backend for Cuda {
         d: &mut TokenGradActs<Buf>,
         g: &mut TokenGrads<'_, Buf>,
     ) {
-        if Self::tokens_fusable(dims, p) {
+        if self.fast.tokens && Self::tokens_fusable(dims, p) {
             self.tokens_bwd_fused(dims, p, acts, dk, dv, d, g)
         } else {
             tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
         }
+    }
+    fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
+        self.fast.bcast_split && dims.splits()
     }
     fn bcast_conv_fwd(
         &self,
@@ -2021,7 +2056,7 @@ impl Backend for Cuda {
         x: &mut Buf,
         y: &mut Buf,
     ) {
-        if dims.splits() {
+        if self.bcast_conv_splits(dims) {
             self.bcast_conv_fwd_split(dims, p, z, y)
         } else {
             bcast_conv_fwd_by_ops(self, dims, p, z, x, y)
@@ -2039,7 +2074,7 @@ impl Backend for Cuda {
         dz: &mut Buf,
         g: BcastConvGrads<'_, Buf>,
     ) {
-        if dims.splits() {
+        if self.bcast_conv_splits(dims) {
             self.bcast_conv_bwd_split(dims, p, z, y, dy, dz, g)
         } else {
             bcast_conv_bwd_by_ops(self, dims, p, z, x, y, dy, dx, dz, g)
@@ -2052,7 +2087,7 @@ impl Backend for Cuda {
         slots: &Buf,
         o: SlotQueryOut<'_, Buf>,
     ) {
-        if Self::slot_cell_fusable(dims) {
+        if self.fast.slot_cell && Self::slot_cell_fusable(dims) {
             self.slot_query_fwd_fused(dims, p, slots, o)
         } else {
             slot_query_fwd_by_ops(self, dims, p, slots, o)
@@ -2067,7 +2102,7 @@ impl Backend for Cuda {
         dropout: Option<&DropoutMask>,
         o: SlotUpdateOut<'_, Buf>,
     ) {
-        if Self::slot_cell_fusable(dims) {
+        if self.fast.slot_cell && Self::slot_cell_fusable(dims) {
             self.slot_update_fwd_fused(dims, p, upd, slots, dropout, o)
         } else {
             slot_update_fwd_by_ops(self, dims, p, upd, slots, dropout, o)
@@ -2085,7 +2120,7 @@ impl Backend for Cuda {
         d_in: &mut Buf,
         g: SlotUpdateGrads<'_, Buf>,
     ) {
-        if Self::slot_cell_fusable(dims) {
+        if self.fast.slot_cell && Self::slot_cell_fusable(dims) {
             self.slot_update_bwd_fused(dims, p, t, dropout, d_out, s, d_upd, d_in, g)
         } else {
             slot_update_bwd_by_ops(self, dims, p, t, dropout, d_out, s, d_upd, d_in, g)
@@ -2101,7 +2136,7 @@ impl Backend for Cuda {
         d_in: &mut Buf,
         g: SlotQueryGrads<'_, Buf>,
     ) {
-        if Self::slot_cell_fusable(dims) {
+        if self.fast.slot_cell && Self::slot_cell_fusable(dims) {
             self.slot_query_bwd_fused(dims, p, t, dq, dln, d_in, g)
         } else {
             slot_query_bwd_by_ops(self, dims, p, t, dq, dln, d_in, g)
@@ -2190,7 +2225,7 @@ impl Backend for Cuda {
         }
         let dc = attn_c(dm);
         let dh = dm.head_dim();
-        if let Some(chunks) = attn_v2_chunks(dm) {
+        if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
             let smem = ((dm.k * dh + ATT_T * dm.k) * 4) as u32;
             let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
@@ -2229,7 +2264,7 @@ impl Backend for Cuda {
         }
         let dc = attn_c(dm);
         let dh = dm.head_dim();
-        if let Some(chunks) = attn_v2_chunks(dm) {
+        if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             let bh = dm.batch * dm.heads;
             let mut stats = self.scratch::<f32>(bh * chunks * dm.k * 2);
             let smem1 = ((dm.k * dh + 2 * ATT_T * dm.k) * 4) as u32;

@@ -1,0 +1,156 @@
+//! The CUDA backend's fast paths, each of which can be switched off.
+//!
+//! Every fast path has a slower fallback that computes the same function and is tested against
+//! the same CPU reference: an older kernel version, or the composition of single-op kernels.
+//! Switching one off (`SLOTFIX_CUDA_DISABLE=tokens,slot_cell`, or `all`) does two jobs:
+//! - an escape hatch: if a fast kernel misbehaves on some GPU, training goes on without it
+//!   (and without a rebuild);
+//! - an ablation: `slotfix bench` with one path off measures what that path is worth in a whole
+//!   training step (`bash tools/gpu_session.sh ablate`).
+
+/// Environment variable naming the fast paths to switch off.
+pub const DISABLE_ENV: &str = "SLOTFIX_CUDA_DISABLE";
+
+/// Which fast paths the CUDA backend may take (all of them by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPaths {
+    /// Version 3 of the tensor-core activation passes (`conv_igemm_*_v3*`); off: version 2.
+    pub conv_v3: bool,
+    /// Version 3 of the tensor-core weight-gradient passes (`conv_dw_partial_v3*`, with the
+    /// bias gradient from the GEMM's operand sums); off: version 2 and a column-sum pass.
+    pub dw_v3: bool,
+    /// Version 2 of the attention kernels (tokens split over blocks); off: version 1, one block
+    /// per image and head.
+    pub attention_v2: bool,
+    /// The fused token chain (`tokens_fwd_f32`, `tokens_bwd_f32`); off: the single ops.
+    pub tokens: bool,
+    /// The fused slot cell (`slot_query_*`, `slot_update_*`); off: the single ops.
+    pub slot_cell: bool,
+    /// The decoder's first convolution split by border classes (`bcast_conv_*`); off: the
+    /// broadcast input is built and convolved (more memory: its buffers are allocated).
+    pub bcast_split: bool,
+}
+
+impl Default for FastPaths {
+    fn default() -> Self {
+        FastPaths::ALL
+    }
+}
+
+impl FastPaths {
+    pub const ALL: FastPaths = FastPaths {
+        conv_v3: true,
+        dw_v3: true,
+        attention_v2: true,
+        tokens: true,
+        slot_cell: true,
+        bcast_split: true,
+    };
+    pub const NONE: FastPaths = FastPaths {
+        conv_v3: false,
+        dw_v3: false,
+        attention_v2: false,
+        tokens: false,
+        slot_cell: false,
+        bcast_split: false,
+    };
+
+    /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
+    pub const NAMES: [&'static str; 6] = [
+        "conv_v3",
+        "dw_v3",
+        "attention_v2",
+        "tokens",
+        "slot_cell",
+        "bcast_split",
+    ];
+
+    fn flag(&mut self, name: &str) -> Option<&mut bool> {
+        Some(match name {
+            "conv_v3" => &mut self.conv_v3,
+            "dw_v3" => &mut self.dw_v3,
+            "attention_v2" => &mut self.attention_v2,
+            "tokens" => &mut self.tokens,
+            "slot_cell" => &mut self.slot_cell,
+            "bcast_split" => &mut self.bcast_split,
+            _ => return None,
+        })
+    }
+
+    /// Whether fast path `name` (one of [`FastPaths::NAMES`]) is on.
+    pub fn is_on(&self, name: &str) -> Option<bool> {
+        let mut copy = *self;
+        copy.flag(name).map(|f| *f)
+    }
+
+    /// Every path on except those in `list`: names separated by commas (spaces allowed), or
+    /// `all`; an empty list switches nothing off. An unknown name is an error that lists the
+    /// allowed ones.
+    pub fn all_but(list: &str) -> Result<FastPaths, String> {
+        let mut fp = FastPaths::ALL;
+        for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if name == "all" {
+                fp = FastPaths::NONE;
+                continue;
+            }
+            match fp.flag(name) {
+                Some(f) => *f = false,
+                None => {
+                    return Err(format!(
+                        "{DISABLE_ENV}: unknown fast path `{name}`; allowed: {}, all",
+                        FastPaths::NAMES.join(", ")
+                    ))
+                }
+            }
+        }
+        Ok(fp)
+    }
+
+    /// From `SLOTFIX_CUDA_DISABLE` (all on when it is unset or empty).
+    pub fn from_env() -> Result<FastPaths, String> {
+        match std::env::var(DISABLE_ENV) {
+            Ok(list) => FastPaths::all_but(&list),
+            Err(std::env::VarError::NotPresent) => Ok(FastPaths::ALL),
+            Err(e) => Err(format!("{DISABLE_ENV}: {e}")),
+        }
+    }
+
+    /// The names of the paths that are off, in [`FastPaths::NAMES`] order.
+    pub fn off(&self) -> Vec<&'static str> {
+        FastPaths::NAMES
+            .into_iter()
+            .filter(|n| self.is_on(n) == Some(false))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_into_paths_switched_off() {
+        assert_eq!(FastPaths::all_but("").unwrap(), FastPaths::ALL);
+        assert_eq!(FastPaths::all_but(" , ").unwrap(), FastPaths::ALL);
+        assert_eq!(FastPaths::all_but("all").unwrap(), FastPaths::NONE);
+        let fp = FastPaths::all_but("tokens, bcast_split").unwrap();
+        assert_eq!(fp.off(), vec!["tokens", "bcast_split"]);
+        assert!(fp.conv_v3 && fp.dw_v3 && fp.attention_v2 && fp.slot_cell);
+        assert!(!fp.tokens && !fp.bcast_split);
+        // Each name switches off exactly its own flag.
+        for name in FastPaths::NAMES {
+            let fp = FastPaths::all_but(name).unwrap();
+            assert_eq!(fp.off(), vec![name]);
+        }
+        assert_eq!(FastPaths::NONE.off(), FastPaths::NAMES.to_vec());
+        assert!(FastPaths::ALL.off().is_empty());
+    }
+
+    #[test]
+    fn an_unknown_name_is_an_error_that_lists_the_allowed_ones() {
+        let e = FastPaths::all_but("tokens,slotcell").unwrap_err();
+        assert!(e.contains("`slotcell`"), "{e}");
+        assert!(e.contains("slot_cell") && e.contains("all"), "{e}");
+        assert!(e.starts_with(DISABLE_ENV), "{e}");
+    }
+}
