@@ -12,7 +12,7 @@
 use slotfix::backend::Backend;
 use slotfix::config::{Config, Precision};
 use slotfix::cpu::Cpu;
-use slotfix::cuda::{Buf, Cuda};
+use slotfix::cuda::{Buf, Cuda, FastPaths};
 use slotfix::ops::attention::AttnDims;
 use slotfix::ops::conv::ConvGeom;
 use slotfix::ops::elementwise::DropoutMask;
@@ -701,7 +701,9 @@ impl Bench {
             Cuda::new(0)
         }
         .unwrap_or_else(|e| panic!("{e}"))
-        .with_precision(cfg.model.precision);
+        .with_precision(cfg.model.precision)
+        // As `slotfix bench` does: SLOTFIX_CUDA_DISABLE switches fast paths off.
+        .with_fast_paths(FastPaths::from_env().unwrap_or_else(|e| panic!("{e}")));
         if self.emulated {
             // One step of the real config is hours in the emulator: the tiny config only.
             if cfg.model.resolution > 16 {
@@ -790,51 +792,92 @@ fn main() {
             bw: b.bw,
             tf32: b.tf32,
         };
-        bp.conv(
-            "encoder conv",
-            ConvGeom::same(res, res, ch, ch, 5),
-            batch,
-            false,
-            precision,
+        guarded(&format!("encoder conv ({precision:?} v{version})"), || {
+            bp.conv(
+                "encoder conv",
+                ConvGeom::same(res, res, ch, ch, 5),
+                batch,
+                false,
+                precision,
+            )
+        });
+        guarded(
+            &format!("decoder convT s2 ({precision:?} v{version})"),
+            || {
+                bp.conv(
+                    "decoder convT s2",
+                    ConvGeom::transposed(res / 2, res / 2, ch, ch, 5, 2, 2, 1),
+                    dec_imgs,
+                    true,
+                    precision,
+                )
+            },
         );
-        bp.conv(
-            "decoder convT s2",
-            ConvGeom::transposed(res / 2, res / 2, ch, ch, 5, 2, 2, 1),
-            dec_imgs,
-            true,
-            precision,
-        );
-        bp.conv(
-            "decoder convT s1",
-            ConvGeom::transposed(res, res, ch, ch, 5, 1, 2, 0),
-            dec_imgs,
-            true,
-            precision,
+        guarded(
+            &format!("decoder convT s1 ({precision:?} v{version})"),
+            || {
+                bp.conv(
+                    "decoder convT s1",
+                    ConvGeom::transposed(res, res, ch, ch, 5, 1, 2, 0),
+                    dec_imgs,
+                    true,
+                    precision,
+                )
+            },
         );
         // The small model's 32-channel decoder conv (35×35, B·K = 64·4 slot images): the
         // narrow tiles.
         let (small_res, small_imgs) = if emulated { (9, 2) } else { (35, 256) };
-        bp.conv(
-            "small decoder conv 32ch",
-            ConvGeom::same(small_res, small_res, 32, 32, 5),
-            small_imgs,
-            false,
-            precision,
+        guarded(
+            &format!("small decoder conv 32ch ({precision:?} v{version})"),
+            || {
+                bp.conv(
+                    "small decoder conv 32ch",
+                    ConvGeom::same(small_res, small_res, 32, 32, 5),
+                    small_imgs,
+                    false,
+                    precision,
+                )
+            },
         );
     };
     conv_rows(Precision::Tf32, 3);
     conv_rows(Precision::Tf32, 2);
-    b.linear_layernorm(batch * res * res, ch);
-    b.tokens(batch, res, ch);
-    b.attention(batch, res * res, 7, ch);
+    guarded("linear + LayerNorm", || {
+        b.linear_layernorm(batch * res * res, ch)
+    });
+    guarded("tokens", || b.tokens(batch, res, ch));
+    guarded("attention", || b.attention(batch, res * res, 7, ch));
     // The slot cell at clevr6's B·K = 448 slots (the small model: 256) of width 64, MLP 128.
     let (slot_rows, slot_d) = if emulated { (21, 8) } else { (batch * 7, 64) };
-    b.slot_cell(slot_rows, slot_d, 2 * slot_d);
+    guarded("slot cell", || b.slot_cell(slot_rows, slot_d, 2 * slot_d));
     // The small model with and without the captured step (what the graph saves in launches),
     // at performance.md's B = 64.
     let small_steps = if emulated { 1 } else { 20 };
-    b.step("configs/tetrominoes.yaml", Some(64), small_steps, false);
-    b.step("configs/tetrominoes.yaml", Some(64), small_steps, true);
-    b.step("configs/clevr6.yaml", None, 10, true);
+    guarded("tetrominoes step", || {
+        b.step("configs/tetrominoes.yaml", Some(64), small_steps, false)
+    });
+    guarded("tetrominoes step, CUDA graph", || {
+        b.step("configs/tetrominoes.yaml", Some(64), small_steps, true)
+    });
+    guarded("clevr6 step", || {
+        b.step("configs/clevr6.yaml", None, 10, true)
+    });
     conv_rows(Precision::F32, 3);
+}
+
+/// Run one part of the table; if it panics (a kernel that fails its check against the CPU, or a
+/// CUDA error), print a FAILED row and go on, so that one broken kernel does not cost the rest of
+/// the table. (After a CUDA error the context may be unusable: the later parts then fail too,
+/// each with its own row.)
+fn guarded(what: &str, f: impl FnOnce()) {
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into());
+        let msg = msg.replace('|', "/").replace('\n', " ");
+        println!("| {what} | FAILED: {msg} | | | | | |");
+    }
 }

@@ -9,11 +9,16 @@
 #                                                 # $OUT/BENCHMARKS.md (review it, then commit it)
 #   bash tools/gpu_session.sh sanitize           # compute-sanitizer memcheck, racecheck and
 #                                                 # synccheck over the per-op GPU parity tests
+#   bash tools/gpu_session.sh ablate             # the step of tetrominoes and clevr6 with each
+#                                                 # fast path switched off in turn
+#                                                 # (SLOTFIX_CUDA_DISABLE): $OUT/ABLATION.md
 #   bash tools/gpu_session.sh train tetrominoes 8   # train configs/NAME.yaml on the GPU for N
 #                                                 # minutes (Ctrl-C-style stop: a checkpoint is
 #                                                 # saved), then eval + render the checkpoint
 # Everything lands in $OUT (or .gpu/out): logs, metrics.jsonl, eval JSON, pictures. Each phase
 # is its own device call, so that one that runs long does not cost the others' results.
+# If a fast kernel fails its parity test, the other phases can still run without it:
+# SLOTFIX_CUDA_DISABLE=NAME,... bash tools/gpu_session.sh bench (names: README, "CUDA fast paths").
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -71,6 +76,42 @@ case ${1:-check} in
     } > "$out/BENCHMARKS.md"
     echo "== wrote $out/BENCHMARKS.md"
     ;;
+  ablate)
+    # One slotfix process per row (each compiles the kernels, ~10 s), 10 timed steps each.
+    # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
+    configs=${ABLATE_CONFIGS:-tetrominoes clevr6}
+    batch=${ABLATE_BATCH:-64}
+    paths="none conv_v3 dw_v3 attention_v2 tokens slot_cell bcast_split all"
+    for c in $configs; do
+      cfg=$(cuda_config "$c")
+      for off in $paths; do
+        v=$off; [ "$off" = none ] && v=
+        echo "== $c, fast paths off: $off"
+        SLOTFIX_CUDA_DISABLE=$v timeout 100 "$bin" bench --cfg "$cfg" --steps 10 --batch-size "$batch" \
+          > "$out/ablate-$c-$off.txt" 2>&1
+        grep -E "^\| (cuda|cpu)" "$out/ablate-$c-$off.txt" || tail -3 "$out/ablate-$c-$off.txt"
+      done
+    done
+    # ms / step: the third column of slotfix bench's table.
+    ms() { grep -E "^\| (cuda|cpu)" "$out/ablate-$1-$2.txt" 2>/dev/null | head -1 | awk -F'|' '{gsub(/ /, "", $4); print $4}'; }
+    rel() { [ -n "$1" ] && [ -n "$2" ] && awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.1f %%", 100 * (a / b - 1) }'; }
+    {
+      echo "## Fast paths switched off one at a time (\`bash tools/gpu_session.sh ablate\`: SLOTFIX_CUDA_DISABLE, B = $batch, median of 10 steps)"
+      echo
+      head="| switched off |"; rule="| --- |"
+      for c in $configs; do head="$head $c ms / step | vs all on |"; rule="$rule ---: | ---: |"; done
+      echo "$head"; echo "$rule"
+      for off in $paths; do
+        row="| $off |"
+        for c in $configs; do
+          t=$(ms "$c" "$off"); t0=$(ms "$c" none)
+          row="$row ${t:-failed} | $(rel "$t" "$t0") |"
+        done
+        echo "$row"
+      done
+    } > "$out/ABLATION.md"
+    cat "$out/ABLATION.md"
+    ;;
   sanitize)
     # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
     # threads, barrier misuse. The per-op tests only (whole training steps are slow under the
@@ -105,7 +146,7 @@ case ${1:-check} in
     rm -rf "$out/runs"   # checkpoints are large; the logs, metrics and pictures above stay
     ;;
   *)
-    echo "usage: bash tools/gpu_session.sh check | bench | sanitize | train NAME [MINUTES]"
+    echo "usage: bash tools/gpu_session.sh check | bench | ablate | sanitize | train NAME [MINUTES]"
     exit 2
     ;;
 esac
