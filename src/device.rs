@@ -57,7 +57,8 @@ pub fn select(device: Device) -> Result<(Chosen, Option<String>), String> {
     }
 }
 
-/// The CUDA backend on device 0 (compiles every kernel; an `Err` says why it is unavailable),
+/// The CUDA backend on device 0 (compiles every kernel not in the kernel cache; an `Err` says why
+/// it is unavailable),
 /// with the fast paths named in `SLOTFIX_CUDA_DISABLE` switched off ([`FastPaths`]).
 pub fn cuda_backend() -> Result<Cuda, String> {
     let fast = FastPaths::from_env()?;

@@ -65,6 +65,79 @@ fn nvrtc_compiles_every_kernel_sm90() {
     nvrtc_compiles_for("sm_90");
 }
 
+/// The kernel cache (`cuda::kcache`): every file compiled in parallel gives the same PTX as a
+/// serial compile; the next call reads every file from the cache without compiling; an entry
+/// cut short is compiled again, and only that one.
+#[test]
+fn nvrtc_kernel_cache_parallel_compile_matches_serial() {
+    use cuda::kcache::{ptx_for_all, KernelCache};
+    use cuda::kernels::KERNEL_FILES;
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let serial: Vec<String> = KERNEL_FILES
+        .iter()
+        .map(|f| {
+            cuda::compile_file(f, "sm_90")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .to_src()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = KernelCache::at(Some(dir.path().to_path_buf()));
+    let run = |expect_compiled: usize| {
+        let mut compiled = 0;
+        let out = ptx_for_all(KERNEL_FILES, "sm_90", &cache, |n| compiled = n)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(compiled, expect_compiled);
+        assert_eq!(out.len(), KERNEL_FILES.len());
+        for (o, (f, want)) in out.iter().zip(KERNEL_FILES.iter().zip(&serial)) {
+            assert_eq!(o.file.name, f.name);
+            let got = o.ptx.to_src();
+            let (want, extra) = (want.trim_end(), got.len().saturating_sub(want.len()));
+            assert!(
+                got.starts_with(want) && extra < 64,
+                "{}: the PTX differs from the serial compile's (cached: {})",
+                f.name,
+                o.cached
+            );
+        }
+        out.iter().map(|o| o.cached).collect::<Vec<bool>>()
+    };
+    let n = KERNEL_FILES.len();
+    assert_eq!(run(n), vec![false; n], "first call: everything compiled");
+    assert_eq!(
+        run(0),
+        vec![true; n],
+        "second call: everything from the cache"
+    );
+    let entries: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), n, "one entry per file: {entries:?}");
+    // Cut one entry short: that file alone is compiled again.
+    let victim = KERNEL_FILES
+        .iter()
+        .position(|f| f.name == "elementwise.cu")
+        .unwrap();
+    let path = entries
+        .iter()
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("elementwise-sm_90-")
+        })
+        .unwrap();
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, &text[..text.len() / 2]).unwrap();
+    let mut want = vec![true; n];
+    want[victim] = false;
+    assert_eq!(run(1), want, "after truncating elementwise.cu's entry");
+    assert_eq!(run(0), vec![true; n], "and then it is cached again");
+}
+
 /// Every kernel compiles to machine code without spilling registers or local-memory arrays
 /// (a per-thread array indexed by a run-time loop bound lives there), and the tensor-core
 /// convolutions (256-thread blocks, built around two or more resident blocks per SM so that one

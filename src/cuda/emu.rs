@@ -196,18 +196,6 @@ fn dynamic_shared(line: &str) -> String {
 
 const ARITY: &str = "template <class... A>\nconstexpr size_t cuemu_arity(void (*)(A...)) { return sizeof...(A); }\n";
 
-fn hash_of(parts: &[&str]) -> u64 {
-    // FNV-1a: stable across Rust versions (the cache key must not change between builds).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in p.as_bytes().iter().chain(std::iter::once(&0u8)) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
 fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".into())
 }
@@ -233,7 +221,10 @@ fn build(files: &[KernelFile]) -> Result<PathBuf, String> {
         parts.push(n);
         parts.push(s);
     }
-    let dir = std::env::temp_dir().join(format!("slotfix-cuemu-{:016x}", hash_of(&parts)));
+    let dir = std::env::temp_dir().join(format!(
+        "slotfix-cuemu-{:016x}",
+        super::kcache::fnv1a(&parts)
+    ));
     let lib = dir.join("libcuemu.so");
     if lib.exists() {
         return Ok(lib);

@@ -6,8 +6,9 @@
 //!
 //! Everything runs in order on one stream (a stream of its own: the legacy default stream cannot
 //! be captured into a CUDA graph, see [`graph`]). The kernels are
-//! compiled once per process with NVRTC for the device's own architecture; they include no
-//! headers, so the GPU machine needs only the driver (`libcuda.so.1`) and `libnvrtc.so.13`.
+//! compiled with NVRTC for the device's own architecture, in parallel, and the PTX is kept on
+//! disk for the next process ([`kcache`]); they include no headers, so the GPU machine needs
+//! only the driver (`libcuda.so.1`) and `libnvrtc.so.13`.
 //! Semantics are those of [`crate::cpu::Cpu`]: forward outputs are overwritten, backward
 //! gradients are accumulated (`+=`). Weight-gradient reductions use fixed-order block reductions
 //! (no atomics), so every result is deterministic for a given shape. The host reads
@@ -24,10 +25,12 @@
 pub mod emu;
 pub mod fastpaths;
 mod graph;
+pub mod kcache;
 pub mod kernels;
 
 pub use fastpaths::FastPaths;
 pub use graph::CudaStepGraph;
+pub use kcache::KernelCache;
 
 use crate::backend::{AdamStep, Backend};
 use crate::config::Precision;
@@ -804,11 +807,44 @@ impl Cuda {
             .new_stream()
             .map_err(|e| format!("CUDA device {ordinal}: creating a stream: {e:?}"))?;
         let mut funcs = HashMap::new();
-        for f in KERNEL_FILES {
-            let ptx = compile_file(f, arch)?;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| format!("loading kernels/{} ({arch}): {e:?}", f.name))?;
+        let cache = KernelCache::from_env();
+        let started = std::time::Instant::now();
+        let mut compiling = false;
+        // One compile at a time in a process: backends opened together (tests on parallel
+        // threads) then find the first one's output in the cache instead of all compiling.
+        static COMPILE: Mutex<()> = Mutex::new(());
+        let files = {
+            let _one = COMPILE.lock().unwrap_or_else(|e| e.into_inner());
+            kcache::ptx_for_all(KERNEL_FILES, arch, &cache, |n| {
+                compiling = true;
+                eprint!("compiling {n} CUDA kernel files for {arch} with NVRTC … ");
+            })?
+        };
+        if compiling {
+            match cache.dir() {
+                Some(d) => eprintln!(
+                    "{:.1} s (kept in {} for later runs)",
+                    started.elapsed().as_secs_f64(),
+                    d.display()
+                ),
+                None => eprintln!("{:.1} s", started.elapsed().as_secs_f64()),
+            }
+        }
+        for kcache::FilePtx {
+            file: f,
+            ptx,
+            cached,
+        } in files
+        {
+            let module = match ctx.load_module(ptx) {
+                Ok(m) => m,
+                // A cached entry the driver rejects (damaged, or from an incompatible setup that
+                // hashed the same): compile it again.
+                Err(_) if cached => ctx
+                    .load_module(kcache::recompile(f, arch, &cache)?)
+                    .map_err(|e| format!("loading kernels/{} ({arch}): {e:?}", f.name))?,
+                Err(e) => return Err(format!("loading kernels/{} ({arch}): {e:?}", f.name)),
+            };
             for &k in f.kernels {
                 let func = module
                     .load_function(k)

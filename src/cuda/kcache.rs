@@ -1,0 +1,234 @@
+//! NVRTC's output kept on disk between processes, and compiled in parallel when it is not there.
+//!
+//! Compiling every kernel file takes ~11 s of one CPU core (NVRTC 13.0, measured on the
+//! development machine), and every `slotfix` command and test process that opens the CUDA
+//! backend used to pay it. The PTX of a file depends only on its source (with `common.cuh`), the
+//! target architecture, the NVRTC version and the options, so it is stored under a hash of
+//! those: `$SLOTFIX_KERNEL_CACHE` if set (`off` disables the cache), else
+//! `$XDG_CACHE_HOME/slotfix/kernels`, else `~/.cache/slotfix/kernels`. A missing, unreadable or
+//! truncated entry is compiled again; a failure to write one costs nothing but the next
+//! process's compile. The driver caches the PTX → machine code step itself (its JIT cache).
+
+use super::kernels::KernelFile;
+use super::{compile_file, Ptx};
+use std::path::PathBuf;
+
+/// Environment variable: the cache folder, or `off`.
+pub const CACHE_ENV: &str = "SLOTFIX_KERNEL_CACHE";
+
+/// Last line of every entry: an entry without it was cut short.
+const TRAILER: &str = "// end of slotfix kernel cache entry\n";
+
+/// Part of every key, to be changed whenever what goes into an entry changes.
+const FORMAT: &str = "slotfix-ptx-1";
+
+/// FNV-1a over `parts` (each followed by a zero byte): stable across Rust versions, as an
+/// on-disk key must be.
+pub(crate) fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.as_bytes().iter().chain(std::iter::once(&0u8)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Where compiled kernels are kept (or not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelCache {
+    dir: Option<PathBuf>,
+}
+
+impl KernelCache {
+    /// A cache in `dir`; None: no cache.
+    pub fn at(dir: Option<PathBuf>) -> KernelCache {
+        KernelCache { dir }
+    }
+
+    /// From `SLOTFIX_KERNEL_CACHE`, `XDG_CACHE_HOME` or `HOME` (none of them: no cache).
+    pub fn from_env() -> KernelCache {
+        KernelCache::from_vars(|k| std::env::var_os(k))
+    }
+
+    /// [`KernelCache::from_env`] with the variables read through `var`.
+    fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> KernelCache {
+        let var = |k: &str| var(k).filter(|v| !v.is_empty());
+        let dir = match var(CACHE_ENV) {
+            Some(v) if v == "off" => None,
+            Some(v) => Some(PathBuf::from(v)),
+            None => var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|d| d.join("slotfix").join("kernels")),
+        };
+        KernelCache { dir }
+    }
+
+    pub fn dir(&self) -> Option<&PathBuf> {
+        self.dir.as_ref()
+    }
+
+    fn entry(&self, f: &KernelFile, arch: &str, nvrtc: &str) -> Option<PathBuf> {
+        let key = fnv1a(&[FORMAT, arch, nvrtc, &f.full_source()]);
+        let stem = f.name.trim_end_matches(".cu");
+        Some(
+            self.dir
+                .as_ref()?
+                .join(format!("{stem}-{arch}-{key:016x}.ptx")),
+        )
+    }
+
+    /// The stored PTX of `f`, if a whole entry is there.
+    fn load(&self, f: &KernelFile, arch: &str, nvrtc: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.entry(f, arch, nvrtc)?).ok()?;
+        text.ends_with(TRAILER).then_some(text)
+    }
+
+    /// Store `ptx` for `f` (best effort: written to a private file, then renamed into place, so
+    /// that a reader never sees half an entry even when processes race).
+    fn store(&self, f: &KernelFile, arch: &str, nvrtc: &str, ptx: &str) {
+        let Some(path) = self.entry(f, arch, nvrtc) else {
+            return;
+        };
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let text = format!("{}\n{TRAILER}", ptx.trim_end_matches(['\0', '\n']));
+        let ok = path
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+            && std::fs::write(&tmp, text).is_ok()
+            && std::fs::rename(&tmp, &path).is_ok();
+        if !ok {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+/// The version of the loaded libnvrtc, as "major.minor".
+fn nvrtc_version() -> String {
+    let (mut major, mut minor) = (0, 0);
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        format!("{major}.{minor}")
+    } else {
+        "unknown".into()
+    }
+}
+
+/// The PTX of one kernel file and where it came from.
+pub struct FilePtx {
+    pub file: &'static KernelFile,
+    pub ptx: Ptx,
+    /// Read from the cache (true) or compiled by this call.
+    pub cached: bool,
+}
+
+/// The PTX of every file of `files` for `arch`: from `cache` where it holds an entry, the rest
+/// compiled by NVRTC, one thread per file (NVRTC programs are independent; the output is the
+/// same as a serial compile, which `nvrtc_kernel_cache_*` checks), then stored. `on_compile` is
+/// called once, before compiling, with the number of files to compile (for a progress line).
+pub fn ptx_for_all(
+    files: &'static [KernelFile],
+    arch: &'static str,
+    cache: &KernelCache,
+    on_compile: impl FnOnce(usize),
+) -> Result<Vec<FilePtx>, String> {
+    let nvrtc = nvrtc_version();
+    let mut out: Vec<Option<FilePtx>> = files
+        .iter()
+        .map(|file| {
+            cache.load(file, arch, &nvrtc).map(|text| FilePtx {
+                file,
+                ptx: Ptx::from_src(text),
+                cached: true,
+            })
+        })
+        .collect();
+    let missing: Vec<usize> = (0..files.len()).filter(|&i| out[i].is_none()).collect();
+    if !missing.is_empty() {
+        on_compile(missing.len());
+        let compiled: Vec<(usize, Result<Ptx, String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = missing
+                .iter()
+                .map(|&i| (i, s.spawn(move || compile_file(&files[i], arch))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|(i, h)| {
+                    let r = h.join().unwrap_or_else(|_| {
+                        Err(format!("NVRTC panicked on kernels/{}", files[i].name))
+                    });
+                    (i, r)
+                })
+                .collect()
+        });
+        for (i, r) in compiled {
+            let ptx = r?;
+            cache.store(&files[i], arch, &nvrtc, &ptx.to_src());
+            out[i] = Some(FilePtx {
+                file: &files[i],
+                ptx,
+                cached: false,
+            });
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Compile `f` again, bypassing the cache, and store the result: for an entry that the driver
+/// rejected.
+pub fn recompile(
+    f: &'static KernelFile,
+    arch: &'static str,
+    cache: &KernelCache,
+) -> Result<Ptx, String> {
+    let ptx = compile_file(f, arch)?;
+    cache.store(f, arch, &nvrtc_version(), &ptx.to_src());
+    Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_folder_comes_from_the_environment() {
+        let with = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            KernelCache::from_vars(move |k| {
+                vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.into())
+            })
+        };
+        let dir = |p: &str| KernelCache::at(Some(PathBuf::from(p)));
+        assert_eq!(with(&[("HOME", "/h")]), dir("/h/.cache/slotfix/kernels"));
+        assert_eq!(
+            with(&[("HOME", "/h"), ("XDG_CACHE_HOME", "/x")]),
+            dir("/x/slotfix/kernels")
+        );
+        assert_eq!(with(&[("HOME", "/h"), (CACHE_ENV, "/k")]), dir("/k"));
+        assert_eq!(
+            with(&[("HOME", "/h"), (CACHE_ENV, "off")]),
+            KernelCache::at(None)
+        );
+        // Empty values count as unset.
+        assert_eq!(
+            with(&[("HOME", "/h"), (CACHE_ENV, ""), ("XDG_CACHE_HOME", "")]),
+            dir("/h/.cache/slotfix/kernels")
+        );
+        assert_eq!(with(&[]), KernelCache::at(None));
+    }
+
+    #[test]
+    fn fnv1a_is_the_published_function() {
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c; each part is followed by a zero byte here, so
+        // check that by hand: fnv1a(["a"]) = FNV-1a("a\0").
+        let mut h: u64 = 0xaf63_dc4c_8601_ec8c;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3); // ^ 0 is a no-op
+        assert_eq!(fnv1a(&["a"]), h);
+        assert_ne!(fnv1a(&["ab", "c"]), fnv1a(&["a", "bc"]));
+    }
+}
