@@ -42,6 +42,24 @@ case ${1:-check} in
     nvidia-smi | tee "$out/nvidia-smi.txt"
     echo "== tests (GPU tests must not skip)"
     bash .gpu/run tests 2>&1 | tee "$out/tests.txt"
+    # The tests of one process share the device's primary context, and a CUDA error such as an
+    # illegal address is sticky: every test after it fails too. Each failed test runs again
+    # alone, in a process of its own (the kernel cache makes that quick), to tell the failures
+    # that are its own from the ones it only inherited.
+    export SLOTFIX_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=$root LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
+    : > "$out/isolated.txt"
+    for t in .gpu/test-*; do
+      log="$out/$(basename "$t").log"
+      [ -f "$log" ] || continue
+      for name in $(sed -n 's/^test \([^ ]*\) \.\.\. FAILED$/\1/p' "$log"); do
+        if timeout 120 "$t" --exact "$name" --test-threads 1 > "$out/isolated-$name.txt" 2>&1; then
+          echo "$name: passes alone (its failure was inherited from another test)" >> "$out/isolated.txt"
+        else
+          echo "$name: FAILS alone (see isolated-$name.txt)" >> "$out/isolated.txt"
+        fi
+      done
+    done
+    [ -s "$out/isolated.txt" ] && { echo "== failed tests, each run alone"; cat "$out/isolated.txt"; }
     ;;
   bench)
     echo "== kernel table"
