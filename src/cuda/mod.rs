@@ -5,7 +5,7 @@
 //! otherwise). `benches/NOTES.md` has each kernel's floor, predictions and version log.
 //!
 //! Everything runs in order on one stream (a stream of its own: the legacy default stream cannot
-//! be captured into a CUDA graph, see [`graph`]). The kernels are
+//! be captured into a CUDA graph, see `graph.rs`). The kernels are
 //! compiled with NVRTC for the device's own architecture, in parallel, and the PTX is kept on
 //! disk for the next process ([`kcache`]); they include no headers, so the GPU machine needs
 //! only the driver (`libcuda.so.1`) and `libnvrtc.so.13`.
@@ -21,16 +21,29 @@
 //! Every failure to launch is a panic (the [`Backend`] trait has no error channel); everything
 //! that can fail before the first launch (no driver, no device, NVRTC errors) is an `Err` of
 //! [`Cuda::new`].
+//!
+//! Where things are: this file holds the buffers, the launch machinery and the launchers of the
+//! small ops (elementwise, norms, position embedding, gates, loss); each larger op's launchers
+//! sit in a file of their own named after its kernel file: `conv.rs` (conv.cu, conv_tc.cu; the
+//! linear layers reuse it), `attention.rs`, `tokens.rs`, `slotcell.rs`, `bcastconv.rs` and
+//! `optim.rs`. `nvrtc.rs` and [`kcache`] compile the kernels, `graph.rs` captures a step,
+//! [`fastpaths`] switches fast paths off, and [`emu`] runs every kernel on the CPU.
 
 pub mod emu;
 pub mod fastpaths;
 mod graph;
 pub mod kcache;
 pub mod kernels;
+mod nvrtc;
 
 pub use fastpaths::FastPaths;
 pub use graph::CudaStepGraph;
 pub use kcache::KernelCache;
+pub use nvrtc::{
+    compile_all_for, compile_file, device_count, driver_available, kernel_resources,
+    nvrtc_available, KernelResources,
+};
+pub use optim::CudaOptState;
 
 use crate::backend::{AdamStep, Backend};
 use crate::config::Precision;
@@ -52,12 +65,13 @@ use crate::ops::tokens::{
 };
 use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
+use conv::{check_conv_range, ConvDwGemmC, ConvGemmC, ConvGeomC};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
     PushKernelArg,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
-use kernels::{KernelFile, KERNEL_FILES};
+use cudarc::nvrtc::Ptx;
+use kernels::KERNEL_FILES;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::catch_unwind;
@@ -282,9 +296,9 @@ value_arg!(
     f32,
     f64,
     ConvGeomC,
-    AttnDimsC,
     ConvGemmC,
     ConvDwGemmC,
+    attention::AttnDimsC,
     tokens::TokenDimsC,
     slotcell::SlotCellDimsC
 );
@@ -300,253 +314,11 @@ const TILE: u32 = 16;
 /// Rows per partial product of the linear weight gradient (at least; see `linear_bwd`).
 const DW_ROW_CHUNK: usize = 1024;
 
-/// Whether both the CUDA driver library and libnvrtc can be loaded. Never panics.
-pub fn driver_available() -> bool {
-    catch_unwind(|| unsafe {
-        cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
-    })
-    .unwrap_or(false)
-}
-
-/// Whether libnvrtc can be loaded (enough to compile kernels; no driver or GPU needed).
-pub fn nvrtc_available() -> bool {
-    catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
-}
-
-/// Number of CUDA devices (0 when there is no driver, no device, or anything fails).
-pub fn device_count() -> usize {
-    if !driver_available() {
-        return 0;
-    }
-    match catch_unwind(CudaContext::device_count) {
-        Ok(Ok(n)) if n > 0 => n as usize,
-        _ => 0,
-    }
-}
-
-/// Compile one kernel file with NVRTC for `arch` (e.g. "sm_90"). The error names the file and
-/// carries the compiler log.
-pub fn compile_file(file: &KernelFile, arch: &'static str) -> Result<Ptx, String> {
-    let opts = CompileOptions {
-        arch: Some(arch),
-        name: Some(file.name.to_string()),
-        ..Default::default()
-    };
-    compile_ptx_with_opts(file.full_source(), opts).map_err(|e| match e {
-        CompileError::CompileError {
-            nvrtc,
-            options,
-            log,
-        } => format!(
-            "NVRTC could not compile kernels/{} for {arch}: {nvrtc:?} (options {options:?})\n{}",
-            file.name,
-            log.to_string_lossy()
-        ),
-        other => format!(
-            "NVRTC failed on kernels/{} for {arch}: {other:?}",
-            file.name
-        ),
-    })
-}
-
-/// What ptxas reports for one kernel compiled to machine code.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KernelResources {
-    pub name: String,
-    pub registers: u32,
-    pub shared_bytes: u32,
-    /// Per-thread local memory (arrays indexed at run time live there, spills too).
-    pub stack_bytes: u32,
-    pub spill_store_bytes: u32,
-    pub spill_load_bytes: u32,
-}
-
-/// The kernels of a `ptxas -v` log: per kernel "Compiling entry function 'NAME' for 'sm_90'",
-/// then "N bytes stack frame, S bytes spill stores, L bytes spill loads", then "Used R
-/// registers, used 1 barriers, B bytes smem".
-fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
-    // The number in the comma-separated part of `line` that names `what`.
-    let number_of = |line: &str, what: &str| -> u32 {
-        line.split(',')
-            .filter(|part| part.contains(what))
-            .find_map(|part| part.split_whitespace().find_map(|t| t.parse().ok()))
-            .unwrap_or(0)
-    };
-    let mut out: Vec<KernelResources> = Vec::new();
-    for line in log.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            out.push(KernelResources {
-                name: rest.split('\'').next().unwrap_or("").to_string(),
-                registers: 0,
-                shared_bytes: 0,
-                stack_bytes: 0,
-                spill_store_bytes: 0,
-                spill_load_bytes: 0,
-            });
-        } else if let Some(k) = out.last_mut() {
-            if line.contains("spill stores") {
-                k.stack_bytes = number_of(line, "stack frame");
-                k.spill_store_bytes = number_of(line, "spill stores");
-                k.spill_load_bytes = number_of(line, "spill loads");
-            } else if line.contains("Used") && line.contains("registers") {
-                k.registers = number_of(line, "registers");
-                k.shared_bytes = number_of(line, "smem");
-            }
-        }
-    }
-    out
-}
-
-/// Compile `file` to machine code for `arch` (e.g. "sm_90"; no GPU needed) with `ptxas -v` and
-/// read each kernel's registers, static shared memory and spills from the log: what decides
-/// how many blocks fit on an SM, known before any GPU runs.
-pub fn kernel_resources(file: &KernelFile, arch: &str) -> Result<Vec<KernelResources>, String> {
-    use cudarc::nvrtc::result;
-    let src = std::ffi::CString::new(file.full_source()).map_err(|e| e.to_string())?;
-    let name = std::ffi::CString::new(file.name).map_err(|e| e.to_string())?;
-    let prog = result::create_program(&src, Some(&name)).map_err(|e| format!("{e:?}"))?;
-    let opts = [
-        format!("--gpu-architecture={arch}"),
-        "--ptxas-options=-v".into(),
-    ];
-    let compiled = unsafe { result::compile_program(prog, &opts) };
-    let log = unsafe { result::get_program_log(prog) }.map_err(|e| format!("{e:?}"))?;
-    let _ = unsafe { result::destroy_program(prog) };
-    let log = unsafe { std::ffi::CStr::from_ptr(log.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
-    compiled.map_err(|e| {
-        format!(
-            "NVRTC could not compile kernels/{} for {arch}: {e:?}\n{log}",
-            file.name
-        )
-    })?;
-    let out = parse_ptxas_log(&log);
-    if out.is_empty() {
-        return Err(format!(
-            "no ptxas report for kernels/{} in the NVRTC log:\n{log}",
-            file.name
-        ));
-    }
-    Ok(out)
-}
-
-/// Compile every kernel file for `arch` without any GPU (only libnvrtc is needed); returns the
-/// number of files compiled.
-pub fn compile_all_for(arch: &'static str) -> Result<usize, String> {
-    if !nvrtc_available() {
-        return Err(
-            "libnvrtc cannot be loaded (install nvidia-cuda-nvrtc and put its lib folder on \
-             LD_LIBRARY_PATH)"
-                .into(),
-        );
-    }
-    for f in KERNEL_FILES {
-        compile_file(f, arch)?;
-    }
-    Ok(KERNEL_FILES.len())
-}
-
-/// `ConvGeom` as the kernels see it (struct ConvGeom in conv.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct ConvGeomC {
-    h_in: i32,
-    w_in: i32,
-    c_in: i32,
-    h_out: i32,
-    w_out: i32,
-    c_out: i32,
-    k: i32,
-    stride: i32,
-    pad: i32,
-}
-unsafe impl DeviceRepr for ConvGeomC {}
-
-impl ConvGeomC {
-    fn new(g: &ConvGeom) -> Self {
-        Self {
-            h_in: i(g.h_in),
-            w_in: i(g.w_in),
-            c_in: i(g.c_in),
-            h_out: i(g.h_out),
-            w_out: i(g.w_out),
-            c_out: i(g.c_out),
-            k: i(g.k),
-            stride: i(g.stride),
-            pad: i(g.pad),
-        }
-    }
-}
-
-/// The activation-pass GEMM of the tensor-core convolutions (struct ConvGemm in conv_tc.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct ConvGemmC {
-    batch: i32,
-    hp: i32,
-    wp: i32,
-    hs: i32,
-    ws: i32,
-    cs: i32,
-    n: i32,
-    k: i32,
-    stride: i32,
-    pad: i32,
-    w_nc: i32,
-}
-unsafe impl DeviceRepr for ConvGemmC {}
-
-/// The weight-gradient GEMM of the tensor-core convolutions (struct ConvDwGemm in conv_tc.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct ConvDwGemmC {
-    rows: i32,
-    batch: i32,
-    hp: i32,
-    wp: i32,
-    hs: i32,
-    ws: i32,
-    cs: i32,
-    k: i32,
-    stride: i32,
-    pad: i32,
-    chunk: i32,
-}
-unsafe impl DeviceRepr for ConvDwGemmC {}
-
-/// Output tile side and threads per block of the tensor-core kernels (TC_BM = TC_BN, TC_THREADS).
-const TC_TILE: usize = 64;
-const TC_THREADS: u32 = 128;
-/// Blocks the split weight-gradient GEMM aims for: two per SM of an H100 (132 SMs).
-const TC_DW_TARGET_BLOCKS: usize = 264;
-
-/// `AttnDims` as the kernels see it (struct AttnDims in attention.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct AttnDimsC {
-    batch: i32,
-    n: i32,
-    k: i32,
-    d: i32,
-    heads: i32,
-    scale: f32,
-    eps: f32,
-}
-unsafe impl DeviceRepr for AttnDimsC {}
-
 /// A size as the kernels' `int` (all index arithmetic is 32-bit; larger buffers are refused).
 fn i(n: usize) -> i32 {
     i32::try_from(n).unwrap_or_else(|_| {
         panic!("CUDA backend v1: size {n} exceeds the 32-bit index range of its kernels")
     })
-}
-
-/// The conv kernels compute flat indices over the whole batch in 32-bit ints: refuse sizes past
-/// that range instead of letting them overflow.
-fn check_conv_range(g: &ConvGeom, batch: usize) {
-    i(batch * g.in_len());
-    i(batch * g.out_len());
 }
 
 /// Blocks and rows per block of the column-sum kernels over `m` rows (`*_partial_f32`): at most
@@ -575,85 +347,6 @@ fn per_block(n: usize, shared_mem_bytes: u32) -> LaunchConfig {
     }
 }
 
-/// The taps (bit ky·k + kx) whose direct gathers of a transposed convolution's output, over its
-/// input grid, reach every output position exactly once: one tap per output phase q mod s in
-/// each axis (tap ky reaches q = s·p − pad + ky for p in [0, n_in)). The column sums of those
-/// taps in the dW GEMM add up to the bias gradient. None when a phase has no such tap, or the
-/// taps do not fit a 32-bit mask.
-fn convt_covering_taps(g: &ConvGeom) -> Option<u32> {
-    if g.k * g.k > 32 {
-        return None;
-    }
-    let (s, pad) = (g.stride as isize, g.pad as isize);
-    // For each output phase with outputs: the tap that covers all of them.
-    let axis = |n_in: usize, n_out: usize| -> Option<Vec<usize>> {
-        let (n_in, n_out) = (n_in as isize, n_out as isize);
-        (0..s.min(n_out))
-            .map(|phase| {
-                let last = phase + (n_out - 1 - phase) / s * s;
-                (0..g.k).find(|&ky| {
-                    let off = phase + pad - ky as isize;
-                    off >= 0 && off % s == 0 && (last + pad - ky as isize) / s < n_in
-                })
-            })
-            .collect()
-    };
-    let (ys, xs) = (axis(g.h_in, g.h_out)?, axis(g.w_in, g.w_out)?);
-    Some(
-        ys.iter()
-            .flat_map(|&ky| xs.iter().map(move |&kx| 1u32 << (ky * g.k + kx)))
-            .sum(),
-    )
-}
-
-/// Threads per block of `conv_dw_partial_v3*_tf32` (DW3_THREADS in conv_tc.cu).
-const DW3_THREADS: u32 = 256;
-
-/// Threads per block of version 3 of the tensor-core activation passes (V3_THREADS in
-/// conv_tc.cu).
-const V3_THREADS: u32 = 256;
-
-/// The kernel and grid of version 3 of an activation pass: 128 × 64 tiles, or 256 × 32 tiles
-/// (`*_v3n32_*`) when there are at most 32 output channels. An adjoint gather with stride s > 1
-/// has one z per output phase (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions
-/// per image.
-fn v3_kernel(p: &ConvGemmC, adjoint: bool) -> (&'static str, LaunchConfig) {
-    let (hp, wp, batch, n) = (p.hp as usize, p.wp as usize, p.batch as usize, p.n as usize);
-    let s = if adjoint { p.stride as usize } else { 1 };
-    let rows = batch * hp.div_ceil(s) * wp.div_ceil(s);
-    let narrow = n <= 32;
-    let (bm, bn) = if narrow { (256, 32) } else { (128, 64) };
-    let name = match (adjoint, narrow) {
-        (false, false) => "conv_igemm_direct_v3_tf32",
-        (true, false) => "conv_igemm_adjoint_v3_tf32",
-        (false, true) => "conv_igemm_direct_v3n32_tf32",
-        (true, true) => "conv_igemm_adjoint_v3n32_tf32",
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            rows.div_ceil(bm) as u32,
-            n.div_ceil(bn) as u32,
-            (s * s) as u32,
-        ),
-        block_dim: (V3_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    (name, cfg)
-}
-
-/// Tensor-core tiles over an `m × n` output, `z` deep.
-fn tc_grid(m: usize, n: usize, z: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            m.div_ceil(TC_TILE) as u32,
-            n.div_ceil(TC_TILE) as u32,
-            z as u32,
-        ),
-        block_dim: (TC_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// One warp per row.
 fn per_warp(rows: usize) -> LaunchConfig {
     per_elem(rows * 32)
@@ -677,7 +370,7 @@ fn tiles(a: usize, b: usize, z: usize) -> LaunchConfig {
 /// a kernel that wrote outside one of its buffers panics too.
 macro_rules! launch {
     ($cu:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let cfg: LaunchConfig = $cfg;
+        let cfg: cudarc::driver::LaunchConfig = $cfg;
         $cu.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &$cu.exec {
             $crate::cuda::Exec::Gpu(gpu) => {
@@ -706,7 +399,10 @@ macro_rules! launch {
     }};
 }
 
+mod attention;
 mod bcastconv;
+mod conv;
+mod optim;
 mod slotcell;
 mod tokens;
 
@@ -1150,106 +846,6 @@ impl Cuda {
         self.read(&out)[0]
     }
 
-    /// Forward of a convolution (`transposed`: of a transposed one): checks, then the
-    /// tensor-core path under TF32 or the exact-f32 kernel.
-    #[allow(clippy::too_many_arguments)]
-    fn conv_fwd_common(
-        &self,
-        transposed: bool,
-        g: &ConvGeom,
-        batch: usize,
-        x: &Buf,
-        w: &Buf,
-        b: &Buf,
-        relu: bool,
-        y: &mut Buf,
-    ) {
-        assert_eq!(x.len(), batch * g.in_len());
-        assert_eq!(y.len(), batch * g.out_len());
-        assert_eq!(w.len(), g.weight_len());
-        assert_eq!(b.len(), g.c_out);
-        let n = batch * g.out_len();
-        if n == 0 {
-            return;
-        }
-        check_conv_range(g, batch);
-        if self.precision == Precision::Tf32 {
-            return self.conv_tc_fwd(transposed, g, batch, x, w, Some(b), relu, y);
-        }
-        let gc = ConvGeomC::new(g);
-        let (bi, ri) = (i(batch), relu as i32);
-        let name = if transposed {
-            "conv_t2d_fwd_f32"
-        } else {
-            "conv2d_fwd_f32"
-        };
-        launch!(self, name, per_elem(n); &gc, &bi, x, w, b, &ri, y);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn conv_bwd_common(
-        &self,
-        transposed: bool,
-        g: &ConvGeom,
-        batch: usize,
-        x: &Buf,
-        w: &Buf,
-        y: &Buf,
-        relu: bool,
-        dy: &Buf,
-        dx: Option<&mut Buf>,
-        dx_set: bool,
-        dw: &mut Buf,
-        db: &mut Buf,
-    ) {
-        assert_eq!(x.len(), batch * g.in_len());
-        assert_eq!(y.len(), batch * g.out_len());
-        assert_eq!(dy.len(), batch * g.out_len());
-        assert_eq!(w.len(), g.weight_len());
-        assert_eq!(dw.len(), g.weight_len());
-        assert_eq!(db.len(), g.c_out);
-        if batch == 0 {
-            return;
-        }
-        check_conv_range(g, batch);
-        if self.precision == Precision::Tf32 {
-            if let Some(dx) = dx {
-                assert_eq!(dx.len(), batch * g.in_len());
-                self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx, dx_set);
-            }
-            self.conv_tc_dw(transposed, g, batch, x, y, relu, dy, dw, Some(db));
-            return;
-        }
-        let gc = ConvGeomC::new(g);
-        let bi = i(batch);
-        let ri = relu as i32;
-        if let Some(dx) = dx {
-            assert_eq!(dx.len(), batch * g.in_len());
-            let n = batch * g.in_len();
-            // (The exact-f32 dx kernels only accumulate.)
-            if dx_set {
-                self.fill_zero(dx);
-            }
-            if transposed {
-                launch!(self, "conv_t2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
-            } else {
-                launch!(self, "conv2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
-            }
-        }
-        let wl = g.weight_len();
-        if transposed {
-            launch!(self, "conv_t2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
-        } else {
-            launch!(self, "conv2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
-        }
-        self.conv_db(g, batch, y, relu, dy, db);
-    }
-
-    /// db += Σ over positions of dy (ReLU-masked by y).
-    fn conv_db(&self, g: &ConvGeom, batch: usize, y: &Buf, relu: bool, dy: &Buf, db: &mut Buf) {
-        self.col_sums(batch * g.h_out * g.w_out, g.c_out, y, relu, dy, db);
-    }
-
     /// db[col] += Σ_rows g[row, col] over `[m, n]` with g = dy masked by y > 0 when `relu`: block
     /// partials over fixed row chunks, added in chunk order (deterministic).
     fn col_sums(&self, m: usize, n: usize, y: &Buf, relu: bool, dy: &Buf, db: &mut Buf) {
@@ -1292,229 +888,6 @@ impl Cuda {
         let (nb, c4) = (i(nblk), i(c * 4));
         launch!(self, "sum_partials_f32", per_elem(c * 4); &nb, &c4, &pw, dwp);
         launch!(self, "sum_partials_f32", per_elem(c); &nb, &ci, &pb, dbp);
-    }
-
-    /// Forward pass of a convolution (`transposed` false) or transposed convolution on the
-    /// tensor cores: y = relu?(b + conv(x, W)).
-    #[allow(clippy::too_many_arguments)]
-    fn conv_tc_fwd(
-        &self,
-        transposed: bool,
-        g: &ConvGeom,
-        batch: usize,
-        x: &Buf,
-        w: &Buf,
-        b: Option<&Buf>,
-        relu: bool,
-        y: &mut Buf,
-    ) {
-        // conv: direct gather of x, W[co][ci]; convT: adjoint gather of x, W[ci][co].
-        let p = ConvGemmC {
-            batch: i(batch),
-            hp: i(g.h_out),
-            wp: i(g.w_out),
-            hs: i(g.h_in),
-            ws: i(g.w_in),
-            cs: i(g.c_in),
-            n: i(g.c_out),
-            k: i(g.k),
-            stride: i(g.stride),
-            pad: i(g.pad),
-            w_nc: !transposed as i32,
-        };
-        let cfg = tc_grid(batch * g.h_out * g.w_out, g.c_out, 1);
-        // mode 0: y = relu?(acc + b); 2: y = relu?(acc) (no bias: the kernel never reads it).
-        let (zero, ri, mode) = (0i32, relu as i32, if b.is_some() { 0i32 } else { 2 });
-        let b = b.unwrap_or(w);
-        if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
-            let wt = &*wt;
-            let (name, cfg) = v3_kernel(&p, transposed);
-            launch!(self, name, cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
-        } else if transposed {
-            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
-        } else {
-            launch!(self, "conv_igemm_direct_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
-        }
-    }
-
-    /// For version 3 of the tensor-core activation passes (a gathered source of `cs` channels,
-    /// a multiple of 16): the weights as `[n][k·k·cs]` TF32 bit patterns (conv_w_nk_tf32), in a
-    /// scratch buffer. None: version 2 applies.
-    fn conv_tc_v3_weights(&self, p: &ConvGemmC, w: &Buf) -> Option<Scratch<'_, f32>> {
-        if !self.fast.conv_v3 || p.cs % 16 != 0 {
-            return None;
-        }
-        let total = p.n as usize * (p.k * p.k * p.cs) as usize;
-        i(total);
-        let mut wt = self.scratch::<f32>(total);
-        launch!(self, "conv_w_nk_tf32", per_elem(total); &p.n, &p.cs, &p.k, &p.w_nc, w, &mut *wt);
-        Some(wt)
-    }
-
-    /// dx += (or, with `dx_set`, dx =) the input gradient of a convolution or transposed
-    /// convolution, on the tensor cores.
-    #[allow(clippy::too_many_arguments)]
-    fn conv_tc_dx(
-        &self,
-        transposed: bool,
-        g: &ConvGeom,
-        batch: usize,
-        w: &Buf,
-        y: &Buf,
-        relu: bool,
-        dy: &Buf,
-        dx: &mut Buf,
-        dx_set: bool,
-    ) {
-        // conv: adjoint gather of g, W[co][ci] (W[c][n]); convT: direct gather of g, W[ci][co]
-        // (W[n][c]). The GEMM's rows are the input positions, its columns the input channels.
-        let p = ConvGemmC {
-            batch: i(batch),
-            hp: i(g.h_in),
-            wp: i(g.w_in),
-            hs: i(g.h_out),
-            ws: i(g.w_out),
-            cs: i(g.c_out),
-            n: i(g.c_in),
-            k: i(g.k),
-            stride: i(g.stride),
-            pad: i(g.pad),
-            w_nc: transposed as i32,
-        };
-        let cfg = tc_grid(batch * g.h_in * g.w_in, g.c_in, 1);
-        // accumulate = 1: dx += the product; 2 with relu = 0: dx = the product. Neither reads
-        // the bias: pass w.
-        let (zero, ri) = (0i32, relu as i32);
-        let mode = if dx_set { 2i32 } else { 1 };
-        if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
-            let wt = &*wt;
-            let (name, cfg) = v3_kernel(&p, !transposed);
-            launch!(self, name, cfg; &p, dy, y, &ri, wt, w, &zero, &mode, dx);
-        } else if transposed {
-            launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
-        } else {
-            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
-        }
-    }
-
-    /// dW += the weight gradient of a convolution or transposed convolution, on the tensor
-    /// cores: the reduction over positions is split into chunks summed in a fixed order.
-    #[allow(clippy::too_many_arguments)]
-    /// dW (and db when given) of a convolution on the tensor cores. With version 3 the bias
-    /// gradient comes from the operand sums of the dW GEMM (see `dw3_operand_sums` in
-    /// conv_tc.cu) where the geometry allows; otherwise from a column-sum pass over dy.
-    fn conv_tc_dw(
-        &self,
-        transposed: bool,
-        g: &ConvGeom,
-        batch: usize,
-        x: &Buf,
-        y: &Buf,
-        relu: bool,
-        dy: &Buf,
-        dw: &mut Buf,
-        db: Option<&mut Buf>,
-    ) {
-        // conv: rows co, A = g over the output grid, B = direct gather of x.
-        // convT: rows ci, A = x over the input grid, B = direct gather of g.
-        let (rows, hp, wp, hs, ws, cs) = if transposed {
-            (g.c_in, g.h_in, g.w_in, g.h_out, g.w_out, g.c_out)
-        } else {
-            (g.c_out, g.h_out, g.w_out, g.h_in, g.w_in, g.c_in)
-        };
-        let cols = g.k * g.k * cs;
-        let npos = batch * hp * wp;
-        // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3).
-        let v3 = self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
-        let (row_tile, col_tile, v3_name) = match (v3, rows <= 32) {
-            (false, _) => (TC_TILE, TC_TILE, ""),
-            (true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
-            (true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
-        };
-        let tiles = rows.div_ceil(row_tile) * cols.div_ceil(col_tile);
-        let want = TC_DW_TARGET_BLOCKS
-            .div_ceil(tiles)
-            .clamp(1, npos.div_ceil(TC_TILE));
-        let chunk = npos.div_ceil(want).next_multiple_of(16);
-        let chunks = npos.div_ceil(chunk);
-        let p = ConvDwGemmC {
-            rows: i(rows),
-            batch: i(batch),
-            hp: i(hp),
-            wp: i(wp),
-            hs: i(hs),
-            ws: i(ws),
-            cs: i(cs),
-            k: i(g.k),
-            stride: i(g.stride),
-            pad: i(g.pad),
-            chunk: i(chunk),
-        };
-        i(chunks * rows * cols);
-        let mut partial = self.scratch::<f32>(chunks * rows * cols);
-        let cfg = if v3 {
-            LaunchConfig {
-                grid_dim: (
-                    rows.div_ceil(row_tile) as u32,
-                    cols.div_ceil(col_tile) as u32,
-                    chunks as u32,
-                ),
-                block_dim: (DW3_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            }
-        } else {
-            tc_grid(rows, cols, chunks)
-        };
-        let (zero, ri) = (0i32, relu as i32);
-        // The bias gradient's taps: conv sums dy, the A rows (one "tap"); convT the B columns
-        // of the taps that reach every output position exactly once.
-        let db_taps = match (v3, &db, transposed) {
-            (true, Some(_), false) => Some(1u32),
-            (true, Some(_), true) => convt_covering_taps(g),
-            _ => None,
-        };
-        let sums_len = if transposed { cols } else { rows };
-        let mut sums = self.scratch::<f32>(if db_taps.is_some() {
-            chunks * sums_len
-        } else {
-            1
-        });
-        // 0: no sums; 1: of the A rows (conv: dy); 2: of the B columns (convT: gathered dy).
-        let sums_of: i32 = match (db_taps, transposed) {
-            (None, _) => 0,
-            (Some(_), false) => 1,
-            (Some(_), true) => 2,
-        };
-        match (transposed, v3) {
-            (true, true) => launch!(self, v3_name, cfg;
-                &p, x, x, &zero, dy, y, &ri, &mut partial, &sums_of, &mut sums),
-            (true, false) => launch!(self, "conv_dw_partial_tf32", cfg;
-                &p, x, x, &zero, dy, y, &ri, &mut partial),
-            (false, true) => launch!(self, v3_name, cfg;
-                &p, dy, y, &ri, x, x, &zero, &mut partial, &sums_of, &mut sums),
-            (false, false) => launch!(self, "conv_dw_partial_tf32", cfg;
-                &p, dy, y, &ri, x, x, &zero, &mut partial),
-        }
-        let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
-        let sl = i(sums_len);
-        match (db, db_taps) {
-            (Some(db), Some(taps)) => {
-                assert_eq!(db.len(), g.c_out);
-                let oi = i(g.c_out);
-                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols + g.c_out);
-                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &oi, &taps, &*sums, db);
-            }
-            (db, _) => {
-                // (No sums: no bias, or version 2, which sums the bias over dy on its own.)
-                let (zero_u, mut none) = (0u32, self.scratch::<f32>(1));
-                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
-                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &zero, &zero_u, &*sums, &mut *none);
-                if let Some(db) = db {
-                    assert_eq!(db.len(), g.c_out);
-                    self.conv_db(g, batch, y, relu, dy, db);
-                }
-            }
-        }
     }
 
     fn dropout(&self, mask: &DropoutMask, x: &mut Buf) {
@@ -1593,43 +966,6 @@ struct DropoutArgs {
     scale: f32,
 }
 
-/// Slots of the optimizer's control block (`CTRL_*` in optim.cu).
-mod ctrl {
-    pub const UPDATES: usize = 0;
-    pub const SKIPPED: usize = 1;
-    pub const FIRST_BAD_STEP: usize = 2;
-    pub const FIRST_BAD_LOSS: usize = 3;
-    pub const FIRST_BAD_NORM: usize = 4;
-    pub const LAST_BAD_STEP: usize = 5;
-    pub const LATCHED: usize = 6;
-    pub const LAST_LOSS: usize = 7;
-    pub const LAST_NORM: usize = 8;
-    pub const LOSS_SUM: usize = 9;
-    pub const LOSS_COUNT: usize = 10;
-    pub const APPLY: usize = 11;
-    pub const GRAD_SCALE: usize = 12;
-    pub const BC1: usize = 13;
-    pub const BC2: usize = 14;
-    pub const LEN: usize = 16;
-}
-
-/// Elements per block of the multi-tensor kernels (MT_CHUNK in optim.cu).
-const MT_CHUNK: usize = 4096;
-
-/// The optimizer's bookkeeping on the device, all allocated once: the control block, one
-/// partial sum of the gradient norm per block, and the multi-tensor tables (each tensor's
-/// param, grad, m and v addresses and length; each block's tensor and first element).
-pub struct CudaOptState {
-    ctrl: DevBuf<f64>,
-    partials: DevBuf<f64>,
-    lens: Vec<usize>,
-    tab: DevBuf<u64>,
-    /// What `tab` holds, to upload it again only if a buffer moved.
-    tab_host: Vec<u64>,
-    map: DevBuf<u64>,
-    blocks: usize,
-}
-
 impl Cuda {
     /// The device address of a buffer as a kernel sees it.
     fn addr<T: Elem>(&self, b: &DevBuf<T>) -> u64 {
@@ -1657,34 +993,6 @@ impl Cuda {
                 .unwrap_or_else(|e| panic!("CUDA upload: {e:?}")),
             Exec::Emu(_) => dst.host_mut().slice_mut().copy_from_slice(src),
         }
-    }
-
-    /// Adam on one tensor with the grad scale and bias corrections of `ctrl`.
-    #[allow(clippy::too_many_arguments)]
-    fn adam_ctrl(
-        &self,
-        lr: f64,
-        b1: f64,
-        b2: f64,
-        eps: f64,
-        weight_decay: f64,
-        ctrl: &DevBuf<f64>,
-        param: &mut Buf,
-        grad: &Buf,
-        m: &mut Buf,
-        v: &mut Buf,
-    ) {
-        let n = param.len();
-        assert_eq!(grad.len(), n);
-        assert_eq!(m.len(), n);
-        assert_eq!(v.len(), n);
-        if n == 0 {
-            return;
-        }
-        let ni = i(n);
-        let decay = 1.0 - lr * weight_decay;
-        launch!(self, "adam_f32", per_elem(n);
-            &ni, param, grad, m, v, &lr, &b1, &b2, &eps, &decay, ctrl);
     }
 }
 
@@ -2250,32 +1558,7 @@ impl Backend for Cuda {
         attn: &mut Buf,
         upd: &mut Buf,
     ) {
-        assert_eq!(dm.d % dm.heads, 0);
-        assert_eq!(k.len(), dm.batch * dm.n * dm.d);
-        assert_eq!(v.len(), dm.batch * dm.n * dm.d);
-        assert_eq!(q.len(), dm.batch * dm.k * dm.d);
-        assert_eq!(attn.len(), dm.attn_len());
-        assert_eq!(upd.len(), dm.batch * dm.k * dm.d);
-        if dm.batch * dm.heads == 0 {
-            return;
-        }
-        let dc = attn_c(dm);
-        let dh = dm.head_dim();
-        if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
-            // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
-            let smem = ((dm.k * dh + ATT_T * dm.k) * 4) as u32;
-            let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
-            let cfg = attn_grid(dm, chunks, smem);
-            launch!(self, "attention_fwd_partial_f32", cfg; &dc, k, v, q, attn, &mut partial);
-            let ci = i(chunks);
-            launch!(self, "attention_fwd_reduce_f32", per_elem(dm.batch * dm.heads * dm.k * dh);
-                &dc, &ci, &partial, upd);
-            return;
-        }
-        let smem = ((dm.k * dh + dm.k) * 4) as u32;
-        assert!(smem <= 48 * 1024, "attention: K·D/heads too large for v1");
-        launch!(self, "attention_fwd_f32", per_block(dm.batch * dm.heads, smem);
-            &dc, k, v, q, attn, upd);
+        self.attention_fwd_kernels(dm, k, v, q, attn, upd)
     }
     fn attention_bwd(
         &self,
@@ -2289,36 +1572,7 @@ impl Backend for Cuda {
         dv: &mut Buf,
         dq: &mut Buf,
     ) {
-        assert_eq!(dm.d % dm.heads, 0);
-        assert_eq!(attn.len(), dm.attn_len());
-        assert_eq!(dupd.len(), dm.batch * dm.k * dm.d);
-        assert_eq!(dk.len(), dm.batch * dm.n * dm.d);
-        assert_eq!(dv.len(), dm.batch * dm.n * dm.d);
-        assert_eq!(dq.len(), dm.batch * dm.k * dm.d);
-        if dm.batch * dm.heads == 0 {
-            return;
-        }
-        let dc = attn_c(dm);
-        let dh = dm.head_dim();
-        if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
-            let bh = dm.batch * dm.heads;
-            let mut stats = self.scratch::<f32>(bh * chunks * dm.k * 2);
-            let smem1 = ((dm.k * dh + 2 * ATT_T * dm.k) * 4) as u32;
-            launch!(self, "attention_bwd_stats_f32", attn_grid(dm, chunks, smem1);
-                &dc, v, attn, dupd, &mut stats);
-            let mut dq_partial = self.scratch::<f32>(bh * chunks * dm.k * dh);
-            let smem2 = ((2 * dm.k * dh + 2 * dm.k + 2 * ATT_T * dm.k) * 4) as u32;
-            launch!(self, "attention_bwd_main_f32", attn_grid(dm, chunks, smem2);
-                &dc, k, v, q, attn, dupd, &stats, dk, dv, &mut dq_partial);
-            let ci = i(chunks);
-            launch!(self, "attention_bwd_dq_reduce_f32", per_elem(bh * dm.k * dh);
-                &dc, &ci, &dq_partial, dq);
-            return;
-        }
-        let mut scratch = self.scratch::<f32>(dm.attn_len());
-        let smem = (2 * dm.k * 4) as u32;
-        launch!(self, "attention_bwd_f32", per_block(dm.batch * dm.heads, smem);
-            &dc, k, v, q, attn, dupd, &mut scratch, dk, dv, dq);
+        self.attention_bwd_kernels(dm, k, v, q, attn, dupd, dk, dv, dq)
     }
     fn gru_gates_fwd(&self, d: usize, gi: &Buf, gh: &Buf, h: &Buf, h_new: &mut Buf) {
         let n = h_new.len();
@@ -2447,16 +1701,7 @@ impl Backend for Cuda {
             &bi, &ki, &pi, dec, target, masks, recon, &scale, ddec);
     }
     fn adam_step(&self, s: &AdamStep, param: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf) {
-        // A single update with host-known hyper-parameters: its own control block.
-        let mut c = vec![0.0f64; ctrl::LEN];
-        c[ctrl::APPLY] = 1.0;
-        c[ctrl::GRAD_SCALE] = s.grad_scale;
-        c[ctrl::BC1] = 1.0 - s.beta1.powi(s.t as i32);
-        c[ctrl::BC2] = 1.0 - s.beta2.powi(s.t as i32);
-        let mut cb = self.scratch::<f64>(ctrl::LEN);
-        self.upload_any(&c, &mut cb);
-        let wd = s.weight_decay;
-        self.adam_ctrl(s.lr, s.beta1, s.beta2, s.eps, wd, &cb, param, grad, m, v);
+        self.adam_step_one(s, param, grad, m, v)
     }
     /// Device memory in use (total − free, bytes, all processes), or None in the emulator.
     fn device_memory_used(&self) -> Option<u64> {
@@ -2481,45 +1726,7 @@ impl Backend for Cuda {
     }
 
     fn opt_state(&self, grad_lens: &[usize], start: &OptReport) -> CudaOptState {
-        let mut map = Vec::new();
-        for (t, &n) in grad_lens.iter().enumerate() {
-            i(n);
-            for first in (0..n).step_by(MT_CHUNK) {
-                map.push(((t as u64) << 32) | first as u64);
-            }
-        }
-        let blocks = map.len();
-        i(blocks);
-        let mut c = vec![0.0f64; ctrl::LEN];
-        c[ctrl::UPDATES] = start.updates as f64;
-        c[ctrl::SKIPPED] = start.skipped as f64;
-        c[ctrl::FIRST_BAD_STEP] = -1.0;
-        c[ctrl::LAST_BAD_STEP] = start.last_bad_step.map_or(-1.0, |s| s as f64);
-        if let Some((step, loss, norm)) = start.first_bad {
-            c[ctrl::FIRST_BAD_STEP] = step as f64;
-            c[ctrl::FIRST_BAD_LOSS] = loss;
-            c[ctrl::FIRST_BAD_NORM] = norm;
-        }
-        c[ctrl::LATCHED] = start.latched as i32 as f64;
-        c[ctrl::LAST_LOSS] = start.last_loss;
-        c[ctrl::LAST_NORM] = start.last_grad_norm;
-        c[ctrl::LOSS_SUM] = start.loss_sum;
-        c[ctrl::LOSS_COUNT] = start.loss_count as f64;
-        let mut ctrl_buf = self.alloc_any::<f64>(ctrl::LEN, false);
-        self.upload_any(&c, &mut ctrl_buf);
-        let mut map_buf = self.alloc_any::<u64>(blocks.max(1), false);
-        if blocks > 0 {
-            self.upload_any(&map, &mut map_buf);
-        }
-        CudaOptState {
-            ctrl: ctrl_buf,
-            partials: self.alloc_any::<f64>(blocks.max(1), false),
-            lens: grad_lens.to_vec(),
-            tab: self.alloc_any::<u64>(5 * grad_lens.len().max(1), false),
-            tab_host: Vec::new(),
-            map: map_buf,
-            blocks,
-        }
+        self.opt_state_alloc(grad_lens, start)
     }
     fn opt_step(
         &self,
@@ -2531,45 +1738,10 @@ impl Backend for Cuda {
         v: &mut [Buf],
         st: &mut CudaOptState,
     ) {
-        assert_eq!(loss.len(), 1);
-        let nt = st.lens.len();
-        assert!(params.len() == nt && grads.len() == nt && m.len() == nt && v.len() == nt);
-        // The table of addresses: uploaded on the first step, and again only if a buffer moved
-        // (a host-to-device copy, not a synchronization).
-        let mut tab = Vec::with_capacity(5 * nt);
-        for t in 0..nt {
-            let n = st.lens[t];
-            assert!(params[t].len() == n && grads[t].len() == n && m[t].len() == n);
-            assert_eq!(v[t].len(), n);
-            tab.extend([
-                self.addr(&params[t]),
-                self.addr(&grads[t]),
-                self.addr(&m[t]),
-                self.addr(&v[t]),
-                n as u64,
-            ]);
-        }
-        if tab != st.tab_host && nt > 0 {
-            self.upload_any(&tab, &mut st.tab);
-            st.tab_host = tab;
-        }
-        let cfg = per_block(st.blocks, 0);
-        if st.blocks > 0 {
-            launch!(self, "sum_squares_multi_f32", cfg; &st.tab, &st.map, &mut st.partials);
-        }
-        let np = i(st.blocks);
-        let (b1, b2) = (h.beta1, h.beta2);
-        let clip = h.grad_clip.unwrap_or(0.0);
-        let (has_clip, latch) = (h.grad_clip.is_some() as i32, h.latch as i32);
-        // Step, lr and decay from the per-step scalars (normally set by `begin_step` already).
-        self.set_step_vals(Self::step_vals_for(h));
-        let sv = &self.step_vals().buf;
-        launch!(self, "opt_control_f64", per_block(1, 0);
-            &np, &st.partials, loss, &mut st.ctrl, &b1, &b2, &clip, &has_clip, &latch, sv);
-        if st.blocks > 0 {
-            let eps = h.eps;
-            launch!(self, "adam_multi_f32", cfg; &st.tab, &st.map, &b1, &b2, &eps, &st.ctrl, sv);
-        }
+        self.opt_step_launch(h, loss, params, grads, m, v, st)
+    }
+    fn opt_report(&self, st: &CudaOptState) -> OptReport {
+        self.opt_report_read(st)
     }
     fn begin_step(&self, h: &OptHyper) {
         self.set_step_vals(Self::step_vals_for(h));
@@ -2586,203 +1758,11 @@ impl Backend for Cuda {
     fn replay(&self, graph: &CudaStepGraph) -> Result<(), String> {
         Cuda::replay(self, graph)
     }
-    fn opt_report(&self, st: &CudaOptState) -> OptReport {
-        let c = self.read(&st.ctrl);
-        let step = |x: f64| (x >= 0.0).then_some(x as u64);
-        OptReport {
-            updates: c[ctrl::UPDATES] as u64,
-            skipped: c[ctrl::SKIPPED] as u64,
-            first_bad: step(c[ctrl::FIRST_BAD_STEP])
-                .map(|s| (s, c[ctrl::FIRST_BAD_LOSS], c[ctrl::FIRST_BAD_NORM])),
-            last_bad_step: step(c[ctrl::LAST_BAD_STEP]),
-            latched: c[ctrl::LATCHED] != 0.0,
-            last_loss: c[ctrl::LAST_LOSS],
-            last_grad_norm: c[ctrl::LAST_NORM],
-            loss_sum: c[ctrl::LOSS_SUM],
-            loss_count: c[ctrl::LOSS_COUNT] as u64,
-        }
-    }
-}
-
-/// Tokens per block of the attention kernels, version 2 (ATT_T in attention.cu), and the most
-/// slots they keep in registers (ATT_MAXK).
-const ATT_T: usize = 256;
-const ATT_MAXK: usize = 16;
-
-/// The number of token chunks when version 2 of the attention kernels applies (K ≤ ATT_MAXK and
-/// the largest shared-memory need, that of attention_bwd_main_f32, within 48 KiB), else None
-/// (version 1: one block per batch and head).
-fn attn_v2_chunks(dm: &AttnDims) -> Option<usize> {
-    let smem = (2 * dm.k * dm.head_dim() + 2 * dm.k + 2 * ATT_T * dm.k) * 4;
-    let fits = dm.k <= ATT_MAXK && smem <= 48 * 1024 && dm.batch * dm.heads <= 65_535;
-    fits.then(|| dm.n.div_ceil(ATT_T).max(1))
-}
-
-fn attn_grid(dm: &AttnDims, chunks: usize, shared_mem_bytes: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (chunks as u32, (dm.batch * dm.heads) as u32, 1),
-        block_dim: (ATT_T as u32, 1, 1),
-        shared_mem_bytes,
-    }
-}
-
-fn attn_c(dm: &AttnDims) -> AttnDimsC {
-    AttnDimsC {
-        batch: i(dm.batch),
-        n: i(dm.n),
-        k: i(dm.k),
-        d: i(dm.d),
-        heads: i(dm.heads),
-        scale: dm.scale as f32,
-        eps: dm.eps as f32,
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// How often each output position of a transposed convolution is reached by the taps of
-    /// `mask` over the input grid (per axis: tap ky reaches q = s·p − pad + ky).
-    fn tap_coverage(g: &ConvGeom, mask: u32) -> Vec<usize> {
-        let mut count = vec![0; g.h_out * g.w_out];
-        for tap in (0..g.k * g.k).filter(|t| mask >> t & 1 == 1) {
-            let (ky, kx) = (tap / g.k, tap % g.k);
-            for py in 0..g.h_in {
-                for px in 0..g.w_in {
-                    let qy = (py * g.stride + ky) as isize - g.pad as isize;
-                    let qx = (px * g.stride + kx) as isize - g.pad as isize;
-                    if (0..g.h_out as isize).contains(&qy) && (0..g.w_out as isize).contains(&qx) {
-                        count[qy as usize * g.w_out + qx as usize] += 1;
-                    }
-                }
-            }
-        }
-        count
-    }
-
-    #[test]
-    fn ptxas_log_parses_registers_shared_memory_stack_and_spills() {
-        let log = "ptxas info    : 0 bytes gmem
-ptxas info    : Compiling entry function 'conv_a' for 'sm_90'
-ptxas info    : Function properties for conv_a
-ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 76 registers, used 1 barriers, 30720 bytes smem
-ptxas info    : Compile time = 10.745 ms
-ptxas info    : Compiling entry function 'spilly' for 'sm_90'
-ptxas info    : Function properties for spilly
-ptxas         .     2048 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads
-ptxas info    : Used 255 registers, used 0 barriers, 2048 bytes cumulative stack size
-";
-        let kernel = |name: &str,
-                      registers,
-                      shared_bytes,
-                      stack_bytes,
-                      spill_store_bytes,
-                      spill_load_bytes| {
-            KernelResources {
-                name: name.into(),
-                registers,
-                shared_bytes,
-                stack_bytes,
-                spill_store_bytes,
-                spill_load_bytes,
-            }
-        };
-        assert_eq!(
-            parse_ptxas_log(log),
-            [
-                kernel("conv_a", 76, 30720, 0, 0, 0),
-                kernel("spilly", 255, 0, 2048, 24, 16)
-            ]
-        );
-    }
-
-    #[test]
-    fn convt_covering_taps_reach_every_output_once() {
-        // The decoder layers of the configs: 5×5 stride 2 (pad 2, output padding 1), 5×5 and
-        // 3×3 stride 1 "same".
-        let s2 = ConvGeom::transposed(8, 8, 64, 64, 5, 2, 2, 1);
-        let bit = |ky: usize, kx: usize, k: usize| 1u32 << (ky * k + kx);
-        assert_eq!(
-            convt_covering_taps(&s2),
-            Some(bit(2, 2, 5) | bit(2, 3, 5) | bit(3, 2, 5) | bit(3, 3, 5))
-        );
-        let s1 = ConvGeom::transposed(16, 16, 64, 64, 5, 1, 2, 0);
-        assert_eq!(convt_covering_taps(&s1), Some(bit(2, 2, 5)));
-        let k3 = ConvGeom::transposed(16, 16, 64, 4, 3, 1, 1, 0);
-        assert_eq!(convt_covering_taps(&k3), Some(bit(1, 1, 3)));
-        // Every small geometry: a mask reaches each output exactly once; None only where some
-        // output phase has no single tap that reaches all of its positions.
-        let (mut some, mut none) = (0, 0);
-        for k in 1..=5 {
-            for stride in 1..=3 {
-                for pad in 0..k {
-                    for out_pad in 0..stride {
-                        for h_in in 1..=5 {
-                            if (h_in - 1) * stride + k + out_pad <= 2 * pad {
-                                continue; // no output
-                            }
-                            let g =
-                                ConvGeom::transposed(h_in, h_in + 1, 4, 4, k, stride, pad, out_pad);
-                            match convt_covering_taps(&g) {
-                                Some(mask) => {
-                                    some += 1;
-                                    assert!(
-                                        tap_coverage(&g, mask).iter().all(|&c| c == 1),
-                                        "{g:?}: mask {mask:b}"
-                                    );
-                                }
-                                None => {
-                                    none += 1;
-                                    // Some output row phase (or column phase) that no single
-                                    // tap covers completely.
-                                    let covers =
-                                        |n_in: usize, n_out: usize, phase: usize, ky: usize| {
-                                            (phase..n_out).step_by(stride).all(|q| {
-                                                let off = (q + pad) as isize - ky as isize;
-                                                off >= 0
-                                                    && off as usize % stride == 0
-                                                    && (off as usize / stride) < n_in
-                                            })
-                                        };
-                                    let axis_ok = |n_in: usize, n_out: usize| {
-                                        (0..stride.min(n_out))
-                                            .all(|ph| (0..k).any(|ky| covers(n_in, n_out, ph, ky)))
-                                    };
-                                    assert!(
-                                        !(axis_ok(g.h_in, g.h_out) && axis_ok(g.w_in, g.w_out)),
-                                        "{g:?}: a covering tap set exists but none was found"
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        assert!(
-            some > 100 && none > 10,
-            "{some} geometries with taps, {none} without"
-        );
-    }
-
-    #[test]
-    fn nvrtc_error_names_the_file_and_carries_the_log() {
-        if !nvrtc_available() {
-            eprintln!("skipped: libnvrtc cannot be loaded");
-            return;
-        }
-        let broken = KernelFile {
-            name: "broken.cu",
-            source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",
-            kernels: &["k"],
-        };
-        let e = compile_file(&broken, "sm_90").unwrap_err();
-        assert!(e.contains("kernels/broken.cu"), "{e}");
-        assert!(e.contains("sm_90"), "{e}");
-        assert!(e.contains("undefined_name"), "no compiler log in: {e}");
-    }
 
     #[test]
     fn emulator_guards_show_writes_outside_a_buffer() {

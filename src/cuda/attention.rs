@@ -1,0 +1,141 @@
+//! Launchers of the slot-attention kernels (attention.cu): version 2 splits each image's tokens
+//! over blocks and reduces the partial sums in chunk order; version 1, one block per image and
+//! head, takes the shapes version 2 does not (and runs when its fast path is off).
+
+use super::{i, per_block, per_elem, Arg, Buf, Cuda};
+use crate::ops::attention::AttnDims;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+/// `AttnDims` as the kernels see it (struct AttnDims in attention.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AttnDimsC {
+    batch: i32,
+    n: i32,
+    k: i32,
+    d: i32,
+    heads: i32,
+    scale: f32,
+    eps: f32,
+}
+unsafe impl DeviceRepr for AttnDimsC {}
+
+/// Tokens per block of the attention kernels, version 2 (ATT_T in attention.cu), and the most
+/// slots they keep in registers (ATT_MAXK).
+const ATT_T: usize = 256;
+const ATT_MAXK: usize = 16;
+
+/// The number of token chunks when version 2 of the attention kernels applies (K ≤ ATT_MAXK and
+/// the largest shared-memory need, that of attention_bwd_main_f32, within 48 KiB), else None
+/// (version 1: one block per batch and head).
+fn attn_v2_chunks(dm: &AttnDims) -> Option<usize> {
+    let smem = (2 * dm.k * dm.head_dim() + 2 * dm.k + 2 * ATT_T * dm.k) * 4;
+    let fits = dm.k <= ATT_MAXK && smem <= 48 * 1024 && dm.batch * dm.heads <= 65_535;
+    fits.then(|| dm.n.div_ceil(ATT_T).max(1))
+}
+
+fn attn_grid(dm: &AttnDims, chunks: usize, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (chunks as u32, (dm.batch * dm.heads) as u32, 1),
+        block_dim: (ATT_T as u32, 1, 1),
+        shared_mem_bytes,
+    }
+}
+
+fn attn_c(dm: &AttnDims) -> AttnDimsC {
+    AttnDimsC {
+        batch: i(dm.batch),
+        n: i(dm.n),
+        k: i(dm.k),
+        d: i(dm.d),
+        heads: i(dm.heads),
+        scale: dm.scale as f32,
+        eps: dm.eps as f32,
+    }
+}
+
+impl Cuda {
+    /// [`crate::backend::Backend::attention_fwd`].
+    pub(super) fn attention_fwd_kernels(
+        &self,
+        dm: &AttnDims,
+        k: &Buf,
+        v: &Buf,
+        q: &Buf,
+        attn: &mut Buf,
+        upd: &mut Buf,
+    ) {
+        assert_eq!(dm.d % dm.heads, 0);
+        assert_eq!(k.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(v.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(q.len(), dm.batch * dm.k * dm.d);
+        assert_eq!(attn.len(), dm.attn_len());
+        assert_eq!(upd.len(), dm.batch * dm.k * dm.d);
+        if dm.batch * dm.heads == 0 {
+            return;
+        }
+        let dc = attn_c(dm);
+        let dh = dm.head_dim();
+        if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
+            // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
+            let smem = ((dm.k * dh + ATT_T * dm.k) * 4) as u32;
+            let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
+            let cfg = attn_grid(dm, chunks, smem);
+            launch!(self, "attention_fwd_partial_f32", cfg; &dc, k, v, q, attn, &mut partial);
+            let ci = i(chunks);
+            launch!(self, "attention_fwd_reduce_f32", per_elem(dm.batch * dm.heads * dm.k * dh);
+                &dc, &ci, &partial, upd);
+            return;
+        }
+        let smem = ((dm.k * dh + dm.k) * 4) as u32;
+        assert!(smem <= 48 * 1024, "attention: K·D/heads too large for v1");
+        launch!(self, "attention_fwd_f32", per_block(dm.batch * dm.heads, smem);
+            &dc, k, v, q, attn, upd);
+    }
+
+    /// [`crate::backend::Backend::attention_bwd`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_bwd_kernels(
+        &self,
+        dm: &AttnDims,
+        k: &Buf,
+        v: &Buf,
+        q: &Buf,
+        attn: &Buf,
+        dupd: &Buf,
+        dk: &mut Buf,
+        dv: &mut Buf,
+        dq: &mut Buf,
+    ) {
+        assert_eq!(dm.d % dm.heads, 0);
+        assert_eq!(attn.len(), dm.attn_len());
+        assert_eq!(dupd.len(), dm.batch * dm.k * dm.d);
+        assert_eq!(dk.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(dv.len(), dm.batch * dm.n * dm.d);
+        assert_eq!(dq.len(), dm.batch * dm.k * dm.d);
+        if dm.batch * dm.heads == 0 {
+            return;
+        }
+        let dc = attn_c(dm);
+        let dh = dm.head_dim();
+        if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
+            let bh = dm.batch * dm.heads;
+            let mut stats = self.scratch::<f32>(bh * chunks * dm.k * 2);
+            let smem1 = ((dm.k * dh + 2 * ATT_T * dm.k) * 4) as u32;
+            launch!(self, "attention_bwd_stats_f32", attn_grid(dm, chunks, smem1);
+                &dc, v, attn, dupd, &mut stats);
+            let mut dq_partial = self.scratch::<f32>(bh * chunks * dm.k * dh);
+            let smem2 = ((2 * dm.k * dh + 2 * dm.k + 2 * ATT_T * dm.k) * 4) as u32;
+            launch!(self, "attention_bwd_main_f32", attn_grid(dm, chunks, smem2);
+                &dc, k, v, q, attn, dupd, &stats, dk, dv, &mut dq_partial);
+            let ci = i(chunks);
+            launch!(self, "attention_bwd_dq_reduce_f32", per_elem(bh * dm.k * dh);
+                &dc, &ci, &dq_partial, dq);
+            return;
+        }
+        let mut scratch = self.scratch::<f32>(dm.attn_len());
+        let smem = (2 * dm.k * 4) as u32;
+        launch!(self, "attention_bwd_f32", per_block(dm.batch * dm.heads, smem);
+            &dc, k, v, q, attn, dupd, &mut scratch, dk, dv, dq);
+    }
+}

@@ -1,0 +1,589 @@
+//! Launchers of the convolutions and transposed convolutions: the exact-f32 kernels (conv.cu,
+//! version 1) and the implicit GEMMs on the tensor cores (conv_tc.cu, versions 2 and 3), forward,
+//! input gradient, weight and bias gradients. The linear layers reuse the tensor-core ones as
+//! 1 × 1 convolutions.
+
+use super::{i, per_block, per_elem, Arg, Buf, Cuda, Scratch};
+use crate::backend::Backend;
+use crate::config::Precision;
+use crate::ops::conv::ConvGeom;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+/// `ConvGeom` as the kernels see it (struct ConvGeom in conv.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ConvGeomC {
+    h_in: i32,
+    w_in: i32,
+    c_in: i32,
+    h_out: i32,
+    w_out: i32,
+    c_out: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+}
+unsafe impl DeviceRepr for ConvGeomC {}
+
+impl ConvGeomC {
+    fn new(g: &ConvGeom) -> Self {
+        Self {
+            h_in: i(g.h_in),
+            w_in: i(g.w_in),
+            c_in: i(g.c_in),
+            h_out: i(g.h_out),
+            w_out: i(g.w_out),
+            c_out: i(g.c_out),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+        }
+    }
+}
+
+/// The activation-pass GEMM of the tensor-core convolutions (struct ConvGemm in conv_tc.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ConvGemmC {
+    batch: i32,
+    hp: i32,
+    wp: i32,
+    hs: i32,
+    ws: i32,
+    cs: i32,
+    n: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    w_nc: i32,
+}
+unsafe impl DeviceRepr for ConvGemmC {}
+
+/// The weight-gradient GEMM of the tensor-core convolutions (struct ConvDwGemm in conv_tc.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ConvDwGemmC {
+    rows: i32,
+    batch: i32,
+    hp: i32,
+    wp: i32,
+    hs: i32,
+    ws: i32,
+    cs: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+    chunk: i32,
+}
+unsafe impl DeviceRepr for ConvDwGemmC {}
+
+/// Output tile side and threads per block of the tensor-core kernels (TC_BM = TC_BN, TC_THREADS).
+const TC_TILE: usize = 64;
+const TC_THREADS: u32 = 128;
+
+/// Blocks the split weight-gradient GEMM aims for: two per SM of an H100 (132 SMs).
+const TC_DW_TARGET_BLOCKS: usize = 264;
+
+/// The conv kernels compute flat indices over the whole batch in 32-bit ints: refuse sizes past
+/// that range instead of letting them overflow.
+pub(super) fn check_conv_range(g: &ConvGeom, batch: usize) {
+    i(batch * g.in_len());
+    i(batch * g.out_len());
+}
+
+/// The taps (bit ky·k + kx) whose direct gathers of a transposed convolution's output, over its
+/// input grid, reach every output position exactly once: one tap per output phase q mod s in
+/// each axis (tap ky reaches q = s·p − pad + ky for p in [0, n_in)). The column sums of those
+/// taps in the dW GEMM add up to the bias gradient. None when a phase has no such tap, or the
+/// taps do not fit a 32-bit mask.
+fn convt_covering_taps(g: &ConvGeom) -> Option<u32> {
+    if g.k * g.k > 32 {
+        return None;
+    }
+    let (s, pad) = (g.stride as isize, g.pad as isize);
+    // For each output phase with outputs: the tap that covers all of them.
+    let axis = |n_in: usize, n_out: usize| -> Option<Vec<usize>> {
+        let (n_in, n_out) = (n_in as isize, n_out as isize);
+        (0..s.min(n_out))
+            .map(|phase| {
+                let last = phase + (n_out - 1 - phase) / s * s;
+                (0..g.k).find(|&ky| {
+                    let off = phase + pad - ky as isize;
+                    off >= 0 && off % s == 0 && (last + pad - ky as isize) / s < n_in
+                })
+            })
+            .collect()
+    };
+    let (ys, xs) = (axis(g.h_in, g.h_out)?, axis(g.w_in, g.w_out)?);
+    Some(
+        ys.iter()
+            .flat_map(|&ky| xs.iter().map(move |&kx| 1u32 << (ky * g.k + kx)))
+            .sum(),
+    )
+}
+
+/// Threads per block of `conv_dw_partial_v3*_tf32` (DW3_THREADS in conv_tc.cu).
+const DW3_THREADS: u32 = 256;
+
+/// Threads per block of version 3 of the tensor-core activation passes (V3_THREADS in
+/// conv_tc.cu).
+const V3_THREADS: u32 = 256;
+
+/// The kernel and grid of version 3 of an activation pass: 128 × 64 tiles, or 256 × 32 tiles
+/// (`*_v3n32_*`) when there are at most 32 output channels. An adjoint gather with stride s > 1
+/// has one z per output phase (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions
+/// per image.
+fn v3_kernel(p: &ConvGemmC, adjoint: bool) -> (&'static str, LaunchConfig) {
+    let (hp, wp, batch, n) = (p.hp as usize, p.wp as usize, p.batch as usize, p.n as usize);
+    let s = if adjoint { p.stride as usize } else { 1 };
+    let rows = batch * hp.div_ceil(s) * wp.div_ceil(s);
+    let narrow = n <= 32;
+    let (bm, bn) = if narrow { (256, 32) } else { (128, 64) };
+    let name = match (adjoint, narrow) {
+        (false, false) => "conv_igemm_direct_v3_tf32",
+        (true, false) => "conv_igemm_adjoint_v3_tf32",
+        (false, true) => "conv_igemm_direct_v3n32_tf32",
+        (true, true) => "conv_igemm_adjoint_v3n32_tf32",
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            rows.div_ceil(bm) as u32,
+            n.div_ceil(bn) as u32,
+            (s * s) as u32,
+        ),
+        block_dim: (V3_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (name, cfg)
+}
+
+/// Tensor-core tiles over an `m × n` output, `z` deep.
+fn tc_grid(m: usize, n: usize, z: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            m.div_ceil(TC_TILE) as u32,
+            n.div_ceil(TC_TILE) as u32,
+            z as u32,
+        ),
+        block_dim: (TC_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Cuda {
+    /// Forward of a convolution (`transposed`: of a transposed one): checks, then the
+    /// tensor-core path under TF32 or the exact-f32 kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_fwd_common(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        b: &Buf,
+        relu: bool,
+        y: &mut Buf,
+    ) {
+        assert_eq!(x.len(), batch * g.in_len());
+        assert_eq!(y.len(), batch * g.out_len());
+        assert_eq!(w.len(), g.weight_len());
+        assert_eq!(b.len(), g.c_out);
+        let n = batch * g.out_len();
+        if n == 0 {
+            return;
+        }
+        check_conv_range(g, batch);
+        if self.precision == Precision::Tf32 {
+            return self.conv_tc_fwd(transposed, g, batch, x, w, Some(b), relu, y);
+        }
+        let gc = ConvGeomC::new(g);
+        let (bi, ri) = (i(batch), relu as i32);
+        let name = if transposed {
+            "conv_t2d_fwd_f32"
+        } else {
+            "conv2d_fwd_f32"
+        };
+        launch!(self, name, per_elem(n); &gc, &bi, x, w, b, &ri, y);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_bwd_common(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: Option<&mut Buf>,
+        dx_set: bool,
+        dw: &mut Buf,
+        db: &mut Buf,
+    ) {
+        assert_eq!(x.len(), batch * g.in_len());
+        assert_eq!(y.len(), batch * g.out_len());
+        assert_eq!(dy.len(), batch * g.out_len());
+        assert_eq!(w.len(), g.weight_len());
+        assert_eq!(dw.len(), g.weight_len());
+        assert_eq!(db.len(), g.c_out);
+        if batch == 0 {
+            return;
+        }
+        check_conv_range(g, batch);
+        if self.precision == Precision::Tf32 {
+            if let Some(dx) = dx {
+                assert_eq!(dx.len(), batch * g.in_len());
+                self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx, dx_set);
+            }
+            self.conv_tc_dw(transposed, g, batch, x, y, relu, dy, dw, Some(db));
+            return;
+        }
+        let gc = ConvGeomC::new(g);
+        let bi = i(batch);
+        let ri = relu as i32;
+        if let Some(dx) = dx {
+            assert_eq!(dx.len(), batch * g.in_len());
+            let n = batch * g.in_len();
+            // (The exact-f32 dx kernels only accumulate.)
+            if dx_set {
+                self.fill_zero(dx);
+            }
+            if transposed {
+                launch!(self, "conv_t2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
+            } else {
+                launch!(self, "conv2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
+            }
+        }
+        let wl = g.weight_len();
+        if transposed {
+            launch!(self, "conv_t2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
+        } else {
+            launch!(self, "conv2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
+        }
+        self.conv_db(g, batch, y, relu, dy, db);
+    }
+
+    /// db += Σ over positions of dy (ReLU-masked by y).
+    fn conv_db(&self, g: &ConvGeom, batch: usize, y: &Buf, relu: bool, dy: &Buf, db: &mut Buf) {
+        self.col_sums(batch * g.h_out * g.w_out, g.c_out, y, relu, dy, db);
+    }
+
+    /// Forward pass of a convolution (`transposed` false) or transposed convolution on the
+    /// tensor cores: y = relu?(b + conv(x, W)).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_tc_fwd(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        w: &Buf,
+        b: Option<&Buf>,
+        relu: bool,
+        y: &mut Buf,
+    ) {
+        // conv: direct gather of x, W[co][ci]; convT: adjoint gather of x, W[ci][co].
+        let p = ConvGemmC {
+            batch: i(batch),
+            hp: i(g.h_out),
+            wp: i(g.w_out),
+            hs: i(g.h_in),
+            ws: i(g.w_in),
+            cs: i(g.c_in),
+            n: i(g.c_out),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+            w_nc: !transposed as i32,
+        };
+        let cfg = tc_grid(batch * g.h_out * g.w_out, g.c_out, 1);
+        // mode 0: y = relu?(acc + b); 2: y = relu?(acc) (no bias: the kernel never reads it).
+        let (zero, ri, mode) = (0i32, relu as i32, if b.is_some() { 0i32 } else { 2 });
+        let b = b.unwrap_or(w);
+        if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
+            let wt = &*wt;
+            let (name, cfg) = v3_kernel(&p, transposed);
+            launch!(self, name, cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
+        } else if transposed {
+            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
+        } else {
+            launch!(self, "conv_igemm_direct_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
+        }
+    }
+
+    /// For version 3 of the tensor-core activation passes (a gathered source of `cs` channels,
+    /// a multiple of 16): the weights as `[n][k·k·cs]` TF32 bit patterns (conv_w_nk_tf32), in a
+    /// scratch buffer. None: version 2 applies.
+    fn conv_tc_v3_weights(&self, p: &ConvGemmC, w: &Buf) -> Option<Scratch<'_, f32>> {
+        if !self.fast.conv_v3 || p.cs % 16 != 0 {
+            return None;
+        }
+        let total = p.n as usize * (p.k * p.k * p.cs) as usize;
+        i(total);
+        let mut wt = self.scratch::<f32>(total);
+        launch!(self, "conv_w_nk_tf32", per_elem(total); &p.n, &p.cs, &p.k, &p.w_nc, w, &mut *wt);
+        Some(wt)
+    }
+
+    /// dx += (or, with `dx_set`, dx =) the input gradient of a convolution or transposed
+    /// convolution, on the tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn conv_tc_dx(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        w: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dx: &mut Buf,
+        dx_set: bool,
+    ) {
+        // conv: adjoint gather of g, W[co][ci] (W[c][n]); convT: direct gather of g, W[ci][co]
+        // (W[n][c]). The GEMM's rows are the input positions, its columns the input channels.
+        let p = ConvGemmC {
+            batch: i(batch),
+            hp: i(g.h_in),
+            wp: i(g.w_in),
+            hs: i(g.h_out),
+            ws: i(g.w_out),
+            cs: i(g.c_out),
+            n: i(g.c_in),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+            w_nc: transposed as i32,
+        };
+        let cfg = tc_grid(batch * g.h_in * g.w_in, g.c_in, 1);
+        // accumulate = 1: dx += the product; 2 with relu = 0: dx = the product. Neither reads
+        // the bias: pass w.
+        let (zero, ri) = (0i32, relu as i32);
+        let mode = if dx_set { 2i32 } else { 1 };
+        if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
+            let wt = &*wt;
+            let (name, cfg) = v3_kernel(&p, !transposed);
+            launch!(self, name, cfg; &p, dy, y, &ri, wt, w, &zero, &mode, dx);
+        } else if transposed {
+            launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
+        } else {
+            launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
+        }
+    }
+
+    /// dW += the weight gradient of a convolution or transposed convolution, on the tensor
+    /// cores: the reduction over positions is split into chunks summed in a fixed order.
+    #[allow(clippy::too_many_arguments)]
+    /// dW (and db when given) of a convolution on the tensor cores. With version 3 the bias
+    /// gradient comes from the operand sums of the dW GEMM (see `dw3_operand_sums` in
+    /// conv_tc.cu) where the geometry allows; otherwise from a column-sum pass over dy.
+    pub(super) fn conv_tc_dw(
+        &self,
+        transposed: bool,
+        g: &ConvGeom,
+        batch: usize,
+        x: &Buf,
+        y: &Buf,
+        relu: bool,
+        dy: &Buf,
+        dw: &mut Buf,
+        db: Option<&mut Buf>,
+    ) {
+        // conv: rows co, A = g over the output grid, B = direct gather of x.
+        // convT: rows ci, A = x over the input grid, B = direct gather of g.
+        let (rows, hp, wp, hs, ws, cs) = if transposed {
+            (g.c_in, g.h_in, g.w_in, g.h_out, g.w_out, g.c_out)
+        } else {
+            (g.c_out, g.h_out, g.w_out, g.h_in, g.w_in, g.c_in)
+        };
+        let cols = g.k * g.k * cs;
+        let npos = batch * hp * wp;
+        // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3).
+        let v3 = self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
+        let (row_tile, col_tile, v3_name) = match (v3, rows <= 32) {
+            (false, _) => (TC_TILE, TC_TILE, ""),
+            (true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
+            (true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
+        };
+        let tiles = rows.div_ceil(row_tile) * cols.div_ceil(col_tile);
+        let want = TC_DW_TARGET_BLOCKS
+            .div_ceil(tiles)
+            .clamp(1, npos.div_ceil(TC_TILE));
+        let chunk = npos.div_ceil(want).next_multiple_of(16);
+        let chunks = npos.div_ceil(chunk);
+        let p = ConvDwGemmC {
+            rows: i(rows),
+            batch: i(batch),
+            hp: i(hp),
+            wp: i(wp),
+            hs: i(hs),
+            ws: i(ws),
+            cs: i(cs),
+            k: i(g.k),
+            stride: i(g.stride),
+            pad: i(g.pad),
+            chunk: i(chunk),
+        };
+        i(chunks * rows * cols);
+        let mut partial = self.scratch::<f32>(chunks * rows * cols);
+        let cfg = if v3 {
+            LaunchConfig {
+                grid_dim: (
+                    rows.div_ceil(row_tile) as u32,
+                    cols.div_ceil(col_tile) as u32,
+                    chunks as u32,
+                ),
+                block_dim: (DW3_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            tc_grid(rows, cols, chunks)
+        };
+        let (zero, ri) = (0i32, relu as i32);
+        // The bias gradient's taps: conv sums dy, the A rows (one "tap"); convT the B columns
+        // of the taps that reach every output position exactly once.
+        let db_taps = match (v3, &db, transposed) {
+            (true, Some(_), false) => Some(1u32),
+            (true, Some(_), true) => convt_covering_taps(g),
+            _ => None,
+        };
+        let sums_len = if transposed { cols } else { rows };
+        let mut sums = self.scratch::<f32>(if db_taps.is_some() {
+            chunks * sums_len
+        } else {
+            1
+        });
+        // 0: no sums; 1: of the A rows (conv: dy); 2: of the B columns (convT: gathered dy).
+        let sums_of: i32 = match (db_taps, transposed) {
+            (None, _) => 0,
+            (Some(_), false) => 1,
+            (Some(_), true) => 2,
+        };
+        match (transposed, v3) {
+            (true, true) => launch!(self, v3_name, cfg;
+                &p, x, x, &zero, dy, y, &ri, &mut partial, &sums_of, &mut sums),
+            (true, false) => launch!(self, "conv_dw_partial_tf32", cfg;
+                &p, x, x, &zero, dy, y, &ri, &mut partial),
+            (false, true) => launch!(self, v3_name, cfg;
+                &p, dy, y, &ri, x, x, &zero, &mut partial, &sums_of, &mut sums),
+            (false, false) => launch!(self, "conv_dw_partial_tf32", cfg;
+                &p, dy, y, &ri, x, x, &zero, &mut partial),
+        }
+        let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
+        let sl = i(sums_len);
+        match (db, db_taps) {
+            (Some(db), Some(taps)) => {
+                assert_eq!(db.len(), g.c_out);
+                let oi = i(g.c_out);
+                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols + g.c_out);
+                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &oi, &taps, &*sums, db);
+            }
+            (db, _) => {
+                // (No sums: no bias, or version 2, which sums the bias over dy on its own.)
+                let (zero_u, mut none) = (0u32, self.scratch::<f32>(1));
+                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
+                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &zero, &zero_u, &*sums, &mut *none);
+                if let Some(db) = db {
+                    assert_eq!(db.len(), g.c_out);
+                    self.conv_db(g, batch, y, relu, dy, db);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How often each output position of a transposed convolution is reached by the taps of
+    /// `mask` over the input grid (per axis: tap ky reaches q = s·p − pad + ky).
+    fn tap_coverage(g: &ConvGeom, mask: u32) -> Vec<usize> {
+        let mut count = vec![0; g.h_out * g.w_out];
+        for tap in (0..g.k * g.k).filter(|t| mask >> t & 1 == 1) {
+            let (ky, kx) = (tap / g.k, tap % g.k);
+            for py in 0..g.h_in {
+                for px in 0..g.w_in {
+                    let qy = (py * g.stride + ky) as isize - g.pad as isize;
+                    let qx = (px * g.stride + kx) as isize - g.pad as isize;
+                    if (0..g.h_out as isize).contains(&qy) && (0..g.w_out as isize).contains(&qx) {
+                        count[qy as usize * g.w_out + qx as usize] += 1;
+                    }
+                }
+            }
+        }
+        count
+    }
+
+    #[test]
+    fn convt_covering_taps_reach_every_output_once() {
+        // The decoder layers of the configs: 5×5 stride 2 (pad 2, output padding 1), 5×5 and
+        // 3×3 stride 1 "same".
+        let s2 = ConvGeom::transposed(8, 8, 64, 64, 5, 2, 2, 1);
+        let bit = |ky: usize, kx: usize, k: usize| 1u32 << (ky * k + kx);
+        assert_eq!(
+            convt_covering_taps(&s2),
+            Some(bit(2, 2, 5) | bit(2, 3, 5) | bit(3, 2, 5) | bit(3, 3, 5))
+        );
+        let s1 = ConvGeom::transposed(16, 16, 64, 64, 5, 1, 2, 0);
+        assert_eq!(convt_covering_taps(&s1), Some(bit(2, 2, 5)));
+        let k3 = ConvGeom::transposed(16, 16, 64, 4, 3, 1, 1, 0);
+        assert_eq!(convt_covering_taps(&k3), Some(bit(1, 1, 3)));
+        // Every small geometry: a mask reaches each output exactly once; None only where some
+        // output phase has no single tap that reaches all of its positions.
+        let (mut some, mut none) = (0, 0);
+        for k in 1..=5 {
+            for stride in 1..=3 {
+                for pad in 0..k {
+                    for out_pad in 0..stride {
+                        for h_in in 1..=5 {
+                            if (h_in - 1) * stride + k + out_pad <= 2 * pad {
+                                continue; // no output
+                            }
+                            let g =
+                                ConvGeom::transposed(h_in, h_in + 1, 4, 4, k, stride, pad, out_pad);
+                            match convt_covering_taps(&g) {
+                                Some(mask) => {
+                                    some += 1;
+                                    assert!(
+                                        tap_coverage(&g, mask).iter().all(|&c| c == 1),
+                                        "{g:?}: mask {mask:b}"
+                                    );
+                                }
+                                None => {
+                                    none += 1;
+                                    // Some output row phase (or column phase) that no single
+                                    // tap covers completely.
+                                    let covers =
+                                        |n_in: usize, n_out: usize, phase: usize, ky: usize| {
+                                            (phase..n_out).step_by(stride).all(|q| {
+                                                let off = (q + pad) as isize - ky as isize;
+                                                off >= 0
+                                                    && off as usize % stride == 0
+                                                    && (off as usize / stride) < n_in
+                                            })
+                                        };
+                                    let axis_ok = |n_in: usize, n_out: usize| {
+                                        (0..stride.min(n_out))
+                                            .all(|ph| (0..k).any(|ky| covers(n_in, n_out, ph, ky)))
+                                    };
+                                    assert!(
+                                        !(axis_ok(g.h_in, g.h_out) && axis_ok(g.w_in, g.w_out)),
+                                        "{g:?}: a covering tap set exists but none was found"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            some > 100 && none > 10,
+            "{some} geometries with taps, {none} without"
+        );
+    }
+}
