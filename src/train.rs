@@ -214,7 +214,7 @@ impl<B: Backend> Session<B> {
     }
 
     /// Rebuild a session from a checkpoint to continue its run. The Model section and the
-    /// Training keys that decide the data and noise of each step ([`data_keys`]) must equal the
+    /// Training keys that decide the data and noise of each step (`data_keys`) must equal the
     /// checkpoint's; the schedule, step budget, intervals and the like may change.
     pub fn from_checkpoint(be: B, cfg: Config, ckpt: &Checkpoint) -> Result<Self, String> {
         let saved = Config::from_yaml(ckpt.meta("config")?)
@@ -355,7 +355,7 @@ impl<B: Backend> Session<B> {
     /// one); [`Session::opt_report`] says what happened.
     ///
     /// With `cuda_graph` on a backend that can capture, the second step of the session is
-    /// captured and every later one replays it ([`StepMode`]); the results are the same.
+    /// captured and every later one replays it (`StepMode`); the results are the same.
     pub fn train_step(&mut self, images: &[f32]) -> StepOutcome {
         let t = &self.cfg.training;
         let h = OptHyper {

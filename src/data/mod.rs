@@ -140,7 +140,7 @@ pub trait Dataset: Send + Sync {
     /// Upper bound on mask ids + 1 (background included); 1 for datasets without masks.
     fn max_entities(&self) -> usize;
 
-    /// Write example i: image [H,W,3] channels-last f32 in [-1,1]; mask [H,W] entity ids
+    /// Write example i: image `[H,W,3]` channels-last f32 in `[-1,1]`; mask `[H,W]` entity ids
     /// (0 = background) if requested and available (left untouched otherwise).
     ///
     /// Panics if `i >= len()` or a buffer has the wrong length (caller bugs, not bad data).

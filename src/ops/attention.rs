@@ -1,10 +1,12 @@
 //! The slot-attention step: logits, softmax over the SLOTS, +eps, normalisation over the inputs,
 //! weighted mean of the values. Per head h (channels h·dh .. (h+1)·dh, dh = D / heads):
 //!
-//!   logit[n,k] = scale · Σ_d k[n,d] q[k,d]
-//!   p[n,·]     = softmax_k(logit[n,·])            (saved for backward, layout [B, H, N, K])
-//!   a[n,k]     = p[n,k] + eps,   S[k] = Σ_n a[n,k],   w[n,k] = a[n,k] / S[k]
-//!   upd[k,d]   = Σ_n w[n,k] v[n,d]
+//! ```text
+//! logit[n,k] = scale · Σ_d k[n,d] q[k,d]
+//! p[n,·]     = softmax_k(logit[n,·])            (saved for backward, layout [B, H, N, K])
+//! a[n,k]     = p[n,k] + eps,   S[k] = Σ_n a[n,k],   w[n,k] = a[n,k] / S[k]
+//! upd[k,d]   = Σ_n w[n,k] v[n,d]
+//! ```
 //!
 //! k, v are `[B, N, D]`, q and upd are `[B, K, D]`.
 
@@ -36,7 +38,7 @@ impl AttnDims {
     }
 }
 
-/// Forward. Writes p (`attn`, [B,H,N,K]) and `upd` ([B,K,D]); both overwritten.
+/// Forward. Writes p (`attn`, `[B,H,N,K]`) and `upd` (`[B,K,D]`); both overwritten.
 pub fn attention_fwd<T: Real>(
     dm: &AttnDims,
     kk: &[T],
@@ -97,7 +99,7 @@ pub fn attention_fwd<T: Real>(
         });
 }
 
-/// Backward: from d(upd), accumulates dk, dv ([B,N,D]) and dq ([B,K,D]).
+/// Backward: from d(upd), accumulates dk, dv (`[B,N,D]`) and dq (`[B,K,D]`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Real>(
     dm: &AttnDims,

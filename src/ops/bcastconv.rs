@@ -1,13 +1,17 @@
 //! The spatial broadcast decoder's input and its first convolution as one op.
 //!
 //! Math, per slot s (z: `[S, C]`, S = batch · K), on an H × W grid:
-//!   x[s, p] = z[s] + pos(p)                       (spatial broadcast + soft position embedding)
-//!   y[s, p] = act(b + Σ_{tap valid at p} W_tap · x[s, p + tap])   (k × k conv, stride 1, "same")
+//! ```text
+//! x[s, p] = z[s] + pos(p)                       (spatial broadcast + soft position embedding)
+//! y[s, p] = act(b + Σ_{tap valid at p} W_tap · x[s, p + tap])   (k × k conv, stride 1, "same")
+//! ```
 //!
 //! Here it is composed from the single ops ([`bcast_conv_fwd_by_ops`], [`bcast_conv_bwd_by_ops`]):
 //! that composition is the reference and the [`Backend`] trait's default. Because x is the same
 //! vector at every pixel of a slot plus an image shared by every slot, the convolution splits:
-//!   y[s, p] = act(Σ_{tap valid at p} W_tap · z[s]  +  conv(pos)(p))
+//! ```text
+//! y[s, p] = act(Σ_{tap valid at p} W_tap · z[s]  +  conv(pos)(p))
+//! ```
 //! and which taps are valid depends only on the pixel's distance to the border: k² classes of
 //! pixels. So y needs k² matrix-vector products per slot plus one convolution of a single image
 //! instead of a convolution of S images (32 GFLOP → 0.03 at the tetrominoes shapes, B = 64),
@@ -145,7 +149,7 @@ fn weight_classes<T: Real>(g: &ConvGeom, w: &[T]) -> Vec<T> {
 }
 
 /// The forward split by border classes (the CPU's own; the composition above is the reference
-/// it is tested against): y[s, p] = act(Wc[cls(p)]·z[s] + P[p]). Needs [`BcastConvDims::splits`].
+/// it is tested against): `y[s, p] = act(Wc[cls(p)]·z[s] + P[p])`. Needs [`BcastConvDims::splits`].
 #[allow(clippy::too_many_arguments)]
 pub fn bcast_conv_fwd_split<T: Real>(
     dims: &BcastConvDims,

@@ -1,5 +1,5 @@
 //! Alpha compositing and the loss. The decoder emits 4 channels per slot and pixel:
-//! rgb = out[..3], alpha = out[3]. masks = softmax over the K slots of alpha;
+//! `rgb = out[..3]`, `alpha = out[3]`. masks = softmax over the K slots of alpha;
 //! recon = Σ_k masks_k · rgb_k; loss = mean over all pixels and channels of (recon − target)².
 //! Layouts: dec `[B, K, P, 4]`, target and recon `[B, P, 3]`, masks `[B, K, P]`.
 

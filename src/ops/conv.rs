@@ -1,9 +1,9 @@
 //! 2-D convolution and transposed convolution, channels-last activations, PyTorch weights.
 //!
 //! Math (per image, stride s, padding p, kernel k):
-//! - conv:            y[oy,ox,co] = b[co] + Σ_{ci,ky,kx} W[co,ci,ky,kx] · x[oy·s−p+ky, ox·s−p+kx, ci]
+//! - conv: `y[oy,ox,co] = b[co] + Σ_{ci,ky,kx} W[co,ci,ky,kx] · x[oy·s−p+ky, ox·s−p+kx, ci]`
 //! - transposed conv: the adjoint of that map with the roles of input and output swapped:
-//!   y[oy·s−p+ky, ox·s−p+kx, co] += W[ci,co,ky,kx] · x[oy,ox,ci]  (+ b[co]), with
+//!   `y[oy·s−p+ky, ox·s−p+kx, co] += W[ci,co,ky,kx] · x[oy,ox,ci]` (+ `b[co]`), with
 //!   h_out = (h_in − 1)·s − 2p + k + output_padding (PyTorch's ConvTranspose2d).
 //!
 //! Optional ReLU after the bias. Both are computed as im2col + GEMM: a conv is

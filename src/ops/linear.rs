@@ -1,4 +1,4 @@
-//! Linear layer on rows: y[r, o] = Σ_i x[r, i] · W[o, i] + b[o], optional ReLU.
+//! Linear layer on rows: `y[r, o] = Σ_i x[r, i] · W[o, i] + b[o]`, optional ReLU.
 //! W is `[out, in]` (PyTorch's nn.Linear).
 
 use super::{par_backward, relu_mask};

@@ -1,7 +1,7 @@
 //! Soft position embedding (model.md): a 4-channel grid [u, v, 1−u, 1−v] per pixel, with
-//! u = linspace(0, 1, H)[i], v = linspace(0, 1, W)[j], mapped by a Linear(4 → C) with bias.
+//! `u = linspace(0, 1, H)[i]`, `v = linspace(0, 1, W)[j]`, mapped by a Linear(4 → C) with bias.
 //! - encoder: ADDED to the feature map: y = x + pos (in place);
-//! - decoder: each slot is broadcast to every pixel and pos added: y[s, p] = z[s] + pos[p].
+//! - decoder: each slot is broadcast to every pixel and pos added: `y[s, p] = z[s] + pos[p]`.
 //!
 //! Weight `[C, 4]` (nn.Linear), bias `[C]`.
 
