@@ -65,6 +65,31 @@ fn nvrtc_compiles_every_kernel_sm90() {
     nvrtc_compiles_for("sm_90");
 }
 
+/// The machine code the backend falls back to when a driver refuses NVRTC's PTX: a CUDA ELF
+/// image (e_machine 190, EM_CUDA) for each file, here for sm_80 and sm_90.
+#[test]
+fn nvrtc_compiles_machine_code_for_the_ptx_fallback() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for arch in ["sm_80", "sm_90"] {
+        for name in ["elementwise.cu", "optim.cu"] {
+            let f = cuda::kernels::KERNEL_FILES
+                .iter()
+                .find(|f| f.name == name)
+                .unwrap();
+            let cubin = cuda::compile_cubin(f, arch).unwrap_or_else(|e| panic!("{e}"));
+            assert!(cubin.len() > 64, "{name} {arch}: {} bytes", cubin.len());
+            assert_eq!(&cubin[..4], b"\x7fELF", "{name} {arch}: not an ELF image");
+            assert_eq!(
+                u16::from_le_bytes([cubin[18], cubin[19]]),
+                190,
+                "{name} {arch}: not CUDA machine code"
+            );
+        }
+    }
+}
+
 /// The kernel cache (`cuda::kcache`): every file compiled in parallel gives the same PTX as a
 /// serial compile; the next call reads every file from the cache without compiling; an entry
 /// cut short is compiled again, and only that one.

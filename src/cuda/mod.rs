@@ -40,7 +40,7 @@ pub use fastpaths::FastPaths;
 pub use graph::CudaStepGraph;
 pub use kcache::KernelCache;
 pub use nvrtc::{
-    compile_all_for, compile_file, device_count, driver_available, kernel_resources,
+    compile_all_for, compile_cubin, compile_file, device_count, driver_available, kernel_resources,
     nvrtc_available, KernelResources,
 };
 pub use optim::CudaOptState;
@@ -71,7 +71,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
-use kernels::KERNEL_FILES;
+use kernels::{KernelFile, KERNEL_FILES};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::panic::catch_unwind;
@@ -470,6 +470,43 @@ struct StepVals {
     host: [f64; STEP_VALS_LEN],
 }
 
+/// Load one kernel file's module. A cached PTX entry the driver rejects is compiled again; PTX
+/// the driver refuses outright (a driver older than libnvrtc rejects its newer PTX version) is
+/// replaced by machine code that NVRTC compiles for the device's own architecture, with a note.
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    f: &'static KernelFile,
+    ptx: Ptx,
+    cached: bool,
+    arch: &'static str,
+    cache: &KernelCache,
+) -> Result<Arc<cudarc::driver::CudaModule>, String> {
+    let mut refused = match ctx.load_module(ptx) {
+        Ok(m) => return Ok(m),
+        Err(e) => format!("{e:?}"),
+    };
+    if cached {
+        match ctx.load_module(kcache::recompile(f, arch, cache)?) {
+            Ok(m) => return Ok(m),
+            Err(e) => refused = format!("{e:?}"),
+        }
+    }
+    let cubin = nvrtc::compile_cubin(f, arch)?;
+    let m = ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| {
+        format!(
+            "loading kernels/{} ({arch}): the driver refused NVRTC's PTX ({refused}) and its \
+             machine code ({e:?})",
+            f.name
+        )
+    })?;
+    eprintln!(
+        "note: the CUDA driver refused NVRTC's PTX of kernels/{} ({refused}); loaded machine code \
+         compiled by NVRTC for {arch} instead",
+        f.name
+    );
+    Ok(m)
+}
+
 impl Cuda {
     /// Open device `ordinal` and compile every kernel file for its architecture. Never panics:
     /// no driver, no device or a compile error is an `Err` with a readable message.
@@ -532,15 +569,7 @@ impl Cuda {
             cached,
         } in files
         {
-            let module = match ctx.load_module(ptx) {
-                Ok(m) => m,
-                // A cached entry the driver rejects (damaged, or from an incompatible setup that
-                // hashed the same): compile it again.
-                Err(_) if cached => ctx
-                    .load_module(kcache::recompile(f, arch, &cache)?)
-                    .map_err(|e| format!("loading kernels/{} ({arch}): {e:?}", f.name))?,
-                Err(e) => return Err(format!("loading kernels/{} ({arch}): {e:?}", f.name)),
-            };
+            let module = load_module(&ctx, f, ptx, cached, arch, &cache)?;
             for &k in f.kernels {
                 let func = module
                     .load_function(k)

@@ -103,22 +103,30 @@ fn parse_ptxas_log(log: &str) -> Vec<KernelResources> {
     out
 }
 
-/// Compile `file` to machine code for `arch` (e.g. "sm_90"; no GPU needed) with `ptxas -v` and
-/// read each kernel's registers, static shared memory and spills from the log: what decides
-/// how many blocks fit on an SM, known before any GPU runs.
-pub fn kernel_resources(file: &KernelFile, arch: &str) -> Result<Vec<KernelResources>, String> {
-    use cudarc::nvrtc::result;
+/// Compile `file` to machine code for `arch` (a real architecture such as "sm_90"; no GPU
+/// needed) with the extra NVRTC `options`: the compiler log and the CUBIN.
+fn compile_machine_code(
+    file: &KernelFile,
+    arch: &str,
+    options: &[&str],
+) -> Result<(String, Vec<u8>), String> {
+    use cudarc::nvrtc::{result, sys};
     let src = std::ffi::CString::new(file.full_source()).map_err(|e| e.to_string())?;
     let name = std::ffi::CString::new(file.name).map_err(|e| e.to_string())?;
     let prog = result::create_program(&src, Some(&name)).map_err(|e| format!("{e:?}"))?;
-    let opts = [
-        format!("--gpu-architecture={arch}"),
-        "--ptxas-options=-v".into(),
-    ];
+    let mut opts = vec![format!("--gpu-architecture={arch}")];
+    opts.extend(options.iter().map(|o| o.to_string()));
     let compiled = unsafe { result::compile_program(prog, &opts) };
-    let log = unsafe { result::get_program_log(prog) }.map_err(|e| format!("{e:?}"))?;
+    let log = unsafe { result::get_program_log(prog) }.map_err(|e| format!("{e:?}"));
+    let cubin = compiled.is_ok().then(|| unsafe {
+        let mut size = 0usize;
+        sys::nvrtcGetCUBINSize(prog, &mut size).result()?;
+        let mut bytes = vec![0u8; size];
+        sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr().cast()).result()?;
+        Ok::<_, cudarc::nvrtc::result::NvrtcError>(bytes)
+    });
     let _ = unsafe { result::destroy_program(prog) };
-    let log = unsafe { std::ffi::CStr::from_ptr(log.as_ptr()) }
+    let log = unsafe { std::ffi::CStr::from_ptr(log?.as_ptr()) }
         .to_string_lossy()
         .into_owned();
     compiled.map_err(|e| {
@@ -127,6 +135,17 @@ pub fn kernel_resources(file: &KernelFile, arch: &str) -> Result<Vec<KernelResou
             file.name
         )
     })?;
+    let cubin = cubin
+        .unwrap_or_else(|| unreachable!("compiled"))
+        .map_err(|e| format!("NVRTC: the machine code of kernels/{}: {e:?}", file.name))?;
+    Ok((log, cubin))
+}
+
+/// Compile `file` to machine code for `arch` with `ptxas -v` and read each kernel's registers,
+/// static shared memory and spills from the log: what decides how many blocks fit on an SM,
+/// known before any GPU runs.
+pub fn kernel_resources(file: &KernelFile, arch: &str) -> Result<Vec<KernelResources>, String> {
+    let (log, _) = compile_machine_code(file, arch, &["--ptxas-options=-v"])?;
     let out = parse_ptxas_log(&log);
     if out.is_empty() {
         return Err(format!(
@@ -135,6 +154,13 @@ pub fn kernel_resources(file: &KernelFile, arch: &str) -> Result<Vec<KernelResou
         ));
     }
     Ok(out)
+}
+
+/// The machine code (CUBIN) of `file` for `arch`, compiled by NVRTC: what the backend loads when
+/// the driver refuses NVRTC's PTX (a driver older than libnvrtc rejects its newer PTX version;
+/// machine code for the device's own architecture has no such gate).
+pub fn compile_cubin(file: &KernelFile, arch: &str) -> Result<Vec<u8>, String> {
+    compile_machine_code(file, arch, &[]).map(|(_, cubin)| cubin)
 }
 
 /// Compile every kernel file for `arch` without any GPU (only libnvrtc is needed); returns the
