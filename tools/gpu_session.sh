@@ -3,7 +3,8 @@
 # Build and stage first, on the development machine:
 #   ../shared/gpu/bundle && git describe --always --dirty > .gpu/commit
 # then, through the device tool (carry [".gpu"]), from the crate root:
-#   bash tools/gpu_session.sh check              # driver, then every test (GPU tests must not skip)
+#   bash tools/gpu_session.sh check [all]        # driver, then the GPU tests (gpu_*; they must not
+#                                                 # skip); `all`: every test executable
 #   bash tools/gpu_session.sh bench              # kernel table, then the step benches, put
 #                                                 # together with date, device and commit as
 #                                                 # $OUT/BENCHMARKS.md (review it, then commit it)
@@ -40,8 +41,20 @@ cuda_config() {
 case ${1:-check} in
   check)
     nvidia-smi | tee "$out/nvidia-smi.txt"
-    echo "== tests (GPU tests must not skip)"
-    bash .gpu/run tests 2>&1 | tee "$out/tests.txt"
+    if [ "${2:-}" = all ]; then
+      echo "== every test (GPU tests must not skip)"
+      bash .gpu/run tests 2>&1 | tee "$out/tests.txt"
+    else
+      # The GPU's own tests first: the CPU, emulator and NVRTC tests already ran in CI, and
+      # device time is short (`check all` runs every test executable, as .gpu/run tests does).
+      echo "== GPU tests (gpu_*; they must not skip)"
+      t=$(ls -1 .gpu/test-cuda-* 2>/dev/null | head -1)
+      [ -n "$t" ] || { echo "no .gpu/test-cuda-*: run ../shared/gpu/bundle first"; exit 2; }
+      SLOTFIX_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=$root LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64" \
+        timeout 480 "$t" gpu_ device_selection > "$out/$(basename "$t").log" 2>&1
+      echo "exit $?"
+      grep -E "^test |test result|SKIPPED|panicked" "$out/$(basename "$t").log" | tee "$out/tests.txt"
+    fi
     # The tests of one process share the device's primary context, and a CUDA error such as an
     # illegal address is sticky: every test after it fails too. Each failed test runs again
     # alone, in a process of its own (the kernel cache makes that quick), to tell the failures
