@@ -20,6 +20,14 @@
 # is its own device call, so that one that runs long does not cost the others' results.
 # If a fast kernel fails its parity test, the other phases can still run without it:
 # SLOTFIX_CUDA_DISABLE=NAME,... bash tools/gpu_session.sh bench (names: README, "CUDA fast paths").
+#
+# A session has 30 minutes of device time, start-up included, and every phase together is more
+# than that, so run them in the order of what the CUDA issue still needs (estimated minutes):
+#   check (2) → bench (6) → train tetrominoes 4 (5) → train multi_dsprites 5 (6)
+#   → ablate (3) → sanitize (up to 9, each tool capped at 3).
+# The first process compiles the kernels (~7 s on 16 cores) into the kernel cache; the rest
+# find them there. If check fails, read tests.txt / isolated.txt and switch the failing paths
+# off for the later phases rather than stopping.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
