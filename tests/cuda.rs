@@ -65,6 +65,58 @@ fn nvrtc_compiles_every_kernel_sm90() {
     nvrtc_compiles_for("sm_90");
 }
 
+/// Every emulator test again, in a child process whose emulator is built with UBSan
+/// (`SLOTFIX_EMU_CHECKED=1`, `cuda::emu::CHECK_FLAGS`): an index past the end of a shared-memory
+/// tile or a per-thread array, a misaligned access, an overlong shift or a signed overflow in
+/// any kernel fails this test with the kernel file and line, even where the results come out
+/// right. (On a GPU such a bug is an illegal address, garbage, or undefined behaviour that
+/// compute-sanitizer may or may not see.)
+#[test]
+fn emu_checked_build_finds_no_undefined_behaviour() {
+    if env_is(cuda::emu::CHECKED_ENV) {
+        return; // the child process itself
+    }
+    if emu().is_none() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["emu_", "--skip", "emu_checked_build"])
+        .env(cuda::emu::CHECKED_ENV, "1")
+        .env("SLOTFIX_REQUIRE_EMULATOR", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut reports: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("runtime error:"))
+        .collect();
+    reports.sort_unstable();
+    reports.dedup();
+    assert!(
+        reports.is_empty(),
+        "undefined behaviour in the kernels ({} distinct reports):\n{}",
+        reports.len(),
+        reports.join("\n")
+    );
+    let ran = text
+        .lines()
+        .find(|l| l.starts_with("test result:"))
+        .unwrap_or("(no test result line)");
+    assert!(
+        out.status.success(),
+        "the emulator tests failed with the checked build: {ran}\n{text}"
+    );
+    assert!(
+        ran.contains(" passed;") && !ran.contains(" 0 passed;"),
+        "no emulator test ran: {ran}"
+    );
+    eprintln!("checked emulator build: {ran}");
+}
+
 /// The machine code the backend falls back to when a driver refuses NVRTC's PTX: a CUDA ELF
 /// image (e_machine 190, EM_CUDA) for each file, here for sm_80 and sm_90.
 #[test]

@@ -209,14 +209,35 @@ const FLAGS: &[&str] = &[
     "-Wno-unused-function",
 ];
 
+/// Environment variable: `1` builds the emulator with run-time checks of the kernels' C++
+/// (see [`CHECK_FLAGS`]).
+pub const CHECKED_ENV: &str = "SLOTFIX_EMU_CHECKED";
+
+/// The checks of a checked build: indexing past the end of a fixed-size array (shared-memory
+/// tiles, per-thread arrays), misaligned accesses, shifts past the width, signed overflow and
+/// the rest of UBSan's undefined-behaviour checks, each reported with its file and line (on
+/// stderr; the run goes on). On a GPU each of these is an illegal address, garbage or
+/// undefined behaviour.
+pub const CHECK_FLAGS: &[&str] = &["-fsanitize=undefined", "-fno-sanitize=vptr", "-g"];
+
+/// The compiler flags of this process's emulator builds.
+fn flags() -> Vec<&'static str> {
+    let mut f = FLAGS.to_vec();
+    if std::env::var(CHECKED_ENV).is_ok_and(|v| v == "1") {
+        f.extend(CHECK_FLAGS);
+    }
+    f
+}
+
 /// Compile every kernel file and the runtime into one shared library; returns its path.
 fn build(files: &[KernelFile]) -> Result<PathBuf, String> {
+    let flags = flags();
     let units: Vec<(String, String)> = files
         .iter()
         .map(|f| (f.name.replace(".cu", ".cpp"), translation_unit(f)))
         .collect();
     let mut parts: Vec<&str> = vec![SHIM, RUNTIME];
-    parts.extend(FLAGS);
+    parts.extend(&flags);
     for (n, s) in &units {
         parts.push(n);
         parts.push(s);
@@ -251,7 +272,7 @@ fn build(files: &[KernelFile]) -> Result<PathBuf, String> {
         .map(|s| {
             let obj = s.replace(".cpp", ".o");
             Command::new(compiler())
-                .args(FLAGS)
+                .args(&flags)
                 .args(["-c", s, "-o", &obj])
                 .current_dir(&tmp)
                 .stderr(std::process::Stdio::piped())
@@ -276,6 +297,7 @@ fn build(files: &[KernelFile]) -> Result<PathBuf, String> {
     }
     let objs: Vec<String> = sources.iter().map(|s| s.replace(".cpp", ".o")).collect();
     run(Command::new(compiler())
+        .args(flags.iter().filter(|f| f.starts_with("-fsanitize")))
         .args(["-shared", "-pthread", "-o", "libcuemu.so"])
         .args(&objs)
         .current_dir(&tmp))?;
