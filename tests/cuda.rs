@@ -66,25 +66,34 @@ fn nvrtc_compiles_every_kernel_sm90() {
 }
 
 /// Every emulator test again, in a child process whose emulator is built with UBSan
-/// (`SLOTFIX_EMU_CHECKED=1`, `cuda::emu::CHECK_FLAGS`): an index past the end of a shared-memory
-/// tile or a per-thread array, a misaligned access, an overlong shift or a signed overflow in
-/// any kernel fails this test with the kernel file and line, even where the results come out
-/// right. (On a GPU such a bug is an illegal address, garbage, or undefined behaviour that
-/// compute-sanitizer may or may not see.)
+/// (`SLOTFIX_EMU_CHECKED=1`, `cuda::emu::CHECK_FLAGS`) and, where the compiler has its runtime,
+/// AddressSanitizer: an index past the end of a shared-memory tile or a per-thread array, a
+/// misaligned access, an overlong shift, a signed overflow, or a read or write past a buffer's
+/// guard zone in any kernel fails this test with the kernel file and line, even where the
+/// results come out right. (On a GPU such a bug is an illegal address, garbage, or undefined
+/// behaviour that compute-sanitizer may or may not see.)
 #[test]
-fn emu_checked_build_finds_no_undefined_behaviour() {
+fn emu_checked_build_finds_no_memory_error_or_undefined_behaviour() {
     if env_is(cuda::emu::CHECKED_ENV) {
         return; // the child process itself
     }
     if emu().is_none() {
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
         .args(["emu_", "--skip", "emu_checked_build"])
         .env(cuda::emu::CHECKED_ENV, "1")
-        .env("SLOTFIX_REQUIRE_EMULATOR", "1")
-        .output()
-        .unwrap();
+        .env("SLOTFIX_REQUIRE_EMULATOR", "1");
+    // AddressSanitizer too where the compiler has its runtime (the test harness's own
+    // allocations are not leaks to report).
+    let asan = cuda::emu::asan_runtime();
+    if let Some(rt) = &asan {
+        child
+            .env("LD_PRELOAD", rt)
+            .env("ASAN_OPTIONS", "detect_leaks=0");
+    }
+    let out = child.output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -92,13 +101,17 @@ fn emu_checked_build_finds_no_undefined_behaviour() {
     );
     let mut reports: Vec<&str> = text
         .lines()
-        .filter(|l| l.contains("runtime error:"))
+        .filter(|l| {
+            l.contains("runtime error:")
+                || l.contains("ERROR: AddressSanitizer")
+                || l.starts_with("SUMMARY: AddressSanitizer")
+        })
         .collect();
     reports.sort_unstable();
     reports.dedup();
     assert!(
         reports.is_empty(),
-        "undefined behaviour in the kernels ({} distinct reports):\n{}",
+        "the checked emulator found errors in the kernels ({} distinct reports):\n{}",
         reports.len(),
         reports.join("\n")
     );
@@ -114,7 +127,10 @@ fn emu_checked_build_finds_no_undefined_behaviour() {
         ran.contains(" passed;") && !ran.contains(" 0 passed;"),
         "no emulator test ran: {ran}"
     );
-    eprintln!("checked emulator build: {ran}");
+    eprintln!(
+        "checked emulator build (UBSan{}): {ran}",
+        if asan.is_some() { " and ASan" } else { "" }
+    );
 }
 
 /// The machine code the backend falls back to when a driver refuses NVRTC's PTX: a CUDA ELF

@@ -213,18 +213,38 @@ const FLAGS: &[&str] = &[
 /// (see [`CHECK_FLAGS`]).
 pub const CHECKED_ENV: &str = "SLOTFIX_EMU_CHECKED";
 
-/// The checks of a checked build: indexing past the end of a fixed-size array (shared-memory
-/// tiles, per-thread arrays), misaligned accesses, shifts past the width, signed overflow and
-/// the rest of UBSan's undefined-behaviour checks, each reported with its file and line (on
-/// stderr; the run goes on). On a GPU each of these is an illegal address, garbage or
-/// undefined behaviour.
+/// The checks of a checked build: UBSan's (an index past the end of a fixed-size array such as
+/// a shared-memory tile or a per-thread array, a misaligned access, a shift past the width, a
+/// signed overflow, …), each reported on stderr with its file and line while the run goes on.
+/// On a GPU each of these is an illegal address, garbage or undefined behaviour.
 pub const CHECK_FLAGS: &[&str] = &["-fsanitize=undefined", "-fno-sanitize=vptr", "-g"];
+
+/// Added to a checked build when the process runs with AddressSanitizer's runtime preloaded
+/// (`LD_PRELOAD`, see [`asan_runtime`]): a kernel reading or writing past a buffer's guard zone
+/// then stops the process with the file and line (the guard zones catch writes into them, and
+/// reads of them only when the value read changes a result).
+pub const ASAN_FLAG: &str = "-fsanitize=address";
+
+/// The compiler's AddressSanitizer runtime, if it has one (what a process must preload for a
+/// checked build to use [`ASAN_FLAG`]).
+pub fn asan_runtime() -> Option<PathBuf> {
+    let out = Command::new(compiler())
+        .arg("-print-file-name=libasan.so")
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    // A compiler without it prints the bare name back.
+    (path.is_absolute() && path.exists()).then_some(path)
+}
 
 /// The compiler flags of this process's emulator builds.
 fn flags() -> Vec<&'static str> {
     let mut f = FLAGS.to_vec();
     if std::env::var(CHECKED_ENV).is_ok_and(|v| v == "1") {
         f.extend(CHECK_FLAGS);
+        if std::env::var("LD_PRELOAD").is_ok_and(|v| v.contains("libasan")) {
+            f.push(ASAN_FLAG);
+        }
     }
     f
 }
