@@ -351,6 +351,139 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// A pointer parameter of a kernel, as its signature declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PtrParam {
+    /// `const T*`: the kernel only reads through it.
+    pub is_const: bool,
+    /// `__restrict__`: the kernel promises that nothing else reaches what it points at.
+    pub restrict: bool,
+}
+
+/// The parameters of every `extern "C" __global__` function of `source`, by name: `None` for a
+/// value, the pointer's qualifiers for a pointer. A kernel defined inside a `#define` is listed
+/// under the first argument of each use of that macro (`V3_ENTRY(conv_igemm_direct_v3_tf32, …)`).
+pub fn kernel_params(source: &str) -> Vec<(String, Vec<Option<PtrParam>>)> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("extern \"C\" __global__") {
+        // The macro this definition sits in, if any: a `#define` line continued up to here.
+        let before = &source[..source.len() - rest.len() + at];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let mut start = line_start;
+        while start > 0 && before[..start - 1].ends_with('\\') {
+            start = before[..start - 1].rfind('\n').map_or(0, |i| i + 1);
+        }
+        let macro_name = before[start..]
+            .trim_start()
+            .strip_prefix("#define ")
+            .map(|m| m.split('(').next().unwrap_or("").trim().to_string());
+        rest = &rest[at + "extern \"C\" __global__".len()..];
+        // The name is the identifier before the first '(' that is not __launch_bounds__'s.
+        let mut head = rest;
+        let mut skipped = 0;
+        let open = loop {
+            let Some(p) = head.find('(') else { break None };
+            let before = head[..p].trim_end();
+            if before.ends_with("__launch_bounds__") {
+                let close = head[p..].find(')').map_or(head.len(), |c| p + c + 1);
+                skipped += close;
+                head = &head[close..];
+                continue;
+            }
+            break Some(skipped + p);
+        };
+        let Some(open) = open else { break };
+        let name: String = rest[..open]
+            .trim_end()
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let mut depth = 0;
+        let mut close = open;
+        for (i, c) in rest[open..].char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        close = open + i;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let params: Vec<Option<PtrParam>> = rest[open + 1..close]
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.find('*').map(|star| PtrParam {
+                    is_const: p[..star].split_whitespace().any(|w| w == "const"),
+                    restrict: p.contains("__restrict__"),
+                })
+            })
+            .collect();
+        match macro_name {
+            Some(m) => {
+                let uses = source
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(&format!("{m}(")))
+                    .map(|args| args.split(',').next().unwrap_or("").trim().to_string());
+                out.extend(uses.map(|k| (k, params.clone())));
+            }
+            None => out.push((name, params)),
+        }
+        rest = &rest[close..];
+    }
+    out
+}
+
+/// Pointer arguments of one launch that alias against their kernel's declaration: two buffers
+/// whose bytes overlap where one of them is `__restrict__` and one of them is written. On a GPU
+/// that is undefined behaviour the compiler acts on (a `const __restrict__` read may go through
+/// the non-coherent read-only cache and miss the other pointer's writes); the emulator would
+/// run it as the programmer meant. `ranges[i]` is argument i's byte range, None for a value.
+pub fn restrict_violations(
+    params: &[Option<PtrParam>],
+    ranges: &[Option<(u64, u64)>],
+) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for i in 0..ranges.len() {
+        for j in i + 1..ranges.len() {
+            let (Some(a), Some(b)) = (ranges[i], ranges[j]) else {
+                continue;
+            };
+            let (Some(Some(pa)), Some(Some(pb))) = (params.get(i), params.get(j)) else {
+                continue;
+            };
+            let overlap = a.0 < a.1 && b.0 < b.1 && a.0 < b.1 && b.0 < a.1;
+            if overlap && (pa.restrict || pb.restrict) && (!pa.is_const || !pb.is_const) {
+                out.push((i, j));
+            }
+        }
+    }
+    out
+}
+
+/// [`kernel_params`] of kernel `name` of `kernels/` (parsed once per process).
+pub fn params_of(name: &str) -> Option<&'static [Option<PtrParam>]> {
+    static MAP: OnceLock<HashMap<String, Vec<Option<PtrParam>>>> = OnceLock::new();
+    MAP.get_or_init(|| {
+        KERNEL_FILES
+            .iter()
+            .flat_map(|f| kernel_params(f.source))
+            .collect()
+    })
+    .get(name)
+    .map(Vec::as_slice)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,5 +583,101 @@ extern "C" __global__ void deadlock(float* out) {
         let mut p = out.as_mut_ptr();
         let err = run(&e, "deadlock", 64, &mut [&mut p as *mut _ as *mut c_void]).unwrap_err();
         assert!(err.contains("deadlock"), "{err}");
+    }
+
+    #[test]
+    fn kernel_signatures_parse_into_pointer_qualifiers() {
+        let src = r#"
+// a comment that names k2( and extern "C" nothing
+extern "C" __global__ void k1(int n, const float* __restrict__ x, float* y, Dims d) {}
+extern "C" __global__ void __launch_bounds__(256)
+k2(const float* a, float* __restrict__ out) {}
+#define ENTRY(NAME, X)                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                   \
+        NAME(const unsigned* __restrict__ wt, int m, float* __restrict__ o) { body(X); }
+ENTRY(k3, 1)
+ENTRY(k4, 2)
+"#;
+        let p = |c, r| {
+            Some(PtrParam {
+                is_const: c,
+                restrict: r,
+            })
+        };
+        let got = kernel_params(src);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "k1".to_string(),
+                    vec![None, p(true, true), p(false, false), None]
+                ),
+                ("k2".to_string(), vec![p(true, false), p(false, true)]),
+                ("k3".to_string(), vec![p(true, true), None, p(false, true)]),
+                ("k4".to_string(), vec![p(true, true), None, p(false, true)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_kernel_has_a_parsed_signature() {
+        for f in KERNEL_FILES {
+            for k in f.kernels {
+                let params = params_of(k).unwrap_or_else(|| panic!("{}: {k} not parsed", f.name));
+                assert!(!params.is_empty(), "{k}: no parameters");
+            }
+        }
+        // Spot checks against the sources.
+        let p = |c, r| {
+            Some(PtrParam {
+                is_const: c,
+                restrict: r,
+            })
+        };
+        assert_eq!(
+            params_of("add_assign_f32").unwrap(),
+            [None, p(false, true), p(true, true)]
+        );
+        assert_eq!(params_of("conv_igemm_direct_v3n32_tf32").unwrap().len(), 9);
+    }
+
+    #[test]
+    fn restrict_violations_need_an_overlap_a_restrict_and_a_write() {
+        let p = |c, r| {
+            Some(PtrParam {
+                is_const: c,
+                restrict: r,
+            })
+        };
+        let buf = |a: u64, b: u64| Some((a, b));
+        // Read-only aliases are fine, restrict or not.
+        assert!(
+            restrict_violations(&[p(true, true), p(true, true)], &[buf(0, 8), buf(0, 8)])
+                .is_empty()
+        );
+        // A write through an alias of a restrict pointer is not.
+        assert_eq!(
+            restrict_violations(&[p(true, true), p(false, true)], &[buf(0, 8), buf(4, 12)]),
+            vec![(0, 1)]
+        );
+        assert_eq!(
+            restrict_violations(&[p(false, false), p(true, true)], &[buf(0, 8), buf(0, 8)]),
+            vec![(0, 1)]
+        );
+        // Neither restrict: the kernel made no promise.
+        assert!(
+            restrict_violations(&[p(false, false), p(false, false)], &[buf(0, 8), buf(0, 8)])
+                .is_empty()
+        );
+        // Adjacent, not overlapping; empty buffers; values.
+        assert!(
+            restrict_violations(&[p(false, true), p(false, true)], &[buf(0, 8), buf(8, 16)])
+                .is_empty()
+        );
+        assert!(
+            restrict_violations(&[p(false, true), p(false, true)], &[buf(4, 4), buf(0, 8)])
+                .is_empty()
+        );
+        assert!(restrict_violations(&[None, p(false, true)], &[None, buf(0, 8)]).is_empty());
     }
 }

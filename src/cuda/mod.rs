@@ -255,6 +255,10 @@ trait Arg {
     fn emu_guard_damage(&self) -> Option<String> {
         None
     }
+    /// For a buffer in the emulator: its bytes, as `[start, end)` addresses.
+    fn emu_range(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 impl<T: Elem> Arg for DevBuf<T> {
@@ -271,6 +275,10 @@ impl<T: Elem> Arg for DevBuf<T> {
         let h = self.host();
         h.guard_damage()
             .map(|at| format!("element {at}, outside its {} elements", h.len))
+    }
+    fn emu_range(&self) -> Option<(u64, u64)> {
+        let h = self.host();
+        Some((h.addr, h.addr + (h.len * std::mem::size_of::<T>()) as u64))
     }
 }
 
@@ -381,6 +389,7 @@ macro_rules! launch {
             }
             $crate::cuda::Exec::Emu(emu) => {
                 *$cu.emu_launched.lock().unwrap_or_else(|e| e.into_inner()).entry($name).or_insert(0) += 1;
+                $crate::cuda::Cuda::emu_check_restrict($name, &[$( ($arg).emu_range() ),*]);
                 let mut args: Vec<*mut std::ffi::c_void> = vec![$( ($arg).emu_ptr() ),*];
                 let recorded = $cu.emu_record(|| {
                     $crate::cuda::Cuda::emu_launch_op($name, cfg, &args, &[$( ($arg).emu_size() ),*])
@@ -741,6 +750,26 @@ impl Cuda {
     /// How many kernels this backend has launched.
     pub fn launches(&self) -> u64 {
         self.launches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// In the emulator, before a launch: panics if two buffer arguments overlap where the
+    /// kernel's signature makes that undefined behaviour ([`emu::restrict_violations`]).
+    fn emu_check_restrict(name: &str, ranges: &[Option<(u64, u64)>]) {
+        let params = emu::params_of(name)
+            .unwrap_or_else(|| panic!("emulator: no signature parsed for kernel {name}"));
+        assert_eq!(
+            params.len(),
+            ranges.len(),
+            "kernel {name}: {} arguments launched, its signature has {}",
+            ranges.len(),
+            params.len()
+        );
+        let bad = emu::restrict_violations(params, ranges);
+        assert!(
+            bad.is_empty(),
+            "kernel {name}: arguments {bad:?} (0-based) overlap in memory, but the kernel declares \
+             one of each pair __restrict__ and writes through one of them"
+        );
     }
 
     /// In the emulator: how many times each kernel has been launched so far (empty on a GPU,
