@@ -161,10 +161,13 @@ fn translation_unit(f: &KernelFile) -> String {
     src.push_str("#include \"cuemu.h\"\n#include <type_traits>\n#include <utility>\n");
     src.push_str(ARITY);
     src.push_str("#line 1 \"common.cuh\"\n");
-    src.push_str(COMMON);
+    for line in COMMON.lines() {
+        src.push_str(&fresh_shared(line));
+        src.push('\n');
+    }
     src.push_str(&format!("\n#line 1 \"{}\"\n", f.name));
     for line in f.source.lines() {
-        src.push_str(&dynamic_shared(line));
+        src.push_str(&fresh_shared(&dynamic_shared(line)));
         src.push('\n');
     }
     src.push_str(
@@ -179,6 +182,37 @@ fn translation_unit(f: &KernelFile) -> String {
         ));
     }
     src
+}
+
+/// `__shared__ T a[n], b[m]; // …` → the same declaration followed, on the same line (so that
+/// line numbers hold), by `cuemu_smem_fresh` of each variable: shared memory starts as NaN in
+/// every block, as on a GPU it starts as whatever the last block left.
+fn fresh_shared(line: &str) -> String {
+    let t = line.trim_start();
+    let Some(decl) = t.strip_prefix("__shared__ ") else {
+        return line.to_string();
+    };
+    let Some(end) = decl.find(';') else {
+        return line.to_string();
+    };
+    let mut calls = String::new();
+    for declarator in decl[..end].split(',') {
+        let head = declarator.split('[').next().unwrap_or("");
+        let name: String = head
+            .trim_end()
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if !name.is_empty() {
+            calls.push_str(&format!(" cuemu_smem_fresh(&{name}, sizeof({name}));"));
+        }
+    }
+    let at = line.len() - t.len() + "__shared__ ".len() + end + 1;
+    format!("{}{calls}{}", &line[..at], &line[at..])
 }
 
 /// `extern __shared__ T name[];` → a pointer to the emulator's dynamic shared memory.
@@ -514,8 +548,16 @@ extern "C" __global__ void deadlock(float* out) {
     if (threadIdx.x < 16) { __syncthreads(); }
     else { out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1); }
 }
+// Only block 0 writes its shared memory; every block reads it.
+extern "C" __global__ void stale_shared(float* out) {
+    __shared__ float s[32], unused[4];  // two declarators on one line
+    const int t = threadIdx.x;
+    if (blockIdx.x == 0) s[t] = 1.0f + t;
+    __syncthreads();
+    out[blockIdx.x * 32 + t] = s[t];
+}
 "#,
-        kernels: &["shuffles", "reverse", "deadlock"],
+        kernels: &["shuffles", "reverse", "deadlock", "stale_shared"],
     };
 
     fn emulator() -> Option<Emulator> {
@@ -560,7 +602,7 @@ extern "C" __global__ void deadlock(float* out) {
     #[test]
     fn a_missing_barrier_shows() {
         let Some(e) = emulator() else { return };
-        // A new salt per launch: shared memory keeps the previous launch's values.
+        // A new salt per launch, so that no result can come from an earlier launch.
         for (barrier, mut salt) in [(1i32, 0f32), (0, 1000.0)] {
             let mut out = vec![0f32; 256];
             let mut p = out.as_mut_ptr();
@@ -574,6 +616,29 @@ extern "C" __global__ void deadlock(float* out) {
             let right = (0..256).all(|t| out[t] == (255 - t) as f32 + salt);
             assert_eq!(right, barrier == 1, "barrier {barrier}");
         }
+    }
+
+    /// Shared memory starts as NaN in every block: a block that reads what it never wrote sees
+    /// NaN, not the values an earlier block of the same worker left there (as on a GPU, where
+    /// it sees garbage).
+    #[test]
+    fn shared_memory_a_block_never_wrote_reads_as_nan() {
+        let Some(e) = emulator() else { return };
+        let blocks = 8u32;
+        let mut out = vec![0f32; 32 * blocks as usize];
+        let mut p = out.as_mut_ptr();
+        e.launch(
+            "stale_shared",
+            (blocks, 1, 1),
+            (32, 1, 1),
+            0,
+            &mut [&mut p as *mut _ as *mut c_void],
+        )
+        .unwrap();
+        for (t, v) in out[..32].iter().enumerate() {
+            assert_eq!(*v, 1.0 + t as f32);
+        }
+        assert!(out[32..].iter().all(|v| v.is_nan()), "{:?}", &out[32..40]);
     }
 
     #[test]

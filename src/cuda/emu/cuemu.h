@@ -65,6 +65,11 @@ typedef void (*CuemuWarpFn)(void** payloads, int lanes);
 extern "C" void cuemu_warp_op(CuemuWarpFn fn, void* payload, unsigned mask);
 extern "C" void cuemu_syncthreads();
 extern "C" void* cuemu_dyn_smem();
+// Called right after each static __shared__ declaration (the emulator's translation units add
+// the call): the first thread of a block to reach it fills the variable with 0xff bytes (NaN
+// as a float, a NaN bit pattern as a TF32 word), as the dynamic shared memory is, so that a read
+// of shared memory this block never wrote shows, instead of the previous block's values.
+extern "C" void cuemu_smem_fresh(void* p, unsigned long bytes);
 
 static inline void __syncthreads() { cuemu_syncthreads(); }
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { cuemu_warp_op(nullptr, nullptr, mask); }

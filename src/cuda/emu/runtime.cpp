@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <string>
 #include <thread>
@@ -66,6 +67,8 @@ struct Worker {
     void* sched_sp = nullptr;
     Fiber* current = nullptr;
     std::vector<char> dyn_smem;
+    // The static __shared__ variables already poisoned in this block (cuemu_smem_fresh).
+    std::vector<void*> fresh_smem;
     std::string error;
 
     ~Worker() {
@@ -103,6 +106,7 @@ bool run_block(Worker* w, const uint3 bid) {
     const uint3 bd = cuemu_block_dim;
     const int n = (int)(bd.x * bd.y * bd.z);
     std::fill(w->dyn_smem.begin(), w->dyn_smem.end(), (char)0xff);  // NaN until written
+    w->fresh_smem.clear();
     for (int i = 0; i < n; ++i) {
         Fiber& f = w->fibers[i];
         f.t.tid = uint3{(unsigned)i % bd.x, ((unsigned)i / bd.x) % bd.y, (unsigned)i / (bd.x * bd.y)};
@@ -197,6 +201,13 @@ extern "C" void cuemu_warp_op(CuemuWarpFn fn, void* payload, unsigned mask) {
 }
 
 extern "C" void* cuemu_dyn_smem() { return worker->dyn_smem.data(); }
+
+extern "C" void cuemu_smem_fresh(void* p, unsigned long bytes) {
+    std::vector<void*>& seen = worker->fresh_smem;
+    if (std::find(seen.begin(), seen.end(), p) != seen.end()) return;
+    seen.push_back(p);
+    std::memset(p, 0xff, bytes);
+}
 
 // A fault the hardware would raise (e.g. a misaligned vector load): the launch fails with `msg`
 // (the first one), after the block completes.
