@@ -394,10 +394,27 @@ pub struct PtrParam {
     pub restrict: bool,
 }
 
-/// The parameters of every `extern "C" __global__` function of `source`, by name: `None` for a
-/// value, the pointer's qualifiers for a pointer. A kernel defined inside a `#define` is listed
-/// under the first argument of each use of that macro (`V3_ENTRY(conv_igemm_direct_v3_tf32, …)`).
-pub fn kernel_params(source: &str) -> Vec<(String, Vec<Option<PtrParam>>)> {
+/// What the emulator checks each launch against: a kernel's signature as declared.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelSig {
+    /// `None` for a value, the pointer's qualifiers for a pointer.
+    pub params: Vec<Option<PtrParam>>,
+    /// The most threads per block it may be launched with (`__launch_bounds__`): a launch with
+    /// more fails on a GPU.
+    pub max_threads: Option<u32>,
+}
+
+/// The signature of every `extern "C" __global__` function of `source`, by name; a
+/// `__launch_bounds__` given by a name is looked up among `source`'s `#define NAME number`
+/// lines. A kernel defined inside a `#define` is listed under the first argument of each use of
+/// that macro (`V3_ENTRY(conv_igemm_direct_v3_tf32, …)`).
+pub fn kernel_sigs(source: &str) -> Vec<(String, KernelSig)> {
+    let defined = |name: &str| -> Option<u32> {
+        source.lines().find_map(|l| {
+            let mut w = l.strip_prefix("#define ")?.split_whitespace();
+            (w.next()? == name).then(|| w.next()?.parse().ok())?
+        })
+    };
     let mut out = Vec::new();
     let mut rest = source;
     while let Some(at) = rest.find("extern \"C\" __global__") {
@@ -416,17 +433,25 @@ pub fn kernel_params(source: &str) -> Vec<(String, Vec<Option<PtrParam>>)> {
         // The name is the identifier before the first '(' that is not __launch_bounds__'s.
         let mut head = rest;
         let mut skipped = 0;
+        let mut bound: Option<&str> = None;
         let open = loop {
             let Some(p) = head.find('(') else { break None };
             let before = head[..p].trim_end();
             if before.ends_with("__launch_bounds__") {
                 let close = head[p..].find(')').map_or(head.len(), |c| p + c + 1);
+                bound = Some(head[p + 1..close - 1].trim());
                 skipped += close;
                 head = &head[close..];
                 continue;
             }
             break Some(skipped + p);
         };
+        let max_threads = bound.map(|b| {
+            b.parse()
+                .ok()
+                .or_else(|| defined(b))
+                .unwrap_or_else(|| panic!("__launch_bounds__({b}): not a number or a #define"))
+        });
         let Some(open) = open else { break };
         let name: String = rest[..open]
             .trim_end()
@@ -463,15 +488,19 @@ pub fn kernel_params(source: &str) -> Vec<(String, Vec<Option<PtrParam>>)> {
                 })
             })
             .collect();
+        let sig = KernelSig {
+            params,
+            max_threads,
+        };
         match macro_name {
             Some(m) => {
                 let uses = source
                     .lines()
                     .filter_map(|l| l.strip_prefix(&format!("{m}(")))
                     .map(|args| args.split(',').next().unwrap_or("").trim().to_string());
-                out.extend(uses.map(|k| (k, params.clone())));
+                out.extend(uses.map(|k| (k, sig.clone())));
             }
-            None => out.push((name, params)),
+            None => out.push((name, sig)),
         }
         rest = &rest[close..];
     }
@@ -505,17 +534,17 @@ pub fn restrict_violations(
     out
 }
 
-/// [`kernel_params`] of kernel `name` of `kernels/` (parsed once per process).
-pub fn params_of(name: &str) -> Option<&'static [Option<PtrParam>]> {
-    static MAP: OnceLock<HashMap<String, Vec<Option<PtrParam>>>> = OnceLock::new();
+/// [`kernel_sigs`] of kernel `name` of `kernels/` (parsed once per process, each file with
+/// `common.cuh`'s definitions before it).
+pub fn sig_of(name: &str) -> Option<&'static KernelSig> {
+    static MAP: OnceLock<HashMap<String, KernelSig>> = OnceLock::new();
     MAP.get_or_init(|| {
         KERNEL_FILES
             .iter()
-            .flat_map(|f| kernel_params(f.source))
+            .flat_map(|f| kernel_sigs(&format!("{COMMON}\n{}", f.source)))
             .collect()
     })
     .get(name)
-    .map(Vec::as_slice)
 }
 
 #[cfg(test)]
@@ -651,14 +680,15 @@ extern "C" __global__ void stale_shared(float* out) {
     }
 
     #[test]
-    fn kernel_signatures_parse_into_pointer_qualifiers() {
+    fn kernel_signatures_parse_into_pointer_qualifiers_and_launch_bounds() {
         let src = r#"
+#define THREADS 128 // per block
 // a comment that names k2( and extern "C" nothing
 extern "C" __global__ void k1(int n, const float* __restrict__ x, float* y, Dims d) {}
 extern "C" __global__ void __launch_bounds__(256)
 k2(const float* a, float* __restrict__ out) {}
 #define ENTRY(NAME, X)                                                  \
-    extern "C" __global__ void __launch_bounds__(128)                   \
+    extern "C" __global__ void __launch_bounds__(THREADS)               \
         NAME(const unsigned* __restrict__ wt, int m, float* __restrict__ o) { body(X); }
 ENTRY(k3, 1)
 ENTRY(k4, 2)
@@ -669,17 +699,24 @@ ENTRY(k4, 2)
                 restrict: r,
             })
         };
-        let got = kernel_params(src);
+        let sig = |params, max_threads| KernelSig {
+            params,
+            max_threads,
+        };
+        let macro_made = sig(vec![p(true, true), None, p(false, true)], Some(128));
         assert_eq!(
-            got,
+            kernel_sigs(src),
             vec![
                 (
                     "k1".to_string(),
-                    vec![None, p(true, true), p(false, false), None]
+                    sig(vec![None, p(true, true), p(false, false), None], None)
                 ),
-                ("k2".to_string(), vec![p(true, false), p(false, true)]),
-                ("k3".to_string(), vec![p(true, true), None, p(false, true)]),
-                ("k4".to_string(), vec![p(true, true), None, p(false, true)]),
+                (
+                    "k2".to_string(),
+                    sig(vec![p(true, false), p(false, true)], Some(256))
+                ),
+                ("k3".to_string(), macro_made.clone()),
+                ("k4".to_string(), macro_made),
             ]
         );
     }
@@ -688,8 +725,8 @@ ENTRY(k4, 2)
     fn every_kernel_has_a_parsed_signature() {
         for f in KERNEL_FILES {
             for k in f.kernels {
-                let params = params_of(k).unwrap_or_else(|| panic!("{}: {k} not parsed", f.name));
-                assert!(!params.is_empty(), "{k}: no parameters");
+                let s = sig_of(k).unwrap_or_else(|| panic!("{}: {k} not parsed", f.name));
+                assert!(!s.params.is_empty(), "{k}: no parameters");
             }
         }
         // Spot checks against the sources.
@@ -699,11 +736,12 @@ ENTRY(k4, 2)
                 restrict: r,
             })
         };
-        assert_eq!(
-            params_of("add_assign_f32").unwrap(),
-            [None, p(false, true), p(true, true)]
-        );
-        assert_eq!(params_of("conv_igemm_direct_v3n32_tf32").unwrap().len(), 9);
+        let add = sig_of("add_assign_f32").unwrap();
+        assert_eq!(add.params, [None, p(false, true), p(true, true)]);
+        assert_eq!(add.max_threads, None);
+        let v3 = sig_of("conv_igemm_direct_v3n32_tf32").unwrap();
+        assert_eq!((v3.params.len(), v3.max_threads), (9, Some(256)));
+        assert_eq!(sig_of("tokens_fwd_f32").unwrap().max_threads, Some(128));
     }
 
     #[test]

@@ -389,7 +389,7 @@ macro_rules! launch {
             }
             $crate::cuda::Exec::Emu(emu) => {
                 *$cu.emu_launched.lock().unwrap_or_else(|e| e.into_inner()).entry($name).or_insert(0) += 1;
-                $crate::cuda::Cuda::emu_check_restrict($name, &[$( ($arg).emu_range() ),*]);
+                $crate::cuda::Cuda::emu_check_launch($name, &cfg, &[$( ($arg).emu_range() ),*]);
                 let mut args: Vec<*mut std::ffi::c_void> = vec![$( ($arg).emu_ptr() ),*];
                 let recorded = $cu.emu_record(|| {
                     $crate::cuda::Cuda::emu_launch_op($name, cfg, &args, &[$( ($arg).emu_size() ),*])
@@ -752,19 +752,35 @@ impl Cuda {
         self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// In the emulator, before a launch: panics if two buffer arguments overlap where the
-    /// kernel's signature makes that undefined behaviour ([`emu::restrict_violations`]).
-    fn emu_check_restrict(name: &str, ranges: &[Option<(u64, u64)>]) {
-        let params = emu::params_of(name)
+    /// In the emulator, before a launch, what would make it fail or misbehave on a GPU only:
+    /// more threads per block than the kernel's `__launch_bounds__`, more than 48 KiB of
+    /// dynamic shared memory (the backend never opts in to more), a different number of
+    /// arguments than parameters, or two buffer arguments that overlap where the kernel's
+    /// signature makes that undefined behaviour ([`emu::restrict_violations`]). Panics.
+    fn emu_check_launch(name: &str, cfg: &LaunchConfig, ranges: &[Option<(u64, u64)>]) {
+        let sig = emu::sig_of(name)
             .unwrap_or_else(|| panic!("emulator: no signature parsed for kernel {name}"));
+        let (x, y, z) = cfg.block_dim;
+        if let Some(max) = sig.max_threads {
+            assert!(
+                x * y * z <= max,
+                "kernel {name}: launched with {} threads per block, its __launch_bounds__ is {max}",
+                x * y * z
+            );
+        }
+        assert!(
+            cfg.shared_mem_bytes <= 48 * 1024,
+            "kernel {name}: {} bytes of dynamic shared memory (the limit without an opt-in is 48 KiB)",
+            cfg.shared_mem_bytes
+        );
         assert_eq!(
-            params.len(),
+            sig.params.len(),
             ranges.len(),
             "kernel {name}: {} arguments launched, its signature has {}",
             ranges.len(),
-            params.len()
+            sig.params.len()
         );
-        let bad = emu::restrict_violations(params, ranges);
+        let bad = emu::restrict_violations(&sig.params, ranges);
         assert!(
             bad.is_empty(),
             "kernel {name}: arguments {bad:?} (0-based) overlap in memory, but the kernel declares \
