@@ -6,6 +6,11 @@
 //! (`emu/runtime.cpp`), and the order in which threads run alternates between barriers so that a
 //! missing barrier shows. Buffers live in host memory with poisoned guard zones on both sides:
 //! a kernel that reads past a buffer reads NaN, and one that writes past it fails the launch.
+//! Shared memory starts as NaN in every block. Every launch is checked against the kernel's
+//! signature ([`sig_of`]): its `__launch_bounds__`, 48 KiB of dynamic shared memory, and buffers
+//! aliased against `__restrict__`. With `SLOTFIX_EMU_CHECKED=1` the library is built with UBSan
+//! (and ASan when its runtime is preloaded), which reports out-of-bounds indexing of shared and
+//! per-thread arrays, misalignment, bad shifts, signed overflow and out-of-buffer accesses.
 //!
 //! What it cannot show: data races between blocks, timing, the device's own rounding of `expf`
 //! and fused multiply-adds (results agree with the GPU to f32 rounding, not bit for bit), and
