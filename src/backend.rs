@@ -43,12 +43,26 @@ impl<B: Backend + ?Sized> Alloc for B {
 }
 
 /// Counts the bytes of the f32 buffers asked of it and allocates nothing.
-#[derive(Default)]
 pub struct SizeCounter {
     bytes: std::cell::Cell<u64>,
+    /// Whether the decoder's first convolution splits where it can (as on both backends by
+    /// default; the CUDA backend's `bcast_split` fast path can be switched off).
+    bcast_split: bool,
+}
+
+impl Default for SizeCounter {
+    fn default() -> Self {
+        SizeCounter::new(true)
+    }
 }
 
 impl SizeCounter {
+    pub fn new(bcast_split: bool) -> Self {
+        SizeCounter {
+            bytes: Default::default(),
+            bcast_split,
+        }
+    }
     pub fn bytes(&self) -> u64 {
         self.bytes.get()
     }
@@ -59,9 +73,8 @@ impl Alloc for SizeCounter {
     fn buffer(&self, len: usize) {
         self.bytes.set(self.bytes.get() + 4 * len as u64);
     }
-    /// As both backends do by default (the CUDA backend's `bcast_split` fast path on).
     fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
-        dims.splits()
+        self.bcast_split && dims.splits()
     }
 }
 

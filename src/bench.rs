@@ -114,6 +114,6 @@ pub fn bench_step<B: Backend>(be: B, cfg: &Config, steps: usize) -> StepBench {
         steps: ms.len(),
         peak_rss: peak_rss(),
         device_mem: sess.be.device_memory_used(),
-        planned_bytes: MemoryPlan::new(&sess.model.arch, b, 0).total(),
+        planned_bytes: MemoryPlan::new(&sess.be, &sess.model.arch, b, 0).total(),
     }
 }

@@ -1,7 +1,7 @@
 //! The `slotfix` command line.
 
 use clap::{Args, Parser, Subcommand};
-use slotfix::backend::Backend;
+use slotfix::backend::{Backend, SizeCounter};
 use slotfix::checkpoint::Checkpoint;
 use slotfix::config::Config;
 use slotfix::cpu::Cpu;
@@ -204,10 +204,10 @@ fn run_job<B: Backend>(be: B, cfg: &Config, job: Job) -> Result<ExitCode, String
     let arch = slotfix::model::Arch::new(&cfg.model);
     let plan = match &job {
         Job::Train(_) => None,
-        Job::Eval { .. } => Some(MemoryPlan::new(&arch, 0, cfg.testing.batch_size)),
-        Job::Render { n, .. } => Some(MemoryPlan::new(&arch, 0, *n)),
+        Job::Eval { .. } => Some(MemoryPlan::new(&be, &arch, 0, cfg.testing.batch_size)),
+        Job::Render { n, .. } => Some(MemoryPlan::new(&be, &arch, 0, *n)),
         Job::DumpStep { .. } | Job::Bench { .. } => {
-            Some(MemoryPlan::new(&arch, cfg.training.batch_size, 0))
+            Some(MemoryPlan::new(&be, &arch, cfg.training.batch_size, 0))
         }
     };
     if let Some(p) = plan {
@@ -397,7 +397,10 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 print!("{}", c.to_yaml());
                 // What a training run's buffers will take (stderr: stdout stays the YAML).
                 let arch = slotfix::model::Arch::new(&c.model);
-                eprintln!("{}", MemoryPlan::training(&c, &arch).check(None)?);
+                eprintln!(
+                    "{}",
+                    MemoryPlan::training(&SizeCounter::default(), &c, &arch).check(None)?
+                );
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -349,9 +349,15 @@ impl Arch {
         self.specs.iter().map(|s| s.numel()).sum()
     }
     /// Bytes of a training (or, with `training` false, evaluation) workspace at batch size
-    /// `batch`: the buffers that [`Workspace::new`] allocates, counted without allocating.
-    pub fn workspace_bytes(&self, batch: usize, training: bool) -> u64 {
-        let counter = SizeCounter::default();
+    /// `batch`: the buffers that [`Workspace::new`] allocates on a backend like `like` (a backend,
+    /// or a [`SizeCounter`] for the backends' defaults), counted without allocating.
+    pub fn workspace_bytes<A: Alloc>(&self, like: &A, batch: usize, training: bool) -> u64 {
+        // The one choice of the backend that changes the buffers: whether the first decoder
+        // convolution splits (see `Workspace::new`).
+        let split = self
+            .bcast_conv_dims(1)
+            .map_or(true, |dims| like.bcast_conv_splits(&dims));
+        let counter = SizeCounter::new(split);
         Workspace::new(&counter, self, batch, training);
         counter.bytes()
     }

@@ -4,7 +4,7 @@
 //! dropout masks are all functions of (seed, s), and the checkpoint holds the parameters, the
 //! Adam moments and s, so a resumed run continues bit for bit.
 
-use crate::backend::Backend;
+use crate::backend::{Alloc, Backend};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, DataType, NonFinite};
 use crate::data::{self, DataSpec, Dataset, Source, Split};
@@ -483,17 +483,18 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// For a training workspace at batch size `train_batch` and an evaluation one at
-    /// `eval_batch` (0: none).
-    pub fn new(arch: &Arch, train_batch: usize, eval_batch: usize) -> Self {
+    /// `eval_batch` (0: none), as `be` allocates them (a backend, or a [`SizeCounter`] for the
+    /// backends' defaults).
+    pub fn new<A: Alloc>(be: &A, arch: &Arch, train_batch: usize, eval_batch: usize) -> Self {
         MemoryPlan {
             train_bytes: if train_batch > 0 {
-                arch.workspace_bytes(train_batch, true)
+                arch.workspace_bytes(be, train_batch, true)
             } else {
                 0
             },
             train_batch,
             eval_bytes: if eval_batch > 0 {
-                arch.workspace_bytes(eval_batch, false)
+                arch.workspace_bytes(be, eval_batch, false)
             } else {
                 0
             },
@@ -502,10 +503,10 @@ impl MemoryPlan {
     }
 
     /// For a training run: its steps, and the evaluation and pictures at every log interval.
-    pub fn training(cfg: &Config, arch: &Arch) -> Self {
+    pub fn training<A: Alloc>(be: &A, cfg: &Config, arch: &Arch) -> Self {
         // The evaluation (at most LOG_EVAL_IMAGES per batch) and then the picture grid.
         let eval_batch = cfg.testing.batch_size.clamp(GRID_EXAMPLES, LOG_EVAL_IMAGES);
-        Self::new(arch, cfg.training.batch_size, eval_batch)
+        Self::new(be, arch, cfg.training.batch_size, eval_batch)
     }
 
     /// Bytes of all the buffers.
@@ -809,7 +810,8 @@ pub fn train<B: Backend>(be: B, cfg: &Config, opts: &TrainOptions) -> Result<Tra
     }
     let total = total_steps(cfg, spe);
     // Before anything in save_dir is touched (--overwrite deletes an earlier run).
-    let memory = MemoryPlan::training(cfg, &Arch::new(&cfg.model)).check(be.memory_available())?;
+    let memory =
+        MemoryPlan::training(&be, cfg, &Arch::new(&cfg.model)).check(be.memory_available())?;
     let mut sess = prepare_save_dir(be, cfg, opts, &say)?;
     say(&format!(
         "model: {} parameters, K = {}, D = {}, {} iterations ({}), backend {}",
@@ -1086,7 +1088,11 @@ mod tests {
     fn memory_plan_of_clevr6_matches_the_counted_workspace() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/clevr6.yaml");
         let cfg = Config::load(std::path::Path::new(path)).unwrap();
-        let p = MemoryPlan::training(&cfg, &Arch::new(&cfg.model));
+        let p = MemoryPlan::training(
+            &crate::backend::SizeCounter::default(),
+            &cfg,
+            &Arch::new(&cfg.model),
+        );
         let gib = p.train_bytes as f64 / GIB as f64;
         assert!((gib - 13.76).abs() < 0.005, "{gib} GiB");
         assert_eq!(p.train_batch, 64);

@@ -2012,6 +2012,37 @@ fn emu_train_step_tf32_exact_products_bptt_two_heads_dropout_full_decoder() {
     );
 }
 
+/// With the decoder's first convolution composed (`SLOTFIX_CUDA_DISABLE=bcast_split`), the
+/// memory plan counts the broadcast input and its gradient, as the backend then allocates them.
+#[test]
+fn emu_memory_plan_follows_the_bcast_split_switch() {
+    let Some(g) = emu() else { return };
+    let cfg = small_config(|m| {
+        m.decoder = DecoderKind::Full;
+        m.decoder_channels = Some(vec![6, 5]);
+    });
+    let arch = slotfix::model::Arch::new(&cfg.model);
+    let b = cfg.training.batch_size;
+    let split = MemoryPlan::new(&g, &arch, b, 0).total();
+    let g = g.with_fast_paths(FastPaths::all_but("bcast_split").unwrap());
+    let composed = MemoryPlan::new(&g, &arch, b, 0).total();
+    let broadcast = (b * arch.k * arch.dec_grid * arch.dec_grid * arch.d * 4) as u64;
+    assert_eq!(
+        composed - split,
+        2 * broadcast,
+        "the broadcast input and its gradient"
+    );
+    let before = g.allocated_bytes();
+    let mut s = Session::new(g, cfg.clone());
+    let res = cfg.model.resolution;
+    s.train_step(&rand(b * res * res * 3, 78, 1.0));
+    let allocated = s.be.allocated_bytes() - before;
+    assert!(
+        allocated >= composed && allocated - composed <= composed / 2,
+        "{allocated} bytes allocated, {composed} planned"
+    );
+}
+
 /// Training steps queue their work, read nothing back and allocate nothing: the loss, gradient
 /// norm and non-finite checks stay on the device until the host asks (`Session::opt_report`),
 /// and scratch buffers come from the backend's pool after the first step.
@@ -2031,12 +2062,12 @@ fn train_steps_make_no_host_read_or_allocation(g: Cuda, full_decoder: bool, labe
     let before_session = g.allocated_bytes();
     let mut s = Session::new(g, cfg.clone());
     let images = rand(cfg.training.batch_size * res * res * 3, 77, 1.0);
-    s.train_step(&images); // the first step allocates the workspace
-                           // The memory plan (what `slotfix train` checks against the free memory before it starts)
-                           // counts every buffer of the session; the rest is the kernels' scratch and the optimizer's
-                           // tables, which must stay small beside it (here, at a tiny shape, the TF32 kernels'
-                           // fixed-size partials make it ~20%).
-    let plan = MemoryPlan::new(&s.model.arch, cfg.training.batch_size, 0);
+    // The first step allocates the workspace. The memory plan (what `slotfix train` checks
+    // against the free memory before it starts) counts every buffer of the session; the rest is
+    // the kernels' scratch and the optimizer's tables, which must stay small beside it (here, at
+    // a tiny shape, the TF32 kernels' fixed-size partials make it ~20%).
+    s.train_step(&images);
+    let plan = MemoryPlan::new(&s.be, &s.model.arch, cfg.training.batch_size, 0);
     let allocated = s.be.allocated_bytes() - before_session;
     assert!(
         allocated >= plan.total() && allocated - plan.total() <= plan.total() / 2,
