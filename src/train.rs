@@ -483,8 +483,8 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// For a training workspace at batch size `train_batch` and an evaluation one at
-    /// `eval_batch` (0: none), as `be` allocates them (a backend, or a [`SizeCounter`](crate::backend::SizeCounter) for the
-    /// backends' defaults).
+    /// `eval_batch` (0: none), as `be` allocates them (a backend, or a
+    /// [`SizeCounter`](crate::backend::SizeCounter) for the backends' defaults).
     pub fn new<A: Alloc>(be: &A, arch: &Arch, train_batch: usize, eval_batch: usize) -> Self {
         MemoryPlan {
             train_bytes: if train_batch > 0 {
