@@ -205,16 +205,7 @@ fn fresh_shared(line: &str) -> String {
     };
     let mut calls = String::new();
     for declarator in decl[..end].split(',') {
-        let head = declarator.split('[').next().unwrap_or("");
-        let name: String = head
-            .trim_end()
-            .chars()
-            .rev()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let name = sigs::trailing_ident(declarator.split('[').next().unwrap_or(""));
         if !name.is_empty() {
             calls.push_str(&format!(" cuemu_smem_fresh(&{name}, sizeof({name}));"));
         }

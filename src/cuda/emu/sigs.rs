@@ -5,6 +5,17 @@ use super::super::kernels::{COMMON, KERNEL_FILES};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+/// The identifier `s` ends with (after trailing blanks): `float X` → `X`, `void k1` → `k1`.
+pub(super) fn trailing_ident(s: &str) -> &str {
+    let s = s.trim_end();
+    let start = s
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    &s[start..]
+}
+
 /// A pointer parameter of a kernel, as its signature declares it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PtrParam {
@@ -73,15 +84,7 @@ pub fn kernel_sigs(source: &str) -> Vec<(String, KernelSig)> {
                 .unwrap_or_else(|| panic!("__launch_bounds__({b}): not a number or a #define"))
         });
         let Some(open) = open else { break };
-        let name: String = rest[..open]
-            .trim_end()
-            .chars()
-            .rev()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let name = trailing_ident(&rest[..open]).to_string();
         let mut depth = 0;
         let mut close = open;
         for (i, c) in rest[open..].char_indices() {
