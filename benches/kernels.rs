@@ -494,9 +494,16 @@ impl Bench {
     }
 
     /// The per-token chain (position embedding, LayerNorm, 2-layer MLP, LayerNorm, k and v):
-    /// the fused kernels against the same chain run op by op on the same device.
+    /// the fused kernels against the same chain run op by op on the same device, at the
+    /// backend's precision (the fused version: 2 under TF32, 1 under f32).
     fn tokens(&self, batch: usize, res: usize, ch: usize) {
         let g = &self.g;
+        let (version, tol) = match g.precision() {
+            Precision::F32 => ("v1 (f32)", 1e-5),
+            Precision::Tf32 => ("v2 (tf32)", 1e-3),
+        };
+        // The "of peak" column: TF32 for the tensor-core version.
+        let tc = g.precision() == Precision::Tf32;
         let dims = TokenDims {
             batch,
             h: res,
@@ -525,22 +532,23 @@ impl Bench {
         let mut want = TokenActs::new(&self.c, &one, 2);
         self.c
             .tokens_fwd(&one, &TokenParams::from_flat(&host, c, f), &enc0, &mut want);
-        let e = self.check("tokens fwd v", &acts.v, &want.v, 1e-5);
+        let e = self.check("tokens fwd v", &acts.v, &want.v, tol);
         let shape = format!("{rows} tokens, {c}→{f}→{f}→2×{d}");
         let fl = 2.0 * (rows * (c * f + f * f + 2 * f * d)) as f64;
         let by = 4.0 * (rows * (3 * c + 3 * f + 2 * d + 4)) as f64;
         let ms = self.time(|| g.tokens_fwd(&dims, &pg, &enc, &mut acts));
         self.row(
-            "tokens fwd, fused (f32)",
+            &format!("tokens fwd, fused {version}"),
             &shape,
             Some(e),
             ms,
             fl,
             by,
-            false,
+            tc,
         );
         let ms = self.time(|| tokens_fwd_by_ops(g, &dims, &pg, &enc, &mut acts));
-        self.row("tokens fwd, op by op", &shape, None, ms, fl, by, false);
+        let name = format!("tokens fwd, op by op ({:?})", g.precision());
+        self.row(&name, &shape, None, ms, fl, by, tc);
         // Backward.
         let dk = self.normal_buf(rows * d, 52);
         let dv = self.normal_buf(rows * d, 53);
@@ -583,7 +591,7 @@ impl Bench {
             &mut dc,
             &mut TokenGrads::from_flat(&mut gh),
         );
-        let e = self.check("tokens bwd d enc", &da.d_enc_pos, &dc.d_enc_pos, 1e-5);
+        let e = self.check("tokens bwd d enc", &da.d_enc_pos, &dc.d_enc_pos, tol);
         let ms = self.time(|| {
             g.tokens_bwd(
                 &dims,
@@ -596,13 +604,13 @@ impl Bench {
             )
         });
         self.row(
-            "tokens bwd, fused + dW GEMMs",
+            &format!("tokens bwd, fused {version} + dW GEMMs"),
             &shape,
             Some(e),
             ms,
             2.0 * fl,
             by,
-            false,
+            tc,
         );
         let ms = self.time(|| {
             tokens_bwd_by_ops(
@@ -617,13 +625,13 @@ impl Bench {
             )
         });
         self.row(
-            "tokens bwd, op by op",
+            &format!("tokens bwd, op by op ({:?})", g.precision()),
             &shape,
             None,
             ms,
             2.0 * fl,
             by,
-            false,
+            tc,
         );
     }
 
@@ -785,21 +793,25 @@ fn main() {
     // The convolutions of the 128² model: TF32 with version 3 of the tensor-core passes (the
     // default), then version 2; the exact-f32 kernels (the slowest) come last, so that a time
     // limit cuts them rather than the rest of the table.
-    let conv_rows = |precision: Precision, version: u8| {
+    // A second backend with another precision (and version of the tensor-core convolutions).
+    let bench_with = |precision: Precision, version: u8| {
         let g = if emulated {
             Cuda::emulated()
         } else {
             Cuda::new(0)
         }
         .unwrap();
-        let bp = Bench {
+        Bench {
             g: g.with_precision(precision).with_conv_tc_version(version),
             c: Cpu::new(),
             emulated,
             reps,
             bw: b.bw,
             tf32: b.tf32,
-        };
+        }
+    };
+    let conv_rows = |precision: Precision, version: u8| {
+        let bp = bench_with(precision, version);
         guarded(&format!("encoder conv ({precision:?} v{version})"), || {
             bp.conv(
                 "encoder conv",
@@ -854,7 +866,12 @@ fn main() {
     guarded("linear + LayerNorm", || {
         b.linear_layernorm(batch * res * res, ch)
     });
-    guarded("tokens", || b.tokens(batch, res, ch));
+    // The token chain's tile products: version 2 (TF32 tensor cores, the default precision)
+    // and version 1 (exact f32), each beside the same chain op by op.
+    guarded("tokens (tf32)", || {
+        bench_with(Precision::Tf32, 3).tokens(batch, res, ch)
+    });
+    guarded("tokens (f32)", || b.tokens(batch, res, ch));
     guarded("attention", || b.attention(batch, res * res, 7, ch));
     // The slot cell at clevr6's B·K = 448 slots (the small model: 256) of width 64, MLP 128.
     let (slot_rows, slot_d) = if emulated { (21, 8) } else { (batch * 7, 64) };

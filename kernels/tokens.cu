@@ -1,5 +1,8 @@
 // tokens.cu: the per-token chain between the encoder's convolutions and slot attention, fused
-// (version 1: exact f32, shared-memory tiles of 32 tokens, widths up to 64).
+// (shared-memory tiles of 32 tokens, widths up to 64). Two versions of the tile products:
+// `*_f32` (version 1, exact f32 FMA: precision f32, and widths that are not multiples of 8) and
+// `*_tf32` (version 2, TF32 mma.sync with f32 accumulation: precision tf32, every width a
+// multiple of 8). Everything else (LayerNorms, ReLU masks, column sums) is f32 in both.
 //
 // Math (ops/tokens.rs), per token t of pixel p, e = encoder output [rows, c]:
 //   x = e + pos(p)                      (soft position embedding, posembed.cu)
@@ -67,18 +70,55 @@ static __device__ void tk_load_stats(float* mu, float* rs, const float* __restri
     }
 }
 
-// B[i][j] = W[j][i] for W [n_out][n_in] (nn.Linear's layout): X·B is X·Wᵀ (the forward). The
-// lanes run along B's row j (the reads of W are strided, from L1: a matrix is 16 kB).
-static __device__ void tk_load_wt(float (*B)[TK_LD], const float* __restrict__ W, int n_in, int n_out) {
-    for (int e = threadIdx.x; e < n_in * n_out; e += TK_THREADS) {
-        const int i = e / n_out, j = e % n_out;
-        B[i][j] = W[j * n_in + i];
+// The weight tile B: one W [n_out][n_in] (nn.Linear's layout) at a time, laid out as the tile
+// product of the version reads it. The forward's product is X·Wᵀ, B(k = i, n = j) = W[j][i];
+// the backward's is X·W, B(k = j, n = i) = W[j][i].
+//   v1 (FMA, tk_gemm): k-major, row stride TK_LD: B[k·TK_LD + n], rows read as float4 along n.
+//   v2 (mma, tk_gemm_tc): TF32-rounded; X·Wᵀ n-major, B[n·TK_LD + k] (W's own layout); X·W
+//   k-major, B[k·TK_LDK + n]. Both strides make the fragment reads conflict-free: lane (g, t)
+//   reads bank 4g + t (n-major, 68 ≡ 4 mod 32) or 8t + g (k-major, 72 ≡ 8 mod 32).
+// Every version reads W in order, 16 bytes per lane (n_in % 4 == 0; v1 reads one float at a time
+// otherwise): coalesced. (Version 1 first read it transposed, lanes 4·n_in bytes apart: 32 sectors
+// per warp load, 4096 L1 wavefronts per matrix per tile, more than its product's FMA time.)
+#define TK_LDK 72
+#define TK_BSIZE (TK_MAXD * TK_LDK)
+
+// B ← tf32(x) as the float with those bits: the mma reads B's words as they are.
+static __device__ __forceinline__ float tk_tf32(float x) { return __uint_as_float(to_tf32(x)); }
+
+template <bool TC, bool TRANSPOSED>
+static __device__ void tk_load_weights(float* B, const float* __restrict__ W, int n_in, int n_out) {
+    if (!TC && (n_in & 3)) {  // v1 with odd widths: one float at a time, still in W's order
+        for (int e = threadIdx.x; e < n_in * n_out; e += TK_THREADS) {
+            const int j = e / n_in, i = e % n_in;
+            B[TRANSPOSED ? i * TK_LD + j : j * TK_LD + i] = W[e];
+        }
+        return;
+    }
+    const int q = n_in >> 2;  // float4 per row of W
+    for (int e = threadIdx.x; e < q * n_out; e += TK_THREADS) {
+        const int j = e / q, i = 4 * (e % q);
+        float4 w = ld_f4(W + j * n_in + i);
+        if (TC) w = make_float4(tk_tf32(w.x), tk_tf32(w.y), tk_tf32(w.z), tk_tf32(w.w));
+        const float wv[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const int k = TRANSPOSED ? i + m : j;  // B(k, n) = W[j][i + m]
+            const int n = TRANSPOSED ? j : i + m;
+            B[TC ? (TRANSPOSED ? n * TK_LD + k : k * TK_LDK + n) : k * TK_LD + n] = wv[m];
+        }
     }
 }
 
-// B[j][i] = W[j][i]: X·B is X·W (the backward's input gradient).
-static __device__ void tk_load_w(float (*B)[TK_LD], const float* __restrict__ W, int n_in, int n_out) {
-    for (int e = threadIdx.x; e < n_in * n_out; e += TK_THREADS) B[e / n_in][e % n_in] = W[e];
+// For X·Wᵀ (the forward).
+template <bool TC>
+static __device__ void tk_load_wt(float* B, const float* __restrict__ W, int n_in, int n_out) {
+    tk_load_weights<TC, true>(B, W, n_in, n_out);
+}
+// For X·W (the backward's input gradients).
+template <bool TC>
+static __device__ void tk_load_w(float* B, const float* __restrict__ W, int n_in, int n_out) {
+    tk_load_weights<TC, false>(B, W, n_in, n_out);
 }
 
 // Y[r][n] (+)= relu?(Σ_k X[r][k]·B[k][n] + bias[n]) for n < n_out. Thread (ty, tx) = (tid/16,
@@ -87,7 +127,7 @@ static __device__ void tk_load_w(float (*B)[TK_LD], const float* __restrict__ W,
 // and of each of the 4 B rows (16 lanes, 256 contiguous bytes) feed 64 FMAs, 8 shared reads
 // where version 1 needed 32 (it was bound by them). Each sum still runs over k in order.
 // Columns past n_out are computed from unset B entries and never stored.
-static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B)[TK_LD], int n_out,
+static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float* B, int n_out,
                                const float* __restrict__ bias, int relu, int accumulate, float (*Y)[TK_LD]) {
     const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
     float acc[4][4];
@@ -101,7 +141,7 @@ static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B
 #pragma unroll
         for (int r = 0; r < 4; ++r) a[r] = *(const float4*)&X[4 * ty + r][kk];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) b[i] = *(const float4*)&B[kk + i][4 * tx];
+        for (int i = 0; i < 4; ++i) b[i] = *(const float4*)&B[(kk + i) * TK_LD + 4 * tx];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const float ar[4] = {a[r].x, a[r].y, a[r].z, a[r].w};
@@ -119,7 +159,7 @@ static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B
 #pragma unroll
         for (int r = 0; r < 4; ++r) a[r] = X[4 * ty + r][kk];
 #pragma unroll
-        for (int m = 0; m < 4; ++m) b[m] = B[kk][4 * tx + m];
+        for (int m = 0; m < 4; ++m) b[m] = B[kk * TK_LD + 4 * tx + m];
 #pragma unroll
         for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -137,6 +177,59 @@ static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float (*B
             Y[4 * ty + r][n] = accumulate ? Y[4 * ty + r][n] + v : v;
         }
     }
+}
+
+// The same product on the tensor cores (version 2; n_k and n_out multiples of 8, B from
+// tk_load_weights<true, …>: n-major when KMAJOR is false, k-major otherwise). Warp w computes
+// rows 16·(w & 1) .. +16 and columns 32·(w >> 1) .. +32 as four 16×8 mma tiles; the X fragment
+// is rounded to TF32 as it is read (X itself stays f32 for the LayerNorms). Each sum runs over
+// k in steps of 8, in the mma's own order within a step.
+template <bool KMAJOR>
+static __device__ void tk_gemm_tc(const float (*X)[TK_LD], int n_k, const float* B, int n_out,
+                                  const float* __restrict__ bias, int relu, int accumulate, float (*Y)[TK_LD]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int m0 = 16 * (warp & 1), n0 = 32 * (warp >> 1);
+    if (n0 >= n_out) return;  // whole warps: n_out ≤ 32 leaves warps 2 and 3 idle
+    const int ntiles = min(4, (n_out - n0) >> 3);
+    float acc[4][4];
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[ni][q] = 0.0f;
+    for (int k0 = 0; k0 < n_k; k0 += 8) {
+        const unsigned a[4] = {to_tf32(X[m0 + g][k0 + t]), to_tf32(X[m0 + g + 8][k0 + t]),
+                               to_tf32(X[m0 + g][k0 + t + 4]), to_tf32(X[m0 + g + 8][k0 + t + 4])};
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            if (ni >= ntiles) break;  // the same for the whole warp
+            const int n = n0 + 8 * ni + g;
+            const unsigned b[2] = {
+                __float_as_uint(KMAJOR ? B[(k0 + t) * TK_LDK + n] : B[n * TK_LD + k0 + t]),
+                __float_as_uint(KMAJOR ? B[(k0 + t + 4) * TK_LDK + n] : B[n * TK_LD + k0 + t + 4])};
+            mma_tf32_16x8x8(acc[ni], a, b);
+        }
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+        if (ni >= ntiles) break;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int r = m0 + g + 8 * (q >> 1), n = n0 + 8 * ni + 2 * t + (q & 1);
+            float v = acc[ni][q] + (bias ? bias[n] : 0.0f);
+            if (relu && v < 0.0f) v = 0.0f;
+            Y[r][n] = accumulate ? Y[r][n] + v : v;
+        }
+    }
+}
+
+// Y (+)= relu?(X·B + bias) by the version's product: X·Wᵀ (forward, B from tk_load_wt) unless
+// KMAJOR (X·W, B from tk_load_w).
+template <bool TC, bool KMAJOR>
+static __device__ __forceinline__ void tk_mm(const float (*X)[TK_LD], int n_k, const float* B, int n_out,
+                                             const float* __restrict__ bias, int relu, int accumulate,
+                                             float (*Y)[TK_LD]) {
+    if (TC) tk_gemm_tc<KMAJOR>(X, n_k, B, n_out, bias, relu, accumulate, Y);
+    else tk_gemm(X, n_k, B, n_out, bias, relu, accumulate, Y);
 }
 
 // LayerNorm of each tile row in place (one warp per row, as layernorm_fwd_f32); μ and 1/σ of
@@ -197,9 +290,10 @@ static __device__ void tk_layernorm_params(const float (*X)[TK_LD], const float 
 }
 
 // One block per tile of TK_ROWS tokens: grid ceil(rows / TK_ROWS), block TK_THREADS. Every output
-// is overwritten.
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restrict__ wp,
+// is overwritten. tokens_fwd_f32 / tokens_fwd_tf32 below (the _tf32 one needs c, feat and d
+// multiples of 8).
+template <bool TC>
+static __device__ void tokens_fwd(TokenDims p, const float* __restrict__ enc, const float* __restrict__ wp,
                const float* __restrict__ bp, const float* __restrict__ g0, const float* __restrict__ be0,
                const float* __restrict__ w1, const float* __restrict__ b1, const float* __restrict__ w2,
                const float* __restrict__ b2, const float* __restrict__ gi, const float* __restrict__ bei,
@@ -210,7 +304,7 @@ tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restri
                float* __restrict__ v_out) {
     __shared__ __align__(16) float X[TK_ROWS][TK_LD];
     __shared__ __align__(16) float Y[TK_ROWS][TK_LD];
-    __shared__ __align__(16) float B[TK_MAXD][TK_LD];
+    __shared__ __align__(16) float B[TK_BSIZE];
     __shared__ float mu[TK_ROWS], rs[TK_ROWS];
     const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
     const int r0 = blockIdx.x * TK_ROWS;
@@ -224,35 +318,52 @@ tokens_fwd_f32(TokenDims p, const float* __restrict__ enc, const float* __restri
         }
         X[r][ch] = val;
     }
-    tk_load_wt(B, w1, c, feat);
+    tk_load_wt<TC>(B, w1, c, feat);
     __syncthreads();
     tk_layernorm(X, c, g0, be0, eps, mu, rs);
     __syncthreads();
     tk_store(X, a_out, r0, rows, c);
     tk_store_stats(mu, rs, mean0, rstd0, r0, rows);
-    tk_gemm(X, c, B, feat, b1, 1, 0, Y);
+    tk_mm<TC, false>(X, c, B, feat, b1, 1, 0, Y);
     __syncthreads();
     tk_store(Y, h_out, r0, rows, feat);
-    tk_load_wt(B, w2, feat, feat);
+    tk_load_wt<TC>(B, w2, feat, feat);
     __syncthreads();
-    tk_gemm(Y, feat, B, feat, b2, 0, 0, X);
+    tk_mm<TC, false>(Y, feat, B, feat, b2, 0, 0, X);
     __syncthreads();
     tk_store(X, f_out, r0, rows, feat);
-    tk_load_wt(B, wk, feat, d);
+    tk_load_wt<TC>(B, wk, feat, d);
     __syncthreads();
     tk_layernorm(X, feat, gi, bei, eps, mu, rs);
     __syncthreads();
     tk_store(X, u_out, r0, rows, feat);
     tk_store_stats(mu, rs, mean_in, rstd_in, r0, rows);
-    tk_gemm(X, feat, B, d, 0, 0, 0, Y);
+    tk_mm<TC, false>(X, feat, B, d, 0, 0, 0, Y);
     __syncthreads();
     tk_store(Y, k_out, r0, rows, d);
-    tk_load_wt(B, wv, feat, d);
+    tk_load_wt<TC>(B, wv, feat, d);
     __syncthreads();
-    tk_gemm(X, feat, B, d, 0, 0, 0, Y);
+    tk_mm<TC, false>(X, feat, B, d, 0, 0, 0, Y);
     __syncthreads();
     tk_store(Y, v_out, r0, rows, d);
 }
+
+#define TOKENS_FWD_ENTRY(NAME, TC)                                                                           \
+    extern "C" __global__ void __launch_bounds__(TK_THREADS)                                                \
+        NAME(TokenDims p, const float* __restrict__ enc, const float* __restrict__ wp,                      \
+             const float* __restrict__ bp, const float* __restrict__ g0, const float* __restrict__ be0,     \
+             const float* __restrict__ w1, const float* __restrict__ b1, const float* __restrict__ w2,      \
+             const float* __restrict__ b2, const float* __restrict__ gi, const float* __restrict__ bei,     \
+             const float* __restrict__ wk, const float* __restrict__ wv, float eps,                         \
+             float* __restrict__ x_out, float* __restrict__ a_out, float* __restrict__ mean0,               \
+             float* __restrict__ rstd0, float* __restrict__ h_out, float* __restrict__ f_out,               \
+             float* __restrict__ u_out, float* __restrict__ mean_in, float* __restrict__ rstd_in,           \
+             float* __restrict__ k_out, float* __restrict__ v_out) {                                        \
+        tokens_fwd<TC>(p, enc, wp, bp, g0, be0, w1, b1, w2, b2, gi, bei, wk, wv, eps, x_out, a_out, mean0,  \
+                       rstd0, h_out, f_out, u_out, mean_in, rstd_in, k_out, v_out);                         \
+    }
+TOKENS_FWD_ENTRY(tokens_fwd_f32, false)
+TOKENS_FWD_ENTRY(tokens_fwd_tf32, true)
 
 // The partial row of one block: [dγ_in | dβ_in | db2 | db1] (feat each), [dγ0 | dβ0] (c each),
 // dW_pos [c][4], db_pos (c). 4·feat + 7·c floats.
@@ -260,9 +371,10 @@ static __device__ __forceinline__ int tk_partial_len(int c, int feat) { return 4
 
 // Grid-stride over tiles (grid fixed by the launcher, so the block → tile map and the summation
 // order do not depend on the device); block TK_THREADS. partial [gridDim.x][4·feat + 7·c]
-// overwritten; df [rows, feat], dh [rows, feat], dx [rows, c] overwritten.
-extern "C" __global__ void __launch_bounds__(TK_THREADS)
-tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restrict__ dv,
+// overwritten; df [rows, feat], dh [rows, feat], dx [rows, c] overwritten. tokens_bwd_f32 /
+// tokens_bwd_tf32 below.
+template <bool TC>
+static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, const float* __restrict__ dv,
                const float* __restrict__ wk, const float* __restrict__ wv, const float* __restrict__ f,
                const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
                const float* __restrict__ gi, const float* __restrict__ w2, const float* __restrict__ h,
@@ -271,7 +383,7 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
                float* __restrict__ dh, float* __restrict__ dx, float* __restrict__ partial) {
     __shared__ __align__(16) float X[TK_ROWS][TK_LD];
     __shared__ __align__(16) float Y[TK_ROWS][TK_LD];
-    __shared__ __align__(16) float B[TK_MAXD][TK_LD];
+    __shared__ __align__(16) float B[TK_BSIZE];
     __shared__ float mu[TK_ROWS], rs[TK_ROWS];
     const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
     const int ntiles = (rows + TK_ROWS - 1) / TK_ROWS;
@@ -284,19 +396,19 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
         const int valid = min(TK_ROWS, rows - r0);
         // du = dk·Wk + dv·Wv  (Y, [32 × feat]).
         tk_load(X, dk, r0, rows, d);
-        tk_load_w(B, wk, feat, d);
+        tk_load_w<TC>(B, wk, feat, d);
         __syncthreads();
-        tk_gemm(X, d, B, feat, 0, 0, 0, Y);
+        tk_mm<TC, true>(X, d, B, feat, 0, 0, 0, Y);
         __syncthreads();
         tk_load(X, dv, r0, rows, d);
-        tk_load_w(B, wv, feat, d);
+        tk_load_w<TC>(B, wv, feat, d);
         __syncthreads();
-        tk_gemm(X, d, B, feat, 0, 0, 1, Y);
+        tk_mm<TC, true>(X, d, B, feat, 0, 0, 1, Y);
         __syncthreads();
         // LN_in backward: X ← f; Y ← df.
         tk_load(X, f, r0, rows, feat);
         tk_load_stats(mu, rs, mean_in, rstd_in, r0, rows);
-        tk_load_w(B, w2, feat, feat);
+        tk_load_w<TC>(B, w2, feat, feat);
         __syncthreads();
         tk_layernorm_params(X, Y, feat, valid, mu, rs, s_gi, s_bi);
         __syncthreads();
@@ -306,7 +418,7 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
         if (t < feat)
             for (int r = 0; r < valid; ++r) s_b2 += Y[r][t];
         // dh = (df·W2) ⊙ [h > 0]  (X).
-        tk_gemm(Y, feat, B, feat, 0, 0, 0, X);
+        tk_mm<TC, true>(Y, feat, B, feat, 0, 0, 0, X);
         __syncthreads();
         for (int e = t; e < TK_ROWS * feat; e += TK_THREADS) {
             const int r = e / feat, col = e % feat;
@@ -317,12 +429,12 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
                 X[r][col] = 0.0f;
             }
         }
-        tk_load_w(B, w1, c, feat);
+        tk_load_w<TC>(B, w1, c, feat);
         __syncthreads();
         if (t < feat)
             for (int r = 0; r < valid; ++r) s_b1 += X[r][t];
         // da = dh·W1  (Y, [32 × c]).
-        tk_gemm(X, feat, B, c, 0, 0, 0, Y);
+        tk_mm<TC, true>(X, feat, B, c, 0, 0, 0, Y);
         __syncthreads();
         // LN0 backward: X ← x; Y ← dx.
         tk_load(X, x, r0, rows, c);
@@ -359,6 +471,21 @@ tokens_bwd_f32(TokenDims p, const float* __restrict__ dk, const float* __restric
         rc[6 * c + t] = s_bp;
     }
 }
+
+#define TOKENS_BWD_ENTRY(NAME, TC)                                                                           \
+    extern "C" __global__ void __launch_bounds__(TK_THREADS)                                                \
+        NAME(TokenDims p, const float* __restrict__ dk, const float* __restrict__ dv,                       \
+             const float* __restrict__ wk, const float* __restrict__ wv, const float* __restrict__ f,       \
+             const float* __restrict__ mean_in, const float* __restrict__ rstd_in,                          \
+             const float* __restrict__ gi, const float* __restrict__ w2, const float* __restrict__ h,       \
+             const float* __restrict__ w1, const float* __restrict__ x, const float* __restrict__ mean0,    \
+             const float* __restrict__ rstd0, const float* __restrict__ g0, float* __restrict__ df,         \
+             float* __restrict__ dh, float* __restrict__ dx, float* __restrict__ partial) {                 \
+        tokens_bwd<TC>(p, dk, dv, wk, wv, f, mean_in, rstd_in, gi, w2, h, w1, x, mean0, rstd0, g0, df, dh,   \
+                       dx, partial);                                                                        \
+    }
+TOKENS_BWD_ENTRY(tokens_bwd_f32, false)
+TOKENS_BWD_ENTRY(tokens_bwd_tf32, true)
 
 // One thread per element of the partial row: the sum over the nblk rows in block order, added
 // (+=) into the parameter gradient it belongs to.

@@ -1052,13 +1052,18 @@ fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
 /// The per-token chain (`tokens_fwd` / `tokens_bwd`): the CUDA backend fuses it (two MLP layers,
 /// widths up to 64) and the CPU composes the single ops. Shapes: partial last tiles, odd widths,
 /// the widest fused case, and one that is too wide to fuse (the composed fallback on the GPU).
-fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
+/// Under TF32 the widths that are multiples of 8 take the tensor-core version (the second,
+/// fourth and fifth shapes: products 8 to 64 wide, a 16-wide layer that leaves warps idle, a
+/// 48-wide one that ends in half a warp's columns); the others stay on version 1.
+fn tokens_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     let cpu = cpu();
     let shapes = [
         // (batch, h, w, c, feat, d)
         (2, 5, 5, 16, 24, 20),
+        (2, 5, 7, 8, 40, 16),
         (3, 4, 7, 7, 33, 5),
         (1, 9, 9, 64, 64, 64),
+        (1, 6, 7, 32, 16, 48),
         (2, 3, 3, 8, 72, 16),
     ];
     for (si, &(batch, h, w, c, feat, d)) in shapes.iter().enumerate() {
@@ -1143,7 +1148,7 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
             ("v", &a.v, &b.v),
         ];
         for (what, gbuf, cbuf) in pairs {
-            check(&format!("{name} {what}"), g, gbuf, cbuf);
+            check_tol(&format!("{name} {what}"), g, gbuf, cbuf, tol);
         }
         // Backward from the CPU's activations, into non-zero parameter gradients.
         let saved = TokenActs {
@@ -1191,13 +1196,19 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B) {
             &mut dg,
             &mut TokenGrads::from_flat(&mut gd),
         );
-        check(&format!("{name} d enc"), g, &dg.d_enc_pos, &dc.d_enc_pos);
+        check_tol(
+            &format!("{name} d enc"),
+            g,
+            &dg.d_enc_pos,
+            &dc.d_enc_pos,
+            tol,
+        );
         let names = [
             "dW pos", "db pos", "dγ0", "dβ0", "dW1", "db1", "dW2", "db2", "dγ_in", "dβ_in", "dWk",
             "dWv",
         ];
         for ((what, gbuf), cbuf) in names.iter().zip(&gd).zip(&gh) {
-            check(&format!("{name} {what}"), g, gbuf, cbuf);
+            check_tol(&format!("{name} {what}"), g, gbuf, cbuf, tol);
         }
     }
 }
@@ -1503,7 +1514,7 @@ emu_and_gpu_tests!(emu_slot_cell_fwd_bwd, gpu_slot_cell_fwd_bwd, |g| {
     slot_cell_fwd_bwd_parity(&g)
 });
 emu_and_gpu_tests!(emu_tokens_fwd_bwd, gpu_tokens_fwd_bwd, |g| {
-    tokens_fwd_bwd_parity(&g)
+    tokens_fwd_bwd_parity(&g, TOL)
 });
 emu_and_gpu_tests!(emu_composite_mse_fwd_bwd, gpu_composite_mse_fwd_bwd, |g| {
     composite_mse_fwd_bwd_parity(&g)
@@ -1515,6 +1526,44 @@ emu_and_gpu_tests!(
 );
 emu_and_gpu_tests!(emu_adam_step, gpu_adam_step, |g| adam_step_parity(&g));
 emu_and_gpu_tests!(emu_opt_step, gpu_opt_step, |g| opt_step_parity(&g));
+
+/// The token chain under TF32: version 2 (tensor cores) where the widths allow, at the TF32
+/// tolerance; with exact products at the f32 one (so the fragment indexing is exact, and what
+/// remains is TF32 rounding). Which version ran is counted by the emulator.
+#[test]
+fn emu_tokens_tf32_fwd_bwd() {
+    let ran = |g: &Cuda, name: &str| g.emu_kernel_launches().get(name).copied().unwrap_or(0);
+    if let Some(g) = emu() {
+        tokens_fwd_bwd_parity(&g, TOL);
+        for name in ["tokens_fwd_tf32", "tokens_bwd_tf32"] {
+            assert_eq!(ran(&g, name), 0, "{name} ran under precision f32");
+        }
+    }
+    if let Some(g) = emu() {
+        let g = g.with_precision(Precision::Tf32);
+        tokens_fwd_bwd_parity(&g, TF32_TOL);
+        // Three of the six shapes take version 2, two stay on version 1, one is not fused.
+        for (name, n) in [
+            ("tokens_fwd_tf32", 3),
+            ("tokens_bwd_tf32", 3),
+            ("tokens_fwd_f32", 2),
+            ("tokens_bwd_f32", 2),
+        ] {
+            assert_eq!(ran(&g, name), n, "launches of {name}");
+        }
+    }
+    if let Some(g) = emu() {
+        let g = g.with_precision(Precision::Tf32).with_emulator_exact_tf32();
+        tokens_fwd_bwd_parity(&g, TOL);
+    }
+}
+
+#[test]
+fn gpu_tokens_tf32_fwd_bwd() {
+    if let Some(g) = gpu() {
+        tokens_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
+    }
+}
 
 #[test]
 fn emu_linear_tf32_fwd_bwd() {
@@ -1934,7 +1983,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",
-        "tokens" => name == "tokens_fwd_f32" || name == "tokens_bwd_f32",
+        "tokens" => name.starts_with("tokens_fwd_") || name.starts_with("tokens_bwd_"),
         "slot_cell" => name.starts_with("slot_query_") || name.starts_with("slot_update_"),
         "bcast_split" => name.starts_with("bconv_"),
         _ => panic!("no kernels listed for fast path {path}"),

@@ -22,7 +22,7 @@ pub struct FastPaths {
     /// Version 2 of the attention kernels (tokens split over blocks); off: version 1, one block
     /// per image and head.
     pub attention_v2: bool,
-    /// The fused token chain (`tokens_fwd_f32`, `tokens_bwd_f32`); off: the single ops.
+    /// The fused token chain (`tokens_{fwd,bwd}_{f32,tf32}`); off: the single ops.
     pub tokens: bool,
     /// The fused slot cell (`slot_query_*`, `slot_update_*`); off: the single ops.
     pub slot_cell: bool,

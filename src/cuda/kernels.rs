@@ -110,7 +110,13 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "tokens.cu",
         source: include_str!("../../kernels/tokens.cu"),
-        kernels: &["tokens_fwd_f32", "tokens_bwd_f32", "tokens_bwd_reduce_f32"],
+        kernels: &[
+            "tokens_fwd_f32",
+            "tokens_fwd_tf32",
+            "tokens_bwd_f32",
+            "tokens_bwd_tf32",
+            "tokens_bwd_reduce_f32",
+        ],
     },
     KernelFile {
         name: "bcastconv.cu",

@@ -3,6 +3,7 @@
 
 use super::{i, Arg, Buf, Cuda};
 use crate::backend::Backend;
+use crate::config::Precision;
 use crate::ops::layernorm::LN_EPS;
 use crate::ops::tokens::{TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
@@ -67,6 +68,13 @@ impl Cuda {
             && (p.mlp[1].n_in, p.mlp[1].n_out) == (dims.feat, dims.feat)
     }
 
+    /// Whether the fused chain's tile products run on the tensor cores (version 2,
+    /// `tokens_*_tf32`): under `precision: tf32`, with every width a multiple of 8 (the mma's k
+    /// and n steps). Otherwise version 1, exact f32 FMA.
+    fn tokens_on_tensor_cores(&self, dims: &TokenDims) -> bool {
+        self.precision == Precision::Tf32 && [dims.c, dims.feat, dims.d].iter().all(|&n| n % 8 == 0)
+    }
+
     pub(super) fn tokens_fwd_fused(
         &self,
         dims: &TokenDims,
@@ -85,7 +93,12 @@ impl Cuda {
             unreachable!("tokens_fusable checked two MLP layers")
         };
         let cfg = blocks(rows.div_ceil(TK_ROWS), TK_THREADS);
-        launch!(self, "tokens_fwd_f32", cfg;
+        let name = if self.tokens_on_tensor_cores(dims) {
+            "tokens_fwd_tf32"
+        } else {
+            "tokens_fwd_f32"
+        };
+        launch!(self, name, cfg;
             &dc, enc_out, p.pos_w, p.pos_b, p.norm_g, p.norm_b, p.mlp[0].w, p.mlp[0].b,
             p.mlp[1].w, p.mlp[1].b, p.norm_in_g, p.norm_in_b, p.wk, p.wv, &eps,
             &mut a.enc_pos, &mut a.ln0, &mut a.ln0_mean, &mut a.ln0_rstd, h, f,
@@ -116,7 +129,12 @@ impl Cuda {
         let nblk = TK_BWD_BLOCKS.min(rows.div_ceil(TK_ROWS).div_ceil(TK_BWD_MIN_TILES));
         let plen = 4 * feat + 7 * c;
         let mut partial = self.scratch::<f32>(nblk * plen);
-        launch!(self, "tokens_bwd_f32", blocks(nblk, TK_THREADS);
+        let name = if self.tokens_on_tensor_cores(dims) {
+            "tokens_bwd_tf32"
+        } else {
+            "tokens_bwd_f32"
+        };
+        launch!(self, name, blocks(nblk, TK_THREADS);
             &dc, dk, dv, p.wk, p.wv, &a.mlp_act[1], &a.ln_in_mean, &a.ln_in_rstd, p.norm_in_g,
             p.mlp[1].w, &a.mlp_act[0], p.mlp[0].w, &a.enc_pos, &a.ln0_mean, &a.ln0_rstd,
             p.norm_g, df, dh, &mut d.d_enc_pos, &mut partial);
