@@ -2170,6 +2170,53 @@ emu_and_gpu_tests!(
     )
 );
 
+/// The kernels one eager training step of a shipped config launches, by name, in the emulator
+/// (batch 1; the count does not depend on the batch, nor on the resolution while the broadcast
+/// decoder keeps its number of stride-2 layers: clevr6 runs at 32² from a 2×2 broadcast, 16×
+/// less work than 128² from 8×8, with the same layers). Few launches per step is what keeps the small model under performance.md's
+/// 3.0 ms (its kernels are short: a graph node still costs ~1–2 µs), so a change that adds
+/// launches fails here and has to say why in this table.
+#[test]
+fn emu_launches_per_step_of_the_shipped_configs() {
+    // (config, most launches per step: recorded 2026-11-25 with tokens v2)
+    for (file, most) in [("tetrominoes.yaml", 104), ("clevr6.yaml", 107)] {
+        let Some(g) = emu() else { return };
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("configs")
+            .join(file);
+        let mut cfg = Config::load(&path).unwrap();
+        cfg.training.batch_size = 1;
+        cfg.training.cuda_graph = false;
+        if cfg.model.resolution > 32 {
+            cfg.model.decoder_init_size /= cfg.model.resolution / 32;
+            cfg.model.resolution = 32;
+        }
+        let res = cfg.model.resolution;
+        let mut s = Session::new(g.with_precision(Precision::Tf32), cfg);
+        let images = rand(res * res * 3, 4242, 1.0);
+        s.train_step(&images);
+        let before = s.be.emu_kernel_launches();
+        s.train_step(&images);
+        let mut per_kernel: Vec<(u64, &str)> =
+            s.be.emu_kernel_launches()
+                .into_iter()
+                .map(|(k, n)| (n - before.get(k).copied().unwrap_or(0), k))
+                .filter(|&(n, _)| n > 0)
+                .collect();
+        per_kernel.sort_by(|a, b| b.cmp(a));
+        let total: u64 = per_kernel.iter().map(|&(n, _)| n).sum();
+        eprintln!("{file}: {total} launches per training step: {per_kernel:?}");
+        assert!(
+            total <= most,
+            "{file}: {total} kernel launches per training step, {most} before: {per_kernel:?}"
+        );
+        assert!(
+            total >= most * 9 / 10,
+            "{file}: {total} launches; update the table"
+        );
+    }
+}
+
 /// With `cuda_graph`, the first step runs eagerly, the second is captured and every later one
 /// replays it. The replayed steps must compute exactly what eager steps do, bit for bit (the
 /// same kernels in the same order; every reduction has a fixed order): the slot noise and the
