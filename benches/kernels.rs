@@ -692,8 +692,9 @@ impl Bench {
     }
 
     /// The whole training step of a config; `graph` sets `Training.cuda_graph`.
-    /// The training step of a config, at batch size `batch` (default: the config's).
-    fn step(&self, cfg_path: &str, batch: Option<usize>, steps: usize, graph: bool) {
+    /// The training step of a config, at batch size `batch` (default: the config's); with
+    /// `kernels`, then where its device time goes, kernel by kernel.
+    fn step(&self, cfg_path: &str, batch: Option<usize>, steps: usize, graph: bool, kernels: bool) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(cfg_path);
         let mut cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         cfg.training.cuda_graph = graph;
@@ -719,8 +720,13 @@ impl Bench {
                 return;
             }
         }
-        let r = slotfix::bench::bench_step(be, &cfg, steps);
+        let r = slotfix::bench::bench_step(be, &cfg, steps, kernels);
         println!("\n{cfg_path}:\n{}", r.table());
+        match r.kernels {
+            Some(Ok(k)) => println!("\n{}", k.table()),
+            Some(Err(e)) => println!("\n(kernel times not read: {e})"),
+            None => {}
+        }
     }
 }
 
@@ -880,13 +886,25 @@ fn main() {
     // at performance.md's B = 64.
     let small_steps = if emulated { 1 } else { 20 };
     guarded("tetrominoes step", || {
-        b.step("configs/tetrominoes.yaml", Some(64), small_steps, false)
+        b.step(
+            "configs/tetrominoes.yaml",
+            Some(64),
+            small_steps,
+            false,
+            false,
+        )
     });
     guarded("tetrominoes step, CUDA graph", || {
-        b.step("configs/tetrominoes.yaml", Some(64), small_steps, true)
+        b.step(
+            "configs/tetrominoes.yaml",
+            Some(64),
+            small_steps,
+            true,
+            true,
+        )
     });
     guarded("clevr6 step", || {
-        b.step("configs/clevr6.yaml", None, 10, true)
+        b.step("configs/clevr6.yaml", None, 10, true, true)
     });
     conv_rows(Precision::F32, 3);
 }

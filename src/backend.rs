@@ -79,6 +79,24 @@ impl Alloc for SizeCounter {
 }
 
 /// Hyper-parameters of one Adam(W) update.
+/// The device time of one kernel's launches ([`Backend::kernel_profile`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    pub name: &'static str,
+    pub launches: u64,
+    /// Their total time, milliseconds.
+    pub ms: f64,
+}
+
+/// The launches timed by [`Backend::profile_kernels`], summed per kernel, slowest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelProfile {
+    pub kernels: Vec<KernelTime>,
+    /// Timed by the host's clock around each launch (the emulator: says nothing about a GPU),
+    /// not by events on the device.
+    pub host_clock: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
     pub lr: f64,
@@ -550,6 +568,17 @@ pub trait Backend: Sync {
     fn capture_end(&self) -> Result<Self::StepGraph, String>;
     /// Queue a captured step again.
     fn replay(&self, graph: &Self::StepGraph) -> Result<(), String>;
+    /// Start (`true`, clearing earlier timings) or stop timing every kernel launch on the
+    /// device, a diagnostic (`slotfix bench --kernels`); false where the backend has no kernels
+    /// to time. Steps to be timed must run eagerly: a captured step carries no timings.
+    fn profile_kernels(&self, _on: bool) -> bool {
+        false
+    }
+    /// The launches timed so far, summed per kernel name, slowest first; clears them. Waits for
+    /// the device.
+    fn kernel_profile(&self) -> Result<KernelProfile, String> {
+        Ok(KernelProfile::default())
+    }
     /// One Adam(W) update of a parameter tensor and its two moment buffers.
     fn adam_step(
         &self,

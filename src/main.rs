@@ -82,6 +82,10 @@ enum Command {
         /// Override Training.batch_size (e.g. to compare with a figure at another batch size).
         #[arg(long, value_name = "N")]
         batch_size: Option<usize>,
+        /// Then time every kernel launch of a few more (eager) steps and print where the
+        /// device time goes, kernel by kernel (CUDA backend).
+        #[arg(long)]
+        kernels: bool,
     },
     /// Load and validate a config, print it with every default filled in.
     Check {
@@ -137,6 +141,7 @@ enum Job {
     },
     Bench {
         steps: usize,
+        kernels: bool,
     },
 }
 
@@ -317,8 +322,17 @@ fn run_job<B: Backend>(be: B, cfg: &Config, job: Job) -> Result<ExitCode, String
             );
             Ok(ExitCode::SUCCESS)
         }
-        Job::Bench { steps } => {
-            println!("{}", slotfix::bench::bench_step(be, cfg, steps).table());
+        Job::Bench { steps, kernels } => {
+            let b = slotfix::bench::bench_step(be, cfg, steps, kernels);
+            println!("{}", b.table());
+            match b.kernels {
+                Some(Ok(k)) => println!("\n{}", k.table()),
+                Some(Err(e)) => return Err(format!("timing the kernels: {e}")),
+                None if kernels => {
+                    eprintln!("note: --kernels times CUDA kernels; this backend has none")
+                }
+                None => {}
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -372,13 +386,14 @@ fn run(command: Command) -> Result<ExitCode, String> {
             cfg,
             steps,
             batch_size,
+            kernels,
         } => {
             let mut c = load_config(&cfg)?;
             if let Some(b) = batch_size {
                 c.training.batch_size = b;
                 c.validate().map_err(|e| format!("--batch-size: {e}"))?;
             }
-            return dispatch(&c, Job::Bench { steps });
+            return dispatch(&c, Job::Bench { steps, kernels });
         }
         Command::Check { cfg, params } => {
             let c = load_config(&cfg)?;

@@ -165,6 +165,12 @@ impl<B: Backend> Session<B> {
         self.cfg.training.cuda_graph && self.model.arch.fwd_tol.is_none() && self.be.can_capture()
     }
 
+    /// Run the following steps eagerly, dropping a captured step if there is one (`slotfix
+    /// bench --kernels` times each launch, which a replay does not show).
+    pub fn run_eagerly(&mut self) {
+        self.mode = StepMode::Eager;
+    }
+
     /// Whether the steps are now replays of a captured one.
     pub fn replaying(&self) -> bool {
         matches!(self.mode, StepMode::Replay { .. })

@@ -2217,6 +2217,62 @@ fn emu_launches_per_step_of_the_shipped_configs() {
     }
 }
 
+/// `slotfix bench --kernels`: after the timed steps (replays of a captured step here), a few
+/// eager steps with every launch timed. The table holds every kernel a step launches, as many
+/// times as an eager step launches it; the CPU backend has no kernels to time.
+#[test]
+fn emu_bench_times_every_kernel_launch_of_a_step() {
+    let cfg = small_config(|m| m.implicit_diff = true);
+    assert!(cfg.training.cuda_graph, "the timed steps should be replays");
+    let Some(g) = emu() else { return };
+    // What one eager step launches, by kernel.
+    let mut eager = cfg.clone();
+    eager.training.cuda_graph = false;
+    let res = cfg.model.resolution;
+    let mut s = Session::new(g, eager);
+    let images = rand(cfg.training.batch_size * res * res * 3, 31, 1.0);
+    s.train_step(&images);
+    let before = s.be.emu_kernel_launches();
+    s.train_step(&images);
+    let want: std::collections::BTreeMap<&str, u64> =
+        s.be.emu_kernel_launches()
+            .into_iter()
+            .map(|(k, n)| (k, n - before.get(k).copied().unwrap_or(0)))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+    let Some(g) = emu() else { return };
+    let b = slotfix::bench::bench_step(g, &cfg, 2, true);
+    assert!(b.graph, "the timed steps were not replays");
+    let k = b
+        .kernels
+        .expect("the CUDA backend times its kernels")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(k.steps, 2);
+    assert!(
+        k.profile.host_clock,
+        "the emulator times by the host's clock"
+    );
+    let got: std::collections::BTreeMap<&str, u64> = k
+        .profile
+        .kernels
+        .iter()
+        .map(|t| (t.name, t.launches / 2))
+        .collect();
+    assert_eq!(got, want, "launches per step by kernel");
+    assert!(k
+        .profile
+        .kernels
+        .iter()
+        .all(|t| t.ms > 0.0 && t.launches % 2 == 0));
+    assert!(k.profile.kernels.windows(2).all(|w| w[0].ms >= w[1].ms));
+    let table = k.table();
+    eprintln!("{table}");
+    assert!(table.contains(&format!("| all kernels | {} |", want.values().sum::<u64>())));
+    // The CPU: nothing to time.
+    let b = slotfix::bench::bench_step(cpu(), &cfg, 1, true);
+    assert!(b.kernels.is_none());
+}
+
 /// With `cuda_graph`, the first step runs eagerly, the second is captured and every later one
 /// replays it. The replayed steps must compute exactly what eager steps do, bit for bit (the
 /// same kernels in the same order; every reduction has a fixed order): the slot noise and the

@@ -88,7 +88,8 @@ case ${1:-check} in
     # At performance.md's batch sizes (B = 64 for both).
     for c in tetrominoes clevr6; do
       echo "== step bench $c"
-      timeout 120 "$bin" bench --cfg "$(cuda_config $c)" --steps 20 --batch-size 64 2>&1 | tee "$out/bench-$c.txt"
+      timeout 120 "$bin" bench --cfg "$(cuda_config $c)" --steps 20 --batch-size 64 --kernels 2>&1 \
+        | tee "$out/bench-$c.txt"
     done
     {
       echo "# Benchmarks"
@@ -98,10 +99,10 @@ case ${1:-check} in
       echo "Measured $(date -u +%Y-%m-%d) on ${gpu:-(no GPU found)}, driver ${driver:-?},"
       echo "slotfix $(cat .gpu/commit 2>/dev/null || echo '(commit not recorded)'), with \`bash tools/gpu_session.sh bench\`."
       echo
-      echo "## Training step (\`slotfix bench --cfg configs/NAME.yaml --steps 20 --batch-size 64\`, device: cuda)"
+      echo "## Training step (\`slotfix bench --cfg configs/NAME.yaml --steps 20 --batch-size 64 --kernels\`, device: cuda)"
       echo
       for c in tetrominoes clevr6; do
-        grep -E "^\|" "$out/bench-$c.txt" | { [ "$c" = tetrominoes ] && cat || tail -n +3; }
+        grep -E "^\|" "$out/bench-$c.txt" | head -3 | { [ "$c" = tetrominoes ] && cat || tail -n +3; }
       done
       echo
       echo "PyTorch 2.11 on an H100 80GB HBM3 (shared/reference/performance.md): 128×128, K = 7,"
@@ -109,6 +110,12 @@ case ${1:-check} in
       echo "(795 images/s, 42.0 GiB). Small model (35×35, K = 4, B = 64): eager 9.3–14.5 ms,"
       echo "torch.compile with CUDA graphs 3.0 ms."
       echo
+      for c in tetrominoes clevr6; do
+        echo "## Where the $c step's device time goes (eager steps, each launch timed)"
+        echo
+        sed -n '/^| kernel | launches/,$p' "$out/bench-$c.txt"
+        echo
+      done
       echo "## Kernels (\`cargo bench --bench kernels\`)"
       echo
       cat "$out/bench-kernels.txt"

@@ -45,7 +45,7 @@ pub use nvrtc::{
 };
 pub use optim::CudaOptState;
 
-use crate::backend::{AdamStep, Backend};
+use crate::backend::{AdamStep, Backend, KernelProfile};
 use crate::config::Precision;
 use crate::ops::attention::AttnDims;
 use crate::ops::bcastconv::{
@@ -384,8 +384,10 @@ macro_rules! launch {
             $crate::cuda::Exec::Gpu(gpu) => {
                 let mut b = gpu.stream.launch_builder(gpu.func($name));
                 $( ($arg).push_gpu(&mut b); )*
+                let mark = $cu.profile_mark();
                 unsafe { b.launch(cfg) }
                     .unwrap_or_else(|e| panic!("CUDA launch of {} failed: {e:?}", $name));
+                $cu.profile_record($name, mark);
             }
             $crate::cuda::Exec::Emu(emu) => {
                 *$cu.emu_launched.lock().unwrap_or_else(|e| e.into_inner()).entry($name).or_insert(0) += 1;
@@ -395,8 +397,10 @@ macro_rules! launch {
                     $crate::cuda::Cuda::emu_launch_op($name, cfg, &args, &[$( ($arg).emu_size() ),*])
                 });
                 if !recorded {
+                    let mark = $cu.profile_mark();
                     emu.launch($name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, &mut args)
                         .unwrap_or_else(|e| panic!("emulated launch of {} failed: {e}", $name));
+                    $cu.profile_record($name, mark);
                     $(
                         if let Some(at) = ($arg).emu_guard_damage() {
                             panic!("emulated kernel {} wrote `{}` at {at}", $name, stringify!($arg));
@@ -412,6 +416,7 @@ mod attention;
 mod bcastconv;
 mod conv;
 mod optim;
+mod profile;
 mod slotcell;
 mod tokens;
 
@@ -463,6 +468,9 @@ pub struct Cuda {
     fast: FastPaths,
     /// In the emulator: launches so far per kernel name (tests check which kernels ran).
     emu_launched: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Whether each launch is timed ([`profile`]), and the launches timed so far.
+    profiling: std::sync::atomic::AtomicBool,
+    profile: Mutex<Vec<(&'static str, profile::Span)>>,
 }
 
 /// Slots of the per-step scalars (`STEP_VAL_*` in common.cuh).
@@ -616,6 +624,8 @@ impl Cuda {
             replays: Default::default(),
             fast: FastPaths::ALL,
             emu_launched: Default::default(),
+            profiling: Default::default(),
+            profile: Default::default(),
         };
         let buf = cu.alloc_any(STEP_VALS_LEN, true);
         cu.step_vals
@@ -1831,6 +1841,13 @@ impl Backend for Cuda {
     }
     fn replay(&self, graph: &CudaStepGraph) -> Result<(), String> {
         Cuda::replay(self, graph)
+    }
+    fn profile_kernels(&self, on: bool) -> bool {
+        Cuda::profile_kernels(self, on);
+        true
+    }
+    fn kernel_profile(&self) -> Result<KernelProfile, String> {
+        Cuda::kernel_profile(self)
     }
 }
 
