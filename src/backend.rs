@@ -78,7 +78,6 @@ impl Alloc for SizeCounter {
     }
 }
 
-/// Hyper-parameters of one Adam(W) update.
 /// The device time of one kernel's launches ([`Backend::kernel_profile`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelTime {
@@ -97,6 +96,7 @@ pub struct KernelProfile {
     pub host_clock: bool,
 }
 
+/// Hyper-parameters of one Adam(W) update.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
     pub lr: f64,

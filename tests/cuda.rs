@@ -305,6 +305,7 @@ use slotfix::ops::slotcell::{self, SlotCellDims};
 use slotfix::ops::tokens::{TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
 use slotfix::rng::Philox;
 use slotfix::train::{MemoryPlan, Session};
+use std::collections::BTreeMap;
 
 /// Relative L2 error allowed between a GPU result and `Cpu<f32>` (f32 rounding, different
 /// summation orders).
@@ -2170,6 +2171,23 @@ emu_and_gpu_tests!(
     )
 );
 
+/// The kernels that the second eager training step of a session launches in the emulator, and
+/// how many times each (the first allocates the workspace).
+fn launches_of_an_eager_step(g: Cuda, mut cfg: Config, seed: u64) -> BTreeMap<&'static str, u64> {
+    cfg.training.cuda_graph = false;
+    let res = cfg.model.resolution;
+    let images = rand(cfg.training.batch_size * res * res * 3, seed, 1.0);
+    let mut s = Session::new(g, cfg);
+    s.train_step(&images);
+    let before = s.be.emu_kernel_launches();
+    s.train_step(&images);
+    s.be.emu_kernel_launches()
+        .into_iter()
+        .map(|(k, n)| (k, n - before.get(k).copied().unwrap_or(0)))
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
+
 /// The kernels one eager training step of a shipped config launches, by name, in the emulator
 /// (batch 1; the count does not depend on the batch, nor on the resolution while the broadcast
 /// decoder keeps its number of stride-2 layers: clevr6 runs at 32² from a 2×2 broadcast, 16×
@@ -2186,22 +2204,14 @@ fn emu_launches_per_step_of_the_shipped_configs() {
             .join(file);
         let mut cfg = Config::load(&path).unwrap();
         cfg.training.batch_size = 1;
-        cfg.training.cuda_graph = false;
         if cfg.model.resolution > 32 {
             cfg.model.decoder_init_size /= cfg.model.resolution / 32;
             cfg.model.resolution = 32;
         }
-        let res = cfg.model.resolution;
-        let mut s = Session::new(g.with_precision(Precision::Tf32), cfg);
-        let images = rand(res * res * 3, 4242, 1.0);
-        s.train_step(&images);
-        let before = s.be.emu_kernel_launches();
-        s.train_step(&images);
         let mut per_kernel: Vec<(u64, &str)> =
-            s.be.emu_kernel_launches()
+            launches_of_an_eager_step(g.with_precision(Precision::Tf32), cfg, 4242)
                 .into_iter()
-                .map(|(k, n)| (n - before.get(k).copied().unwrap_or(0), k))
-                .filter(|&(n, _)| n > 0)
+                .map(|(k, n)| (n, k))
                 .collect();
         per_kernel.sort_by(|a, b| b.cmp(a));
         let total: u64 = per_kernel.iter().map(|&(n, _)| n).sum();
@@ -2225,21 +2235,7 @@ fn emu_bench_times_every_kernel_launch_of_a_step() {
     let cfg = small_config(|m| m.implicit_diff = true);
     assert!(cfg.training.cuda_graph, "the timed steps should be replays");
     let Some(g) = emu() else { return };
-    // What one eager step launches, by kernel.
-    let mut eager = cfg.clone();
-    eager.training.cuda_graph = false;
-    let res = cfg.model.resolution;
-    let mut s = Session::new(g, eager);
-    let images = rand(cfg.training.batch_size * res * res * 3, 31, 1.0);
-    s.train_step(&images);
-    let before = s.be.emu_kernel_launches();
-    s.train_step(&images);
-    let want: std::collections::BTreeMap<&str, u64> =
-        s.be.emu_kernel_launches()
-            .into_iter()
-            .map(|(k, n)| (k, n - before.get(k).copied().unwrap_or(0)))
-            .filter(|&(_, n)| n > 0)
-            .collect();
+    let want = launches_of_an_eager_step(g, cfg.clone(), 31);
     let Some(g) = emu() else { return };
     let b = slotfix::bench::bench_step(g, &cfg, 2, true);
     assert!(b.graph, "the timed steps were not replays");
@@ -2252,7 +2248,7 @@ fn emu_bench_times_every_kernel_launch_of_a_step() {
         k.profile.host_clock,
         "the emulator times by the host's clock"
     );
-    let got: std::collections::BTreeMap<&str, u64> = k
+    let got: BTreeMap<&str, u64> = k
         .profile
         .kernels
         .iter()

@@ -849,14 +849,19 @@ impl Cuda {
         let Exec::Gpu(g) = &self.exec else {
             return Err("timing needs a GPU (the emulator only checks results)".into());
         };
-        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
         f();
         let err = |e| format!("CUDA event: {e:?}");
-        let start = g.stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        let start = g
+            .stream
+            .record_event(Some(profile::timing_flags()))
+            .map_err(err)?;
         for _ in 0..reps.max(1) {
             f();
         }
-        let end = g.stream.record_event(Some(CU_EVENT_DEFAULT)).map_err(err)?;
+        let end = g
+            .stream
+            .record_event(Some(profile::timing_flags()))
+            .map_err(err)?;
         let ms = start.elapsed_ms(&end).map_err(err)?;
         Ok(ms as f64 / reps.max(1) as f64)
     }

@@ -99,6 +99,6 @@ impl Cuda {
 }
 
 /// Events that record time (cudarc's default events do not).
-fn timing_flags() -> cudarc::driver::sys::CUevent_flags {
+pub(super) fn timing_flags() -> cudarc::driver::sys::CUevent_flags {
     cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT
 }
