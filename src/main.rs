@@ -35,8 +35,10 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a checkpoint on the test split: MSE and FG-ARI, as a table and as JSON.
     Eval {
+        /// The YAML config.
         #[arg(long, value_name = "FILE")]
         cfg: PathBuf,
+        /// A checkpoint (ckpt_*.safetensors of a run's save_dir).
         #[arg(long, value_name = "FILE")]
         ckpt: PathBuf,
         /// Slot-attention cell applications (default: Testing.iters, else as in training).
@@ -48,8 +50,10 @@ enum Command {
     },
     /// Draw input, reconstruction, slots and segmentation of test examples into a PNG.
     Render {
+        /// The YAML config.
         #[arg(long, value_name = "FILE")]
         cfg: PathBuf,
+        /// A checkpoint (ckpt_*.safetensors of a run's save_dir).
         #[arg(long, value_name = "FILE")]
         ckpt: PathBuf,
         #[arg(long, value_name = "FILE", default_value = "render.png")]
@@ -64,21 +68,27 @@ enum Command {
     /// Write one training step (inputs, noise, dropout masks, parameters, loss, gradients) to a
     /// safetensors file, to replay it in another framework.
     DumpStep {
+        /// The YAML config (its Training section picks the batch: data, seed, batch size).
         #[arg(long, value_name = "FILE")]
         cfg: PathBuf,
         /// Parameters to start from (default: the seeded initialisation).
         #[arg(long, value_name = "FILE")]
         ckpt: Option<PathBuf>,
+        /// The safetensors file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Override Training.batch_size (a few images are enough to compare a step).
+        #[arg(long, value_name = "N")]
+        batch_size: Option<usize>,
     },
     /// Time the training step of a config (forward + backward + Adam) on random batches.
     Bench {
+        /// The YAML config.
         #[arg(long, value_name = "FILE")]
         cfg: PathBuf,
         /// Timed steps (after 2 warm-up steps).
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+        steps: u32,
         /// Override Training.batch_size (e.g. to compare with a figure at another batch size).
         #[arg(long, value_name = "N")]
         batch_size: Option<usize>,
@@ -89,6 +99,7 @@ enum Command {
     },
     /// Load and validate a config, print it with every default filled in.
     Check {
+        /// The YAML config.
         #[arg(long, value_name = "FILE")]
         cfg: PathBuf,
         /// Print the model's parameter tensors (checkpoint names, shapes) instead.
@@ -111,6 +122,15 @@ struct TrainArgs {
     /// Override Training.max_steps.
     #[arg(long, value_name = "N")]
     max_steps: Option<usize>,
+}
+
+/// `cfg` with Training.batch_size replaced by a command's `--batch-size`, validated again.
+fn with_batch_size(mut cfg: Config, batch_size: Option<usize>) -> Result<Config, String> {
+    if let Some(b) = batch_size {
+        cfg.training.batch_size = b;
+        cfg.validate().map_err(|e| format!("--batch-size: {e}"))?;
+    }
+    Ok(cfg)
 }
 
 fn load_config(path: &Path) -> Result<Config, String> {
@@ -381,18 +401,23 @@ fn run(command: Command) -> Result<ExitCode, String> {
                 iters: iters.map(|i| i as usize),
             },
         ),
-        Command::DumpStep { cfg, ckpt, out } => (cfg, Job::DumpStep { ckpt, out }),
+        Command::DumpStep {
+            cfg,
+            ckpt,
+            out,
+            batch_size,
+        } => {
+            let c = with_batch_size(load_config(&cfg)?, batch_size)?;
+            return dispatch(&c, Job::DumpStep { ckpt, out });
+        }
         Command::Bench {
             cfg,
             steps,
             batch_size,
             kernels,
         } => {
-            let mut c = load_config(&cfg)?;
-            if let Some(b) = batch_size {
-                c.training.batch_size = b;
-                c.validate().map_err(|e| format!("--batch-size: {e}"))?;
-            }
+            let c = with_batch_size(load_config(&cfg)?, batch_size)?;
+            let steps = steps as usize;
             return dispatch(&c, Job::Bench { steps, kernels });
         }
         Command::Check { cfg, params } => {

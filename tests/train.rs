@@ -368,6 +368,27 @@ fn cli_train_short_form_eval_render_and_dump_step() {
         c.tensor("decoder.pos.weight").unwrap(),
         d.tensor("decoder.pos.weight").unwrap()
     );
+    assert!(d.meta("backend").unwrap().starts_with("cpu ("));
+
+    // --batch-size: a dump of a smaller batch.
+    let small = dir.path().join("small.safetensors");
+    let out = bin()
+        .args(["dump-step", "--batch-size", "2", "--cfg"])
+        .arg(&cfg_path)
+        .arg("--ckpt")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = Checkpoint::load(&small).unwrap();
+    assert_eq!(s.tensor("input.images").unwrap().0, vec![2, 16, 16, 3]);
+    assert_eq!(s.tensor("input.slot_noise").unwrap().0, vec![2, 4, 16]);
 }
 
 #[test]
@@ -409,6 +430,33 @@ fn cli_errors_are_messages_not_panics() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("/nonexistent/ckpt.safetensors"), "{err}");
+
+    // A zero count or batch is refused, not rounded up to one.
+    let out = bin()
+        .args(["bench", "--steps", "0", "--cfg"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--steps"), "{err}");
+    let out = bin()
+        .args([
+            "dump-step",
+            "--batch-size",
+            "0",
+            "--out",
+            "/nonexistent/d",
+            "--cfg",
+        ])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("--batch-size: Training.batch_size = 0"),
+        "{err}"
+    );
 
     let out = bin()
         .args([
