@@ -85,6 +85,8 @@ pub fn dump_step<B: Backend>(
     c.meta
         .insert("fwd_iters_run".into(), stats.iters_run.to_string());
     c.meta.insert("config".into(), cfg.to_yaml());
+    // Which implementation computed the step (e.g. the CUDA backend, its device and precision).
+    c.meta.insert("backend".into(), sess.be.describe());
     c.meta.insert(
         "layout".into(),
         "images channels-last [B,H,W,3] in [-1,1]; parameters in PyTorch layouts; grad.<name> = d(loss)/d(name); \

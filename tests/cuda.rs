@@ -2524,3 +2524,64 @@ fn device_selection_never_panics() {
         );
     }
 }
+
+/// `slotfix dump-step` on the CUDA backend writes what `tools/replay_step.py` replays in PyTorch
+/// (the GPU session's `replay` phase): the same batch, slot noise and dropout masks as the CPU's
+/// dump (bit for bit: they come from the same generator and loader), the same parameters, and
+/// the loss, gradients, reconstruction and masks of the step within the f32 tolerances. A dump
+/// whose inputs differed from what the device computed with would make that replay meaningless.
+fn dump_step_parity(g: Cuda, kind: &str) {
+    fn dump<B: Backend>(be: B, cfg: &Config) -> slotfix::checkpoint::Checkpoint {
+        let ds = slotfix::train::open_data(cfg, slotfix::data::Split::Train).unwrap();
+        let mut s = Session::new(be, cfg.clone());
+        slotfix::dump::dump_step(&mut s, ds.as_ref()).unwrap()
+    }
+    let cfg = heads_dropout_full(true);
+    let (got, want) = (dump(g, &cfg), dump(cpu(), &cfg));
+    assert_eq!(
+        got.tensors.keys().collect::<Vec<_>>(),
+        want.tensors.keys().collect::<Vec<_>>()
+    );
+    assert!(got
+        .tensors
+        .keys()
+        .any(|k| k.starts_with("input.dropout_mask.")));
+    assert!(
+        got.meta["backend"].starts_with("cuda ("),
+        "{}",
+        got.meta["backend"]
+    );
+    assert!(
+        want.meta["backend"].starts_with("cpu"),
+        "{}",
+        want.meta["backend"]
+    );
+    let (mut names, mut gv, mut wv) = (vec![], vec![], vec![]);
+    for (name, (shape, w)) in &want.tensors {
+        let (gshape, gt) = &got.tensors[name];
+        assert_eq!(gshape, shape, "{name}: shape");
+        if name.starts_with("grad.") || name.starts_with("output.") {
+            names.push(name.clone());
+            gv.push(gt.clone());
+            wv.push(w.clone());
+        } else {
+            // The inputs and the parameters: what both backends computed from.
+            assert!(gt == w, "{kind} dump: {name} differs from the CPU's");
+        }
+    }
+    let skip = vec![false; names.len()];
+    check_tensors(
+        &format!("{kind} dump"),
+        &names,
+        &gv,
+        &wv,
+        &skip,
+        STEP_GRAD_TOL,
+    );
+}
+
+emu_and_gpu_tests!(
+    emu_dump_step_matches_the_cpu,
+    gpu_dump_step_matches_the_cpu,
+    |g, kind| { dump_step_parity(g, kind) }
+);

@@ -13,6 +13,9 @@
 #   bash tools/gpu_session.sh ablate             # the step of tetrominoes and clevr6 with each
 #                                                 # fast path switched off in turn
 #                                                 # (SLOTFIX_CUDA_DISABLE): $OUT/ABLATION.md
+#   bash tools/gpu_session.sh replay             # one training step of the GPU (f32 and tf32) and
+#                                                 # of the CPU, each replayed by PyTorch autograd in
+#                                                 # float64 (tools/replay_step.py): $OUT/REPLAY.md
 #   bash tools/gpu_session.sh train tetrominoes 8   # train configs/NAME.yaml on the GPU for N
 #                                                 # minutes (Ctrl-C-style stop: a checkpoint is
 #                                                 # saved), then eval + render the checkpoint
@@ -23,7 +26,7 @@
 #
 # A session has 30 minutes of device time, start-up included, and every phase together is more
 # than that, so run them in the order of what the CUDA issue still needs (estimated minutes):
-#   check (2) → bench (6) → train tetrominoes 4 (5) → train multi_dsprites 5 (6)
+#   check (2) → bench (6) → replay (2) → train tetrominoes 4 (5) → train multi_dsprites 5 (6)
 #   → ablate (3) → sanitize (up to 9, each tool capped at 3).
 # The first process compiles the kernels (~7 s on 16 cores) into the kernel cache; the rest
 # find them there. If check fails, read tests.txt / isolated.txt and switch the failing paths
@@ -158,6 +161,57 @@ case ${1:-check} in
     } > "$out/ABLATION.md"
     cat "$out/ABLATION.md"
     ;;
+  replay)
+    # The same function as an implementation that shares no code with slotfix: one training
+    # step (from the seeded initialisation) dumped by `slotfix dump-step` and replayed by
+    # PyTorch autograd in float64 (tools/replay_step.py; only torch is needed). Three dumps per
+    # shape: the CPU (the reference), the GPU with exact f32 kernels, the GPU under TF32. The
+    # GPU's f32 errors should be of the CPU's size (f32 rounding; at initialisation the encoder's
+    # small gradients are ill-conditioned: ~3e-4 on the CPU at the tetrominoes shape, measured),
+    # its TF32 errors about 10× that. clevr6's shape (128², K = 7, the broadcast decoder) runs on
+    # generated multi_dsprites images: the CLEVR files are not on the GPU machine.
+    py=${PYTHON:-python3}
+    pydev=$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null)
+    [ -n "$pydev" ] || { echo "no PyTorch for $py"; exit 2; }
+    for c in tetrominoes clevr6; do
+      for run in cpu-f32 cuda-f32 cuda-tf32; do
+        dev=${run%-*} prec=${run#*-}
+        [ "$device" = cpu ] && dev=cpu   # (a dry run: SLOTFIX_SESSION_DEVICE=cpu)
+        cfg=$out/$c.$run.yaml
+        sed -e "s|^\(\s*\)device:.*|\1device: $dev|" -e "/^\s*precision:/d" \
+            -e "s|^Model:.*|Model:\n    precision: $prec|" \
+            -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
+            "configs/$c.yaml" > "$cfg"
+        dump=$out/dump-$c-$run.safetensors
+        tol=1e-3; [ "$prec" = tf32 ] && tol=5e-2
+        echo "== $c, $run"
+        if timeout 150 "$bin" dump-step --cfg "$cfg" --batch-size 2 --out "$dump" > "$out/dump-$c-$run.txt" 2>&1; then
+          timeout 150 "$py" tools/replay_step.py "$dump" --tol "$tol" --device "$pydev" > "$out/replay-$c-$run.txt" 2>&1
+          echo "exit $? (tolerance $tol)"
+          tail -1 "$out/replay-$c-$run.txt"
+        else
+          tail -3 "$out/dump-$c-$run.txt"
+        fi
+        rm -f "$dump"
+      done
+    done
+    {
+      echo "## One training step against PyTorch autograd in float64 (\`bash tools/gpu_session.sh replay\`, B = 2, seeded initialisation)"
+      echo
+      echo "| shape | slotfix | loss, relative error | worst gradient, relative L2 error | verdict |"
+      echo "| --- | --- | ---: | ---: | --- |"
+      for c in tetrominoes clevr6; do
+        for run in cpu-f32 cuda-f32 cuda-tf32; do
+          f=$out/replay-$c-$run.txt
+          loss=$(sed -n 's/^| loss ([^)]*) | \([^ |]*\).*/\1/p' "$f" 2>/dev/null)
+          worst=$(sed -n 's/^worst relative gradient error \([^;]*\);.*/\1/p' "$f" 2>/dev/null)
+          verdict=$(sed -n 's/.*; \(AGREE\|DISAGREE\) at tolerance \(.*\)/\1 at \2/p' "$f" 2>/dev/null)
+          echo "| $c | $run | ${loss:-failed} | ${worst:-failed} | ${verdict:-see replay-$c-$run.txt} |"
+        done
+      done
+    } > "$out/REPLAY.md"
+    cat "$out/REPLAY.md"
+    ;;
   sanitize)
     # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
     # threads, barrier misuse. The per-op tests only (whole training steps are slow under the
@@ -192,7 +246,7 @@ case ${1:-check} in
     rm -rf "$out/runs"   # checkpoints are large; the logs, metrics and pictures above stay
     ;;
   *)
-    echo "usage: bash tools/gpu_session.sh check | bench | ablate | sanitize | train NAME [MINUTES]"
+    echo "usage: bash tools/gpu_session.sh check | bench | replay | ablate | sanitize | train NAME [MINUTES]"
     exit 2
     ;;
 esac

@@ -6,21 +6,92 @@ the dumped parameters, input batch, slot noise and dropout masks, runs the same 
 float64 and compares the loss and every parameter gradient with slotfix's.
 
     slotfix dump-step --cfg configs/quickstart.yaml --out step.safetensors
-    python3 tools/replay_step.py step.safetensors      # needs torch, safetensors, pyyaml
+    python3 tools/replay_step.py step.safetensors      # needs torch (safetensors, pyyaml if there)
 
 Exit status 0 when the loss and every gradient agree within --tol (relative L2 error).
+Only torch is required: without the safetensors or pyyaml packages (a GPU machine may have
+PyTorch alone) the dump and the Model section of its config are read by the small readers below.
 """
 import argparse
+import json
 import math
+import struct
 import sys
 
 import torch
 import torch.nn.functional as F
-import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 LN_EPS = 1e-5  # slotfix uses PyTorch's LayerNorm epsilon
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_dump(path, use_packages=True):
+    """(tensors, metadata) of a safetensors file."""
+    if use_packages:
+        try:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(path, "pt") as f:
+                return load_file(path), f.metadata()
+        except ImportError:
+            pass
+    # The format: an 8-byte little-endian header length, a JSON header mapping each name to its
+    # dtype, shape and byte range in the data that follows, and "__metadata__" (strings).
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    meta = header.pop("__metadata__", {})
+    tensors = {}
+    for name, t in header.items():
+        a, b = t["data_offsets"]
+        flat = torch.frombuffer(bytearray(data[a:b]), dtype=SAFETENSORS_DTYPES[t["dtype"]])
+        tensors[name] = flat.reshape(t["shape"])
+    return tensors, meta
+
+
+def model_section(config_yaml, use_packages=True):
+    """The Model section of the config slotfix stored in the dump, as a dict."""
+    if use_packages:
+        try:
+            import yaml
+
+            return yaml.safe_load(config_yaml)["Model"]
+        except ImportError:
+            pass
+    # slotfix writes the config with serde_yaml: "Model:", then "  key: scalar" lines, and each
+    # list as "  key:" followed by "  - item" lines. Enough of YAML for that, and no more.
+    def scalar(v):
+        if v in ("true", "false"):
+            return v == "true"
+        if v in ("null", "~"):
+            return None
+        for conv in (int, float):
+            try:
+                return conv(v)
+            except ValueError:
+                pass
+        return v.strip("'\"")
+
+    model, key, inside = {}, None, False
+    for line in config_yaml.splitlines():
+        if not line.startswith(" "):
+            inside = line.strip() == "Model:"
+            continue
+        if not inside or not line.strip():
+            continue
+        item = line.strip()
+        if item.startswith("- "):
+            model[key].append(scalar(item[2:].strip()))
+            continue
+        key, _, value = item.partition(":")
+        value = value.strip()
+        model[key] = scalar(value) if value else []
+    return model
 
 
 def grid(h, w):
@@ -117,12 +188,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dump")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative L2 error allowed (slotfix computes in f32)")
+    ap.add_argument("--device", default="cpu", help="where PyTorch runs the step (e.g. cuda; float64 either way)")
+    ap.add_argument("--no-packages", action="store_true", help="read the dump without safetensors and pyyaml")
     a = ap.parse_args()
-    with safe_open(a.dump, "pt") as f:
-        meta = f.metadata()
-    t = load_file(a.dump)
-    m = yaml.safe_load(meta["config"])["Model"]
+    t, meta = read_dump(a.dump, not a.no_packages)
+    m = model_section(meta["config"], not a.no_packages)
     torch.set_default_dtype(torch.float64)
+    torch.set_default_device(a.device)
+    t = {k: v.to(a.device) for k, v in t.items()}
     skip = ("grad.", "input.", "output.")
     P = {k: v.double().requires_grad_() for k, v in t.items() if not k.startswith(skip)}
     masks = {int(k.rsplit(".", 1)[1]): v.double() for k, v in t.items() if k.startswith("input.dropout_mask.")}
@@ -132,7 +205,8 @@ def main():
     ours = float(t["output.loss"][0])
     e = abs(ours - loss.item()) / abs(loss.item())
     ok &= e < a.tol
-    print(f"| tensor | relative L2 error of slotfix (f32) vs PyTorch (f64) |\n| --- | ---: |")
+    print(f"slotfix backend: {meta.get('backend', '(not recorded)')}; PyTorch {torch.__version__} in float64 on {a.device}")
+    print(f"| tensor | relative L2 error of slotfix vs PyTorch (f64) |\n| --- | ---: |")
     print(f"| loss ({ours:.6f} vs {loss.item():.6f}) | {e:.2e} |")
     worst = 0.0
     for name, p in P.items():
