@@ -81,6 +81,34 @@ static __device__ T block_sum(T v, T* sh) {
     return v;
 }
 
+// The second pass of a two-pass sum: column sums over rows of per-block partials. A thread that
+// summed ~1000 rows of one column alone waited ~1000 load latencies in a chain (tens of µs for
+// a few KB of data), so each column is split over RS_GROUPS threads: group g sums the rows
+// z ≡ g (mod RS_GROUPS) in order, then rs_combine adds the groups' sums in group order. A fixed
+// order (deterministic), RS_GROUPS times the loads in flight. Block: RS_THREADS threads for
+// RS_COLS consecutive columns (coalesced rows); grid: ceil(columns / RS_COLS).
+#define RS_COLS 32
+#define RS_GROUPS 8
+#define RS_THREADS 256
+static_assert(RS_THREADS == RS_COLS * RS_GROUPS, "a block is RS_GROUPS groups of RS_COLS threads");
+
+// This thread's column (blockIdx.x·RS_COLS + threadIdx.x mod RS_COLS) and group.
+static __device__ __forceinline__ int rs_column() { return blockIdx.x * RS_COLS + threadIdx.x % RS_COLS; }
+static __device__ __forceinline__ int rs_group() { return threadIdx.x / RS_COLS; }
+
+// The sum of the groups' sums `s` of this thread's column, in group order; complete in the
+// threads of group 0. Every thread of the block must call it.
+static __device__ __forceinline__ float rs_combine(float s, float (*sh)[RS_COLS]) {
+    const int w = threadIdx.x % RS_COLS, g = rs_group();
+    sh[g][w] = s;
+    __syncthreads();
+    float t = 0.0f;
+    if (g == 0)
+#pragma unroll
+        for (int q = 0; q < RS_GROUPS; ++q) t += sh[q][w];
+    return t;
+}
+
 // Sum over the warp, complete in every lane.
 static __device__ __forceinline__ float warp_allsum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

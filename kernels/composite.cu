@@ -5,7 +5,7 @@
 //   ddec[s, c] += dr[c] · masks[s];  ddec[s, 3] += masks[s] · (g_s − Σ_s' masks[s'] g_s'),
 //   g_s = Σ_c dr[c] · dec[s, c].
 // The loss is reduced deterministically in two passes: per-pixel squared errors, then one block
-// sums each image (fixed tree) and the images in batch order.
+// sums them in a fixed order.
 // FLOPs ≈ 14·K per pixel forward, ≈ 20·K backward. Compulsory bytes: 4 · (4·B·K·P + 3·B·P
 // + B·K·P + 3·B·P + B·P) forward; 4 · (2·4·B·K·P + B·K·P + 6·B·P) backward.
 // The backward ACCUMULATES (+=) into ddec, like the CPU reference.
@@ -45,18 +45,19 @@ extern "C" __global__ void composite_fwd_f32(int batch, int k, int p, const floa
     sse[i] = e0 * e0 + e1 * e1 + e2 * e2;
 }
 
-// One block: loss[0] = (Σ_b Σ_px sse[b, px]) / count, images summed in batch order.
-extern "C" __global__ void composite_loss_f32(int batch, int p, float count, const float* __restrict__ sse,
-                                              float* __restrict__ loss) {
+// One block of COMPOSITE_LOSS_THREADS: loss[0] = (Σ sse) / count over the batch·p values, thread t
+// summing elements t, t + blockDim, … in order, then block_sum: a fixed order (deterministic).
+// (It summed image by image before: `batch` block reductions in a chain, ~1 µs each.)
+#define COMPOSITE_LOSS_THREADS 1024
+extern "C" __global__ void __launch_bounds__(COMPOSITE_LOSS_THREADS)
+    composite_loss_f32(int batch, int p, float count, const float* __restrict__ sse, float* __restrict__ loss) {
     __shared__ float sh[32];
-    float total = 0.0f;
-    for (int b = 0; b < batch; ++b) {
-        float acc = 0.0f;
-        for (int px = threadIdx.x; px < p; px += blockDim.x) acc += sse[b * p + px];
-        acc = block_sum(acc, sh);
-        if (threadIdx.x == 0) total += acc;
-    }
-    if (threadIdx.x == 0) loss[0] = total / count;
+    const int n = batch * p;
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += sse[i];
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) loss[0] = acc / count;
 }
 
 // One thread per (b, px); scale = dloss · 2/(B·P·3) (computed in f32 on the host, as on the CPU).

@@ -841,30 +841,37 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
 DW3_ENTRY(conv_dw_partial_v3_tf32, 2)
 DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1)
 
-// One thread per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c], z in order.
-// Then, when db_len > 0, one thread per channel of the bias gradient from the operand sums of
+// One column per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c]. Then, when
+// db_len > 0, one column per channel of the bias gradient from the operand sums of
 // conv_dw_partial_v3_* (in the same launch: one fewer per layer): db[c] += Σ_z Σ_{tap in taps}
-// sums[z][tap·db_len + c], z outer and taps in increasing order (deterministic). conv: the A-row
-// sums (sums_len = db_len = rows, taps = 1); convT: the B-column sums (sums_len = k·k·cs, taps
-// = the bit mask of the taps that reach every output position once).
-extern "C" __global__ void conv_dw_reduce_f32(int chunks, int rows, int cs, int k, const float* __restrict__ partial,
-                                              float* __restrict__ dw, int sums_len, int db_len, unsigned taps,
-                                              const float* __restrict__ sums, float* __restrict__ db) {
+// sums[z][tap·db_len + c], taps in increasing order within each z. conv: the A-row sums
+// (sums_len = db_len = rows, taps = 1); convT: the B-column sums (sums_len = k·k·cs, taps = the
+// bit mask of the taps that reach every output position once). The z are split over rs_combine's
+// groups (fixed order: deterministic). Block RS_THREADS, grid ceil((rows·k·k·cs + db_len) / RS_COLS).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
+    conv_dw_reduce_f32(int chunks, int rows, int cs, int k, const float* __restrict__ partial,
+                       float* __restrict__ dw, int sums_len, int db_len, unsigned taps,
+                       const float* __restrict__ sums, float* __restrict__ db) {
+    __shared__ float sh[RS_GROUPS][RS_COLS];
     const int N = k * k * cs;
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    const int e = rs_column(), g = rs_group();
+    const int c = e - rows * N;  // the bias channel, when e is past the weights
+    float s = 0.0f;
+    if (e < rows * N) {
+#pragma unroll 8
+        for (int z = g; z < chunks; z += RS_GROUPS) s += partial[(size_t)z * rows * N + e];
+    } else if (c < db_len) {
+        for (int z = g; z < chunks; z += RS_GROUPS)
+            for (int tap = 0; tap < 32; ++tap)
+                if ((taps >> tap) & 1u) s += sums[(size_t)z * sums_len + tap * db_len + c];
+    }
+    s = rs_combine(s, sh);
+    if (g != 0) return;
     if (e < rows * N) {
         const int i = e / N, kk = e % N;
-        float s = 0.0f;
-        for (int z = 0; z < chunks; ++z) s += partial[(size_t)z * rows * N + e];
-        const int c = kk % cs, tap = kk / cs;
-        dw[((i * cs + c) * k + tap / k) * k + tap % k] += s;
-        return;
+        const int cc = kk % cs, tap = kk / cs;
+        dw[((i * cs + cc) * k + tap / k) * k + tap % k] += s;
+    } else if (c < db_len) {
+        db[c] += s;
     }
-    const int c = e - rows * N;
-    if (c >= db_len) return;
-    float s = 0.0f;
-    for (int z = 0; z < chunks; ++z)
-        for (int tap = 0; tap < 32; ++tap)
-            if ((taps >> tap) & 1u) s += sums[(size_t)z * sums_len + tap * db_len + c];
-    db[c] += s;
 }

@@ -88,12 +88,16 @@ extern "C" __global__ void linear_bwd_dw_partial_f32(int rows, int n_in, int n_o
     if (o < n_out && i < n_in) partial[(blockIdx.z * n_out + o) * n_in + i] = acc;
 }
 
-// dst[e] += Σ_z partial[z, e] in chunk order (one thread per element).
-extern "C" __global__ void sum_partials_f32(int nchunks, int len, const float* __restrict__ partial,
-                                            float* __restrict__ dst) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= len) return;
+// dst[e] += Σ_z partial[z, e] over the nchunks rows (rs_combine's fixed order). Block RS_THREADS,
+// grid ceil(len / RS_COLS).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
+    sum_partials_f32(int nchunks, int len, const float* __restrict__ partial, float* __restrict__ dst) {
+    __shared__ float sh[RS_GROUPS][RS_COLS];
+    const int e = rs_column(), g = rs_group();
     float s = 0.0f;
-    for (int z = 0; z < nchunks; ++z) s += partial[z * len + e];
-    dst[e] += s;
+    if (e < len)
+#pragma unroll 8
+        for (int z = g; z < nchunks; z += RS_GROUPS) s += partial[(size_t)z * len + e];
+    s = rs_combine(s, sh);
+    if (g == 0 && e < len) dst[e] += s;
 }

@@ -487,18 +487,22 @@ static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, con
 TOKENS_BWD_ENTRY(tokens_bwd_f32, false)
 TOKENS_BWD_ENTRY(tokens_bwd_tf32, true)
 
-// One thread per element of the partial row: the sum over the nblk rows in block order, added
-// (+=) into the parameter gradient it belongs to.
-extern "C" __global__ void tokens_bwd_reduce_f32(int nblk, int c, int feat, const float* __restrict__ partial,
-                                                 float* __restrict__ dgi, float* __restrict__ dbei,
-                                                 float* __restrict__ db2, float* __restrict__ db1,
-                                                 float* __restrict__ dg0, float* __restrict__ dbe0,
-                                                 float* __restrict__ dwp, float* __restrict__ dbp) {
+// The sum over the nblk partial rows (rs_combine's fixed order), added (+=) into the parameter
+// gradient each element belongs to. Block RS_THREADS, grid ceil(partial row length / RS_COLS).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
+    tokens_bwd_reduce_f32(int nblk, int c, int feat, const float* __restrict__ partial, float* __restrict__ dgi,
+                          float* __restrict__ dbei, float* __restrict__ db2, float* __restrict__ db1,
+                          float* __restrict__ dg0, float* __restrict__ dbe0, float* __restrict__ dwp,
+                          float* __restrict__ dbp) {
+    __shared__ float sh[RS_GROUPS][RS_COLS];
     const int len = tk_partial_len(c, feat);
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= len) return;
+    const int e = rs_column(), g = rs_group();
     float s = 0.0f;
-    for (int b = 0; b < nblk; ++b) s += partial[b * len + e];
+    if (e < len)
+#pragma unroll 8
+        for (int b = g; b < nblk; b += RS_GROUPS) s += partial[(size_t)b * len + e];
+    s = rs_combine(s, sh);
+    if (g != 0 || e >= len) return;
     if (e < 4 * feat) {
         // (A chain, not an array of the four pointers: that array would live in local memory.)
         const int which = e / feat;

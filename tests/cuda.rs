@@ -692,7 +692,11 @@ fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
 
 fn layernorm_fwd_bwd_parity<B: Backend>(g: &B) {
     let c = cpu();
-    for (ci, &(rows, dim)) in [(50, 64), (7, 100), (3, 5), (300, 32)].iter().enumerate() {
+    // (1100 rows: 18 blocks of partial parameter sums, more than sum_partials_f32's 8 groups.)
+    for (ci, &(rows, dim)) in [(50, 64), (7, 100), (3, 5), (300, 32), (1100, 24)]
+        .iter()
+        .enumerate()
+    {
         let name = format!("layernorm {rows}x{dim}");
         let s = 2000 + 10 * ci as u64;
         let mut x = rand(rows * dim, s, 2.0);
@@ -1054,8 +1058,8 @@ fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
 /// widths up to 64) and the CPU composes the single ops. Shapes: partial last tiles, odd widths,
 /// the widest fused case, and one that is too wide to fuse (the composed fallback on the GPU).
 /// Under TF32 the widths that are multiples of 8 take the tensor-core version (the second,
-/// fourth and fifth shapes: products 8 to 64 wide, a 16-wide layer that leaves warps idle, a
-/// 48-wide one that ends in half a warp's columns); the others stay on version 1.
+/// fourth, fifth and seventh shapes: products 8 to 64 wide, a 16-wide layer that leaves warps
+/// idle, a 48-wide one that ends in half a warp's columns); the others stay on version 1.
 fn tokens_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     let cpu = cpu();
     let shapes = [
@@ -1066,6 +1070,9 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         (1, 9, 9, 64, 64, 64),
         (1, 6, 7, 32, 16, 48),
         (2, 3, 3, 8, 72, 16),
+        // 1152 rows: the backward's 18 blocks of partial sums, more than the 8 groups of
+        // tokens_bwd_reduce_f32 (rs_combine), so every group has rows to sum.
+        (2, 24, 24, 8, 16, 8),
     ];
     for (si, &(batch, h, w, c, feat, d)) in shapes.iter().enumerate() {
         let dims = TokenDims {
@@ -1216,7 +1223,8 @@ fn tokens_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
 
 fn composite_mse_fwd_bwd_parity<B: Backend>(g: &B) {
     let c = cpu();
-    for (ci, &(batch, k, p)) in [(3, 4, 50), (2, 7, 300)].iter().enumerate() {
+    // (3 × 700 pixels: more than the 1024 threads of composite_loss_f32, twice over.)
+    for (ci, &(batch, k, p)) in [(3, 4, 50), (2, 7, 300), (3, 3, 700)].iter().enumerate() {
         let name = format!("composite B{batch} K{k} P{p}");
         let s = 6000 + 10 * ci as u64;
         let dec = rand(batch * k * p * 4, s, 2.0);
@@ -1543,10 +1551,10 @@ fn emu_tokens_tf32_fwd_bwd() {
     if let Some(g) = emu() {
         let g = g.with_precision(Precision::Tf32);
         tokens_fwd_bwd_parity(&g, TF32_TOL);
-        // Three of the six shapes take version 2, two stay on version 1, one is not fused.
+        // Four of the seven shapes take version 2, two stay on version 1, one is not fused.
         for (name, n) in [
-            ("tokens_fwd_tf32", 3),
-            ("tokens_bwd_tf32", 3),
+            ("tokens_fwd_tf32", 4),
+            ("tokens_bwd_tf32", 4),
             ("tokens_fwd_f32", 2),
             ("tokens_bwd_f32", 2),
         ] {

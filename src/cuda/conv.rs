@@ -3,7 +3,7 @@
 //! input gradient, weight and bias gradients. The linear layers reuse the tensor-core ones as
 //! 1 × 1 convolutions.
 
-use super::{i, per_block, per_elem, Arg, Buf, Cuda, Scratch};
+use super::{i, per_block, per_elem, rs_grid, Arg, Buf, Cuda, Scratch};
 use crate::backend::Backend;
 use crate::config::Precision;
 use crate::ops::conv::ConvGeom;
@@ -478,13 +478,13 @@ impl Cuda {
             (Some(db), Some(taps)) => {
                 assert_eq!(db.len(), g.c_out);
                 let oi = i(g.c_out);
-                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols + g.c_out);
+                launch!(self, "conv_dw_reduce_f32", rs_grid(rows * cols + g.c_out);
                     &ci, &ri2, &csi, &ki, &partial, dw, &sl, &oi, &taps, &*sums, db);
             }
             (db, _) => {
                 // (No sums: no bias, or version 2, which sums the bias over dy on its own.)
                 let (zero_u, mut none) = (0u32, self.scratch::<f32>(1));
-                launch!(self, "conv_dw_reduce_f32", per_elem(rows * cols);
+                launch!(self, "conv_dw_reduce_f32", rs_grid(rows * cols);
                     &ci, &ri2, &csi, &ki, &partial, dw, &sl, &zero, &zero_u, &*sums, &mut *none);
                 if let Some(db) = db {
                     assert_eq!(db.len(), g.c_out);

@@ -337,6 +337,21 @@ fn col_chunks(m: usize) -> (usize, usize) {
     (m.div_ceil(chunk).max(1), chunk)
 }
 
+/// The second pass of a two-pass sum over `columns` columns (common.cuh, `rs_combine`): RS_COLS
+/// columns per block of RS_THREADS.
+pub(super) fn rs_grid(columns: usize) -> LaunchConfig {
+    const RS_COLS: usize = 32;
+    const RS_THREADS: u32 = 256;
+    LaunchConfig {
+        grid_dim: (columns.div_ceil(RS_COLS) as u32, 1, 1),
+        block_dim: (RS_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads of composite_loss_f32's one block (composite.cu).
+const COMPOSITE_LOSS_THREADS: u32 = 1024;
+
 /// One thread per element, `BLOCK` threads per block.
 fn per_elem(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -949,7 +964,7 @@ impl Cuda {
         launch!(self, "col_sum_partial_f32", per_block(nblk, 0);
             &mi, &ni, &ci, y, dy, &ri, &mut partial);
         let nb = i(nblk);
-        launch!(self, "sum_partials_f32", per_elem(n); &nb, &ni, &partial, db);
+        launch!(self, "sum_partials_f32", rs_grid(n); &nb, &ni, &partial, db);
     }
 
     /// dW and db of the pos-embedding Linear(4 → c) from dy `[nimg, h, w, c]`.
@@ -975,8 +990,8 @@ impl Cuda {
         launch!(self, "posembed_params_partial_f32", per_block(nblk, 0);
             &mi, &hi, &wi, &ci, &chi, dy, &mut pw, &mut pb);
         let (nb, c4) = (i(nblk), i(c * 4));
-        launch!(self, "sum_partials_f32", per_elem(c * 4); &nb, &c4, &pw, dwp);
-        launch!(self, "sum_partials_f32", per_elem(c); &nb, &ci, &pb, dbp);
+        launch!(self, "sum_partials_f32", rs_grid(c * 4); &nb, &c4, &pw, dwp);
+        launch!(self, "sum_partials_f32", rs_grid(c); &nb, &ci, &pb, dbp);
     }
 
     fn dropout(&self, mask: &DropoutMask, x: &mut Buf) {
@@ -1384,7 +1399,7 @@ impl Backend for Cuda {
         launch!(self, "linear_bwd_dw_partial_f32", tiles(n_in, n_out, nch);
             &ri, &ii, &oi, &chunk_i, g, x, &mut partial);
         let (nch_i, wl_i) = (i(nch), i(wl));
-        launch!(self, "sum_partials_f32", per_elem(wl); &nch_i, &wl_i, &partial, dw);
+        launch!(self, "sum_partials_f32", rs_grid(wl); &nch_i, &wl_i, &partial, dw);
         if let Some(db) = db {
             assert_eq!(db.len(), n_out);
             self.col_sums(rows, n_out, g, false, g, db);
@@ -1446,8 +1461,8 @@ impl Backend for Cuda {
         launch!(self, "layernorm_params_partial_f32", per_block(nblk, 0);
             &ri, &di, &chi, x, mean, rstd, dy, &mut pg, &mut pb);
         let nb = i(nblk);
-        launch!(self, "sum_partials_f32", per_elem(dim); &nb, &di, &pg, dgamma);
-        launch!(self, "sum_partials_f32", per_elem(dim); &nb, &di, &pb, dbeta);
+        launch!(self, "sum_partials_f32", rs_grid(dim); &nb, &di, &pg, dgamma);
+        launch!(self, "sum_partials_f32", rs_grid(dim); &nb, &di, &pb, dbeta);
     }
     fn tokens_fwd(
         &self,
@@ -1760,7 +1775,12 @@ impl Backend for Cuda {
         }
         // As on the CPU: a float sum divided by the f32 count (NaN for an empty batch).
         let count = (n * 3) as f64 as f32;
-        launch!(self, "composite_loss_f32", per_block(1, 0); &bi, &pi, &count, &sse, loss);
+        let one_block = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (COMPOSITE_LOSS_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "composite_loss_f32", one_block; &bi, &pi, &count, &sse, loss);
     }
     fn composite_mse_bwd(
         &self,

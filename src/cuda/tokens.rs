@@ -1,7 +1,7 @@
 //! Launchers of the fused per-token chain (`kernels/tokens.cu`; the math and the reference
 //! composition are in [`crate::ops::tokens`]).
 
-use super::{i, Arg, Buf, Cuda};
+use super::{i, rs_grid, Arg, Buf, Cuda};
 use crate::backend::Backend;
 use crate::config::Precision;
 use crate::ops::layernorm::LN_EPS;
@@ -142,7 +142,7 @@ impl Cuda {
         let [(gw1, gb1), (gw2, gb2)] = &mut g.mlp[..] else {
             unreachable!("tokens_fusable checked two MLP layers")
         };
-        launch!(self, "tokens_bwd_reduce_f32", blocks(plen.div_ceil(TK_THREADS as usize), TK_THREADS);
+        launch!(self, "tokens_bwd_reduce_f32", rs_grid(plen);
             &nb, &ci, &fi, &partial, g.norm_in_g, g.norm_in_b, gb2, gb1, g.norm_g, g.norm_b,
             g.pos_w, g.pos_b);
         // The four weight gradients: GEMMs over every token, by the linear layers' kernels
