@@ -347,6 +347,19 @@ static __device__ __forceinline__ void v3_next(const ConvGemm& p, const V3Phase&
     }
 }
 
+// The k-tile t of the phase's GEMM (the state v3_next reaches from tile 0 after t steps): the
+// first tile of a split-K block. (A phase without taps has ntx = 0 and no tiles: tile 0.)
+static __device__ __forceinline__ V3Tap v3_tap_at(const ConvGemm& p, const V3Phase& f, int t) {
+    const int per_tap = p.cs / TC_BK, tap = t / per_tap;
+    V3Tap tp;
+    tp.c0 = (t % per_tap) * TC_BK;
+    tp.ty = f.ntx > 0 ? tap / f.ntx : 0;
+    tp.tx = f.ntx > 0 ? tap % f.ntx : 0;
+    tp.ky = f.ky0 + f.s * tp.ty;
+    tp.kx = f.kx0 + f.s * tp.tx;
+    return tp;
+}
+
 // A row of the phase's GEMM: its base position (the source pixel of tap offset 0) and that
 // pixel's index in src, so that a k-tile's gather is base + the tap's offset, after a bounds test.
 struct V3Row {
@@ -415,7 +428,7 @@ static __device__ __forceinline__ V3Row v3_a_row(const ConvGemm& p, const V3Phas
 template <bool ADJOINT, int WN>
 static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
-                                     const float* __restrict__ bias, int relu, int accumulate,
+                                     const float* __restrict__ bias, int relu, int accumulate, int splits,
                                      float* __restrict__ out) {
     constexpr int BN = 32 * WN, BM = 256 / WN, AJ = BM / 64;
     constexpr int LDB = TC_BK + 8;  // B's fragments are read in pairs (tc_tile_mma)
@@ -425,6 +438,13 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     const int wm = warp / WN, wn = warp % WN;
     const int N = p.n, K = p.k * p.k * p.cs;
     const V3Phase f = v3_phase(p, ADJOINT && p.stride > 1);
+    // Split-K (splits > 1; unphased passes only, blockIdx.z is then the split): this block runs
+    // k-tiles [t0, t1) and writes its raw products to out = partial[split][row][n], which
+    // conv_splitk_reduce_f32 sums. A one-image convolution has a few row blocks of ~100 k-tiles
+    // each: without the split, a few SMs work through them one load latency at a time.
+    const int split = splits > 1 ? (int)blockIdx.z : 0;
+    const int t0 = (int)((long long)split * f.ntiles / splits);
+    const int t1 = (int)((long long)(split + 1) * f.ntiles / splits);
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int q = tid & 3, r0 = tid >> 2;
     const bool has_b = r0 < BN;  // this thread loads a B row
@@ -434,19 +454,16 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     V3Row rows[AJ];  // its A rows
 #pragma unroll
     for (int j = 0; j < AJ; ++j) rows[j] = v3_a_row<ADJOINT>(p, f, m0 + r0 + 64 * j);
-    V3Tap tp;  // the k-tile to load next
-    tp.ky = f.ky0;
-    tp.kx = f.kx0;
-    tp.ty = tp.tx = tp.c0 = 0;
+    V3Tap tp = v3_tap_at(p, f, t0);  // the k-tile to load next
     float acc[2][4][4];
     zero_acc(acc);
     float4 av[AJ];
     uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-    if (f.ntiles > 0) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
-    for (int t = 0; t < f.ntiles; ++t) {
-        // Store the loaded tile into stage t % 2. Every warp finished reading that stage (tile
-        // t − 2) before the barrier that ended iteration t − 1.
-        const int st = t & 1;
+    if (t0 < t1) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
+    for (int t = t0; t < t1; ++t) {
+        // Store the loaded tile into stage (t − t0) % 2. Every warp finished reading that stage
+        // (tile t − 2) before the barrier that ended iteration t − 1.
+        const int st = (t - t0) & 1;
 #pragma unroll
         for (int j = 0; j < AJ; ++j)
             *(uint4*)&As[st][r0 + 64 * j][4 * q] =
@@ -454,7 +471,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         if (has_b) *(uint4*)&Bs[st][r0][4 * q] = bv;
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
-        if (t + 1 < f.ntiles) {
+        if (t + 1 < t1) {
             v3_next(p, f, tp);
             v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
         }
@@ -476,7 +493,9 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
                     const int nn = n0 + wn * 32 + ni * 8 + 2 * t + r1;
                     if (nn < N) {
                         float v = acc[mi][ni][2 * r2 + r1];
-                        if (accumulate == 1) {
+                        if (splits > 1) {
+                            out[((size_t)split * p.batch * p.hp * p.wp + m) * N + nn] = v;
+                        } else if (accumulate == 1) {
                             out[m * N + nn] += v;
                         } else {
                             if (accumulate == 0) v += bias[nn];
@@ -492,17 +511,38 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
 // conv_w_nk_tf32; block 256. `*_v3_*`: 128 × 64 tiles, grid (ceil(M / 128), ceil(n / 64), 1);
 // `*_v3n32_*` (n ≤ 32): 256 × 32 tiles, grid (ceil(M / 256), 1, 1). The adjoint ones with
 // stride s > 1 count M per phase, M = batch · ceil(hp/s) · ceil(wp/s), and have s² in z.
+// splits > 1 (unphased only): `splits` in z, and out is the [splits][batch·hp·wp][n] partial
+// products (bias, relu and accumulate are then conv_splitk_reduce_f32's).
 #define V3_ENTRY(NAME, ADJ, WN)                                                                              \
     extern "C" __global__ void __launch_bounds__(V3_THREADS)                                               \
         NAME(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y, int masked,      \
              const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu, int accumulate,      \
-             float* __restrict__ out) {                                                                    \
-        conv_igemm_v3<ADJ, WN>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                 \
+             int splits, float* __restrict__ out) {                                                        \
+        conv_igemm_v3<ADJ, WN>(p, src, mask_y, masked, wt, bias, relu, accumulate, splits, out);         \
     }
 V3_ENTRY(conv_igemm_direct_v3_tf32, false, 2)
 V3_ENTRY(conv_igemm_adjoint_v3_tf32, true, 2)
 V3_ENTRY(conv_igemm_direct_v3n32_tf32, false, 1)
 V3_ENTRY(conv_igemm_adjoint_v3n32_tf32, true, 1)
+
+// Split-K's second pass: for e < len = rows·n, s = Σ_z partial[z·len + e] (z < splits, in
+// order), then out[e] = relu?(s + bias[e mod n]) (accumulate 0), relu?(s) (2) or out[e] += s
+// (1): the epilogue the v3 pass applies when it is not split. One thread per element.
+extern "C" __global__ void conv_splitk_reduce_f32(int splits, int len, int n, const float* __restrict__ partial,
+                                                  const float* __restrict__ bias, int relu, int accumulate,
+                                                  float* __restrict__ out) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= len) return;
+    float s = 0.0f;
+    for (int z = 0; z < splits; ++z) s += partial[(size_t)z * len + e];
+    if (accumulate == 1) {
+        out[e] += s;
+        return;
+    }
+    if (accumulate == 0) s += bias[e % n];
+    if (relu && s < 0.0f) s = 0.0f;
+    out[e] = s;
+}
 
 // The weight-gradient GEMM: rows i < rows (dW's first index), columns kk < k·k·cs (tap-major,
 // channel fastest), reduction over the positions m of a batch × hp × wp grid:

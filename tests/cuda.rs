@@ -973,6 +973,11 @@ fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         (3, 6, 5, 3, 40, 3, true),
         (2, 12, 10, 3, 6, 5, true),
         (2, 4, 4, 4, 3, 5, true),
+        // Widths that take version 3 under TF32, so the position image's one-image passes are
+        // split over the reduction (split-K): forward 25 k-tiles in 6 splits, input gradient
+        // 50 in 12; forward 27 in 6 over 2 row blocks, input gradient 9 in 2 (wide tiles).
+        (3, 9, 11, 16, 32, 5, true),
+        (2, 20, 17, 48, 16, 3, false),
     ];
     for (ci, &(slots, h, w, c_in, c_out, k, relu)) in cases.iter().enumerate() {
         let dims = BcastConvDims {
@@ -1514,11 +1519,46 @@ emu_and_gpu_tests!(emu_gru_gates_fwd_bwd, gpu_gru_gates_fwd_bwd, |g| {
 emu_and_gpu_tests!(emu_bcast_conv_fwd_bwd, gpu_bcast_conv_fwd_bwd, |g| {
     bcast_conv_fwd_bwd_parity(&g, TOL)
 });
-emu_and_gpu_tests!(
-    emu_bcast_conv_tf32_fwd_bwd,
-    gpu_bcast_conv_tf32_fwd_bwd,
-    |g| bcast_conv_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL)
-);
+/// The split broadcast convolution under TF32, with split-K on its one-image passes (the
+/// reduce kernel counted as launched), off (not launched), and on with exact products at the
+/// f32 tolerance (the split's k-tile ranges and partial sums are exact, only the order of the
+/// additions changes).
+#[test]
+fn emu_bcast_conv_tf32_fwd_bwd() {
+    let reduces = |g: &Cuda| {
+        g.emu_kernel_launches()
+            .get("conv_splitk_reduce_f32")
+            .copied()
+            .unwrap_or(0)
+    };
+    let no_splitk = FastPaths::all_but("conv_splitk").unwrap();
+    for (fast, exact, tol, label) in [
+        (FastPaths::ALL, false, TF32_TOL, "split-K"),
+        (no_splitk, false, TF32_TOL, "no split-K"),
+        (FastPaths::ALL, true, TOL, "split-K, exact products"),
+    ] {
+        let Some(g) = emu() else { return };
+        let mut g = g.with_precision(Precision::Tf32).with_fast_paths(fast);
+        if exact {
+            g = g.with_emulator_exact_tf32();
+        }
+        bcast_conv_fwd_bwd_parity(&g, tol);
+        // Two cases, a forward and an input gradient each.
+        let n = reduces(&g);
+        assert_eq!(
+            n,
+            if fast.conv_splitk { 4 } else { 0 },
+            "{label}: reduce launches"
+        );
+    }
+}
+
+#[test]
+fn gpu_bcast_conv_tf32_fwd_bwd() {
+    if let Some(g) = gpu() {
+        bcast_conv_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
+    }
+}
 emu_and_gpu_tests!(emu_slot_cell_fwd_bwd, gpu_slot_cell_fwd_bwd, |g| {
     slot_cell_fwd_bwd_parity(&g)
 });
@@ -1995,6 +2035,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "tokens" => name.starts_with("tokens_fwd_") || name.starts_with("tokens_bwd_"),
         "slot_cell" => name.starts_with("slot_query_") || name.starts_with("slot_update_"),
         "bcast_split" => name.starts_with("bconv_"),
+        "conv_splitk" => name == "conv_splitk_reduce_f32",
         _ => panic!("no kernels listed for fast path {path}"),
     }
 }
@@ -2029,7 +2070,14 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 .copied()
                 .filter(|k| fast_path_kernel(path, k))
                 .collect();
-            let on = fast.is_on(path) == Some(true);
+            // Split-K serves the one-image passes of the split broadcast convolution under
+            // version 3: it runs only where both do.
+            let needs: &[&str] = match path {
+                "conv_splitk" => &["conv_v3", "bcast_split"],
+                _ => &[],
+            };
+            let on =
+                fast.is_on(path) == Some(true) && needs.iter().all(|n| fast.is_on(n) == Some(true));
             assert_eq!(
                 !ran.is_empty(),
                 on,
@@ -2041,11 +2089,11 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
 }
 
 /// On the GPU: each escape hatch of `SLOTFIX_CUDA_DISABLE` gives the CPU's step too. In f32,
-/// where four of the six paths apply (the tensor-core versions need TF32, and their version 2
-/// has per-op GPU tests) and f32 tolerances hold. With TF32 rounding, this 16-wide model's
-/// q-projection gradient after one update (7e-4 of the largest gradient's norm) is off by
-/// 5e-4 of the largest, in the emulator too, whichever paths run: 0.46 against the TF32 step
-/// tolerance's floor of 1e-3 of the largest. Rounding, not indexing: with exact products the
+/// where four of the seven paths apply (the tensor-core versions and split-K need TF32; their
+/// TF32 per-op tests run on the GPU too) and f32 tolerances hold. With TF32 rounding, this
+/// 16-wide model's q-projection gradient after one update (7e-4 of the largest gradient's
+/// norm) is off by 5e-4 of the largest, in the emulator too, whichever paths run: 0.46
+/// against the TF32 step tolerance's floor of 1e-3 of the largest. Rounding, not indexing: with exact products the
 /// emulator test above agrees to f32 tolerances. Which kernels ran is recorded only in the
 /// emulator.
 #[test]
@@ -2204,8 +2252,10 @@ fn launches_of_an_eager_step(g: Cuda, mut cfg: Config, seed: u64) -> BTreeMap<&'
 /// launches fails here and has to say why in this table.
 #[test]
 fn emu_launches_per_step_of_the_shipped_configs() {
-    // (config, most launches per step: recorded 2026-11-25 with tokens v2)
-    for (file, most) in [("tetrominoes.yaml", 104), ("clevr6.yaml", 107)] {
+    // (config, most launches per step: recorded 2026-11-25 with tokens v2; tetrominoes + 2 for
+    // split-K's reduces of the position image's two one-image passes, which replace ~60 µs of
+    // a few blocks' serial k-loops, predicted)
+    for (file, most) in [("tetrominoes.yaml", 106), ("clevr6.yaml", 107)] {
         let Some(g) = emu() else { return };
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("configs")

@@ -130,7 +130,7 @@ case ${1:-check} in
     # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
     configs=${ABLATE_CONFIGS:-tetrominoes clevr6}
     batch=${ABLATE_BATCH:-64}
-    paths="none conv_v3 dw_v3 attention_v2 tokens slot_cell bcast_split all"
+    paths="none conv_v3 dw_v3 attention_v2 tokens slot_cell bcast_split conv_splitk all"
     for c in $configs; do
       cfg=$(cuda_config "$c")
       for off in $paths; do

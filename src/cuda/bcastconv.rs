@@ -77,7 +77,8 @@ impl Cuda {
         // P = conv(pos) + b: one image through the convolution kernels.
         let img = self.bcast_pos_image(g, p);
         let mut pimg = self.scratch::<f32>(g.h_out * g.w_out * g.c_out);
-        self.conv2d_fwd(g, 1, &img, p.w, p.b, false, &mut pimg);
+        // (One image: split-K spreads its reduction over the GPU.)
+        self.conv_fwd_common(false, g, 1, &img, p.w, p.b, false, &mut pimg, true);
         let wc = self.bcast_weight_classes(&n, p.w);
         let ncls = n.k * n.k;
         let zlen = dims.slots * (ncls * n.o) as usize;
@@ -127,8 +128,20 @@ impl Cuda {
         // backward runs without one (and does not read its y: dp stands in).
         let img = self.bcast_pos_image(geom, p);
         let mut dimg = self.scratch::<f32>(img.len());
-        self.conv_bwd_set_dx(
-            false, geom, 1, &img, p.w, &dp, false, &dp, &mut dimg, g.w, g.b,
+        self.conv_bwd_common(
+            false,
+            geom,
+            1,
+            &img,
+            p.w,
+            &dp,
+            false,
+            &dp,
+            Some(&mut dimg),
+            true,
+            g.w,
+            g.b,
+            true,
         );
         self.softpos_add_bwd(geom.h_in, geom.w_in, geom.c_in, &dimg, g.pos_w, g.pos_b);
         // The slots' share: dz, and dW through the classes.

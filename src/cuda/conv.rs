@@ -157,6 +157,38 @@ fn v3_kernel(p: &ConvGemmC, adjoint: bool) -> (&'static str, LaunchConfig) {
     (name, cfg)
 }
 
+/// A version 3 activation pass: its GEMM, and how its epilogue and loads treat the output
+/// (the kernel's `masked`, `relu` and `accumulate` arguments).
+struct V3Launch {
+    p: ConvGemmC,
+    adjoint: bool,
+    /// Split the reduction when the grid is small ([`v3_splits`]).
+    split_k: bool,
+    masked: i32,
+    relu: i32,
+    mode: i32,
+}
+
+/// Split-K of a version 3 activation pass that asks for it (the one-image convolutions of the
+/// split broadcast convolution): blocks for about one wave of an H100's 132 SMs, at least
+/// SPLITK_MIN_TILES k-tiles per split, at most SPLITK_MAX splits. From the sizes only (not the
+/// device), so that the launches of a step are the same everywhere. 1: no split (a phased
+/// pass, whose z is the phase, or a grid that is already large).
+fn v3_splits(p: &ConvGemmC, cfg: &LaunchConfig) -> usize {
+    const SPLITK_TARGET_BLOCKS: usize = 132;
+    const SPLITK_MIN_TILES: usize = 4;
+    const SPLITK_MAX: usize = 16;
+    if cfg.grid_dim.2 != 1 {
+        return 1;
+    }
+    let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
+    let ktiles = (p.k * p.k * p.cs) as usize / 16;
+    SPLITK_TARGET_BLOCKS
+        .div_ceil(blocks)
+        .min(ktiles / SPLITK_MIN_TILES)
+        .clamp(1, SPLITK_MAX)
+}
+
 /// Tensor-core tiles over an `m × n` output, `z` deep.
 fn tc_grid(m: usize, n: usize, z: usize) -> LaunchConfig {
     LaunchConfig {
@@ -184,6 +216,7 @@ impl Cuda {
         b: &Buf,
         relu: bool,
         y: &mut Buf,
+        split_k: bool,
     ) {
         assert_eq!(x.len(), batch * g.in_len());
         assert_eq!(y.len(), batch * g.out_len());
@@ -195,7 +228,7 @@ impl Cuda {
         }
         check_conv_range(g, batch);
         if self.precision == Precision::Tf32 {
-            return self.conv_tc_fwd(transposed, g, batch, x, w, Some(b), relu, y);
+            return self.conv_tc_fwd(transposed, g, batch, x, w, Some(b), relu, y, split_k);
         }
         let gc = ConvGeomC::new(g);
         let (bi, ri) = (i(batch), relu as i32);
@@ -222,6 +255,7 @@ impl Cuda {
         dx_set: bool,
         dw: &mut Buf,
         db: &mut Buf,
+        split_k: bool,
     ) {
         assert_eq!(x.len(), batch * g.in_len());
         assert_eq!(y.len(), batch * g.out_len());
@@ -236,7 +270,7 @@ impl Cuda {
         if self.precision == Precision::Tf32 {
             if let Some(dx) = dx {
                 assert_eq!(dx.len(), batch * g.in_len());
-                self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx, dx_set);
+                self.conv_tc_dx(transposed, g, batch, w, y, relu, dy, dx, dx_set, split_k);
             }
             self.conv_tc_dw(transposed, g, batch, x, y, relu, dy, dw, Some(db));
             return;
@@ -284,6 +318,7 @@ impl Cuda {
         b: Option<&Buf>,
         relu: bool,
         y: &mut Buf,
+        split_k: bool,
     ) {
         // conv: direct gather of x, W[co][ci]; convT: adjoint gather of x, W[ci][co].
         let p = ConvGemmC {
@@ -304,9 +339,15 @@ impl Cuda {
         let (zero, ri, mode) = (0i32, relu as i32, if b.is_some() { 0i32 } else { 2 });
         let b = b.unwrap_or(w);
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
-            let wt = &*wt;
-            let (name, cfg) = v3_kernel(&p, transposed);
-            launch!(self, name, cfg; &p, x, x, &zero, wt, b, &ri, &mode, y);
+            let v3 = V3Launch {
+                p,
+                adjoint: transposed,
+                split_k,
+                masked: 0,
+                relu: ri,
+                mode,
+            };
+            self.conv_v3(&v3, x, x, &wt, b, y);
         } else if transposed {
             launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         } else {
@@ -328,6 +369,31 @@ impl Cuda {
         Some(wt)
     }
 
+    /// One version 3 activation pass (`conv_igemm_*_v3*`), split over the reduction when
+    /// `v3.split_k` asks for it and [`v3_splits`] finds it worth it: the blocks write partial
+    /// products to a scratch buffer and `conv_splitk_reduce_f32` applies the epilogue.
+    fn conv_v3(&self, v3: &V3Launch, src: &Buf, mask: &Buf, wt: &Buf, bias: &Buf, out: &mut Buf) {
+        let (name, mut cfg) = v3_kernel(&v3.p, v3.adjoint);
+        let (p, masked, relu, mode) = (&v3.p, &v3.masked, &v3.relu, &v3.mode);
+        let splits = if v3.split_k && self.fast.conv_splitk {
+            v3_splits(p, &cfg)
+        } else {
+            1
+        };
+        let si = i(splits);
+        if splits == 1 {
+            launch!(self, name, cfg; p, src, mask, masked, wt, bias, relu, mode, &si, out);
+            return;
+        }
+        let len = (p.batch * p.hp * p.wp) as usize * p.n as usize;
+        let mut partial = self.scratch::<f32>(splits * len);
+        cfg.grid_dim.2 = splits as u32;
+        launch!(self, name, cfg; p, src, mask, masked, wt, bias, relu, mode, &si, &mut *partial);
+        let (li, ni) = (i(len), p.n);
+        launch!(self, "conv_splitk_reduce_f32", per_elem(len);
+            &si, &li, &ni, &*partial, bias, relu, mode, out);
+    }
+
     /// dx += (or, with `dx_set`, dx =) the input gradient of a convolution or transposed
     /// convolution, on the tensor cores.
     #[allow(clippy::too_many_arguments)]
@@ -342,6 +408,7 @@ impl Cuda {
         dy: &Buf,
         dx: &mut Buf,
         dx_set: bool,
+        split_k: bool,
     ) {
         // conv: adjoint gather of g, W[co][ci] (W[c][n]); convT: direct gather of g, W[ci][co]
         // (W[n][c]). The GEMM's rows are the input positions, its columns the input channels.
@@ -364,9 +431,15 @@ impl Cuda {
         let (zero, ri) = (0i32, relu as i32);
         let mode = if dx_set { 2i32 } else { 1 };
         if let Some(wt) = self.conv_tc_v3_weights(&p, w) {
-            let wt = &*wt;
-            let (name, cfg) = v3_kernel(&p, !transposed);
-            launch!(self, name, cfg; &p, dy, y, &ri, wt, w, &zero, &mode, dx);
+            let v3 = V3Launch {
+                p,
+                adjoint: !transposed,
+                split_k,
+                masked: ri,
+                relu: 0,
+                mode,
+            };
+            self.conv_v3(&v3, dy, y, &wt, w, dx);
         } else if transposed {
             launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
         } else {

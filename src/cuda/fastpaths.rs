@@ -29,6 +29,10 @@ pub struct FastPaths {
     /// The decoder's first convolution split by border classes (`bcast_conv_*`); off: the
     /// broadcast input is built and convolved (more memory: its buffers are allocated).
     pub bcast_split: bool,
+    /// Split-K for the one-image convolutions of that split (the position image's forward and
+    /// input gradient under version 3: their reduction split over blocks, then
+    /// `conv_splitk_reduce_f32`); off: a few blocks run the whole reduction.
+    pub conv_splitk: bool,
 }
 
 impl Default for FastPaths {
@@ -45,6 +49,7 @@ impl FastPaths {
         tokens: true,
         slot_cell: true,
         bcast_split: true,
+        conv_splitk: true,
     };
     pub const NONE: FastPaths = FastPaths {
         conv_v3: false,
@@ -53,16 +58,18 @@ impl FastPaths {
         tokens: false,
         slot_cell: false,
         bcast_split: false,
+        conv_splitk: false,
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "conv_v3",
         "dw_v3",
         "attention_v2",
         "tokens",
         "slot_cell",
         "bcast_split",
+        "conv_splitk",
     ];
 
     fn flag(&mut self, name: &str) -> Option<&mut bool> {
@@ -73,6 +80,7 @@ impl FastPaths {
             "tokens" => &mut self.tokens,
             "slot_cell" => &mut self.slot_cell,
             "bcast_split" => &mut self.bcast_split,
+            "conv_splitk" => &mut self.conv_splitk,
             _ => return None,
         })
     }
@@ -135,7 +143,7 @@ mod tests {
         assert_eq!(FastPaths::all_but("all").unwrap(), FastPaths::NONE);
         let fp = FastPaths::all_but("tokens, bcast_split").unwrap();
         assert_eq!(fp.off(), vec!["tokens", "bcast_split"]);
-        assert!(fp.conv_v3 && fp.dw_v3 && fp.attention_v2 && fp.slot_cell);
+        assert!(fp.conv_v3 && fp.dw_v3 && fp.attention_v2 && fp.slot_cell && fp.conv_splitk);
         assert!(!fp.tokens && !fp.bcast_split);
         // Each name switches off exactly its own flag.
         for name in FastPaths::NAMES {

@@ -52,6 +52,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_dw_partial_v3_tf32",
             "conv_dw_partial_v3r32_tf32",
             "conv_dw_reduce_f32",
+            "conv_splitk_reduce_f32",
         ],
     },
     KernelFile {

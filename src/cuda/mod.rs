@@ -1234,7 +1234,7 @@ impl Backend for Cuda {
         relu: bool,
         y: &mut Buf,
     ) {
-        self.conv_fwd_common(false, g, batch, x, w, b, relu, y);
+        self.conv_fwd_common(false, g, batch, x, w, b, relu, y, false);
     }
     fn conv2d_bwd(
         &self,
@@ -1249,7 +1249,7 @@ impl Backend for Cuda {
         dw: &mut Buf,
         db: &mut Buf,
     ) {
-        self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, dx, false, dw, db);
+        self.conv_bwd_common(false, g, batch, x, w, y, relu, dy, dx, false, dw, db, false);
     }
     fn conv_t2d_fwd(
         &self,
@@ -1261,7 +1261,7 @@ impl Backend for Cuda {
         relu: bool,
         y: &mut Buf,
     ) {
-        self.conv_fwd_common(true, g, batch, x, w, b, relu, y);
+        self.conv_fwd_common(true, g, batch, x, w, b, relu, y, false);
     }
     fn conv_t2d_bwd(
         &self,
@@ -1276,7 +1276,7 @@ impl Backend for Cuda {
         dw: &mut Buf,
         db: &mut Buf,
     ) {
-        self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, dx, false, dw, db);
+        self.conv_bwd_common(true, g, batch, x, w, y, relu, dy, dx, false, dw, db, false);
     }
     fn conv_bwd_set_dx(
         &self,
@@ -1305,6 +1305,7 @@ impl Backend for Cuda {
             true,
             dw,
             db,
+            false,
         );
     }
     fn linear_fwd(
@@ -1331,7 +1332,7 @@ impl Backend for Cuda {
             // A linear layer is a 1×1 convolution over `rows` one-pixel images.
             let g = ConvGeom::same(1, 1, n_in, n_out, 1);
             check_conv_range(&g, rows);
-            return self.conv_tc_fwd(false, &g, rows, x, w, b, relu, y);
+            return self.conv_tc_fwd(false, &g, rows, x, w, b, relu, y, false);
         }
         let (ri, ii, oi) = (i(rows), i(n_in), i(n_out));
         let has_bias = b.is_some() as i32;
@@ -1368,7 +1369,7 @@ impl Backend for Cuda {
             check_conv_range(&g, rows);
             if let Some(dx) = dx {
                 assert_eq!(dx.len(), rows * n_in);
-                self.conv_tc_dx(false, &g, rows, w, y, relu, dy, dx, false);
+                self.conv_tc_dx(false, &g, rows, w, y, relu, dy, dx, false, false);
             }
             self.conv_tc_dw(false, &g, rows, x, y, relu, dy, dw, db);
             return;
