@@ -235,7 +235,7 @@ ENTRY(k4, 2)
         assert_eq!(add.params, [None, p(false, true), p(true, true)]);
         assert_eq!(add.max_threads, None);
         let v3 = sig_of("conv_igemm_direct_v3n32_tf32").unwrap();
-        assert_eq!((v3.params.len(), v3.max_threads), (9, Some(256)));
+        assert_eq!((v3.params.len(), v3.max_threads), (10, Some(256)));
         assert_eq!(sig_of("tokens_fwd_f32").unwrap().max_threads, Some(128));
     }
 
