@@ -239,6 +239,16 @@ case ${1:-check} in
     [ -n "$ckpt" ] || { echo "no checkpoint written"; exit 1; }
     "$bin" eval --cfg "$cfg" --ckpt "$ckpt" --json "$out/eval-$name.json" 2>&1 | tee "$out/eval-$name.txt"
     "$bin" render --cfg "$cfg" --ckpt "$ckpt" --out "$out/render-$name.png" 2>&1 | tail -2
+    # The trained parameters' step, replayed by PyTorch in float64 (as the replay phase does at
+    # the seeded initialisation; TF32, the config's precision, so a TF32 tolerance).
+    py=${PYTHON:-python3}
+    if pydev=$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null); then
+      dump=$out/dump-$name-trained.safetensors
+      timeout 150 "$bin" dump-step --cfg "$cfg" --ckpt "$ckpt" --batch-size 2 --out "$dump" 2>&1 | tail -1
+      timeout 150 "$py" tools/replay_step.py "$dump" --tol 5e-2 --device "$pydev" > "$out/replay-$name-trained.txt" 2>&1
+      echo "replay of the trained step: exit $?; $(tail -1 "$out/replay-$name-trained.txt")"
+      rm -f "$dump"
+    fi
     cp "$out/runs/$name/metrics.jsonl" "$out/metrics-$name.jsonl" 2>/dev/null
     cp "$out/runs/$name/curves.png" "$out/curves-$name.png" 2>/dev/null
     last=$(ls -1 "$out/runs/$name/images"/*.png 2>/dev/null | sort | tail -1)
