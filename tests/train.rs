@@ -277,35 +277,36 @@ fn write_cfg(dir: &Path, cfg: &Config) -> std::path::PathBuf {
     p
 }
 
+/// Runs `cmd` and checks that it succeeded (failing with its stderr otherwise).
+fn succeed(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 #[test]
 fn cli_train_short_form_eval_render_and_dump_step() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_cfg(&dir.path().join("run"), 20);
     let cfg_path = write_cfg(dir.path(), &cfg);
     // `slotfix --cfg FILE` is `slotfix train --cfg FILE`.
-    let out = bin().arg("--cfg").arg(&cfg_path).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(bin().arg("--cfg").arg(&cfg_path));
     let ckpt = checkpoint::path_for_step(&dir.path().join("run"), 20);
     assert!(ckpt.exists());
 
     let json = dir.path().join("eval.json");
-    let out = bin()
-        .args(["eval", "--iters", "5", "--cfg"])
-        .arg(&cfg_path)
-        .arg("--ckpt")
-        .arg(&ckpt)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        bin()
+            .args(["eval", "--iters", "5", "--cfg"])
+            .arg(&cfg_path)
+            .arg("--ckpt")
+            .arg(&ckpt)
+            .arg("--json")
+            .arg(&json),
     );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("| FG-ARI (%) |"), "{table}");
@@ -316,36 +317,26 @@ fn cli_train_short_form_eval_render_and_dump_step() {
     assert!(v["result"]["fg_ari"].as_f64().is_some());
 
     let png = dir.path().join("r.png");
-    let out = bin()
-        .args(["render", "--n", "3", "--cfg"])
-        .arg(&cfg_path)
-        .arg("--ckpt")
-        .arg(&ckpt)
-        .arg("--out")
-        .arg(&png)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        bin()
+            .args(["render", "--n", "3", "--cfg"])
+            .arg(&cfg_path)
+            .arg("--ckpt")
+            .arg(&ckpt)
+            .arg("--out")
+            .arg(&png),
     );
     assert!(image::open(&png).is_ok());
 
     let dump = dir.path().join("step.safetensors");
-    let out = bin()
-        .args(["dump-step", "--cfg"])
-        .arg(&cfg_path)
-        .arg("--ckpt")
-        .arg(&ckpt)
-        .arg("--out")
-        .arg(&dump)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        bin()
+            .args(["dump-step", "--cfg"])
+            .arg(&cfg_path)
+            .arg("--ckpt")
+            .arg(&ckpt)
+            .arg("--out")
+            .arg(&dump),
     );
     let d = Checkpoint::load(&dump).unwrap();
     assert_eq!(d.tensor("input.images").unwrap().0, vec![8, 16, 16, 3]);
@@ -372,19 +363,14 @@ fn cli_train_short_form_eval_render_and_dump_step() {
 
     // --batch-size: a dump of a smaller batch.
     let small = dir.path().join("small.safetensors");
-    let out = bin()
-        .args(["dump-step", "--batch-size", "2", "--cfg"])
-        .arg(&cfg_path)
-        .arg("--ckpt")
-        .arg(&ckpt)
-        .arg("--out")
-        .arg(&small)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        bin()
+            .args(["dump-step", "--batch-size", "2", "--cfg"])
+            .arg(&cfg_path)
+            .arg("--ckpt")
+            .arg(&ckpt)
+            .arg("--out")
+            .arg(&small),
     );
     let s = Checkpoint::load(&small).unwrap();
     assert_eq!(s.tensor("input.images").unwrap().0, vec![2, 16, 16, 3]);
