@@ -8,7 +8,7 @@
 //! a kernel that reads past a buffer reads NaN, and one that writes past it fails the launch.
 //! Shared memory starts as NaN in every block. Every launch is checked against the kernel's
 //! signature ([`sig_of`]): its `__launch_bounds__`, 48 KiB of dynamic shared memory, and buffers
-//! aliased against `__restrict__`. With `SLOTFIX_EMU_CHECKED=1` the library is built with UBSan
+//! aliased against `__restrict__`; and against the device's grid and block limits. With `SLOTFIX_EMU_CHECKED=1` the library is built with UBSan
 //! (and ASan when its runtime is preloaded), which reports out-of-bounds indexing of shared and
 //! per-thread arrays, misalignment, bad shifts, signed overflow and out-of-buffer accesses.
 //!

@@ -785,7 +785,22 @@ impl Cuda {
     fn emu_check_launch(name: &str, cfg: &LaunchConfig, ranges: &[Option<(u64, u64)>]) {
         let sig = emu::sig_of(name)
             .unwrap_or_else(|| panic!("emulator: no signature parsed for kernel {name}"));
+        // The device's launch limits (every CUDA GPU since sm_30): a launch past them fails
+        // with CUDA_ERROR_INVALID_VALUE on the GPU, while the emulator would run it.
+        let (gx, gy, gz) = cfg.grid_dim;
+        assert!(
+            (1..=i32::MAX as u32).contains(&gx)
+                && (1..=65_535).contains(&gy)
+                && (1..=65_535).contains(&gz),
+            "kernel {name}: grid {:?} (each dimension at least 1; y and z at most 65535)",
+            cfg.grid_dim
+        );
         let (x, y, z) = cfg.block_dim;
+        assert!(
+            x >= 1 && y >= 1 && (1..=64).contains(&z) && x * y * z <= 1024,
+            "kernel {name}: block {:?} (at most 1024 threads, z at most 64)",
+            cfg.block_dim
+        );
         if let Some(max) = sig.max_threads {
             assert!(
                 x * y * z <= max,
