@@ -80,6 +80,8 @@ unsafe impl DeviceRepr for ConvDwGemmC {}
 /// Output tile side and threads per block of the tensor-core kernels (TC_BM = TC_BN, TC_THREADS).
 const TC_TILE: usize = 64;
 const TC_THREADS: u32 = 128;
+/// The k-tile of the tensor-core passes (TC_BK in conv_tc.cu).
+const TC_BK: usize = 16;
 
 /// Blocks the split weight-gradient GEMM aims for: two per SM of an H100 (132 SMs).
 const TC_DW_TARGET_BLOCKS: usize = 264;
@@ -182,7 +184,7 @@ fn v3_splits(p: &ConvGemmC, cfg: &LaunchConfig) -> usize {
         return 1;
     }
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
-    let ktiles = (p.k * p.k * p.cs) as usize / 16;
+    let ktiles = (p.k * p.k * p.cs) as usize / TC_BK;
     SPLITK_TARGET_BLOCKS
         .div_ceil(blocks)
         .min(ktiles / SPLITK_MIN_TILES)
