@@ -49,6 +49,14 @@ cuda_config() {
   echo "$dst"
 }
 
+# PyTorch for tools/replay_step.py ($PYTHON, default python3), and where it should run: py and
+# pydev set, or a non-zero status when torch is missing.
+py=${PYTHON:-python3}
+torch_device() {
+  pydev=$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null)
+  [ -n "$pydev" ]
+}
+
 case ${1:-check} in
   check)
     nvidia-smi | tee "$out/nvidia-smi.txt"
@@ -170,9 +178,7 @@ case ${1:-check} in
     # small gradients are ill-conditioned: ~3e-4 on the CPU at the tetrominoes shape, measured),
     # its TF32 errors about 10× that. clevr6's shape (128², K = 7, the broadcast decoder) runs on
     # generated multi_dsprites images: the CLEVR files are not on the GPU machine.
-    py=${PYTHON:-python3}
-    pydev=$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null)
-    [ -n "$pydev" ] || { echo "no PyTorch for $py"; exit 2; }
+    torch_device || { echo "no PyTorch for $py"; exit 2; }
     for c in tetrominoes clevr6; do
       for run in cpu-f32 cuda-f32 cuda-tf32; do
         dev=${run%-*} prec=${run#*-}
@@ -241,8 +247,7 @@ case ${1:-check} in
     "$bin" render --cfg "$cfg" --ckpt "$ckpt" --out "$out/render-$name.png" 2>&1 | tail -2
     # The trained parameters' step, replayed by PyTorch in float64 (as the replay phase does at
     # the seeded initialisation; TF32, the config's precision, so a TF32 tolerance).
-    py=${PYTHON:-python3}
-    if pydev=$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null); then
+    if torch_device; then
       dump=$out/dump-$name-trained.safetensors
       timeout 150 "$bin" dump-step --cfg "$cfg" --ckpt "$ckpt" --batch-size 2 --out "$dump" 2>&1 | tail -1
       timeout 150 "$py" tools/replay_step.py "$dump" --tol 5e-2 --device "$pydev" > "$out/replay-$name-trained.txt" 2>&1

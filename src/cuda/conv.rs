@@ -147,16 +147,7 @@ fn v3_kernel(p: &ConvGemmC, adjoint: bool) -> (&'static str, LaunchConfig) {
         (false, true) => "conv_igemm_direct_v3n32_tf32",
         (true, true) => "conv_igemm_adjoint_v3n32_tf32",
     };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            rows.div_ceil(bm) as u32,
-            n.div_ceil(bn) as u32,
-            (s * s) as u32,
-        ),
-        block_dim: (V3_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    (name, cfg)
+    (name, tile_grid(rows, bm, n, bn, s * s, V3_THREADS))
 }
 
 /// A version 3 activation pass: its GEMM, and how its epilogue and loads treat the output
@@ -191,17 +182,29 @@ fn v3_splits(p: &ConvGemmC, cfg: &LaunchConfig) -> usize {
         .clamp(1, SPLITK_MAX)
 }
 
-/// Tensor-core tiles over an `m × n` output, `z` deep.
-fn tc_grid(m: usize, n: usize, z: usize) -> LaunchConfig {
+/// One block of `threads` per `row_tile × col_tile` tile of a `rows × cols` output, `z` deep.
+fn tile_grid(
+    rows: usize,
+    row_tile: usize,
+    cols: usize,
+    col_tile: usize,
+    z: usize,
+    threads: u32,
+) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
-            m.div_ceil(TC_TILE) as u32,
-            n.div_ceil(TC_TILE) as u32,
+            rows.div_ceil(row_tile) as u32,
+            cols.div_ceil(col_tile) as u32,
             z as u32,
         ),
-        block_dim: (TC_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Version 2's tensor-core tiles over an `m × n` output, `z` deep.
+fn tc_grid(m: usize, n: usize, z: usize) -> LaunchConfig {
+    tile_grid(m, TC_TILE, n, TC_TILE, z, TC_THREADS)
 }
 
 impl Cuda {
@@ -505,15 +508,7 @@ impl Cuda {
         i(chunks * rows * cols);
         let mut partial = self.scratch::<f32>(chunks * rows * cols);
         let cfg = if v3 {
-            LaunchConfig {
-                grid_dim: (
-                    rows.div_ceil(row_tile) as u32,
-                    cols.div_ceil(col_tile) as u32,
-                    chunks as u32,
-                ),
-                block_dim: (DW3_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            }
+            tile_grid(rows, row_tile, cols, col_tile, chunks, DW3_THREADS)
         } else {
             tc_grid(rows, cols, chunks)
         };
