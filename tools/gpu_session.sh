@@ -1,51 +1,81 @@
 #!/usr/bin/env bash
-# A GPU session's work in phases that each fit the device tool's 10-minute command limit.
+# The CUDA issue's GPU work, sized to the device lease: 15 minutes of device time per session
+# (the machine's start, a minute or more, included), at most 10 minutes per command, at most
+# 8 files back from $OUT, and the machine stays warm for only 30 s after a call.
+#
 # Build and stage first, on the development machine:
 #   ../shared/gpu/bundle && git describe --always --dirty > .gpu/commit
-# then, through the device tool (carry [".gpu"]), from the crate root:
-#   bash tools/gpu_session.sh check [all]        # driver, then the GPU tests (gpu_*; they must not
-#                                                 # skip); `all`: every test executable
-#   bash tools/gpu_session.sh bench              # kernel table, then the step benches, put
-#                                                 # together with date, device and commit as
-#                                                 # $OUT/BENCHMARKS.md (review it, then commit it)
-#   bash tools/gpu_session.sh sanitize           # compute-sanitizer memcheck, racecheck and
-#                                                 # synccheck over the per-op GPU parity tests
-#   bash tools/gpu_session.sh ablate             # the step of tetrominoes and clevr6 with each
-#                                                 # fast path switched off in turn
-#                                                 # (SLOTFIX_CUDA_DISABLE): $OUT/ABLATION.md
-#   bash tools/gpu_session.sh replay             # one training step of the GPU (f32 and tf32) and
-#                                                 # of the CPU, each replayed by PyTorch autograd in
-#                                                 # float64 (tools/replay_step.py): $OUT/REPLAY.md
-#   bash tools/gpu_session.sh train tetrominoes 8   # train configs/NAME.yaml on the GPU for N
-#                                                 # minutes (Ctrl-C-style stop: a checkpoint is
-#                                                 # saved), then eval + render the checkpoint
-# Everything lands in $OUT (or .gpu/out): logs, metrics.jsonl, eval JSON, pictures. Each phase
-# is its own device call, so that one that runs long does not cost the others' results.
-# If a fast kernel fails its parity test, the other phases can still run without it:
-# SLOTFIX_CUDA_DISABLE=NAME,... bash tools/gpu_session.sh bench (names: README, "CUDA fast paths").
+# then, through the device tool (carry [".gpu"], timeout_s 600), from the crate root:
+#   bash tools/gpu_session.sh session          # call 1: every step below in priority order
+#   bash tools/gpu_session.sh session more     # call 2, at once if device time is left
+# A session runs its steps against one deadline (SESSION_SECONDS, default 560 s, under the
+# 600-s command limit): each step's time limit is cut to what is left, a step with too little
+# left is skipped and listed as skipped, and what has been done is packed into $OUT after every
+# step, so a command stopped at its limit still brings back what it did.
+#   call 1: check (the GPU tests; each failure run again alone) → step benches (tetrominoes and
+#           clevr6 at B = 64) → replay (a step of the CPU, the GPU in f32 and TF32, replayed by
+#           PyTorch in float64) → loader (images/s on this machine's CPU) → kernels (the kernel
+#           table) → train tetrominoes (150 s, eval, render) → memcheck
+#   call 2: train multi_dsprites (240 s) → ablate (each fast path switched off in turn)
+#           → racecheck → synccheck
+# One step alone (same deadline logic, 590 s):
+#   bash tools/gpu_session.sh check [all] | steps | kernels | bench | replay | loader | ablate
+#                             | sanitize [memcheck racecheck synccheck] | train NAME [SECONDS]
 #
-# A session has 30 minutes of device time, start-up included, and every phase together is more
-# than that, so run them in the order of what the CUDA issue still needs (estimated minutes):
-#   check (2) → bench (6) → replay (2) → train tetrominoes 4 (5) → train multi_dsprites 5 (6)
-#   → ablate (3) → sanitize (up to 9, each tool capped at 3).
-# The first process compiles the kernels (~7 s on 16 cores) into the kernel cache; the rest
-# find them there. If check fails, read tests.txt / isolated.txt and switch the failing paths
-# off for the later phases rather than stopping.
+# What comes back ($OUT; at most 8 files): SUMMARY.md (one line per step), BENCHMARKS.md,
+# REPLAY.md, ABLATION.md and session.tar.gz (every log, eval JSON, metrics and picture; no
+# checkpoints). Work files stay in $SESSION_WORK (default .gpu/work).
+# If a fast kernel fails its parity test, the other steps can run without it:
+# SLOTFIX_CUDA_DISABLE=NAME,... bash tools/gpu_session.sh session (names: README, "CUDA fast
+# paths"). A dry run on a machine without a GPU: SLOTFIX_SESSION_DEVICE=cpu (the GPU tests then
+# skip, and the configs run on the CPU).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=${OUT:-$root/.gpu/out}
-mkdir -p "$out"
+work=${SESSION_WORK:-$root/.gpu/work}
+mkdir -p "$out" "$work"
 bin=$root/.gpu/bin/slotfix
 [ -x "$bin" ] || { echo "no .gpu/bin/slotfix: run ../shared/gpu/bundle first"; exit 2; }
 
-# configs/NAME.yaml with device: cuda (SLOTFIX_SESSION_DEVICE=cpu for a dry run of this script
-# on a machine without a GPU) and save_dir under $out.
 device=${SLOTFIX_SESSION_DEVICE:-cuda}
+require_gpu=1
+[ "$device" = cpu ] && require_gpu=0
+export SLOTFIX_REQUIRE_GPU=$require_gpu CARGO_MANIFEST_DIR=$root
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
+
+# --- time: every step's limit is cut to the deadline, less what packing needs -------------
+deadline=$(( $(date +%s) + ${SESSION_SECONDS:-590} ))
+reserve=15
+# Seconds a step may take: at most $1, and no more than is left before the deadline.
+cap() {
+  local c=$1 l=$(( deadline - $(date +%s) - reserve ))
+  [ "$l" -lt "$c" ] && c=$l
+  [ "$c" -lt 0 ] && c=0
+  echo "$c"
+}
+# A step that needs at least $2 seconds to be worth starting: false (and noted) when less is left.
+enough() {
+  [ "$(cap "$2")" -ge "$2" ] && return 0
+  note "$1: skipped, $(( deadline - $(date +%s) )) s left before the deadline"
+  return 1
+}
+
+# --- what comes back ------------------------------------------------------------------------
+note() { echo "- $*" | tee -a "$work/SUMMARY.md"; }
+pack() {
+  for f in SUMMARY.md BENCHMARKS.md REPLAY.md ABLATION.md; do
+    [ -f "$work/$f" ] && cp "$work/$f" "$out/"
+  done
+  tar -czf "$out/session.tar.gz.part" -C "$work" --exclude='*.safetensors' . 2>/dev/null \
+    && mv "$out/session.tar.gz.part" "$out/session.tar.gz"
+}
+
+# configs/NAME.yaml with device: cuda (cpu in a dry run) and save_dir under $work.
 cuda_config() {
-  local name=$1 dst=$out/$1.cuda.yaml
+  local name=$1 dst=$work/$1.cuda.yaml
   sed -e "s|^\(\s*\)device:.*|\1device: $device|" \
-      -e "s|^\(\s*\)save_dir:.*|\1save_dir: $out/runs/$name|" "configs/$name.yaml" > "$dst"
+      -e "s|^\(\s*\)save_dir:.*|\1save_dir: $work/runs/$name|" "configs/$name.yaml" > "$dst"
   echo "$dst"
 }
 
@@ -57,211 +87,292 @@ torch_device() {
   [ -n "$pydev" ]
 }
 
-case ${1:-check} in
-  check)
-    nvidia-smi | tee "$out/nvidia-smi.txt"
-    if [ "${2:-}" = all ]; then
-      echo "== every test (GPU tests must not skip)"
-      bash .gpu/run tests 2>&1 | tee "$out/tests.txt"
-    else
-      # The GPU's own tests first: the CPU, emulator and NVRTC tests already ran in CI, and
-      # device time is short (`check all` runs every test executable, as .gpu/run tests does).
-      echo "== GPU tests (gpu_*; they must not skip)"
-      t=$(ls -1 .gpu/test-cuda-* 2>/dev/null | head -1)
-      [ -n "$t" ] || { echo "no .gpu/test-cuda-*: run ../shared/gpu/bundle first"; exit 2; }
-      SLOTFIX_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=$root LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64" \
-        timeout 480 "$t" gpu_ device_selection > "$out/$(basename "$t").log" 2>&1
-      echo "exit $?"
-      grep -E "^test |test result|SKIPPED|panicked" "$out/$(basename "$t").log" | tee "$out/tests.txt"
-    fi
-    # The tests of one process share the device's primary context, and a CUDA error such as an
-    # illegal address is sticky: every test after it fails too. Each failed test runs again
-    # alone, in a process of its own (the kernel cache makes that quick), to tell the failures
-    # that are its own from the ones it only inherited.
-    export SLOTFIX_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=$root LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
-    : > "$out/isolated.txt"
+cuda_tests() {
+  ls -1 .gpu/test-cuda-* 2>/dev/null | head -1
+}
+
+# --- the steps ------------------------------------------------------------------------------
+step_check() {
+  nvidia-smi > "$work/nvidia-smi.txt" 2>&1
+  note "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+  enough check 60 || return
+  local t log
+  if [ "${1:-}" = all ]; then
+    # Every test executable, as .gpu/run tests does (GPU tests forced on).
     for t in .gpu/test-*; do
-      log="$out/$(basename "$t").log"
-      [ -f "$log" ] || continue
-      for name in $(sed -n 's/^test \([^ ]*\) \.\.\. FAILED$/\1/p' "$log"); do
-        if timeout 120 "$t" --exact "$name" --test-threads 1 > "$out/isolated-$name.txt" 2>&1; then
-          echo "$name: passes alone (its failure was inherited from another test)" >> "$out/isolated.txt"
-        else
-          echo "$name: FAILS alone (see isolated-$name.txt)" >> "$out/isolated.txt"
-        fi
-      done
+      log="$work/$(basename "$t").log"
+      timeout "$(cap 300)" "$t" > "$log" 2>&1
+      note "check $(basename "$t"): exit $? ($(grep -h "^test result" "$log" | head -1))"
     done
-    [ -s "$out/isolated.txt" ] && { echo "== failed tests, each run alone"; cat "$out/isolated.txt"; }
-    ;;
-  bench)
-    echo "== kernel table"
-    timeout 300 "$root"/.gpu/bench-kernels --reps 10 2>&1 | tee "$out/bench-kernels.txt"
-    # At performance.md's batch sizes (B = 64 for both).
+  else
+    # The GPU's own tests: the CPU, emulator and NVRTC tests already ran in CI.
+    t=$(cuda_tests)
+    [ -n "$t" ] || { note "check: no .gpu/test-cuda-*: run ../shared/gpu/bundle first"; return; }
+    log="$work/$(basename "$t").log"
+    timeout "$(cap 240)" "$t" gpu_ device_selection > "$log" 2>&1
+    note "check: exit $? ($(grep -h "^test result" "$log" | head -1))"
+  fi
+  grep -hE "^test |test result|SKIPPED|panicked" "$work"/test-*.log > "$work/tests.txt"
+  # The tests of one process share the device's primary context, and a CUDA error such as an
+  # illegal address is sticky: every test after it fails too. Each failed test runs again
+  # alone, in a process of its own (the kernel cache makes that quick), to tell the failures
+  # that are its own from the ones it only inherited.
+  local name n=0
+  for log in "$work"/test-*.log; do
+    t=.gpu/$(basename "$log" .log)
+    for name in $(sed -n 's/^test \([^ ]*\) \.\.\. FAILED$/\1/p' "$log"); do
+      n=$((n + 1))
+      enough "alone: $name" 20 || break 2
+      if timeout "$(cap 60)" "$t" --exact "$name" --test-threads 1 > "$work/isolated-$name.txt" 2>&1; then
+        note "failed: $name (passes alone: inherited from another test)"
+      else
+        note "failed: $name (FAILS alone: isolated-$name.txt)"
+      fi
+    done
+  done
+  [ "$n" = 0 ] && note "check: no test failed"
+}
+
+step_steps() {
+  # At performance.md's batch sizes (B = 64 for both).
+  local c
+  for c in tetrominoes clevr6; do
+    enough "step bench $c" 30 || return
+    timeout "$(cap 120)" "$bin" bench --cfg "$(cuda_config $c)" --steps 20 --batch-size 64 --kernels \
+      > "$work/bench-$c.txt" 2>&1
+    note "step bench $c: exit $?; $(grep -E "^\| (cuda|cpu)" "$work/bench-$c.txt" | head -1)"
+  done
+}
+
+step_kernels() {
+  enough "kernel table" 60 || return
+  timeout "$(cap 200)" "$root"/.gpu/bench-kernels --reps 10 > "$work/bench-kernels.txt" 2>&1
+  note "kernel table: exit $? ($(grep -c '^| ' "$work/bench-kernels.txt") rows)"
+}
+
+step_loader() {
+  enough loader 20 || return
+  timeout "$(cap 60)" "$root"/.gpu/bench-loader --bench > "$work/bench-loader.txt" 2>&1
+  note "loader: exit $?; $(grep -m1 tetrominoes "$work/bench-loader.txt")"
+}
+
+# BENCHMARKS.md from whatever the bench steps left.
+write_benchmarks() {
+  local c gpu driver
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
+  {
+    echo "# Benchmarks"
+    echo
+    echo "Measured $(date -u +%Y-%m-%d) on ${gpu:-(no GPU found)}, driver ${driver:-?},"
+    echo "slotfix $(cat .gpu/commit 2>/dev/null || echo '(commit not recorded)'), with \`bash tools/gpu_session.sh session\`."
+    echo
+    echo "## Training step (\`slotfix bench --cfg configs/NAME.yaml --steps 20 --batch-size 64 --kernels\`, device: cuda)"
+    echo
     for c in tetrominoes clevr6; do
-      echo "== step bench $c"
-      timeout 120 "$bin" bench --cfg "$(cuda_config $c)" --steps 20 --batch-size 64 --kernels 2>&1 \
-        | tee "$out/bench-$c.txt"
+      [ -f "$work/bench-$c.txt" ] || continue
+      grep -E "^\|" "$work/bench-$c.txt" | head -3 | { [ "$c" = tetrominoes ] && cat || tail -n +3; }
     done
-    {
-      echo "# Benchmarks"
+    echo
+    echo "PyTorch 2.11 on an H100 80GB HBM3 (shared/reference/performance.md): 128×128, K = 7,"
+    echo "B = 64, TF32: eager 91.7 ms / step (698 images/s, 42.3 GiB), torch.compile 80.5 ms"
+    echo "(795 images/s, 42.0 GiB). Small model (35×35, K = 4, B = 64): eager 9.3–14.5 ms,"
+    echo "torch.compile with CUDA graphs 3.0 ms."
+    echo
+    if [ -f "$work/bench-loader.txt" ]; then
+      echo "## Data loader on the same machine's CPU (\`cargo bench --bench loader\`)"
       echo
-      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-      driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
-      echo "Measured $(date -u +%Y-%m-%d) on ${gpu:-(no GPU found)}, driver ${driver:-?},"
-      echo "slotfix $(cat .gpu/commit 2>/dev/null || echo '(commit not recorded)'), with \`bash tools/gpu_session.sh bench\`."
+      grep -E "^\||^rayon" "$work/bench-loader.txt"
       echo
-      echo "## Training step (\`slotfix bench --cfg configs/NAME.yaml --steps 20 --batch-size 64 --kernels\`, device: cuda)"
+    fi
+    for c in tetrominoes clevr6; do
+      [ -f "$work/bench-$c.txt" ] || continue
+      echo "## Where the $c step's device time goes (eager steps, each launch timed)"
       echo
-      for c in tetrominoes clevr6; do
-        grep -E "^\|" "$out/bench-$c.txt" | head -3 | { [ "$c" = tetrominoes ] && cat || tail -n +3; }
-      done
+      sed -n '/^| kernel | launches/,$p' "$work/bench-$c.txt"
       echo
-      echo "PyTorch 2.11 on an H100 80GB HBM3 (shared/reference/performance.md): 128×128, K = 7,"
-      echo "B = 64, TF32: eager 91.7 ms / step (698 images/s, 42.3 GiB), torch.compile 80.5 ms"
-      echo "(795 images/s, 42.0 GiB). Small model (35×35, K = 4, B = 64): eager 9.3–14.5 ms,"
-      echo "torch.compile with CUDA graphs 3.0 ms."
-      echo
-      for c in tetrominoes clevr6; do
-        echo "## Where the $c step's device time goes (eager steps, each launch timed)"
-        echo
-        sed -n '/^| kernel | launches/,$p' "$out/bench-$c.txt"
-        echo
-      done
+    done
+    if [ -f "$work/bench-kernels.txt" ]; then
       echo "## Kernels (\`cargo bench --bench kernels\`)"
       echo
-      cat "$out/bench-kernels.txt"
-    } > "$out/BENCHMARKS.md"
-    echo "== wrote $out/BENCHMARKS.md"
-    ;;
-  ablate)
-    # One slotfix process per row (each compiles the kernels, ~10 s), 10 timed steps each.
-    # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
-    configs=${ABLATE_CONFIGS:-tetrominoes clevr6}
-    batch=${ABLATE_BATCH:-64}
-    paths="none conv_v3 dw_v3 attention_v2 tokens slot_cell bcast_split conv_splitk all"
-    for c in $configs; do
-      cfg=$(cuda_config "$c")
-      for off in $paths; do
-        v=$off; [ "$off" = none ] && v=
-        echo "== $c, fast paths off: $off"
-        SLOTFIX_CUDA_DISABLE=$v timeout 100 "$bin" bench --cfg "$cfg" --steps 10 --batch-size "$batch" \
-          > "$out/ablate-$c-$off.txt" 2>&1
-        grep -E "^\| (cuda|cpu)" "$out/ablate-$c-$off.txt" || tail -3 "$out/ablate-$c-$off.txt"
-      done
+      cat "$work/bench-kernels.txt"
+    fi
+  } > "$work/BENCHMARKS.md"
+}
+
+step_replay() {
+  # The same function as an implementation that shares no code with slotfix: one training
+  # step (from the seeded initialisation) dumped by `slotfix dump-step` and replayed by
+  # PyTorch autograd in float64 (tools/replay_step.py; only torch is needed). Three dumps per
+  # shape: the CPU (the reference), the GPU with exact f32 kernels, the GPU under TF32. The
+  # GPU's f32 errors should be of the CPU's size (f32 rounding; at initialisation the encoder's
+  # small gradients are ill-conditioned: ~3e-4 on the CPU at the tetrominoes shape, measured),
+  # its TF32 errors about 10× that. clevr6's shape (128², K = 7, the broadcast decoder) runs on
+  # generated multi_dsprites images: the CLEVR files are not on the GPU machine.
+  torch_device || { note "replay: no PyTorch for $py"; return; }
+  local c run dev prec cfg dump tol
+  for c in tetrominoes clevr6; do
+    for run in cuda-f32 cuda-tf32 cpu-f32; do
+      enough "replay $c $run" 20 || break 2
+      dev=${run%-*} prec=${run#*-}
+      [ "$device" = cpu ] && dev=cpu   # (a dry run)
+      cfg=$work/$c.$run.yaml
+      sed -e "s|^\(\s*\)device:.*|\1device: $dev|" -e "/^\s*precision:/d" \
+          -e "s|^Model:.*|Model:\n    precision: $prec|" \
+          -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
+          "configs/$c.yaml" > "$cfg"
+      dump=$work/dump-$c-$run.safetensors
+      tol=1e-3; [ "$prec" = tf32 ] && tol=5e-2
+      if timeout "$(cap 90)" "$bin" dump-step --cfg "$cfg" --batch-size 2 --out "$dump" > "$work/dump-$c-$run.txt" 2>&1; then
+        timeout "$(cap 90)" "$py" tools/replay_step.py "$dump" --tol "$tol" --device "$pydev" > "$work/replay-$c-$run.txt" 2>&1
+        note "replay $c $run: exit $? (tolerance $tol); $(tail -1 "$work/replay-$c-$run.txt")"
+      else
+        note "replay $c $run: dump-step failed: $(tail -1 "$work/dump-$c-$run.txt")"
+      fi
+      rm -f "$dump"
     done
-    # ms / step: the third column of slotfix bench's table.
-    ms() { grep -E "^\| (cuda|cpu)" "$out/ablate-$1-$2.txt" 2>/dev/null | head -1 | awk -F'|' '{gsub(/ /, "", $4); print $4}'; }
-    rel() { [ -n "$1" ] && [ -n "$2" ] && awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.1f %%", 100 * (a / b - 1) }'; }
-    {
-      echo "## Fast paths switched off one at a time (\`bash tools/gpu_session.sh ablate\`: SLOTFIX_CUDA_DISABLE, B = $batch, median of 10 steps)"
-      echo
-      head="| switched off |"; rule="| --- |"
-      for c in $configs; do head="$head $c ms / step | vs all on |"; rule="$rule ---: | ---: |"; done
-      echo "$head"; echo "$rule"
-      for off in $paths; do
-        row="| $off |"
-        for c in $configs; do
-          t=$(ms "$c" "$off"); t0=$(ms "$c" none)
-          row="$row ${t:-failed} | $(rel "$t" "$t0") |"
-        done
-        echo "$row"
-      done
-    } > "$out/ABLATION.md"
-    cat "$out/ABLATION.md"
-    ;;
-  replay)
-    # The same function as an implementation that shares no code with slotfix: one training
-    # step (from the seeded initialisation) dumped by `slotfix dump-step` and replayed by
-    # PyTorch autograd in float64 (tools/replay_step.py; only torch is needed). Three dumps per
-    # shape: the CPU (the reference), the GPU with exact f32 kernels, the GPU under TF32. The
-    # GPU's f32 errors should be of the CPU's size (f32 rounding; at initialisation the encoder's
-    # small gradients are ill-conditioned: ~3e-4 on the CPU at the tetrominoes shape, measured),
-    # its TF32 errors about 10× that. clevr6's shape (128², K = 7, the broadcast decoder) runs on
-    # generated multi_dsprites images: the CLEVR files are not on the GPU machine.
-    torch_device || { echo "no PyTorch for $py"; exit 2; }
+  done
+  {
+    echo "## One training step against PyTorch autograd in float64 (\`bash tools/gpu_session.sh replay\`, B = 2, seeded initialisation)"
+    echo
+    echo "| shape | slotfix | loss, relative error | worst gradient, relative L2 error | verdict |"
+    echo "| --- | --- | ---: | ---: | --- |"
+    local f loss worst verdict
     for c in tetrominoes clevr6; do
       for run in cpu-f32 cuda-f32 cuda-tf32; do
-        dev=${run%-*} prec=${run#*-}
-        [ "$device" = cpu ] && dev=cpu   # (a dry run: SLOTFIX_SESSION_DEVICE=cpu)
-        cfg=$out/$c.$run.yaml
-        sed -e "s|^\(\s*\)device:.*|\1device: $dev|" -e "/^\s*precision:/d" \
-            -e "s|^Model:.*|Model:\n    precision: $prec|" \
-            -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
-            "configs/$c.yaml" > "$cfg"
-        dump=$out/dump-$c-$run.safetensors
-        tol=1e-3; [ "$prec" = tf32 ] && tol=5e-2
-        echo "== $c, $run"
-        if timeout 150 "$bin" dump-step --cfg "$cfg" --batch-size 2 --out "$dump" > "$out/dump-$c-$run.txt" 2>&1; then
-          timeout 150 "$py" tools/replay_step.py "$dump" --tol "$tol" --device "$pydev" > "$out/replay-$c-$run.txt" 2>&1
-          echo "exit $? (tolerance $tol)"
-          tail -1 "$out/replay-$c-$run.txt"
-        else
-          tail -3 "$out/dump-$c-$run.txt"
-        fi
-        rm -f "$dump"
+        f=$work/replay-$c-$run.txt
+        loss=$(sed -n 's/^| loss ([^)]*) | \([^ |]*\).*/\1/p' "$f" 2>/dev/null)
+        worst=$(sed -n 's/^worst relative gradient error \([^;]*\);.*/\1/p' "$f" 2>/dev/null)
+        verdict=$(sed -n 's/.*; \(AGREE\|DISAGREE\) at tolerance \(.*\)/\1 at \2/p' "$f" 2>/dev/null)
+        echo "| $c | $run | ${loss:-not run} | ${worst:-not run} | ${verdict:-see replay-$c-$run.txt} |"
       done
     done
-    {
-      echo "## One training step against PyTorch autograd in float64 (\`bash tools/gpu_session.sh replay\`, B = 2, seeded initialisation)"
-      echo
-      echo "| shape | slotfix | loss, relative error | worst gradient, relative L2 error | verdict |"
-      echo "| --- | --- | ---: | ---: | --- |"
-      for c in tetrominoes clevr6; do
-        for run in cpu-f32 cuda-f32 cuda-tf32; do
-          f=$out/replay-$c-$run.txt
-          loss=$(sed -n 's/^| loss ([^)]*) | \([^ |]*\).*/\1/p' "$f" 2>/dev/null)
-          worst=$(sed -n 's/^worst relative gradient error \([^;]*\);.*/\1/p' "$f" 2>/dev/null)
-          verdict=$(sed -n 's/.*; \(AGREE\|DISAGREE\) at tolerance \(.*\)/\1 at \2/p' "$f" 2>/dev/null)
-          echo "| $c | $run | ${loss:-failed} | ${worst:-failed} | ${verdict:-see replay-$c-$run.txt} |"
-        done
-      done
-    } > "$out/REPLAY.md"
-    cat "$out/REPLAY.md"
-    ;;
-  sanitize)
-    # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
-    # threads, barrier misuse. The per-op tests only (whole training steps are slow under the
-    # tools); each tool gets at most 3 minutes.
-    export SLOTFIX_REQUIRE_GPU=1 CARGO_MANIFEST_DIR=$root LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
-    t=$(ls -1 .gpu/test-cuda-* 2>/dev/null | head -1)
-    [ -n "$t" ] || { echo "no .gpu/test-cuda-*: run ../shared/gpu/bundle first"; exit 2; }
-    for tool in memcheck racecheck synccheck; do
-      echo "== compute-sanitizer --tool $tool"
-      timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" gpu_ --skip train \
-        --test-threads 1 > "$out/sanitize-$tool.txt" 2>&1
-      echo "exit $? (0: clean, 9: errors found, 124: time limit)"
-      grep -E "ERROR SUMMARY|test result|Invalid|Race|Barrier" "$out/sanitize-$tool.txt" | sort | uniq -c | head -20
+  } > "$work/REPLAY.md"
+}
+
+step_ablate() {
+  # One slotfix process per row (the kernels come from the kernel cache), 10 timed steps each.
+  # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
+  local configs=${ABLATE_CONFIGS:-tetrominoes clevr6} batch=${ABLATE_BATCH:-64}
+  local paths="none conv_v3 dw_v3 attention_v2 tokens slot_cell bcast_split conv_splitk all"
+  local c cfg off v
+  for c in $configs; do
+    cfg=$(cuda_config "$c")
+    for off in $paths; do
+      enough "ablate $c $off" 15 || break 2
+      v=$off; [ "$off" = none ] && v=
+      SLOTFIX_CUDA_DISABLE=$v timeout "$(cap 60)" "$bin" bench --cfg "$cfg" --steps 10 --batch-size "$batch" \
+        > "$work/ablate-$c-$off.txt" 2>&1
     done
-    ;;
-  train)
-    name=${2:?config name, e.g. tetrominoes}
-    minutes=${3:-8}
-    cfg=$(cuda_config "$name")
-    start=$(date +%s)
-    # SIGINT is slotfix's Ctrl-C: it finishes the step, saves a checkpoint and exits 130.
-    timeout -s INT "$((minutes * 60))" "$bin" train --cfg "$cfg" --overwrite 2>&1 | tee "$out/train-$name.txt"
-    echo "trained for $(( $(date +%s) - start )) s" | tee -a "$out/train-$name.txt"
-    ckpt=$(ls -1 "$out/runs/$name"/ckpt_*.safetensors 2>/dev/null | sort | tail -1)
-    [ -n "$ckpt" ] || { echo "no checkpoint written"; exit 1; }
-    "$bin" eval --cfg "$cfg" --ckpt "$ckpt" --json "$out/eval-$name.json" 2>&1 | tee "$out/eval-$name.txt"
-    "$bin" render --cfg "$cfg" --ckpt "$ckpt" --out "$out/render-$name.png" 2>&1 | tail -2
-    # The trained parameters' step, replayed by PyTorch in float64 (as the replay phase does at
-    # the seeded initialisation; TF32, the config's precision, so a TF32 tolerance).
-    if torch_device; then
-      dump=$out/dump-$name-trained.safetensors
-      timeout 150 "$bin" dump-step --cfg "$cfg" --ckpt "$ckpt" --batch-size 2 --out "$dump" 2>&1 | tail -1
-      timeout 150 "$py" tools/replay_step.py "$dump" --tol 5e-2 --device "$pydev" > "$out/replay-$name-trained.txt" 2>&1
-      echo "replay of the trained step: exit $?; $(tail -1 "$out/replay-$name-trained.txt")"
-      rm -f "$dump"
+  done
+  # ms / step: the third column of slotfix bench's table.
+  ms() { grep -E "^\| (cuda|cpu)" "$work/ablate-$1-$2.txt" 2>/dev/null | head -1 | awk -F'|' '{gsub(/ /, "", $4); print $4}'; }
+  rel() { [ -n "$1" ] && [ -n "$2" ] && awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.1f %%", 100 * (a / b - 1) }'; }
+  {
+    echo "## Fast paths switched off one at a time (\`bash tools/gpu_session.sh ablate\`: SLOTFIX_CUDA_DISABLE, B = $batch, median of 10 steps)"
+    echo
+    local head="| switched off |" rule="| --- |" row t t0
+    for c in $configs; do head="$head $c ms / step | vs all on |"; rule="$rule ---: | ---: |"; done
+    echo "$head"; echo "$rule"
+    for off in $paths; do
+      row="| $off |"
+      for c in $configs; do
+        t=$(ms "$c" "$off"); t0=$(ms "$c" none)
+        row="$row ${t:-not run} | $(rel "$t" "$t0") |"
+      done
+      echo "$row"
+    done
+  } > "$work/ABLATION.md"
+  note "ablate: $(grep -c '| [0-9]' "$work/ABLATION.md") rows timed (ABLATION.md)"
+}
+
+step_sanitize() {
+  # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
+  # threads, barrier misuse. The per-op tests only (whole training steps are slow under the
+  # tools).
+  local t tool
+  t=$(cuda_tests)
+  [ -n "$t" ] || { note "sanitize: no .gpu/test-cuda-*"; return; }
+  command -v compute-sanitizer > /dev/null || { note "sanitize: no compute-sanitizer"; return; }
+  for tool in "$@"; do
+    enough "$tool" 40 || return
+    timeout "$(cap 200)" compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" gpu_ --skip train \
+      --test-threads 1 > "$work/sanitize-$tool.txt" 2>&1
+    note "$tool: exit $? (0: clean, 9: errors found, 124: time limit); $(grep -m1 'ERROR SUMMARY' "$work/sanitize-$tool.txt")"
+  done
+}
+
+step_train() {
+  local name=$1 seconds=$2 cfg start ckpt dump last
+  enough "train $name" 60 || return
+  cfg=$(cuda_config "$name")
+  # Leave ~40 s for eval, render and the replay after it.
+  seconds=$(cap "$seconds"); seconds=$(( seconds > 80 ? seconds - 40 : 40 ))
+  start=$(date +%s)
+  # SIGINT is slotfix's Ctrl-C: it finishes the step, saves a checkpoint and exits 130.
+  timeout -s INT "$seconds" "$bin" train --cfg "$cfg" --overwrite > "$work/train-$name.txt" 2>&1
+  local rc=$?
+  [ "$rc" = 124 ] && rc="124, stopped at its time limit"
+  note "train $name: exit $rc after $(( $(date +%s) - start )) s; $(grep -E '^step|it/s|images/s' "$work/train-$name.txt" | tail -1)"
+  ckpt=$(ls -1 "$work/runs/$name"/ckpt_*.safetensors 2>/dev/null | sort | tail -1)
+  [ -n "$ckpt" ] || { note "train $name: no checkpoint written"; return; }
+  timeout "$(cap 60)" "$bin" eval --cfg "$cfg" --ckpt "$ckpt" --json "$work/eval-$name.json" > "$work/eval-$name.txt" 2>&1
+  note "eval $name: exit $?; $(tail -1 "$work/eval-$name.txt")"
+  timeout "$(cap 30)" "$bin" render --cfg "$cfg" --ckpt "$ckpt" --out "$work/render-$name.png" > "$work/render-$name.txt" 2>&1
+  # The trained parameters' step, replayed by PyTorch in float64 (as the replay step does at
+  # the seeded initialisation; TF32, the config's precision, so a TF32 tolerance).
+  if torch_device && [ "$(cap 30)" -ge 30 ]; then
+    dump=$work/dump-$name-trained.safetensors
+    timeout "$(cap 60)" "$bin" dump-step --cfg "$cfg" --ckpt "$ckpt" --batch-size 2 --out "$dump" > "$work/dump-$name-trained.txt" 2>&1
+    timeout "$(cap 60)" "$py" tools/replay_step.py "$dump" --tol 5e-2 --device "$pydev" > "$work/replay-$name-trained.txt" 2>&1
+    note "replay of the trained $name step: exit $?; $(tail -1 "$work/replay-$name-trained.txt")"
+    rm -f "$dump"
+  fi
+  cp "$work/runs/$name/metrics.jsonl" "$work/metrics-$name.jsonl" 2>/dev/null
+  cp "$work/runs/$name/curves.png" "$work/curves-$name.png" 2>/dev/null
+  last=$(ls -1 "$work/runs/$name/images"/*.png 2>/dev/null | sort | tail -1)
+  [ -n "$last" ] && cp "$last" "$work/grid-$name.png"
+  rm -rf "$work/runs"   # checkpoints are large; the logs, metrics and pictures above stay
+}
+
+# Runs one step, then packs what there is, so that a command stopped at its limit still brings
+# back everything done before the step it was in.
+run_step() {
+  local s=$1; shift
+  echo "== $s $* ($(( deadline - $(date +%s) )) s left)"
+  "step_$s" "$@"
+  ls "$work"/bench-*.txt > /dev/null 2>&1 && write_benchmarks
+  pack
+}
+
+case ${1:-session} in
+  session)
+    deadline=$(( $(date +%s) + ${SESSION_SECONDS:-560} ))
+    echo "# GPU session $(date -u '+%Y-%m-%d %H:%M') UTC, slotfix $(cat .gpu/commit 2>/dev/null || echo '?'), part ${2:-1}" >> "$work/SUMMARY.md"
+    if [ "${2:-}" = more ]; then
+      run_step train multi_dsprites 240
+      run_step ablate
+      run_step sanitize racecheck synccheck
+    else
+      run_step check
+      run_step steps
+      run_step replay
+      run_step loader
+      run_step kernels
+      run_step train tetrominoes 150
+      run_step sanitize memcheck
     fi
-    cp "$out/runs/$name/metrics.jsonl" "$out/metrics-$name.jsonl" 2>/dev/null
-    cp "$out/runs/$name/curves.png" "$out/curves-$name.png" 2>/dev/null
-    last=$(ls -1 "$out/runs/$name/images"/*.png 2>/dev/null | sort | tail -1)
-    [ -n "$last" ] && cp "$last" "$out/grid-$name.png"
-    rm -rf "$out/runs"   # checkpoints are large; the logs, metrics and pictures above stay
+    echo
+    cat "$work/SUMMARY.md"
     ;;
+  check) run_step check "${2:-}" ;;
+  steps | kernels | loader | replay | ablate) run_step "$1" ;;
+  bench) run_step steps; run_step loader; run_step kernels ;;
+  sanitize) shift; [ $# -gt 0 ] || set -- memcheck racecheck synccheck; run_step sanitize "$@" ;;
+  train) run_step train "${2:?config name, e.g. tetrominoes}" "${3:-500}" ;;
   *)
-    echo "usage: bash tools/gpu_session.sh check | bench | replay | ablate | sanitize | train NAME [MINUTES]"
+    echo "usage: bash tools/gpu_session.sh session [more] | check [all] | steps | kernels | bench | replay"
+    echo "       | loader | ablate | sanitize [TOOL...] | train NAME [SECONDS]"
     exit 2
     ;;
 esac
