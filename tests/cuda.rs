@@ -575,6 +575,21 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         true,
         107,
     );
+    // Fewer output channels than one n8 column tile of the mma (the decoders' last layer has 4:
+    // RGB + alpha), under version 3: a forward over several 256-row tiles, and the stride-2 dx
+    // (phases) of a 6-channel input.
+    case(
+        "k3 16->4 20x17",
+        ConvGeom::same(20, 17, 16, 4, 3),
+        false,
+        108,
+    );
+    case(
+        "k3 s2 6->16 dx",
+        ConvGeom::conv(13, 11, 6, 16, 3, 2, 1),
+        true,
+        109,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -613,13 +628,29 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         true,
         210,
     );
+    // Fewer output channels than one n8 column tile, under version 3: the decoders' last layer
+    // (stride 1, to RGB + alpha), a stride-2 one with 3 columns (phases), and the dx of a
+    // 4-channel input (direct gather).
+    case(
+        "T k3 s1 16->4 20x17",
+        t(20, 17, 16, 4, 3, 1, 1, 0),
+        false,
+        220,
+    );
+    case("T k3 s2 op1 16->3", t(7, 6, 16, 3, 3, 2, 1, 1), true, 230);
+    case(
+        "T k5 s2 op1 4->16 dx",
+        t(6, 5, 4, 16, 5, 2, 2, 1),
+        true,
+        240,
+    );
 }
 
 fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     let c = cpu();
     // (rows, n_in, n_out, bias, relu); 2500 rows > the 1024-row chunk of the dW partials;
     // 50 × 12 → 28: the narrow version 3 dW tile, whose 4 positions per thread wrap the 1 × 1
-    // grid three times.
+    // grid three times. 32 → 6: fewer columns than one n8 column tile, under version 3.
     let cases = [
         (37, 20, 33, true, true),
         (5, 3, 70, false, false),
@@ -627,6 +658,7 @@ fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         (1, 1, 1, true, false),
         (64, 64, 192, true, false),
         (50, 12, 28, true, true),
+        (300, 32, 6, true, false),
     ];
     for (ci, &(rows, n_in, n_out, bias, relu)) in cases.iter().enumerate() {
         let name = format!("linear {rows}x{n_in}->{n_out} bias {bias} relu {relu}");
