@@ -214,6 +214,21 @@ static __device__ __forceinline__ void ldsm_x4(unsigned r[4], SmemAddr base, int
 #endif
 }
 
+// Two consecutive 32-bit words of shared memory at base + `words` words (8-byte aligned): one
+// 8-byte shared load whose address is an offset from a precomputed shared-window address (a
+// pointer into a __shared__ array, rebuilt in every loop trip, cost the k-loops several
+// instructions).
+static __device__ __forceinline__ void lds_u2(unsigned r[2], SmemAddr base, int words) {
+#ifdef CUEMU
+    const unsigned* p = base + words;
+    cuemu_check_align8(p);
+    r[0] = p[0];
+    r[1] = p[1];
+#else
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(base + 4 * words));
+#endif
+}
+
 // d += A·B for one warp's 16×8×8 TF32 tile with f32 accumulation (PTX mma.m16n8k8, A row-major,
 // B column-major). With g = lane / 4 and t = lane % 4 the fragments are
 //   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},

@@ -34,29 +34,16 @@
 #define TC_THREADS 128
 
 // acc[mi][ni] += (this warp's 32 rows of As) · (its 32 rows of Bs)ᵀ over the TC_BK columns.
-// B_PAIRED: each 8 columns of Bs are in the order k0 k4 k1 k5 k2 k6 k3 k7 (conv_w_nk_tf32 writes
-// the weights so), so a lane's two B values for k slots t and t + 4 lie side by side and come
-// in one 8-byte load, already in the register order mma wants; rows of LDB ≡ 8 (mod 16) words
-// keep those loads free of bank conflicts. (A cannot be paired this way: its fragment's register
-// order runs over rows first.) Rows of TC_LD = 20 words keep the 4-byte loads conflict-free.
-// A_LDSM: each A fragment is one ldmatrix.x4 (ldsm_x4) instead of four 4-byte loads; its rows
-// must be 16-byte aligned (20 words are), and the 8 rows of each of its matrices then start in
-// 8 different 4-bank groups: conflict-free too.
-template <int LDA, int LDB, bool B_PAIRED, bool A_LDSM>
+// Rows of TC_LD = 20 words keep the 4-byte fragment loads free of bank conflicts.
+template <int LDA, int LDB>
 static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[LDA], const unsigned (*Bs)[LDB], int wm,
                                                    int wn, int lane, float acc[2][4][4]) {
     const int g = lane >> 2, t = lane & 3;
-    // The row this lane supplies to ldsm_x4: row (lane & 7) of matrix lane / 8.
-    const SmemAddr a_row = smem_addr(&As[wm * 32 + (lane & 7) + (lane & 8)][(lane >> 4) << 2]);
 #pragma unroll
     for (int ks = 0; ks < TC_BK; ks += 8) {
         unsigned a[2][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
-            if (A_LDSM) {
-                ldsm_x4(a[mi], a_row, mi * 16 * LDA + ks);
-                continue;
-            }
             const int r = wm * 32 + mi * 16 + g;
             a[mi][0] = As[r][ks + t];
             a[mi][1] = As[r + 8][ks + t];
@@ -66,20 +53,52 @@ static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[LDA], co
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
             const int c = wn * 32 + ni * 8 + g;
-            if (B_PAIRED) {
-                const uint2 bb = *(const uint2*)&Bs[c][ks + 2 * t];
-                b[ni][0] = bb.x;
-                b[ni][1] = bb.y;
-            } else {
-                b[ni][0] = Bs[c][ks + t];
-                b[ni][1] = Bs[c][ks + t + 4];
-            }
+            b[ni][0] = Bs[c][ks + t];
+            b[ni][1] = Bs[c][ks + t + 4];
         }
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
     }
+}
+
+// The same product for version 3, from the lane's shared-memory addresses in stage 0
+// (tc_v3_lane_addrs) and the stage's offsets in words (constants once the k-loop is unrolled by
+// its two stages, so they fold into the load instructions).
+// A: each fragment is one ldmatrix.x4 (ldsm_x4) instead of four 4-byte loads; its rows must be
+// 16-byte aligned (20 words are), and the 8 rows of each of its matrices then start in 8
+// different 4-bank groups: conflict-free. B: each 8 columns of Bs are in the order k0 k4 k1 k5
+// k2 k6 k3 k7 (conv_w_nk_tf32 writes the weights so), so a lane's two B values for k slots t and
+// t + 4 lie side by side and come in one 8-byte load, already in the register order mma wants;
+// rows of LDB ≡ 8 (mod 16) words keep those loads free of bank conflicts. (A cannot be paired
+// this way: its fragment's register order runs over rows first.)
+template <int LDA, int LDB>
+static __device__ __forceinline__ void tc_tile_mma_v3(SmemAddr a_row, int a_stage, SmemAddr b_pair, int b_stage,
+                                                      float acc[2][4][4]) {
+#pragma unroll
+    for (int ks = 0; ks < TC_BK; ks += 8) {
+        unsigned a[2][4], b[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], a_row, a_stage + mi * 16 * LDA + ks);
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * LDB + ks);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
+// The lane's addresses for tc_tile_mma_v3 in stage 0 of As and Bs: the row it supplies to
+// ldsm_x4 (row lane & 7 of matrix lane / 8 of its warp's first A fragment) and its B pair
+// (row wn·32 + g, words 2t and 2t + 1).
+template <int LDA, int LDB>
+static __device__ __forceinline__ void tc_v3_lane_addrs(const unsigned (*As)[LDA], const unsigned (*Bs)[LDB],
+                                                        int wm, int wn, int lane, SmemAddr& a_row,
+                                                        SmemAddr& b_pair) {
+    a_row = smem_addr(&As[wm * 32 + (lane & 7) + (lane & 8)][(lane >> 4) << 2]);
+    b_pair = smem_addr(&Bs[wn * 32 + (lane >> 2)][2 * (lane & 3)]);
 }
 
 // The warp's 2 × 4 accumulator tiles, zeroed.
@@ -204,7 +223,7 @@ static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ s
             Bs[r0 + 8 * j][kq] = to_tf32(bv[j]);
         }
         __syncthreads();
-        tc_tile_mma<TC_LD, TC_LD, false, false>(As, Bs, wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, TC_LD>(As, Bs, wm, wn, lane, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -256,7 +275,7 @@ conv_igemm_adjoint_tf32(ConvGemm p, const float* __restrict__ src, const float* 
 
 // wt[nn][pair((ky·k + kx)·cs + c)] = tf32(W[nn][c][ky][kx]) (w_nc = 1) or tf32(W[c][nn][ky][kx])
 // (w_nc = 0), for nn < n, c < cs, where pair() orders each 8 consecutive k as k0 k4 k1 k5 k2 k6
-// k3 k7 (K is a multiple of 16 here): the mma's B fragment pairs, side by side (tc_tile_mma).
+// k3 k7 (K is a multiple of 16 here): the mma's B fragment pairs, side by side (tc_tile_mma_v3).
 // One thread per element of wt (writes coalesced within each 8).
 extern "C" __global__ void conv_w_nk_tf32(int n, int cs, int k, int w_nc, const float* __restrict__ w,
                                           unsigned* __restrict__ wt) {
@@ -326,14 +345,32 @@ static __device__ __forceinline__ float4 relu_masked(float4 v, const float* mask
 //   direct gather:  source = base + (ky, kx) with base = (oy·s − pad, ox·s − pad);
 //   adjoint gather: source = base − (ty, tx) with base = (ry + ⌊(qy + pad)/s⌋, rx + ...), (ty, tx)
 //                   the phase's tap indices, ky = ky0 + s·ty (exact: the phase's taps divide).
+// The k-tile's element offsets are kept too and stepped by the k-tile's width; they are worked
+// out again (two multiply-adds each) only when the tap changes, every cs / 16 k-tiles: the SASS
+// had recomputed both, and the weights' 64-bit address, in every k-tile.
 struct V3Tap {
     int ky, kx;    // the tap
     int ty, tx;    // its index among the phase's taps
     int c0;        // first channel of the k-tile
+    int dy, dx;    // the source pixel's offset from a row's base position
+    int aoff;      // the k-tile's offset from a row's base in src: (dy·ws + dx)·cs + c0
+    int wrow;      // the thread's B row in the permuted weights: its index of (row, k = 4q)
+    int woff;      // the k-tile in wt for this thread: wrow + (ky·k + kx)·cs + c0
 };
 
+template <bool ADJOINT>
+static __device__ __forceinline__ void v3_offsets(const ConvGemm& p, V3Tap& tp) {
+    tp.dy = ADJOINT ? -tp.ty : tp.ky;
+    tp.dx = ADJOINT ? -tp.tx : tp.kx;
+    tp.aoff = (tp.dy * p.ws + tp.dx) * p.cs + tp.c0;
+    tp.woff = tp.wrow + (tp.ky * p.k + tp.kx) * p.cs + tp.c0;
+}
+
+template <bool ADJOINT>
 static __device__ __forceinline__ void v3_next(const ConvGemm& p, const V3Phase& f, V3Tap& tp) {
     tp.c0 += TC_BK;
+    tp.aoff += TC_BK;
+    tp.woff += TC_BK;
     if (tp.c0 == p.cs) {
         tp.c0 = 0;
         ++tp.tx;
@@ -344,19 +381,23 @@ static __device__ __forceinline__ void v3_next(const ConvGemm& p, const V3Phase&
             ++tp.ty;
             tp.ky += f.s;
         }
+        v3_offsets<ADJOINT>(p, tp);
     }
 }
 
 // The k-tile t of the phase's GEMM (the state v3_next reaches from tile 0 after t steps): the
 // first tile of a split-K block. (A phase without taps has ntx = 0 and no tiles: tile 0.)
-static __device__ __forceinline__ V3Tap v3_tap_at(const ConvGemm& p, const V3Phase& f, int t) {
+template <bool ADJOINT>
+static __device__ __forceinline__ V3Tap v3_tap_at(const ConvGemm& p, const V3Phase& f, int t, int wrow) {
     const int per_tap = p.cs / TC_BK, tap = t / per_tap;
     V3Tap tp;
+    tp.wrow = wrow;
     tp.c0 = (t % per_tap) * TC_BK;
     tp.ty = f.ntx > 0 ? tap / f.ntx : 0;
     tp.tx = f.ntx > 0 ? tap % f.ntx : 0;
     tp.ky = f.ky0 + f.s * tp.ty;
     tp.kx = f.kx0 + f.s * tp.tx;
+    v3_offsets<ADJOINT>(p, tp);
     return tp;
 }
 
@@ -364,32 +405,30 @@ static __device__ __forceinline__ V3Tap v3_tap_at(const ConvGemm& p, const V3Pha
 // pixel's index in src, so that a k-tile's gather is base + the tap's offset, after a bounds test.
 struct V3Row {
     int by, bx;  // (−2^30 when there is no row: then every bounds test fails)
-    int base;    // the index of (by, bx, channel 0) in src: (n·hs·ws + by·ws + bx)·cs
+    int base;    // the index of (by, bx, channel 4q) in src: (n·hs·ws + by·ws + bx)·cs + 4q, q the
+                 // thread's channel quad
 };
 
 // This thread's part of k-tile `tp`: 4 channels (quad q) of its AJ A rows and, when has_b, of
-// its B row (`wrow`: the row at the thread's 4 columns; null past n).
+// its B row (tp.wrow).
 template <bool ADJOINT, int AJ>
 static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* __restrict__ src,
                                                const float* __restrict__ mask_y, int masked,
-                                               const unsigned* __restrict__ wrow, const V3Tap& tp, int q,
+                                               const unsigned* __restrict__ wt, const V3Tap& tp,
                                                const V3Row rows[AJ], float4 av[AJ], bool has_b, uint4& bv) {
-    const int c = tp.c0 + 4 * q;
-    const int dy = ADJOINT ? -tp.ty : tp.ky, dx = ADJOINT ? -tp.tx : tp.kx;
-    const int toff = (dy * p.ws + dx) * p.cs + c;  // the tap's offset from a row's base
 #pragma unroll
     for (int j = 0; j < AJ; ++j) {
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        const int sy = rows[j].by + dy, sx = rows[j].bx + dx;
+        const int sy = rows[j].by + tp.dy, sx = rows[j].bx + tp.dx;
         // (Unsigned: a negative coordinate fails the same test as one past the edge.)
         if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
-            const int idx = rows[j].base + toff;
+            const int idx = rows[j].base + tp.aoff;
             v = ld_f4(src + idx);
             if (masked) v = relu_masked(v, mask_y + idx);
         }
         av[j] = v;
     }
-    if (has_b) bv = wrow ? ld_u4(wrow + (tp.ky * p.k + tp.kx) * p.cs + tp.c0) : make_uint4(0u, 0u, 0u, 0u);
+    if (has_b) bv = ld_u4(wt + tp.woff);
 }
 
 // The output row of the phase's GEMM row m (−1: past the phase's positions), its position, and
@@ -431,7 +470,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
                                      const float* __restrict__ bias, int relu, int accumulate, int splits,
                                      float* __restrict__ out) {
     constexpr int BN = 32 * WN, BM = 256 / WN, AJ = BM / 64;
-    constexpr int LDB = TC_BK + 8;  // B's fragments are read in pairs (tc_tile_mma)
+    constexpr int LDB = TC_BK + 8;  // B's fragments are read in pairs (tc_tile_mma_v3)
     __shared__ __align__(16) unsigned As[2][BM][TC_LD];
     __shared__ __align__(16) unsigned Bs[2][BN][LDB];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -448,22 +487,31 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int q = tid & 3, r0 = tid >> 2;
     const bool has_b = r0 < BN;  // this thread loads a B row
-    // Its row of the permuted weights, at its 4 columns of a k-tile (null past n): the k-loop
-    // adds only the tile's offset.
-    const unsigned* wrow = has_b && n0 + r0 < N ? wt + (size_t)(n0 + r0) * K + 4 * q : nullptr;
+    // Its row of the permuted weights, at its 4 columns of a k-tile; past n, the last row: it
+    // feeds only output columns that are never stored. (wt has n·K ≤ 2^31 elements: the weights
+    // of one layer.)
+    const int wrow = min(n0 + r0, N - 1) * K + 4 * q;
     V3Row rows[AJ];  // its A rows
 #pragma unroll
-    for (int j = 0; j < AJ; ++j) rows[j] = v3_a_row<ADJOINT>(p, f, m0 + r0 + 64 * j);
-    V3Tap tp = v3_tap_at(p, f, t0);  // the k-tile to load next
+    for (int j = 0; j < AJ; ++j) {
+        rows[j] = v3_a_row<ADJOINT>(p, f, m0 + r0 + 64 * j);
+        rows[j].base += 4 * q;
+    }
+    V3Tap tp = v3_tap_at<ADJOINT>(p, f, t0, wrow);  // the k-tile to load next
     float acc[2][4][4];
     zero_acc(acc);
     float4 av[AJ];
     uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-    if (t0 < t1) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
-    for (int t = t0; t < t1; ++t) {
+    if (t0 < t1) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, tp, rows, av, has_b, bv);
+    SmemAddr a_row, b_pair;
+    tc_v3_lane_addrs<TC_LD, LDB>(As[0], Bs[0], wm, wn, lane, a_row, b_pair);
+    // Unrolled by the two stages, so that each trip's stage is a constant.
+#pragma unroll 2
+    for (int i = 0; i < t1 - t0; ++i) {
+        const int t = t0 + i;
         // Store the loaded tile into stage (t − t0) % 2. Every warp finished reading that stage
         // (tile t − 2) before the barrier that ended iteration t − 1.
-        const int st = (t - t0) & 1;
+        const int st = i & 1;
 #pragma unroll
         for (int j = 0; j < AJ; ++j)
             *(uint4*)&As[st][r0 + 64 * j][4 * q] =
@@ -472,10 +520,10 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
         if (t + 1 < t1) {
-            v3_next(p, f, tp);
-            v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wrow, tp, q, rows, av, has_b, bv);
+            v3_next<ADJOINT>(p, f, tp);
+            v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, tp, rows, av, has_b, bv);
         }
-        tc_tile_mma<TC_LD, LDB, true, true>(As[st], Bs[st], wm, wn, lane, acc);
+        tc_tile_mma_v3<TC_LD, LDB>(a_row, st * BM * TC_LD, b_pair, st * BN * LDB, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -611,7 +659,7 @@ conv_dw_partial_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float*
             Bs[q][mq0 + 2 * j] = to_tf32(bv[j]);
         }
         __syncthreads();
-        tc_tile_mma<TC_LD, TC_LD, false, false>(As, Bs, wm, wn, lane, acc);
+        tc_tile_mma<TC_LD, TC_LD>(As, Bs, wm, wn, lane, acc);
     }
     store_dw_partial<false>(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
 }

@@ -31,6 +31,9 @@ extern "C" void cuemu_fault(const char* msg);
 static inline void cuemu_check_align16(const void* p) {
     if ((uintptr_t)p & 15) cuemu_fault("misaligned address: a 16-byte load from an address not a multiple of 16");
 }
+static inline void cuemu_check_align8(const void* p) {
+    if ((uintptr_t)p & 7) cuemu_fault("misaligned address: an 8-byte load from an address not a multiple of 8");
+}
 
 struct CuemuThread {
     uint3 tid;
