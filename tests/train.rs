@@ -298,16 +298,18 @@ fn cli_train_short_form_eval_render_and_dump_step() {
     let ckpt = checkpoint::path_for_step(&dir.path().join("run"), 20);
     assert!(ckpt.exists());
 
-    let json = dir.path().join("eval.json");
-    let out = succeed(
-        bin()
-            .args(["eval", "--iters", "5", "--cfg"])
+    // `slotfix ARGS --cfg CFG --ckpt CKPT`, for the commands that read the checkpoint.
+    let on_ckpt = |args: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(args)
+            .arg("--cfg")
             .arg(&cfg_path)
             .arg("--ckpt")
-            .arg(&ckpt)
-            .arg("--json")
-            .arg(&json),
-    );
+            .arg(&ckpt);
+        cmd
+    };
+    let json = dir.path().join("eval.json");
+    let out = succeed(on_ckpt(&["eval", "--iters", "5"]).arg("--json").arg(&json));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("| FG-ARI (%) |"), "{table}");
     let v: serde_json::Value =
@@ -317,27 +319,11 @@ fn cli_train_short_form_eval_render_and_dump_step() {
     assert!(v["result"]["fg_ari"].as_f64().is_some());
 
     let png = dir.path().join("r.png");
-    succeed(
-        bin()
-            .args(["render", "--n", "3", "--cfg"])
-            .arg(&cfg_path)
-            .arg("--ckpt")
-            .arg(&ckpt)
-            .arg("--out")
-            .arg(&png),
-    );
+    succeed(on_ckpt(&["render", "--n", "3"]).arg("--out").arg(&png));
     assert!(image::open(&png).is_ok());
 
     let dump = dir.path().join("step.safetensors");
-    succeed(
-        bin()
-            .args(["dump-step", "--cfg"])
-            .arg(&cfg_path)
-            .arg("--ckpt")
-            .arg(&ckpt)
-            .arg("--out")
-            .arg(&dump),
-    );
+    succeed(on_ckpt(&["dump-step"]).arg("--out").arg(&dump));
     let d = Checkpoint::load(&dump).unwrap();
     assert_eq!(d.tensor("input.images").unwrap().0, vec![8, 16, 16, 3]);
     assert_eq!(d.tensor("input.slot_noise").unwrap().0, vec![8, 4, 16]);
@@ -364,11 +350,7 @@ fn cli_train_short_form_eval_render_and_dump_step() {
     // --batch-size: a dump of a smaller batch.
     let small = dir.path().join("small.safetensors");
     succeed(
-        bin()
-            .args(["dump-step", "--batch-size", "2", "--cfg"])
-            .arg(&cfg_path)
-            .arg("--ckpt")
-            .arg(&ckpt)
+        on_ckpt(&["dump-step", "--batch-size", "2"])
             .arg("--out")
             .arg(&small),
     );
