@@ -861,13 +861,22 @@ static __device__ __forceinline__ float4 add4(float4 a, float4 b) {
     return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
 }
 
-template <int WM>
+// DEPTH k-tiles of operands are loaded into registers ahead of the mma: the loads of k-tile
+// t + DEPTH are issued right after k-tile t is stored. Unlike the activation passes, whose
+// gathers mostly hit L1 (neighbouring taps of one output tile), every k-tile here is a new
+// stretch of positions read from L2, so one k-tile in flight leaves each warp waiting for L2
+// once per k-tile (the first GPU session: 25 TFLOP/s here against 87 for the forward at the
+// same shapes). With DEPTH = 2 the stage written in k-tile t is still t % 2, so the barrier
+// protocol is unchanged; the loop is unrolled by DEPTH so that the register sets and stages are
+// compile-time indices.
+template <int WM, int DEPTH>
 static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __restrict__ a_src,
                                           const float* __restrict__ a_mask, int a_masked,
                                           const float* __restrict__ b_src, const float* __restrict__ b_mask,
                                           int b_masked, float* __restrict__ partial, int sums_of,
                                           float* __restrict__ sums) {
     using T = Dw3<WM>;
+    static_assert(DEPTH == 1 || DEPTH == 2, "stage t % 2 must be free when k-tile t is stored");
     __shared__ __align__(16) unsigned At[2][TC_BK][T::LDA];
     __shared__ __align__(16) unsigned Bt[2][TC_BK][T::LDB];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -883,33 +892,45 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
     if (kk < N) split_k(kk, p.cs, p.k, c, ky, kx);
     float acc[2][4][4];
     zero_acc(acc);
-    float4 av, bv[T::BJ];
-    DwPos bq = dw_pos(p, kbeg + T::BJ * mb);  // this thread's first B position in the next k-tile
-    dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg, kend, has_a, ma, i, bq, kk, c, ky, kx,
-                 av, bv);
     const int ntiles = (kend - kbeg + TC_BK - 1) / TC_BK;
+    // Register set s holds k-tile t with t % DEPTH == s; bq is the B position of the k-tile
+    // loaded last (tiles are loaded in order).
+    float4 av[DEPTH], bv[DEPTH][T::BJ];
+    DwPos bq = dw_pos(p, kbeg + T::BJ * mb);
+#pragma unroll
+    for (int s = 0; s < DEPTH; ++s) {
+        if (s > 0) dw_pos_next(p, bq);
+        if (s < ntiles)
+            dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + s * TC_BK, kend, has_a, ma, i,
+                         bq, kk, c, ky, kx, av[s], bv[s]);
+    }
     // The operand sums (see dw3_operand_sums), only in the blocks that write them: a uniform
     // branch, not 12 adds per k-tile in every block.
     const bool sum_a = sums_of == 1 && blockIdx.y == 0, sum_b = sums_of == 2 && blockIdx.x == 0;
     float4 as = make_float4(0.0f, 0.0f, 0.0f, 0.0f), bs = as;
-    for (int t = 0; t < ntiles; ++t) {
-        // Stage t % 2 was last read in iteration t − 2, before the barrier of iteration t − 1.
-        const int st = t & 1;
-        if (sum_a) as = add4(as, av);
-        if (sum_b) {
+    for (int t0 = 0; t0 < ntiles; t0 += DEPTH) {
 #pragma unroll
-            for (int j = 0; j < T::BJ; ++j) bs = add4(bs, bv[j]);
-        }
-        if (has_a) *(uint4*)&At[st][ma][4 * ga] = tf32x4(av);
+        for (int s = 0; s < DEPTH; ++s) {
+            const int t = t0 + s;
+            if (t >= ntiles) break;  // (uniform over the block)
+            // Stage t % 2 was last read in k-tile t − 2, before the barrier of k-tile t − 1.
+            const int st = DEPTH == 2 ? s : (t & 1);
+            if (sum_a) as = add4(as, av[s]);
+            if (sum_b) {
 #pragma unroll
-        for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][T::BJ * mb + j][4 * gb] = tf32x4(bv[j]);
-        __syncthreads();
-        if (t + 1 < ntiles) {
-            dw_pos_next(p, bq);
-            dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + (t + 1) * TC_BK, kend, has_a, ma,
-                         i, bq, kk, c, ky, kx, av, bv);
+                for (int j = 0; j < T::BJ; ++j) bs = add4(bs, bv[s][j]);
+            }
+            if (has_a) *(uint4*)&At[st][ma][4 * ga] = tf32x4(av[s]);
+#pragma unroll
+            for (int j = 0; j < T::BJ; ++j) *(uint4*)&Bt[st][T::BJ * mb + j][4 * gb] = tf32x4(bv[s][j]);
+            __syncthreads();
+            if (t + DEPTH < ntiles) {
+                dw_pos_next(p, bq);
+                dw3_load<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, kbeg + (t + DEPTH) * TC_BK, kend,
+                             has_a, ma, i, bq, kk, c, ky, kx, av[s], bv[s]);
+            }
+            tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
         }
-        tc_tile_mma_t<T::LDA, T::LDB>(At[st], Bt[st], wm, wn, lane, acc);
     }
     store_dw_partial<true>(acc, partial + (size_t)blockIdx.z * R * N, R, N, m0 + wm * 32, n0 + wn * 32, lane);
     dw3_operand_sums<WM>(p, &At[0][0][0], &Bt[0][0][0], as, bs, has_a, ma, ga, mb, gb, m0, n0, sums_of, sums);
@@ -919,15 +940,15 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
 // the operand sums of dw3_operand_sums (sums_of: 0 none, 1 A rows, 2 B columns).
 // `conv_dw_partial_v3_tf32`: 64 × 128 tiles, grid (ceil(rows / 64), ceil(k·k·cs / 128), chunks);
 // `conv_dw_partial_v3r32_tf32` (rows ≤ 32): 32 × 256 tiles, grid (1, ceil(k·k·cs / 256), chunks).
-#define DW3_ENTRY(NAME, WM)                                                                                  \
+#define DW3_ENTRY(NAME, WM, DEPTH)                                                                           \
     extern "C" __global__ void __launch_bounds__(DW3_THREADS)                                               \
         NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
              const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
              float* __restrict__ partial, int sums_of, float* __restrict__ sums) {                        \
-        conv_dw_partial_v3<WM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of, sums); \
+        conv_dw_partial_v3<WM, DEPTH>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of, sums); \
     }
-DW3_ENTRY(conv_dw_partial_v3_tf32, 2)
-DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1)
+DW3_ENTRY(conv_dw_partial_v3_tf32, 2, 2)
+DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 
 // One column per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c]. Then, when
 // db_len > 0, one column per channel of the bias gradient from the operand sums of
