@@ -240,12 +240,28 @@ fn run_job<B: Backend>(be: B, cfg: &Config, job: Job) -> Result<ExitCode, String
     }
     match job {
         Job::Train(opts) => {
-            // Ctrl-C: finish the current step, save a checkpoint, exit with 130.
-            ctrlc::set_handler(|| {
-                if train::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    std::process::exit(130); // a second Ctrl-C: stop now
+            // Ctrl-C: finish the current step, save a checkpoint, exit with 130. A second
+            // interrupt quits at once, unless it comes within a second of the first: `timeout
+            // -s INT` (coreutils) signals the process and then its whole process group, so one
+            // timeout can deliver two SIGINTs back to back, and that must not lose the save.
+            let first_interrupt = std::sync::Mutex::new(None::<std::time::Instant>);
+            ctrlc::set_handler(move || {
+                let mut first = first_interrupt.lock().unwrap_or_else(|e| e.into_inner());
+                match *first {
+                    None => {
+                        *first = Some(std::time::Instant::now());
+                        train::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+                        eprintln!(
+                            "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to \
+                             quit at once)"
+                        );
+                    }
+                    Some(t) if t.elapsed() < std::time::Duration::from_secs(1) => {}
+                    Some(_) => {
+                        eprintln!("second interrupt: quitting without saving");
+                        std::process::exit(130);
+                    }
                 }
-                eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
             })
             .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
             // A failure inside a step (a CUDA error, a bug) panics; say what survives it.
