@@ -8,6 +8,8 @@
 # then, through the device tool (carry [".gpu"], timeout_s 600), from the crate root:
 #   bash tools/gpu_session.sh session          # call 1: every step below in priority order
 #   bash tools/gpu_session.sh session more     # call 2, at once if device time is left
+#   SESSION_SECONDS=200 bash tools/gpu_session.sh session short
+#                     # a few minutes left: check, step benches, tetrominoes training, memcheck
 # A session runs its steps against one deadline (SESSION_SECONDS, default 560 s, under the
 # 600-s command limit): each step's time limit is cut to what is left, a step with too little
 # left is skipped and listed as skipped, and what has been done is packed into $OUT after every
@@ -320,11 +322,12 @@ step_train() {
   note "eval $name: exit $?; $(tail -1 "$work/eval-$name.txt")"
   timeout "$(cap 30)" "$bin" render --cfg "$cfg" --ckpt "$ckpt" --out "$work/render-$name.png" > "$work/render-$name.txt" 2>&1
   # The trained parameters' step, replayed by PyTorch in float64 (as the replay step does at
-  # the seeded initialisation; TF32, the config's precision, so a TF32 tolerance).
+  # the seeded initialisation; TF32, the config's precision, so a TF32 tolerance, and PyTorch's
+  # own TF32 step as the yardstick: trained parameters can amplify TF32 rounding far past it).
   if torch_device && [ "$(cap 30)" -ge 30 ]; then
     dump=$work/dump-$name-trained.safetensors
     timeout "$(cap 60)" "$bin" dump-step --cfg "$cfg" --ckpt "$ckpt" --batch-size 2 --out "$dump" > "$work/dump-$name-trained.txt" 2>&1
-    timeout "$(cap 60)" "$py" tools/replay_step.py "$dump" --tol 5e-2 --device "$pydev" > "$work/replay-$name-trained.txt" 2>&1
+    timeout "$(cap 60)" "$py" tools/replay_step.py "$dump" --tol 5e-2 --control tf32 --device "$pydev" > "$work/replay-$name-trained.txt" 2>&1
     note "replay of the trained $name step: exit $?; $(tail -1 "$work/replay-$name-trained.txt")"
     rm -f "$dump"
   fi
@@ -353,6 +356,11 @@ case ${1:-session} in
       run_step train multi_dsprites 240
       run_step ablate
       run_step sanitize racecheck synccheck
+    elif [ "${2:-}" = short ]; then
+      run_step check
+      run_step steps
+      run_step train tetrominoes 120
+      run_step sanitize memcheck
     else
       run_step check
       run_step steps
