@@ -9,7 +9,8 @@
 #   bash tools/gpu_session.sh session          # call 1: every step below in priority order
 #   bash tools/gpu_session.sh session more     # call 2, at once if device time is left
 #   SESSION_SECONDS=200 bash tools/gpu_session.sh session short
-#                     # a few minutes left: check, step benches, tetrominoes training, memcheck
+#                     # a few minutes left: check, step benches, tetrominoes training, an ncu
+#                     # profile of the clevr6 convolutions, memcheck
 # A session runs its steps against one deadline (SESSION_SECONDS, default 560 s, under the
 # 600-s command limit): each step's time limit is cut to what is left, a step with too little
 # left is skipped and listed as skipped, and what has been done is packed into $OUT after every
@@ -21,7 +22,7 @@
 #   call 2: train multi_dsprites (240 s) → ablate (each fast path switched off in turn)
 #           → racecheck → synccheck
 # One step alone (same deadline logic, 590 s):
-#   bash tools/gpu_session.sh check [all] | steps | kernels | bench | replay | loader | ablate
+#   bash tools/gpu_session.sh check [all] | steps | kernels | bench | replay | loader | ablate | profile
 #                             | sanitize [memcheck racecheck synccheck] | train NAME [SECONDS]
 #
 # What comes back ($OUT; at most 8 files): SUMMARY.md (one line per step), BENCHMARKS.md,
@@ -288,6 +289,19 @@ step_ablate() {
   note "ablate: $(grep -c '| [0-9]' "$work/ABLATION.md") rows timed (ABLATION.md)"
 }
 
+step_profile() {
+  # Nsight Compute on the clevr6 step's version-3 convolution kernels (the first launches of the
+  # forward, the adjoint and the weight-gradient GEMM): why they run where they do against the
+  # tensor-core peak (throughputs, occupancy, warp stall reasons).
+  command -v ncu > /dev/null || { note "profile: no ncu"; return; }
+  enough profile 40 || return
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint|dw_partial)_v3_tf32' -c 16 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
+    > "$work/ncu-clevr6.txt" 2>&1
+  note "profile: exit $?; $(grep -c 'conv_.*_v3_tf32' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
+}
+
 step_sanitize() {
   # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
   # threads, barrier misuse. The per-op tests only (whole training steps are slow under the
@@ -360,6 +374,7 @@ case ${1:-session} in
       run_step check
       run_step steps
       run_step train tetrominoes 120
+      run_step profile
       run_step sanitize memcheck
     else
       run_step check
@@ -374,13 +389,13 @@ case ${1:-session} in
     cat "$work/SUMMARY.md"
     ;;
   check) run_step check "${2:-}" ;;
-  steps | kernels | loader | replay | ablate) run_step "$1" ;;
+  steps | kernels | loader | replay | ablate | profile) run_step "$1" ;;
   bench) run_step steps; run_step loader; run_step kernels ;;
   sanitize) shift; [ $# -gt 0 ] || set -- memcheck racecheck synccheck; run_step sanitize "$@" ;;
   train) run_step train "${2:?config name, e.g. tetrominoes}" "${3:-500}" ;;
   *)
-    echo "usage: bash tools/gpu_session.sh session [more] | check [all] | steps | kernels | bench | replay"
-    echo "       | loader | ablate | sanitize [TOOL...] | train NAME [SECONDS]"
+    echo "usage: bash tools/gpu_session.sh session [more|short] | check [all] | steps | kernels | bench | replay"
+    echo "       | loader | ablate | profile | sanitize [TOOL...] | train NAME [SECONDS]"
     exit 2
     ;;
 esac
