@@ -83,8 +83,21 @@ const TC_THREADS: u32 = 128;
 /// The k-tile of the tensor-core passes (TC_BK in conv_tc.cu).
 const TC_BK: usize = 16;
 
-/// Blocks the split weight-gradient GEMM aims for: two per SM of an H100 (132 SMs).
+/// Blocks the split weight-gradient GEMM aims for: two per SM of an H100 (132 SMs), the most
+/// that are resident at once (registers allow two blocks of `conv_dw_partial_v3*` per SM).
 const TC_DW_TARGET_BLOCKS: usize = 264;
+
+/// The weight-gradient GEMM's split of its `npos` reduction positions into chunks (positions
+/// per chunk, a multiple of the k-tile, and their number) for `tiles` output tiles: as many
+/// chunks as keep `tiles × chunks` within one wave of TC_DW_TARGET_BLOCKS. Rounding the chunks up
+/// instead gave 13 × 21 = 273 blocks for a 64-channel 5×5 layer: a second wave of 9 blocks that
+/// took as long as the first (Nsight Compute, first GPU session). From the sizes only, not the
+/// device, so that a step sums in the same order everywhere.
+fn dw_chunks(tiles: usize, npos: usize) -> (usize, usize) {
+    let want = (TC_DW_TARGET_BLOCKS / tiles).clamp(1, npos.div_ceil(TC_TILE));
+    let chunk = npos.div_ceil(want).next_multiple_of(TC_BK);
+    (chunk, npos.div_ceil(chunk))
+}
 
 /// The conv kernels compute flat indices over the whole batch in 32-bit ints: refuse sizes past
 /// that range instead of letting them overflow.
@@ -487,11 +500,7 @@ impl Cuda {
             (true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
         };
         let tiles = rows.div_ceil(row_tile) * cols.div_ceil(col_tile);
-        let want = TC_DW_TARGET_BLOCKS
-            .div_ceil(tiles)
-            .clamp(1, npos.div_ceil(TC_TILE));
-        let chunk = npos.div_ceil(want).next_multiple_of(16);
-        let chunks = npos.div_ceil(chunk);
+        let (chunk, chunks) = dw_chunks(tiles, npos);
         let p = ConvDwGemmC {
             rows: i(rows),
             batch: i(batch),
@@ -568,6 +577,34 @@ impl Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The weight-gradient split covers every position once, in k-tile multiples, and never
+    /// asks for more blocks than one wave (unless the tiles alone are more).
+    #[test]
+    fn dw_chunks_cover_the_positions_in_one_wave() {
+        for tiles in 1..=300 {
+            for npos in [
+                1,
+                15,
+                16,
+                17,
+                1000,
+                16_384,
+                4 * 35 * 35 * 64,
+                448 * 128 * 128,
+            ] {
+                let (chunk, chunks) = dw_chunks(tiles, npos);
+                assert_eq!(chunk % TC_BK, 0, "tiles {tiles}, npos {npos}");
+                assert!(chunks * chunk >= npos && (chunks - 1) * chunk < npos);
+                assert!(
+                    tiles * chunks <= TC_DW_TARGET_BLOCKS.max(tiles),
+                    "tiles {tiles}, npos {npos}: {chunks} chunks"
+                );
+            }
+        }
+        // The 64-channel 5×5 layers of clevr6 (13 column tiles) fill the wave to 260 blocks.
+        assert_eq!(dw_chunks(13, 448 * 128 * 128).1, 20);
+    }
 
     /// How often each output position of a transposed convolution is reached by the taps of
     /// `mask` over the input grid (per axis: tap ky reaches q = s·p − pad + ky).
