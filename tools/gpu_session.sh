@@ -314,7 +314,7 @@ step_sanitize() {
     enough "$tool" 40 || return
     timeout "$(cap 200)" compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" gpu_ --skip train \
       --test-threads 1 > "$work/sanitize-$tool.txt" 2>&1
-    note "$tool: exit $? (0: clean, 9: errors found, 124: time limit); $(grep -m1 'ERROR SUMMARY' "$work/sanitize-$tool.txt")"
+    note "$tool: exit $? (0: clean, 9: errors found, 124: time limit); $(grep -m1 -E '(ERROR|RACECHECK) SUMMARY' "$work/sanitize-$tool.txt")"
   done
 }
 
