@@ -485,16 +485,23 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     const int t0 = (int)((long long)split * f.ntiles / splits);
     const int t1 = (int)((long long)(split + 1) * f.ntiles / splits);
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const int q = tid & 3, r0 = tid >> 2;
-    const bool has_b = r0 < BN;  // this thread loads a B row
+    // Each warp loads and stores 8 rows of A (and of B), 4 channel quads q per row. The rows
+    // are dealt to its lanes so that the 8 lanes of each quarter-warp phase of a 16-byte shared
+    // store write two rows 16 banks apart: rows ra and ra + 4 of A (row length 20 words) and rb
+    // and rb + 2 of B (24 words). Dealt in order (lane / 4), each phase's two rows overlapped in
+    // 4 (A) or 8 (B) banks: 8 shared wavefronts per store instead of 4.
+    const int q = lane & 3, ph = lane >> 3, hi = (lane >> 2) & 1;
+    const int ra = 8 * warp + ph + 4 * hi;
+    const int rb = 8 * warp + (ph & 1) + 2 * hi + 4 * (ph >> 1);
+    const bool has_b = rb < BN;  // this thread loads a B row
     // Its row of the permuted weights, at its 4 columns of a k-tile; past n, the last row: it
     // feeds only output columns that are never stored. (wt has n·K ≤ 2^31 elements: the weights
     // of one layer.)
-    const int wrow = min(n0 + r0, N - 1) * K + 4 * q;
+    const int wrow = min(n0 + rb, N - 1) * K + 4 * q;
     V3Row rows[AJ];  // its A rows
 #pragma unroll
     for (int j = 0; j < AJ; ++j) {
-        rows[j] = v3_a_row<ADJOINT>(p, f, m0 + r0 + 64 * j);
+        rows[j] = v3_a_row<ADJOINT>(p, f, m0 + ra + 64 * j);
         rows[j].base += 4 * q;
     }
     V3Tap tp = v3_tap_at<ADJOINT>(p, f, t0, wrow);  // the k-tile to load next
@@ -514,9 +521,9 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         const int st = i & 1;
 #pragma unroll
         for (int j = 0; j < AJ; ++j)
-            *(uint4*)&As[st][r0 + 64 * j][4 * q] =
+            *(uint4*)&As[st][ra + 64 * j][4 * q] =
                 make_uint4(to_tf32(av[j].x), to_tf32(av[j].y), to_tf32(av[j].z), to_tf32(av[j].w));
-        if (has_b) *(uint4*)&Bs[st][r0][4 * q] = bv;
+        if (has_b) *(uint4*)&Bs[st][rb][4 * q] = bv;
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
         if (t + 1 < t1) {
