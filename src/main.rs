@@ -171,8 +171,25 @@ fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
     if let Some(n) = note {
         eprintln!("{n}");
     }
-    match chosen {
-        Chosen::Cpu => {
+    // `auto` falls back to the CPU when the CUDA backend cannot open on the GPU it found (an
+    // older GPU than the kernels need, a broken libnvrtc); `cuda` stops with the reason.
+    let cuda = match chosen {
+        Chosen::Cuda => {
+            // A misspelt SLOTFIX_CUDA_DISABLE is an error either way, not a reason to fall back.
+            slotfix::cuda::FastPaths::from_env()?;
+            match device::cuda_backend() {
+                Ok(be) => Some(be),
+                Err(e) if cfg.training.device == slotfix::config::Device::Auto => {
+                    eprintln!("device: auto → cpu instead: the CUDA backend cannot be used: {e}");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Chosen::Cpu => None,
+    };
+    match cuda {
+        None => {
             if cfg.model.precision != slotfix::config::Precision::F32 {
                 eprintln!(
                     "note: Model.precision applies to the CUDA backend; the CPU computes in f32"
@@ -188,8 +205,8 @@ fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
             }
             run_job(Cpu::<f32>::new(), cfg, job)
         }
-        Chosen::Cuda => {
-            let be = device::cuda_backend()?.with_precision(cfg.model.precision);
+        Some(be) => {
+            let be = be.with_precision(cfg.model.precision);
             eprintln!("backend: {}", be.describe());
             run_job(be, cfg, job)
         }

@@ -562,6 +562,13 @@ impl Cuda {
             .compute_capability()
             .map_err(|e| format!("CUDA device {ordinal}: compute capability: {e:?}"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        if major < 8 {
+            // TF32 mma.sync (m16n8k8) and the other sm_80 instructions in the kernels.
+            return Err(format!(
+                "CUDA device {ordinal} ({name}) has compute capability {major}.{minor}; \
+                 slotfix's CUDA kernels need 8.0 or newer (Ampere, Ada, Hopper)"
+            ));
+        }
         // CompileOptions wants a &'static str; one short string per process is leaked.
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         // One stream of our own (capturable, unlike the legacy default stream). Every buffer
