@@ -16,7 +16,7 @@
 # left is skipped and listed as skipped, and what has been done is packed into $OUT after every
 # step, so a command stopped at its limit still brings back what it did.
 #   call 1: check (the GPU tests; each failure run again alone) → step benches (tetrominoes and
-#           clevr6 at B = 64) → replay (a step of the CPU, the GPU in f32 and TF32, replayed by
+#           clevr6 at B = 64) → profile (Nsight Compute on clevr6's convolutions) → replay (a step of the CPU, the GPU in f32 and TF32, replayed by
 #           PyTorch in float64) → loader (images/s on this machine's CPU) → kernels (the kernel
 #           table) → train tetrominoes (150 s, eval, render) → memcheck
 #   call 2: train multi_dsprites (240 s) → ablate (each fast path switched off in turn)
@@ -213,7 +213,7 @@ step_replay() {
   # its TF32 errors about 10× that. clevr6's shape (128², K = 7, the broadcast decoder) runs on
   # generated multi_dsprites images: the CLEVR files are not on the GPU machine.
   torch_device || { note "replay: no PyTorch for $py"; return; }
-  local c run dev prec cfg dump tol
+  local c run dev prec cfg dump tol ctl
   for c in tetrominoes clevr6; do
     for run in cuda-f32 cuda-tf32 cpu-f32; do
       enough "replay $c $run" 20 || break 2
@@ -225,9 +225,10 @@ step_replay() {
           -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
           "configs/$c.yaml" > "$cfg"
       dump=$work/dump-$c-$run.safetensors
-      tol=1e-3; [ "$prec" = tf32 ] && tol=5e-2
+      # TF32: PyTorch's own TF32 step is the yardstick too (replay_step.py --control).
+      tol=1e-3 ctl=(); [ "$prec" = tf32 ] && tol=5e-2 ctl=(--control tf32)
       if timeout "$(cap 90)" "$bin" dump-step --cfg "$cfg" --batch-size 2 --out "$dump" > "$work/dump-$c-$run.txt" 2>&1; then
-        timeout "$(cap 90)" "$py" tools/replay_step.py "$dump" --tol "$tol" --device "$pydev" > "$work/replay-$c-$run.txt" 2>&1
+        timeout "$(cap 90)" "$py" tools/replay_step.py "$dump" --tol "$tol" "${ctl[@]}" --device "$pydev" > "$work/replay-$c-$run.txt" 2>&1
         note "replay $c $run: exit $? (tolerance $tol); $(tail -1 "$work/replay-$c-$run.txt")"
       else
         note "replay $c $run: dump-step failed: $(tail -1 "$work/dump-$c-$run.txt")"
@@ -379,6 +380,7 @@ case ${1:-session} in
     else
       run_step check
       run_step steps
+      run_step profile
       run_step replay
       run_step loader
       run_step kernels
