@@ -301,6 +301,15 @@ step_profile() {
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
   note "profile: exit $?; $(grep -c 'conv_.*_v3_tf32' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
+  # The details, in a second report so that an option this ncu lacks costs only this one: every
+  # stall reason, the instruction mix, the shared-memory table (bank conflicts per store and
+  # load) and the source counters of the first direct and weight-gradient launches.
+  enough "profile details" 30 || return
+  timeout "$(cap 60)" ncu -k 'regex:conv_(igemm_direct|dw_partial)_v3_tf32' -c 6 --print-details all \
+    --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
+    --section SourceCounters "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
+    > "$work/ncu-clevr6-details.txt" 2>&1
+  note "profile details: exit $?; $(grep -c 'conv_.*_v3_tf32' "$work/ncu-clevr6-details.txt") kernel reports in ncu-clevr6-details.txt"
 }
 
 step_sanitize() {
