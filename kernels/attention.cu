@@ -218,9 +218,65 @@ static __device__ __forceinline__ void att_row_dots(const float* __restrict__ x,
     }
 }
 
+// A chunk's weighted column sums: out[s·C + c] = Σ_{i < valid} a[i·k + s] · x(i, c) for s < k and
+// c < C, with x(i, c) = x[i·ld + c] for c < ncols and 1 past them (C = ncols + 1 then adds Σ a).
+// Each thread takes one column for every slot over a group of the tokens (G groups of W
+// columns side by side): x is read once, in coalesced rows, with several loads in flight, and
+// the groups' sums meet in `red` (shared, ATT_T·k floats; it may be `a` itself: every thread has
+// finished reading a before red is written) and are added in group order (deterministic).
+// Version 1 gave each (slot, column) its own thread, which read x once per slot, one dependent
+// load at a time: 0.38 ms per forward launch at clevr6's shape on the H200, ~3× the kernel's
+// memory floor. UNROLL: the loads in flight per thread (registers: see the kernels). Call with
+// the whole block (it has barriers); a[] must be complete.
+template <int UNROLL>
+static __device__ void att_chunk_sums(const float* a, int k, int valid, const float* __restrict__ x, int ld,
+                                      int ncols, int C, float* red, float* __restrict__ out) {
+    const int tid = threadIdx.x;
+    const int W = min(C, ATT_T), G = ATT_T / W, g = tid / W, cw = tid % W;
+    for (int cb = 0; cb < C; cb += W) {  // one trip unless C > ATT_T (then G = 1)
+        const int c = cb + cw;
+        float acc[ATT_MAXK];
+#pragma unroll
+        for (int s = 0; s < ATT_MAXK; ++s) acc[s] = 0.0f;
+        if (g < G && c < C) {
+#pragma unroll UNROLL
+            for (int i = g; i < valid; i += G) {
+                const float xv = c < ncols ? x[(size_t)i * ld + c] : 1.0f;
+#pragma unroll
+                for (int s = 0; s < ATT_MAXK; ++s)
+                    if (s < k) acc[s] += a[i * k + s] * xv;
+            }
+        }
+        if (G == 1) {  // (uniform) nothing to combine
+            if (c < C) {
+#pragma unroll
+                for (int s = 0; s < ATT_MAXK; ++s)
+                    if (s < k) out[s * C + c] = acc[s];
+            }
+            continue;
+        }
+        // G > 1: C ≤ ATT_T, so this is the only trip; red holds [G][k][W] ≤ ATT_T·k floats.
+        __syncthreads();  // every thread is done reading a[] (which red may overwrite)
+        if (g < G) {
+#pragma unroll
+            for (int s = 0; s < ATT_MAXK; ++s)
+                if (s < k) red[(g * k + s) * W + cw] = acc[s];
+        }
+        __syncthreads();
+        for (int e = tid; e < k * C; e += ATT_T) {
+            const int s = e / C, cc = e % C;
+            float sum = 0.0f;
+            for (int gg = 0; gg < G; ++gg) sum += red[(gg * k + s) * W + cc];
+            out[e] = sum;
+        }
+    }
+}
+
 // Dynamic shared memory: k·dh (q) + ATT_T·k (a) floats.
 // partial [batch·heads][chunks][k][dh + 1]: per chunk, Σ a·v (dh values) then Σ a.
-extern "C" __global__ void __launch_bounds__(ATT_T)
+// (ATT_T, 4): four blocks per SM, 64 registers and no spill; left alone, ptxas took 80 (three
+// blocks) for att_chunk_sums' unrolled loads, in a kernel that waits on memory.
+extern "C" __global__ void __launch_bounds__(ATT_T, 4)
 attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
                           const float* __restrict__ q, float* __restrict__ attn,
                           float* __restrict__ partial) {
@@ -269,19 +325,10 @@ attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float
         for (int s = 0; s < k; ++s) as[tid * k + s] = 0.0f;
     }
     __syncthreads();
+    // Σ a·v (dh columns) and Σ a (the column of ones) per slot; as[] becomes scratch.
     const int valid = min(ATT_T, n - t0);
     float* out = partial + ((size_t)bh * chunks + chunk) * k * (dh + 1);
-    for (int idx = tid; idx < k * (dh + 1); idx += ATT_T) {
-        const int s = idx / (dh + 1), j = idx % (dh + 1);
-        float acc = 0.0f;
-        if (j < dh) {
-            const float* vj = v + (b * n + t0) * d + h * dh + j;
-            for (int i = 0; i < valid; ++i) acc += as[i * k + s] * vj[i * d];
-        } else {
-            for (int i = 0; i < valid; ++i) acc += as[i * k + s];
-        }
-        out[idx] = acc;
-    }
+    att_chunk_sums<4>(as, k, valid, v + (size_t)(b * n + t0) * d + h * dh, d, dh, dh + 1, as, out);
 }
 
 // One thread per (batch·head, s, j < dh): upd[b, s, h·dh + j] = (Σ_c U_c[s][j]) / (Σ_c S_c[s]).
@@ -351,9 +398,10 @@ attention_bwd_stats_f32(AttnDims dm, const float* __restrict__ v, const float* _
 // Backward pass 2: dv and dk (+=) for this block's tokens, and the chunk's partial of dq.
 // Dynamic shared memory: 2·k·dh (dU, q) + 2·k (S, c) + 2·ATT_T·k (w, dl) floats.
 // dq_partial [batch·heads][chunks][k][dh].
-// (No __launch_bounds__: with (ATT_T) ptxas 13.0 settles on 48 registers and spills a few
-// bytes; without, 48 and no spill; with (ATT_T, 1), 80: fewer resident blocks for a kernel that
-// waits on memory. `nvrtc_kernel_resources_*` checks that nothing spills.)
+// (No __launch_bounds__: with (ATT_T) ptxas 13.0 settled on 48 registers and spilled a few
+// bytes; without, 48 and no spill. Since att_chunk_sums took over the dq sums, 71 registers
+// (three blocks per SM) without, and (ATT_T, 4) caps them at 64 but spills 8 bytes on sm_90.
+// `nvrtc_kernel_resources_*` checks that nothing spills.)
 extern "C" __global__ void attention_bwd_main_f32(AttnDims dm, const float* __restrict__ kk,
                                                   const float* __restrict__ v, const float* __restrict__ q,
                                                   const float* __restrict__ attn, const float* __restrict__ dupd,
@@ -422,15 +470,9 @@ extern "C" __global__ void attention_bwd_main_f32(AttnDims dm, const float* __re
         dv[o] = av;
         dk[o] = ak;
     }
-    // This chunk's Σ_t dl[t, s] k[t, j].
+    // This chunk's Σ_t dl[t, s] k[t, j]; ws[] (read above) becomes scratch.
     float* out = dq_partial + ((size_t)bh * chunks + chunk) * k * dh;
-    for (int idx = tid; idx < k * dh; idx += ATT_T) {
-        const int s = idx / dh, j = idx % dh;
-        const float* kj = kk + (size_t)(b * n + t0) * d + h * dh + j;
-        float acc = 0.0f;
-        for (int i = 0; i < valid; ++i) acc += dls[i * k + s] * kj[(size_t)i * d];
-        out[idx] = acc;
-    }
+    att_chunk_sums<2>(dls, k, valid, kk + (size_t)(b * n + t0) * d + h * dh, d, dh, dh, ws, out);
 }
 
 // One thread per (batch·head, s, j < dh): dq[b, s, h·dh + j] += Σ_c dq_partial (chunk order).

@@ -812,8 +812,11 @@ fn attention_fwd_bwd_parity<B: Backend>(g: &B) {
     // CUDA kernels' version 2 splits them into chunks, the last one partial); k = 17: above
     // the 16 slots version 2 keeps in registers, so version 1 runs; k = 16: the last that
     // version 2 takes. Head widths 6 and 5 (and d = 10): version 2's rows read one float at a
-    // time instead of four.
+    // time instead of four. d = 64 (the models' width: 65 sums per slot, 3 token groups) and
+    // d = 300 (more sums per slot than threads per block: no groups, two column blocks).
     let cases = [
+        (2, 300, 7, 64, 1, 1e-8),
+        (1, 300, 3, 300, 1, 1e-8),
         (3, 50, 5, 8, 1, 1e-8),
         (2, 300, 7, 16, 2, 1e-8),
         (2, 40, 3, 12, 3, 1e-2),

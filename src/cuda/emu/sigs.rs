@@ -77,7 +77,9 @@ pub fn kernel_sigs(source: &str) -> Vec<(String, KernelSig)> {
             }
             break Some(skipped + p);
         };
+        // (A second argument, the minimum blocks per SM, only steers the register allocation.)
         let max_threads = bound.map(|b| {
+            let b = b.split(',').next().unwrap_or(b).trim();
             b.parse()
                 .ok()
                 .or_else(|| defined(b))
@@ -187,6 +189,8 @@ k2(const float* a, float* __restrict__ out) {}
         NAME(const unsigned* __restrict__ wt, int m, float* __restrict__ o) { body(X); }
 ENTRY(k3, 1)
 ENTRY(k4, 2)
+extern "C" __global__ void __launch_bounds__(THREADS, 4)
+k5(float* y) {}
 "#;
         let p = |c, r| {
             Some(PtrParam {
@@ -212,6 +216,7 @@ ENTRY(k4, 2)
                 ),
                 ("k3".to_string(), macro_made.clone()),
                 ("k4".to_string(), macro_made),
+                ("k5".to_string(), sig(vec![p(false, false)], Some(128))),
             ]
         );
     }
