@@ -16,13 +16,16 @@
 # left is skipped and listed as skipped, and what has been done is packed into $OUT after every
 # step, so a command stopped at its limit still brings back what it did.
 #   call 1: check (the GPU tests; each failure run again alone) → step benches (tetrominoes and
-#           clevr6 at B = 64) → profile (Nsight Compute on clevr6's convolutions) → replay (a step of the CPU, the GPU in f32 and TF32, replayed by
+#           clevr6 at B = 64) → torch (PyTorch's step on this device) → profile (Nsight
+#           Compute on clevr6's convolutions) → replay (a step of the CPU, the GPU in f32 and TF32, replayed by
 #           PyTorch in float64) → loader (images/s on this machine's CPU) → kernels (the kernel
 #           table) → train tetrominoes (150 s, eval, render) → memcheck
-#   call 2: train multi_dsprites (240 s) → ablate (each fast path switched off in turn)
+#   call 2: train multi_dsprites (240 s) → torch compile (clevr6) → ablate (each fast path
+#           switched off in turn)
 #           → racecheck → synccheck
 # One step alone (same deadline logic, 590 s):
 #   bash tools/gpu_session.sh check [all] | steps | kernels | bench | replay | loader | ablate | profile
+#                             | torch [compile]
 #                             | sanitize [memcheck racecheck synccheck] | train NAME [SECONDS]
 #
 # What comes back ($OUT; at most 8 files): SUMMARY.md (one line per step), BENCHMARKS.md,
@@ -147,6 +150,38 @@ step_steps() {
   done
 }
 
+step_torch() {
+  # PyTorch's step on this very device (tools/torch_step_bench.py: the replay's model in f32
+  # with TF32, fused Adam), beside slotfix's step bench: performance.md's figures are for an
+  # H100, and a session may get another card. "$1" = compile: torch.compile too (clevr6 only;
+  # compiling takes a minute or more).
+  torch_device || { note "torch: no PyTorch"; return; }
+  [ "$pydev" = cuda ] || [ "$device" = cpu ] || { note "torch: PyTorch sees no GPU"; return; }
+  local c cfg dump
+  for c in tetrominoes clevr6; do
+    [ "${1:-}" = compile ] && [ "$c" != clevr6 ] && continue
+    enough "torch $c" 30 || return
+    cfg=$work/$c.torch.yaml
+    sed -e "s|^\(\s*\)device:.*|\1device: $device|" \
+        -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
+        "configs/$c.yaml" > "$cfg"
+    dump=$work/dump-$c-b64.safetensors
+    if ! timeout "$(cap 90)" "$bin" dump-step --cfg "$cfg" --batch-size 64 --out "$dump" > "$work/dump-$c-b64.txt" 2>&1; then
+      note "torch $c: dump-step failed: $(tail -1 "$work/dump-$c-b64.txt")"
+      continue
+    fi
+    if [ "${1:-}" = compile ]; then
+      timeout "$(cap 240)" "$py" tools/torch_step_bench.py "$dump" --device "$pydev" --compile \
+        > "$work/torch-$c-compile.txt" 2>&1
+      note "torch $c compile: exit $?; $(tail -1 "$work/torch-$c-compile.txt")"
+    else
+      timeout "$(cap 90)" "$py" tools/torch_step_bench.py "$dump" --device "$pydev" > "$work/torch-$c.txt" 2>&1
+      note "torch $c: exit $?; $(tail -1 "$work/torch-$c.txt")"
+    fi
+    rm -f "$dump"
+  done
+}
+
 step_kernels() {
   enough "kernel table" 60 || return
   timeout "$(cap 200)" "$root"/.gpu/bench-kernels --reps 10 > "$work/bench-kernels.txt" 2>&1
@@ -176,6 +211,8 @@ write_benchmarks() {
       [ -f "$work/bench-$c.txt" ] || continue
       grep -E "^\|" "$work/bench-$c.txt" | head -3 | { [ "$c" = tetrominoes ] && cat || tail -n +3; }
     done
+    # PyTorch on this device (step_torch), same columns.
+    cat "$work"/torch-*.txt 2>/dev/null | grep -E "^\| PyTorch"
     echo
     echo "PyTorch 2.11 on an H100 80GB HBM3 (shared/reference/performance.md): 128×128, K = 7,"
     echo "B = 64, TF32: eager 91.7 ms / step (698 images/s, 42.3 GiB), torch.compile 80.5 ms"
@@ -378,6 +415,7 @@ case ${1:-session} in
     echo "# GPU session $(date -u '+%Y-%m-%d %H:%M') UTC, slotfix $(cat .gpu/commit 2>/dev/null || echo '?'), part ${2:-1}" >> "$work/SUMMARY.md"
     if [ "${2:-}" = more ]; then
       run_step train multi_dsprites 240
+      run_step torch compile
       run_step ablate
       run_step sanitize racecheck synccheck
     elif [ "${2:-}" = short ]; then
@@ -389,6 +427,7 @@ case ${1:-session} in
     else
       run_step check
       run_step steps
+      run_step torch
       run_step profile
       run_step replay
       run_step loader
@@ -401,12 +440,13 @@ case ${1:-session} in
     ;;
   check) run_step check "${2:-}" ;;
   steps | kernels | loader | replay | ablate | profile) run_step "$1" ;;
+  torch) run_step torch "${2:-}" ;;
   bench) run_step steps; run_step loader; run_step kernels ;;
   sanitize) shift; [ $# -gt 0 ] || set -- memcheck racecheck synccheck; run_step sanitize "$@" ;;
   train) run_step train "${2:?config name, e.g. tetrominoes}" "${3:-500}" ;;
   *)
     echo "usage: bash tools/gpu_session.sh session [more|short] | check [all] | steps | kernels | bench | replay"
-    echo "       | loader | ablate | profile | sanitize [TOOL...] | train NAME [SECONDS]"
+    echo "       | loader | ablate | profile | torch [compile] | sanitize [TOOL...] | train NAME [SECONDS]"
     exit 2
     ;;
 esac
