@@ -329,16 +329,16 @@ step_ablate() {
 
 step_profile() {
   # Nsight Compute on the clevr6 step's version-3 convolution kernels (the first launches of the
-  # forward, the adjoint and the weight-gradient GEMM) and its attention kernels: why they run
-  # where they do against the tensor-core peak or the memory floor (throughputs, occupancy,
-  # warp stall reasons).
+  # forward, the adjoint and the weight-gradient GEMM), its attention and its token kernels: why
+  # they run where they do against the tensor-core peak or the memory floor (throughputs,
+  # occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
-  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint|dw_partial)_v3_tf32|attention_(fwd_partial|bwd_main)_f32' -c 24 \
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint|dw_partial)_v3_tf32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 26 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
-  note "profile: exit $?; $(grep -cE '(conv_.*_v3_tf32|attention_.*_f32) \(' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
+  note "profile: exit $?; $(grep -cE '(conv_.*_v3_tf32|attention_.*_f32|tokens_.*_tf32) \(' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
   # The details, in a second report so that an option this ncu lacks costs only this one: every
   # stall reason, the instruction mix, the shared-memory table (bank conflicts per store and
   # load) and the source counters of the first direct and weight-gradient launches.
