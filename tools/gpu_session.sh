@@ -17,12 +17,13 @@
 # step, so a command stopped at its limit still brings back what it did.
 #   call 1: check (the GPU tests; each failure run again alone) → step benches (tetrominoes and
 #           clevr6 at B = 64) → torch (PyTorch's step on this device) → profile (Nsight
-#           Compute on clevr6's convolutions) → replay (a step of the CPU, the GPU in f32 and TF32, replayed by
-#           PyTorch in float64) → loader (images/s on this machine's CPU) → kernels (the kernel
-#           table) → train tetrominoes (150 s, eval, render) → memcheck
+#           Compute on clevr6's convolutions, attention and token kernels) → replay (a step of
+#           the CPU, the GPU in f32 and TF32, replayed by PyTorch in float64) → loader (images/s
+#           on this machine's CPU) → kernels (the kernel table) → train tetrominoes (150 s,
+#           eval, render) → memcheck
 #   call 2: train multi_dsprites (240 s) → torch compile (clevr6) → ablate (each fast path
-#           switched off in turn)
-#           → racecheck → synccheck
+#           switched off in turn) → racecheck → synccheck. Give it SESSION_SECONDS = the
+#           device time left less ~30 s, so that it packs before the lease ends.
 # One step alone (same deadline logic, 590 s):
 #   bash tools/gpu_session.sh check [all] | steps | kernels | bench | replay | loader | ablate | profile
 #                             | torch [compile]
