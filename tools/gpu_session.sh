@@ -167,8 +167,10 @@ step_torch() {
         -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
         "configs/$c.yaml" > "$cfg"
     dump=$work/dump-$c-b64.safetensors
-    if ! timeout "$(cap 90)" "$bin" dump-step --cfg "$cfg" --batch-size 64 --out "$dump" > "$work/dump-$c-b64.txt" 2>&1; then
-      note "torch $c: dump-step failed: $(tail -1 "$work/dump-$c-b64.txt")"
+    timeout "$(cap 90)" "$bin" dump-step --cfg "$cfg" --batch-size 64 --out "$dump" > "$work/dump-$c-b64.txt" 2>&1
+    local rc=$?
+    if [ "$rc" != 0 ]; then
+      note "torch $c: dump-step exit $rc (124: time limit): $(tail -1 "$work/dump-$c-b64.txt")"
       continue
     fi
     if [ "${1:-}" = compile ]; then
