@@ -176,8 +176,8 @@ fn dispatch(cfg: &Config, job: Job) -> Result<ExitCode, String> {
     let cuda = match chosen {
         Chosen::Cuda => {
             // A misspelt SLOTFIX_CUDA_DISABLE is an error either way, not a reason to fall back.
-            slotfix::cuda::FastPaths::from_env()?;
-            match device::cuda_backend() {
+            let fast = slotfix::cuda::FastPaths::from_env()?;
+            match device::cuda_backend(fast) {
                 Ok(be) => Some(be),
                 Err(e) if cfg.training.device == slotfix::config::Device::Auto => {
                     eprintln!("device: auto → cpu instead: the CUDA backend cannot be used: {e}");
