@@ -86,6 +86,17 @@ cuda_config() {
   echo "$dst"
 }
 
+# configs/NAME.yaml for a dump-step, written to DST: device DEV, the precision PREC if given,
+# and clevr6's CLEVR data replaced by generated multi_dsprites images at the same shape (the
+# CLEVR files are not on the GPU machine).
+dump_config() {
+  local name=$1 dev=$2 dst=$3 prec=${4:-}
+  local set_prec=(-e "s|^\(\s*\)device:.*|\1device: $dev|")
+  [ -n "$prec" ] && set_prec+=(-e "/^\s*precision:/d" -e "s|^Model:.*|Model:\n    precision: $prec|")
+  sed "${set_prec[@]}" -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" \
+      -e "/^\s*data_root:/d" "configs/$name.yaml" > "$dst"
+}
+
 # PyTorch for tools/replay_step.py ($PYTHON, default python3), and where it should run: py and
 # pydev set, or a non-zero status when torch is missing.
 py=${PYTHON:-python3}
@@ -163,9 +174,7 @@ step_torch() {
     [ "${1:-}" = compile ] && [ "$c" != clevr6 ] && continue
     enough "torch $c" 30 || return
     cfg=$work/$c.torch.yaml
-    sed -e "s|^\(\s*\)device:.*|\1device: $device|" \
-        -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
-        "configs/$c.yaml" > "$cfg"
+    dump_config "$c" "$device" "$cfg"
     dump=$work/dump-$c-b64.safetensors
     timeout "$(cap 90)" "$bin" dump-step --cfg "$cfg" --batch-size 64 --out "$dump" > "$work/dump-$c-b64.txt" 2>&1
     local rc=$?
@@ -260,10 +269,7 @@ step_replay() {
       dev=${run%-*} prec=${run#*-}
       [ "$device" = cpu ] && dev=cpu   # (a dry run)
       cfg=$work/$c.$run.yaml
-      sed -e "s|^\(\s*\)device:.*|\1device: $dev|" -e "/^\s*precision:/d" \
-          -e "s|^Model:.*|Model:\n    precision: $prec|" \
-          -e "s|^\(\s*\)data_type: CLEVR|\1data_type: multi_dsprites|" -e "/^\s*data_root:/d" \
-          "configs/$c.yaml" > "$cfg"
+      dump_config "$c" "$dev" "$cfg" "$prec"
       dump=$work/dump-$c-$run.safetensors
       # TF32: PyTorch's own TF32 step is the yardstick too (replay_step.py --control).
       tol=1e-3 ctl=(); [ "$prec" = tf32 ] && tol=5e-2 ctl=(--control tf32)
