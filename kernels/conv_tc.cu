@@ -101,6 +101,19 @@ static __device__ __forceinline__ void tc_v3_lane_addrs(const unsigned (*As)[LDA
     b_pair = smem_addr(&Bs[wn * 32 + (lane >> 2)][2 * (lane & 3)]);
 }
 
+// The activation passes' epilogue for one output o of column nn: accumulate 1: *o += v;
+// 0: *o = relu?(v + bias[nn]); 2: *o = relu?(v) (bias is not read unless accumulate is 0).
+static __device__ __forceinline__ void tc_epilogue(float* o, float v, const float* __restrict__ bias, int nn,
+                                                   int relu, int accumulate) {
+    if (accumulate == 1) {
+        *o += v;
+        return;
+    }
+    if (accumulate == 0) v += bias[nn];
+    if (relu && v < 0.0f) v = 0.0f;
+    *o = v;
+}
+
 // The warp's 2 × 4 accumulator tiles, zeroed.
 static __device__ __forceinline__ void zero_acc(float acc[2][4][4]) {
 #pragma unroll
@@ -234,16 +247,7 @@ static __device__ void conv_igemm(const ConvGemm& p, const float* __restrict__ s
             for (int r = 0; r < 4; ++r) {
                 const int m = m0 + wm * 32 + mi * 16 + g + (r >= 2 ? 8 : 0);
                 const int nn = n0 + wn * 32 + ni * 8 + 2 * t + (r & 1);
-                if (m < M && nn < N) {
-                    float v = acc[mi][ni][r];
-                    if (accumulate == 1) {
-                        out[m * N + nn] += v;
-                    } else {
-                        if (accumulate == 0) v += bias[nn];
-                        if (relu && v < 0.0f) v = 0.0f;
-                        out[m * N + nn] = v;
-                    }
-                }
+                if (m < M && nn < N) tc_epilogue(&out[m * N + nn], acc[mi][ni][r], bias, nn, relu, accumulate);
             }
 }
 
@@ -547,16 +551,11 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
                 for (int r1 = 0; r1 < 2; ++r1) {
                     const int nn = n0 + wn * 32 + ni * 8 + 2 * t + r1;
                     if (nn < N) {
-                        float v = acc[mi][ni][2 * r2 + r1];
-                        if (splits > 1) {
+                        const float v = acc[mi][ni][2 * r2 + r1];
+                        if (splits > 1)
                             out[((size_t)split * p.batch * p.hp * p.wp + m) * N + nn] = v;
-                        } else if (accumulate == 1) {
-                            out[m * N + nn] += v;
-                        } else {
-                            if (accumulate == 0) v += bias[nn];
-                            if (relu && v < 0.0f) v = 0.0f;
-                            out[m * N + nn] = v;
-                        }
+                        else
+                            tc_epilogue(&out[m * N + nn], v, bias, nn, relu, accumulate);
                     }
                 }
         }
@@ -590,13 +589,7 @@ extern "C" __global__ void conv_splitk_reduce_f32(int splits, int len, int n, co
     if (e >= len) return;
     float s = 0.0f;
     for (int z = 0; z < splits; ++z) s += partial[(size_t)z * len + e];
-    if (accumulate == 1) {
-        out[e] += s;
-        return;
-    }
-    if (accumulate == 0) s += bias[e % n];
-    if (relu && s < 0.0f) s = 0.0f;
-    out[e] = s;
+    tc_epilogue(&out[e], s, bias, e % n, relu, accumulate);
 }
 
 // The weight-gradient GEMM: rows i < rows (dW's first index), columns kk < k·k·cs (tap-major,
