@@ -63,21 +63,22 @@ static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[LDA], co
     }
 }
 
-// The same product for version 3, from the lane's shared-memory addresses in stage 0
+// The same product for version 3 over a k-tile of BK columns, from the lane's shared-memory
+// addresses in stage 0
 // (tc_v3_lane_addrs) and the stage's offsets in words (constants once the k-loop is unrolled by
 // its two stages, so they fold into the load instructions).
 // A: each fragment is one ldmatrix.x4 (ldsm_x4) instead of four 4-byte loads; its rows must be
-// 16-byte aligned (20 words are), and the 8 rows of each of its matrices then start in 8
-// different 4-bank groups: conflict-free. B: each 8 columns of Bs are in the order k0 k4 k1 k5
+// 16-byte aligned (20 or 36 words are), and the 8 rows of each of its matrices then start in 8
+// different 4-bank groups (LDA ≡ 4 mod 8 words): conflict-free. B: each 8 columns of Bs are in the order k0 k4 k1 k5
 // k2 k6 k3 k7 (conv_w_nk_tf32 writes the weights so), so a lane's two B values for k slots t and
 // t + 4 lie side by side and come in one 8-byte load, already in the register order mma wants;
 // rows of LDB ≡ 8 (mod 16) words keep those loads free of bank conflicts. (A cannot be paired
 // this way: its fragment's register order runs over rows first.)
-template <int LDA, int LDB>
+template <int BK, int LDA, int LDB>
 static __device__ __forceinline__ void tc_tile_mma_v3(SmemAddr a_row, int a_stage, SmemAddr b_pair, int b_stage,
                                                       float acc[2][4][4]) {
 #pragma unroll
-    for (int ks = 0; ks < TC_BK; ks += 8) {
+    for (int ks = 0; ks < BK; ks += 8) {
         unsigned a[2][4], b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], a_row, a_stage + mi * 16 * LDA + ks);
@@ -268,14 +269,19 @@ conv_igemm_adjoint_tf32(ConvGemm p, const float* __restrict__ src, const float* 
     conv_igemm<true>(p, src, mask_y, masked, w, bias, relu, accumulate, out);
 }
 
-// ---- Version 3 of the activation passes: taken when cs is a multiple of TC_BK ----
-// Then a k-tile (16 consecutive k) lies within one tap and covers 16 consecutive channels, so a
-// thread computes each of its rows' source address once per k-tile and loads 4 channels at a
-// time (16-byte loads). The weights are permuted once per call into wt[N][K] (conv_w_nk_tf32:
-// K tap-major, channel fastest, already rounded to TF32), so a B row of a k-tile is 64
-// contiguous bytes instead of 16 loads 4·k² bytes apart. Two shared-memory stages: the next
-// k-tile's global loads are issued before the current tile's mma and stored after it, with one
-// barrier per k-tile.
+// ---- Version 3 of the activation passes: taken when cs is a multiple of 16 ----
+// Then a k-tile (BK = 16 or 32 consecutive k, BK dividing cs) lies within one tap and covers BK
+// consecutive channels, so a thread computes each of its rows' source address once per k-tile
+// and loads 4 channels at a time (16-byte loads). The weights are permuted once per call into
+// wt[N][K] (conv_w_nk_tf32: K tap-major, channel fastest, already rounded to TF32), so a B row
+// of a k-tile is 4·BK contiguous bytes instead of BK loads 4·k² bytes apart. Two shared-memory
+// stages: the next k-tile's global loads are issued before the current tile's mma and stored
+// after it, with one barrier per k-tile.
+// BK = 32 (`*_v3_k32_*`, cs a multiple of 32: every 64-channel layer) makes a row of a k-tile
+// one 128-byte line: a warp's gather of 4 such rows costs half the L1 wavefronts of 8 rows of
+// 64 bytes, for the same bytes, and a pass has half the barriers. Its two stages take 56 KiB,
+// past the 48 KiB a launch gets without opting in: the stages are dynamic shared memory, and
+// the backend raises the kernels' limit once when it loads them (conv.rs, LARGE_SHARED).
 
 // wt[nn][pair((ky·k + kx)·cs + c)] = tf32(W[nn][c][ky][kx]) (w_nc = 1) or tf32(W[c][nn][ky][kx])
 // (w_nc = 0), for nn < n, c < cs, where pair() orders each 8 consecutive k as k0 k4 k1 k5 k2 k6
@@ -307,9 +313,10 @@ struct V3Phase {
     int hq, wq;   // the phase's grid of output positions
     int ky0, kx0; // its first tap in each direction; taps step by s
     int ntx;      // its taps along x
-    int ntiles;   // its k-tiles: taps · cs / 16
+    int ntiles;   // its k-tiles: taps · cs / BK
 };
 
+template <int BK>
 static __device__ __forceinline__ V3Phase v3_phase(const ConvGemm& p, bool phased) {
     V3Phase f;
     f.s = phased ? p.stride : 1;
@@ -321,7 +328,7 @@ static __device__ __forceinline__ V3Phase v3_phase(const ConvGemm& p, bool phase
     f.kx0 = phased ? (f.qx + p.pad) % p.stride : 0;
     const int nty = (p.k - f.ky0 + f.s - 1) / f.s;
     f.ntx = (p.k - f.kx0 + f.s - 1) / f.s;
-    f.ntiles = nty * f.ntx * (p.cs / TC_BK);
+    f.ntiles = nty * f.ntx * (p.cs / BK);
     return f;
 }
 
@@ -350,7 +357,7 @@ static __device__ __forceinline__ float4 relu_masked(float4 v, const float* mask
 //   adjoint gather: source = base − (ty, tx) with base = (ry + ⌊(qy + pad)/s⌋, rx + ...), (ty, tx)
 //                   the phase's tap indices, ky = ky0 + s·ty (exact: the phase's taps divide).
 // The k-tile's element offsets are kept too and stepped by the k-tile's width; they are worked
-// out again (two multiply-adds each) only when the tap changes, every cs / 16 k-tiles: the SASS
+// out again (two multiply-adds each) only when the tap changes, every cs / BK k-tiles: the SASS
 // had recomputed both, and the weights' 64-bit address, in every k-tile.
 struct V3Tap {
     int ky, kx;    // the tap
@@ -358,8 +365,7 @@ struct V3Tap {
     int c0;        // first channel of the k-tile
     int dy, dx;    // the source pixel's offset from a row's base position
     int aoff;      // the k-tile's offset from a row's base in src: (dy·ws + dx)·cs + c0
-    int wrow;      // the thread's B row in the permuted weights: its index of (row, k = 4q)
-    int woff;      // the k-tile in wt for this thread: wrow + (ky·k + kx)·cs + c0
+    int woff;      // the k-tile's offset from a B row's base in wt: (ky·k + kx)·cs + c0
 };
 
 template <bool ADJOINT>
@@ -367,14 +373,14 @@ static __device__ __forceinline__ void v3_offsets(const ConvGemm& p, V3Tap& tp) 
     tp.dy = ADJOINT ? -tp.ty : tp.ky;
     tp.dx = ADJOINT ? -tp.tx : tp.kx;
     tp.aoff = (tp.dy * p.ws + tp.dx) * p.cs + tp.c0;
-    tp.woff = tp.wrow + (tp.ky * p.k + tp.kx) * p.cs + tp.c0;
+    tp.woff = (tp.ky * p.k + tp.kx) * p.cs + tp.c0;
 }
 
-template <bool ADJOINT>
+template <bool ADJOINT, int BK>
 static __device__ __forceinline__ void v3_next(const ConvGemm& p, const V3Phase& f, V3Tap& tp) {
-    tp.c0 += TC_BK;
-    tp.aoff += TC_BK;
-    tp.woff += TC_BK;
+    tp.c0 += BK;
+    tp.aoff += BK;
+    tp.woff += BK;
     if (tp.c0 == p.cs) {
         tp.c0 = 0;
         ++tp.tx;
@@ -391,12 +397,11 @@ static __device__ __forceinline__ void v3_next(const ConvGemm& p, const V3Phase&
 
 // The k-tile t of the phase's GEMM (the state v3_next reaches from tile 0 after t steps): the
 // first tile of a split-K block. (A phase without taps has ntx = 0 and no tiles: tile 0.)
-template <bool ADJOINT>
-static __device__ __forceinline__ V3Tap v3_tap_at(const ConvGemm& p, const V3Phase& f, int t, int wrow) {
-    const int per_tap = p.cs / TC_BK, tap = t / per_tap;
+template <bool ADJOINT, int BK>
+static __device__ __forceinline__ V3Tap v3_tap_at(const ConvGemm& p, const V3Phase& f, int t) {
+    const int per_tap = p.cs / BK, tap = t / per_tap;
     V3Tap tp;
-    tp.wrow = wrow;
-    tp.c0 = (t % per_tap) * TC_BK;
+    tp.c0 = (t % per_tap) * BK;
     tp.ty = f.ntx > 0 ? tap / f.ntx : 0;
     tp.tx = f.ntx > 0 ? tap % f.ntx : 0;
     tp.ky = f.ky0 + f.s * tp.ty;
@@ -414,12 +419,13 @@ struct V3Row {
 };
 
 // This thread's part of k-tile `tp`: 4 channels (quad q) of its AJ A rows and, when has_b, of
-// its B row (tp.wrow).
-template <bool ADJOINT, int AJ>
+// its BJ B rows (wrow[j]: the row's index of (row, k = 4q) in wt).
+template <bool ADJOINT, int AJ, int BJ>
 static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* __restrict__ src,
                                                const float* __restrict__ mask_y, int masked,
                                                const unsigned* __restrict__ wt, const V3Tap& tp,
-                                               const V3Row rows[AJ], float4 av[AJ], bool has_b, uint4& bv) {
+                                               const V3Row rows[AJ], float4 av[AJ], bool has_b, const int wrow[BJ],
+                                               uint4 bv[BJ]) {
 #pragma unroll
     for (int j = 0; j < AJ; ++j) {
         float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -432,7 +438,10 @@ static __device__ __forceinline__ void v3_load(const ConvGemm& p, const float* _
         }
         av[j] = v;
     }
-    if (has_b) bv = ld_u4(wt + tp.woff);
+    if (has_b) {
+#pragma unroll
+        for (int j = 0; j < BJ; ++j) bv[j] = ld_u4(wt + wrow[j] + tp.woff);
+    }
 }
 
 // The output row of the phase's GEMM row m (−1: past the phase's positions), its position, and
@@ -468,19 +477,54 @@ static __device__ __forceinline__ V3Row v3_a_row(const ConvGemm& p, const V3Phas
     return r;
 }
 
-template <bool ADJOINT, int WN>
+// The rows of A and B a thread of warp w loads and stores in each k-tile: with BK = 16, a
+// warp covers 8 rows × 4 channel quads per round, and the rows are dealt to its lanes so that
+// the 8 lanes of each quarter-warp phase of a 16-byte shared store write two rows 16 banks apart:
+// rows ra and ra + 4 of A (row length 20 words) and rb and rb + 2 of B (24 words). (Dealt in
+// order, lane / 4, each phase's two rows overlapped in 4 (A) or 8 (B) banks: 8 shared wavefronts
+// per store instead of 4.) With BK = 32 a warp covers 4 rows × 8 quads, and each phase writes
+// one whole row: 32 consecutive words, conflict-free in any order.
+template <int BK>
+static __device__ __forceinline__ void v3_lane_rows(int warp, int lane, int& q, int& ra, int& rb) {
+    if (BK == 16) {
+        const int ph = lane >> 3, hi = (lane >> 2) & 1;
+        q = lane & 3;
+        ra = 8 * warp + ph + 4 * hi;
+        rb = 8 * warp + (ph & 1) + 2 * hi + 4 * (ph >> 1);
+    } else {
+        q = lane & 7;
+        ra = rb = 4 * warp + (lane >> 3);
+    }
+}
+
+// Bytes of dynamic shared memory of conv_igemm_v3<., WN, BK> (the backend's launch gives
+// exactly this; conv.rs v3_shared_bytes).
+template <int WN, int BK>
+struct V3Smem {
+    static constexpr int BN = 32 * WN, BM = 256 / WN;
+    static constexpr int LDA = BK + 4;  // ≡ 4 (mod 8): conflict-free ldmatrix rows
+    static constexpr int LDB = BK + 8;  // ≡ 8 (mod 16): B's fragments are read in pairs
+    static constexpr int BYTES = 4 * (2 * BM * LDA + 2 * BN * LDB);
+};
+
+template <bool ADJOINT, int WN, int BK>
 static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate, int splits,
                                      float* __restrict__ out) {
-    constexpr int BN = 32 * WN, BM = 256 / WN, AJ = BM / 64;
-    constexpr int LDB = TC_BK + 8;  // B's fragments are read in pairs (tc_tile_mma_v3)
-    __shared__ __align__(16) unsigned As[2][BM][TC_LD];
-    __shared__ __align__(16) unsigned Bs[2][BN][LDB];
+    using S = V3Smem<WN, BK>;
+    constexpr int BN = S::BN, BM = S::BM, LDA = S::LDA, LDB = S::LDB;
+    constexpr int ROUND = 8 * (128 / BK);           // rows the 8 warps cover per round of loads
+    constexpr int AJ = BM / ROUND;                  // A rows per thread
+    constexpr int BJ = (BN + ROUND - 1) / ROUND;    // B rows per thread (BN < ROUND: some have none)
+    // The two stages of A, then of B, in dynamic shared memory (uint4: 16-byte aligned).
+    extern __shared__ uint4 v3_smem[];
+    unsigned(*As)[BM][LDA] = (unsigned(*)[BM][LDA])v3_smem;
+    unsigned(*Bs)[BN][LDB] = (unsigned(*)[BN][LDB])((unsigned*)v3_smem + 2 * BM * LDA);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WN, wn = warp % WN;
     const int N = p.n, K = p.k * p.k * p.cs;
-    const V3Phase f = v3_phase(p, ADJOINT && p.stride > 1);
+    const V3Phase f = v3_phase<BK>(p, ADJOINT && p.stride > 1);
     // Split-K (splits > 1; unphased passes only, blockIdx.z is then the split): this block runs
     // k-tiles [t0, t1) and writes its raw products to out = partial[split][row][n], which
     // conv_splitk_reduce_f32 sums. A one-image convolution has a few row blocks of ~100 k-tiles
@@ -489,33 +533,31 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
     const int t0 = (int)((long long)split * f.ntiles / splits);
     const int t1 = (int)((long long)(split + 1) * f.ntiles / splits);
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    // Each warp loads and stores 8 rows of A (and of B), 4 channel quads q per row. The rows
-    // are dealt to its lanes so that the 8 lanes of each quarter-warp phase of a 16-byte shared
-    // store write two rows 16 banks apart: rows ra and ra + 4 of A (row length 20 words) and rb
-    // and rb + 2 of B (24 words). Dealt in order (lane / 4), each phase's two rows overlapped in
-    // 4 (A) or 8 (B) banks: 8 shared wavefronts per store instead of 4.
-    const int q = lane & 3, ph = lane >> 3, hi = (lane >> 2) & 1;
-    const int ra = 8 * warp + ph + 4 * hi;
-    const int rb = 8 * warp + (ph & 1) + 2 * hi + 4 * (ph >> 1);
-    const bool has_b = rb < BN;  // this thread loads a B row
-    // Its row of the permuted weights, at its 4 columns of a k-tile; past n, the last row: it
+    int q, ra, rb;
+    v3_lane_rows<BK>(warp, lane, q, ra, rb);
+    const bool has_b = rb < BN;  // this thread loads B rows
+    // Its rows of the permuted weights, at its 4 columns of a k-tile; past n, the last row: it
     // feeds only output columns that are never stored. (wt has n·K ≤ 2^31 elements: the weights
     // of one layer.)
-    const int wrow = min(n0 + rb, N - 1) * K + 4 * q;
+    int wrow[BJ];
+#pragma unroll
+    for (int j = 0; j < BJ; ++j) wrow[j] = min(n0 + rb + ROUND * j, N - 1) * K + 4 * q;
     V3Row rows[AJ];  // its A rows
 #pragma unroll
     for (int j = 0; j < AJ; ++j) {
-        rows[j] = v3_a_row<ADJOINT>(p, f, m0 + ra + 64 * j);
+        rows[j] = v3_a_row<ADJOINT>(p, f, m0 + ra + ROUND * j);
         rows[j].base += 4 * q;
     }
-    V3Tap tp = v3_tap_at<ADJOINT>(p, f, t0, wrow);  // the k-tile to load next
+    V3Tap tp = v3_tap_at<ADJOINT, BK>(p, f, t0);  // the k-tile to load next
     float acc[2][4][4];
     zero_acc(acc);
     float4 av[AJ];
-    uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-    if (t0 < t1) v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, tp, rows, av, has_b, bv);
+    uint4 bv[BJ];
+#pragma unroll
+    for (int j = 0; j < BJ; ++j) bv[j] = make_uint4(0u, 0u, 0u, 0u);
+    if (t0 < t1) v3_load<ADJOINT, AJ, BJ>(p, src, mask_y, masked, wt, tp, rows, av, has_b, wrow, bv);
     SmemAddr a_row, b_pair;
-    tc_v3_lane_addrs<TC_LD, LDB>(As[0], Bs[0], wm, wn, lane, a_row, b_pair);
+    tc_v3_lane_addrs<LDA, LDB>(As[0], Bs[0], wm, wn, lane, a_row, b_pair);
     // Unrolled by the two stages, so that each trip's stage is a constant.
 #pragma unroll 2
     for (int i = 0; i < t1 - t0; ++i) {
@@ -525,16 +567,19 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
         const int st = i & 1;
 #pragma unroll
         for (int j = 0; j < AJ; ++j)
-            *(uint4*)&As[st][ra + 64 * j][4 * q] =
+            *(uint4*)&As[st][ra + ROUND * j][4 * q] =
                 make_uint4(to_tf32(av[j].x), to_tf32(av[j].y), to_tf32(av[j].z), to_tf32(av[j].w));
-        if (has_b) *(uint4*)&Bs[st][rb][4 * q] = bv;
+        if (has_b) {
+#pragma unroll
+            for (int j = 0; j < BJ; ++j) *(uint4*)&Bs[st][rb + ROUND * j][4 * q] = bv[j];
+        }
         __syncthreads();
         // The next tile's loads are in flight while the tensor cores work on this one.
         if (t + 1 < t1) {
-            v3_next<ADJOINT>(p, f, tp);
-            v3_load<ADJOINT, AJ>(p, src, mask_y, masked, wt, tp, rows, av, has_b, bv);
+            v3_next<ADJOINT, BK>(p, f, tp);
+            v3_load<ADJOINT, AJ, BJ>(p, src, mask_y, masked, wt, tp, rows, av, has_b, wrow, bv);
         }
-        tc_tile_mma_v3<TC_LD, LDB>(a_row, st * BM * TC_LD, b_pair, st * BN * LDB, acc);
+        tc_tile_mma_v3<BK, LDA, LDB>(a_row, st * BM * LDA, b_pair, st * BN * LDB, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -562,22 +607,27 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
 }
 
 // As conv_igemm_{direct,adjoint}_tf32, with cs % 16 == 0 and the weights as wt from
-// conv_w_nk_tf32; block 256. `*_v3_*`: 128 × 64 tiles, grid (ceil(M / 128), ceil(n / 64), 1);
-// `*_v3n32_*` (n ≤ 32): 256 × 32 tiles, grid (ceil(M / 256), 1, 1). The adjoint ones with
+// conv_w_nk_tf32; block 256, dynamic shared memory V3Smem<WN, BK>::BYTES. `*_v3_*`: 128 × 64
+// tiles, grid (ceil(M / 128), ceil(n / 64), 1); `*_v3n32_*` (n ≤ 32): 256 × 32 tiles, grid
+// (ceil(M / 256), 1, 1). `*_v3_k32_*`: 128 × 64 tiles with k-tiles of 32 (cs % 32 == 0);
+// the others have k-tiles of 16. (256 × 32 tiles with k-tiles of 32 would hold 8 A rows per
+// thread in flight: 156 registers, one block per SM.) The adjoint ones with
 // stride s > 1 count M per phase, M = batch · ceil(hp/s) · ceil(wp/s), and have s² in z.
 // splits > 1 (unphased only): `splits` in z, and out is the [splits][batch·hp·wp][n] partial
 // products (bias, relu and accumulate are then conv_splitk_reduce_f32's).
-#define V3_ENTRY(NAME, ADJ, WN)                                                                              \
+#define V3_ENTRY(NAME, ADJ, WN, BK)                                                                          \
     extern "C" __global__ void __launch_bounds__(V3_THREADS)                                               \
         NAME(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y, int masked,      \
              const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu, int accumulate,      \
              int splits, float* __restrict__ out) {                                                        \
-        conv_igemm_v3<ADJ, WN>(p, src, mask_y, masked, wt, bias, relu, accumulate, splits, out);         \
+        conv_igemm_v3<ADJ, WN, BK>(p, src, mask_y, masked, wt, bias, relu, accumulate, splits, out);     \
     }
-V3_ENTRY(conv_igemm_direct_v3_tf32, false, 2)
-V3_ENTRY(conv_igemm_adjoint_v3_tf32, true, 2)
-V3_ENTRY(conv_igemm_direct_v3n32_tf32, false, 1)
-V3_ENTRY(conv_igemm_adjoint_v3n32_tf32, true, 1)
+V3_ENTRY(conv_igemm_direct_v3_tf32, false, 2, 16)
+V3_ENTRY(conv_igemm_adjoint_v3_tf32, true, 2, 16)
+V3_ENTRY(conv_igemm_direct_v3n32_tf32, false, 1, 16)
+V3_ENTRY(conv_igemm_adjoint_v3n32_tf32, true, 1, 16)
+V3_ENTRY(conv_igemm_direct_v3_k32_tf32, false, 2, 32)
+V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 
 // Split-K's second pass: for e < len = rows·n, s = Σ_z partial[z·len + e] (z < splits, in
 // order), then out[e] = relu?(s + bias[e mod n]) (accumulate 0), relu?(s) (2) or out[e] += s

@@ -590,6 +590,22 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         true,
         109,
     );
+    // Gathered channels a multiple of 32 on 128 × 64 tiles (k-tiles of 32, `*_v3_k32_*`):
+    // 64 → 64 with stride 2, its forward (64 channels: two k-tiles per tap) and its dx through
+    // the phases; then 32 → 64 on a grid of two row tiles (the second partial), whose dx (32
+    // columns: 256 × 32 tiles) keeps k-tiles of 16.
+    case(
+        "k5 s2 64->64 k32",
+        ConvGeom::conv(13, 11, 64, 64, 5, 2, 2),
+        true,
+        111,
+    );
+    case(
+        "k3 32->64 12x12 k32",
+        ConvGeom::same(12, 12, 32, 64, 3),
+        true,
+        112,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -643,6 +659,21 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         t(6, 5, 4, 16, 5, 2, 2, 1),
         true,
         240,
+    );
+    // k-tiles of 32: the decoders' 64-channel stride-2 layer (forward: adjoint gather through
+    // the phases; dx: direct gather), and 32 → 96, whose forward has two column tiles (the
+    // second partial).
+    case(
+        "T k5 s2 op1 64->64 k32",
+        t(5, 4, 64, 64, 5, 2, 2, 1),
+        true,
+        250,
+    );
+    case(
+        "T k3 s1 32->96 k32",
+        t(7, 6, 32, 96, 3, 1, 1, 0),
+        false,
+        260,
     );
 }
 
@@ -2047,12 +2078,14 @@ fn emu_train_step_tf32_exact_products_16_wide() {
     );
 }
 
-/// Layers 16 wide with the full decoder and dropout: every fast path of the CUDA backend applies.
+/// Layers 16 wide with the full decoder and dropout: every fast path of the CUDA backend
+/// applies. (The encoder's second layer maps 32 channels to 48, so that its forward takes the
+/// 32-wide k-tiles of `conv_k32`: a gather of a multiple of 32 channels into more than 32.)
 fn all_fast_paths_config() -> Config {
     small_config(|m| {
         m.implicit_diff = true;
         m.dropout = 0.1;
-        m.encoder_channels = vec![16, 16];
+        m.encoder_channels = vec![32, 48];
         m.decoder = DecoderKind::Full;
         m.decoder_channels = Some(vec![16, 16]);
         m.feat_size = 16;
@@ -2065,6 +2098,7 @@ fn all_fast_paths_config() -> Config {
 fn fast_path_kernel(path: &str, name: &str) -> bool {
     match path {
         "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
+        "conv_k32" => name.starts_with("conv_igemm_") && name.contains("_k32_"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",
         "tokens" => name.starts_with("tokens_fwd_") || name.starts_with("tokens_bwd_"),
@@ -2109,6 +2143,7 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
             // version 3: it runs only where both do.
             let needs: &[&str] = match path {
                 "conv_splitk" => &["conv_v3", "bcast_split"],
+                "conv_k32" => &["conv_v3"],
                 _ => &[],
             };
             let on =

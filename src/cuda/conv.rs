@@ -144,23 +144,55 @@ const DW3_THREADS: u32 = 256;
 /// conv_tc.cu).
 const V3_THREADS: u32 = 256;
 
-/// The kernel and grid of version 3 of an activation pass: 128 × 64 tiles, or 256 × 32 tiles
-/// (`*_v3n32_*`) when there are at most 32 output channels. An adjoint gather with stride s > 1
-/// has one z per output phase (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions
-/// per image.
-fn v3_kernel(p: &ConvGemmC, adjoint: bool) -> (&'static str, LaunchConfig) {
+/// Bytes of dynamic shared memory of a version 3 activation pass with tiles of `bm × bn` and
+/// k-tiles of `bk`: two stages of A (rows of bk + 4 words) and of B (bk + 8 words), as
+/// V3Smem in conv_tc.cu lays them out.
+const fn v3_shared_bytes(bm: usize, bn: usize, bk: usize) -> u32 {
+    (4 * (2 * bm * (bk + 4) + 2 * bn * (bk + 8))) as u32
+}
+
+/// The kernels that launch with more than 48 KiB of dynamic shared memory, and the most they
+/// take: the version 3 activation passes with 32-wide k-tiles. The backend raises each one's
+/// limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_
+/// SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
+pub(super) const LARGE_SHARED: [(&str, u32); 2] = [
+    (
+        "conv_igemm_direct_v3_k32_tf32",
+        v3_shared_bytes(128, 64, 32),
+    ),
+    (
+        "conv_igemm_adjoint_v3_k32_tf32",
+        v3_shared_bytes(128, 64, 32),
+    ),
+];
+
+/// The kernel, grid and k-tile width of version 3 of an activation pass: 128 × 64 tiles, or
+/// 256 × 32 tiles (`*_v3n32_*`) when there are at most 32 output channels; k-tiles of 32
+/// (`*_v3_k32_*`) on 128 × 64 tiles when the gathered channels are a multiple of 32 and `k32`
+/// allows it, of 16 otherwise. An adjoint gather with stride s > 1 has one z per output phase (oy mod s,
+/// ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions per image.
+fn v3_kernel(p: &ConvGemmC, adjoint: bool, k32: bool) -> (&'static str, LaunchConfig, usize) {
     let (hp, wp, batch, n) = (p.hp as usize, p.wp as usize, p.batch as usize, p.n as usize);
     let s = if adjoint { p.stride as usize } else { 1 };
     let rows = batch * hp.div_ceil(s) * wp.div_ceil(s);
     let narrow = n <= 32;
-    let (bm, bn) = if narrow { (256, 32) } else { (128, 64) };
-    let name = match (adjoint, narrow) {
-        (false, false) => "conv_igemm_direct_v3_tf32",
-        (true, false) => "conv_igemm_adjoint_v3_tf32",
-        (false, true) => "conv_igemm_direct_v3n32_tf32",
-        (true, true) => "conv_igemm_adjoint_v3n32_tf32",
+    let bk = if k32 && !narrow && p.cs % 32 == 0 {
+        32
+    } else {
+        TC_BK
     };
-    (name, tile_grid(rows, bm, n, bn, s * s, V3_THREADS))
+    let (bm, bn) = if narrow { (256, 32) } else { (128, 64) };
+    let name = match (adjoint, narrow, bk == 32) {
+        (false, false, false) => "conv_igemm_direct_v3_tf32",
+        (true, false, false) => "conv_igemm_adjoint_v3_tf32",
+        (false, false, true) => "conv_igemm_direct_v3_k32_tf32",
+        (true, false, true) => "conv_igemm_adjoint_v3_k32_tf32",
+        (false, true, _) => "conv_igemm_direct_v3n32_tf32",
+        (true, true, _) => "conv_igemm_adjoint_v3n32_tf32",
+    };
+    let mut cfg = tile_grid(rows, bm, n, bn, s * s, V3_THREADS);
+    cfg.shared_mem_bytes = v3_shared_bytes(bm, bn, bk);
+    (name, cfg, bk)
 }
 
 /// A version 3 activation pass: its GEMM, and how its epilogue and loads treat the output
@@ -180,7 +212,7 @@ struct V3Launch {
 /// SPLITK_MIN_TILES k-tiles per split, at most SPLITK_MAX splits. From the sizes only (not the
 /// device), so that the launches of a step are the same everywhere. 1: no split (a phased
 /// pass, whose z is the phase, or a grid that is already large).
-fn v3_splits(p: &ConvGemmC, cfg: &LaunchConfig) -> usize {
+fn v3_splits(p: &ConvGemmC, cfg: &LaunchConfig, bk: usize) -> usize {
     const SPLITK_TARGET_BLOCKS: usize = 132;
     const SPLITK_MIN_TILES: usize = 4;
     const SPLITK_MAX: usize = 16;
@@ -188,7 +220,7 @@ fn v3_splits(p: &ConvGemmC, cfg: &LaunchConfig) -> usize {
         return 1;
     }
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
-    let ktiles = (p.k * p.k * p.cs) as usize / TC_BK;
+    let ktiles = (p.k * p.k * p.cs) as usize / bk;
     SPLITK_TARGET_BLOCKS
         .div_ceil(blocks)
         .min(ktiles / SPLITK_MIN_TILES)
@@ -391,10 +423,10 @@ impl Cuda {
     /// `v3.split_k` asks for it and [`v3_splits`] finds it worth it: the blocks write partial
     /// products to a scratch buffer and `conv_splitk_reduce_f32` applies the epilogue.
     fn conv_v3(&self, v3: &V3Launch, src: &Buf, mask: &Buf, wt: &Buf, bias: &Buf, out: &mut Buf) {
-        let (name, mut cfg) = v3_kernel(&v3.p, v3.adjoint);
+        let (name, mut cfg, bk) = v3_kernel(&v3.p, v3.adjoint, self.fast.conv_k32);
         let (p, masked, relu, mode) = (&v3.p, &v3.masked, &v3.relu, &v3.mode);
         let splits = if v3.split_k && self.fast.conv_splitk {
-            v3_splits(p, &cfg)
+            v3_splits(p, &cfg, bk)
         } else {
             1
         };
@@ -577,6 +609,55 @@ impl Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels opted in to more than 48 KiB exist in kernels.rs (the backend fails to open
+    /// otherwise), need the opt-in, and are the only version 3 launches past 48 KiB.
+    #[test]
+    fn large_shared_kernels_are_loaded_and_need_the_opt_in() {
+        let loaded: Vec<&str> = super::super::kernels::KERNEL_FILES
+            .iter()
+            .flat_map(|f| f.kernels.iter().copied())
+            .collect();
+        for (name, bytes) in LARGE_SHARED {
+            assert!(loaded.contains(&name), "{name} is not in KERNEL_FILES");
+            assert!(bytes > 48 * 1024 && bytes <= 99 * 1024, "{name}: {bytes}");
+        }
+        assert_eq!(LARGE_SHARED[0].1, 57_344);
+        for (n, cs, adjoint) in [
+            (64, 64, false),
+            (64, 64, true),
+            (32, 64, true),
+            (64, 48, false),
+        ] {
+            let p = ConvGemmC {
+                batch: 2,
+                hp: 8,
+                wp: 8,
+                hs: 8,
+                ws: 8,
+                cs,
+                n,
+                k: 5,
+                stride: 2,
+                pad: 2,
+                w_nc: 1,
+            };
+            for k32 in [false, true] {
+                let (name, cfg, bk) = v3_kernel(&p, adjoint, k32);
+                let opted = LARGE_SHARED.iter().find(|(k, _)| *k == name);
+                let want_k32 = k32 && n > 32 && cs % 32 == 0;
+                assert_eq!(
+                    (bk == 32, name.contains("_k32_")),
+                    (want_k32, want_k32),
+                    "{name}"
+                );
+                match opted {
+                    Some(&(_, bytes)) => assert_eq!(cfg.shared_mem_bytes, bytes, "{name}"),
+                    None => assert!(cfg.shared_mem_bytes <= 48 * 1024, "{name}"),
+                }
+            }
+        }
+    }
 
     /// The weight-gradient split covers every position once, in k-tile multiples, and never
     /// asks for more blocks than one wave (unless the tiles alone are more).

@@ -422,8 +422,22 @@ extern "C" __global__ void stale_shared(float* out) {
     __syncthreads();
     out[blockIdx.x * 32 + t] = s[t];
 }
+// Thread t writes float t of the dynamic shared memory, then reads back float `read_at + t`.
+extern "C" __global__ void dyn_shared(int read_at, float* out) {
+    extern __shared__ float dyn[];
+    const int t = threadIdx.x;
+    dyn[t] = 1.0f + t;
+    __syncthreads();
+    out[t] = dyn[read_at + t];
+}
 "#,
-        kernels: &["shuffles", "reverse", "deadlock", "stale_shared"],
+        kernels: &[
+            "shuffles",
+            "reverse",
+            "deadlock",
+            "stale_shared",
+            "dyn_shared",
+        ],
     };
 
     fn emulator() -> Option<Emulator> {
@@ -505,6 +519,35 @@ extern "C" __global__ void stale_shared(float* out) {
             assert_eq!(*v, 1.0 + t as f32);
         }
         assert!(out[32..].iter().all(|v| v.is_nan()), "{:?}", &out[32..40]);
+    }
+
+    /// A launch gets the dynamic shared memory it asks for: reads past it see NaN, and a write
+    /// past it fails the launch (on a GPU: garbage, or another block's data).
+    #[test]
+    fn dynamic_shared_memory_is_what_the_launch_asked_for() {
+        let Some(e) = emulator() else { return };
+        let launch = |threads: u32, bytes: u32, read_at: i32| {
+            let mut out = vec![0f32; threads as usize];
+            let (mut p, mut r) = (out.as_mut_ptr(), read_at);
+            let args = &mut [
+                &mut r as *mut _ as *mut c_void,
+                &mut p as *mut _ as *mut c_void,
+            ];
+            e.launch("dyn_shared", (1, 1, 1), (threads, 1, 1), bytes, args)
+                .map(|()| out)
+        };
+        // 64 floats asked for, 64 written and read back.
+        let out = launch(64, 256, 0).unwrap();
+        assert!(out.iter().enumerate().all(|(t, v)| *v == 1.0 + t as f32));
+        // 32 threads read floats 32..64 of a 128-byte launch: past its end, NaN.
+        let out = launch(32, 128, 32).unwrap();
+        assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
+        // 64 threads write 256 bytes into 128.
+        let err = launch(64, 128, 0).unwrap_err();
+        assert!(
+            err.contains("past the 128 bytes of dynamic shared memory"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub const DISABLE_ENV: &str = "SLOTFIX_CUDA_DISABLE";
 pub struct FastPaths {
     /// Version 3 of the tensor-core activation passes (`conv_igemm_*_v3*`); off: version 2.
     pub conv_v3: bool,
+    /// Within version 3 of the activation passes, k-tiles of 32 channels on the 128 × 64 tiles
+    /// where the gathered channels are a multiple of 32 (`conv_igemm_*_v3_k32_tf32`, with more
+    /// than 48 KiB of shared memory); off: k-tiles of 16.
+    pub conv_k32: bool,
     /// Version 3 of the tensor-core weight-gradient passes (`conv_dw_partial_v3*`, with the
     /// bias gradient from the GEMM's operand sums); off: version 2 and a column-sum pass.
     pub dw_v3: bool,
@@ -44,6 +48,7 @@ impl Default for FastPaths {
 impl FastPaths {
     pub const ALL: FastPaths = FastPaths {
         conv_v3: true,
+        conv_k32: true,
         dw_v3: true,
         attention_v2: true,
         tokens: true,
@@ -53,6 +58,7 @@ impl FastPaths {
     };
     pub const NONE: FastPaths = FastPaths {
         conv_v3: false,
+        conv_k32: false,
         dw_v3: false,
         attention_v2: false,
         tokens: false,
@@ -62,8 +68,9 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "conv_v3",
+        "conv_k32",
         "dw_v3",
         "attention_v2",
         "tokens",
@@ -75,6 +82,7 @@ impl FastPaths {
     fn flag(&mut self, name: &str) -> Option<&mut bool> {
         Some(match name {
             "conv_v3" => &mut self.conv_v3,
+            "conv_k32" => &mut self.conv_k32,
             "dw_v3" => &mut self.dw_v3,
             "attention_v2" => &mut self.attention_v2,
             "tokens" => &mut self.tokens,
@@ -143,7 +151,14 @@ mod tests {
         assert_eq!(FastPaths::all_but("all").unwrap(), FastPaths::NONE);
         let fp = FastPaths::all_but("tokens, bcast_split").unwrap();
         assert_eq!(fp.off(), vec!["tokens", "bcast_split"]);
-        assert!(fp.conv_v3 && fp.dw_v3 && fp.attention_v2 && fp.slot_cell && fp.conv_splitk);
+        assert!(
+            fp.conv_v3
+                && fp.conv_k32
+                && fp.dw_v3
+                && fp.attention_v2
+                && fp.slot_cell
+                && fp.conv_splitk
+        );
         assert!(!fp.tokens && !fp.bcast_split);
         // Each name switches off exactly its own flag.
         for name in FastPaths::NAMES {

@@ -48,6 +48,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_adjoint_v3_tf32",
             "conv_igemm_direct_v3n32_tf32",
             "conv_igemm_adjoint_v3n32_tf32",
+            "conv_igemm_direct_v3_k32_tf32",
+            "conv_igemm_adjoint_v3_k32_tf32",
             "conv_dw_partial_tf32",
             "conv_dw_partial_v3_tf32",
             "conv_dw_partial_v3r32_tf32",

@@ -539,6 +539,36 @@ fn load_module(
     Ok(m)
 }
 
+/// Raise the dynamic shared-memory limit of the kernels that launch with more than the 48 KiB
+/// every kernel gets ([`conv::LARGE_SHARED`]), once, to what they take. A device that cannot give
+/// that much to one block is an error that says so (every sm_80+ GPU can: 99 KiB or more).
+fn opt_in_shared(
+    ctx: &CudaContext,
+    funcs: &HashMap<&'static str, CudaFunction>,
+    device: &str,
+) -> Result<(), String> {
+    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    let most = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(|e| format!("{device}: shared memory per block: {e:?}"))?;
+    for (name, bytes) in conv::LARGE_SHARED {
+        if bytes as i64 > most as i64 {
+            return Err(format!(
+                "{device} gives at most {most} bytes of shared memory to a block; kernel {name}                  needs {bytes}"
+            ));
+        }
+        let func = funcs
+            .get(name)
+            .ok_or_else(|| format!("kernel {name} is not loaded"))?;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| format!("{device}: kernel {name}: {bytes} bytes of shared memory: {e:?}"))?;
+    }
+    Ok(())
+}
+
 impl Cuda {
     /// Open device `ordinal` and compile every kernel file for its architecture. Never panics:
     /// no driver, no device or a compile error is an `Err` with a readable message.
@@ -616,6 +646,7 @@ impl Cuda {
                 funcs.insert(k, func);
             }
         }
+        opt_in_shared(&ctx, &funcs, &name)?;
         Ok(Cuda::with_exec(
             Exec::Gpu(Gpu { ctx, stream, funcs }),
             name,
@@ -786,7 +817,8 @@ impl Cuda {
 
     /// In the emulator, before a launch, what would make it fail or misbehave on a GPU only:
     /// more threads per block than the kernel's `__launch_bounds__`, more than 48 KiB of
-    /// dynamic shared memory (the backend never opts in to more), a different number of
+    /// dynamic shared memory (or, for the kernels the backend opts in, more than it opts in
+    /// to: [`conv::LARGE_SHARED`]), a different number of
     /// arguments than parameters, or two buffer arguments that overlap where the kernel's
     /// signature makes that undefined behaviour ([`emu::restrict_violations`]). Panics.
     fn emu_check_launch(name: &str, cfg: &LaunchConfig, ranges: &[Option<(u64, u64)>]) {
@@ -815,9 +847,13 @@ impl Cuda {
                 x * y * z
             );
         }
+        let (limit, why) = match conv::LARGE_SHARED.iter().find(|(k, _)| *k == name) {
+            Some(&(_, bytes)) => (bytes, "what the backend opts this kernel in to"),
+            None => (48 * 1024, "the limit without an opt-in"),
+        };
         assert!(
-            cfg.shared_mem_bytes <= 48 * 1024,
-            "kernel {name}: {} bytes of dynamic shared memory (the limit without an opt-in is 48 KiB)",
+            cfg.shared_mem_bytes <= limit,
+            "kernel {name}: {} bytes of dynamic shared memory ({why} is {limit})",
             cfg.shared_mem_bytes
         );
         assert_eq!(

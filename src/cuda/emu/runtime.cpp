@@ -66,7 +66,8 @@ struct Worker {
     size_t stack_count = 0;
     void* sched_sp = nullptr;
     Fiber* current = nullptr;
-    std::vector<char> dyn_smem;
+    std::vector<char> dyn_smem;  // the launch's bytes, then the guard
+    size_t dyn_smem_bytes = 0;
     // The static __shared__ variables already poisoned in this block (cuemu_smem_fresh).
     std::vector<void*> fresh_smem;
     std::string error;
@@ -77,6 +78,11 @@ struct Worker {
 };
 
 thread_local Worker* worker;
+
+// A guard past the end of the dynamic shared memory a launch asked for, as long as it (at least
+// 4 KiB), poisoned like it (a read there reads NaN) and checked after each block (a write there
+// fails the launch).
+size_t dyn_smem_guard(size_t bytes) { return std::max<size_t>(bytes, 4096); }
 
 [[noreturn]] void fiber_main() {
     Worker* w = worker;
@@ -176,7 +182,14 @@ bool run_block(Worker* w, const uint3 bid) {
             alive += w->fibers[i].state != DONE;
             at_barrier += w->fibers[i].state == AT_BARRIER;
         }
-        if (alive == 0) return w->error.empty();  // a fault (cuemu_fault) fails the block
+        if (alive == 0) {
+            // The guard past the dynamic shared memory must still be untouched (NaN bytes).
+            for (size_t i = w->dyn_smem_bytes; i < w->dyn_smem.size(); ++i)
+                if (w->dyn_smem[i] != (char)0xff && w->error.empty())
+                    w->error = "wrote past the " + std::to_string(w->dyn_smem_bytes) +
+                               " bytes of dynamic shared memory the launch gave";
+            return w->error.empty();  // a fault (cuemu_fault) fails the block
+        }
         if (at_barrier != alive) {
             w->error = "deadlock: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " +
                        std::to_string(alive - at_barrier) + " at a warp-wide operation";
@@ -247,7 +260,8 @@ extern "C" int cuemu_run(void (*entry)(void**), void** args, const unsigned* gri
             return;
         }
         w.stacks = (char*)m;
-        w.dyn_smem.resize(shared_bytes);
+        w.dyn_smem_bytes = shared_bytes;
+        w.dyn_smem.resize(shared_bytes + dyn_smem_guard(shared_bytes));
         cuemu_block_dim = bd;
         cuemu_grid_dim = gd;
         for (size_t b; (b = next.fetch_add(1)) < blocks;) {
