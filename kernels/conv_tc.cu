@@ -1001,6 +1001,225 @@ static __device__ void conv_dw_partial_v3(const ConvDwGemm& p, const float* __re
 DW3_ENTRY(conv_dw_partial_v3_tf32, 2, 2)
 DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 
+// ---- Version 4 of the weight-gradient partials: one row of taps per block ----
+// Taken when rows % 64 == 0, cs % 32 == 0, k is 3 or 5 and the stride 1 or 2 (every 64-channel
+// layer of the CLEVR model). A block computes 64 rows × (the k taps (ky, 0..k−1) of one ky ×
+// 32 channels), and its k-tiles are "units": 16 consecutive positions px0..px0+15 of one grid
+// row (n, py). The k taps of a unit read source pixels sx = (px0 + j)·s − pad + kx of one
+// source row: together a strip of L = 15·s + k pixels, which the block loads once and reads
+// each tap's B tile from at an offset (row kx + s·j of the strip). Version 3 loaded each tap's
+// pixels separately: per 16 positions, 64 × 128 MACs for 12 KB of loads, here 64 × 32k MACs
+// for 4 KB of A and 0.6–1.1 KB per tap of strip (k = 5, s = 1: 25 MACs per byte against 11),
+// with a quarter of the load instructions per MAC. Two register sets of loads in flight, as
+// in version 3.
+// Operand sums for the bias gradient (dw3_operand_sums' job): sums_of 1, the A rows (conv: dy),
+// by the blocks of blockIdx.y 0; sums_of 2 (convT: the sum of g over the whole output), by the
+// blocks whose ky is in sum_kys (rows covering every output row once, from conv.rs): each
+// channel summed over the strip pixels p in [own, own + 16·s), a range that the units of a grid
+// row tile without overlap, into sums[z][(ky·k)·cs + c] (tap (ky, 0); conv_dw_reduce_f32 is
+// given those taps).
+#define DW4_THREADS 256
+#define DW4_LMAX 35  // the longest strip: 15·2 + 5
+
+template <int K>
+static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int segs, int& n, int& py, int& seg) {
+    if (++seg == segs) {
+        seg = 0;
+        if (++py == p.hp) {
+            py = 0;
+            ++n;
+        }
+    }
+}
+
+// This thread's loads for the unit (n, py, px0 = 16·seg): A position j = tid / 16, rows
+// i..i+3 (zero past the grid row's end); strip elements e = tid + 256·r (pixel e / 8, channel
+// quad e % 8, zero outside the source or past the strip).
+template <int K>
+static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                                const float* __restrict__ a_mask, int a_masked,
+                                                const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                                int b_masked, int n, int py, int seg, int i, int ky, int cb,
+                                                int strip_len, float4& av, float4 bv[2]) {
+    const int tid = threadIdx.x, j = tid >> 4, px0 = 16 * seg;
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (px0 + j < p.wp) {
+        const int idx = ((n * p.hp + py) * p.wp + px0 + j) * p.rows + i;
+        a = ld_f4(a_src + idx);
+        if (a_masked) a = relu_masked(a, a_mask + idx);
+    }
+    av = a;
+    const int sy = py * p.stride - p.pad + ky;
+    const bool row_ok = (unsigned)sy < (unsigned)p.hs;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int e = tid + DW4_THREADS * r, px = e >> 3;
+        const int sx = px0 * p.stride - p.pad + px;
+        float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (row_ok && px < strip_len && (unsigned)sx < (unsigned)p.ws) {
+            const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + cb + 4 * (e & 7);
+            b = ld_f4(b_src + idx);
+            if (b_masked) b = relu_masked(b, b_mask + idx);
+        }
+        bv[r] = b;
+    }
+}
+
+// grid (rows / 64, k · cs / 32, chunks), block 256; p.chunk counts units (16 positions of one
+// grid row each). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it.
+template <int K, int DEPTH>
+static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                          const float* __restrict__ a_mask, int a_masked,
+                                          const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                          int b_masked, float* __restrict__ partial, int sums_of, unsigned sum_kys,
+                                          float* __restrict__ sums) {
+    static_assert(DEPTH == 1 || DEPTH == 2, "stage t % 2 must be free when unit t is stored");
+    constexpr int LDA = 64 + 8;  // ≡ 8 (mod 32): the paired A fragment loads are conflict-free
+    __shared__ __align__(16) unsigned At[2][TC_BK][LDA];
+    __shared__ __align__(16) unsigned Bs[2][DW4_LMAX * 40];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = warp >> 2, wn = warp & 3;  // rows wm·32.., n8 tiles wn·K..wn·K + K − 1
+    const int s = p.stride, N = K * K * p.cs;
+    // Strip rows of 40 words (stride 1: the B fragment loads of lanes (g, t) hit banks 8t + g)
+    // or 36 (stride 2: rows kx + 2t, banks 8t + g again).
+    const int ldb = s == 2 ? 36 : 40;
+    const int strip_len = 15 * s + K;
+    const int cblocks = p.cs / 32;
+    const int ky = blockIdx.y / cblocks, cb = 32 * (blockIdx.y % cblocks);
+    const int i0 = 64 * blockIdx.x, i = i0 + 4 * (tid & 15);
+    const int segs = (p.wp + 15) / 16, units = p.batch * p.hp * segs;
+    const int ubeg = blockIdx.z * p.chunk, uend = min(ubeg + p.chunk, units);
+    const int ntiles = max(uend - ubeg, 0);
+    float acc[2][K][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0.0f;
+    // The unit loaded last, as (n, py, seg).
+    int ln = 0, lpy = 0, lseg = 0;
+    {
+        const int u = min(ubeg, max(units - 1, 0));
+        lseg = u % segs;
+        lpy = (u / segs) % p.hp;
+        ln = u / (segs * p.hp);
+    }
+    float4 av[DEPTH], bv[DEPTH][2];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+        if (d > 0) dw4_unit_next<K>(p, segs, ln, lpy, lseg);
+        if (d < ntiles)
+            dw4_load<K>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb, strip_len,
+                        av[d], bv[d]);
+    }
+    const bool sum_a = sums_of == 1 && blockIdx.y == 0;
+    const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
+    // The strip pixels whose sums count (sum_b): [own, own + 16·s), own = min(pad, k − s). At
+    // most one of a thread's two strip elements (pixels 32 apart) lies in a range of at most 32
+    // pixels: own_r is which (−1: neither). One accumulator serves the A sums or the B sums.
+    const int own = min(p.pad, K - s);
+    const int px_0 = tid >> 3;  // the pixel of element 0 (element 1: px_0 + 32)
+    const int own_r = px_0 >= own && px_0 < own + 16 * s ? 0 : (px_0 + 32 >= own && px_0 + 32 < own + 16 * s ? 1 : -1);
+    float4 osum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    // This warp's n8 tiles: tap kx = J / 4, channels (J % 4)·8 + g of the block's 32.
+    for (int t0 = 0; t0 < ntiles; t0 += DEPTH) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+            const int tt = t0 + d;
+            if (tt >= ntiles) break;  // (uniform over the block)
+            const int st = DEPTH == 2 ? d : (tt & 1);
+            if (sum_a) osum = add4(osum, av[d]);
+            if (sum_b && own_r >= 0) osum = add4(osum, own_r == 0 ? bv[d][0] : bv[d][1]);
+            *(uint4*)&At[st][tid >> 4][4 * (tid & 15)] = tf32x4(av[d]);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int e = tid + DW4_THREADS * r, px = e >> 3;
+                if (px < strip_len) *(uint4*)&Bs[st][px * ldb + 4 * (e & 7)] = tf32x4(bv[d][r]);
+            }
+            __syncthreads();
+            if (tt + DEPTH < ntiles) {
+                dw4_unit_next<K>(p, segs, ln, lpy, lseg);
+                dw4_load<K>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
+                            strip_len, av[d], bv[d]);
+            }
+#pragma unroll
+            for (int ks = 0; ks < TC_BK; ks += 8) {
+                unsigned a[2][4];
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    const int r = wm * 32 + mi * 16 + 2 * g;
+                    const uint2 lo = *(const uint2*)&At[st][ks + t][r];
+                    const uint2 hi = *(const uint2*)&At[st][ks + t + 4][r];
+                    a[mi][0] = lo.x;
+                    a[mi][1] = lo.y;
+                    a[mi][2] = hi.x;
+                    a[mi][3] = hi.y;
+                }
+#pragma unroll
+                for (int j = 0; j < K; ++j) {
+                    const int J = wn * K + j, kx = J >> 2, c = ((J & 3) << 3) + g;
+                    unsigned b[2];
+                    b[0] = Bs[st][(kx + s * (ks + t)) * ldb + c];
+                    b[1] = Bs[st][(kx + s * (ks + t + 4)) * ldb + c];
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) mma_tf32_16x8x8(acc[mi][j], a[mi], b);
+                }
+            }
+        }
+    }
+    // The partials: the mma's rows g and g + 8 are the tile's rows 2g and 2g + 1 (the paired A
+    // loads above), columns 2t and 2t + 1 of each n8 tile.
+    float* out = partial + (size_t)blockIdx.z * p.rows * N;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+            const int J = wn * K + j, kx = J >> 2;
+            const int nn = (ky * K + kx) * p.cs + cb + ((J & 3) << 3) + 2 * t;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ii = i0 + wm * 32 + mi * 16 + 2 * g + (r >= 2);
+                out[ii * N + nn + (r & 1)] = acc[mi][j][r];
+            }
+        }
+    // The operand sums, added in a fixed order through the (no longer needed) stages.
+    if (!sum_a && !sum_b) return;  // uniform over the block
+    __syncthreads();
+    float* red = (float*)&At[0][0][0];  // sum_a: [16][64]
+    float* redb = (float*)&Bs[0][0];    // sum_b: [64 pixels][32 channels] (2 · 35 · 40 words)
+    if (sum_a) *(float4*)&red[(tid >> 4) * 64 + 4 * (tid & 15)] = osum;
+    if (sum_b && own_r >= 0) *(float4*)&redb[((tid >> 3) + 32 * own_r) * 32 + 4 * (tid & 7)] = osum;
+    __syncthreads();
+    if (sum_a && tid < 64) {
+        float v = 0.0f;
+        for (int j = 0; j < TC_BK; ++j) v += red[j * 64 + tid];
+        sums[(size_t)blockIdx.z * p.rows + i0 + tid] = v;
+    }
+    if (sum_b && tid < 32) {
+        float v = 0.0f;
+        for (int px = own; px < min(own + 16 * s, strip_len); ++px) v += redb[px * 32 + tid];
+        sums[(size_t)blockIdx.z * N + (ky * K) * p.cs + cb + tid] = v;
+    }
+}
+
+// As conv_dw_partial_v3_tf32 for k = 3 (`v4k3`) or 5 (`v4k5`), rows % 64 == 0, cs % 32 == 0,
+// stride 1 or 2; block 256, grid (rows / 64, k · cs / 32, chunks of p.chunk units). sum_kys:
+// the ky whose blocks sum g for sums_of 2 (a bit mask).
+// (Two blocks per SM: sm_80's compiler took 159 registers for k = 5 without the bound, sm_90's
+// 128 with or without it.)
+#define DW4_ENTRY(NAME, K)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(DW4_THREADS, 2)                                            \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
+        conv_dw_partial_v4<K, 2>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of, sum_kys, \
+                                 sums);                                                                     \
+    }
+DW4_ENTRY(conv_dw_partial_v4k3_tf32, 3)
+DW4_ENTRY(conv_dw_partial_v4k5_tf32, 5)
+
 // One column per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c]. Then, when
 // db_len > 0, one column per channel of the bias gradient from the operand sums of
 // conv_dw_partial_v3_* (in the same launch: one fewer per layer): db[c] += Σ_z Σ_{tap in taps}

@@ -264,7 +264,7 @@ fn nvrtc_kernel_resources(arch: &'static str) {
                 "{arch}: {} spills registers or keeps arrays in local memory",
                 k.name
             );
-            if k.name.contains("_v3") {
+            if k.name.contains("_v3") || k.name.contains("_v4") {
                 assert!(
                     k.registers <= 128,
                     "{arch}: {} uses {} registers: fewer than two 256-thread blocks per SM",
@@ -606,6 +606,21 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         true,
         112,
     );
+    // Version 4 of the weight gradient (64 rows, 32 gathered channels, a row of taps per
+    // block): 5×5 over a grid 21 wide (a grid row's second unit of 16 positions is partial)
+    // with 128 rows (two row tiles); and 3×3 stride 2 over a grid narrower than one unit.
+    case(
+        "k5 32->128 9x21 dw4",
+        ConvGeom::same(9, 21, 32, 128, 5),
+        true,
+        113,
+    );
+    case(
+        "k3 s2 64->64 dw4",
+        ConvGeom::conv(9, 13, 64, 64, 3, 2, 1),
+        false,
+        114,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -675,6 +690,16 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         false,
         260,
     );
+    // Version 4 of the weight gradient with the bias gradient from its sums of g: the decoder's
+    // 5×5 stride-1 layer on an input grid 18 wide (two units per grid row, the second of 2
+    // positions), and a 3×3 one from 64 to 32 channels.
+    case(
+        "T k5 s1 64->64 18 wide dw4",
+        t(5, 18, 64, 64, 5, 1, 2, 0),
+        true,
+        270,
+    );
+    case("T k3 s1 64->32 dw4", t(6, 7, 64, 32, 3, 1, 1, 0), true, 280);
 }
 
 fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -2079,13 +2104,14 @@ fn emu_train_step_tf32_exact_products_16_wide() {
 }
 
 /// Layers 16 wide with the full decoder and dropout: every fast path of the CUDA backend
-/// applies. (The encoder's second layer maps 32 channels to 48, so that its forward takes the
-/// 32-wide k-tiles of `conv_k32`: a gather of a multiple of 32 channels into more than 32.)
+/// applies. (The encoder's second layer maps 32 channels to 64, so that its forward takes the
+/// 32-wide k-tiles of `conv_k32`, a gather of a multiple of 32 channels into more than 32, and
+/// its weight gradient version 4, `dw_v4`: 64 rows, 32 gathered channels.)
 fn all_fast_paths_config() -> Config {
     small_config(|m| {
         m.implicit_diff = true;
         m.dropout = 0.1;
-        m.encoder_channels = vec![32, 48];
+        m.encoder_channels = vec![32, 64];
         m.decoder = DecoderKind::Full;
         m.decoder_channels = Some(vec![16, 16]);
         m.feat_size = 16;
@@ -2100,6 +2126,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
         "conv_k32" => name.starts_with("conv_igemm_") && name.contains("_k32_"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
+        "dw_v4" => name.starts_with("conv_dw_partial_v4"),
         "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",
         "tokens" => name.starts_with("tokens_fwd_") || name.starts_with("tokens_bwd_"),
         "slot_cell" => name.starts_with("slot_query_") || name.starts_with("slot_update_"),

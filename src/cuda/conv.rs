@@ -94,9 +94,46 @@ const TC_DW_TARGET_BLOCKS: usize = 264;
 /// took as long as the first (Nsight Compute, first GPU session). From the sizes only, not the
 /// device, so that a step sums in the same order everywhere.
 fn dw_chunks(tiles: usize, npos: usize) -> (usize, usize) {
-    let want = (TC_DW_TARGET_BLOCKS / tiles).clamp(1, npos.div_ceil(TC_TILE));
-    let chunk = npos.div_ceil(want).next_multiple_of(TC_BK);
-    (chunk, npos.div_ceil(chunk))
+    dw_chunks_of(tiles, npos.div_ceil(TC_BK), TC_BK)
+}
+
+/// [`dw_chunks`] over `ktiles` k-tiles of `width` reduction positions each (version 4's units
+/// are 16 positions of one grid row, counted as width 1: its chunks count units): the chunk's
+/// length in positions (a multiple of `width`), and the chunks. At least 4 k-tiles per chunk.
+fn dw_chunks_of(tiles: usize, ktiles: usize, width: usize) -> (usize, usize) {
+    let want = (TC_DW_TARGET_BLOCKS / tiles).clamp(1, ktiles.div_ceil(4).max(1));
+    let per = ktiles.div_ceil(want);
+    (per * width, ktiles.div_ceil(per))
+}
+
+/// Whether version 4 of the weight-gradient partials computes this GEMM: rows a multiple of
+/// 64, gathered channels of 32, a 3×3 or 5×5 kernel, stride 1 or 2 (DW4 in conv_tc.cu).
+fn dw4_applies(rows: usize, cs: usize, k: usize, stride: usize) -> bool {
+    rows % 64 == 0 && cs % 32 == 0 && (k == 3 || k == 5) && (stride == 1 || stride == 2)
+}
+
+/// Whether version 4's sums of g (a transposed convolution's bias gradient) count every output
+/// pixel of a row once: the strip ranges [own, own + 16·s) of a grid row's units (own =
+/// min(pad, k − s), as in conv_dw_partial_v4) start at or before pixel 0 and reach its end.
+/// (Rows are the covering taps' ky, `covering`.)
+fn dw4_sums_cover(g: &ConvGeom, covering: Option<u32>) -> bool {
+    let (k, s, pad) = (g.k as isize, g.stride as isize, g.pad as isize);
+    let own = pad.min(k - s);
+    let reach = 16 * (g.w_in.div_ceil(16) as isize) * s - pad + own;
+    covering.is_some() && own >= 0 && reach >= g.w_out as isize
+}
+
+/// From the covering taps of a transposed convolution: the ky whose version 4 blocks sum g (a
+/// bit mask) and the taps (ky, 0) the reduction then reads.
+fn dw4_sum_rows(taps: u32, k: usize) -> (u32, u32) {
+    let (mut kys, mut at) = (0u32, 0u32);
+    for ky in 0..k {
+        if (0..k).any(|kx| (taps >> (ky * k + kx)) & 1 == 1) {
+            kys |= 1 << ky;
+            at |= 1 << (ky * k);
+        }
+    }
+    (kys, at)
 }
 
 /// The conv kernels compute flat indices over the whole batch in 32-bit ints: refuse sizes past
@@ -524,15 +561,40 @@ impl Cuda {
         };
         let cols = g.k * g.k * cs;
         let npos = batch * hp * wp;
-        // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3).
-        let v3 = self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
-        let (row_tile, col_tile, v3_name) = match (v3, rows <= 32) {
-            (false, _) => (TC_TILE, TC_TILE, ""),
-            (true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
-            (true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
+        // The bias gradient's taps: conv sums dy, the A rows (one "tap"); convT the B columns
+        // of the taps that reach every output position exactly once.
+        let covering = if transposed {
+            convt_covering_taps(g)
+        } else {
+            Some(1)
         };
-        let tiles = rows.div_ceil(row_tile) * cols.div_ceil(col_tile);
-        let (chunk, chunks) = dw_chunks(tiles, npos);
+        let v4 = self.fast.dw_v4
+            && dw4_applies(rows, cs, g.k, g.stride)
+            && (db.is_none() || !transposed || dw4_sums_cover(g, covering));
+        // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3);
+        // version 4: 64 rows × the k taps of one ky × 32 channels, over units of 16 positions.
+        let v3 = !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
+        let (row_tile, col_tile, name) = match (v4, v3, rows <= 32) {
+            (true, _, _) if g.k == 3 => (64, 3 * 32, "conv_dw_partial_v4k3_tf32"),
+            (true, _, _) => (64, 5 * 32, "conv_dw_partial_v4k5_tf32"),
+            (false, false, _) => (TC_TILE, TC_TILE, "conv_dw_partial_tf32"),
+            (false, true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
+            (false, true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
+        };
+        // Version 4's column tiles are (ky, 32 channels): k · cs / 32 of them.
+        let col_tiles = if v4 {
+            g.k * cs / 32
+        } else {
+            cols.div_ceil(col_tile)
+        };
+        let tiles = rows.div_ceil(row_tile) * col_tiles;
+        // Version 4 splits units (16 positions of one grid row) into chunks, the others
+        // positions.
+        let (chunk, chunks) = if v4 {
+            dw_chunks_of(tiles, batch * hp * wp.div_ceil(16), 1)
+        } else {
+            dw_chunks(tiles, npos)
+        };
         let p = ConvDwGemmC {
             rows: i(rows),
             batch: i(batch),
@@ -548,18 +610,24 @@ impl Cuda {
         };
         i(chunks * rows * cols);
         let mut partial = self.scratch::<f32>(chunks * rows * cols);
-        let cfg = if v3 {
-            tile_grid(rows, row_tile, cols, col_tile, chunks, DW3_THREADS)
-        } else {
-            tc_grid(rows, cols, chunks)
+        let cfg = match (v4, v3) {
+            (true, _) => LaunchConfig {
+                grid_dim: ((rows / 64) as u32, col_tiles as u32, chunks as u32),
+                block_dim: (DW3_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            (false, true) => tile_grid(rows, row_tile, cols, col_tile, chunks, DW3_THREADS),
+            (false, false) => tc_grid(rows, cols, chunks),
         };
         let (zero, ri) = (0i32, relu as i32);
-        // The bias gradient's taps: conv sums dy, the A rows (one "tap"); convT the B columns
-        // of the taps that reach every output position exactly once.
-        let db_taps = match (v3, &db, transposed) {
-            (true, Some(_), false) => Some(1u32),
-            (true, Some(_), true) => convt_covering_taps(g),
+        let db_taps = match (v3 || v4, &db) {
+            (true, Some(_)) => covering,
             _ => None,
+        };
+        // Version 4 sums g per ky row of taps (the covering taps' ky), into tap (ky, 0).
+        let (sum_kys, reduce_taps) = match (v4, db_taps) {
+            (true, Some(taps)) if transposed => dw4_sum_rows(taps, g.k),
+            (_, taps) => (0, taps.unwrap_or(0)),
         };
         let sums_len = if transposed { cols } else { rows };
         let mut sums = self.scratch::<f32>(if db_taps.is_some() {
@@ -573,24 +641,30 @@ impl Cuda {
             (Some(_), false) => 1,
             (Some(_), true) => 2,
         };
-        match (transposed, v3) {
-            (true, true) => launch!(self, v3_name, cfg;
-                &p, x, x, &zero, dy, y, &ri, &mut partial, &sums_of, &mut sums),
-            (true, false) => launch!(self, "conv_dw_partial_tf32", cfg;
-                &p, x, x, &zero, dy, y, &ri, &mut partial),
-            (false, true) => launch!(self, v3_name, cfg;
-                &p, dy, y, &ri, x, x, &zero, &mut partial, &sums_of, &mut sums),
-            (false, false) => launch!(self, "conv_dw_partial_tf32", cfg;
-                &p, dy, y, &ri, x, x, &zero, &mut partial),
+        // convT: A = x, B = gathered g (dy through y's ReLU); conv: A = g, B = gathered x.
+        let (a, a_mask, a_masked, b, b_mask, b_masked) = if transposed {
+            (x, x, &zero, dy, y, &ri)
+        } else {
+            (dy, y, &ri, x, x, &zero)
+        };
+        if v4 {
+            launch!(self, name, cfg;
+                &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial, &sums_of, &sum_kys,
+                &mut sums);
+        } else if v3 {
+            launch!(self, name, cfg;
+                &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial, &sums_of, &mut sums);
+        } else {
+            launch!(self, name, cfg; &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial);
         }
         let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
         let sl = i(sums_len);
         match (db, db_taps) {
-            (Some(db), Some(taps)) => {
+            (Some(db), Some(_)) => {
                 assert_eq!(db.len(), g.c_out);
                 let oi = i(g.c_out);
                 launch!(self, "conv_dw_reduce_f32", rs_grid(rows * cols + g.c_out);
-                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &oi, &taps, &*sums, db);
+                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &oi, &reduce_taps, &*sums, db);
             }
             (db, _) => {
                 // (No sums: no bias, or version 2, which sums the bias over dy on its own.)
@@ -609,6 +683,74 @@ impl Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Version 4's sums of g: where `dw4_sums_cover` says yes, the units' ranges of strip pixels
+    /// (`[px0·s − pad + own, … + 16·s)` for px0 = 0, 16, …) cover every pixel of an output row
+    /// exactly once; and the CLEVR decoder's layers are such layers.
+    #[test]
+    fn dw4_sum_ranges_cover_each_output_pixel_once() {
+        let t = ConvGeom::transposed;
+        for g in [
+            t(8, 8, 64, 64, 5, 2, 2, 1),
+            t(64, 64, 64, 64, 5, 2, 2, 1),
+            t(128, 128, 64, 64, 5, 1, 2, 0),
+            t(35, 35, 64, 64, 5, 1, 2, 0),
+        ] {
+            assert!(dw4_sums_cover(&g, convt_covering_taps(&g)), "{g:?}");
+        }
+        let mut checked = 0;
+        for k in [3usize, 5] {
+            for s in [1usize, 2] {
+                for pad in 0..k {
+                    for op in 0..s {
+                        for w_in in [1usize, 5, 16, 17, 33] {
+                            // (Only geometries with at least one output pixel; h_in is 4.)
+                            if (w_in - 1) * s + k + op <= 2 * pad || 3 * s + k + op <= 2 * pad {
+                                continue;
+                            }
+                            let g = t(4, w_in, 64, 64, k, s, pad, op);
+                            if !dw4_sums_cover(&g, convt_covering_taps(&g)) {
+                                continue;
+                            }
+                            let own = pad.min(k - s) as isize;
+                            let mut count = vec![0; g.w_out];
+                            for px0 in (0..w_in).step_by(16) {
+                                let start = (px0 * s) as isize - pad as isize + own;
+                                for sx in start..start + 16 * s as isize {
+                                    if (0..g.w_out as isize).contains(&sx) {
+                                        count[sx as usize] += 1;
+                                    }
+                                }
+                            }
+                            assert!(count.iter().all(|&c| c == 1), "{g:?}: {count:?}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 20, "{checked}");
+        // The covering taps of the stride-2 5×5 layer are (2|3, 2|3): rows 2 and 3 sum g, into
+        // taps (2, 0) and (3, 0).
+        let s2 = t(8, 8, 64, 64, 5, 2, 2, 1);
+        let taps = convt_covering_taps(&s2).unwrap();
+        assert_eq!(dw4_sum_rows(taps, 5), (0b1100, (1 << 10) | (1 << 15)));
+    }
+
+    /// Version 4 takes the 64-channel layers with 3×3 and 5×5 kernels at stride 1 and 2 only.
+    #[test]
+    fn dw4_applies_to_the_clevr_layers_only() {
+        assert!(
+            dw4_applies(64, 64, 5, 1) && dw4_applies(64, 64, 5, 2) && dw4_applies(128, 32, 3, 2)
+        );
+        assert!(!dw4_applies(32, 64, 5, 1)); // 32 rows: version 3's 32 × 256 tiles
+        assert!(
+            !dw4_applies(64, 16, 5, 1) && !dw4_applies(64, 3, 5, 1) && !dw4_applies(64, 4, 3, 1)
+        );
+        assert!(
+            !dw4_applies(64, 64, 1, 1) && !dw4_applies(64, 64, 7, 1) && !dw4_applies(64, 64, 5, 3)
+        );
+    }
 
     /// The kernels opted in to more than 48 KiB exist in kernels.rs (the backend fails to open
     /// otherwise), need the opt-in, and are the only version 3 launches past 48 KiB.

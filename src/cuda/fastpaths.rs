@@ -23,6 +23,10 @@ pub struct FastPaths {
     /// Version 3 of the tensor-core weight-gradient passes (`conv_dw_partial_v3*`, with the
     /// bias gradient from the GEMM's operand sums); off: version 2 and a column-sum pass.
     pub dw_v3: bool,
+    /// Version 4 of the weight-gradient passes where it applies (`conv_dw_partial_v4k*`: 64
+    /// rows, 32 gathered channels, 3×3 or 5×5, stride 1 or 2; a block per row of taps, which
+    /// share one strip of source pixels); off: version 3.
+    pub dw_v4: bool,
     /// Version 2 of the attention kernels (tokens split over blocks); off: version 1, one block
     /// per image and head.
     pub attention_v2: bool,
@@ -50,6 +54,7 @@ impl FastPaths {
         conv_v3: true,
         conv_k32: true,
         dw_v3: true,
+        dw_v4: true,
         attention_v2: true,
         tokens: true,
         slot_cell: true,
@@ -60,6 +65,7 @@ impl FastPaths {
         conv_v3: false,
         conv_k32: false,
         dw_v3: false,
+        dw_v4: false,
         attention_v2: false,
         tokens: false,
         slot_cell: false,
@@ -68,10 +74,11 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "conv_v3",
         "conv_k32",
         "dw_v3",
+        "dw_v4",
         "attention_v2",
         "tokens",
         "slot_cell",
@@ -84,6 +91,7 @@ impl FastPaths {
             "conv_v3" => &mut self.conv_v3,
             "conv_k32" => &mut self.conv_k32,
             "dw_v3" => &mut self.dw_v3,
+            "dw_v4" => &mut self.dw_v4,
             "attention_v2" => &mut self.attention_v2,
             "tokens" => &mut self.tokens,
             "slot_cell" => &mut self.slot_cell,
@@ -155,6 +163,7 @@ mod tests {
             fp.conv_v3
                 && fp.conv_k32
                 && fp.dw_v3
+                && fp.dw_v4
                 && fp.attention_v2
                 && fp.slot_cell
                 && fp.conv_splitk

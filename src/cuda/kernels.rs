@@ -53,6 +53,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_dw_partial_tf32",
             "conv_dw_partial_v3_tf32",
             "conv_dw_partial_v3r32_tf32",
+            "conv_dw_partial_v4k3_tf32",
+            "conv_dw_partial_v4k5_tf32",
             "conv_dw_reduce_f32",
             "conv_splitk_reduce_f32",
         ],
