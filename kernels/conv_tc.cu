@@ -1019,7 +1019,6 @@ DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 // row tile without overlap, into sums[z][(ky·k)·cs + c] (tap (ky, 0); conv_dw_reduce_f32 is
 // given those taps).
 #define DW4_THREADS 256
-#define DW4_LMAX 35  // the longest strip: 15·2 + 5
 
 template <int K>
 static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int segs, int& n, int& py, int& seg) {
@@ -1035,7 +1034,7 @@ static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int se
 // This thread's loads for the unit (n, py, px0 = 16·seg): A position j = tid / 16, rows
 // i..i+3 (zero past the grid row's end); strip elements e = tid + 256·r (pixel e / 8, channel
 // quad e % 8, zero outside the source or past the strip).
-template <int K>
+template <int K, int S>
 static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
@@ -1049,12 +1048,12 @@ static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float
         if (a_masked) a = relu_masked(a, a_mask + idx);
     }
     av = a;
-    const int sy = py * p.stride - p.pad + ky;
+    const int sy = py * S - p.pad + ky;
     const bool row_ok = (unsigned)sy < (unsigned)p.hs;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int e = tid + DW4_THREADS * r, px = e >> 3;
-        const int sx = px0 * p.stride - p.pad + px;
+        const int sx = px0 * S - p.pad + px;
         float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (row_ok && px < strip_len && (unsigned)sx < (unsigned)p.ws) {
             const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + cb + 4 * (e & 7);
@@ -1066,25 +1065,29 @@ static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float
 }
 
 // grid (rows / 64, k · cs / 32, chunks), block 256; p.chunk counts units (16 positions of one
-// grid row each). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it.
-template <int K, int DEPTH>
+// grid row each). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it. The
+// stride S is a template parameter so that the strip's row length and each B fragment's offset
+// in it are constants (with both at run time, the SASS of the loop spent 61 LEA and 86 IMAD on
+// those addresses per 40 HMMA).
+template <int K, int S, int DEPTH>
 static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __restrict__ a_src,
                                           const float* __restrict__ a_mask, int a_masked,
                                           const float* __restrict__ b_src, const float* __restrict__ b_mask,
                                           int b_masked, float* __restrict__ partial, int sums_of, unsigned sum_kys,
                                           float* __restrict__ sums) {
     static_assert(DEPTH == 1 || DEPTH == 2, "stage t % 2 must be free when unit t is stored");
+    static_assert(S == 1 || S == 2, "strips of at most 35 pixels");
     constexpr int LDA = 64 + 8;  // ≡ 8 (mod 32): the paired A fragment loads are conflict-free
+    // Strip rows of 40 words (stride 1: the B fragment loads of lanes (g, t) hit banks 8t + g)
+    // or 36 (stride 2: rows kx + 2t, banks 8t + g again).
+    constexpr int ldb = S == 2 ? 36 : 40;
+    constexpr int s = S, strip_len = 15 * S + K;
     __shared__ __align__(16) unsigned At[2][TC_BK][LDA];
-    __shared__ __align__(16) unsigned Bs[2][DW4_LMAX * 40];
+    __shared__ __align__(16) unsigned Bs[2][strip_len * ldb];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int wm = warp >> 2, wn = warp & 3;  // rows wm·32.., n8 tiles wn·K..wn·K + K − 1
-    const int s = p.stride, N = K * K * p.cs;
-    // Strip rows of 40 words (stride 1: the B fragment loads of lanes (g, t) hit banks 8t + g)
-    // or 36 (stride 2: rows kx + 2t, banks 8t + g again).
-    const int ldb = s == 2 ? 36 : 40;
-    const int strip_len = 15 * s + K;
+    const int N = K * K * p.cs;
     const int cblocks = p.cs / 32;
     const int ky = blockIdx.y / cblocks, cb = 32 * (blockIdx.y % cblocks);
     const int i0 = 64 * blockIdx.x, i = i0 + 4 * (tid & 15);
@@ -1111,8 +1114,8 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     for (int d = 0; d < DEPTH; ++d) {
         if (d > 0) dw4_unit_next<K>(p, segs, ln, lpy, lseg);
         if (d < ntiles)
-            dw4_load<K>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb, strip_len,
-                        av[d], bv[d]);
+            dw4_load<K, S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
+                           strip_len, av[d], bv[d]);
     }
     const bool sum_a = sums_of == 1 && blockIdx.y == 0;
     const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
@@ -1141,8 +1144,8 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             __syncthreads();
             if (tt + DEPTH < ntiles) {
                 dw4_unit_next<K>(p, segs, ln, lpy, lseg);
-                dw4_load<K>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
-                            strip_len, av[d], bv[d]);
+                dw4_load<K, S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
+                               strip_len, av[d], bv[d]);
             }
 #pragma unroll
             for (int ks = 0; ks < TC_BK; ks += 8) {
@@ -1188,7 +1191,7 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     if (!sum_a && !sum_b) return;  // uniform over the block
     __syncthreads();
     float* red = (float*)&At[0][0][0];  // sum_a: [16][64]
-    float* redb = (float*)&Bs[0][0];    // sum_b: [64 pixels][32 channels] (2 · 35 · 40 words)
+    float* redb = (float*)&Bs[0][0];    // sum_b: [strip_len][32 channels] (≤ 2 · strip_len · 36)
     if (sum_a) *(float4*)&red[(tid >> 4) * 64 + 4 * (tid & 15)] = osum;
     if (sum_b && own_r >= 0) *(float4*)&redb[((tid >> 3) + 32 * own_r) * 32 + 4 * (tid & 7)] = osum;
     __syncthreads();
@@ -1204,21 +1207,23 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     }
 }
 
-// As conv_dw_partial_v3_tf32 for k = 3 (`v4k3`) or 5 (`v4k5`), rows % 64 == 0, cs % 32 == 0,
-// stride 1 or 2; block 256, grid (rows / 64, k · cs / 32, chunks of p.chunk units). sum_kys:
-// the ky whose blocks sum g for sums_of 2 (a bit mask).
+// As conv_dw_partial_v3_tf32 for k = 3 or 5 and stride 1 or 2 (`v4k<k>s<stride>`),
+// rows % 64 == 0, cs % 32 == 0; block 256, grid (rows / 64, k · cs / 32, chunks of p.chunk
+// units). sum_kys: the ky whose blocks sum g for sums_of 2 (a bit mask).
 // (Two blocks per SM: sm_80's compiler took 159 registers for k = 5 without the bound, sm_90's
 // 128 with or without it.)
-#define DW4_ENTRY(NAME, K)                                                                                   \
+#define DW4_ENTRY(NAME, K, S)                                                                                \
     extern "C" __global__ void __launch_bounds__(DW4_THREADS, 2)                                            \
         NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
              const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
              float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
-        conv_dw_partial_v4<K, 2>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of, sum_kys, \
-                                 sums);                                                                     \
+        conv_dw_partial_v4<K, S, 2>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,       \
+                                    sum_kys, sums);                                                         \
     }
-DW4_ENTRY(conv_dw_partial_v4k3_tf32, 3)
-DW4_ENTRY(conv_dw_partial_v4k5_tf32, 5)
+DW4_ENTRY(conv_dw_partial_v4k3s1_tf32, 3, 1)
+DW4_ENTRY(conv_dw_partial_v4k3s2_tf32, 3, 2)
+DW4_ENTRY(conv_dw_partial_v4k5s1_tf32, 5, 1)
+DW4_ENTRY(conv_dw_partial_v4k5s2_tf32, 5, 2)
 
 // One column per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c]. Then, when
 // db_len > 0, one column per channel of the bias gradient from the operand sums of

@@ -344,7 +344,7 @@ step_profile() {
   # occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
-  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_v3(_k32)?_tf32|conv_dw_partial_v(3|4k3|4k5)_tf32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 26 \
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_v3(_k32)?_tf32|conv_dw_partial_v(3|4k[35]s[12])_tf32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 26 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
@@ -353,7 +353,7 @@ step_profile() {
   # stall reason, the instruction mix, the shared-memory table (bank conflicts per store and
   # load) and the source counters of the first direct and weight-gradient launches.
   enough "profile details" 30 || return
-  timeout "$(cap 60)" ncu -k 'regex:conv_igemm_direct_v3(_k32)?_tf32|conv_dw_partial_v(3|4k3|4k5)_tf32' -c 6 --print-details all \
+  timeout "$(cap 60)" ncu -k 'regex:conv_igemm_direct_v3(_k32)?_tf32|conv_dw_partial_v(3|4k[35]s[12])_tf32' -c 6 --print-details all \
     --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
     --section SourceCounters "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6-details.txt" 2>&1

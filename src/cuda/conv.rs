@@ -575,8 +575,16 @@ impl Cuda {
         // version 4: 64 rows × the k taps of one ky × 32 channels, over units of 16 positions.
         let v3 = !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
         let (row_tile, col_tile, name) = match (v4, v3, rows <= 32) {
-            (true, _, _) if g.k == 3 => (64, 3 * 32, "conv_dw_partial_v4k3_tf32"),
-            (true, _, _) => (64, 5 * 32, "conv_dw_partial_v4k5_tf32"),
+            (true, _, _) => (
+                64,
+                g.k * 32,
+                match (g.k, g.stride) {
+                    (3, 1) => "conv_dw_partial_v4k3s1_tf32",
+                    (3, _) => "conv_dw_partial_v4k3s2_tf32",
+                    (_, 1) => "conv_dw_partial_v4k5s1_tf32",
+                    _ => "conv_dw_partial_v4k5s2_tf32",
+                },
+            ),
             (false, false, _) => (TC_TILE, TC_TILE, "conv_dw_partial_tf32"),
             (false, true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
             (false, true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
