@@ -460,7 +460,8 @@ impl Cuda {
     /// `v3.split_k` asks for it and [`v3_splits`] finds it worth it: the blocks write partial
     /// products to a scratch buffer and `conv_splitk_reduce_f32` applies the epilogue.
     fn conv_v3(&self, v3: &V3Launch, src: &Buf, mask: &Buf, wt: &Buf, bias: &Buf, out: &mut Buf) {
-        let (name, mut cfg, bk) = v3_kernel(&v3.p, v3.adjoint, self.fast.conv_k32);
+        let k32 = self.fast.conv_k32 && self.large_shared;
+        let (name, mut cfg, bk) = v3_kernel(&v3.p, v3.adjoint, k32);
         let (p, masked, relu, mode) = (&v3.p, &v3.masked, &v3.relu, &v3.mode);
         let splits = if v3.split_k && self.fast.conv_splitk {
             v3_splits(p, &cfg, bk)

@@ -481,6 +481,9 @@ pub struct Cuda {
     replays: std::sync::atomic::AtomicU64,
     /// The fast paths this backend may take (all by default; see [`fastpaths`]).
     fast: FastPaths,
+    /// The kernels of [`conv::LARGE_SHARED`] got their shared memory (false: the device refused
+    /// the opt-in, and `conv_k32` stays off whatever `fast` says).
+    large_shared: bool,
     /// In the emulator: launches so far per kernel name (tests check which kernels ran).
     emu_launched: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Whether each launch is timed ([`profile`]), and the launches timed so far.
@@ -541,7 +544,8 @@ fn load_module(
 
 /// Raise the dynamic shared-memory limit of the kernels that launch with more than the 48 KiB
 /// every kernel gets ([`conv::LARGE_SHARED`]), once, to what they take. A device that cannot give
-/// that much to one block is an error that says so (every sm_80+ GPU can: 99 KiB or more).
+/// that much to one block is an error that says so (every sm_80+ GPU can: 99 KiB or more); the
+/// backend then runs without those kernels ([`Cuda::large_shared`]).
 fn opt_in_shared(
     ctx: &CudaContext,
     funcs: &HashMap<&'static str, CudaFunction>,
@@ -646,12 +650,18 @@ impl Cuda {
                 funcs.insert(k, func);
             }
         }
-        opt_in_shared(&ctx, &funcs, &name)?;
-        Ok(Cuda::with_exec(
-            Exec::Gpu(Gpu { ctx, stream, funcs }),
-            name,
-            arch,
-        ))
+        // A fast path that cannot be switched on is no reason to lose the GPU: say so, and run
+        // its fallback.
+        let large_shared = match opt_in_shared(&ctx, &funcs, &name) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("warning: {e}; the convolutions run with k-tiles of 16 (conv_k32 off)");
+                false
+            }
+        };
+        let mut cu = Cuda::with_exec(Exec::Gpu(Gpu { ctx, stream, funcs }), name, arch);
+        cu.large_shared = large_shared;
+        Ok(cu)
     }
 
     fn with_exec(exec: Exec, name: String, arch: &'static str) -> Cuda {
@@ -676,6 +686,7 @@ impl Cuda {
             emu_tape: Default::default(),
             replays: Default::default(),
             fast: FastPaths::ALL,
+            large_shared: true,
             emu_launched: Default::default(),
             profiling: Default::default(),
             profile: Default::default(),
