@@ -350,6 +350,10 @@ static __device__ __forceinline__ float4 relu_masked(float4 v, const float* mask
     return v;
 }
 
+static __device__ __forceinline__ uint4 tf32x4(float4 v) {
+    return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
+}
+
 // Where a k-tile of the phase's GEMM reads: tap (ky, kx), the offsets (oy_, ox_) that map a row's
 // base position to its source pixel, and the tile's first channel. Stepped from one k-tile to the
 // next by additions (v3_next): the k-loop has no integer division.
@@ -629,6 +633,163 @@ V3_ENTRY(conv_igemm_adjoint_v3n32_tf32, true, 1, 16)
 V3_ENTRY(conv_igemm_direct_v3_k32_tf32, false, 2, 32)
 V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 
+// ---- Version 5 of the activation passes: stride-1 gathers of 64 channels from a halo tile ----
+// Version 3 gathers every k-tile's rows from global memory: a 5×5 layer reads each source pixel
+// 25 times per output tile (from L1 mostly), and every gathered row is stored to shared memory
+// once per tap. Version 5 takes the stride-1 passes with 64 gathered channels (the direct gather
+// with stride 1, and the adjoint gather with stride 1, which is a direct one with the taps
+// mirrored: source = o + pad − t = o − (k − 1 − pad) + (k − 1 − t)) and an output tile of
+// 8 × 16 pixels of one image: it stages the tile's halo, (8 + k − 1) × (16 + k − 1) pixels × 64
+// channels, once, and reads each tap's A fragments from it with ldmatrix at the tap's offset
+// (a lane gives ldmatrix its own row's address, so any row mapping is free). Only the weights
+// stream: one tap (64 × 64) per step, two stages through registers as in version 3. Per
+// 8 × 16 × 64 output tile of a 5×5 layer: 240 halo pixels gathered and stored once instead of
+// 128 rows × 25 taps; the fragment loads are unchanged. Shared memory: the halo (rows of 68
+// words: 16-byte aligned, ≡ 4 mod 8 so that 8 consecutive pixels' rows are conflict-free for
+// ldmatrix) and two weight stages: 100 KiB (k = 5) or 84 KiB (k = 3).
+#define V5_TH 8   // output tile rows
+#define V5_TW 16  // output tile columns
+#define V5_CS 64  // gathered channels
+#define V5_LDH (V5_CS + 4)
+#define V5_LDB (V5_CS + 8)
+
+template <int K>
+struct V5Smem {
+    static constexpr int HH = V5_TH + K - 1, HW = V5_TW + K - 1;  // the halo
+    static constexpr int HALO_WORDS = HH * HW * V5_LDH;
+    static constexpr int BYTES = 4 * (HALO_WORDS + 2 * 64 * V5_LDB);
+};
+
+// grid (batch · ⌈hp/8⌉ · ⌈wp/16⌉, ⌈n/64⌉), block 256, dynamic shared memory V5Smem<K>::BYTES;
+// p.cs == 64, p.stride == 1, p.k == K. Arguments as conv_igemm_v3 (no split-K).
+template <bool ADJOINT, int K>
+static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict__ src,
+                                     const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
+                                     const float* __restrict__ bias, int relu, int accumulate,
+                                     float* __restrict__ out) {
+    using S = V5Smem<K>;
+    constexpr int KK = K * K, KDIM = KK * V5_CS;  // the GEMM's K
+    extern __shared__ uint4 v5_smem[];
+    unsigned* halo = (unsigned*)v5_smem;
+    unsigned(*Bs)[64][V5_LDB] = (unsigned(*)[64][V5_LDB])(halo + S::HALO_WORDS);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;  // tile rows 2·wm, 2·wm + 1; columns wn·32..
+    const int N = p.n;
+    const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, tiles_y = (p.hp + V5_TH - 1) / V5_TH;
+    const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
+    const int oy0 = (tile / tiles_x) * V5_TH, ox0 = (tile % tiles_x) * V5_TW;
+    const int n0 = blockIdx.y * 64;
+    // The halo's first source pixel (the adjoint gather mirrored into a direct one).
+    const int pad = ADJOINT ? K - 1 - p.pad : p.pad;
+    const int sy0 = oy0 - pad, sx0 = ox0 - pad;
+    // This thread's weight rows (4 of the 64, 16 quads each: element e = tid + 256·j is row
+    // e / 16, quad e % 16); past n, the last row (its columns are never stored).
+    int wrow[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wrow[j] = min(n0 + ((tid + 256 * j) >> 4), N - 1) * KDIM + 4 * (tid & 15);
+    // The tap whose weights go with halo offset t: mirrored for the adjoint gather.
+    auto wtap = [](int t) { return ADJOINT ? KK - 1 - t : t; };
+    uint4 wv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(0) * V5_CS);
+    // The halo, once: pixel e / 16 (row-major over HH × HW), channel quad e % 16; zero outside
+    // the source image; through the ReLU mask for a gradient; rounded to TF32.
+    {
+        const size_t img_base = (size_t)img * p.hs * p.ws;
+        constexpr int HALO_F4 = S::HH * S::HW * 16;
+        constexpr int PER = (HALO_F4 + 255) / 256;
+#pragma unroll 4
+        for (int j = 0; j < PER; ++j) {
+            const int e = tid + 256 * j;
+            if (e < HALO_F4) {
+                const int px = e >> 4, q = e & 15;
+                const int sy = sy0 + px / S::HW, sx = sx0 + px % S::HW;
+                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
+                    const size_t idx = (img_base + (size_t)sy * p.ws + sx) * V5_CS + 4 * q;
+                    v = ld_f4(src + idx);
+                    if (masked) v = relu_masked(v, mask_y + idx);
+                }
+                *(uint4*)&halo[px * V5_LDH + 4 * q] = tf32x4(v);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int e = tid + 256 * j;
+        *(uint4*)&Bs[0][e >> 4][4 * (e & 15)] = wv[j];
+    }
+    __syncthreads();
+    // The lane's ldmatrix row for tap offset (0, 0): output pixel (2·wm, (lane & 7) + (lane & 8))
+    // of the tile for the first fragment (mi = 0; mi = 1 is the next tile row, HW pixels on),
+    // channel (lane / 16)·4; and its B pair, as in version 3.
+    const SmemAddr a_row =
+        smem_addr(&halo[((2 * wm) * S::HW + (lane & 7) + (lane & 8)) * V5_LDH + ((lane >> 4) << 2)]);
+    const SmemAddr b_pair = smem_addr(&Bs[0][wn * 32 + (lane >> 2)][2 * (lane & 3)]);
+    float acc[2][4][4];
+    zero_acc(acc);
+    for (int t = 0; t < KK; ++t) {
+        if (t + 1 < KK) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(t + 1) * V5_CS);
+        }
+        const int ty = t / K, tx = t % K;
+        const int a_tap = (ty * S::HW + tx) * V5_LDH, b_stage = (t & 1) * 64 * V5_LDB;
+#pragma unroll
+        for (int ks = 0; ks < V5_CS; ks += 8) {
+            unsigned a[2][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], a_row, a_tap + mi * S::HW * V5_LDH + ks);
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * V5_LDB + ks);
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+        }
+        if (t + 1 < KK) {
+            // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int e = tid + 256 * j;
+                *(uint4*)&Bs[(t + 1) & 1][e >> 4][4 * (e & 15)] = wv[j];
+            }
+        }
+        __syncthreads();
+    }
+    const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int r2 = 0; r2 < 2; ++r2) {
+            const int oy = oy0 + 2 * wm + mi, ox = ox0 + g + 8 * r2;
+            if (oy >= p.hp || ox >= p.wp) continue;
+            const int m = (img * p.hp + oy) * p.wp + ox;  // the row of `out`
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                for (int r1 = 0; r1 < 2; ++r1) {
+                    const int nn = n0 + wn * 32 + ni * 8 + 2 * tq + r1;
+                    if (nn < N) tc_epilogue(&out[(size_t)m * N + nn], acc[mi][ni][2 * r2 + r1], bias, nn, relu, accumulate);
+                }
+        }
+}
+
+// As conv_igemm_{direct,adjoint}_v3_tf32 (no split-K) for stride 1, 64 gathered channels and
+// k = 3 or 5 (`v5k3`, `v5k5`); grid (batch · ⌈hp/8⌉ · ⌈wp/16⌉, ⌈n/64⌉), block 256, dynamic
+// shared memory V5Smem<k>::BYTES.
+#define V5_ENTRY(NAME, ADJ, K)                                                                               \
+    extern "C" __global__ void __launch_bounds__(V3_THREADS)                                               \
+        NAME(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y, int masked,      \
+             const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu, int accumulate,      \
+             float* __restrict__ out) {                                                                     \
+        conv_igemm_v5<ADJ, K>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                     \
+    }
+V5_ENTRY(conv_igemm_direct_v5k3_tf32, false, 3)
+V5_ENTRY(conv_igemm_adjoint_v5k3_tf32, true, 3)
+V5_ENTRY(conv_igemm_direct_v5k5_tf32, false, 5)
+V5_ENTRY(conv_igemm_adjoint_v5k5_tf32, true, 5)
+
 // Split-K's second pass: for e < len = rows·n, s = Σ_z partial[z·len + e] (z < splits, in
 // order), then out[e] = relu?(s + bias[e mod n]) (accumulate 0), relu?(s) (2) or out[e] += s
 // (1): the epilogue the v3 pass applies when it is not split. One thread per element.
@@ -869,9 +1030,6 @@ static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[LDA], 
     }
 }
 
-static __device__ __forceinline__ uint4 tf32x4(float4 v) {
-    return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
-}
 
 // Sums over one chunk's positions of the block's A rows (sums_of == 1: into sums[z][R], by the
 // blocks of the first column tile) or B columns (sums_of == 2: into sums[z][N], by the blocks of

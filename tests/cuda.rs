@@ -621,6 +621,28 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         false,
         114,
     );
+    // Version 5 of the activation passes (stride 1, 64 gathered channels, a halo tile per 8 × 16
+    // output pixels): a 5×5 "same" layer over 2 × 3 tiles per image (both partial at the far
+    // edges), its dx the mirrored (adjoint) gather; a "valid" 5×5 (pad 0); and a 3×3 to 96
+    // channels (two column tiles, the second partial).
+    case(
+        "same k5 64->64 13x37 v5",
+        ConvGeom::same(13, 37, 64, 64, 5),
+        true,
+        115,
+    );
+    case(
+        "k5 p0 64->64 v5",
+        ConvGeom::conv(12, 21, 64, 64, 5, 1, 0),
+        false,
+        116,
+    );
+    case(
+        "same k3 64->96 9x17 v5",
+        ConvGeom::same(9, 17, 64, 96, 3),
+        true,
+        117,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -700,6 +722,21 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         270,
     );
     case("T k3 s1 64->32 dw4", t(6, 7, 64, 32, 3, 1, 1, 0), true, 280);
+    // Version 5 for a transposed convolution: its forward is the mirrored gather. 3×3 with pad
+    // 0 (the output grows by 2: the mirrored pad is 2), and the decoder's 5×5 "same" layer
+    // over more than one tile each way.
+    case(
+        "T k3 s1 p0 64->64 v5",
+        t(5, 7, 64, 64, 3, 1, 0, 0),
+        true,
+        290,
+    );
+    case(
+        "T k5 s1 64->64 10x20 v5",
+        t(10, 20, 64, 64, 5, 1, 2, 0),
+        false,
+        300,
+    );
 }
 
 fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -2106,12 +2143,13 @@ fn emu_train_step_tf32_exact_products_16_wide() {
 /// Layers 16 wide with the full decoder and dropout: every fast path of the CUDA backend
 /// applies. (The encoder's second layer maps 32 channels to 64, so that its forward takes the
 /// 32-wide k-tiles of `conv_k32`, a gather of a multiple of 32 channels into more than 32, and
-/// its weight gradient version 4, `dw_v4`: 64 rows, 32 gathered channels.)
+/// its weight gradient version 4, `dw_v4`: 64 rows, 32 gathered channels; its third maps 64 to
+/// 64 at stride 1, version 5 of the activation passes, `conv_v5`.)
 fn all_fast_paths_config() -> Config {
     small_config(|m| {
         m.implicit_diff = true;
         m.dropout = 0.1;
-        m.encoder_channels = vec![32, 64];
+        m.encoder_channels = vec![32, 64, 64];
         m.decoder = DecoderKind::Full;
         m.decoder_channels = Some(vec![16, 16]);
         m.feat_size = 16;
@@ -2125,6 +2163,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
     match path {
         "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
         "conv_k32" => name.starts_with("conv_igemm_") && name.contains("_k32_"),
+        "conv_v5" => name.starts_with("conv_igemm_") && name.contains("_v5"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
         "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",
@@ -2171,6 +2210,8 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
             let needs: &[&str] = match path {
                 "conv_splitk" => &["conv_v3", "bcast_split"],
                 "conv_k32" => &["conv_v3"],
+                // (Version 5 takes the permuted weights of version 3.)
+                "conv_v5" => &["conv_v3"],
                 _ => &[],
             };
             let on =

@@ -188,11 +188,19 @@ const fn v3_shared_bytes(bm: usize, bn: usize, bk: usize) -> u32 {
     (4 * (2 * bm * (bk + 4) + 2 * bn * (bk + 8))) as u32
 }
 
+/// Bytes of dynamic shared memory of version 5 of an activation pass for a k × k kernel: the
+/// halo of an 8 × 16 output tile, (8 + k − 1) × (16 + k − 1) pixels of 64 + 4 words, and two
+/// weight stages of 64 × (64 + 8) words (V5Smem in conv_tc.cu).
+const fn v5_shared_bytes(k: usize) -> u32 {
+    (4 * ((8 + k - 1) * (16 + k - 1) * 68 + 2 * 64 * 72)) as u32
+}
+
 /// The kernels that launch with more than 48 KiB of dynamic shared memory, and the most they
-/// take: the version 3 activation passes with 32-wide k-tiles. The backend raises each one's
-/// limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_
-/// SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
-pub(super) const LARGE_SHARED: [(&str, u32); 2] = [
+/// take: the version 3 activation passes with 32-wide k-tiles, and version 5. The backend
+/// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
+/// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
+/// A kernel the device refuses this for is never launched: its fallback runs.
+pub(super) const LARGE_SHARED: [(&str, u32); 6] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -201,7 +209,36 @@ pub(super) const LARGE_SHARED: [(&str, u32); 2] = [
         "conv_igemm_adjoint_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
     ),
+    ("conv_igemm_direct_v5k3_tf32", v5_shared_bytes(3)),
+    ("conv_igemm_adjoint_v5k3_tf32", v5_shared_bytes(3)),
+    ("conv_igemm_direct_v5k5_tf32", v5_shared_bytes(5)),
+    ("conv_igemm_adjoint_v5k5_tf32", v5_shared_bytes(5)),
 ];
+
+/// Version 5 of an activation pass (a halo tile staged once; conv_tc.cu), when it applies:
+/// stride 1, 64 gathered channels, a 3×3 or 5×5 kernel and more than 32 output channels. Its
+/// kernel and grid: one block per 8 × 16 output pixels of an image and 64 channels.
+fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig)> {
+    if p.stride != 1 || p.cs != 64 || p.n <= 32 || !(p.k == 3 || p.k == 5) {
+        return None;
+    }
+    let name = match (adjoint, p.k) {
+        (false, 3) => "conv_igemm_direct_v5k3_tf32",
+        (true, 3) => "conv_igemm_adjoint_v5k3_tf32",
+        (false, _) => "conv_igemm_direct_v5k5_tf32",
+        (true, _) => "conv_igemm_adjoint_v5k5_tf32",
+    };
+    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+    let blocks = batch * hp.div_ceil(8) * wp.div_ceil(16);
+    Some((
+        name,
+        LaunchConfig {
+            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), 1),
+            block_dim: (V3_THREADS, 1, 1),
+            shared_mem_bytes: v5_shared_bytes(p.k as usize),
+        },
+    ))
+}
 
 /// The kernel, grid and k-tile width of version 3 of an activation pass: 128 × 64 tiles, or
 /// 256 × 32 tiles (`*_v3n32_*`) when there are at most 32 output channels; k-tiles of 32
@@ -460,7 +497,7 @@ impl Cuda {
     /// `v3.split_k` asks for it and [`v3_splits`] finds it worth it: the blocks write partial
     /// products to a scratch buffer and `conv_splitk_reduce_f32` applies the epilogue.
     fn conv_v3(&self, v3: &V3Launch, src: &Buf, mask: &Buf, wt: &Buf, bias: &Buf, out: &mut Buf) {
-        let k32 = self.fast.conv_k32 && self.large_shared;
+        let k32 = self.fast.conv_k32 && self.shared_opted_in("conv_igemm_direct_v3_k32_tf32");
         let (name, mut cfg, bk) = v3_kernel(&v3.p, v3.adjoint, k32);
         let (p, masked, relu, mode) = (&v3.p, &v3.masked, &v3.relu, &v3.mode);
         let splits = if v3.split_k && self.fast.conv_splitk {
@@ -469,6 +506,13 @@ impl Cuda {
             1
         };
         let si = i(splits);
+        if splits == 1 && self.fast.conv_v5 {
+            let v5 = v5_kernel(p, v3.adjoint).filter(|(n, _)| self.shared_opted_in(n));
+            if let Some((name, cfg)) = v5 {
+                launch!(self, name, cfg; p, src, mask, masked, wt, bias, relu, mode, out);
+                return;
+            }
+        }
         if splits == 1 {
             launch!(self, name, cfg; p, src, mask, masked, wt, bias, relu, mode, &si, out);
             return;
@@ -771,7 +815,8 @@ mod tests {
             .collect();
         for (name, bytes) in LARGE_SHARED {
             assert!(loaded.contains(&name), "{name} is not in KERNEL_FILES");
-            assert!(bytes > 48 * 1024 && bytes <= 99 * 1024, "{name}: {bytes}");
+            // (227 KiB: the most an sm_90 block can have.)
+            assert!(bytes > 48 * 1024 && bytes <= 227 * 1024, "{name}: {bytes}");
         }
         assert_eq!(LARGE_SHARED[0].1, 57_344);
         for (n, cs, adjoint) in [
@@ -795,6 +840,8 @@ mod tests {
             };
             for k32 in [false, true] {
                 let (name, cfg, bk) = v3_kernel(&p, adjoint, k32);
+                // Version 5 never applies here (stride 2).
+                assert!(v5_kernel(&p, adjoint).is_none());
                 let opted = LARGE_SHARED.iter().find(|(k, _)| *k == name);
                 let want_k32 = k32 && n > 32 && cs % 32 == 0;
                 assert_eq!(
@@ -805,6 +852,40 @@ mod tests {
                 match opted {
                     Some(&(_, bytes)) => assert_eq!(cfg.shared_mem_bytes, bytes, "{name}"),
                     None => assert!(cfg.shared_mem_bytes <= 48 * 1024, "{name}"),
+                }
+            }
+        }
+        // Version 5: stride 1, 64 gathered channels, k 3 or 5, more than 32 outputs; its launch
+        // takes what LARGE_SHARED lists for it.
+        for (n, cs, k, stride, applies) in [
+            (64, 64, 5, 1, true),
+            (96, 64, 3, 1, true),
+            (32, 64, 5, 1, false),
+            (64, 32, 5, 1, false),
+            (64, 64, 7, 1, false),
+            (64, 64, 5, 2, false),
+        ] {
+            let p = ConvGemmC {
+                batch: 3,
+                hp: 17,
+                wp: 33,
+                hs: 17,
+                ws: 33,
+                cs,
+                n,
+                k,
+                stride,
+                pad: k / 2,
+                w_nc: 1,
+            };
+            for adjoint in [false, true] {
+                let v5 = v5_kernel(&p, adjoint);
+                assert_eq!(v5.is_some(), applies, "{n} {cs} {k} {stride}");
+                if let Some((name, cfg)) = v5 {
+                    let listed = LARGE_SHARED.iter().find(|(k, _)| *k == name).unwrap();
+                    assert_eq!(cfg.shared_mem_bytes, listed.1, "{name}");
+                    // 3 images of 3 × 3 tiles of 8 × 16 pixels; 64-channel column tiles.
+                    assert_eq!(cfg.grid_dim, (27, (n as u32).div_ceil(64), 1), "{name}");
                 }
             }
         }

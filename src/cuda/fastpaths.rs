@@ -20,6 +20,10 @@ pub struct FastPaths {
     /// where the gathered channels are a multiple of 32 (`conv_igemm_*_v3_k32_tf32`, with more
     /// than 48 KiB of shared memory); off: k-tiles of 16.
     pub conv_k32: bool,
+    /// Version 5 of the activation passes where it applies (stride 1, 64 gathered channels,
+    /// 3×3 or 5×5, more than 32 outputs): the output tile's halo staged once
+    /// (`conv_igemm_*_v5k*_tf32`); off: version 3.
+    pub conv_v5: bool,
     /// Version 3 of the tensor-core weight-gradient passes (`conv_dw_partial_v3*`, with the
     /// bias gradient from the GEMM's operand sums); off: version 2 and a column-sum pass.
     pub dw_v3: bool,
@@ -53,6 +57,7 @@ impl FastPaths {
     pub const ALL: FastPaths = FastPaths {
         conv_v3: true,
         conv_k32: true,
+        conv_v5: true,
         dw_v3: true,
         dw_v4: true,
         attention_v2: true,
@@ -64,6 +69,7 @@ impl FastPaths {
     pub const NONE: FastPaths = FastPaths {
         conv_v3: false,
         conv_k32: false,
+        conv_v5: false,
         dw_v3: false,
         dw_v4: false,
         attention_v2: false,
@@ -74,9 +80,10 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 10] = [
         "conv_v3",
         "conv_k32",
+        "conv_v5",
         "dw_v3",
         "dw_v4",
         "attention_v2",
@@ -90,6 +97,7 @@ impl FastPaths {
         Some(match name {
             "conv_v3" => &mut self.conv_v3,
             "conv_k32" => &mut self.conv_k32,
+            "conv_v5" => &mut self.conv_v5,
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
             "attention_v2" => &mut self.attention_v2,
@@ -162,6 +170,7 @@ mod tests {
         assert!(
             fp.conv_v3
                 && fp.conv_k32
+                && fp.conv_v5
                 && fp.dw_v3
                 && fp.dw_v4
                 && fp.attention_v2

@@ -481,9 +481,9 @@ pub struct Cuda {
     replays: std::sync::atomic::AtomicU64,
     /// The fast paths this backend may take (all by default; see [`fastpaths`]).
     fast: FastPaths,
-    /// The kernels of [`conv::LARGE_SHARED`] got their shared memory (false: the device refused
-    /// the opt-in, and `conv_k32` stays off whatever `fast` says).
-    large_shared: bool,
+    /// The kernels of [`conv::LARGE_SHARED`] that got their shared memory (on a GPU, those the
+    /// device allowed; the others are never launched, whatever `fast` says).
+    large_shared: Vec<&'static str>,
     /// In the emulator: launches so far per kernel name (tests check which kernels ran).
     emu_launched: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Whether each launch is timed ([`profile`]), and the launches timed so far.
@@ -543,34 +543,41 @@ fn load_module(
 }
 
 /// Raise the dynamic shared-memory limit of the kernels that launch with more than the 48 KiB
-/// every kernel gets ([`conv::LARGE_SHARED`]), once, to what they take. A device that cannot give
-/// that much to one block is an error that says so (every sm_80+ GPU can: 99 KiB or more); the
-/// backend then runs without those kernels ([`Cuda::large_shared`]).
+/// every kernel gets ([`conv::LARGE_SHARED`]), once, to what they take. Returns the kernels that
+/// got it; for each one that did not (a device that gives a block less: sm_86 and sm_89 give
+/// 99 KiB, sm_80 163 KiB, sm_90 227 KiB), a warning, and the backend runs its fallback.
 fn opt_in_shared(
     ctx: &CudaContext,
     funcs: &HashMap<&'static str, CudaFunction>,
     device: &str,
-) -> Result<(), String> {
+) -> Vec<&'static str> {
     use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
     let most = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(|e| format!("{device}: shared memory per block: {e:?}"))?;
+        .unwrap_or(48 * 1024);
+    let mut opted = Vec::new();
     for (name, bytes) in conv::LARGE_SHARED {
-        if bytes as i64 > most as i64 {
-            return Err(format!(
-                "{device} gives at most {most} bytes of shared memory to a block; kernel {name}                  needs {bytes}"
-            ));
+        let result = if bytes as i64 > most as i64 {
+            Err(format!("{device} gives a block at most {most} bytes"))
+        } else {
+            match funcs.get(name) {
+                None => Err("not loaded".into()),
+                Some(func) => func
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(|e| format!("{device} refused it: {e:?}")),
+            }
+        };
+        match result {
+            Ok(()) => opted.push(name),
+            Err(e) => eprintln!(
+                "warning: kernel {name} needs {bytes} bytes of shared memory: {e}; its fallback runs"
+            ),
         }
-        let func = funcs
-            .get(name)
-            .ok_or_else(|| format!("kernel {name} is not loaded"))?;
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(|e| format!("{device}: kernel {name}: {bytes} bytes of shared memory: {e:?}"))?;
     }
-    Ok(())
+    opted
 }
 
 impl Cuda {
@@ -650,15 +657,9 @@ impl Cuda {
                 funcs.insert(k, func);
             }
         }
-        // A fast path that cannot be switched on is no reason to lose the GPU: say so, and run
-        // its fallback.
-        let large_shared = match opt_in_shared(&ctx, &funcs, &name) {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!("warning: {e}; the convolutions run with k-tiles of 16 (conv_k32 off)");
-                false
-            }
-        };
+        // A fast path that cannot be switched on is no reason to lose the GPU: its kernels say
+        // so, and their fallbacks run.
+        let large_shared = opt_in_shared(&ctx, &funcs, &name);
         let mut cu = Cuda::with_exec(Exec::Gpu(Gpu { ctx, stream, funcs }), name, arch);
         cu.large_shared = large_shared;
         Ok(cu)
@@ -686,7 +687,7 @@ impl Cuda {
             emu_tape: Default::default(),
             replays: Default::default(),
             fast: FastPaths::ALL,
-            large_shared: true,
+            large_shared: conv::LARGE_SHARED.iter().map(|&(k, _)| k).collect(),
             emu_launched: Default::default(),
             profiling: Default::default(),
             profile: Default::default(),
@@ -733,6 +734,11 @@ impl Cuda {
         } else {
             2
         }
+    }
+
+    /// Whether kernel `name` of [`conv::LARGE_SHARED`] got its shared memory.
+    fn shared_opted_in(&self, name: &str) -> bool {
+        self.large_shared.contains(&name)
     }
 
     /// The fast paths this backend may take; the others run their fallbacks ([`fastpaths`]).
