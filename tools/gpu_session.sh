@@ -304,7 +304,7 @@ step_ablate() {
   # One slotfix process per row (the kernels come from the kernel cache), 10 timed steps each.
   # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
   local configs=${ABLATE_CONFIGS:-tetrominoes clevr6} batch=${ABLATE_BATCH:-64}
-  local paths="none conv_v3 conv_k32 dw_v3 dw_v4 attention_v2 tokens slot_cell bcast_split conv_splitk all"
+  local paths="none conv_v3 conv_v5 conv_k32 dw_v3 dw_v4 attention_v2 tokens slot_cell bcast_split conv_splitk all"
   local c cfg off v
   for c in $configs; do
     cfg=$(cuda_config "$c")
@@ -344,20 +344,20 @@ step_profile() {
   # occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
-  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_v3(_k32)?_tf32|conv_dw_partial_v(3|4k[35]s[12])_tf32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 26 \
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_v(3|3_k32|5k[35])_tf32|conv_dw_partial_v(3|4k[35]s[12])_tf32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 26 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
-  note "profile: exit $?; $(grep -cE '(conv_.*_v[34].*_tf32|attention_.*_f32|tokens_.*_tf32) \(' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
+  note "profile: exit $?; $(grep -cE '(conv_.*_v[345].*_tf32|attention_.*_f32|tokens_.*_tf32) \(' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
   # The details, in a second report so that an option this ncu lacks costs only this one: every
   # stall reason, the instruction mix, the shared-memory table (bank conflicts per store and
   # load) and the source counters of the first direct and weight-gradient launches.
   enough "profile details" 30 || return
-  timeout "$(cap 60)" ncu -k 'regex:conv_igemm_direct_v3(_k32)?_tf32|conv_dw_partial_v(3|4k[35]s[12])_tf32' -c 6 --print-details all \
+  timeout "$(cap 60)" ncu -k 'regex:conv_igemm_direct_v(3|3_k32|5k[35])_tf32|conv_dw_partial_v(3|4k[35]s[12])_tf32' -c 6 --print-details all \
     --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
     --section SourceCounters "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6-details.txt" 2>&1
-  note "profile details: exit $?; $(grep -cE 'conv_.*_v[34].*_tf32' "$work/ncu-clevr6-details.txt") kernel reports in ncu-clevr6-details.txt"
+  note "profile details: exit $?; $(grep -cE 'conv_.*_v[345].*_tf32' "$work/ncu-clevr6-details.txt") kernel reports in ncu-clevr6-details.txt"
 }
 
 step_sanitize() {
