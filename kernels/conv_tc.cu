@@ -653,45 +653,54 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 #define V5_LDH (V5_CS + 4)
 #define V5_LDB (V5_CS + 8)
 
-template <int K>
+// NT: the block's output channels, 64 (8 warps of 32 × 32: 2 tile rows × 32 channels each) or
+// 8 (8 warps of 16 × 8: one tile row each), for layers of at most 8 outputs (the decoders' last,
+// RGB + alpha), where 64 columns would be 7/8 padding and the fragment loads of version 3's 32
+// columns 3/4.
+template <int K, int NT>
 struct V5Smem {
     static constexpr int HH = V5_TH + K - 1, HW = V5_TW + K - 1;  // the halo
     static constexpr int HALO_WORDS = HH * HW * V5_LDH;
-    static constexpr int BYTES = 4 * (HALO_WORDS + 2 * 64 * V5_LDB);
+    static constexpr int BYTES = 4 * (HALO_WORDS + 2 * NT * V5_LDB);
 };
 
-// grid (batch · ⌈hp/8⌉ · ⌈wp/16⌉, ⌈n/64⌉), block 256, dynamic shared memory V5Smem<K>::BYTES;
-// p.cs == 64, p.stride == 1, p.k == K. Arguments as conv_igemm_v3 (no split-K).
-template <bool ADJOINT, int K>
+// grid (batch · ⌈hp/8⌉ · ⌈wp/16⌉, ⌈n/NT⌉), block 256, dynamic shared memory
+// V5Smem<K, NT>::BYTES; p.cs == 64, p.stride == 1, p.k == K. Arguments as conv_igemm_v3 (no
+// split-K).
+template <bool ADJOINT, int K, int NT>
 static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
-    using S = V5Smem<K>;
+    using S = V5Smem<K, NT>;
     constexpr int KK = K * K, KDIM = KK * V5_CS;  // the GEMM's K
+    constexpr int MI = NT == 64 ? 2 : 1, NI = NT == 64 ? 4 : 1;  // a warp's m16 and n8 tiles
+    constexpr int WJ = (NT * 16 + 255) / 256;                     // weight quads per thread
     extern __shared__ uint4 v5_smem[];
     unsigned* halo = (unsigned*)v5_smem;
-    unsigned(*Bs)[64][V5_LDB] = (unsigned(*)[64][V5_LDB])(halo + S::HALO_WORDS);
+    unsigned(*Bs)[NT][V5_LDB] = (unsigned(*)[NT][V5_LDB])(halo + S::HALO_WORDS);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1;  // tile rows 2·wm, 2·wm + 1; columns wn·32..
+    // NT 64: tile rows 2·wm, 2·wm + 1, channels wn·32..; NT 8: tile row wm, channels 0..7.
+    const int wm = NT == 64 ? warp >> 1 : warp, wn = NT == 64 ? warp & 1 : 0;
     const int N = p.n;
     const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, tiles_y = (p.hp + V5_TH - 1) / V5_TH;
     const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
     const int oy0 = (tile / tiles_x) * V5_TH, ox0 = (tile % tiles_x) * V5_TW;
-    const int n0 = blockIdx.y * 64;
+    const int n0 = blockIdx.y * NT;
     // The halo's first source pixel (the adjoint gather mirrored into a direct one).
     const int pad = ADJOINT ? K - 1 - p.pad : p.pad;
     const int sy0 = oy0 - pad, sx0 = ox0 - pad;
-    // This thread's weight rows (4 of the 64, 16 quads each: element e = tid + 256·j is row
-    // e / 16, quad e % 16); past n, the last row (its columns are never stored).
-    int wrow[4];
+    // This thread's weight rows (WJ of the NT, 16 quads each: element e = tid + 256·j is row
+    // e / 16, quad e % 16, when e < NT·16); past n, the last row (its columns are never stored).
+    const bool has_w = tid < NT * 16;
+    int wrow[WJ];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wrow[j] = min(n0 + ((tid + 256 * j) >> 4), N - 1) * KDIM + 4 * (tid & 15);
+    for (int j = 0; j < WJ; ++j) wrow[j] = min(n0 + ((tid + 256 * j) >> 4), N - 1) * KDIM + 4 * (tid & 15);
     // The tap whose weights go with halo offset t: mirrored for the adjoint gather.
     auto wtap = [](int t) { return ADJOINT ? KK - 1 - t : t; };
-    uint4 wv[4];
+    uint4 wv[WJ];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(0) * V5_CS);
+    for (int j = 0; j < WJ; ++j) wv[j] = has_w ? ld_u4(wt + wrow[j] + wtap(0) * V5_CS) : make_uint4(0u, 0u, 0u, 0u);
     // The halo, once: pixel e / 16 (row-major over HH × HW), channel quad e % 16; zero outside
     // the source image; through the ReLU mask for a gradient; rounded to TF32.
     {
@@ -714,43 +723,50 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict_
             }
         }
     }
+    if (has_w) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int e = tid + 256 * j;
-        *(uint4*)&Bs[0][e >> 4][4 * (e & 15)] = wv[j];
+        for (int j = 0; j < WJ; ++j) {
+            const int e = tid + 256 * j;
+            *(uint4*)&Bs[0][e >> 4][4 * (e & 15)] = wv[j];
+        }
     }
     __syncthreads();
-    // The lane's ldmatrix row for tap offset (0, 0): output pixel (2·wm, (lane & 7) + (lane & 8))
-    // of the tile for the first fragment (mi = 0; mi = 1 is the next tile row, HW pixels on),
-    // channel (lane / 16)·4; and its B pair, as in version 3.
+    // The lane's ldmatrix row for tap offset (0, 0): output pixel (MI·wm, (lane & 7) + (lane & 8))
+    // of the tile for the first fragment (mi = 1 is the next tile row, HW pixels on), channel
+    // (lane / 16)·4; and its B pair, as in version 3.
     const SmemAddr a_row =
-        smem_addr(&halo[((2 * wm) * S::HW + (lane & 7) + (lane & 8)) * V5_LDH + ((lane >> 4) << 2)]);
+        smem_addr(&halo[((MI * wm) * S::HW + (lane & 7) + (lane & 8)) * V5_LDH + ((lane >> 4) << 2)]);
     const SmemAddr b_pair = smem_addr(&Bs[0][wn * 32 + (lane >> 2)][2 * (lane & 3)]);
-    float acc[2][4][4];
-    zero_acc(acc);
-    for (int t = 0; t < KK; ++t) {
-        if (t + 1 < KK) {
+    float acc[MI][NI][4];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(t + 1) * V5_CS);
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    for (int t = 0; t < KK; ++t) {
+        if (t + 1 < KK && has_w) {
+#pragma unroll
+            for (int j = 0; j < WJ; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(t + 1) * V5_CS);
         }
         const int ty = t / K, tx = t % K;
-        const int a_tap = (ty * S::HW + tx) * V5_LDH, b_stage = (t & 1) * 64 * V5_LDB;
+        const int a_tap = (ty * S::HW + tx) * V5_LDH, b_stage = (t & 1) * NT * V5_LDB;
 #pragma unroll
         for (int ks = 0; ks < V5_CS; ks += 8) {
-            unsigned a[2][4], b[4][2];
+            unsigned a[MI][4], b[NI][2];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], a_row, a_tap + mi * S::HW * V5_LDH + ks);
+            for (int mi = 0; mi < MI; ++mi) ldsm_x4(a[mi], a_row, a_tap + mi * S::HW * V5_LDH + ks);
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * V5_LDB + ks);
+            for (int ni = 0; ni < NI; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * V5_LDB + ks);
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+                for (int ni = 0; ni < NI; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
         }
-        if (t + 1 < KK) {
+        if (t + 1 < KK && has_w) {
             // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < WJ; ++j) {
                 const int e = tid + 256 * j;
                 *(uint4*)&Bs[(t + 1) & 1][e >> 4][4 * (e & 15)] = wv[j];
             }
@@ -759,14 +775,14 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict_
     }
     const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int r2 = 0; r2 < 2; ++r2) {
-            const int oy = oy0 + 2 * wm + mi, ox = ox0 + g + 8 * r2;
+            const int oy = oy0 + MI * wm + mi, ox = ox0 + g + 8 * r2;
             if (oy >= p.hp || ox >= p.wp) continue;
             const int m = (img * p.hp + oy) * p.wp + ox;  // the row of `out`
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                 for (int r1 = 0; r1 < 2; ++r1) {
                     const int nn = n0 + wn * 32 + ni * 8 + 2 * tq + r1;
@@ -776,19 +792,23 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict_
 }
 
 // As conv_igemm_{direct,adjoint}_v3_tf32 (no split-K) for stride 1, 64 gathered channels and
-// k = 3 or 5 (`v5k3`, `v5k5`); grid (batch · ⌈hp/8⌉ · ⌈wp/16⌉, ⌈n/64⌉), block 256, dynamic
-// shared memory V5Smem<k>::BYTES.
-#define V5_ENTRY(NAME, ADJ, K)                                                                               \
-    extern "C" __global__ void __launch_bounds__(V3_THREADS)                                               \
+// k = 3 or 5 (`v5k3`, `v5k5`); `v5n8`: at most 8 output channels. Grid (batch · ⌈hp/8⌉ ·
+// ⌈wp/16⌉, ⌈n/NT⌉), block 256, dynamic shared memory V5Smem<k, NT>::BYTES.
+#define V5_ENTRY(NAME, ADJ, K, NT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(V3_THREADS, 2)                                            \
         NAME(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y, int masked,      \
              const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu, int accumulate,      \
              float* __restrict__ out) {                                                                     \
-        conv_igemm_v5<ADJ, K>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                     \
+        conv_igemm_v5<ADJ, K, NT>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                 \
     }
-V5_ENTRY(conv_igemm_direct_v5k3_tf32, false, 3)
-V5_ENTRY(conv_igemm_adjoint_v5k3_tf32, true, 3)
-V5_ENTRY(conv_igemm_direct_v5k5_tf32, false, 5)
-V5_ENTRY(conv_igemm_adjoint_v5k5_tf32, true, 5)
+V5_ENTRY(conv_igemm_direct_v5k3_tf32, false, 3, 64)
+V5_ENTRY(conv_igemm_adjoint_v5k3_tf32, true, 3, 64)
+V5_ENTRY(conv_igemm_direct_v5k5_tf32, false, 5, 64)
+V5_ENTRY(conv_igemm_adjoint_v5k5_tf32, true, 5, 64)
+V5_ENTRY(conv_igemm_direct_v5n8k3_tf32, false, 3, 8)
+V5_ENTRY(conv_igemm_adjoint_v5n8k3_tf32, true, 3, 8)
+V5_ENTRY(conv_igemm_direct_v5n8k5_tf32, false, 5, 8)
+V5_ENTRY(conv_igemm_adjoint_v5n8k5_tf32, true, 5, 8)
 
 // Split-K's second pass: for e < len = rows·n, s = Σ_z partial[z·len + e] (z < splits, in
 // order), then out[e] = relu?(s + bias[e mod n]) (accumulate 0), relu?(s) (2) or out[e] += s

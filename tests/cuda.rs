@@ -643,6 +643,13 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         true,
         117,
     );
+    // At most 8 outputs: the 8-column version 5 tiles (`v5n8`).
+    case(
+        "same k5 64->8 10x17 v5n8",
+        ConvGeom::same(10, 17, 64, 8, 5),
+        true,
+        118,
+    );
 }
 
 fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
@@ -736,6 +743,13 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         t(10, 20, 64, 64, 5, 1, 2, 0),
         false,
         300,
+    );
+    // The decoders' last layer: 3×3 to RGB + alpha, on the 8-column tiles.
+    case(
+        "T k3 s1 64->4 9x20 v5n8",
+        t(9, 20, 64, 4, 3, 1, 1, 0),
+        false,
+        310,
     );
 }
 

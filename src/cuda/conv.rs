@@ -188,11 +188,11 @@ const fn v3_shared_bytes(bm: usize, bn: usize, bk: usize) -> u32 {
     (4 * (2 * bm * (bk + 4) + 2 * bn * (bk + 8))) as u32
 }
 
-/// Bytes of dynamic shared memory of version 5 of an activation pass for a k × k kernel: the
-/// halo of an 8 × 16 output tile, (8 + k − 1) × (16 + k − 1) pixels of 64 + 4 words, and two
-/// weight stages of 64 × (64 + 8) words (V5Smem in conv_tc.cu).
-const fn v5_shared_bytes(k: usize) -> u32 {
-    (4 * ((8 + k - 1) * (16 + k - 1) * 68 + 2 * 64 * 72)) as u32
+/// Bytes of dynamic shared memory of version 5 of an activation pass for a k × k kernel and
+/// `nt` output channels per block: the halo of an 8 × 16 output tile, (8 + k − 1) × (16 + k − 1)
+/// pixels of 64 + 4 words, and two weight stages of nt × (64 + 8) words (V5Smem in conv_tc.cu).
+const fn v5_shared_bytes(k: usize, nt: usize) -> u32 {
+    (4 * ((8 + k - 1) * (16 + k - 1) * 68 + 2 * nt * 72)) as u32
 }
 
 /// The kernels that launch with more than 48 KiB of dynamic shared memory, and the most they
@@ -200,7 +200,7 @@ const fn v5_shared_bytes(k: usize) -> u32 {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 6] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 10] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -209,33 +209,47 @@ pub(super) const LARGE_SHARED: [(&str, u32); 6] = [
         "conv_igemm_adjoint_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
     ),
-    ("conv_igemm_direct_v5k3_tf32", v5_shared_bytes(3)),
-    ("conv_igemm_adjoint_v5k3_tf32", v5_shared_bytes(3)),
-    ("conv_igemm_direct_v5k5_tf32", v5_shared_bytes(5)),
-    ("conv_igemm_adjoint_v5k5_tf32", v5_shared_bytes(5)),
+    ("conv_igemm_direct_v5k3_tf32", v5_shared_bytes(3, 64)),
+    ("conv_igemm_adjoint_v5k3_tf32", v5_shared_bytes(3, 64)),
+    ("conv_igemm_direct_v5k5_tf32", v5_shared_bytes(5, 64)),
+    ("conv_igemm_adjoint_v5k5_tf32", v5_shared_bytes(5, 64)),
+    ("conv_igemm_direct_v5n8k3_tf32", v5_shared_bytes(3, 8)),
+    ("conv_igemm_adjoint_v5n8k3_tf32", v5_shared_bytes(3, 8)),
+    ("conv_igemm_direct_v5n8k5_tf32", v5_shared_bytes(5, 8)),
+    ("conv_igemm_adjoint_v5n8k5_tf32", v5_shared_bytes(5, 8)),
 ];
 
 /// Version 5 of an activation pass (a halo tile staged once; conv_tc.cu), when it applies:
-/// stride 1, 64 gathered channels, a 3×3 or 5×5 kernel and more than 32 output channels. Its
-/// kernel and grid: one block per 8 × 16 output pixels of an image and 64 channels.
+/// stride 1, 64 gathered channels, a 3×3 or 5×5 kernel, and more than 32 output channels (64 per
+/// block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles waste
+/// less). Its kernel and grid: one block per 8 × 16 output pixels of an image.
 fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig)> {
-    if p.stride != 1 || p.cs != 64 || p.n <= 32 || !(p.k == 3 || p.k == 5) {
+    let nt = match p.n {
+        1..=8 => 8,
+        33.. => 64,
+        _ => return None,
+    };
+    if p.stride != 1 || p.cs != 64 || !(p.k == 3 || p.k == 5) {
         return None;
     }
-    let name = match (adjoint, p.k) {
-        (false, 3) => "conv_igemm_direct_v5k3_tf32",
-        (true, 3) => "conv_igemm_adjoint_v5k3_tf32",
-        (false, _) => "conv_igemm_direct_v5k5_tf32",
-        (true, _) => "conv_igemm_adjoint_v5k5_tf32",
+    let name = match (adjoint, p.k, nt) {
+        (false, 3, 64) => "conv_igemm_direct_v5k3_tf32",
+        (true, 3, 64) => "conv_igemm_adjoint_v5k3_tf32",
+        (false, _, 64) => "conv_igemm_direct_v5k5_tf32",
+        (true, _, 64) => "conv_igemm_adjoint_v5k5_tf32",
+        (false, 3, _) => "conv_igemm_direct_v5n8k3_tf32",
+        (true, 3, _) => "conv_igemm_adjoint_v5n8k3_tf32",
+        (false, _, _) => "conv_igemm_direct_v5n8k5_tf32",
+        (true, _, _) => "conv_igemm_adjoint_v5n8k5_tf32",
     };
     let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
     let blocks = batch * hp.div_ceil(8) * wp.div_ceil(16);
     Some((
         name,
         LaunchConfig {
-            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), 1),
+            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(nt as u32), 1),
             block_dim: (V3_THREADS, 1, 1),
-            shared_mem_bytes: v5_shared_bytes(p.k as usize),
+            shared_mem_bytes: v5_shared_bytes(p.k as usize, nt),
         },
     ))
 }
@@ -855,11 +869,14 @@ mod tests {
                 }
             }
         }
-        // Version 5: stride 1, 64 gathered channels, k 3 or 5, more than 32 outputs; its launch
-        // takes what LARGE_SHARED lists for it.
+        // Version 5: stride 1, 64 gathered channels, k 3 or 5, more than 32 outputs or at most
+        // 8; its launch takes what LARGE_SHARED lists for it.
         for (n, cs, k, stride, applies) in [
             (64, 64, 5, 1, true),
             (96, 64, 3, 1, true),
+            (4, 64, 3, 1, true),
+            (8, 64, 5, 1, true),
+            (9, 64, 5, 1, false),
             (32, 64, 5, 1, false),
             (64, 32, 5, 1, false),
             (64, 64, 7, 1, false),
@@ -884,8 +901,11 @@ mod tests {
                 if let Some((name, cfg)) = v5 {
                     let listed = LARGE_SHARED.iter().find(|(k, _)| *k == name).unwrap();
                     assert_eq!(cfg.shared_mem_bytes, listed.1, "{name}");
-                    // 3 images of 3 × 3 tiles of 8 × 16 pixels; 64-channel column tiles.
-                    assert_eq!(cfg.grid_dim, (27, (n as u32).div_ceil(64), 1), "{name}");
+                    // 3 images of 3 × 3 tiles of 8 × 16 pixels; one column tile of 8 or
+                    // ⌈n / 64⌉.
+                    let cols = if n <= 8 { 1 } else { (n as u32).div_ceil(64) };
+                    assert_eq!(cfg.grid_dim, (27, cols, 1), "{name}");
+                    assert_eq!(name.contains("n8"), n <= 8, "{name}");
                 }
             }
         }
