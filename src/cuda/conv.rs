@@ -257,8 +257,8 @@ fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig
 /// The kernel, grid and k-tile width of version 3 of an activation pass: 128 × 64 tiles, or
 /// 256 × 32 tiles (`*_v3n32_*`) when there are at most 32 output channels; k-tiles of 32
 /// (`*_v3_k32_*`) on 128 × 64 tiles when the gathered channels are a multiple of 32 and `k32`
-/// allows it, of 16 otherwise. An adjoint gather with stride s > 1 has one z per output phase (oy mod s,
-/// ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions per image.
+/// allows it, of 16 otherwise. An adjoint gather with stride s > 1 has one z per output phase
+/// (oy mod s, ox mod s), each over at most ⌈hp/s⌉·⌈wp/s⌉ positions per image.
 fn v3_kernel(p: &ConvGemmC, adjoint: bool, k32: bool) -> (&'static str, LaunchConfig, usize) {
     let (hp, wp, batch, n) = (p.hp as usize, p.wp as usize, p.batch as usize, p.n as usize);
     let s = if adjoint { p.stride as usize } else { 1 };
