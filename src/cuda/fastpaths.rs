@@ -187,6 +187,18 @@ mod tests {
         assert!(FastPaths::ALL.off().is_empty());
     }
 
+    /// The README's table of fast paths has one row per name, in the same order.
+    #[test]
+    fn the_readme_lists_every_fast_path() {
+        let readme = include_str!("../../README.md");
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .filter(|name| FastPaths::NAMES.contains(name))
+            .collect();
+        assert_eq!(rows, FastPaths::NAMES.to_vec());
+    }
+
     #[test]
     fn an_unknown_name_is_an_error_that_lists_the_allowed_ones() {
         let e = FastPaths::all_but("tokens,slotcell").unwrap_err();
