@@ -1653,6 +1653,21 @@ emu_and_gpu_tests!(emu_conv2d_fwd_bwd, gpu_conv2d_fwd_bwd, |g| {
 emu_and_gpu_tests!(emu_conv_t2d_fwd_bwd, gpu_conv_t2d_fwd_bwd, |g| {
     conv_t2d_fwd_bwd_parity(&g, TOL, false)
 });
+// The kernels of more than 48 KiB of shared memory (conv k32 and v5) got it: in the emulator,
+// and on every GPU but those that give a block 99 KiB (sm_86, sm_87, sm_89: v5's 5×5 kernels
+// need 100 KiB). Otherwise their fallbacks would run in every parity test here, and these
+// kernels would go untested.
+emu_and_gpu_tests!(
+    emu_large_shared_kernels_are_opted_in,
+    gpu_large_shared_kernels_are_opted_in,
+    |g| {
+        let refused = g.shared_opt_in_refused();
+        eprintln!("{} ({}): refused {refused:?}", g.device_name(), g.arch());
+        if !matches!(g.arch(), "sm_86" | "sm_87" | "sm_89") {
+            assert!(refused.is_empty(), "{}: {refused:?}", g.device_name());
+        }
+    }
+);
 emu_and_gpu_tests!(emu_linear_fwd_bwd, gpu_linear_fwd_bwd, |g| {
     linear_fwd_bwd_parity(&g, TOL)
 });

@@ -780,6 +780,16 @@ impl Cuda {
         self.arch
     }
 
+    /// The kernels that need more than 48 KiB of shared memory and did not get it from this
+    /// device (their fallbacks run instead; empty in the emulator).
+    pub fn shared_opt_in_refused(&self) -> Vec<&'static str> {
+        conv::LARGE_SHARED
+            .iter()
+            .map(|&(k, _)| k)
+            .filter(|k| !self.shared_opted_in(k))
+            .collect()
+    }
+
     /// Wait for all queued work; reports any asynchronous error.
     pub fn synchronize(&self) -> Result<(), String> {
         match &self.exec {
