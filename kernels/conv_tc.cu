@@ -63,10 +63,11 @@ static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[LDA], co
     }
 }
 
-// The same product for version 3 over a k-tile of BK columns, from the lane's shared-memory
-// addresses in stage 0
-// (tc_v3_lane_addrs) and the stage's offsets in words (constants once the k-loop is unrolled by
-// its two stages, so they fold into the load instructions).
+// The same product for versions 3 and 5 over a k-tile of BK columns and a warp tile of MI m16
+// by NI n8 tiles, from the lane's shared-memory addresses (tc_v3_lane_addrs) and the offsets in
+// words of the k-tile's A rows and B stage (constants once the loop around is unrolled, so they
+// fold into the load instructions). A_MI: the words from one m16 tile's rows to the next's
+// (version 3: 16 rows of LDA; version 5: one tile row of its halo).
 // A: each fragment is one ldmatrix.x4 (ldsm_x4) instead of four 4-byte loads; its rows must be
 // 16-byte aligned (20 or 36 words are), and the 8 rows of each of its matrices then start in 8
 // different 4-bank groups (LDA ≡ 4 mod 8 words): conflict-free. B: each 8 columns of Bs are in the order k0 k4 k1 k5
@@ -74,20 +75,20 @@ static __device__ __forceinline__ void tc_tile_mma(const unsigned (*As)[LDA], co
 // t + 4 lie side by side and come in one 8-byte load, already in the register order mma wants;
 // rows of LDB ≡ 8 (mod 16) words keep those loads free of bank conflicts. (A cannot be paired
 // this way: its fragment's register order runs over rows first.)
-template <int BK, int LDA, int LDB>
+template <int BK, int A_MI, int LDB, int MI = 2, int NI = 4>
 static __device__ __forceinline__ void tc_tile_mma_v3(SmemAddr a_row, int a_stage, SmemAddr b_pair, int b_stage,
-                                                      float acc[2][4][4]) {
+                                                      float acc[MI][NI][4]) {
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 8) {
-        unsigned a[2][4], b[4][2];
+        unsigned a[MI][4], b[NI][2];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], a_row, a_stage + mi * 16 * LDA + ks);
+        for (int mi = 0; mi < MI; ++mi) ldsm_x4(a[mi], a_row, a_stage + mi * A_MI + ks);
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * LDB + ks);
+        for (int ni = 0; ni < NI; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * LDB + ks);
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
+        for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+            for (int ni = 0; ni < NI; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
     }
 }
 
@@ -583,7 +584,7 @@ static __device__ void conv_igemm_v3(const ConvGemm& p, const float* __restrict_
             v3_next<ADJOINT, BK>(p, f, tp);
             v3_load<ADJOINT, AJ, BJ>(p, src, mask_y, masked, wt, tp, rows, av, has_b, wrow, bv);
         }
-        tc_tile_mma_v3<BK, LDA, LDB>(a_row, st * BM * LDA, b_pair, st * BN * LDB, acc);
+        tc_tile_mma_v3<BK, 16 * LDA, LDB, 2, 4>(a_row, st * BM * LDA, b_pair, st * BN * LDB, acc);
     }
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -751,18 +752,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict_
         }
         const int ty = t / K, tx = t % K;
         const int a_tap = (ty * S::HW + tx) * V5_LDH, b_stage = (t & 1) * NT * V5_LDB;
-#pragma unroll
-        for (int ks = 0; ks < V5_CS; ks += 8) {
-            unsigned a[MI][4], b[NI][2];
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi) ldsm_x4(a[mi], a_row, a_tap + mi * S::HW * V5_LDH + ks);
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * V5_LDB + ks);
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < NI; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
-        }
+        tc_tile_mma_v3<V5_CS, S::HW * V5_LDH, V5_LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
         if (t + 1 < KK && has_w) {
             // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
 #pragma unroll
@@ -1020,6 +1010,24 @@ static __device__ __forceinline__ void dw3_load(const ConvDwGemm& p, const float
 // them back there), so a lane's a0, a1 (and a2, a3) lie side by side: one 8-byte shared load
 // each, in the register order mma takes. With LDA ≡ 8 (mod 32) a half-warp's 8-byte loads cover
 // the 32 banks once.
+// The lane's A fragments (g = lane / 4, t = lane % 4) of the warp's two m16 tiles, rows from
+// wm·32, at k-step ks of the transposed stage At[k][row] (paired rows, as above); weight
+// gradient versions 3 and 4.
+template <int LDA>
+static __device__ __forceinline__ void a_frags_paired(const unsigned (*At)[LDA], int ks, int wm, int g, int t,
+                                                      unsigned a[2][4]) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+        const int r = wm * 32 + mi * 16 + 2 * g;
+        const uint2 lo = *(const uint2*)&At[ks + t][r];
+        const uint2 hi = *(const uint2*)&At[ks + t + 4][r];
+        a[mi][0] = lo.x;
+        a[mi][1] = lo.y;
+        a[mi][2] = hi.x;
+        a[mi][3] = hi.y;
+    }
+}
+
 template <int LDA, int LDB>
 static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[LDA], const unsigned (*Bt)[LDB], int wm,
                                                      int wn, int lane, float acc[2][4][4]) {
@@ -1027,16 +1035,7 @@ static __device__ __forceinline__ void tc_tile_mma_t(const unsigned (*At)[LDA], 
 #pragma unroll
     for (int ks = 0; ks < TC_BK; ks += 8) {
         unsigned a[2][4], b[4][2];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-            const int r = wm * 32 + mi * 16 + 2 * g;
-            const uint2 lo = *(const uint2*)&At[ks + t][r];
-            const uint2 hi = *(const uint2*)&At[ks + t + 4][r];
-            a[mi][0] = lo.x;
-            a[mi][1] = lo.y;
-            a[mi][2] = hi.x;
-            a[mi][3] = hi.y;
-        }
+        a_frags_paired<LDA>(At, ks, wm, g, t, a);
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
             const int c = wn * 32 + ni * 8 + g;
@@ -1328,16 +1327,7 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
 #pragma unroll
             for (int ks = 0; ks < TC_BK; ks += 8) {
                 unsigned a[2][4];
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    const int r = wm * 32 + mi * 16 + 2 * g;
-                    const uint2 lo = *(const uint2*)&At[st][ks + t][r];
-                    const uint2 hi = *(const uint2*)&At[st][ks + t + 4][r];
-                    a[mi][0] = lo.x;
-                    a[mi][1] = lo.y;
-                    a[mi][2] = hi.x;
-                    a[mi][3] = hi.y;
-                }
+                a_frags_paired<LDA>(At[st], ks, wm, g, t, a);
 #pragma unroll
                 for (int j = 0; j < K; ++j) {
                     const int J = wn * K + j, kx = J >> 2, c = ((J & 3) << 3) + g;
