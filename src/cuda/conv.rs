@@ -511,8 +511,10 @@ impl Cuda {
     /// `v3.split_k` asks for it and [`v3_splits`] finds it worth it: the blocks write partial
     /// products to a scratch buffer and `conv_splitk_reduce_f32` applies the epilogue.
     fn conv_v3(&self, v3: &V3Launch, src: &Buf, mask: &Buf, wt: &Buf, bias: &Buf, out: &mut Buf) {
-        let k32 = self.fast.conv_k32 && self.shared_opted_in("conv_igemm_direct_v3_k32_tf32");
-        let (name, mut cfg, bk) = v3_kernel(&v3.p, v3.adjoint, k32);
+        let (mut name, mut cfg, mut bk) = v3_kernel(&v3.p, v3.adjoint, self.fast.conv_k32);
+        if !self.may_launch(name) {
+            (name, cfg, bk) = v3_kernel(&v3.p, v3.adjoint, false);
+        }
         let (p, masked, relu, mode) = (&v3.p, &v3.masked, &v3.relu, &v3.mode);
         let splits = if v3.split_k && self.fast.conv_splitk {
             v3_splits(p, &cfg, bk)
@@ -521,7 +523,7 @@ impl Cuda {
         };
         let si = i(splits);
         if splits == 1 && self.fast.conv_v5 {
-            let v5 = v5_kernel(p, v3.adjoint).filter(|(n, _)| self.shared_opted_in(n));
+            let v5 = v5_kernel(p, v3.adjoint).filter(|(n, _)| self.may_launch(n));
             if let Some((name, cfg)) = v5 {
                 launch!(self, name, cfg; p, src, mask, masked, wt, bias, relu, mode, out);
                 return;

@@ -481,9 +481,9 @@ pub struct Cuda {
     replays: std::sync::atomic::AtomicU64,
     /// The fast paths this backend may take (all by default; see [`fastpaths`]).
     fast: FastPaths,
-    /// The kernels of [`conv::LARGE_SHARED`] that got their shared memory (on a GPU, those the
-    /// device allowed; the others are never launched, whatever `fast` says).
-    large_shared: Vec<&'static str>,
+    /// The kernels of [`conv::LARGE_SHARED`] the device refused their shared memory: never
+    /// launched, whatever `fast` says (empty in the emulator).
+    shared_refused: Vec<&'static str>,
     /// In the emulator: launches so far per kernel name (tests check which kernels ran).
     emu_launched: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Whether each launch is timed ([`profile`]), and the launches timed so far.
@@ -544,7 +544,7 @@ fn load_module(
 
 /// Raise the dynamic shared-memory limit of the kernels that launch with more than the 48 KiB
 /// every kernel gets ([`conv::LARGE_SHARED`]), once, to what they take. Returns the kernels that
-/// got it; for each one that did not (a device that gives a block less: sm_86 and sm_89 give
+/// did not get it; for each of them (a device that gives a block less: sm_86 and sm_89 give
 /// 99 KiB, sm_80 163 KiB, sm_90 227 KiB), a warning, and the backend runs its fallback.
 fn opt_in_shared(
     ctx: &CudaContext,
@@ -555,7 +555,7 @@ fn opt_in_shared(
     let most = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .unwrap_or(48 * 1024);
-    let mut opted = Vec::new();
+    let mut refused = Vec::new();
     for (name, bytes) in conv::LARGE_SHARED {
         let result = if bytes as i64 > most as i64 {
             Err(format!("{device} gives a block at most {most} bytes"))
@@ -570,14 +570,14 @@ fn opt_in_shared(
                     .map_err(|e| format!("{device} refused it: {e:?}")),
             }
         };
-        match result {
-            Ok(()) => opted.push(name),
-            Err(e) => eprintln!(
+        if let Err(e) = result {
+            eprintln!(
                 "warning: kernel {name} needs {bytes} bytes of shared memory: {e}; its fallback runs"
-            ),
+            );
+            refused.push(name);
         }
     }
-    opted
+    refused
 }
 
 impl Cuda {
@@ -659,9 +659,9 @@ impl Cuda {
         }
         // A fast path that cannot be switched on is no reason to lose the GPU: its kernels say
         // so, and their fallbacks run.
-        let large_shared = opt_in_shared(&ctx, &funcs, &name);
+        let refused = opt_in_shared(&ctx, &funcs, &name);
         let mut cu = Cuda::with_exec(Exec::Gpu(Gpu { ctx, stream, funcs }), name, arch);
-        cu.large_shared = large_shared;
+        cu.shared_refused = refused;
         Ok(cu)
     }
 
@@ -687,7 +687,7 @@ impl Cuda {
             emu_tape: Default::default(),
             replays: Default::default(),
             fast: FastPaths::ALL,
-            large_shared: conv::LARGE_SHARED.iter().map(|&(k, _)| k).collect(),
+            shared_refused: Vec::new(),
             emu_launched: Default::default(),
             profiling: Default::default(),
             profile: Default::default(),
@@ -736,9 +736,10 @@ impl Cuda {
         }
     }
 
-    /// Whether kernel `name` of [`conv::LARGE_SHARED`] got its shared memory.
-    fn shared_opted_in(&self, name: &str) -> bool {
-        self.large_shared.contains(&name)
+    /// Whether kernel `name` may launch: false only for a kernel of [`conv::LARGE_SHARED`] the
+    /// device refused its shared memory.
+    fn may_launch(&self, name: &str) -> bool {
+        !self.shared_refused.contains(&name)
     }
 
     /// The fast paths this backend may take; the others run their fallbacks ([`fastpaths`]).
@@ -783,11 +784,7 @@ impl Cuda {
     /// The kernels that need more than 48 KiB of shared memory and did not get it from this
     /// device (their fallbacks run instead; empty in the emulator).
     pub fn shared_opt_in_refused(&self) -> Vec<&'static str> {
-        conv::LARGE_SHARED
-            .iter()
-            .map(|&(k, _)| k)
-            .filter(|k| !self.shared_opted_in(k))
-            .collect()
+        self.shared_refused.clone()
     }
 
     /// Wait for all queued work; reports any asynchronous error.
