@@ -1197,7 +1197,7 @@ DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 // given those taps).
 #define DW4_THREADS 256
 
-template <int K>
+// The next unit of 16 positions: the next segment of the grid row, then of the next row.
 static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int segs, int& n, int& py, int& seg) {
     if (++seg == segs) {
         seg = 0;
@@ -1211,7 +1211,7 @@ static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int se
 // This thread's loads for the unit (n, py, px0 = 16·seg): A position j = tid / 16, rows
 // i..i+3 (zero past the grid row's end); strip elements e = tid + 256·r (pixel e / 8, channel
 // quad e % 8, zero outside the source or past the strip).
-template <int K, int S>
+template <int S>
 static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
@@ -1289,9 +1289,9 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     float4 av[DEPTH], bv[DEPTH][2];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
-        if (d > 0) dw4_unit_next<K>(p, segs, ln, lpy, lseg);
+        if (d > 0) dw4_unit_next(p, segs, ln, lpy, lseg);
         if (d < ntiles)
-            dw4_load<K, S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
+            dw4_load<S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
                            strip_len, av[d], bv[d]);
     }
     const bool sum_a = sums_of == 1 && blockIdx.y == 0;
@@ -1320,8 +1320,8 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             }
             __syncthreads();
             if (tt + DEPTH < ntiles) {
-                dw4_unit_next<K>(p, segs, ln, lpy, lseg);
-                dw4_load<K, S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
+                dw4_unit_next(p, segs, ln, lpy, lseg);
+                dw4_load<S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
                                strip_len, av[d], bv[d]);
             }
 #pragma unroll
