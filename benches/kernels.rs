@@ -785,8 +785,9 @@ fn main() {
         b.tf32.map_or("-".into(), |v| format!("{v:.0}")),
     );
     println!(
-        "(\"tf32 v3\": version 3 of the tensor-core convolutions where the channel counts allow it \
-         (multiples of 16; 4 for the weight gradients), version 2 elsewhere)\n"
+        "(\"tf32 v3\": every fast path of the tensor-core convolutions on (versions 3, 4 and 5 and \
+         `conv_c4` where the channel counts allow them, version 2 elsewhere); \"tf32 v2\": \
+         version 2 everywhere)\n"
     );
     println!("| kernel | shape | check vs CPU | ms | TFLOP/s | GB/s | of peak |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | --- |");
@@ -845,6 +846,34 @@ fn main() {
                 bp.conv(
                     "decoder convT s1",
                     ConvGeom::transposed(res, res, ch, ch, 5, 1, 2, 0),
+                    dec_imgs,
+                    true,
+                    precision,
+                )
+            },
+        );
+        // The first and last layers of the 128² model, whose gathers have 3 and 4 channels
+        // (version 5 with two taps per k-step, `conv_c4`, where version 3 applies): the
+        // encoder's first conv (its dx is timed too, though training never computes it), and
+        // the decoder's 3×3 convT to RGB + alpha.
+        guarded(
+            &format!("encoder first conv ({precision:?} v{version})"),
+            || {
+                bp.conv(
+                    "encoder first conv",
+                    ConvGeom::same(res, res, 3, ch, 5),
+                    batch,
+                    false,
+                    precision,
+                )
+            },
+        );
+        guarded(
+            &format!("decoder last convT ({precision:?} v{version})"),
+            || {
+                bp.conv(
+                    "decoder last convT",
+                    ConvGeom::transposed(res, res, ch, 4, 3, 1, 1, 0),
                     dec_imgs,
                     true,
                     precision,

@@ -116,6 +116,29 @@ static __device__ __forceinline__ void tc_epilogue(float* o, float v, const floa
     *o = v;
 }
 
+// tc_epilogue for the columns nn and nn + 1 (nn even, both < n, o 8-byte aligned): one 8-byte
+// access instead of two 4-byte ones.
+static __device__ __forceinline__ void tc_epilogue_pair(float* o, float v0, float v1,
+                                                        const float* __restrict__ bias, int nn, int relu,
+                                                        int accumulate) {
+#ifdef CUEMU
+    cuemu_check_align8(o);
+#endif
+    float2* o2 = (float2*)o;
+    if (accumulate == 1) {
+        const float2 was = *o2;
+        *o2 = make_float2(was.x + v0, was.y + v1);
+        return;
+    }
+    if (accumulate == 0) {
+        v0 += bias[nn];
+        v1 += bias[nn + 1];
+    }
+    if (relu && v0 < 0.0f) v0 = 0.0f;  // (as tc_epilogue: a NaN stays NaN)
+    if (relu && v1 < 0.0f) v1 = 0.0f;
+    *o2 = make_float2(v0, v1);
+}
+
 // The warp's 2 × 4 accumulator tiles, zeroed.
 static __device__ __forceinline__ void zero_acc(float acc[2][4][4]) {
 #pragma unroll
@@ -799,6 +822,167 @@ V5_ENTRY(conv_igemm_direct_v5n8k3_tf32, false, 3, 8)
 V5_ENTRY(conv_igemm_adjoint_v5n8k3_tf32, true, 3, 8)
 V5_ENTRY(conv_igemm_direct_v5n8k5_tf32, false, 5, 8)
 V5_ENTRY(conv_igemm_adjoint_v5n8k5_tf32, true, 5, 8)
+
+// ---- Version 5 for at most 4 gathered channels (`c4`): two taps per k-step ----
+// The first encoder layer gathers the image's 3 channels and the input gradient of the decoders'
+// last layer gathers its 4 (RGB + alpha): not multiples of 16, so version 2 took them, ~2.5 ms
+// of the clevr6 step for ~44 GFLOP (its dW aside). Here a source pixel's channels, padded to 4,
+// are one 16-byte row of the halo, and one k-step of the mma (8 deep) is two taps: the lanes
+// that address ldmatrix's matrices 0–1 (k 0–3) point at their pixel under tap 2j, those of
+// matrices 2–3 (k 4–7) under tap 2j + 1 (a lane supplies its own row's address; 8 consecutive
+// pixels are 128 contiguous bytes, conflict-free). An odd tap count pads the last step with
+// zero weights (its A lanes read tap 0). Every tap's weights fit in shared memory (NT × 104
+// words at 5×5) and are staged once per block, TF32-rounded from W itself (no conv_w_nk_tf32
+// pass: K = k²·cs is no multiple of 8 here); the block then walks output tiles of 8 × 16
+// pixels, the next tile's halo (one pixel per thread) loading while the current one computes.
+// Stride 1; the adjoint gather as a direct one mirrored, as in version 5.
+template <int K>
+struct C4Smem {
+    static constexpr int HH = V5_TH + K - 1, HW = V5_TW + K - 1;  // the halo
+    static constexpr int STEPS = (K * K + 1) / 2;                 // k-steps of two taps
+    static constexpr int LDB = 8 * STEPS;  // ≡ 8 (mod 16) at K = 3 (40) and 5 (104): conflict-free B pairs
+};
+
+// The source pixel (sy, sx) of image img, its channels padded to 4 with zeros (also outside the
+// image), through the ReLU mask for a gradient.
+static __device__ __forceinline__ float4 c4_pixel(const ConvGemm& p, const float* __restrict__ src,
+                                                  const float* __restrict__ mask_y, int masked, int img, int sy,
+                                                  int sx) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if ((unsigned)sy >= (unsigned)p.hs || (unsigned)sx >= (unsigned)p.ws) return v;
+    const size_t idx = (((size_t)img * p.hs + sy) * p.ws + sx) * p.cs;
+    if (p.cs == 4) {
+        v = ld_f4(src + idx);
+        return masked ? relu_masked(v, mask_y + idx) : v;
+    }
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int ch = 0; ch < 3; ++ch)
+        if (ch < p.cs) c[ch] = masked && !(mask_y[idx + ch] > 0.0f) ? 0.0f : src[idx + ch];
+    return make_float4(c[0], c[1], c[2], c[3]);
+}
+
+// grid (g, ⌈n/NT⌉) for any g ≤ tiles = batch · ⌈hp/8⌉ · ⌈wp/16⌉ (the blocks stride over the
+// output tiles), block 256; p.cs ≤ 4, p.stride == 1, p.k == K, NT = 64 (n > 32) or 32. W raw
+// (p.w_nc as for conv_w_nk_tf32). Other arguments as conv_igemm_v5.
+template <bool ADJOINT, int K, int NT>
+static __device__ void conv_igemm_c4(const ConvGemm& p, const float* __restrict__ src,
+                                     const float* __restrict__ mask_y, int masked, const float* __restrict__ w,
+                                     const float* __restrict__ bias, int relu, int accumulate,
+                                     float* __restrict__ out) {
+    using S = C4Smem<K>;
+    constexpr int KK = K * K, LDB = S::LDB, HALO_PX = S::HH * S::HW;
+    constexpr int MI = NT == 64 ? 2 : 1, NI = 4;  // a warp's m16 and n8 tiles
+    static_assert(HALO_PX <= V3_THREADS, "one halo pixel per thread");
+    __shared__ __align__(16) unsigned halo[HALO_PX * 4];
+    __shared__ __align__(16) unsigned Bs[NT * LDB];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    // NT 64: tile rows 2·wm, 2·wm + 1, channels wn·32..; NT 32: tile row wm, channels 0..31.
+    const int wm = NT == 64 ? warp >> 1 : warp, wn = NT == 64 ? warp & 1 : 0;
+    const int N = p.n, n0 = blockIdx.y * NT;
+    // The weights, once: word 8·j + 2·c + h of column row nn is tap 2j + h (a halo offset;
+    // mirrored for the adjoint gather), channel c: k slot 4h + c of step j in the pair order of
+    // tc_tile_mma_v3 (k0 k4 k1 k5 …). Zero past the taps, the channels and the columns.
+    for (int e = tid; e < NT * LDB; e += V3_THREADS) {
+        const int nn = n0 + e / LDB, pos = e % LDB;
+        const int t = 2 * (pos >> 3) + (pos & 1), c = (pos >> 1) & 3;
+        float v = 0.0f;
+        if (t < KK && c < p.cs && nn < N) {
+            const int tap = ADJOINT ? KK - 1 - t : t;
+            const int a = p.w_nc ? nn : c, b = p.w_nc ? c : nn, bdim = p.w_nc ? p.cs : N;
+            v = w[(a * bdim + b) * KK + tap];
+        }
+        Bs[e] = to_tf32(v);
+    }
+    const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, tiles_y = (p.hp + V5_TH - 1) / V5_TH;
+    const int per_img = tiles_x * tiles_y, tiles = p.batch * per_img;
+    const int pad = ADJOINT ? K - 1 - p.pad : p.pad;
+    // This thread's halo pixel of a tile (row-major over HH × HW), if any.
+    const bool has_px = tid < HALO_PX;
+    const int hy = tid / S::HW, hx = tid % S::HW;
+    auto load_px = [&](int tile) {
+        const int img = tile / per_img, r = tile % per_img;
+        const int sy = (r / tiles_x) * V5_TH - pad + hy, sx = (r % tiles_x) * V5_TW - pad + hx;
+        return c4_pixel(p, src, mask_y, masked, img, sy, sx);
+    };
+    float4 next = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (has_px && (int)blockIdx.x < tiles) next = load_px(blockIdx.x);
+    // The lane's ldmatrix row at tap offset 0: pixel (MI·wm, lane & 15) of the tile (mi = 1 is
+    // the next tile row, HW pixels on); lanes 16–31 (k 4–7) add the odd tap's offset below.
+    const SmemAddr a_row = smem_addr(&halo[((MI * wm) * S::HW + (lane & 15)) * 4]);
+    const SmemAddr b_pair = smem_addr(&Bs[(wn * 32 + (lane >> 2)) * LDB + 2 * (lane & 3)]);
+    const int odd = lane >> 4;
+    const int g = lane >> 2, tq = lane & 3;
+    const bool even_n = (N & 1) == 0;  // column pairs (2·tq, 2·tq + 1) stored as one float2
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        __syncthreads();  // the previous tile's fragment loads are done (the first time: nothing)
+        if (has_px) *(uint4*)&halo[tid * 4] = tf32x4(next);
+        __syncthreads();  // the halo (and the first time, the weights) is staged
+        if (has_px && tile + (int)gridDim.x < tiles) next = load_px(tile + gridDim.x);
+        float acc[MI][NI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < S::STEPS; ++j) {
+            // This lane's tap; the padding tap of an odd count reads tap 0 (its weights are 0).
+            const int t = 2 * j + odd < KK ? 2 * j + odd : 0;
+            const int a_off = ((t / K) * S::HW + t % K) * 4;
+            unsigned a[MI][4], b[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) ldsm_x4(a[mi], a_row, a_off + mi * S::HW * 4);
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) lds_u2(b[ni], b_pair, ni * 8 * LDB + 8 * j);
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+        }
+        const int img = tile / per_img, r = tile % per_img;
+        const int oy0 = (r / tiles_x) * V5_TH, ox0 = (r % tiles_x) * V5_TW;
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int r2 = 0; r2 < 2; ++r2) {
+                const int oy = oy0 + MI * wm + mi, ox = ox0 + g + 8 * r2;
+                if (oy >= p.hp || ox >= p.wp) continue;
+                const size_t m = ((size_t)img * p.hp + oy) * p.wp + ox;  // the row of `out`
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) {
+                    const int nn = n0 + wn * 32 + ni * 8 + 2 * tq;
+                    const float v0 = acc[mi][ni][2 * r2], v1 = acc[mi][ni][2 * r2 + 1];
+                    if (even_n && nn < N) {
+                        tc_epilogue_pair(&out[m * N + nn], v0, v1, bias, nn, relu, accumulate);
+                    } else {
+                        if (nn < N) tc_epilogue(&out[m * N + nn], v0, bias, nn, relu, accumulate);
+                        if (nn + 1 < N) tc_epilogue(&out[m * N + nn + 1], v1, bias, nn + 1, relu, accumulate);
+                    }
+                }
+            }
+    }
+}
+
+// As conv_igemm_{direct,adjoint}_tf32 (version 2, same arguments: W raw) for stride 1, at most 4
+// gathered channels and k = 3 or 5; `c4n32`: at most 32 output channels per block. Grid
+// (at most batch · ⌈hp/8⌉ · ⌈wp/16⌉: the blocks stride over the output tiles, ⌈n/NT⌉), block 256, static shared memory.
+#define C4_ENTRY(NAME, ADJ, K, NT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(V3_THREADS)                                               \
+        NAME(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y, int masked,      \
+             const float* __restrict__ w, const float* __restrict__ bias, int relu, int accumulate,         \
+             float* __restrict__ out) {                                                                     \
+        conv_igemm_c4<ADJ, K, NT>(p, src, mask_y, masked, w, bias, relu, accumulate, out);                  \
+    }
+C4_ENTRY(conv_igemm_direct_c4k3_tf32, false, 3, 64)
+C4_ENTRY(conv_igemm_adjoint_c4k3_tf32, true, 3, 64)
+C4_ENTRY(conv_igemm_direct_c4k5_tf32, false, 5, 64)
+C4_ENTRY(conv_igemm_adjoint_c4k5_tf32, true, 5, 64)
+C4_ENTRY(conv_igemm_direct_c4n32k3_tf32, false, 3, 32)
+C4_ENTRY(conv_igemm_adjoint_c4n32k3_tf32, true, 3, 32)
+C4_ENTRY(conv_igemm_direct_c4n32k5_tf32, false, 5, 32)
+C4_ENTRY(conv_igemm_adjoint_c4n32k5_tf32, true, 5, 32)
 
 // Split-K's second pass: for e < len = rows·n, s = Σ_z partial[z·len + e] (z < splits, in
 // order), then out[e] = relu?(s + bias[e mod n]) (accumulate 0), relu?(s) (2) or out[e] += s

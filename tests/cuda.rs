@@ -593,6 +593,41 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         109,
     );
+    // At most 4 gathered channels, stride 1 (`conv_c4`: two taps per k-step): the first
+    // encoder layer's forward over 3 channels to 64 (2 × 3 tiles per image, both partial) and
+    // to 32 (`c4n32`); a "valid" 3×3 over 2 channels to 41 (one partial column tile, an odd
+    // count: no paired stores); and dx gathers of 4 and 3 channels through the ReLU mask (the
+    // adjoint gather mirrored), the first into 40 channels, the second into 12.
+    case(
+        "same k5 3->64 13x37 c4",
+        ConvGeom::same(13, 37, 3, 64, 5),
+        true,
+        1091,
+    );
+    case(
+        "same k5 3->32 11x18 c4n32",
+        ConvGeom::same(11, 18, 3, 32, 5),
+        true,
+        1092,
+    );
+    case(
+        "k3 p0 2->41 10x19 c4",
+        ConvGeom::conv(10, 19, 2, 41, 3, 1, 0),
+        false,
+        1093,
+    );
+    case(
+        "same k5 40->4 9x19 c4 dx",
+        ConvGeom::same(9, 19, 40, 4, 5),
+        true,
+        1094,
+    );
+    case(
+        "same k3 12->3 7x20 c4n32 dx",
+        ConvGeom::same(7, 20, 12, 3, 3),
+        true,
+        1095,
+    );
     if !tc_shapes {
         return;
     }
@@ -710,6 +745,21 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         t(6, 5, 4, 16, 5, 2, 2, 1),
         true,
         240,
+    );
+    // At most 4 gathered channels, stride 1 (`conv_c4`): the dx of a last layer to RGB +
+    // alpha (a direct gather of 4 channels into 24), and a 5×5 forward with pad 0 from 3
+    // channels (the mirrored gather, pad 4) into 20.
+    case(
+        "T k3 s1 24->4 9x20 c4n32 dx",
+        t(9, 20, 24, 4, 3, 1, 1, 0),
+        false,
+        241,
+    );
+    case(
+        "T k5 s1 p0 3->20 6x9 c4n32",
+        t(6, 9, 3, 20, 5, 1, 0, 0),
+        true,
+        242,
     );
     if !tc_shapes {
         return;
@@ -2203,6 +2253,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
         "conv_k32" => name.starts_with("conv_igemm_") && name.contains("_k32_"),
         "conv_v5" => name.starts_with("conv_igemm_") && name.contains("_v5"),
+        "conv_c4" => name.starts_with("conv_igemm_") && name.contains("_c4"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
         "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",

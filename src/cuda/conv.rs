@@ -254,6 +254,50 @@ fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig
     ))
 }
 
+/// Blocks of `conv_igemm_*_c4*` per column tile: each stages every tap's weights once and then
+/// walks its share of the output tiles, so the weights are read ~1000 times, not once per tile.
+/// Below that, one block per two tiles: every block with more than one tile walks them (so the
+/// small layers of the tests run the walk and its halo prefetch too).
+const C4_MAX_BLOCKS: usize = 1024;
+
+/// Version 5 for at most 4 gathered channels (`c4`; conv_tc.cu), when it applies: stride 1, 1 to
+/// 4 gathered channels, a 3×3 or 5×5 kernel and more than 8 output channels (64 per block, or
+/// 32 for at most 32). Its kernel and grid. It takes W as it is (version 2's arguments).
+fn c4_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig)> {
+    let nt = match p.n {
+        9..=32 => 32,
+        33.. => 64,
+        _ => return None,
+    };
+    if p.stride != 1 || !(1..=4).contains(&p.cs) || !(p.k == 3 || p.k == 5) {
+        return None;
+    }
+    let name = match (adjoint, p.k, nt) {
+        (false, 3, 64) => "conv_igemm_direct_c4k3_tf32",
+        (true, 3, 64) => "conv_igemm_adjoint_c4k3_tf32",
+        (false, _, 64) => "conv_igemm_direct_c4k5_tf32",
+        (true, _, 64) => "conv_igemm_adjoint_c4k5_tf32",
+        (false, 3, _) => "conv_igemm_direct_c4n32k3_tf32",
+        (true, 3, _) => "conv_igemm_adjoint_c4n32k3_tf32",
+        (false, _, _) => "conv_igemm_direct_c4n32k5_tf32",
+        (true, _, _) => "conv_igemm_adjoint_c4n32k5_tf32",
+    };
+    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+    let tiles = batch * hp.div_ceil(8) * wp.div_ceil(16);
+    Some((
+        name,
+        LaunchConfig {
+            grid_dim: (
+                i(tiles.div_ceil(2).min(C4_MAX_BLOCKS)) as u32,
+                (p.n as u32).div_ceil(nt as u32),
+                1,
+            ),
+            block_dim: (V3_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        },
+    ))
+}
+
 /// The kernel, grid and k-tile width of version 3 of an activation pass: 128 × 64 tiles, or
 /// 256 × 32 tiles (`*_v3n32_*`) when there are at most 32 output channels; k-tiles of 32
 /// (`*_v3_k32_*`) on 128 × 64 tiles when the gathered channels are a multiple of 32 and `k32`
@@ -486,11 +530,18 @@ impl Cuda {
                 mode,
             };
             self.conv_v3(&v3, x, x, &wt, b, y);
+        } else if let Some((name, cfg)) = self.conv_c4_kernel(&p, transposed) {
+            launch!(self, name, cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         } else if transposed {
             launch!(self, "conv_igemm_adjoint_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         } else {
             launch!(self, "conv_igemm_direct_tf32", cfg; &p, x, x, &zero, w, b, &ri, &mode, y);
         }
+    }
+
+    /// [`c4_kernel`] where the `conv_c4` fast path is on.
+    fn conv_c4_kernel(&self, p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig)> {
+        c4_kernel(p, adjoint).filter(|_| self.fast.conv_c4)
     }
 
     /// For version 3 of the tensor-core activation passes (a gathered source of `cs` channels,
@@ -588,6 +639,8 @@ impl Cuda {
                 mode,
             };
             self.conv_v3(&v3, dy, y, &wt, w, dx);
+        } else if let Some((name, cfg)) = self.conv_c4_kernel(&p, !transposed) {
+            launch!(self, name, cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
         } else if transposed {
             launch!(self, "conv_igemm_direct_tf32", cfg; &p, dy, y, &ri, w, w, &zero, &mode, dx);
         } else {
@@ -908,6 +961,53 @@ mod tests {
                     let cols = if n <= 8 { 1 } else { (n as u32).div_ceil(64) };
                     assert_eq!(cfg.grid_dim, (27, cols, 1), "{name}");
                     assert_eq!(name.contains("n8"), n <= 8, "{name}");
+                }
+            }
+        }
+    }
+
+    /// Version 5 for at most 4 gathered channels: stride 1, 1 to 4 gathered channels, k 3 or 5,
+    /// more than 8 outputs; 32 columns per block up to 32, 64 past that; one block per two
+    /// output tiles up to C4_MAX_BLOCKS, and static shared memory only.
+    #[test]
+    fn c4_applies_to_the_first_and_last_layers() {
+        for (n, cs, k, stride, applies) in [
+            (64, 3, 5, 1, true),
+            (32, 3, 5, 1, true),
+            (64, 4, 3, 1, true),
+            (9, 1, 3, 1, true),
+            (8, 3, 5, 1, false),
+            (64, 5, 5, 1, false),
+            (64, 3, 7, 1, false),
+            (64, 3, 5, 2, false),
+        ] {
+            for (batch, blocks) in [(3, 14), (200, 900), (300, 1024)] {
+                let p = ConvGemmC {
+                    batch,
+                    hp: 17,
+                    wp: 33,
+                    hs: 17,
+                    ws: 33,
+                    cs,
+                    n,
+                    k,
+                    stride,
+                    pad: k / 2,
+                    w_nc: 1,
+                };
+                for adjoint in [false, true] {
+                    let c4 = c4_kernel(&p, adjoint);
+                    assert_eq!(c4.is_some(), applies, "{n} {cs} {k} {stride}");
+                    if let Some((name, cfg)) = c4 {
+                        // 9 tiles of 8 × 16 pixels per image.
+                        let cols = (n as u32).div_ceil(if n <= 32 { 32 } else { 64 });
+                        assert_eq!(cfg.grid_dim, (blocks, cols, 1), "{name}");
+                        assert_eq!(cfg.shared_mem_bytes, 0, "{name}");
+                        assert_eq!(name.contains("n32"), n <= 32, "{name}");
+                        assert_eq!(name.contains("adjoint"), adjoint, "{name}");
+                        assert!(name.contains(&format!("k{k}_")), "{name}");
+                        assert!(!LARGE_SHARED.iter().any(|(l, _)| *l == name), "{name}");
+                    }
                 }
             }
         }

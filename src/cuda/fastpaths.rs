@@ -24,6 +24,10 @@ pub struct FastPaths {
     /// 3×3 or 5×5, more than 32 outputs): the output tile's halo staged once
     /// (`conv_igemm_*_v5k*_tf32`); off: version 3.
     pub conv_v5: bool,
+    /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:
+    /// the first layer's forward, the last layer's input gradient): two taps per k-step of the
+    /// mma (`conv_igemm_*_c4*_tf32`); off: version 2.
+    pub conv_c4: bool,
     /// Version 3 of the tensor-core weight-gradient passes (`conv_dw_partial_v3*`, with the
     /// bias gradient from the GEMM's operand sums); off: version 2 and a column-sum pass.
     pub dw_v3: bool,
@@ -58,6 +62,7 @@ impl FastPaths {
         conv_v3: true,
         conv_k32: true,
         conv_v5: true,
+        conv_c4: true,
         dw_v3: true,
         dw_v4: true,
         attention_v2: true,
@@ -70,6 +75,7 @@ impl FastPaths {
         conv_v3: false,
         conv_k32: false,
         conv_v5: false,
+        conv_c4: false,
         dw_v3: false,
         dw_v4: false,
         attention_v2: false,
@@ -80,10 +86,11 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
+        "conv_c4",
         "dw_v3",
         "dw_v4",
         "attention_v2",
@@ -98,6 +105,7 @@ impl FastPaths {
             "conv_v3" => &mut self.conv_v3,
             "conv_k32" => &mut self.conv_k32,
             "conv_v5" => &mut self.conv_v5,
+            "conv_c4" => &mut self.conv_c4,
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
             "attention_v2" => &mut self.attention_v2,
@@ -171,6 +179,7 @@ mod tests {
             fp.conv_v3
                 && fp.conv_k32
                 && fp.conv_v5
+                && fp.conv_c4
                 && fp.dw_v3
                 && fp.dw_v4
                 && fp.attention_v2

@@ -719,11 +719,19 @@ impl Cuda {
     }
 
     /// Which version of the tensor-core passes (`kernels/conv_tc.cu`: activations and weight
-    /// gradients) runs where both apply: 3 (the default) or 2, for benchmarks that compare them.
+    /// gradients) runs where both apply: 3 (the default, with the later versions where they
+    /// apply) or 2 everywhere, for benchmarks that compare them.
     pub fn with_conv_tc_version(mut self, version: u8) -> Cuda {
         assert!(version == 2 || version == 3, "conv_tc versions are 2 and 3");
-        self.fast.conv_v3 = version == 3;
-        self.fast.dw_v3 = version == 3;
+        let v3 = version == 3;
+        self.fast.conv_v3 = v3;
+        self.fast.dw_v3 = v3;
+        if !v3 {
+            self.fast.conv_k32 = false;
+            self.fast.conv_v5 = false;
+            self.fast.conv_c4 = false;
+            self.fast.dw_v4 = false;
+        }
         self
     }
 

@@ -22,10 +22,14 @@ struct float4 {
 struct uint4 {
     unsigned x, y, z, w;
 };
+struct float2 {  // 8 bytes (tc_epilogue_pair checks the 8-byte alignment the hardware requires)
+    float x, y;
+};
 struct uint2 {  // 8 bytes (the hardware requires 8-byte alignment: tc_tile_mma's offsets are even)
     unsigned x, y;
 };
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 extern "C" void cuemu_fault(const char* msg);
 static inline void cuemu_check_align16(const void* p) {
