@@ -843,22 +843,21 @@ struct C4Smem {
     static constexpr int LDB = 8 * STEPS;  // ≡ 8 (mod 16) at K = 3 (40) and 5 (104): conflict-free B pairs
 };
 
-// The source pixel (sy, sx) of image img, its channels padded to 4 with zeros (also outside the
-// image), through the ReLU mask for a gradient.
-static __device__ __forceinline__ float4 c4_pixel(const ConvGemm& p, const float* __restrict__ src,
-                                                  const float* __restrict__ mask_y, int masked, int img, int sy,
-                                                  int sx) {
+// The source pixel (sy, sx) of image img of src [batch, hs, ws, cs] (cs ≤ 4), its channels
+// padded to 4 with zeros (also outside the image), through the ReLU mask for a gradient.
+static __device__ __forceinline__ float4 c4_pixel(const float* __restrict__ src, const float* __restrict__ mask_y,
+                                                  int masked, int hs, int ws, int cs, int img, int sy, int sx) {
     float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if ((unsigned)sy >= (unsigned)p.hs || (unsigned)sx >= (unsigned)p.ws) return v;
-    const size_t idx = (((size_t)img * p.hs + sy) * p.ws + sx) * p.cs;
-    if (p.cs == 4) {
+    if ((unsigned)sy >= (unsigned)hs || (unsigned)sx >= (unsigned)ws) return v;
+    const size_t idx = (((size_t)img * hs + sy) * ws + sx) * cs;
+    if (cs == 4) {
         v = ld_f4(src + idx);
         return masked ? relu_masked(v, mask_y + idx) : v;
     }
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int ch = 0; ch < 3; ++ch)
-        if (ch < p.cs) c[ch] = masked && !(mask_y[idx + ch] > 0.0f) ? 0.0f : src[idx + ch];
+        if (ch < cs) c[ch] = masked && !(mask_y[idx + ch] > 0.0f) ? 0.0f : src[idx + ch];
     return make_float4(c[0], c[1], c[2], c[3]);
 }
 
@@ -903,7 +902,7 @@ static __device__ void conv_igemm_c4(const ConvGemm& p, const float* __restrict_
     auto load_px = [&](int tile) {
         const int img = tile / per_img, r = tile % per_img;
         const int sy = (r / tiles_x) * V5_TH - pad + hy, sx = (r % tiles_x) * V5_TW - pad + hx;
-        return c4_pixel(p, src, mask_y, masked, img, sy, sx);
+        return c4_pixel(src, mask_y, masked, p.hs, p.ws, p.cs, img, sy, sx);
     };
     float4 next = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (has_px && (int)blockIdx.x < tiles) next = load_px(blockIdx.x);
@@ -1576,6 +1575,125 @@ DW4_ENTRY(conv_dw_partial_v4k3s1_tf32, 3, 1)
 DW4_ENTRY(conv_dw_partial_v4k3s2_tf32, 3, 2)
 DW4_ENTRY(conv_dw_partial_v4k5s1_tf32, 5, 1)
 DW4_ENTRY(conv_dw_partial_v4k5s2_tf32, 5, 2)
+
+// ---- Weight gradients for at most 4 gathered channels (`dw_c4`), on the CUDA cores ----
+// The first encoder layer's dW gathers the image's 3 channels: a GEMM of 64 rows × 75 columns
+// over a million positions (10 GFLOP), which version 2's 64 × 64 tiles took 3.0 ms for (the
+// clevr6 step). Too narrow for the mma tiles to pay, so in f32 FMAs: thread (n, group) keeps
+// row n's sums for the taps group, group + TG, … (TPG of them) × 4 channels in registers; per
+// position it reads its A value (one word; a warp's 32 rows conflict-free) and, per tap, the
+// source pixel's 4 channels as one 16-byte word that every lane of the warp shares (a
+// broadcast: a warp's threads are one group). Per position and warp at K = 5, ROWS = 64: 8
+// shared loads for 28 FMAs. A block walks its chunk of 8 × 16 position tiles, staging each
+// tile's A rows ([128][ROWS]) and the halo of its source pixels (stride 1). The decoders' last
+// layer, a 3×3 transposed convolution to RGB + alpha, has the same shape (A = x over the input
+// grid, 64 rows; B = the gathered g, 4 channels), which version 3 ran on tiles 128 columns
+// wide of which 36 were used.
+// Block 256, grid (chunks): block z sums tiles [z·chunk, (z + 1)·chunk) of the batch · ⌈hp/8⌉
+// · ⌈wp/16⌉ tiles into partial[z][n][tap·cs + c] (every element written); p.rows == ROWS,
+// p.cs ≤ 4, p.stride == 1, p.k == K. sums_of 1: the A-row sums into sums[z][n] (conv: db);
+// 0: none.
+template <int K, int ROWS>
+static __device__ void conv_dw_partial_c4(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                          const float* __restrict__ a_mask, int a_masked,
+                                          const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                          int b_masked, float* __restrict__ partial, int sums_of,
+                                          float* __restrict__ sums) {
+    constexpr int KK = K * K, HH = V5_TH + K - 1, HW = V5_TW + K - 1, HALO_PX = HH * HW;
+    constexpr int TG = DW3_THREADS / ROWS, TPG = (KK + TG - 1) / TG;  // tap groups, taps per group
+    constexpr int TILE = V5_TH * V5_TW, QR = ROWS / 4;
+    static_assert(HALO_PX <= DW3_THREADS, "one halo pixel per thread");
+    __shared__ __align__(16) float As[TILE * ROWS];
+    __shared__ __align__(16) float4 halo[HALO_PX];
+    const int tid = threadIdx.x, n = tid % ROWS, grp = tid / ROWS;
+    // The halo offsets of this thread's taps (a tap past the last reads tap 0; never stored).
+    int off[TPG];
+#pragma unroll
+    for (int i = 0; i < TPG; ++i) {
+        const int tap = grp + TG * i < KK ? grp + TG * i : 0;
+        off[i] = (tap / K) * HW + tap % K;
+    }
+    float acc[TPG][4];
+#pragma unroll
+    for (int i = 0; i < TPG; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][c] = 0.0f;
+    float a_sum = 0.0f;
+    const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, tiles_y = (p.hp + V5_TH - 1) / V5_TH;
+    const int per_img = tiles_x * tiles_y, tiles = p.batch * per_img;
+    const int t_end = min((int)blockIdx.x * p.chunk + p.chunk, tiles);
+    for (int tile = blockIdx.x * p.chunk; tile < t_end; ++tile) {
+        const int img = tile / per_img, r = tile % per_img;
+        const int py0 = (r / tiles_x) * V5_TH, px0 = (r % tiles_x) * V5_TW;
+        __syncthreads();  // the previous tile's reads are done
+        // A: position pp of the tile (row-major, 8 × 16), its ROWS values; zero past the grid.
+#pragma unroll
+        for (int j = 0; j < TILE * QR / DW3_THREADS; ++j) {
+            const int e = tid + DW3_THREADS * j, pp = e / QR, q = e % QR;
+            const int py = py0 + pp / V5_TW, px = px0 + pp % V5_TW;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (py < p.hp && px < p.wp) {
+                const size_t idx = (((size_t)img * p.hp + py) * p.wp + px) * ROWS + 4 * q;
+                v = ld_f4(a_src + idx);
+                if (a_masked) v = relu_masked(v, a_mask + idx);
+            }
+            *(float4*)&As[pp * ROWS + 4 * q] = v;
+        }
+        if (tid < HALO_PX)
+            halo[tid] = c4_pixel(b_src, b_mask, b_masked, p.hs, p.ws, p.cs, img, py0 - p.pad + tid / HW,
+                                 px0 - p.pad + tid % HW);
+        __syncthreads();
+        // A tile row at a time, its 16 positions unrolled: each tap's halo address is worked
+        // out once per row, the positions' loads take constant offsets from it.
+#pragma unroll 1
+        for (int py = 0; py < V5_TH; ++py) {
+            const float* a_row = As + py * V5_TW * ROWS + n;
+            const float4* h_tap[TPG];
+#pragma unroll
+            for (int i = 0; i < TPG; ++i) h_tap[i] = halo + py * HW + off[i];
+#pragma unroll
+            for (int px = 0; px < V5_TW; ++px) {
+                const float a = a_row[px * ROWS];
+                a_sum += a;
+#pragma unroll
+                for (int i = 0; i < TPG; ++i) {
+                    const float4 x = h_tap[i][px];
+                    acc[i][0] += a * x.x;
+                    acc[i][1] += a * x.y;
+                    acc[i][2] += a * x.z;
+                    acc[i][3] += a * x.w;
+                }
+            }
+        }
+    }
+    float* out = partial + ((size_t)blockIdx.x * ROWS + n) * KK * p.cs;
+#pragma unroll
+    for (int i = 0; i < TPG; ++i) {
+        const int tap = grp + TG * i;
+        if (tap < KK) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                if (c < p.cs) out[tap * p.cs + c] = acc[i][c];
+        }
+    }
+    if (sums_of == 1 && grp == 0) sums[(size_t)blockIdx.x * ROWS + n] = a_sum;
+}
+
+// As conv_dw_partial_v3_tf32 (same arguments; sums_of 2 is not taken) for rows 64 (`c4k<k>`)
+// or 32 (`c4r32k<k>`), at most 4 gathered channels, stride 1 and k = 3 or 5; block 256, grid
+// (chunks of p.chunk tiles of 8 × 16 positions).
+#define DWC4_ENTRY(NAME, K, ROWS)                                                                            \
+    extern "C" __global__ void __launch_bounds__(DW3_THREADS)                                              \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, float* __restrict__ sums) {                         \
+        conv_dw_partial_c4<K, ROWS>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,     \
+                                    sums);                                                                  \
+    }
+DWC4_ENTRY(conv_dw_partial_c4k3_f32, 3, 64)
+DWC4_ENTRY(conv_dw_partial_c4k5_f32, 5, 64)
+DWC4_ENTRY(conv_dw_partial_c4r32k3_f32, 3, 32)
+DWC4_ENTRY(conv_dw_partial_c4r32k5_f32, 5, 32)
 
 // One column per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c]. Then, when
 // db_len > 0, one column per channel of the bias gradient from the operand sums of

@@ -628,6 +628,14 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         1095,
     );
+    // The weight gradient for at most 4 gathered channels and 32 rows (`dw_c4`) of a 3×3
+    // layer over 4 channels (the sums of dy through the ReLU, per row, give db).
+    case(
+        "same k3 4->32 9x21 dwc4",
+        ConvGeom::same(9, 21, 4, 32, 3),
+        true,
+        1096,
+    );
     if !tc_shapes {
         return;
     }
@@ -760,6 +768,14 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         t(6, 9, 3, 20, 5, 1, 0, 0),
         true,
         242,
+    );
+    // A 3×3 convT from 32 channels to 4 through a ReLU: its weight gradient on `dw_c4` (32
+    // rows, the gathered g masked; db from a column-sum pass) and its dx on `conv_c4`.
+    case(
+        "T k3 s1 32->4 7x18 dwc4",
+        t(7, 18, 32, 4, 3, 1, 1, 0),
+        true,
+        243,
     );
     if !tc_shapes {
         return;
@@ -2256,6 +2272,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "conv_c4" => name.starts_with("conv_igemm_") && name.contains("_c4"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
+        "dw_c4" => name.starts_with("conv_dw_partial_c4"),
         "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",
         "tokens" => name.starts_with("tokens_fwd_") || name.starts_with("tokens_bwd_"),
         "slot_cell" => name.starts_with("slot_query_") || name.starts_with("slot_update_"),

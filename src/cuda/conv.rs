@@ -112,6 +112,35 @@ fn dw4_applies(rows: usize, cs: usize, k: usize, stride: usize) -> bool {
     rows % 64 == 0 && cs % 32 == 0 && (k == 3 || k == 5) && (stride == 1 || stride == 2)
 }
 
+/// Whether `conv_dw_partial_c4*` computes this weight-gradient GEMM: 64 or 32 rows, 1 to 4
+/// gathered channels, a 3×3 or 5×5 kernel, stride 1 (the first encoder layer's, and the last
+/// decoder layer's when it is a transposed convolution).
+fn dwc4_applies(rows: usize, cs: usize, k: usize, stride: usize) -> bool {
+    (rows == 64 || rows == 32) && (1..=4).contains(&cs) && (k == 3 || k == 5) && stride == 1
+}
+
+/// The `dw_c4` kernel for `rows` (64 or 32) and a k × k kernel.
+fn dwc4_kernel(k: usize, rows: usize) -> &'static str {
+    match (k, rows) {
+        (3, 64) => "conv_dw_partial_c4k3_f32",
+        (_, 64) => "conv_dw_partial_c4k5_f32",
+        (3, _) => "conv_dw_partial_c4r32k3_f32",
+        _ => "conv_dw_partial_c4r32k5_f32",
+    }
+}
+
+/// Blocks `conv_dw_partial_c4*` aims for: four per SM of an H100 (its registers and 36 KiB of
+/// shared memory allow that many), so that one block's loads overlap another's sums.
+const DWC4_TARGET_BLOCKS: usize = 528;
+
+/// The `dw_c4` split of `tiles` tiles of 8 × 16 positions into chunks: tiles per chunk (at
+/// least 2, so that the small layers of the tests walk tiles too), and chunks (at most
+/// DWC4_TARGET_BLOCKS). From the sizes only, as [`dw_chunks`].
+fn dwc4_chunks(tiles: usize) -> (usize, usize) {
+    let per = tiles.div_ceil(DWC4_TARGET_BLOCKS).max(2);
+    (per, tiles.div_ceil(per))
+}
+
 /// Whether version 4's sums of g (a transposed convolution's bias gradient) count every output
 /// pixel of a row once: the strip ranges [own, own + 16·s) of a grid row's units (own =
 /// min(pad, k − s), as in conv_dw_partial_v4) start at or before pixel 0 and reach its end.
@@ -682,13 +711,16 @@ impl Cuda {
         } else {
             Some(1)
         };
-        let v4 = self.fast.dw_v4
+        let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
+        let v4 = !c4
+            && self.fast.dw_v4
             && dw4_applies(rows, cs, g.k, g.stride)
             && (db.is_none() || !transposed || dw4_sums_cover(g, covering));
         // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3);
         // version 4: 64 rows × the k taps of one ky × 32 channels, over units of 16 positions.
-        let v3 = !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
+        let v3 = !c4 && !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
         let (row_tile, col_tile, name) = match (v4, v3, rows <= 32) {
+            _ if c4 => (rows, cols, dwc4_kernel(g.k, rows)),
             (true, _, _) => (
                 64,
                 g.k * 32,
@@ -712,7 +744,9 @@ impl Cuda {
         let tiles = rows.div_ceil(row_tile) * col_tiles;
         // Version 4 splits units (16 positions of one grid row) into chunks, the others
         // positions.
-        let (chunk, chunks) = if v4 {
+        let (chunk, chunks) = if c4 {
+            dwc4_chunks(batch * hp.div_ceil(8) * wp.div_ceil(16))
+        } else if v4 {
             dw_chunks_of(tiles, batch * hp * wp.div_ceil(16), 1)
         } else {
             dw_chunks(tiles, npos)
@@ -733,6 +767,11 @@ impl Cuda {
         i(chunks * rows * cols);
         let mut partial = self.scratch::<f32>(chunks * rows * cols);
         let cfg = match (v4, v3) {
+            _ if c4 => LaunchConfig {
+                grid_dim: (chunks as u32, 1, 1),
+                block_dim: (DW3_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
             (true, _) => LaunchConfig {
                 grid_dim: ((rows / 64) as u32, col_tiles as u32, chunks as u32),
                 block_dim: (DW3_THREADS, 1, 1),
@@ -742,7 +781,8 @@ impl Cuda {
             (false, false) => tc_grid(rows, cols, chunks),
         };
         let (zero, ri) = (0i32, relu as i32);
-        let db_taps = match (v3 || v4, &db) {
+        // (`dw_c4` sums the A rows only: a conv's dy, not a convT's g.)
+        let db_taps = match (v3 || v4 || (c4 && !transposed), &db) {
             (true, Some(_)) => covering,
             _ => None,
         };
@@ -773,7 +813,7 @@ impl Cuda {
             launch!(self, name, cfg;
                 &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial, &sums_of, &sum_kys,
                 &mut sums);
-        } else if v3 {
+        } else if v3 || c4 {
             launch!(self, name, cfg;
                 &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial, &sums_of, &mut sums);
         } else {
@@ -1011,6 +1051,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `dw_c4`'s chunks cover every tile once, at least 2 tiles each (but for a single tile), in
+    /// at most DWC4_TARGET_BLOCKS blocks.
+    #[test]
+    fn dwc4_chunks_cover_the_tiles() {
+        for tiles in (1..=2000).chain([8192, 57344, 100_003]) {
+            let (per, chunks) = dwc4_chunks(tiles);
+            assert!(
+                per >= 2 && chunks <= DWC4_TARGET_BLOCKS,
+                "{tiles}: {per} × {chunks}"
+            );
+            assert!(
+                per * chunks >= tiles && per * (chunks - 1) < tiles,
+                "{tiles}"
+            );
+        }
+        assert_eq!(dwc4_chunks(8192), (16, 512));
+        assert!(
+            dwc4_applies(64, 3, 5, 1) && dwc4_applies(64, 4, 3, 1) && dwc4_applies(32, 3, 5, 1)
+        );
+        assert!(!dwc4_applies(48, 3, 5, 1) && !dwc4_applies(64, 5, 5, 1));
+        assert!(!dwc4_applies(64, 3, 7, 1) && !dwc4_applies(64, 3, 5, 2));
     }
 
     /// The weight-gradient split covers every position once, in k-tile multiples, and never

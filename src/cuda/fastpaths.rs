@@ -35,6 +35,10 @@ pub struct FastPaths {
     /// rows, 32 gathered channels, 3×3 or 5×5, stride 1 or 2; a block per row of taps, which
     /// share one strip of source pixels); off: version 3.
     pub dw_v4: bool,
+    /// Weight gradients for at most 4 gathered channels (64 or 32 rows, 3×3 or 5×5, stride 1:
+    /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one
+    /// shared broadcast (`conv_dw_partial_c4*`); off: version 2 or 3.
+    pub dw_c4: bool,
     /// Version 2 of the attention kernels (tokens split over blocks); off: version 1, one block
     /// per image and head.
     pub attention_v2: bool,
@@ -65,6 +69,7 @@ impl FastPaths {
         conv_c4: true,
         dw_v3: true,
         dw_v4: true,
+        dw_c4: true,
         attention_v2: true,
         tokens: true,
         slot_cell: true,
@@ -78,6 +83,7 @@ impl FastPaths {
         conv_c4: false,
         dw_v3: false,
         dw_v4: false,
+        dw_c4: false,
         attention_v2: false,
         tokens: false,
         slot_cell: false,
@@ -86,13 +92,14 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
         "conv_c4",
         "dw_v3",
         "dw_v4",
+        "dw_c4",
         "attention_v2",
         "tokens",
         "slot_cell",
@@ -108,6 +115,7 @@ impl FastPaths {
             "conv_c4" => &mut self.conv_c4,
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
+            "dw_c4" => &mut self.dw_c4,
             "attention_v2" => &mut self.attention_v2,
             "tokens" => &mut self.tokens,
             "slot_cell" => &mut self.slot_cell,
@@ -182,6 +190,7 @@ mod tests {
                 && fp.conv_c4
                 && fp.dw_v3
                 && fp.dw_v4
+                && fp.dw_c4
                 && fp.attention_v2
                 && fp.slot_cell
                 && fp.conv_splitk

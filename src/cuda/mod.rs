@@ -731,6 +731,7 @@ impl Cuda {
             self.fast.conv_v5 = false;
             self.fast.conv_c4 = false;
             self.fast.dw_v4 = false;
+            self.fast.dw_c4 = false;
         }
         self
     }
