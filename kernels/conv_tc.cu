@@ -671,95 +671,101 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 // 128 rows × 25 taps; the fragment loads are unchanged. Shared memory: the halo (rows of 68
 // words: 16-byte aligned, ≡ 4 mod 8 so that 8 consecutive pixels' rows are conflict-free for
 // ldmatrix) and two weight stages: 100 KiB (k = 5) or 84 KiB (k = 3).
-#define V5_TH 8   // output tile rows
-#define V5_TW 16  // output tile columns
-#define V5_CS 64  // gathered channels
-#define V5_LDH (V5_CS + 4)
-#define V5_LDB (V5_CS + 8)
+// Version 5 with 32 gathered channels (`v5c32`: the small models' 32-channel layers) and at most
+// 32 outputs per block (NT 32 or 8: one m16 fragment per warp) takes any output tile of th × tw
+// ≤ 128 pixels, 8 ≤ tw ≤ 24, th = ⌊128 / tw⌋: fragment f's rows are the tile's pixels 16f..16f+15
+// in row order, whichever tile rows they fall on (the lanes' ldmatrix addresses say where). A
+// 35 × 35 image takes 7 × 18 tiles: 10 per image, 96 % of their pixels used, where 8 × 16 tiles
+// would use 64 %. The 64-channel kernels keep 8 × 16 (their warps' two fragments are consecutive
+// tile rows).
+#define V5_TH 8   // output tile rows (NT 64)
+#define V5_TW 16  // output tile columns (NT 64)
 
-// NT: the block's output channels, 64 (8 warps of 32 × 32: 2 tile rows × 32 channels each) or
-// 8 (8 warps of 16 × 8: one tile row each), for layers of at most 8 outputs (the decoders' last,
-// RGB + alpha), where 64 columns would be 7/8 padding and the fragment loads of version 3's 32
-// columns 3/4.
-template <int K, int NT>
+// NT: the block's output channels, 64 (8 warps of 32 × 32: 2 tile rows × 32 channels each), 32
+// (8 warps of 16 × 32: 16 tile pixels each) or 8 (8 warps of 16 × 8), for layers of at most 8
+// outputs (the decoders' last, RGB + alpha), where 64 columns would be 7/8 padding and the
+// fragment loads of version 3's 32 columns 3/4. CS: the gathered channels, 64 or 32; the halo's
+// rows are CS + 4 words (16-byte aligned, ≡ 4 mod 8: conflict-free for ldmatrix), the weights'
+// CS + 8 (≡ 8 mod 16: conflict-free B pairs).
+template <int K, int NT, int CS>
 struct V5Smem {
-    static constexpr int HH = V5_TH + K - 1, HW = V5_TW + K - 1;  // the halo
-    static constexpr int HALO_WORDS = HH * HW * V5_LDH;
-    static constexpr int BYTES = 4 * (HALO_WORDS + 2 * NT * V5_LDB);
+    static constexpr int LDH = CS + 4, LDB = CS + 8;
+    static constexpr int HW64 = V5_TW + K - 1;  // the halo's width with 8 × 16 tiles (NT 64)
 };
 
-// grid (batch · ⌈hp/8⌉ · ⌈wp/16⌉, ⌈n/NT⌉), block 256, dynamic shared memory
-// V5Smem<K, NT>::BYTES; p.cs == 64, p.stride == 1, p.k == K. Arguments as conv_igemm_v3 (no
-// split-K).
-template <bool ADJOINT, int K, int NT>
-static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict__ src,
+// grid (batch · ⌈hp/th⌉ · ⌈wp/tw⌉, ⌈n/NT⌉), block 256, dynamic shared memory 4 · ((th + K − 1) ·
+// (tw + K − 1) · (CS + 4) + 2 · NT · (CS + 8)) bytes; p.cs == CS, p.stride == 1, p.k == K; th × tw
+// = 8 × 16 for NT 64. Arguments as conv_igemm_v3 (no split-K).
+template <bool ADJOINT, int K, int NT, int CS>
+static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
-    using S = V5Smem<K, NT>;
-    constexpr int KK = K * K, KDIM = KK * V5_CS;  // the GEMM's K
-    constexpr int MI = NT == 64 ? 2 : 1, NI = NT == 64 ? 4 : 1;  // a warp's m16 and n8 tiles
-    constexpr int WJ = (NT * 16 + 255) / 256;                     // weight quads per thread
+    using S = V5Smem<K, NT, CS>;
+    constexpr int LDH = S::LDH, LDB = S::LDB, Q = CS / 4;  // Q: 16-byte quads per pixel row
+    constexpr int KK = K * K, KDIM = KK * CS;               // the GEMM's K
+    constexpr int MI = NT == 64 ? 2 : 1, NI = NT == 8 ? 1 : 4;  // a warp's m16 and n8 tiles
+    constexpr int WJ = (NT * Q + 255) / 256;                     // weight quads per thread
     extern __shared__ uint4 v5_smem[];
+    const int hh = th + K - 1, hw = tw + K - 1;  // the halo
     unsigned* halo = (unsigned*)v5_smem;
-    unsigned(*Bs)[NT][V5_LDB] = (unsigned(*)[NT][V5_LDB])(halo + S::HALO_WORDS);
+    unsigned(*Bs)[NT][LDB] = (unsigned(*)[NT][LDB])(halo + hh * hw * LDH);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // NT 64: tile rows 2·wm, 2·wm + 1, channels wn·32..; NT 8: tile row wm, channels 0..7.
+    // NT 64: tile rows 2·wm, 2·wm + 1, channels wn·32..; NT 32 and 8: tile pixels 16·wm.., all
+    // NT channels.
     const int wm = NT == 64 ? warp >> 1 : warp, wn = NT == 64 ? warp & 1 : 0;
     const int N = p.n;
-    const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, tiles_y = (p.hp + V5_TH - 1) / V5_TH;
+    const int tiles_x = (p.wp + tw - 1) / tw, tiles_y = (p.hp + th - 1) / th;
     const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
-    const int oy0 = (tile / tiles_x) * V5_TH, ox0 = (tile % tiles_x) * V5_TW;
+    const int oy0 = (tile / tiles_x) * th, ox0 = (tile % tiles_x) * tw;
     const int n0 = blockIdx.y * NT;
     // The halo's first source pixel (the adjoint gather mirrored into a direct one).
     const int pad = ADJOINT ? K - 1 - p.pad : p.pad;
     const int sy0 = oy0 - pad, sx0 = ox0 - pad;
-    // This thread's weight rows (WJ of the NT, 16 quads each: element e = tid + 256·j is row
-    // e / 16, quad e % 16, when e < NT·16); past n, the last row (its columns are never stored).
-    const bool has_w = tid < NT * 16;
+    // This thread's weight rows (WJ of the NT, Q quads each: element e = tid + 256·j is row
+    // e / Q, quad e % Q, when e < NT·Q); past n, the last row (its columns are never stored).
+    const bool has_w = tid < NT * Q;
     int wrow[WJ];
 #pragma unroll
-    for (int j = 0; j < WJ; ++j) wrow[j] = min(n0 + ((tid + 256 * j) >> 4), N - 1) * KDIM + 4 * (tid & 15);
+    for (int j = 0; j < WJ; ++j) wrow[j] = min(n0 + (tid + 256 * j) / Q, N - 1) * KDIM + 4 * (tid % Q);
     // The tap whose weights go with halo offset t: mirrored for the adjoint gather.
     auto wtap = [](int t) { return ADJOINT ? KK - 1 - t : t; };
     uint4 wv[WJ];
 #pragma unroll
-    for (int j = 0; j < WJ; ++j) wv[j] = has_w ? ld_u4(wt + wrow[j] + wtap(0) * V5_CS) : make_uint4(0u, 0u, 0u, 0u);
-    // The halo, once: pixel e / 16 (row-major over HH × HW), channel quad e % 16; zero outside
+    for (int j = 0; j < WJ; ++j) wv[j] = has_w ? ld_u4(wt + wrow[j] + wtap(0) * CS) : make_uint4(0u, 0u, 0u, 0u);
+    // The halo, once: pixel e / Q (row-major over hh × hw), channel quad e % Q; zero outside
     // the source image; through the ReLU mask for a gradient; rounded to TF32.
     {
         const size_t img_base = (size_t)img * p.hs * p.ws;
-        constexpr int HALO_F4 = S::HH * S::HW * 16;
-        constexpr int PER = (HALO_F4 + 255) / 256;
+        const int halo_f4 = hh * hw * Q;
 #pragma unroll 4
-        for (int j = 0; j < PER; ++j) {
-            const int e = tid + 256 * j;
-            if (e < HALO_F4) {
-                const int px = e >> 4, q = e & 15;
-                const int sy = sy0 + px / S::HW, sx = sx0 + px % S::HW;
-                float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
-                    const size_t idx = (img_base + (size_t)sy * p.ws + sx) * V5_CS + 4 * q;
-                    v = ld_f4(src + idx);
-                    if (masked) v = relu_masked(v, mask_y + idx);
-                }
-                *(uint4*)&halo[px * V5_LDH + 4 * q] = tf32x4(v);
+        for (int e = tid; e < halo_f4; e += 256) {
+            const int px = e / Q, q = e % Q;
+            const int sy = sy0 + px / hw, sx = sx0 + px % hw;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
+                const size_t idx = (img_base + (size_t)sy * p.ws + sx) * CS + 4 * q;
+                v = ld_f4(src + idx);
+                if (masked) v = relu_masked(v, mask_y + idx);
             }
+            *(uint4*)&halo[px * LDH + 4 * q] = tf32x4(v);
         }
     }
     if (has_w) {
 #pragma unroll
         for (int j = 0; j < WJ; ++j) {
             const int e = tid + 256 * j;
-            *(uint4*)&Bs[0][e >> 4][4 * (e & 15)] = wv[j];
+            *(uint4*)&Bs[0][e / Q][4 * (e % Q)] = wv[j];
         }
     }
     __syncthreads();
-    // The lane's ldmatrix row for tap offset (0, 0): output pixel (MI·wm, (lane & 7) + (lane & 8))
-    // of the tile for the first fragment (mi = 1 is the next tile row, HW pixels on), channel
-    // (lane / 16)·4; and its B pair, as in version 3.
-    const SmemAddr a_row =
-        smem_addr(&halo[((MI * wm) * S::HW + (lane & 7) + (lane & 8)) * V5_LDH + ((lane >> 4) << 2)]);
+    // The lane's ldmatrix row for tap offset (0, 0): tile pixel 16·MI·wm + (lane & 15) (row-major
+    // over th × tw; with NT 64, mi = 1 is the next tile row, hw pixels on), channel (lane / 16)·4;
+    // past the tile's th·tw pixels, pixel 0 (its products are never stored). Its B pair as in
+    // version 3.
+    int a_px = 16 * MI * wm + (lane & 15);
+    if (a_px >= th * tw) a_px = 0;
+    const SmemAddr a_row = smem_addr(&halo[((a_px / tw) * hw + a_px % tw) * LDH + ((lane >> 4) << 2)]);
     const SmemAddr b_pair = smem_addr(&Bs[0][wn * 32 + (lane >> 2)][2 * (lane & 3)]);
     float acc[MI][NI][4];
 #pragma unroll
@@ -771,17 +777,17 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict_
     for (int t = 0; t < KK; ++t) {
         if (t + 1 < KK && has_w) {
 #pragma unroll
-            for (int j = 0; j < WJ; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(t + 1) * V5_CS);
+            for (int j = 0; j < WJ; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(t + 1) * CS);
         }
         const int ty = t / K, tx = t % K;
-        const int a_tap = (ty * S::HW + tx) * V5_LDH, b_stage = (t & 1) * NT * V5_LDB;
-        tc_tile_mma_v3<V5_CS, S::HW * V5_LDH, V5_LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
+        const int a_tap = (ty * hw + tx) * LDH, b_stage = (t & 1) * NT * LDB;
+        tc_tile_mma_v3<CS, S::HW64 * LDH, LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
         if (t + 1 < KK && has_w) {
             // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
 #pragma unroll
             for (int j = 0; j < WJ; ++j) {
                 const int e = tid + 256 * j;
-                *(uint4*)&Bs[(t + 1) & 1][e >> 4][4 * (e & 15)] = wv[j];
+                *(uint4*)&Bs[(t + 1) & 1][e / Q][4 * (e % Q)] = wv[j];
             }
         }
         __syncthreads();
@@ -791,8 +797,9 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict_
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int r2 = 0; r2 < 2; ++r2) {
-            const int oy = oy0 + MI * wm + mi, ox = ox0 + g + 8 * r2;
-            if (oy >= p.hp || ox >= p.wp) continue;
+            const int px = 16 * (MI * wm + mi) + g + 8 * r2;  // the tile pixel of this row
+            const int oy = oy0 + px / tw, ox = ox0 + px % tw;
+            if (px >= th * tw || oy >= p.hp || ox >= p.wp) continue;
             const int m = (img * p.hp + oy) * p.wp + ox;  // the row of `out`
 #pragma unroll
             for (int ni = 0; ni < NI; ++ni)
@@ -804,24 +811,34 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, const float* __restrict_
         }
 }
 
-// As conv_igemm_{direct,adjoint}_v3_tf32 (no split-K) for stride 1, 64 gathered channels and
-// k = 3 or 5 (`v5k3`, `v5k5`); `v5n8`: at most 8 output channels. Grid (batch · ⌈hp/8⌉ ·
-// ⌈wp/16⌉, ⌈n/NT⌉), block 256, dynamic shared memory V5Smem<k, NT>::BYTES.
-#define V5_ENTRY(NAME, ADJ, K, NT)                                                                           \
+// As conv_igemm_{direct,adjoint}_v3_tf32 (no split-K) for stride 1 and k = 3 or 5, with two more
+// arguments, the output tile th × tw: `v5k3`, `v5k5`, 64 gathered channels (8 × 16 tiles);
+// `v5n8`: at most 8 output channels; `v5c32`: 32 gathered channels and at most 32 output
+// channels; `v5c32n8`: 32 gathered channels, at most 8 outputs. Grid (batch · ⌈hp/th⌉ ·
+// ⌈wp/tw⌉, ⌈n/NT⌉), block 256, dynamic shared memory as conv_igemm_v5 says.
+#define V5_ENTRY(NAME, ADJ, K, NT, CS)                                                                       \
     extern "C" __global__ void __launch_bounds__(V3_THREADS, 2)                                            \
-        NAME(ConvGemm p, const float* __restrict__ src, const float* __restrict__ mask_y, int masked,      \
-             const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu, int accumulate,      \
-             float* __restrict__ out) {                                                                     \
-        conv_igemm_v5<ADJ, K, NT>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                 \
+        NAME(ConvGemm p, int th, int tw, const float* __restrict__ src, const float* __restrict__ mask_y,   \
+             int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,          \
+             int accumulate, float* __restrict__ out) {                                                     \
+        conv_igemm_v5<ADJ, K, NT, CS>(p, th, tw, src, mask_y, masked, wt, bias, relu, accumulate, out);     \
     }
-V5_ENTRY(conv_igemm_direct_v5k3_tf32, false, 3, 64)
-V5_ENTRY(conv_igemm_adjoint_v5k3_tf32, true, 3, 64)
-V5_ENTRY(conv_igemm_direct_v5k5_tf32, false, 5, 64)
-V5_ENTRY(conv_igemm_adjoint_v5k5_tf32, true, 5, 64)
-V5_ENTRY(conv_igemm_direct_v5n8k3_tf32, false, 3, 8)
-V5_ENTRY(conv_igemm_adjoint_v5n8k3_tf32, true, 3, 8)
-V5_ENTRY(conv_igemm_direct_v5n8k5_tf32, false, 5, 8)
-V5_ENTRY(conv_igemm_adjoint_v5n8k5_tf32, true, 5, 8)
+V5_ENTRY(conv_igemm_direct_v5k3_tf32, false, 3, 64, 64)
+V5_ENTRY(conv_igemm_adjoint_v5k3_tf32, true, 3, 64, 64)
+V5_ENTRY(conv_igemm_direct_v5k5_tf32, false, 5, 64, 64)
+V5_ENTRY(conv_igemm_adjoint_v5k5_tf32, true, 5, 64, 64)
+V5_ENTRY(conv_igemm_direct_v5n8k3_tf32, false, 3, 8, 64)
+V5_ENTRY(conv_igemm_adjoint_v5n8k3_tf32, true, 3, 8, 64)
+V5_ENTRY(conv_igemm_direct_v5n8k5_tf32, false, 5, 8, 64)
+V5_ENTRY(conv_igemm_adjoint_v5n8k5_tf32, true, 5, 8, 64)
+V5_ENTRY(conv_igemm_direct_v5c32k3_tf32, false, 3, 32, 32)
+V5_ENTRY(conv_igemm_adjoint_v5c32k3_tf32, true, 3, 32, 32)
+V5_ENTRY(conv_igemm_direct_v5c32k5_tf32, false, 5, 32, 32)
+V5_ENTRY(conv_igemm_adjoint_v5c32k5_tf32, true, 5, 32, 32)
+V5_ENTRY(conv_igemm_direct_v5c32n8k3_tf32, false, 3, 8, 32)
+V5_ENTRY(conv_igemm_adjoint_v5c32n8k3_tf32, true, 3, 8, 32)
+V5_ENTRY(conv_igemm_direct_v5c32n8k5_tf32, false, 5, 8, 32)
+V5_ENTRY(conv_igemm_adjoint_v5c32n8k5_tf32, true, 5, 8, 32)
 
 // ---- Version 5 for at most 4 gathered channels (`c4`): two taps per k-step ----
 // The first encoder layer gathers the image's 3 channels and the input gradient of the decoders'

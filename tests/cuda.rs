@@ -699,6 +699,28 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         118,
     );
+    // 32 gathered channels into at most 32 (`v5c32`, tiles of up to 128 pixels of any width
+    // from 8 to 24, whose m16 fragments run across tile rows): 13 × 21 takes 6 × 21 tiles (3 per
+    // image, the last partial), and its dx the same; 9 × 30 into 20 channels (a partial column
+    // tile) takes 8 × 16; and 32 → 4 (`v5c32n8`).
+    case(
+        "same k5 32->32 13x21 v5c32",
+        ConvGeom::same(13, 21, 32, 32, 5),
+        true,
+        119,
+    );
+    case(
+        "same k3 32->20 9x30 v5c32",
+        ConvGeom::same(9, 30, 32, 20, 3),
+        false,
+        1191,
+    );
+    case(
+        "same k3 32->4 10x19 v5c32n8",
+        ConvGeom::same(10, 19, 32, 4, 3),
+        true,
+        1192,
+    );
 }
 
 /// `tc_shapes`: as for [`conv2d_fwd_bwd_parity`].
@@ -826,6 +848,14 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         t(9, 20, 64, 4, 3, 1, 1, 0),
         false,
         310,
+    );
+    // The small decoders' 32-channel layer as a transposed convolution (the mirrored gather
+    // on `v5c32` tiles).
+    case(
+        "T k5 s1 32->32 7x12 v5c32",
+        t(7, 12, 32, 32, 5, 1, 2, 0),
+        true,
+        320,
     );
 }
 

@@ -217,11 +217,31 @@ const fn v3_shared_bytes(bm: usize, bn: usize, bk: usize) -> u32 {
     (4 * (2 * bm * (bk + 4) + 2 * bn * (bk + 8))) as u32
 }
 
-/// Bytes of dynamic shared memory of version 5 of an activation pass for a k × k kernel and
-/// `nt` output channels per block: the halo of an 8 × 16 output tile, (8 + k − 1) × (16 + k − 1)
-/// pixels of 64 + 4 words, and two weight stages of nt × (64 + 8) words (V5Smem in conv_tc.cu).
-const fn v5_shared_bytes(k: usize, nt: usize) -> u32 {
-    (4 * ((8 + k - 1) * (16 + k - 1) * 68 + 2 * nt * 72)) as u32
+/// Bytes of dynamic shared memory of version 5 of an activation pass with `th × tw` output tiles,
+/// a k × k kernel, `nt` output channels per block and `cs` gathered channels: the halo,
+/// (th + k − 1) × (tw + k − 1) pixels of cs + 4 words, and two weight stages of nt × (cs + 8)
+/// words (conv_igemm_v5 in conv_tc.cu).
+const fn v5_shared_bytes(th: usize, tw: usize, k: usize, nt: usize, cs: usize) -> u32 {
+    (4 * ((th + k - 1) * (tw + k - 1) * (cs + 4) + 2 * nt * (cs + 8))) as u32
+}
+
+/// [`v5_shared_bytes`] of the 64-channel kernels, whose tiles are 8 × 16.
+const fn v5_64_shared_bytes(k: usize, nt: usize) -> u32 {
+    v5_shared_bytes(8, 16, k, nt, 64)
+}
+
+/// The output tile (rows, columns) of the 32-channel version 5 kernels on an `hp × wp` grid:
+/// tw from 8 to 24 columns and th = ⌊128 / tw⌋ rows, the fewest tiles per image (8 × 16 on a
+/// tie). A 35 × 35 grid takes 7 × 18: 10 tiles, where 8 × 16 needs 15.
+fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
+    let tiles = |tw: usize| hp.div_ceil(128 / tw) * wp.div_ceil(tw);
+    let mut best = 16;
+    for tw in 8..=24 {
+        if tiles(tw) < tiles(best) {
+            best = tw;
+        }
+    }
+    (128 / best, best)
 }
 
 /// The kernels that launch with more than 48 KiB of dynamic shared memory, and the most they
@@ -238,30 +258,67 @@ pub(super) const LARGE_SHARED: [(&str, u32); 10] = [
         "conv_igemm_adjoint_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
     ),
-    ("conv_igemm_direct_v5k3_tf32", v5_shared_bytes(3, 64)),
-    ("conv_igemm_adjoint_v5k3_tf32", v5_shared_bytes(3, 64)),
-    ("conv_igemm_direct_v5k5_tf32", v5_shared_bytes(5, 64)),
-    ("conv_igemm_adjoint_v5k5_tf32", v5_shared_bytes(5, 64)),
-    ("conv_igemm_direct_v5n8k3_tf32", v5_shared_bytes(3, 8)),
-    ("conv_igemm_adjoint_v5n8k3_tf32", v5_shared_bytes(3, 8)),
-    ("conv_igemm_direct_v5n8k5_tf32", v5_shared_bytes(5, 8)),
-    ("conv_igemm_adjoint_v5n8k5_tf32", v5_shared_bytes(5, 8)),
+    ("conv_igemm_direct_v5k3_tf32", v5_64_shared_bytes(3, 64)),
+    ("conv_igemm_adjoint_v5k3_tf32", v5_64_shared_bytes(3, 64)),
+    ("conv_igemm_direct_v5k5_tf32", v5_64_shared_bytes(5, 64)),
+    ("conv_igemm_adjoint_v5k5_tf32", v5_64_shared_bytes(5, 64)),
+    ("conv_igemm_direct_v5n8k3_tf32", v5_64_shared_bytes(3, 8)),
+    ("conv_igemm_adjoint_v5n8k3_tf32", v5_64_shared_bytes(3, 8)),
+    ("conv_igemm_direct_v5n8k5_tf32", v5_64_shared_bytes(5, 8)),
+    ("conv_igemm_adjoint_v5n8k5_tf32", v5_64_shared_bytes(5, 8)),
 ];
 
 /// Version 5 of an activation pass (a halo tile staged once; conv_tc.cu), when it applies:
-/// stride 1, 64 gathered channels, a 3×3 or 5×5 kernel, and more than 32 output channels (64 per
-/// block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles waste
-/// less). Its kernel and grid: one block per 8 × 16 output pixels of an image.
-fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig)> {
-    let nt = match p.n {
-        1..=8 => 8,
-        33.. => 64,
+/// stride 1, a 3×3 or 5×5 kernel, and 64 gathered channels with more than 32 output channels
+/// (64 per block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles
+/// waste less), or 32 gathered channels with at most 32 output channels (`v5c32`: 32 per block;
+/// `v5c32n8`: 8). Its kernel, grid and output tile (rows, columns): one block per tile of an
+/// image, 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32.
+fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32, i32)> {
+    let nt = match (p.cs, p.n) {
+        (32 | 64, 1..=8) => 8,
+        (64, 33..) => 64,
+        (32, 9..=32) => 32,
         _ => return None,
     };
-    if p.stride != 1 || p.cs != 64 || !(p.k == 3 || p.k == 5) {
+    if p.stride != 1 || !(p.k == 3 || p.k == 5) {
         return None;
     }
-    let name = match (adjoint, p.k, nt) {
+    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+    let (cs, k) = (p.cs as usize, p.k as usize);
+    let (th, tw) = if cs == 64 {
+        (8, 16)
+    } else {
+        v5_c32_tile(hp, wp)
+    };
+    let name = match (adjoint, p.k, nt, cs) {
+        (false, 3, 32, _) => "conv_igemm_direct_v5c32k3_tf32",
+        (true, 3, 32, _) => "conv_igemm_adjoint_v5c32k3_tf32",
+        (false, _, 32, _) => "conv_igemm_direct_v5c32k5_tf32",
+        (true, _, 32, _) => "conv_igemm_adjoint_v5c32k5_tf32",
+        (false, 3, 8, 32) => "conv_igemm_direct_v5c32n8k3_tf32",
+        (true, 3, 8, 32) => "conv_igemm_adjoint_v5c32n8k3_tf32",
+        (false, _, 8, 32) => "conv_igemm_direct_v5c32n8k5_tf32",
+        (true, _, 8, 32) => "conv_igemm_adjoint_v5c32n8k5_tf32",
+        (adjoint, k, nt, _) => v5_64_kernel(adjoint, k, nt),
+    };
+    let blocks = batch * hp.div_ceil(th) * wp.div_ceil(tw);
+    Some((
+        name,
+        LaunchConfig {
+            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(nt as u32), 1),
+            block_dim: (V3_THREADS, 1, 1),
+            shared_mem_bytes: v5_shared_bytes(th, tw, k, nt, cs),
+        },
+        i(th),
+        i(tw),
+    ))
+}
+
+/// The 64-channel version 5 kernel for a gather (`adjoint` or direct), a k × k kernel and `nt`
+/// (64 or 8) output channels per block.
+fn v5_64_kernel(adjoint: bool, k: i32, nt: usize) -> &'static str {
+    match (adjoint, k, nt) {
         (false, 3, 64) => "conv_igemm_direct_v5k3_tf32",
         (true, 3, 64) => "conv_igemm_adjoint_v5k3_tf32",
         (false, _, 64) => "conv_igemm_direct_v5k5_tf32",
@@ -270,17 +327,7 @@ fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig
         (true, 3, _) => "conv_igemm_adjoint_v5n8k3_tf32",
         (false, _, _) => "conv_igemm_direct_v5n8k5_tf32",
         (true, _, _) => "conv_igemm_adjoint_v5n8k5_tf32",
-    };
-    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
-    let blocks = batch * hp.div_ceil(8) * wp.div_ceil(16);
-    Some((
-        name,
-        LaunchConfig {
-            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(nt as u32), 1),
-            block_dim: (V3_THREADS, 1, 1),
-            shared_mem_bytes: v5_shared_bytes(p.k as usize, nt),
-        },
-    ))
+    }
 }
 
 /// Blocks of `conv_igemm_*_c4*` per column tile: each stages every tap's weights once and then
@@ -603,9 +650,9 @@ impl Cuda {
         };
         let si = i(splits);
         if splits == 1 && self.fast.conv_v5 {
-            let v5 = v5_kernel(p, v3.adjoint).filter(|(n, _)| self.may_launch(n));
-            if let Some((name, cfg)) = v5 {
-                launch!(self, name, cfg; p, src, mask, masked, wt, bias, relu, mode, out);
+            let v5 = v5_kernel(p, v3.adjoint).filter(|(n, ..)| self.may_launch(n));
+            if let Some((name, cfg, th, tw)) = v5 {
+                launch!(self, name, cfg; p, &th, &tw, src, mask, masked, wt, bias, relu, mode, out);
                 return;
             }
         }
@@ -964,8 +1011,9 @@ mod tests {
                 }
             }
         }
-        // Version 5: stride 1, 64 gathered channels, k 3 or 5, more than 32 outputs or at most
-        // 8; its launch takes what LARGE_SHARED lists for it.
+        // Version 5: stride 1, k 3 or 5; 64 gathered channels into more than 32 outputs or at
+        // most 8, its launch taking what LARGE_SHARED lists for it; 32 gathered channels into
+        // at most 32, within 48 KiB.
         for (n, cs, k, stride, applies) in [
             (64, 64, 5, 1, true),
             (96, 64, 3, 1, true),
@@ -973,9 +1021,15 @@ mod tests {
             (8, 64, 5, 1, true),
             (9, 64, 5, 1, false),
             (32, 64, 5, 1, false),
+            (32, 32, 5, 1, true),
+            (9, 32, 3, 1, true),
+            (4, 32, 3, 1, true),
+            (33, 32, 5, 1, false),
             (64, 32, 5, 1, false),
+            (32, 48, 5, 1, false),
             (64, 64, 7, 1, false),
             (64, 64, 5, 2, false),
+            (32, 32, 5, 2, false),
         ] {
             let p = ConvGemmC {
                 batch: 3,
@@ -993,13 +1047,29 @@ mod tests {
             for adjoint in [false, true] {
                 let v5 = v5_kernel(&p, adjoint);
                 assert_eq!(v5.is_some(), applies, "{n} {cs} {k} {stride}");
-                if let Some((name, cfg)) = v5 {
-                    let listed = LARGE_SHARED.iter().find(|(k, _)| *k == name).unwrap();
-                    assert_eq!(cfg.shared_mem_bytes, listed.1, "{name}");
-                    // 3 images of 3 × 3 tiles of 8 × 16 pixels; one column tile of 8 or
-                    // ⌈n / 64⌉.
-                    let cols = if n <= 8 { 1 } else { (n as u32).div_ceil(64) };
-                    assert_eq!(cfg.grid_dim, (27, cols, 1), "{name}");
+                if let Some((name, cfg, th, tw)) = v5 {
+                    let listed = LARGE_SHARED.iter().find(|(k, _)| *k == name);
+                    if cs == 64 {
+                        assert_eq!(cfg.shared_mem_bytes, listed.unwrap().1, "{name}");
+                        assert_eq!((th, tw), (8, 16), "{name}");
+                    } else {
+                        // 17 × 33 takes 11 × 11 tiles (2 × 3 per image, where 8 × 16 needs 9).
+                        assert!(
+                            listed.is_none() && cfg.shared_mem_bytes <= 48 << 10,
+                            "{name}"
+                        );
+                        assert_eq!((th, tw), (11, 11), "{name}");
+                        assert!(name.contains("_v5c32"), "{name}");
+                    }
+                    // 3 images of 3 × 3 (or 2 × 3) tiles; one column tile of 8 or
+                    // ⌈n / 64⌉ (32 with 32 channels).
+                    let cols = match (n, cs) {
+                        (..=8, _) => 1,
+                        (_, 32) => 1,
+                        _ => (n as u32).div_ceil(64),
+                    };
+                    let blocks = if cs == 64 { 27 } else { 18 };
+                    assert_eq!(cfg.grid_dim, (blocks, cols, 1), "{name}");
                     assert_eq!(name.contains("n8"), n <= 8, "{name}");
                 }
             }
@@ -1049,6 +1119,28 @@ mod tests {
                         assert!(!LARGE_SHARED.iter().any(|(l, _)| *l == name), "{name}");
                     }
                 }
+            }
+        }
+    }
+
+    /// The 32-channel version 5 tiles: at most 128 pixels, and a block's shared memory within
+    /// 48 KiB (no opt-in) for every grid up to 160 wide; the fewest tiles per image.
+    #[test]
+    fn v5_c32_tiles_fit_48_kib() {
+        assert_eq!(v5_c32_tile(35, 35), (7, 18));
+        assert_eq!(v5_c32_tile(128, 128), (8, 16));
+        assert_eq!(v5_c32_tile(64, 64), (8, 16));
+        for hp in 1..=160 {
+            for wp in 1..=160 {
+                let (th, tw) = v5_c32_tile(hp, wp);
+                assert!(th * tw <= 128 && (8..=24).contains(&tw), "{hp} × {wp}");
+                for k in [3, 5] {
+                    for nt in [32, 8] {
+                        assert!(v5_shared_bytes(th, tw, k, nt, 32) <= 48 << 10);
+                    }
+                }
+                let tiles = hp.div_ceil(th) * wp.div_ceil(tw);
+                assert!(tiles <= hp.div_ceil(8) * wp.div_ceil(16), "{hp} × {wp}");
             }
         }
     }
