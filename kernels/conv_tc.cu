@@ -690,13 +690,19 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 template <int K, int NT, int CS>
 struct V5Smem {
     static constexpr int LDH = CS + 4, LDB = CS + 8;
-    static constexpr int HW64 = V5_TW + K - 1;  // the halo's width with 8 × 16 tiles (NT 64)
 };
 
-// grid (batch · ⌈hp/th⌉ · ⌈wp/tw⌉, ⌈n/NT⌉), block 256, dynamic shared memory 4 · ((th + K − 1) ·
-// (tw + K − 1) · (CS + 4) + 2 · NT · (CS + 8)) bytes; p.cs == CS, p.stride == 1, p.k == K; th × tw
-// = 8 × 16 for NT 64. Arguments as conv_igemm_v3 (no split-K).
-template <bool ADJOINT, int K, int NT, int CS>
+// grid (batch · ⌈hp/(S·th)⌉ · ⌈wp/(S·tw)⌉, ⌈n/NT⌉, S²), block 256, dynamic shared memory
+// 4 · ((th + KH − 1) · (tw + KH − 1) · (CS + 4) + 2 · NT · (CS + 8)) bytes with KH = K (stride
+// 1) or ⌈K/2⌉ (stride 2); p.cs == CS, p.stride == S, p.k == K; th × tw = 8 × 16 for NT 64.
+// Arguments as conv_igemm_v3 (no split-K).
+// STRIDE 2 (the adjoint gather only: a transposed convolution's forward): each output phase
+// (oy mod 2, ox mod 2) = (qy, qx), blockIdx.z = 2·qy + qx, is a stride-1 direct gather over the
+// source grid with the phase's taps ky ≡ qy + pad (mod 2): output (2i + qy, ·) reads source row
+// i + (qy + pad − ky)/2. The tile is th × tw positions (i, j) of the phase; the halo holds
+// th + ⌈K/2⌉ − 1 rows from i0 + the smallest of those offsets (and the same across); tap
+// (a, b) of the phase's ny × nx, ky = ky0 + 2a, reads it at row offset ny − 1 − a.
+template <bool ADJOINT, int K, int NT, int CS, int STRIDE = 1>
 static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
@@ -707,7 +713,10 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     constexpr int MI = NT == 64 ? 2 : 1, NI = NT == 8 ? 1 : 4;  // a warp's m16 and n8 tiles
     constexpr int WJ = (NT * Q + 255) / 256;                     // weight quads per thread
     extern __shared__ uint4 v5_smem[];
-    const int hh = th + K - 1, hw = tw + K - 1;  // the halo
+    static_assert(STRIDE == 1 || ADJOINT, "stride 2: the adjoint gather only");
+    constexpr int KH = STRIDE == 1 ? K : (K + 1) / 2;  // the most taps per axis of a phase
+    const int hh = th + KH - 1, hw = tw + KH - 1;     // the halo
+    constexpr int HW64 = V5_TW + KH - 1;  // hw of the 8 × 16 tiles (NT 64: mi = 1 is hw pixels on)
     unsigned* halo = (unsigned*)v5_smem;
     unsigned(*Bs)[NT][LDB] = (unsigned(*)[NT][LDB])(halo + hh * hw * LDH);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -715,21 +724,36 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     // NT channels.
     const int wm = NT == 64 ? warp >> 1 : warp, wn = NT == 64 ? warp & 1 : 0;
     const int N = p.n;
-    const int tiles_x = (p.wp + tw - 1) / tw, tiles_y = (p.hp + th - 1) / th;
+    // The tiles cover the output grid (stride 1) or phase (0, 0)'s, the largest.
+    const int gh = (p.hp + STRIDE - 1) / STRIDE, gw = (p.wp + STRIDE - 1) / STRIDE;
+    const int tiles_x = (gw + tw - 1) / tw, tiles_y = (gh + th - 1) / th;
     const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
-    const int oy0 = (tile / tiles_x) * th, ox0 = (tile % tiles_x) * tw;
+    const int oy0 = (tile / tiles_x) * th, ox0 = (tile % tiles_x) * tw;  // (of the phase)
     const int n0 = blockIdx.y * NT;
-    // The halo's first source pixel (the adjoint gather mirrored into a direct one).
-    const int pad = ADJOINT ? K - 1 - p.pad : p.pad;
-    const int sy0 = oy0 - pad, sx0 = ox0 - pad;
+    // The taps: ny × nx of them, tap (a, b) = t → (a, b) = (t / nx, t % nx) reads the halo at
+    // (ny − 1 − a, nx − 1 − b) with the weights of (ky0 + STRIDE·a, kx0 + STRIDE·b). Stride 1:
+    // all K × K; the adjoint gather mirrored into a direct one (ky = K − 1 − offset).
+    const int qy = STRIDE == 2 ? blockIdx.z >> 1 : 0, qx = STRIDE == 2 ? blockIdx.z & 1 : 0;
+    const int ky0 = STRIDE == 2 ? (qy + p.pad) & 1 : 0, kx0 = STRIDE == 2 ? (qx + p.pad) & 1 : 0;
+    const int ny = (K - ky0 + STRIDE - 1) / STRIDE, nx = (K - kx0 + STRIDE - 1) / STRIDE;
+    const int ntaps = ny * nx;
+    // The halo's first source pixel: the tile's origin plus the smallest source offset,
+    // (q + pad − ky_last) / 2 with ky_last = ky0 + 2·(n − 1) (stride 2, exact); −pad (direct) or
+    // −(K − 1 − pad) (adjoint, mirrored) at stride 1.
+    const int sy0 = STRIDE == 2 ? oy0 + (qy + p.pad - ky0 - 2 * (ny - 1)) / 2 : oy0 - (ADJOINT ? K - 1 - p.pad : p.pad);
+    const int sx0 = STRIDE == 2 ? ox0 + (qx + p.pad - kx0 - 2 * (nx - 1)) / 2 : ox0 - (ADJOINT ? K - 1 - p.pad : p.pad);
     // This thread's weight rows (WJ of the NT, Q quads each: element e = tid + 256·j is row
     // e / Q, quad e % Q, when e < NT·Q); past n, the last row (its columns are never stored).
     const bool has_w = tid < NT * Q;
     int wrow[WJ];
 #pragma unroll
     for (int j = 0; j < WJ; ++j) wrow[j] = min(n0 + (tid + 256 * j) / Q, N - 1) * KDIM + 4 * (tid % Q);
-    // The tap whose weights go with halo offset t: mirrored for the adjoint gather.
-    auto wtap = [](int t) { return ADJOINT ? KK - 1 - t : t; };
+    // The weights' tap of tap t (whose halo offset is (ny − 1 − a, nx − 1 − b) = stride 1's
+    // (t / K, t % K) mirrored): stride 1, the offset's own tap for the direct gather.
+    auto wtap = [&](int t) {
+        if (STRIDE == 1) return ADJOINT ? KK - 1 - t : t;
+        return (ky0 + 2 * (t / nx)) * K + kx0 + 2 * (t % nx);
+    };
     uint4 wv[WJ];
 #pragma unroll
     for (int j = 0; j < WJ; ++j) wv[j] = has_w ? ld_u4(wt + wrow[j] + wtap(0) * CS) : make_uint4(0u, 0u, 0u, 0u);
@@ -774,15 +798,16 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
-    for (int t = 0; t < KK; ++t) {
-        if (t + 1 < KK && has_w) {
+    for (int t = 0; t < ntaps; ++t) {
+        if (t + 1 < ntaps && has_w) {
 #pragma unroll
             for (int j = 0; j < WJ; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(t + 1) * CS);
         }
-        const int ty = t / K, tx = t % K;
+        // The halo offset: (t / K, t % K) at stride 1; (ny − 1 − a, nx − 1 − b) at stride 2.
+        const int ty = STRIDE == 1 ? t / K : ny - 1 - t / nx, tx = STRIDE == 1 ? t % K : nx - 1 - t % nx;
         const int a_tap = (ty * hw + tx) * LDH, b_stage = (t & 1) * NT * LDB;
-        tc_tile_mma_v3<CS, S::HW64 * LDH, LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
-        if (t + 1 < KK && has_w) {
+        tc_tile_mma_v3<CS, HW64 * LDH, LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
+        if (t + 1 < ntaps && has_w) {
             // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
 #pragma unroll
             for (int j = 0; j < WJ; ++j) {
@@ -798,7 +823,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
 #pragma unroll
         for (int r2 = 0; r2 < 2; ++r2) {
             const int px = 16 * (MI * wm + mi) + g + 8 * r2;  // the tile pixel of this row
-            const int oy = oy0 + px / tw, ox = ox0 + px % tw;
+            const int oy = STRIDE * (oy0 + px / tw) + qy, ox = STRIDE * (ox0 + px % tw) + qx;
             if (px >= th * tw || oy >= p.hp || ox >= p.wp) continue;
             const int m = (img * p.hp + oy) * p.wp + ox;  // the row of `out`
 #pragma unroll
@@ -814,31 +839,34 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
 // As conv_igemm_{direct,adjoint}_v3_tf32 (no split-K) for stride 1 and k = 3 or 5, with two more
 // arguments, the output tile th × tw: `v5k3`, `v5k5`, 64 gathered channels (8 × 16 tiles);
 // `v5n8`: at most 8 output channels; `v5c32`: 32 gathered channels and at most 32 output
-// channels; `v5c32n8`: 32 gathered channels, at most 8 outputs. Grid (batch · ⌈hp/th⌉ ·
-// ⌈wp/tw⌉, ⌈n/NT⌉), block 256, dynamic shared memory as conv_igemm_v5 says.
-#define V5_ENTRY(NAME, ADJ, K, NT, CS)                                                                       \
+// channels; `v5c32n8`: 32 gathered channels, at most 8 outputs; `v5s2`: the adjoint gather with
+// stride 2, 64 channels, more than 32 outputs. Grid (batch · ⌈hp/(s·th)⌉ · ⌈wp/(s·tw)⌉, ⌈n/NT⌉,
+// s²), block 256, dynamic shared memory as conv_igemm_v5 says.
+#define V5_ENTRY(NAME, ADJ, K, NT, CS, S)                                                                    \
     extern "C" __global__ void __launch_bounds__(V3_THREADS, 2)                                            \
         NAME(ConvGemm p, int th, int tw, const float* __restrict__ src, const float* __restrict__ mask_y,   \
              int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,          \
              int accumulate, float* __restrict__ out) {                                                     \
-        conv_igemm_v5<ADJ, K, NT, CS>(p, th, tw, src, mask_y, masked, wt, bias, relu, accumulate, out);     \
+        conv_igemm_v5<ADJ, K, NT, CS, S>(p, th, tw, src, mask_y, masked, wt, bias, relu, accumulate, out);  \
     }
-V5_ENTRY(conv_igemm_direct_v5k3_tf32, false, 3, 64, 64)
-V5_ENTRY(conv_igemm_adjoint_v5k3_tf32, true, 3, 64, 64)
-V5_ENTRY(conv_igemm_direct_v5k5_tf32, false, 5, 64, 64)
-V5_ENTRY(conv_igemm_adjoint_v5k5_tf32, true, 5, 64, 64)
-V5_ENTRY(conv_igemm_direct_v5n8k3_tf32, false, 3, 8, 64)
-V5_ENTRY(conv_igemm_adjoint_v5n8k3_tf32, true, 3, 8, 64)
-V5_ENTRY(conv_igemm_direct_v5n8k5_tf32, false, 5, 8, 64)
-V5_ENTRY(conv_igemm_adjoint_v5n8k5_tf32, true, 5, 8, 64)
-V5_ENTRY(conv_igemm_direct_v5c32k3_tf32, false, 3, 32, 32)
-V5_ENTRY(conv_igemm_adjoint_v5c32k3_tf32, true, 3, 32, 32)
-V5_ENTRY(conv_igemm_direct_v5c32k5_tf32, false, 5, 32, 32)
-V5_ENTRY(conv_igemm_adjoint_v5c32k5_tf32, true, 5, 32, 32)
-V5_ENTRY(conv_igemm_direct_v5c32n8k3_tf32, false, 3, 8, 32)
-V5_ENTRY(conv_igemm_adjoint_v5c32n8k3_tf32, true, 3, 8, 32)
-V5_ENTRY(conv_igemm_direct_v5c32n8k5_tf32, false, 5, 8, 32)
-V5_ENTRY(conv_igemm_adjoint_v5c32n8k5_tf32, true, 5, 8, 32)
+V5_ENTRY(conv_igemm_direct_v5k3_tf32, false, 3, 64, 64, 1)
+V5_ENTRY(conv_igemm_adjoint_v5k3_tf32, true, 3, 64, 64, 1)
+V5_ENTRY(conv_igemm_direct_v5k5_tf32, false, 5, 64, 64, 1)
+V5_ENTRY(conv_igemm_adjoint_v5k5_tf32, true, 5, 64, 64, 1)
+V5_ENTRY(conv_igemm_direct_v5n8k3_tf32, false, 3, 8, 64, 1)
+V5_ENTRY(conv_igemm_adjoint_v5n8k3_tf32, true, 3, 8, 64, 1)
+V5_ENTRY(conv_igemm_direct_v5n8k5_tf32, false, 5, 8, 64, 1)
+V5_ENTRY(conv_igemm_adjoint_v5n8k5_tf32, true, 5, 8, 64, 1)
+V5_ENTRY(conv_igemm_direct_v5c32k3_tf32, false, 3, 32, 32, 1)
+V5_ENTRY(conv_igemm_adjoint_v5c32k3_tf32, true, 3, 32, 32, 1)
+V5_ENTRY(conv_igemm_direct_v5c32k5_tf32, false, 5, 32, 32, 1)
+V5_ENTRY(conv_igemm_adjoint_v5c32k5_tf32, true, 5, 32, 32, 1)
+V5_ENTRY(conv_igemm_direct_v5c32n8k3_tf32, false, 3, 8, 32, 1)
+V5_ENTRY(conv_igemm_adjoint_v5c32n8k3_tf32, true, 3, 8, 32, 1)
+V5_ENTRY(conv_igemm_direct_v5c32n8k5_tf32, false, 5, 8, 32, 1)
+V5_ENTRY(conv_igemm_adjoint_v5c32n8k5_tf32, true, 5, 8, 32, 1)
+V5_ENTRY(conv_igemm_adjoint_v5s2k3_tf32, true, 3, 64, 64, 2)
+V5_ENTRY(conv_igemm_adjoint_v5s2k5_tf32, true, 5, 64, 64, 2)
 
 // ---- Version 5 for at most 4 gathered channels (`c4`): two taps per k-step ----
 // The first encoder layer gathers the image's 3 channels and the input gradient of the decoders'

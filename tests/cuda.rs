@@ -849,6 +849,21 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         false,
         310,
     );
+    // Version 5 for the forward of a stride-2 transposed convolution (`v5s2`, a phase per z):
+    // 3×3 (phases of 1 × 1 to 2 × 2 taps) and 5×5 into 48 channels over 2 × 2 tiles per phase
+    // (the second of each partial; a partial column tile).
+    case(
+        "T k3 s2 op1 64->64 9x7 v5s2",
+        t(9, 7, 64, 64, 3, 2, 1, 1),
+        true,
+        311,
+    );
+    case(
+        "T k5 s2 op1 64->48 9x18 v5s2",
+        t(9, 18, 64, 48, 5, 2, 2, 1),
+        false,
+        312,
+    );
     // The small decoders' 32-channel layer as a transposed convolution (the mirrored gather
     // on `v5c32` tiles).
     case(

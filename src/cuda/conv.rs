@@ -218,16 +218,16 @@ const fn v3_shared_bytes(bm: usize, bn: usize, bk: usize) -> u32 {
 }
 
 /// Bytes of dynamic shared memory of version 5 of an activation pass with `th × tw` output tiles,
-/// a k × k kernel, `nt` output channels per block and `cs` gathered channels: the halo,
-/// (th + k − 1) × (tw + k − 1) pixels of cs + 4 words, and two weight stages of nt × (cs + 8)
-/// words (conv_igemm_v5 in conv_tc.cu).
-const fn v5_shared_bytes(th: usize, tw: usize, k: usize, nt: usize, cs: usize) -> u32 {
-    (4 * ((th + k - 1) * (tw + k - 1) * (cs + 4) + 2 * nt * (cs + 8))) as u32
+/// at most `kh` taps per axis (k, or ⌈k/2⌉ for a phase of a stride-2 gather), `nt` output
+/// channels per block and `cs` gathered channels: the halo, (th + kh − 1) × (tw + kh − 1) pixels
+/// of cs + 4 words, and two weight stages of nt × (cs + 8) words (conv_igemm_v5 in conv_tc.cu).
+const fn v5_shared_bytes(th: usize, tw: usize, kh: usize, nt: usize, cs: usize) -> u32 {
+    (4 * ((th + kh - 1) * (tw + kh - 1) * (cs + 4) + 2 * nt * (cs + 8))) as u32
 }
 
 /// [`v5_shared_bytes`] of the 64-channel kernels, whose tiles are 8 × 16.
-const fn v5_64_shared_bytes(k: usize, nt: usize) -> u32 {
-    v5_shared_bytes(8, 16, k, nt, 64)
+const fn v5_64_shared_bytes(kh: usize, nt: usize) -> u32 {
+    v5_shared_bytes(8, 16, kh, nt, 64)
 }
 
 /// The output tile (rows, columns) of the 32-channel version 5 kernels on an `hp × wp` grid:
@@ -249,7 +249,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 10] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 12] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -266,14 +266,18 @@ pub(super) const LARGE_SHARED: [(&str, u32); 10] = [
     ("conv_igemm_adjoint_v5n8k3_tf32", v5_64_shared_bytes(3, 8)),
     ("conv_igemm_direct_v5n8k5_tf32", v5_64_shared_bytes(5, 8)),
     ("conv_igemm_adjoint_v5n8k5_tf32", v5_64_shared_bytes(5, 8)),
+    ("conv_igemm_adjoint_v5s2k3_tf32", v5_64_shared_bytes(2, 64)),
+    ("conv_igemm_adjoint_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
 ];
 
 /// Version 5 of an activation pass (a halo tile staged once; conv_tc.cu), when it applies:
 /// stride 1, a 3×3 or 5×5 kernel, and 64 gathered channels with more than 32 output channels
 /// (64 per block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles
 /// waste less), or 32 gathered channels with at most 32 output channels (`v5c32`: 32 per block;
-/// `v5c32n8`: 8). Its kernel, grid and output tile (rows, columns): one block per tile of an
-/// image, 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32.
+/// `v5c32n8`: 8). And the adjoint gather with stride 2, 64 gathered channels and more than 32
+/// outputs (`v5s2`: a transposed convolution's forward, one phase of the output per z). Its
+/// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
+/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32.
 fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32, i32)> {
     let nt = match (p.cs, p.n) {
         (32 | 64, 1..=8) => 8,
@@ -281,7 +285,25 @@ fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig
         (32, 9..=32) => 32,
         _ => return None,
     };
-    if p.stride != 1 || !(p.k == 3 || p.k == 5) {
+    if !(p.k == 3 || p.k == 5) {
+        return None;
+    }
+    if p.stride == 2 && adjoint && nt == 64 {
+        let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+        let blocks = batch * hp.div_ceil(2).div_ceil(8) * wp.div_ceil(2).div_ceil(16);
+        let (name, kh) = if p.k == 3 {
+            ("conv_igemm_adjoint_v5s2k3_tf32", 2)
+        } else {
+            ("conv_igemm_adjoint_v5s2k5_tf32", 3)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), 4),
+            block_dim: (V3_THREADS, 1, 1),
+            shared_mem_bytes: v5_64_shared_bytes(kh, 64),
+        };
+        return Some((name, cfg, 8, 16));
+    }
+    if p.stride != 1 {
         return None;
     }
     let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
@@ -996,8 +1018,19 @@ mod tests {
             };
             for k32 in [false, true] {
                 let (name, cfg, bk) = v3_kernel(&p, adjoint, k32);
-                // Version 5 never applies here (stride 2).
-                assert!(v5_kernel(&p, adjoint).is_none());
+                // Version 5 applies here (stride 2) to the adjoint gather of 64 channels into
+                // more than 32 only (`v5s2`), with the bytes LARGE_SHARED lists for it.
+                let v5 = v5_kernel(&p, adjoint);
+                assert_eq!(
+                    v5.is_some(),
+                    adjoint && cs == 64 && n > 32,
+                    "{n} {cs} {adjoint}"
+                );
+                if let Some((v5_name, v5_cfg, ..)) = v5 {
+                    let listed = LARGE_SHARED.iter().find(|(k, _)| *k == v5_name).unwrap();
+                    assert_eq!(v5_cfg.shared_mem_bytes, listed.1, "{v5_name}");
+                    assert_eq!(v5_cfg.grid_dim, (2, 1, 4), "{v5_name}");
+                }
                 let opted = LARGE_SHARED.iter().find(|(k, _)| *k == name);
                 let want_k32 = k32 && n > 32 && cs % 32 == 0;
                 assert_eq!(
@@ -1045,9 +1078,16 @@ mod tests {
                 w_nc: 1,
             };
             for adjoint in [false, true] {
+                // (At stride 2, `v5s2` takes the adjoint gather of 64 channels into more than
+                // 32: large_shared_kernels_are_loaded_and_need_the_opt_in checks its launch.)
+                let s2 = stride == 2 && adjoint && cs == 64 && n > 32;
                 let v5 = v5_kernel(&p, adjoint);
-                assert_eq!(v5.is_some(), applies, "{n} {cs} {k} {stride}");
+                assert_eq!(v5.is_some(), applies || s2, "{n} {cs} {k} {stride}");
                 if let Some((name, cfg, th, tw)) = v5 {
+                    assert_eq!(name.contains("_v5s2"), s2, "{name}");
+                    if s2 {
+                        continue;
+                    }
                     let listed = LARGE_SHARED.iter().find(|(k, _)| *k == name);
                     if cs == 64 {
                         assert_eq!(cfg.shared_mem_bytes, listed.unwrap().1, "{name}");

@@ -20,9 +20,10 @@ pub struct FastPaths {
     /// where the gathered channels are a multiple of 32 (`conv_igemm_*_v3_k32_tf32`, with more
     /// than 48 KiB of shared memory); off: k-tiles of 16.
     pub conv_k32: bool,
-    /// Version 5 of the activation passes where it applies (stride 1, 64 gathered channels,
-    /// 3×3 or 5×5, more than 32 outputs): the output tile's halo staged once
-    /// (`conv_igemm_*_v5k*_tf32`); off: version 3.
+    /// Version 5 of the activation passes where it applies (3×3 or 5×5; stride 1 with 64
+    /// gathered channels into more than 32 or at most 8 outputs, or 32 into at most 32; the
+    /// stride-2 adjoint gather of 64 channels into more than 32): the output tile's halo staged
+    /// once (`conv_igemm_*_v5*_tf32`); off: version 3.
     pub conv_v5: bool,
     /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:
     /// the first layer's forward, the last layer's input gradient): two taps per k-step of the
