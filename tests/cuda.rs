@@ -699,6 +699,15 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         118,
     );
+    // Stride 2 with 64 channels: the forward (the direct gather, version 3 with k-tiles of 32)
+    // and its dx (the adjoint gather on `v5s2`, a phase per z) over 2 × 2 tiles of each phase,
+    // the last partial both ways.
+    case(
+        "k5 s2 64->64 21x37 v5s2",
+        ConvGeom::conv(21, 37, 64, 64, 5, 2, 2),
+        true,
+        1185,
+    );
     // 32 gathered channels into at most 32 (`v5c32`, tiles of up to 128 pixels of any width
     // from 8 to 24, whose m16 fragments run across tile rows): 13 × 21 takes 6 × 21 tiles (3 per
     // image, the last partial), and its dx the same; 9 × 30 into 20 channels (a partial column
