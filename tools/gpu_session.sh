@@ -337,18 +337,19 @@ step_ablate() {
 }
 
 step_profile() {
-  # Nsight Compute on the clevr6 step's tensor-core convolution kernels (the first launches of the
-  # forward and the adjoint pass, version 3 with 16- or 32-wide k-tiles, and of the weight-gradient
-  # GEMM, version 3 or 4), its attention and its token kernels: why
+  # Nsight Compute on the clevr6 step's convolution kernels (the first launches of the forward
+  # and the adjoint pass, versions 3 (16- or 32-wide k-tiles) and 5 (stride 1 and 2) and the
+  # 4-channel c4, and of the weight-gradient GEMM, versions 3, 4 and c4), its attention and its
+  # token kernels: why
   # they run where they do against the tensor-core peak or the memory floor (throughputs,
   # occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
-  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_v(3|3_k32|5k[35])_tf32|conv_dw_partial_v(3|4k[35]s[12])_tf32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 26 \
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v5k[35]|v5s2k[35]|c4k[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12])_tf32|conv_dw_partial_c4k[35]_f32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 30 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
-  note "profile: exit $?; $(grep -cE '(conv_.*_v[345].*_tf32|attention_.*_f32|tokens_.*_tf32) \(' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
+  note "profile: exit $?; $(grep -cE '(conv_.*_(v[345]|c4).*_(tf|f)32|attention_.*_f32|tokens_.*_tf32) \(' "$work/ncu-clevr6.txt") kernel reports in ncu-clevr6.txt"
   # The details, in a second report so that an option this ncu lacks costs only this one: every
   # stall reason, the instruction mix, the shared-memory table (bank conflicts per store and
   # load) and the source counters of the first direct and weight-gradient launches.
