@@ -692,16 +692,22 @@ struct V5Smem {
     static constexpr int LDH = CS + 4, LDB = CS + 8;
 };
 
-// grid (batch · ⌈hp/(S·th)⌉ · ⌈wp/(S·tw)⌉, ⌈n/NT⌉, S²), block 256, dynamic shared memory
+// grid (batch · ⌈gh/th⌉ · ⌈gw/tw⌉, ⌈n/NT⌉, z), block 256, with (gh, gw, z) = (⌈hp/2⌉, ⌈wp/2⌉, 4)
+// for the adjoint gather with stride 2 and (hp, wp, 1) otherwise; dynamic shared memory
 // 4 · ((th + KH − 1) · (tw + KH − 1) · (CS + 4) + 2 · NT · (CS + 8)) bytes with KH = K (stride
-// 1) or ⌈K/2⌉ (stride 2); p.cs == CS, p.stride == S, p.k == K; th × tw = 8 × 16 for NT 64.
-// Arguments as conv_igemm_v3 (no split-K).
-// STRIDE 2 (the adjoint gather only: a transposed convolution's forward): each output phase
-// (oy mod 2, ox mod 2) = (qy, qx), blockIdx.z = 2·qy + qx, is a stride-1 direct gather over the
-// source grid with the phase's taps ky ≡ qy + pad (mod 2): output (2i + qy, ·) reads source row
-// i + (qy + pad − ky)/2. The tile is th × tw positions (i, j) of the phase; the halo holds
-// th + ⌈K/2⌉ − 1 rows from i0 + the smallest of those offsets (and the same across); tap
-// (a, b) of the phase's ny × nx, ky = ky0 + 2a, reads it at row offset ny − 1 − a.
+// 1) or ⌈K/2⌉ (stride 2); p.cs == CS, p.stride == STRIDE, p.k == K; th × tw = 8 × 16 for NT
+// 64. Arguments as conv_igemm_v3 (no split-K).
+// STRIDE 2 splits the gather into stride-1 gathers by phases, each with its own halo:
+// - the adjoint gather (a transposed convolution's forward): output phase (qy, qx) = (oy mod 2,
+//   ox mod 2), blockIdx.z = 2·qy + qx, takes the taps ky ≡ qy + pad (mod 2): output (2i + qy, ·)
+//   reads source row i + (qy + pad − ky)/2. The tile is th × tw positions (i, j) of the phase;
+//   tap (a, b) of the phase's ny × nx, ky = ky0 + 2a, reads the halo at row ny − 1 − a.
+// - the direct gather (a transposed convolution's dx, a strided convolution's forward): output
+//   i reads source row 2i − pad + ky, of parity py ≡ ky − pad. The block runs the four source
+//   phases (py, px) in turn, into the same accumulators: phase py is the source's rows 2u + py,
+//   and its taps ky = ky0 + 2a with ky0 ≡ py + pad read u = i + a + (ky0 − pad − py)/2, halo
+//   row a.
+// Either way a phase has at most ⌈K/2⌉ taps per axis, and the halo th + ⌈K/2⌉ − 1 rows.
 template <bool ADJOINT, int K, int NT, int CS, int STRIDE = 1>
 static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
@@ -713,7 +719,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     constexpr int MI = NT == 64 ? 2 : 1, NI = NT == 8 ? 1 : 4;  // a warp's m16 and n8 tiles
     constexpr int WJ = (NT * Q + 255) / 256;                     // weight quads per thread
     extern __shared__ uint4 v5_smem[];
-    static_assert(STRIDE == 1 || ADJOINT, "stride 2: the adjoint gather only");
+    constexpr bool ADJ_S2 = STRIDE == 2 && ADJOINT, DIR_S2 = STRIDE == 2 && !ADJOINT;
     constexpr int KH = STRIDE == 1 ? K : (K + 1) / 2;  // the most taps per axis of a phase
     const int hh = th + KH - 1, hw = tw + KH - 1;     // the halo
     constexpr int HW64 = V5_TW + KH - 1;  // hw of the 8 × 16 tiles (NT 64: mi = 1 is hw pixels on)
@@ -724,48 +730,69 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     // NT channels.
     const int wm = NT == 64 ? warp >> 1 : warp, wn = NT == 64 ? warp & 1 : 0;
     const int N = p.n;
-    // The tiles cover the output grid (stride 1) or phase (0, 0)'s, the largest.
-    const int gh = (p.hp + STRIDE - 1) / STRIDE, gw = (p.wp + STRIDE - 1) / STRIDE;
+    // The tiles cover the output grid, or (adjoint, stride 2) output phase (0, 0)'s, the largest.
+    const int gh = ADJ_S2 ? (p.hp + 1) / 2 : p.hp, gw = ADJ_S2 ? (p.wp + 1) / 2 : p.wp;
     const int tiles_x = (gw + tw - 1) / tw, tiles_y = (gh + th - 1) / th;
     const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
-    const int oy0 = (tile / tiles_x) * th, ox0 = (tile % tiles_x) * tw;  // (of the phase)
+    const int oy0 = (tile / tiles_x) * th, ox0 = (tile % tiles_x) * tw;
     const int n0 = blockIdx.y * NT;
-    // The taps: ny × nx of them, tap (a, b) = t → (a, b) = (t / nx, t % nx) reads the halo at
-    // (ny − 1 − a, nx − 1 − b) with the weights of (ky0 + STRIDE·a, kx0 + STRIDE·b). Stride 1:
-    // all K × K; the adjoint gather mirrored into a direct one (ky = K − 1 − offset).
-    const int qy = STRIDE == 2 ? blockIdx.z >> 1 : 0, qx = STRIDE == 2 ? blockIdx.z & 1 : 0;
-    const int ky0 = STRIDE == 2 ? (qy + p.pad) & 1 : 0, kx0 = STRIDE == 2 ? (qx + p.pad) & 1 : 0;
-    const int ny = (K - ky0 + STRIDE - 1) / STRIDE, nx = (K - kx0 + STRIDE - 1) / STRIDE;
-    const int ntaps = ny * nx;
-    // The halo's first source pixel: the tile's origin plus the smallest source offset,
-    // (q + pad − ky_last) / 2 with ky_last = ky0 + 2·(n − 1) (stride 2, exact); −pad (direct) or
-    // −(K − 1 − pad) (adjoint, mirrored) at stride 1.
-    const int sy0 = STRIDE == 2 ? oy0 + (qy + p.pad - ky0 - 2 * (ny - 1)) / 2 : oy0 - (ADJOINT ? K - 1 - p.pad : p.pad);
-    const int sx0 = STRIDE == 2 ? ox0 + (qx + p.pad - kx0 - 2 * (nx - 1)) / 2 : ox0 - (ADJOINT ? K - 1 - p.pad : p.pad);
+    // The output phase of the adjoint gather at stride 2 (blockIdx.z); output pixel
+    // (OS·(oy0 + r) + oqy, …).
+    constexpr int OS = ADJ_S2 ? 2 : 1;
+    const int oqy = ADJ_S2 ? (int)blockIdx.z >> 1 : 0, oqx = ADJ_S2 ? (int)blockIdx.z & 1 : 0;
+    // A phase of the gather: its taps (ky0 + STRIDE·a, kx0 + STRIDE·b) for a < ny, b < nx, and
+    // its halo's first pixel (sy0, sx0) (of the phase's source rows 2u + qy for the direct
+    // gather at stride 2). Tap (a, b) reads the halo at (a, b), or at (ny − 1 − a, nx − 1 − b)
+    // for the adjoint gather (stride 1: the direct gather mirrored, its origin K − 1 − pad
+    // before the tile's; stride 2: the output phase's taps, from the smallest source offset
+    // (q + pad − ky_last)/2). The direct gather at stride 2 runs the four source phases (qy, qx)
+    // in turn: offset (ky0 − pad − qy)/2.
+    struct Phase {
+        int qy, qx, ky0, kx0, ny, nx, sy0, sx0;
+    };
+    auto phase = [&](int ph) {
+        Phase f;
+        f.qy = ADJ_S2 ? oqy : DIR_S2 ? ph >> 1 : 0;
+        f.qx = ADJ_S2 ? oqx : DIR_S2 ? ph & 1 : 0;
+        f.ky0 = STRIDE == 2 ? (f.qy + p.pad) & 1 : 0;
+        f.kx0 = STRIDE == 2 ? (f.qx + p.pad) & 1 : 0;
+        f.ny = (K - f.ky0 + STRIDE - 1) / STRIDE;
+        f.nx = (K - f.kx0 + STRIDE - 1) / STRIDE;
+        if (ADJ_S2) {
+            f.sy0 = oy0 + (f.qy + p.pad - f.ky0 - 2 * (f.ny - 1)) / 2;
+            f.sx0 = ox0 + (f.qx + p.pad - f.kx0 - 2 * (f.nx - 1)) / 2;
+        } else if (DIR_S2) {
+            f.sy0 = oy0 + (f.ky0 - p.pad - f.qy) / 2;
+            f.sx0 = ox0 + (f.kx0 - p.pad - f.qx) / 2;
+        } else {
+            f.sy0 = oy0 - (ADJOINT ? K - 1 - p.pad : p.pad);
+            f.sx0 = ox0 - (ADJOINT ? K - 1 - p.pad : p.pad);
+        }
+        return f;
+    };
     // This thread's weight rows (WJ of the NT, Q quads each: element e = tid + 256·j is row
     // e / Q, quad e % Q, when e < NT·Q); past n, the last row (its columns are never stored).
     const bool has_w = tid < NT * Q;
     int wrow[WJ];
 #pragma unroll
     for (int j = 0; j < WJ; ++j) wrow[j] = min(n0 + (tid + 256 * j) / Q, N - 1) * KDIM + 4 * (tid % Q);
-    // The weights' tap of tap t (whose halo offset is (ny − 1 − a, nx − 1 − b) = stride 1's
-    // (t / K, t % K) mirrored): stride 1, the offset's own tap for the direct gather.
-    auto wtap = [&](int t) {
-        if (STRIDE == 1) return ADJOINT ? KK - 1 - t : t;
-        return (ky0 + 2 * (t / nx)) * K + kx0 + 2 * (t % nx);
-    };
+    // The weights of tap (a, b) of phase f (stride 1: tap t = a·K + b), into wv.
     uint4 wv[WJ];
+    auto load_w = [&](const Phase& f, int a, int b, int t) {
+        const int tap = STRIDE == 1 ? t : (f.ky0 + STRIDE * a) * K + f.kx0 + STRIDE * b;
 #pragma unroll
-    for (int j = 0; j < WJ; ++j) wv[j] = has_w ? ld_u4(wt + wrow[j] + wtap(0) * CS) : make_uint4(0u, 0u, 0u, 0u);
-    // The halo, once: pixel e / Q (row-major over hh × hw), channel quad e % Q; zero outside
-    // the source image; through the ReLU mask for a gradient; rounded to TF32.
-    {
+        for (int j = 0; j < WJ; ++j) wv[j] = has_w ? ld_u4(wt + wrow[j] + tap * CS) : make_uint4(0u, 0u, 0u, 0u);
+    };
+    // The halo of phase f: pixel e / Q (row-major over hh × hw), channel quad e % Q; zero
+    // outside the source image; through the ReLU mask for a gradient; rounded to TF32.
+    auto stage_halo = [&](const Phase& f) {
         const size_t img_base = (size_t)img * p.hs * p.ws;
         const int halo_f4 = hh * hw * Q;
 #pragma unroll 4
         for (int e = tid; e < halo_f4; e += 256) {
             const int px = e / Q, q = e % Q;
-            const int sy = sy0 + px / hw, sx = sx0 + px % hw;
+            const int sy = DIR_S2 ? 2 * (f.sy0 + px / hw) + f.qy : f.sy0 + px / hw;
+            const int sx = DIR_S2 ? 2 * (f.sx0 + px % hw) + f.qx : f.sx0 + px % hw;
             float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
                 const size_t idx = (img_base + (size_t)sy * p.ws + sx) * CS + 4 * q;
@@ -774,19 +801,25 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
             }
             *(uint4*)&halo[px * LDH + 4 * q] = tf32x4(v);
         }
-    }
-    if (has_w) {
+    };
+    auto store_w = [&](int stage) {
+        if (has_w) {
 #pragma unroll
-        for (int j = 0; j < WJ; ++j) {
-            const int e = tid + 256 * j;
-            *(uint4*)&Bs[0][e / Q][4 * (e % Q)] = wv[j];
+            for (int j = 0; j < WJ; ++j) {
+                const int e = tid + 256 * j;
+                *(uint4*)&Bs[stage][e / Q][4 * (e % Q)] = wv[j];
+            }
         }
-    }
+    };
+    Phase f = phase(0);
+    load_w(f, 0, 0, 0);
+    stage_halo(f);
+    store_w(0);
     __syncthreads();
-    // The lane's ldmatrix row for tap offset (0, 0): tile pixel 16·MI·wm + (lane & 15) (row-major
-    // over th × tw; with NT 64, mi = 1 is the next tile row, hw pixels on), channel (lane / 16)·4;
-    // past the tile's th·tw pixels, pixel 0 (its products are never stored). Its B pair as in
-    // version 3.
+    // The lane's ldmatrix row for halo offset (0, 0): tile pixel 16·MI·wm + (lane & 15)
+    // (row-major over th × tw; with NT 64, mi = 1 is the next tile row, hw pixels on), channel
+    // (lane / 16)·4; past the tile's th·tw pixels, pixel 0 (its products are never stored). Its
+    // B pair as in version 3.
     int a_px = 16 * MI * wm + (lane & 15);
     if (a_px >= th * tw) a_px = 0;
     const SmemAddr a_row = smem_addr(&halo[((a_px / tw) * hw + a_px % tw) * LDH + ((lane >> 4) << 2)]);
@@ -798,32 +831,59 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
-    for (int t = 0; t < ntaps; ++t) {
-        if (t + 1 < ntaps && has_w) {
-#pragma unroll
-            for (int j = 0; j < WJ; ++j) wv[j] = ld_u4(wt + wrow[j] + wtap(t + 1) * CS);
+    // One loop over every tap of the block, phase after phase (a cursor (ph, a, b)): the
+    // next tap's weights load while this one's products run, and a new phase's halo is staged
+    // between two barriers.
+    const int taps = DIR_S2 ? KK : f.ny * f.nx;
+    int ph = 0, a = 0, b = 0;  // (the direct gather at stride 2: its cursor over the phases)
+    for (int t = 0; t < taps; ++t) {
+        // This tap (a, b) and the next (a_n, b_n, of phase fn): one phase, t = a·nx + b;
+        // several, the cursor steps through each phase's taps in turn.
+        Phase fn = f;
+        int ph_n = ph, a_n, b_n;
+        if (DIR_S2) {
+            a_n = a;
+            b_n = b + 1;
+            if (b_n == f.nx) {
+                b_n = 0;
+                if (++a_n == f.ny) {
+                    a_n = 0;
+                    fn = phase(++ph_n);
+                }
+            }
+        } else {
+            a = t / f.nx;
+            b = t - a * f.nx;
+            a_n = (t + 1) / f.nx;
+            b_n = t + 1 - a_n * f.nx;
         }
-        // The halo offset: (t / K, t % K) at stride 1; (ny − 1 − a, nx − 1 − b) at stride 2.
-        const int ty = STRIDE == 1 ? t / K : ny - 1 - t / nx, tx = STRIDE == 1 ? t % K : nx - 1 - t % nx;
+        if (t + 1 < taps) load_w(fn, a_n, b_n, t + 1);
+        const int ty = ADJOINT ? f.ny - 1 - a : a, tx = ADJOINT ? f.nx - 1 - b : b;
         const int a_tap = (ty * hw + tx) * LDH, b_stage = (t & 1) * NT * LDB;
         tc_tile_mma_v3<CS, HW64 * LDH, LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
-        if (t + 1 < ntaps && has_w) {
-            // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
-#pragma unroll
-            for (int j = 0; j < WJ; ++j) {
-                const int e = tid + 256 * j;
-                *(uint4*)&Bs[(t + 1) & 1][e / Q][4 * (e % Q)] = wv[j];
-            }
-        }
+        // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
+        if (t + 1 < taps) store_w((t + 1) & 1);
         __syncthreads();
+        if (DIR_S2) {
+            if (ph_n != ph && t + 1 < taps) {
+                stage_halo(fn);  // (every read of the last phase's halo ended at the barrier above)
+                __syncthreads();
+            }
+            f = fn;
+            ph = ph_n;
+            a = a_n;
+            b = b_n;
+        }
     }
     const int g = lane >> 2, tq = lane & 3;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
+    // Fragment mi's rows: its accumulators are passed by constant index (in a loop over mi the
+    // direct stride-2 kernel's larger body kept the loop rolled, and the accumulators with it in
+    // local memory).
+    auto store_rows = [&](const float (&am)[NI][4], int mi) {
 #pragma unroll
         for (int r2 = 0; r2 < 2; ++r2) {
             const int px = 16 * (MI * wm + mi) + g + 8 * r2;  // the tile pixel of this row
-            const int oy = STRIDE * (oy0 + px / tw) + qy, ox = STRIDE * (ox0 + px % tw) + qx;
+            const int oy = OS * (oy0 + px / tw) + oqy, ox = OS * (ox0 + px % tw) + oqx;
             if (px >= th * tw || oy >= p.hp || ox >= p.wp) continue;
             const int m = (img * p.hp + oy) * p.wp + ox;  // the row of `out`
 #pragma unroll
@@ -831,17 +891,20 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
 #pragma unroll
                 for (int r1 = 0; r1 < 2; ++r1) {
                     const int nn = n0 + wn * 32 + ni * 8 + 2 * tq + r1;
-                    if (nn < N) tc_epilogue(&out[(size_t)m * N + nn], acc[mi][ni][2 * r2 + r1], bias, nn, relu, accumulate);
+                    if (nn < N) tc_epilogue(&out[(size_t)m * N + nn], am[ni][2 * r2 + r1], bias, nn, relu, accumulate);
                 }
         }
+    };
+    store_rows(acc[0], 0);
+    if (MI == 2) store_rows(acc[MI - 1], 1);
 }
 
 // As conv_igemm_{direct,adjoint}_v3_tf32 (no split-K) for stride 1 and k = 3 or 5, with two more
 // arguments, the output tile th × tw: `v5k3`, `v5k5`, 64 gathered channels (8 × 16 tiles);
 // `v5n8`: at most 8 output channels; `v5c32`: 32 gathered channels and at most 32 output
-// channels; `v5c32n8`: 32 gathered channels, at most 8 outputs; `v5s2`: the adjoint gather with
-// stride 2, 64 channels, more than 32 outputs. Grid (batch · ⌈hp/(s·th)⌉ · ⌈wp/(s·tw)⌉, ⌈n/NT⌉,
-// s²), block 256, dynamic shared memory as conv_igemm_v5 says.
+// channels; `v5c32n8`: 32 gathered channels, at most 8 outputs; `v5s2`: stride 2, 64 channels,
+// more than 32 outputs. Grid as conv_igemm_v5 says (z: the output phases of the adjoint gather
+// with stride 2), block 256, dynamic shared memory as conv_igemm_v5 says.
 #define V5_ENTRY(NAME, ADJ, K, NT, CS, S)                                                                    \
     extern "C" __global__ void __launch_bounds__(V3_THREADS, 2)                                            \
         NAME(ConvGemm p, int th, int tw, const float* __restrict__ src, const float* __restrict__ mask_y,   \
@@ -867,6 +930,8 @@ V5_ENTRY(conv_igemm_direct_v5c32n8k5_tf32, false, 5, 8, 32, 1)
 V5_ENTRY(conv_igemm_adjoint_v5c32n8k5_tf32, true, 5, 8, 32, 1)
 V5_ENTRY(conv_igemm_adjoint_v5s2k3_tf32, true, 3, 64, 64, 2)
 V5_ENTRY(conv_igemm_adjoint_v5s2k5_tf32, true, 5, 64, 64, 2)
+V5_ENTRY(conv_igemm_direct_v5s2k3_tf32, false, 3, 64, 64, 2)
+V5_ENTRY(conv_igemm_direct_v5s2k5_tf32, false, 5, 64, 64, 2)
 
 // ---- Version 5 for at most 4 gathered channels (`c4`): two taps per k-step ----
 // The first encoder layer gathers the image's 3 channels and the input gradient of the decoders'

@@ -699,9 +699,9 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         118,
     );
-    // Stride 2 with 64 channels: the forward (the direct gather, version 3 with k-tiles of 32)
-    // and its dx (the adjoint gather on `v5s2`, a phase per z) over 2 × 2 tiles of each phase,
-    // the last partial both ways.
+    // Stride 2 with 64 channels (`v5s2`): the forward (the direct gather, the four source
+    // phases in turn) over 2 × 2 tiles, and its dx (the adjoint gather, a phase per z) over
+    // 2 × 2 tiles of each phase; the last tiles partial both ways.
     case(
         "k5 s2 64->64 21x37 v5s2",
         ConvGeom::conv(21, 37, 64, 64, 5, 2, 2),

@@ -249,7 +249,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 12] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 14] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -268,14 +268,17 @@ pub(super) const LARGE_SHARED: [(&str, u32); 12] = [
     ("conv_igemm_adjoint_v5n8k5_tf32", v5_64_shared_bytes(5, 8)),
     ("conv_igemm_adjoint_v5s2k3_tf32", v5_64_shared_bytes(2, 64)),
     ("conv_igemm_adjoint_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
+    ("conv_igemm_direct_v5s2k3_tf32", v5_64_shared_bytes(2, 64)),
+    ("conv_igemm_direct_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
 ];
 
 /// Version 5 of an activation pass (a halo tile staged once; conv_tc.cu), when it applies:
 /// stride 1, a 3×3 or 5×5 kernel, and 64 gathered channels with more than 32 output channels
 /// (64 per block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles
 /// waste less), or 32 gathered channels with at most 32 output channels (`v5c32`: 32 per block;
-/// `v5c32n8`: 8). And the adjoint gather with stride 2, 64 gathered channels and more than 32
-/// outputs (`v5s2`: a transposed convolution's forward, one phase of the output per z). Its
+/// `v5c32n8`: 8). And stride 2 with 64 gathered channels and more than 32 outputs (`v5s2`): the
+/// adjoint gather (a transposed convolution's forward) one output phase per z, the direct one
+/// (its dx) over the four source phases in turn. Its
 /// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
 /// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32.
 fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32, i32)> {
@@ -288,16 +291,20 @@ fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig
     if !(p.k == 3 || p.k == 5) {
         return None;
     }
-    if p.stride == 2 && adjoint && nt == 64 {
+    if p.stride == 2 && nt == 64 {
+        // The adjoint gather: tiles of an output phase, a phase per z; the direct one: tiles
+        // of the output, the four source phases in turn.
         let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
-        let blocks = batch * hp.div_ceil(2).div_ceil(8) * wp.div_ceil(2).div_ceil(16);
-        let (name, kh) = if p.k == 3 {
-            ("conv_igemm_adjoint_v5s2k3_tf32", 2)
-        } else {
-            ("conv_igemm_adjoint_v5s2k5_tf32", 3)
+        let (s, z) = if adjoint { (2, 4) } else { (1, 1) };
+        let blocks = batch * hp.div_ceil(s).div_ceil(8) * wp.div_ceil(s).div_ceil(16);
+        let (name, kh) = match (adjoint, p.k) {
+            (true, 3) => ("conv_igemm_adjoint_v5s2k3_tf32", 2),
+            (true, _) => ("conv_igemm_adjoint_v5s2k5_tf32", 3),
+            (false, 3) => ("conv_igemm_direct_v5s2k3_tf32", 2),
+            (false, _) => ("conv_igemm_direct_v5s2k5_tf32", 3),
         };
         let cfg = LaunchConfig {
-            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), 4),
+            grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), z),
             block_dim: (V3_THREADS, 1, 1),
             shared_mem_bytes: v5_64_shared_bytes(kh, 64),
         };
@@ -1018,18 +1025,17 @@ mod tests {
             };
             for k32 in [false, true] {
                 let (name, cfg, bk) = v3_kernel(&p, adjoint, k32);
-                // Version 5 applies here (stride 2) to the adjoint gather of 64 channels into
-                // more than 32 only (`v5s2`), with the bytes LARGE_SHARED lists for it.
+                // Version 5 applies here (stride 2) to the gathers of 64 channels into more than
+                // 32 only (`v5s2`), with the bytes LARGE_SHARED lists for it: the adjoint one
+                // over 2 images × 1 tile of each of 4 output phases, the direct one over 2 × 1.
                 let v5 = v5_kernel(&p, adjoint);
-                assert_eq!(
-                    v5.is_some(),
-                    adjoint && cs == 64 && n > 32,
-                    "{n} {cs} {adjoint}"
-                );
+                assert_eq!(v5.is_some(), cs == 64 && n > 32, "{n} {cs} {adjoint}");
                 if let Some((v5_name, v5_cfg, ..)) = v5 {
                     let listed = LARGE_SHARED.iter().find(|(k, _)| *k == v5_name).unwrap();
                     assert_eq!(v5_cfg.shared_mem_bytes, listed.1, "{v5_name}");
-                    assert_eq!(v5_cfg.grid_dim, (2, 1, 4), "{v5_name}");
+                    let z = if adjoint { 4 } else { 1 };
+                    assert_eq!(v5_cfg.grid_dim, (2, 1, z), "{v5_name}");
+                    assert_eq!(v5_name.contains("adjoint"), adjoint, "{v5_name}");
                 }
                 let opted = LARGE_SHARED.iter().find(|(k, _)| *k == name);
                 let want_k32 = k32 && n > 32 && cs % 32 == 0;
@@ -1078,9 +1084,9 @@ mod tests {
                 w_nc: 1,
             };
             for adjoint in [false, true] {
-                // (At stride 2, `v5s2` takes the adjoint gather of 64 channels into more than
-                // 32: large_shared_kernels_are_loaded_and_need_the_opt_in checks its launch.)
-                let s2 = stride == 2 && adjoint && cs == 64 && n > 32;
+                // (At stride 2, `v5s2` takes the gathers of 64 channels into more than 32:
+                // large_shared_kernels_are_loaded_and_need_the_opt_in checks its launches.)
+                let s2 = stride == 2 && cs == 64 && n > 32;
                 let v5 = v5_kernel(&p, adjoint);
                 assert_eq!(v5.is_some(), applies || s2, "{n} {cs} {k} {stride}");
                 if let Some((name, cfg, th, tw)) = v5 {

@@ -21,8 +21,8 @@ pub struct FastPaths {
     /// than 48 KiB of shared memory); off: k-tiles of 16.
     pub conv_k32: bool,
     /// Version 5 of the activation passes where it applies (3×3 or 5×5; stride 1 with 64
-    /// gathered channels into more than 32 or at most 8 outputs, or 32 into at most 32; the
-    /// stride-2 adjoint gather of 64 channels into more than 32): the output tile's halo staged
+    /// gathered channels into more than 32 or at most 8 outputs, or 32 into at most 32; stride
+    /// 2 with 64 gathered channels into more than 32, by phases): the output tile's halo staged
     /// once (`conv_igemm_*_v5*_tf32`); off: version 3.
     pub conv_v5: bool,
     /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:

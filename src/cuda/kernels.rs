@@ -68,6 +68,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_adjoint_v5c32n8k5_tf32",
             "conv_igemm_adjoint_v5s2k3_tf32",
             "conv_igemm_adjoint_v5s2k5_tf32",
+            "conv_igemm_direct_v5s2k3_tf32",
+            "conv_igemm_direct_v5s2k5_tf32",
             "conv_igemm_direct_c4k3_tf32",
             "conv_igemm_adjoint_c4k3_tf32",
             "conv_igemm_direct_c4k5_tf32",
