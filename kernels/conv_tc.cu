@@ -657,7 +657,7 @@ V3_ENTRY(conv_igemm_adjoint_v3n32_tf32, true, 1, 16)
 V3_ENTRY(conv_igemm_direct_v3_k32_tf32, false, 2, 32)
 V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 
-// ---- Version 5 of the activation passes: stride-1 gathers of 64 channels from a halo tile ----
+// ---- Version 5 of the activation passes: gathers of 64 or 32 channels from a halo tile ----
 // Version 3 gathers every k-tile's rows from global memory: a 5×5 layer reads each source pixel
 // 25 times per output tile (from L1 mostly), and every gathered row is stored to shared memory
 // once per tap. Version 5 takes the stride-1 passes with 64 gathered channels (the direct gather
@@ -677,7 +677,7 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 // in row order, whichever tile rows they fall on (the lanes' ldmatrix addresses say where). A
 // 35 × 35 image takes 7 × 18 tiles: 10 per image, 96 % of their pixels used, where 8 × 16 tiles
 // would use 64 %. The 64-channel kernels keep 8 × 16 (their warps' two fragments are consecutive
-// tile rows).
+// tile rows). Stride 2 (64 channels) runs as stride-1 gathers by phases: see conv_igemm_v5.
 #define V5_TH 8   // output tile rows (NT 64)
 #define V5_TW 16  // output tile columns (NT 64)
 
@@ -687,10 +687,6 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 // fragment loads of version 3's 32 columns 3/4. CS: the gathered channels, 64 or 32; the halo's
 // rows are CS + 4 words (16-byte aligned, ≡ 4 mod 8: conflict-free for ldmatrix), the weights'
 // CS + 8 (≡ 8 mod 16: conflict-free B pairs).
-template <int K, int NT, int CS>
-struct V5Smem {
-    static constexpr int LDH = CS + 4, LDB = CS + 8;
-};
 
 // grid (batch · ⌈gh/th⌉ · ⌈gw/tw⌉, ⌈n/NT⌉, z), block 256, with (gh, gw, z) = (⌈hp/2⌉, ⌈wp/2⌉, 4)
 // for the adjoint gather with stride 2 and (hp, wp, 1) otherwise; dynamic shared memory
@@ -713,8 +709,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
-    using S = V5Smem<K, NT, CS>;
-    constexpr int LDH = S::LDH, LDB = S::LDB, Q = CS / 4;  // Q: 16-byte quads per pixel row
+    constexpr int LDH = CS + 4, LDB = CS + 8, Q = CS / 4;  // Q: 16-byte quads per pixel row
     constexpr int KK = K * K, KDIM = KK * CS;               // the GEMM's K
     constexpr int MI = NT == 64 ? 2 : 1, NI = NT == 8 ? 1 : 4;  // a warp's m16 and n8 tiles
     constexpr int WJ = (NT * Q + 255) / 256;                     // weight quads per thread
