@@ -139,12 +139,13 @@ static __device__ __forceinline__ void tc_epilogue_pair(float* o, float v0, floa
     *o2 = make_float2(v0, v1);
 }
 
-// The warp's 2 × 4 accumulator tiles, zeroed.
-static __device__ __forceinline__ void zero_acc(float acc[2][4][4]) {
+// The warp's MI × NI accumulator tiles, zeroed.
+template <int MI, int NI>
+static __device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
 }
@@ -820,12 +821,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     const SmemAddr a_row = smem_addr(&halo[((a_px / tw) * hw + a_px % tw) * LDH + ((lane >> 4) << 2)]);
     const SmemAddr b_pair = smem_addr(&Bs[0][wn * 32 + (lane >> 2)][2 * (lane & 3)]);
     float acc[MI][NI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+    zero_acc(acc);
     // One loop over every tap of the block, phase after phase (a cursor (ph, a, b)): the
     // next tap's weights load while this one's products run, and a new phase's halo is staged
     // between two barriers.
@@ -1024,12 +1020,7 @@ static __device__ void conv_igemm_c4(const ConvGemm& p, const float* __restrict_
         __syncthreads();  // the halo (and the first time, the weights) is staged
         if (has_px && tile + (int)gridDim.x < tiles) next = load_px(tile + gridDim.x);
         float acc[MI][NI][4];
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+        zero_acc(acc);
 #pragma unroll
         for (int j = 0; j < S::STEPS; ++j) {
             // This lane's tap; the padding tap of an odd count reads tap 0 (its weights are 0).

@@ -922,6 +922,23 @@ impl Cuda {
 mod tests {
     use super::*;
 
+    /// A "same" gather over `batch` images of 17 × 33 (W as [n][c]).
+    fn gemm_17x33(batch: i32, cs: i32, n: i32, k: i32, stride: i32) -> ConvGemmC {
+        ConvGemmC {
+            batch,
+            hp: 17,
+            wp: 33,
+            hs: 17,
+            ws: 33,
+            cs,
+            n,
+            k,
+            stride,
+            pad: k / 2,
+            w_nc: 1,
+        }
+    }
+
     /// Version 4's sums of g: where `dw4_sums_cover` says yes, the units' ranges of strip pixels
     /// (`[px0·s − pad + own, … + 16·s)` for px0 = 0, 16, …) cover every pixel of an output row
     /// exactly once; and the CLEVR decoder's layers are such layers.
@@ -1070,19 +1087,7 @@ mod tests {
             (64, 64, 5, 2, false),
             (32, 32, 5, 2, false),
         ] {
-            let p = ConvGemmC {
-                batch: 3,
-                hp: 17,
-                wp: 33,
-                hs: 17,
-                ws: 33,
-                cs,
-                n,
-                k,
-                stride,
-                pad: k / 2,
-                w_nc: 1,
-            };
+            let p = gemm_17x33(3, cs, n, k, stride);
             for adjoint in [false, true] {
                 // (At stride 2, `v5s2` takes the gathers of 64 channels into more than 32:
                 // large_shared_kernels_are_loaded_and_need_the_opt_in checks its launches.)
@@ -1138,19 +1143,7 @@ mod tests {
             (64, 3, 5, 2, false),
         ] {
             for (batch, blocks) in [(3, 14), (200, 900), (300, 1024)] {
-                let p = ConvGemmC {
-                    batch,
-                    hp: 17,
-                    wp: 33,
-                    hs: 17,
-                    ws: 33,
-                    cs,
-                    n,
-                    k,
-                    stride,
-                    pad: k / 2,
-                    w_nc: 1,
-                };
+                let p = gemm_17x33(batch, cs, n, k, stride);
                 for adjoint in [false, true] {
                     let c4 = c4_kernel(&p, adjoint);
                     assert_eq!(c4.is_some(), applies, "{n} {cs} {k} {stride}");
