@@ -1458,9 +1458,10 @@ DW3_ENTRY(conv_dw_partial_v3_tf32, 2, 2)
 DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 
 // ---- Version 4 of the weight-gradient partials: one row of taps per block ----
-// Taken when rows % 64 == 0, cs % 32 == 0, k is 3 or 5 and the stride 1 or 2 (every 64-channel
-// layer of the CLEVR model). A block computes 64 rows × (the k taps (ky, 0..k−1) of one ky ×
-// 32 channels), and its k-tiles are "units": 16 consecutive positions px0..px0+15 of one grid
+// Taken when rows % 32 == 0, cs % 32 == 0, k is 3 or 5 and the stride 1 or 2 (every 64-channel
+// layer of the CLEVR model but the first and last, every 32-channel one of the small models). A
+// block computes RM rows (64, or 32 when rows % 64 != 0: `v4r32`, 128 threads) × (the k taps
+// (ky, 0..k−1) of one ky × 32 channels), and its k-tiles are "units": 16 consecutive positions px0..px0+15 of one grid
 // row (n, py). The k taps of a unit read source pixels sx = (px0 + j)·s − pad + kx of one
 // source row: together a strip of L = 15·s + k pixels, which the block loads once and reads
 // each tap's B tile from at an offset (row kx + s·j of the strip). Version 3 loaded each tap's
@@ -1474,7 +1475,9 @@ DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 // channel summed over the strip pixels p in [own, own + 16·s), a range that the units of a grid
 // row tile without overlap, into sums[z][(ky·k)·cs + c] (tap (ky, 0); conv_dw_reduce_f32 is
 // given those taps).
-#define DW4_THREADS 256
+// Each warp computes 32 rows × k n8 tiles whichever RM is: 4·RM threads (8 warps for 64 rows, 4
+// for 32), so that the 32-row blocks keep the 64-row ones' work per warp and registers, and
+// four of them share an SM where two 64-row blocks would.
 
 // The next unit of 16 positions: the next segment of the grid row, then of the next row.
 static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int segs, int& n, int& py, int& seg) {
@@ -1487,16 +1490,25 @@ static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int se
     }
 }
 
-// This thread's loads for the unit (n, py, px0 = 16·seg): A position j = tid / 16, rows
-// i..i+3 (zero past the grid row's end); strip elements e = tid + 256·r (pixel e / 8, channel
+// Strip elements (16-byte quads) each of THREADS threads loads: a strip of L pixels × 32
+// channels is 8·L quads.
+template <int K, int S, int THREADS>
+struct Dw4Strip {
+    static constexpr int len = 15 * S + K;
+    static constexpr int loads = (8 * len + THREADS - 1) / THREADS;
+};
+
+// This thread's loads for the unit (n, py, px0 = 16·seg): A position j = tid / (RM / 4), rows
+// i..i+3 (zero past the grid row's end); strip elements e = tid + 4·RM·r (pixel e / 8, channel
 // quad e % 8, zero outside the source or past the strip).
-template <int S>
+template <int K, int S, int RM>
 static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
                                                 int b_masked, int n, int py, int seg, int i, int ky, int cb,
-                                                int strip_len, float4& av, float4 bv[2]) {
-    const int tid = threadIdx.x, j = tid >> 4, px0 = 16 * seg;
+                                                float4& av, float4 bv[Dw4Strip<K, S, 4 * RM>::loads]) {
+    using Strip = Dw4Strip<K, S, 4 * RM>;
+    const int tid = threadIdx.x, j = tid / (RM / 4), px0 = 16 * seg;
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (px0 + j < p.wp) {
         const int idx = ((n * p.hp + py) * p.wp + px0 + j) * p.rows + i;
@@ -1507,11 +1519,11 @@ static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float
     const int sy = py * S - p.pad + ky;
     const bool row_ok = (unsigned)sy < (unsigned)p.hs;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int e = tid + DW4_THREADS * r, px = e >> 3;
+    for (int r = 0; r < Strip::loads; ++r) {
+        const int e = tid + 4 * RM * r, px = e >> 3;
         const int sx = px0 * S - p.pad + px;
         float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (row_ok && px < strip_len && (unsigned)sx < (unsigned)p.ws) {
+        if (row_ok && px < Strip::len && (unsigned)sx < (unsigned)p.ws) {
             const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + cb + 4 * (e & 7);
             b = ld_f4(b_src + idx);
             if (b_masked) b = relu_masked(b, b_mask + idx);
@@ -1520,12 +1532,12 @@ static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float
     }
 }
 
-// grid (rows / 64, k · cs / 32, chunks), block 256; p.chunk counts units (16 positions of one
+// grid (rows / RM, k · cs / 32, chunks), block 4·RM; p.chunk counts units (16 positions of one
 // grid row each). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it. The
 // stride S is a template parameter so that the strip's row length and each B fragment's offset
 // in it are constants (with both at run time, the SASS of the loop spent 61 LEA and 86 IMAD on
 // those addresses per 40 HMMA).
-template <int K, int S, int DEPTH>
+template <int K, int S, int RM, int DEPTH>
 static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __restrict__ a_src,
                                           const float* __restrict__ a_mask, int a_masked,
                                           const float* __restrict__ b_src, const float* __restrict__ b_mask,
@@ -1533,11 +1545,14 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
                                           float* __restrict__ sums) {
     static_assert(DEPTH == 1 || DEPTH == 2, "stage t % 2 must be free when unit t is stored");
     static_assert(S == 1 || S == 2, "strips of at most 35 pixels");
-    constexpr int LDA = 64 + 8;  // ≡ 8 (mod 32): the paired A fragment loads are conflict-free
+    static_assert(RM == 64 || RM == 32, "a warp's 32 rows, one or two warp rows");
+    constexpr int THREADS = 4 * RM, QPR = RM / 4;  // QPR: A quads per position (one thread each)
+    using Strip = Dw4Strip<K, S, THREADS>;
+    constexpr int LDA = RM + 8;  // ≡ 8 (mod 32): the paired A fragment loads are conflict-free
     // Strip rows of 40 words (stride 1: the B fragment loads of lanes (g, t) hit banks 8t + g)
     // or 36 (stride 2: rows kx + 2t, banks 8t + g again).
     constexpr int ldb = S == 2 ? 36 : 40;
-    constexpr int s = S, strip_len = 15 * S + K;
+    constexpr int s = S, strip_len = Strip::len;
     __shared__ __align__(16) unsigned At[2][TC_BK][LDA];
     __shared__ __align__(16) unsigned Bs[2][strip_len * ldb];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1546,7 +1561,7 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     const int N = K * K * p.cs;
     const int cblocks = p.cs / 32;
     const int ky = blockIdx.y / cblocks, cb = 32 * (blockIdx.y % cblocks);
-    const int i0 = 64 * blockIdx.x, i = i0 + 4 * (tid & 15);
+    const int i0 = RM * blockIdx.x, i = i0 + 4 * (tid % QPR);
     const int segs = (p.wp + 15) / 16, units = p.batch * p.hp * segs;
     const int ubeg = blockIdx.z * p.chunk, uend = min(ubeg + p.chunk, units);
     const int ntiles = max(uend - ubeg, 0);
@@ -1565,22 +1580,27 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
         lpy = (u / segs) % p.hp;
         ln = u / (segs * p.hp);
     }
-    float4 av[DEPTH], bv[DEPTH][2];
+    float4 av[DEPTH], bv[DEPTH][Strip::loads];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
         if (d > 0) dw4_unit_next(p, segs, ln, lpy, lseg);
         if (d < ntiles)
-            dw4_load<S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
-                           strip_len, av[d], bv[d]);
+            dw4_load<K, S, RM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky,
+                               cb, av[d], bv[d]);
     }
     const bool sum_a = sums_of == 1 && blockIdx.y == 0;
     const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
-    // The strip pixels whose sums count (sum_b): [own, own + 16·s), own = min(pad, k − s). At
-    // most one of a thread's two strip elements (pixels 32 apart) lies in a range of at most 32
-    // pixels: own_r is which (−1: neither). One accumulator serves the A sums or the B sums.
+    // The strip pixels whose sums count (sum_b): [own, own + 16·s), own = min(pad, k − s). Bit r
+    // of own_bits: whether this thread's element r (pixel tid / 8 + r·THREADS / 8) lies in it.
+    // All of a thread's elements are one channel quad, so one accumulator sums them, and it
+    // serves the A sums or the B sums.
     const int own = min(p.pad, K - s);
-    const int px_0 = tid >> 3;  // the pixel of element 0 (element 1: px_0 + 32)
-    const int own_r = px_0 >= own && px_0 < own + 16 * s ? 0 : (px_0 + 32 >= own && px_0 + 32 < own + 16 * s ? 1 : -1);
+    unsigned own_bits = 0;
+#pragma unroll
+    for (int r = 0; r < Strip::loads; ++r) {
+        const int px = (tid >> 3) + r * (THREADS / 8);
+        if (px >= own && px < own + 16 * s && px < strip_len) own_bits |= 1u << r;
+    }
     float4 osum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     // This warp's n8 tiles: tap kx = J / 4, channels (J % 4)·8 + g of the block's 32.
     for (int t0 = 0; t0 < ntiles; t0 += DEPTH) {
@@ -1590,18 +1610,21 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             if (tt >= ntiles) break;  // (uniform over the block)
             const int st = DEPTH == 2 ? d : (tt & 1);
             if (sum_a) osum = add4(osum, av[d]);
-            if (sum_b && own_r >= 0) osum = add4(osum, own_r == 0 ? bv[d][0] : bv[d][1]);
-            *(uint4*)&At[st][tid >> 4][4 * (tid & 15)] = tf32x4(av[d]);
+            if (sum_b)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int e = tid + DW4_THREADS * r, px = e >> 3;
+                for (int r = 0; r < Strip::loads; ++r)
+                    if ((own_bits >> r) & 1u) osum = add4(osum, bv[d][r]);
+            *(uint4*)&At[st][tid / QPR][4 * (tid % QPR)] = tf32x4(av[d]);
+#pragma unroll
+            for (int r = 0; r < Strip::loads; ++r) {
+                const int e = tid + THREADS * r, px = e >> 3;
                 if (px < strip_len) *(uint4*)&Bs[st][px * ldb + 4 * (e & 7)] = tf32x4(bv[d][r]);
             }
             __syncthreads();
             if (tt + DEPTH < ntiles) {
                 dw4_unit_next(p, segs, ln, lpy, lseg);
-                dw4_load<S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky, cb,
-                               strip_len, av[d], bv[d]);
+                dw4_load<K, S, RM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i,
+                                   ky, cb, av[d], bv[d]);
             }
 #pragma unroll
             for (int ks = 0; ks < TC_BK; ks += 8) {
@@ -1630,26 +1653,27 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             const int nn = (ky * K + kx) * p.cs + cb + ((J & 3) << 3) + 2 * t;
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int ii = i0 + wm * 32 + mi * 16 + 2 * g + (r >= 2);
+                const int ii = i0 + wm * 32 + mi * 16 + 2 * g + (r >= 2);  // (wm 0 when RM is 32)
                 out[ii * N + nn + (r & 1)] = acc[mi][j][r];
             }
         }
     // The operand sums, added in a fixed order through the (no longer needed) stages.
     if (!sum_a && !sum_b) return;  // uniform over the block
     __syncthreads();
-    float* red = (float*)&At[0][0][0];  // sum_a: [16][64]
-    float* redb = (float*)&Bs[0][0];    // sum_b: [strip_len][32 channels] (≤ 2 · strip_len · 36)
-    if (sum_a) *(float4*)&red[(tid >> 4) * 64 + 4 * (tid & 15)] = osum;
-    if (sum_b && own_r >= 0) *(float4*)&redb[((tid >> 3) + 32 * own_r) * 32 + 4 * (tid & 7)] = osum;
+    float* red = (float*)&At[0][0][0];  // sum_a: [16][RM] (the A stage's layout, unpadded)
+    float* redb = (float*)&Bs[0][0];    // sum_b: [THREADS / 8][32 channels], ≤ 2 · strip_len · ldb
+    static_assert(THREADS / 8 * 32 <= 2 * strip_len * ldb, "sum_b's rows fit the stages");
+    if (sum_a) *(float4*)&red[(tid / QPR) * RM + 4 * (tid % QPR)] = osum;
+    if (sum_b) *(float4*)&redb[(tid >> 3) * 32 + 4 * (tid & 7)] = osum;
     __syncthreads();
-    if (sum_a && tid < 64) {
+    if (sum_a && tid < RM) {
         float v = 0.0f;
-        for (int j = 0; j < TC_BK; ++j) v += red[j * 64 + tid];
+        for (int j = 0; j < TC_BK; ++j) v += red[j * RM + tid];
         sums[(size_t)blockIdx.z * p.rows + i0 + tid] = v;
     }
     if (sum_b && tid < 32) {
         float v = 0.0f;
-        for (int px = own; px < min(own + 16 * s, strip_len); ++px) v += redb[px * 32 + tid];
+        for (int r = 0; r < THREADS / 8; ++r) v += redb[r * 32 + tid];
         sums[(size_t)blockIdx.z * N + (ky * K) * p.cs + cb + tid] = v;
     }
 }
@@ -1659,18 +1683,37 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
 // units). sum_kys: the ky whose blocks sum g for sums_of 2 (a bit mask).
 // (Two blocks per SM: sm_80's compiler took 159 registers for k = 5 without the bound, sm_90's
 // 128 with or without it.)
+#define DW4_THREADS 256
 #define DW4_ENTRY(NAME, K, S)                                                                                \
     extern "C" __global__ void __launch_bounds__(DW4_THREADS, 2)                                            \
         NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
              const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
              float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
-        conv_dw_partial_v4<K, S, 2>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,       \
-                                    sum_kys, sums);                                                         \
+        conv_dw_partial_v4<K, S, 64, 2>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,   \
+                                        sum_kys, sums);                                                     \
     }
 DW4_ENTRY(conv_dw_partial_v4k3s1_tf32, 3, 1)
 DW4_ENTRY(conv_dw_partial_v4k3s2_tf32, 3, 2)
 DW4_ENTRY(conv_dw_partial_v4k5s1_tf32, 5, 1)
 DW4_ENTRY(conv_dw_partial_v4k5s2_tf32, 5, 2)
+
+// The same with 32-row blocks (`v4r32k<k>s<stride>`, rows % 32 == 0): block 128, grid
+// (rows / 32, k · cs / 32, chunks). Four blocks per SM at stride 1 (128 registers, as the
+// 64-row blocks); three at stride 2, whose three strip quads per thread and stage spilled 8
+// bytes on sm_80 within 128.
+#define DW4R32_THREADS 128
+#define DW4R32_ENTRY(NAME, K, S, MIN_BLOCKS)                                                                 \
+    extern "C" __global__ void __launch_bounds__(DW4R32_THREADS, MIN_BLOCKS)                                \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
+        conv_dw_partial_v4<K, S, 32, 2>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,   \
+                                        sum_kys, sums);                                                     \
+    }
+DW4R32_ENTRY(conv_dw_partial_v4r32k3s1_tf32, 3, 1, 4)
+DW4R32_ENTRY(conv_dw_partial_v4r32k3s2_tf32, 3, 2, 3)
+DW4R32_ENTRY(conv_dw_partial_v4r32k5s1_tf32, 5, 1, 4)
+DW4R32_ENTRY(conv_dw_partial_v4r32k5s2_tf32, 5, 2, 3)
 
 // ---- Weight gradients for at most 4 gathered channels (`dw_c4`), on the CUDA cores ----
 // The first encoder layer's dW gathers the image's 3 channels: a GEMM of 64 rows × 75 columns

@@ -94,22 +94,57 @@ const TC_DW_TARGET_BLOCKS: usize = 264;
 /// took as long as the first (Nsight Compute, first GPU session). From the sizes only, not the
 /// device, so that a step sums in the same order everywhere.
 fn dw_chunks(tiles: usize, npos: usize) -> (usize, usize) {
-    dw_chunks_of(tiles, npos.div_ceil(TC_BK), TC_BK)
+    dw_chunks_of(tiles, npos.div_ceil(TC_BK), TC_BK, TC_DW_TARGET_BLOCKS)
 }
 
 /// [`dw_chunks`] over `ktiles` k-tiles of `width` reduction positions each (version 4's units
-/// are 16 positions of one grid row, counted as width 1: its chunks count units): the chunk's
-/// length in positions (a multiple of `width`), and the chunks. At least 4 k-tiles per chunk.
-fn dw_chunks_of(tiles: usize, ktiles: usize, width: usize) -> (usize, usize) {
-    let want = (TC_DW_TARGET_BLOCKS / tiles).clamp(1, ktiles.div_ceil(4).max(1));
+/// are 16 positions of one grid row, counted as width 1: its chunks count units), for a wave of
+/// `target` blocks: the chunk's length in positions (a multiple of `width`), and the chunks. At
+/// least 4 k-tiles per chunk.
+fn dw_chunks_of(tiles: usize, ktiles: usize, width: usize, target: usize) -> (usize, usize) {
+    let want = (target / tiles).clamp(1, ktiles.div_ceil(4).max(1));
     let per = ktiles.div_ceil(want);
     (per * width, ktiles.div_ceil(per))
 }
 
 /// Whether version 4 of the weight-gradient partials computes this GEMM: rows a multiple of
-/// 64, gathered channels of 32, a 3×3 or 5×5 kernel, stride 1 or 2 (DW4 in conv_tc.cu).
+/// 32, gathered channels of 32, a 3×3 or 5×5 kernel, stride 1 or 2 (DW4 in conv_tc.cu).
 fn dw4_applies(rows: usize, cs: usize, k: usize, stride: usize) -> bool {
-    rows % 64 == 0 && cs % 32 == 0 && (k == 3 || k == 5) && (stride == 1 || stride == 2)
+    rows % 32 == 0 && cs % 32 == 0 && (k == 3 || k == 5) && (stride == 1 || stride == 2)
+}
+
+/// Version 4's rows per block: 64 where they divide the rows, else 32 (`v4r32`: 128 threads,
+/// four blocks per SM where two of 64 rows fit).
+fn dw4_row_tile(rows: usize) -> usize {
+    if rows % 64 == 0 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Blocks of version 4 that one SM holds at once (their `__launch_bounds__`): two of 64 rows;
+/// four of 32 rows at stride 1, three at stride 2.
+fn dw4_blocks_per_sm(row_tile: usize, stride: usize) -> usize {
+    match (row_tile, stride) {
+        (64, _) => 2,
+        (_, 1) => 4,
+        _ => 3,
+    }
+}
+
+/// Version 4's kernel for `row_tile` rows per block, a k × k kernel and the stride.
+fn dw4_kernel(row_tile: usize, k: usize, stride: usize) -> &'static str {
+    match (row_tile, k, stride) {
+        (64, 3, 1) => "conv_dw_partial_v4k3s1_tf32",
+        (64, 3, _) => "conv_dw_partial_v4k3s2_tf32",
+        (64, _, 1) => "conv_dw_partial_v4k5s1_tf32",
+        (64, _, _) => "conv_dw_partial_v4k5s2_tf32",
+        (_, 3, 1) => "conv_dw_partial_v4r32k3s1_tf32",
+        (_, 3, _) => "conv_dw_partial_v4r32k3s2_tf32",
+        (_, _, 1) => "conv_dw_partial_v4r32k5s1_tf32",
+        _ => "conv_dw_partial_v4r32k5s2_tf32",
+    }
 }
 
 /// Whether `conv_dw_partial_c4*` computes this weight-gradient GEMM: 64 or 32 rows, 1 to 4
@@ -793,20 +828,15 @@ impl Cuda {
             && dw4_applies(rows, cs, g.k, g.stride)
             && (db.is_none() || !transposed || dw4_sums_cover(g, covering));
         // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3);
-        // version 4: 64 rows × the k taps of one ky × 32 channels, over units of 16 positions.
+        // version 4: 64 or 32 rows × the k taps of one ky × 32 channels, over units of 16
+        // positions.
         let v3 = !c4 && !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
         let (row_tile, col_tile, name) = match (v4, v3, rows <= 32) {
             _ if c4 => (rows, cols, dwc4_kernel(g.k, rows)),
-            (true, _, _) => (
-                64,
-                g.k * 32,
-                match (g.k, g.stride) {
-                    (3, 1) => "conv_dw_partial_v4k3s1_tf32",
-                    (3, _) => "conv_dw_partial_v4k3s2_tf32",
-                    (_, 1) => "conv_dw_partial_v4k5s1_tf32",
-                    _ => "conv_dw_partial_v4k5s2_tf32",
-                },
-            ),
+            (true, _, _) => {
+                let rt = dw4_row_tile(rows);
+                (rt, g.k * 32, dw4_kernel(rt, g.k, g.stride))
+            }
             (false, false, _) => (TC_TILE, TC_TILE, "conv_dw_partial_tf32"),
             (false, true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
             (false, true, true) => (32, 256, "conv_dw_partial_v3r32_tf32"),
@@ -823,7 +853,9 @@ impl Cuda {
         let (chunk, chunks) = if c4 {
             dwc4_chunks(batch * hp.div_ceil(8) * wp.div_ceil(16))
         } else if v4 {
-            dw_chunks_of(tiles, batch * hp * wp.div_ceil(16), 1)
+            // (A wave of 32-row blocks holds more of them: TC_DW_TARGET_BLOCKS is 2 per SM.)
+            let target = TC_DW_TARGET_BLOCKS / 2 * dw4_blocks_per_sm(row_tile, g.stride);
+            dw_chunks_of(tiles, batch * hp * wp.div_ceil(16), 1, target)
         } else {
             dw_chunks(tiles, npos)
         };
@@ -849,8 +881,8 @@ impl Cuda {
                 shared_mem_bytes: 0,
             },
             (true, _) => LaunchConfig {
-                grid_dim: ((rows / 64) as u32, col_tiles as u32, chunks as u32),
-                block_dim: (DW3_THREADS, 1, 1),
+                grid_dim: ((rows / row_tile) as u32, col_tiles as u32, chunks as u32),
+                block_dim: (4 * row_tile as u32, 1, 1),
                 shared_mem_bytes: 0,
             },
             (false, true) => tile_grid(rows, row_tile, cols, col_tile, chunks, DW3_THREADS),
@@ -992,13 +1024,29 @@ mod tests {
         assert_eq!(dw4_sum_rows(taps, 5), (0b1100, (1 << 10) | (1 << 15)));
     }
 
-    /// Version 4 takes the 64-channel layers with 3×3 and 5×5 kernels at stride 1 and 2 only.
+    /// Version 4 takes the 64- and 32-channel layers with 3×3 and 5×5 kernels at stride 1 and 2
+    /// only; 32-row blocks where 64 rows do not divide the rows.
     #[test]
     fn dw4_applies_to_the_clevr_layers_only() {
         assert!(
             dw4_applies(64, 64, 5, 1) && dw4_applies(64, 64, 5, 2) && dw4_applies(128, 32, 3, 2)
         );
-        assert!(!dw4_applies(32, 64, 5, 1)); // 32 rows: version 3's 32 × 256 tiles
+        assert!(
+            dw4_applies(32, 64, 5, 1) && dw4_applies(32, 32, 5, 1) && dw4_applies(96, 32, 3, 2)
+        );
+        assert_eq!(
+            (
+                dw4_row_tile(64),
+                dw4_row_tile(128),
+                dw4_row_tile(32),
+                dw4_row_tile(96)
+            ),
+            (64, 64, 32, 32)
+        );
+        assert_eq!(dw4_kernel(32, 5, 1), "conv_dw_partial_v4r32k5s1_tf32");
+        assert!(
+            !dw4_applies(16, 32, 5, 1) && !dw4_applies(4, 32, 3, 1) && !dw4_applies(48, 32, 3, 1)
+        );
         assert!(
             !dw4_applies(64, 16, 5, 1) && !dw4_applies(64, 3, 5, 1) && !dw4_applies(64, 4, 3, 1)
         );
