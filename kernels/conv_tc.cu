@@ -1841,8 +1841,10 @@ DWC4_ENTRY(conv_dw_partial_c4r32k5_f32, 5, 32)
 // (sums_len = db_len = rows, taps = 1); convT: the B-column sums (sums_len = k·k·cs, taps = the
 // bit mask of the taps that reach every output position once). The z are split over rs_combine's
 // groups (fixed order: deterministic). Block RS_THREADS, grid ceil((rows·k·k·cs + db_len) / RS_COLS).
+// mirror: the partials are a convolution's weight gradient computed in the transposed form (rows
+// its c_in, columns tap·c_out + c, the taps mirrored): dW[c][i][k−1−ky][k−1−kx] instead.
 extern "C" __global__ void __launch_bounds__(RS_THREADS)
-    conv_dw_reduce_f32(int chunks, int rows, int cs, int k, const float* __restrict__ partial,
+    conv_dw_reduce_f32(int chunks, int rows, int cs, int k, int mirror, const float* __restrict__ partial,
                        float* __restrict__ dw, int sums_len, int db_len, unsigned taps,
                        const float* __restrict__ sums, float* __restrict__ db) {
     __shared__ float sh[RS_GROUPS][RS_COLS];
@@ -1863,7 +1865,10 @@ extern "C" __global__ void __launch_bounds__(RS_THREADS)
     if (e < rows * N) {
         const int i = e / N, kk = e % N;
         const int cc = kk % cs, tap = kk / cs;
-        dw[((i * cs + cc) * k + tap / k) * k + tap % k] += s;
+        if (mirror)
+            dw[((cc * rows + i) * k + k - 1 - tap / k) * k + k - 1 - tap % k] += s;
+        else
+            dw[((i * cs + cc) * k + tap / k) * k + tap % k] += s;
     } else if (c < db_len) {
         db[c] += s;
     }

@@ -746,6 +746,15 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         1192,
     );
+    // A conv to at most 4 outputs takes `dw_c4` in the transposed form (rows c_in, g gathered
+    // at the mirrored taps with pad k − 1 − pad, the taps written back mirrored): 32 → 4 above
+    // (3×3, pad 1), and a 5×5 from 64 channels to 3 with pad 1 (mirrored pad 3) through a ReLU.
+    case(
+        "k5 p1 64->3 11x19 dwc4 mirrored",
+        ConvGeom::conv(11, 19, 64, 3, 5, 1, 1),
+        true,
+        1193,
+    );
 }
 
 /// `tc_shapes`: as for [`conv2d_fwd_bwd_parity`].

@@ -154,6 +154,15 @@ fn dwc4_applies(rows: usize, cs: usize, k: usize, stride: usize) -> bool {
     (rows == 64 || rows == 32) && (1..=4).contains(&cs) && (k == 3 || k == 5) && stride == 1
 }
 
+/// Whether `dw_c4` computes a convolution's weight gradient in the transposed form (rows c_in,
+/// gathering its at most 4 outputs' g): where the direct form does not apply, and the mirrored
+/// pad k − 1 − pad is one.
+fn dwc4_mirror_applies(g: &ConvGeom) -> bool {
+    !dwc4_applies(g.c_out, g.c_in, g.k, g.stride)
+        && dwc4_applies(g.c_in, g.c_out, g.k, g.stride)
+        && g.pad < g.k
+}
+
 /// The `dw_c4` kernel for `rows` (64 or 32) and a k × k kernel.
 fn dwc4_kernel(k: usize, rows: usize) -> &'static str {
     match (k, rows) {
@@ -789,11 +798,11 @@ impl Cuda {
     }
 
     /// dW += the weight gradient of a convolution or transposed convolution, on the tensor
-    /// cores: the reduction over positions is split into chunks summed in a fixed order.
+    /// cores (or, for at most 4 gathered channels, `dw_c4`'s FMAs): the reduction over
+    /// positions is split into chunks summed in a fixed order. db (when given) comes from the
+    /// operand sums of the dW GEMM (see `dw3_operand_sums` in conv_tc.cu) where the geometry
+    /// allows; otherwise from a column-sum pass over dy.
     #[allow(clippy::too_many_arguments)]
-    /// dW (and db when given) of a convolution on the tensor cores. With version 3 the bias
-    /// gradient comes from the operand sums of the dW GEMM (see `dw3_operand_sums` in
-    /// conv_tc.cu) where the geometry allows; otherwise from a column-sum pass over dy.
     pub(super) fn conv_tc_dw(
         &self,
         transposed: bool,
@@ -808,19 +817,27 @@ impl Cuda {
     ) {
         // conv: rows co, A = g over the output grid, B = direct gather of x.
         // convT: rows ci, A = x over the input grid, B = direct gather of g.
-        let (rows, hp, wp, hs, ws, cs) = if transposed {
+        // A conv with at most 4 outputs (the full decoder's last layer) in the convT form
+        // (`mirrored`, for `dw_c4`): dW[co][ci][ky][kx] = Σ_q x[q][ci] · g[q + pad − (ky, kx)][co]
+        // is a direct gather of g with pad k − 1 − pad at the mirrored tap k − 1 − (ky, kx); the
+        // reduction writes each tap back mirrored, in the conv's [co][ci] order.
+        let mirrored = !transposed && self.fast.dw_c4 && dwc4_mirror_applies(g);
+        let as_convt = transposed || mirrored;
+        let (rows, hp, wp, hs, ws, cs) = if as_convt {
             (g.c_in, g.h_in, g.w_in, g.h_out, g.w_out, g.c_out)
         } else {
             (g.c_out, g.h_out, g.w_out, g.h_in, g.w_in, g.c_in)
         };
+        let pad = if mirrored { g.k - 1 - g.pad } else { g.pad };
         let cols = g.k * g.k * cs;
         let npos = batch * hp * wp;
         // The bias gradient's taps: conv sums dy, the A rows (one "tap"); convT the B columns
-        // of the taps that reach every output position exactly once.
-        let covering = if transposed {
-            convt_covering_taps(g)
-        } else {
-            Some(1)
+        // of the taps that reach every output position exactly once. (Mirrored: a column-sum
+        // pass, as `dw_c4` does not sum B.)
+        let covering = match (transposed, mirrored) {
+            (true, _) => convt_covering_taps(g),
+            (false, true) => None,
+            (false, false) => Some(1),
         };
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
         let v4 = !c4
@@ -869,7 +886,7 @@ impl Cuda {
             cs: i(cs),
             k: i(g.k),
             stride: i(g.stride),
-            pad: i(g.pad),
+            pad: i(pad),
             chunk: i(chunk),
         };
         i(chunks * rows * cols);
@@ -890,7 +907,7 @@ impl Cuda {
         };
         let (zero, ri) = (0i32, relu as i32);
         // (`dw_c4` sums the A rows only: a conv's dy, not a convT's g.)
-        let db_taps = match (v3 || v4 || (c4 && !transposed), &db) {
+        let db_taps = match (v3 || v4 || (c4 && !as_convt), &db) {
             (true, Some(_)) => covering,
             _ => None,
         };
@@ -912,7 +929,7 @@ impl Cuda {
             (Some(_), true) => 2,
         };
         // convT: A = x, B = gathered g (dy through y's ReLU); conv: A = g, B = gathered x.
-        let (a, a_mask, a_masked, b, b_mask, b_masked) = if transposed {
+        let (a, a_mask, a_masked, b, b_mask, b_masked) = if as_convt {
             (x, x, &zero, dy, y, &ri)
         } else {
             (dy, y, &ri, x, x, &zero)
@@ -927,20 +944,21 @@ impl Cuda {
         } else {
             launch!(self, name, cfg; &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial);
         }
-        let (ci, ri2, csi, ki) = (i(chunks), i(rows), i(cs), i(g.k));
+        let (ci, ri2, csi, ki, mi) = (i(chunks), i(rows), i(cs), i(g.k), mirrored as i32);
         let sl = i(sums_len);
         match (db, db_taps) {
             (Some(db), Some(_)) => {
                 assert_eq!(db.len(), g.c_out);
                 let oi = i(g.c_out);
                 launch!(self, "conv_dw_reduce_f32", rs_grid(rows * cols + g.c_out);
-                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &oi, &reduce_taps, &*sums, db);
+                    &ci, &ri2, &csi, &ki, &mi, &partial, dw, &sl, &oi, &reduce_taps, &*sums, db);
             }
             (db, _) => {
                 // (No sums: no bias, or version 2, which sums the bias over dy on its own.)
                 let (zero_u, mut none) = (0u32, self.scratch::<f32>(1));
                 launch!(self, "conv_dw_reduce_f32", rs_grid(rows * cols);
-                    &ci, &ri2, &csi, &ki, &partial, dw, &sl, &zero, &zero_u, &*sums, &mut *none);
+                    &ci, &ri2, &csi, &ki, &mi, &partial, dw, &sl, &zero, &zero_u, &*sums,
+                    &mut *none);
                 if let Some(db) = db {
                     assert_eq!(db.len(), g.c_out);
                     self.conv_db(g, batch, y, relu, dy, db);
@@ -1230,6 +1248,22 @@ mod tests {
                 assert!(tiles <= hp.div_ceil(8) * wp.div_ceil(16), "{hp} × {wp}");
             }
         }
+    }
+
+    /// A conv takes `dw_c4` mirrored where it has at most 4 outputs from 32 or 64 inputs, and
+    /// the direct form where it has at most 4 inputs.
+    #[test]
+    fn dwc4_mirrored_takes_the_full_decoders_last_layer() {
+        assert!(dwc4_mirror_applies(&ConvGeom::same(35, 35, 32, 4, 3)));
+        assert!(dwc4_mirror_applies(&ConvGeom::conv(11, 19, 64, 3, 5, 1, 1)));
+        // The first encoder layer: the direct form.
+        assert!(!dwc4_mirror_applies(&ConvGeom::same(35, 35, 3, 32, 5)));
+        // 16 inputs, stride 2, a 1×1 kernel: neither.
+        assert!(!dwc4_mirror_applies(&ConvGeom::same(35, 35, 16, 4, 3)));
+        assert!(!dwc4_mirror_applies(&ConvGeom::conv(
+            12, 12, 32, 4, 3, 2, 1
+        )));
+        assert!(!dwc4_mirror_applies(&ConvGeom::same(35, 35, 32, 4, 1)));
     }
 
     /// `dw_c4`'s chunks cover every tile once, at least 2 tiles each (but for a single tile), in
