@@ -38,33 +38,73 @@ extern "C" __global__ void bconv_weight_classes_f32(int n_out, int n_in, int k, 
     wc[e] = s;
 }
 
-// Zc[s][cls][o] = Σ_c Wc[cls][o][c]·z[s][c]. One thread per element (S·k²·O).
-extern "C" __global__ void bconv_slot_classes_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ wc,
-                                                  const float* __restrict__ z, float* __restrict__ zc) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= slots * ncls * n_out) return;
-    const int o = e % n_out, cls = (e / n_out) % ncls, s = e / (n_out * ncls);
-    const float* wr = wc + (cls * n_out + o) * n_in;
-    const float* zr = z + s * n_in;
+// Zc[s][cls][o] = Σ_c Wc[cls][o][c]·z[s][c], c in order. Block BC_SC_THREADS: warp j takes slot
+// s0 + j, lanes along o; grid (⌈S / 8⌉, k², ⌈O / 32⌉). Wc's rows are staged through shared
+// memory transposed ([c][o], padded), 64 channels at a time: read in place, a warp's lanes (32
+// o) hit 32 rows of Wc 4·C bytes apart, one L1 wavefront per lane per load (~50 µs at the
+// tetrominoes shapes, measured, for 13 MFLOP).
+#define BC_SC_THREADS 256
+#define BC_SC_SLOTS (BC_SC_THREADS / 32)
+extern "C" __global__ void __launch_bounds__(BC_SC_THREADS)
+    bconv_slot_classes_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ wc,
+                           const float* __restrict__ z, float* __restrict__ zc) {
+    __shared__ float ws[64][33];
+    __shared__ float zs[BC_SC_SLOTS][64];
+    const int lane = threadIdx.x & 31, j = threadIdx.x >> 5;
+    const int s0 = blockIdx.x * BC_SC_SLOTS, cls = blockIdx.y, o0 = blockIdx.z * 32;
     float acc = 0.0f;
-    for (int c = 0; c < n_in; ++c) acc += wr[c] * zr[c];
-    zc[e] = acc;
+    for (int c0 = 0; c0 < n_in; c0 += 64) {
+        __syncthreads();  // the previous chunk's reads are done
+        // (Consecutive threads read consecutive c of one row of Wc, and write down a column of
+        // ws: rows of 33 words, so the column's 32 words are in 32 banks.)
+        for (int e = threadIdx.x; e < 64 * 32; e += BC_SC_THREADS) {
+            const int oo = e >> 6, cc = e & 63;
+            const bool in = o0 + oo < n_out && c0 + cc < n_in;
+            ws[cc][oo] = in ? wc[((size_t)cls * n_out + o0 + oo) * n_in + c0 + cc] : 0.0f;
+        }
+        for (int e = threadIdx.x; e < BC_SC_SLOTS * 64; e += BC_SC_THREADS) {
+            const int jj = e >> 6, cc = e & 63;
+            const bool in = s0 + jj < slots && c0 + cc < n_in;
+            zs[jj][cc] = in ? z[(size_t)(s0 + jj) * n_in + c0 + cc] : 0.0f;
+        }
+        __syncthreads();
+        const int cn = min(64, n_in - c0);
+        for (int c = 0; c < cn; ++c) acc += ws[c][lane] * zs[j][c];
+    }
+    const int s = s0 + j, o = o0 + lane;
+    if (s < slots && o < n_out) zc[((size_t)s * ncls + cls) * n_out + o] = acc;
 }
 
-// y[s][py][px][o] = act(Zc[s][cls(py, px)][o] + P[py][px][o]). One thread per element of y.
+// y[s][py][px][o] = act(Zc[s][cls(py, px)][o] + P[py][px][o]). One thread per 4 elements of y
+// when O % 4 == 0 (16-byte loads and stores), else per element. 32-bit indices: the host checks
+// that S·H·W·O fits (64-bit divisions made it instruction-bound: ~0.07 ms at the tetrominoes
+// shapes, measured, for 40 MB written).
 extern "C" __global__ void bconv_out_f32(int slots, int h, int w, int n_out, int k, int pad, int relu,
                                          const float* __restrict__ zc, const float* __restrict__ pimg,
                                          float* __restrict__ y) {
-    const long long total = (long long)slots * h * w * n_out;
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= total) return;
-    const int o = (int)(e % n_out);
-    const long long pix = e / n_out;
-    const int px = (int)(pix % w), py = (int)((pix / w) % h), s = (int)(pix / ((long long)w * h));
+    const int vec = (n_out & 3) == 0 ? 4 : 1;
+    const int e = (blockIdx.x * blockDim.x + threadIdx.x) * vec;
+    if (e >= slots * h * w * n_out) return;
+    const int o = e % n_out, pix = e / n_out;
+    const int px = pix % w, py = (pix / w) % h, s = pix / (w * h);
     const int cls = bc_class(py, h, pad) * k + bc_class(px, w, pad);
-    float v = zc[((long long)s * k * k + cls) * n_out + o] + pimg[((long long)py * w + px) * n_out + o];
-    if (relu && v < 0.0f) v = 0.0f;
-    y[e] = v;
+    const float* zr = zc + (s * k * k + cls) * n_out + o;
+    const float* pr = pimg + (py * w + px) * n_out + o;
+    if (vec == 4) {
+        const float4 a = ld_f4(zr), b = ld_f4(pr);
+        float4 v = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+        if (relu) {  // (as the scalar path: a NaN stays NaN)
+            v.x = v.x < 0.0f ? 0.0f : v.x;
+            v.y = v.y < 0.0f ? 0.0f : v.y;
+            v.z = v.z < 0.0f ? 0.0f : v.z;
+            v.w = v.w < 0.0f ? 0.0f : v.w;
+        }
+        *(float4*)(y + e) = v;
+    } else {
+        float v = *zr + *pr;
+        if (relu && v < 0.0f) v = 0.0f;
+        y[e] = v;
+    }
 }
 
 // g = dy through the ReLU (y > 0) when relu.
@@ -73,12 +113,14 @@ static __device__ __forceinline__ float bc_grad(const float* y, const float* dy,
 }
 
 // dZc[s][cls][o] = Σ_{pixels of cls} g[s][p][o]. One block of BC_THREADS per slot, lanes along
-// o (coalesced rows of g), warp w taking rows w, w + 8, ... of the slot's image, pad ≤ BC_MAXPAD.
+// o (coalesced rows of g), warp w taking rows w, w + 32, ... of the slot's image, pad ≤ BC_MAXPAD.
 // A border row is one class row: its warp writes that row's k sums itself. The interior rows
-// share their k classes: each warp sums its own, and warp 0 adds the 8 partial rows in order.
+// share their k classes: each warp sums its own, and warp 0 adds the 32 partial rows in order.
 // (One thread per class and channel instead left the interior class's 961 pixels to one
-// thread each: latency-bound at ~0.1 ms for the tetrominoes shapes.)
-#define BC_THREADS 256
+// thread each: latency-bound at ~0.1 ms for the tetrominoes shapes. With 8 warps per slot it
+// still took 0.105 ms there, measured, for 80 MB read: 16 warps per SM kept too few loads in
+// flight; 32 warps per block give an SM up to 64.)
+#define BC_THREADS 1024
 #define BC_MAXPAD 3
 #define BC_MAXK (2 * BC_MAXPAD + 1)
 extern "C" __global__ void __launch_bounds__(BC_THREADS)
@@ -154,38 +196,86 @@ bconv_bwd_classes_f32(int slots, int h, int w, int n_out, int k, int pad, int re
     }
 }
 
-// dP[p][o] = Σ_s g[s][p][o], slots in order. One thread per element (H·W·O).
-extern "C" __global__ void bconv_bwd_pos_f32(int slots, int hw, int n_out, int relu, const float* __restrict__ y,
-                                             const float* __restrict__ dy, float* __restrict__ dp) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= hw * n_out) return;
+// The three long sums below (over the slots, or over the classes' channels) each split their
+// reduction into quarters: a block of BC_Q_THREADS is 64 columns × 4 quarters, each thread sums
+// its quarter in order and bc_quarters adds the quarters in order (deterministic). One thread per
+// column walking the whole reduction left 4–12 warps per SM with one dependent chain each:
+// 27–41 µs at the tetrominoes shapes, measured, for a few MB.
+#define BC_Q_THREADS 256
+
+// This thread's quarter [lo, hi) of a reduction of n terms.
+static __device__ __forceinline__ void bc_quarter(int n, int& lo, int& hi) {
+    const int per = (n + 3) / 4, q = threadIdx.x >> 6;
+    lo = min(n, q * per);
+    hi = min(n, lo + per);
+}
+
+// The sum of the four quarters' v for this thread's column (valid in threads 0..63).
+static __device__ __forceinline__ float bc_quarters(float v, float (*sh)[64]) {
+    const int q = threadIdx.x >> 6, l = threadIdx.x & 63;
+    sh[q][l] = v;
+    __syncthreads();
+    return ((sh[0][l] + sh[1][l]) + sh[2][l]) + sh[3][l];
+}
+
+// dP[p][o] = Σ_s g[s][p][o]. Block BC_Q_THREADS (64 elements × quarters of the slots), grid
+// ⌈H·W·O / 64⌉.
+extern "C" __global__ void __launch_bounds__(BC_Q_THREADS)
+    bconv_bwd_pos_f32(int slots, int hw, int n_out, int relu, const float* __restrict__ y,
+                      const float* __restrict__ dy, float* __restrict__ dp) {
+    __shared__ float sh[4][64];
+    const int n = hw * n_out, e = blockIdx.x * 64 + (threadIdx.x & 63);
+    int lo, hi;
+    bc_quarter(slots, lo, hi);
     float acc = 0.0f;
+    if (e < n) {
 #pragma unroll 8
-    for (int s = 0; s < slots; ++s) acc += bc_grad(y, dy, (long long)s * hw * n_out + e, relu);
-    dp[e] = acc;
+        for (int s = lo; s < hi; ++s) acc += bc_grad(y, dy, (long long)s * n + e, relu);
+    }
+    acc = bc_quarters(acc, sh);
+    if (threadIdx.x < 64 && e < n) dp[e] = acc;
 }
 
-// dz[s][c] += Σ_cls Σ_o Wc[cls][o][c]·dZc[s][cls][o]. One thread per element of dz (S·C).
-extern "C" __global__ void bconv_bwd_dz_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ wc,
-                                            const float* __restrict__ dzc, float* __restrict__ dz) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= slots * n_in) return;
-    const int c = e % n_in, s = e / n_in;
-    const float* g = dzc + (long long)s * ncls * n_out;
-    float acc = 0.0f;
-    for (int j = 0; j < ncls * n_out; ++j) acc += wc[j * n_in + c] * g[j];
-    dz[e] += acc;
+// dz[s][c] += Σ_cls Σ_o Wc[cls][o][c]·dZc[s][cls][o]. Block BC_Q_THREADS per slot (64 channels ×
+// quarters of the k²·O terms, channels in chunks of 64), grid (S).
+extern "C" __global__ void __launch_bounds__(BC_Q_THREADS)
+    bconv_bwd_dz_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ wc,
+                     const float* __restrict__ dzc, float* __restrict__ dz) {
+    __shared__ float sh[4][64];
+    const int s = blockIdx.x, terms = ncls * n_out;
+    const float* g = dzc + (size_t)s * terms;
+    int lo, hi;
+    bc_quarter(terms, lo, hi);
+    for (int c0 = 0; c0 < n_in; c0 += 64) {
+        const int c = c0 + (threadIdx.x & 63);
+        float acc = 0.0f;
+        if (c < n_in) {
+#pragma unroll 4
+            for (int j = lo; j < hi; ++j) acc += wc[(size_t)j * n_in + c] * g[j];
+        }
+        acc = bc_quarters(acc, sh);
+        if (threadIdx.x < 64 && c < n_in) dz[(size_t)s * n_in + c] += acc;
+        __syncthreads();  // before the next chunk's quarters
+    }
 }
 
-// dWc[cls][o][c] = Σ_s dZc[s][cls][o]·z[s][c], slots in order. One thread per element (k²·O·C).
-extern "C" __global__ void bconv_bwd_dwc_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ dzc,
-                                             const float* __restrict__ z, float* __restrict__ dwc) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= ncls * n_out * n_in) return;
+// dWc[cls][o][c] = Σ_s dZc[s][cls][o]·z[s][c]. Block BC_Q_THREADS (64 elements × quarters of the
+// slots), grid ⌈k²·O·C / 64⌉.
+extern "C" __global__ void __launch_bounds__(BC_Q_THREADS)
+    bconv_bwd_dwc_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ dzc,
+                      const float* __restrict__ z, float* __restrict__ dwc) {
+    __shared__ float sh[4][64];
+    const int n = ncls * n_out * n_in, e = blockIdx.x * 64 + (threadIdx.x & 63);
     const int c = e % n_in, co = e / n_in;  // co = cls·O + o
+    int lo, hi;
+    bc_quarter(slots, lo, hi);
     float acc = 0.0f;
-    for (int s = 0; s < slots; ++s) acc += dzc[(long long)s * ncls * n_out + co] * z[s * n_in + c];
-    dwc[e] = acc;
+    if (e < n) {
+#pragma unroll 4
+        for (int s = lo; s < hi; ++s) acc += dzc[(size_t)s * ncls * n_out + co] * z[(size_t)s * n_in + c];
+    }
+    acc = bc_quarters(acc, sh);
+    if (threadIdx.x < 64 && e < n) dwc[e] = acc;
 }
 
 // dW[o][c][ky][kx] += Σ_{classes admitting (ky, kx)} dWc[cls][o][c], classes in order. One thread

@@ -9,7 +9,23 @@ use crate::ops::conv::ConvGeom;
 use cudarc::driver::LaunchConfig;
 
 /// Threads of `bconv_bwd_classes_f32` (BC_THREADS; it takes k ≤ 7, as BcastConvDims::splits).
-const BC_THREADS: u32 = 256;
+const BC_THREADS: u32 = 1024;
+
+/// Threads of `bconv_slot_classes_f32` (BC_SC_THREADS: a warp per slot, 8 slots per block).
+const BC_SC_THREADS: u32 = 256;
+
+/// Threads of the quartered sums `bconv_bwd_{pos,dz,dwc}_f32` (BC_Q_THREADS: 64 columns × 4
+/// quarters of the reduction).
+const BC_Q_THREADS: u32 = 256;
+
+/// A launch of `blocks` blocks of `threads`.
+fn blocks(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
 /// The widths the kernels take, as i32: slots, h, w, c_in, c_out, k, pad.
 struct Ints {
@@ -83,10 +99,21 @@ impl Cuda {
         let ncls = n.k * n.k;
         let zlen = dims.slots * (ncls * n.o) as usize;
         let mut zc = self.scratch::<f32>(zlen);
-        launch!(self, "bconv_slot_classes_f32", per_elem(zlen);
+        let per_class = LaunchConfig {
+            grid_dim: (
+                dims.slots.div_ceil(BC_SC_THREADS as usize / 32) as u32,
+                ncls as u32,
+                g.c_out.div_ceil(32) as u32,
+            ),
+            block_dim: (BC_SC_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "bconv_slot_classes_f32", per_class;
             &n.s, &n.o, &n.c, &ncls, &*wc, z, &mut *zc);
         let relu = p.relu as i32;
-        launch!(self, "bconv_out_f32", per_elem(y.len());
+        // (Four channels per thread when they come in fours.)
+        let per_thread = if g.c_out % 4 == 0 { 4 } else { 1 };
+        launch!(self, "bconv_out_f32", per_elem(y.len() / per_thread);
             &n.s, &n.h, &n.w, &n.o, &n.k, &n.pad, &relu, &*zc, &*pimg, y);
     }
 
@@ -112,17 +139,13 @@ impl Cuda {
         // Per-class sums of g and the sum over slots of g.
         let zlen = dims.slots * (ncls * n.o) as usize;
         let mut dzc = self.scratch::<f32>(zlen);
-        let per_slot = LaunchConfig {
-            grid_dim: (dims.slots as u32, 1, 1),
-            block_dim: (BC_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "bconv_bwd_classes_f32", per_slot;
+        launch!(self, "bconv_bwd_classes_f32", blocks(dims.slots, BC_THREADS);
             &n.s, &n.h, &n.w, &n.o, &n.k, &n.pad, &relu, y, dy, &mut *dzc);
         let hw = n.h * n.w;
         let plen = (hw * n.o) as usize;
         let mut dp = self.scratch::<f32>(plen);
-        launch!(self, "bconv_bwd_pos_f32", per_elem(plen); &n.s, &hw, &n.o, &relu, y, dy, &mut *dp);
+        launch!(self, "bconv_bwd_pos_f32", blocks(plen.div_ceil(64), BC_Q_THREADS);
+            &n.s, &hw, &n.o, &relu, y, dy, &mut *dp);
         // The position image's share: one image's convolution backward (dW, db, and the image's
         // gradient, then the position embedding's). dp is already through the ReLU, so the
         // backward runs without one (and does not read its y: dp stands in).
@@ -146,10 +169,10 @@ impl Cuda {
         self.softpos_add_bwd(geom.h_in, geom.w_in, geom.c_in, &dimg, g.pos_w, g.pos_b);
         // The slots' share: dz, and dW through the classes.
         let wc = self.bcast_weight_classes(&n, p.w);
-        launch!(self, "bconv_bwd_dz_f32", per_elem(dz.len());
+        launch!(self, "bconv_bwd_dz_f32", blocks(dims.slots, BC_Q_THREADS);
             &n.s, &n.o, &n.c, &ncls, &*wc, &*dzc, dz);
         let mut dwc = self.scratch::<f32>(wc.len());
-        launch!(self, "bconv_bwd_dwc_f32", per_elem(wc.len());
+        launch!(self, "bconv_bwd_dwc_f32", blocks(wc.len().div_ceil(64), BC_Q_THREADS);
             &n.s, &n.o, &n.c, &ncls, &*dzc, z, &mut *dwc);
         launch!(self, "bconv_bwd_dw_fold_f32", per_elem(g.w.len());
             &n.o, &n.c, &n.k, &n.pad, &*dwc, g.w);
