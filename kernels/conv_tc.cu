@@ -1461,8 +1461,8 @@ DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 // Taken when rows % 32 == 0, cs % 32 == 0, k is 3 or 5 and the stride 1 or 2 (every 64-channel
 // layer of the CLEVR model but the first and last, every 32-channel one of the small models). A
 // block computes RM rows (64, or 32 when rows % 64 != 0: `v4r32`, 128 threads) × (the k taps
-// (ky, 0..k−1) of one ky × 32 channels), and its k-tiles are "units": 16 consecutive positions px0..px0+15 of one grid
-// row (n, py). The k taps of a unit read source pixels sx = (px0 + j)·s − pad + kx of one
+// (ky, 0..k−1) of one ky × 32 channels), and its k-tiles are "units": 16 consecutive positions
+// px0..px0+15 of one grid row (n, py). The k taps of a unit read source pixels sx = (px0 + j)·s − pad + kx of one
 // source row: together a strip of L = 15·s + k pixels, which the block loads once and reads
 // each tap's B tile from at an offset (row kx + s·j of the strip). Version 3 loaded each tap's
 // pixels separately: per 16 positions, 64 × 128 MACs for 12 KB of loads, here 64 × 32k MACs

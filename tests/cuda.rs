@@ -62,7 +62,29 @@ fn nvrtc_compiles_every_kernel_sm80() {
 
 #[test]
 fn nvrtc_compiles_every_kernel_sm90() {
-    nvrtc_compiles_for("sm_90");
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let n = serial_ptx_sm90().len();
+    assert_eq!(n, cuda::kernels::KERNEL_FILES.len());
+    eprintln!("compiled {n} kernel files for sm_90");
+}
+
+/// Every kernel file's PTX for sm_90, compiled one file after another, once per test process:
+/// the sm_90 compile test and the kernel cache's test share it (conv_tc.cu alone takes NVRTC
+/// most of a minute on two cores). A compile error fails both.
+fn serial_ptx_sm90() -> &'static [String] {
+    static PTX: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        cuda::kernels::KERNEL_FILES
+            .iter()
+            .map(|f| {
+                cuda::compile_file(f, "sm_90")
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .to_src()
+            })
+            .collect()
+    })
 }
 
 /// Every emulator test again, in a child process whose emulator is built with UBSan
@@ -168,14 +190,7 @@ fn nvrtc_kernel_cache_parallel_compile_matches_serial() {
     if !nvrtc_or_skip() {
         return;
     }
-    let serial: Vec<String> = KERNEL_FILES
-        .iter()
-        .map(|f| {
-            cuda::compile_file(f, "sm_90")
-                .unwrap_or_else(|e| panic!("{e}"))
-                .to_src()
-        })
-        .collect();
+    let serial = serial_ptx_sm90();
     let dir = tempfile::tempdir().unwrap();
     let cache = KernelCache::at(Some(dir.path().to_path_buf()));
     let run = |expect_compiled: usize| {
@@ -184,7 +199,7 @@ fn nvrtc_kernel_cache_parallel_compile_matches_serial() {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(compiled, expect_compiled);
         assert_eq!(out.len(), KERNEL_FILES.len());
-        for (o, (f, want)) in out.iter().zip(KERNEL_FILES.iter().zip(&serial)) {
+        for (o, (f, want)) in out.iter().zip(KERNEL_FILES.iter().zip(serial)) {
             assert_eq!(o.file.name, f.name);
             let got = o.ptx.to_src();
             let (want, extra) = (want.trim_end(), got.len().saturating_sub(want.len()));
