@@ -196,86 +196,60 @@ bconv_bwd_classes_f32(int slots, int h, int w, int n_out, int k, int pad, int re
     }
 }
 
-// The three long sums below (over the slots, or over the classes' channels) each split their
-// reduction into quarters: a block of BC_Q_THREADS is 64 columns × 4 quarters, each thread sums
-// its quarter in order and bc_quarters adds the quarters in order (deterministic). One thread per
-// column walking the whole reduction left 4–12 warps per SM with one dependent chain each:
-// 27–41 µs at the tetrominoes shapes, measured, for a few MB.
-#define BC_Q_THREADS 256
+// The three long sums below (over the slots, or over the classes' channels) are column sums in
+// rs_combine's form (common.cuh): RS_GROUPS threads per column, each summing every RS_GROUPS-th
+// term in order, the groups then added in order (deterministic). One thread per column walking
+// the whole reduction left 4–12 warps per SM with one dependent chain each: 27–41 µs at the
+// tetrominoes shapes, measured, for a few MB.
 
-// This thread's quarter [lo, hi) of a reduction of n terms.
-static __device__ __forceinline__ void bc_quarter(int n, int& lo, int& hi) {
-    const int per = (n + 3) / 4, q = threadIdx.x >> 6;
-    lo = min(n, q * per);
-    hi = min(n, lo + per);
-}
-
-// The sum of the four quarters' v for this thread's column (valid in threads 0..63).
-static __device__ __forceinline__ float bc_quarters(float v, float (*sh)[64]) {
-    const int q = threadIdx.x >> 6, l = threadIdx.x & 63;
-    sh[q][l] = v;
-    __syncthreads();
-    return ((sh[0][l] + sh[1][l]) + sh[2][l]) + sh[3][l];
-}
-
-// dP[p][o] = Σ_s g[s][p][o]. Block BC_Q_THREADS (64 elements × quarters of the slots), grid
-// ⌈H·W·O / 64⌉.
-extern "C" __global__ void __launch_bounds__(BC_Q_THREADS)
+// dP[p][o] = Σ_s g[s][p][o]: columns p·O + o, terms the slots. Block RS_THREADS, grid rs_grid(H·W·O).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
     bconv_bwd_pos_f32(int slots, int hw, int n_out, int relu, const float* __restrict__ y,
                       const float* __restrict__ dy, float* __restrict__ dp) {
-    __shared__ float sh[4][64];
-    const int n = hw * n_out, e = blockIdx.x * 64 + (threadIdx.x & 63);
-    int lo, hi;
-    bc_quarter(slots, lo, hi);
+    __shared__ float sh[RS_GROUPS][RS_COLS];
+    const int n = hw * n_out, e = rs_column();
     float acc = 0.0f;
     if (e < n) {
-#pragma unroll 8
-        for (int s = lo; s < hi; ++s) acc += bc_grad(y, dy, (long long)s * n + e, relu);
+#pragma unroll 4
+        for (int s = rs_group(); s < slots; s += RS_GROUPS) acc += bc_grad(y, dy, (long long)s * n + e, relu);
     }
-    acc = bc_quarters(acc, sh);
-    if (threadIdx.x < 64 && e < n) dp[e] = acc;
+    acc = rs_combine(acc, sh);
+    if (rs_group() == 0 && e < n) dp[e] = acc;
 }
 
-// dz[s][c] += Σ_cls Σ_o Wc[cls][o][c]·dZc[s][cls][o]. Block BC_Q_THREADS per slot (64 channels ×
-// quarters of the k²·O terms, channels in chunks of 64), grid (S).
-extern "C" __global__ void __launch_bounds__(BC_Q_THREADS)
+// dz[s][c] += Σ_cls Σ_o Wc[cls][o][c]·dZc[s][cls][o]: per slot, columns c, terms j = cls·O + o.
+// Block RS_THREADS, grid (⌈C / RS_COLS⌉, S).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
     bconv_bwd_dz_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ wc,
                      const float* __restrict__ dzc, float* __restrict__ dz) {
-    __shared__ float sh[4][64];
-    const int s = blockIdx.x, terms = ncls * n_out;
+    __shared__ float sh[RS_GROUPS][RS_COLS];
+    const int s = blockIdx.y, terms = ncls * n_out, c = rs_column();
     const float* g = dzc + (size_t)s * terms;
-    int lo, hi;
-    bc_quarter(terms, lo, hi);
-    for (int c0 = 0; c0 < n_in; c0 += 64) {
-        const int c = c0 + (threadIdx.x & 63);
-        float acc = 0.0f;
-        if (c < n_in) {
+    float acc = 0.0f;
+    if (c < n_in) {
 #pragma unroll 4
-            for (int j = lo; j < hi; ++j) acc += wc[(size_t)j * n_in + c] * g[j];
-        }
-        acc = bc_quarters(acc, sh);
-        if (threadIdx.x < 64 && c < n_in) dz[(size_t)s * n_in + c] += acc;
-        __syncthreads();  // before the next chunk's quarters
+        for (int j = rs_group(); j < terms; j += RS_GROUPS) acc += wc[(size_t)j * n_in + c] * g[j];
     }
+    acc = rs_combine(acc, sh);
+    if (rs_group() == 0 && c < n_in) dz[(size_t)s * n_in + c] += acc;
 }
 
-// dWc[cls][o][c] = Σ_s dZc[s][cls][o]·z[s][c]. Block BC_Q_THREADS (64 elements × quarters of the
-// slots), grid ⌈k²·O·C / 64⌉.
-extern "C" __global__ void __launch_bounds__(BC_Q_THREADS)
+// dWc[cls][o][c] = Σ_s dZc[s][cls][o]·z[s][c]: columns (cls·O + o)·C + c, terms the slots. Block
+// RS_THREADS, grid rs_grid(k²·O·C).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
     bconv_bwd_dwc_f32(int slots, int n_out, int n_in, int ncls, const float* __restrict__ dzc,
                       const float* __restrict__ z, float* __restrict__ dwc) {
-    __shared__ float sh[4][64];
-    const int n = ncls * n_out * n_in, e = blockIdx.x * 64 + (threadIdx.x & 63);
+    __shared__ float sh[RS_GROUPS][RS_COLS];
+    const int n = ncls * n_out * n_in, e = rs_column();
     const int c = e % n_in, co = e / n_in;  // co = cls·O + o
-    int lo, hi;
-    bc_quarter(slots, lo, hi);
     float acc = 0.0f;
     if (e < n) {
 #pragma unroll 4
-        for (int s = lo; s < hi; ++s) acc += dzc[(size_t)s * ncls * n_out + co] * z[(size_t)s * n_in + c];
+        for (int s = rs_group(); s < slots; s += RS_GROUPS)
+            acc += dzc[(size_t)s * ncls * n_out + co] * z[(size_t)s * n_in + c];
     }
-    acc = bc_quarters(acc, sh);
-    if (threadIdx.x < 64 && e < n) dwc[e] = acc;
+    acc = rs_combine(acc, sh);
+    if (rs_group() == 0 && e < n) dwc[e] = acc;
 }
 
 // dW[o][c][ky][kx] += Σ_{classes admitting (ky, kx)} dWc[cls][o][c], classes in order. One thread

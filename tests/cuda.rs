@@ -1298,8 +1298,9 @@ fn bcast_conv_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         // 50 in 12; forward 27 in 6 over 2 row blocks, input gradient 9 in 2 (wide tiles).
         (3, 9, 11, 16, 32, 5, true),
         (2, 20, 17, 48, 16, 3, false),
-        // More than 64 input channels (the slot-class products and dz take them in chunks of
-        // 64), more slots than one block's 8, and 8 outputs (the forward's four per thread).
+        // More than 64 input channels (the slot-class products take them in chunks of 64; dz's
+        // columns span two blocks), more slots than one block's 8, and 8 outputs (the
+        // forward's four per thread).
         (11, 6, 7, 72, 8, 3, true),
     ];
     for (ci, &(slots, h, w, c_in, c_out, k, relu)) in cases.iter().enumerate() {

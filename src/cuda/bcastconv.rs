@@ -2,7 +2,7 @@
 //! (`kernels/bcastconv.cu`; the math and the reference composition are in
 //! [`crate::ops::bcastconv`]).
 
-use super::{i, per_elem, Arg, Buf, Cuda};
+use super::{i, per_elem, rs_grid, Arg, Buf, Cuda};
 use crate::backend::Backend;
 use crate::ops::bcastconv::{BcastConvDims, BcastConvGrads, BcastConvParams};
 use crate::ops::conv::ConvGeom;
@@ -13,19 +13,6 @@ const BC_THREADS: u32 = 1024;
 
 /// Threads of `bconv_slot_classes_f32` (BC_SC_THREADS: a warp per slot, 8 slots per block).
 const BC_SC_THREADS: u32 = 256;
-
-/// Threads of the quartered sums `bconv_bwd_{pos,dz,dwc}_f32` (BC_Q_THREADS: 64 columns × 4
-/// quarters of the reduction).
-const BC_Q_THREADS: u32 = 256;
-
-/// A launch of `blocks` blocks of `threads`.
-fn blocks(blocks: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// The widths the kernels take, as i32: slots, h, w, c_in, c_out, k, pad.
 struct Ints {
@@ -139,12 +126,17 @@ impl Cuda {
         // Per-class sums of g and the sum over slots of g.
         let zlen = dims.slots * (ncls * n.o) as usize;
         let mut dzc = self.scratch::<f32>(zlen);
-        launch!(self, "bconv_bwd_classes_f32", blocks(dims.slots, BC_THREADS);
+        let per_slot = LaunchConfig {
+            grid_dim: (dims.slots as u32, 1, 1),
+            block_dim: (BC_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "bconv_bwd_classes_f32", per_slot;
             &n.s, &n.h, &n.w, &n.o, &n.k, &n.pad, &relu, y, dy, &mut *dzc);
         let hw = n.h * n.w;
         let plen = (hw * n.o) as usize;
         let mut dp = self.scratch::<f32>(plen);
-        launch!(self, "bconv_bwd_pos_f32", blocks(plen.div_ceil(64), BC_Q_THREADS);
+        launch!(self, "bconv_bwd_pos_f32", rs_grid(plen);
             &n.s, &hw, &n.o, &relu, y, dy, &mut *dp);
         // The position image's share: one image's convolution backward (dW, db, and the image's
         // gradient, then the position embedding's). dp is already through the ReLU, so the
@@ -169,10 +161,13 @@ impl Cuda {
         self.softpos_add_bwd(geom.h_in, geom.w_in, geom.c_in, &dimg, g.pos_w, g.pos_b);
         // The slots' share: dz, and dW through the classes.
         let wc = self.bcast_weight_classes(&n, p.w);
-        launch!(self, "bconv_bwd_dz_f32", blocks(dims.slots, BC_Q_THREADS);
+        // (Column sums per slot: rs_grid's blocks over the channels, one row of them per slot.)
+        let mut per_slot_channels = rs_grid(geom.c_in);
+        per_slot_channels.grid_dim.1 = dims.slots as u32;
+        launch!(self, "bconv_bwd_dz_f32", per_slot_channels;
             &n.s, &n.o, &n.c, &ncls, &*wc, &*dzc, dz);
         let mut dwc = self.scratch::<f32>(wc.len());
-        launch!(self, "bconv_bwd_dwc_f32", blocks(wc.len().div_ceil(64), BC_Q_THREADS);
+        launch!(self, "bconv_bwd_dwc_f32", rs_grid(wc.len());
             &n.s, &n.o, &n.c, &ncls, &*dzc, z, &mut *dwc);
         launch!(self, "bconv_bwd_dw_fold_f32", per_elem(g.w.len());
             &n.o, &n.c, &n.k, &n.pad, &*dwc, g.w);
