@@ -200,12 +200,11 @@ static void cuemu_mma_apply(void** p, int lanes) {
         D[g + 8][2 * t] = m->d[2];
         D[g + 8][2 * t + 1] = m->d[3];
     }
+    // Each D[i][j] adds its eight products in k order; the j loop innermost (eight independent
+    // sums) lets the compiler vectorise it without changing any sum.
     for (int i = 0; i < 16; ++i)
-        for (int j = 0; j < 8; ++j) {
-            float acc = D[i][j];
-            for (int k = 0; k < 8; ++k) acc += A[i][k] * B[k][j];
-            D[i][j] = acc;
-        }
+        for (int k = 0; k < 8; ++k)
+            for (int j = 0; j < 8; ++j) D[i][j] += A[i][k] * B[k][j];
     for (int lane = 0; lane < lanes; ++lane) {
         const CuemuMma* m = (const CuemuMma*)p[lane];
         const int g = lane >> 2, t = lane & 3;

@@ -48,6 +48,9 @@ enum State { READY, AT_BARRIER, AT_WARP, DONE };
 // 256 KiB per CUDA thread: kernels keep small arrays in registers; on the CPU they are on this
 // stack. Only the touched pages are ever backed by memory.
 constexpr size_t STACK_BYTES = 256 * 1024;
+// Five cache lines: an odd number of lines, so that 64 consecutive threads' stack tops fall
+// into 64 different L1 sets (and 256 into different L2 sets); at most 80 KiB of a stack.
+constexpr size_t STACK_STAGGER = 5 * 64;
 
 struct Fiber {
     CuemuThread t;
@@ -71,6 +74,12 @@ struct Worker {
     // The static __shared__ variables already poisoned in this block (cuemu_smem_fresh).
     std::vector<void*> fresh_smem;
     std::string error;
+    // The block's bookkeeping, kept as the fibers suspend so that the scheduler's pass costs
+    // what it releases, not the block's size: the fibers to resume next (ascending), and per
+    // warp the lanes waiting at a warp-wide operation and the lanes that exited.
+    std::vector<int> ready;
+    std::vector<int> warp_waiting, warp_done;
+    int waiting_at_barrier = 0, done = 0;
 
     ~Worker() {
         if (stacks) munmap(stacks, stack_count * STACK_BYTES);
@@ -84,11 +93,39 @@ thread_local Worker* worker;
 // fails the launch).
 size_t dyn_smem_guard(size_t bytes) { return std::max<size_t>(bytes, 4096); }
 
+// Whether every byte of p[0..n) is 0xff (a word at a time, without an early exit: this runs
+// after every block).
+bool all_ones(const char* p, size_t n) {
+    uint64_t all = ~0ull;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t word;
+        std::memcpy(&word, p + i, 8);
+        all &= word;
+    }
+    for (; i < n; ++i) all &= 0xffffffffffffff00ull | (unsigned char)p[i];
+    return all == ~0ull;
+}
+
+// Records that the current fiber stopped in state s (bookkeeping of Worker).
+void count_stop(Worker* w, const Fiber* f, State s) {
+    const int warp = f->t.linear / 32;
+    if (s == DONE) {
+        ++w->done;
+        ++w->warp_done[warp];
+    } else if (s == AT_WARP) {
+        ++w->warp_waiting[warp];
+    } else if (s == AT_BARRIER) {
+        ++w->waiting_at_barrier;
+    }
+}
+
 [[noreturn]] void fiber_main() {
     Worker* w = worker;
     w->entry(w->args);
     Fiber* f = w->current;
     f->state = DONE;
+    count_stop(w, f, DONE);
     cuemu_switch(&f->sp, w->sched_sp);
     __builtin_unreachable();
 }
@@ -97,6 +134,7 @@ void suspend(State s) {
     Worker* w = worker;
     Fiber* f = w->current;
     f->state = s;
+    count_stop(w, f, s);
     cuemu_switch(&f->sp, w->sched_sp);
 }
 
@@ -107,51 +145,64 @@ void resume(Worker* w, Fiber* f) {
 }
 
 // Runs one block to completion; false (with w->error set) on a barrier or warp deadlock.
+//
+// The schedule: every ready thread runs until it stops at a barrier, at a warp-wide operation
+// or at its end (forward and backward thread order in turn); then one warp whose lanes all wait
+// at a warp-wide operation is released, the lowest such warp and the highest in turn, and its
+// lanes are the next ready ones. Only when no warp can be released does the block barrier
+// release every thread waiting at it.
 bool run_block(Worker* w, const uint3 bid) {
     cuemu_block_idx = bid;
     const uint3 bd = cuemu_block_dim;
     const int n = (int)(bd.x * bd.y * bd.z);
+    const int nwarps = (n + 31) / 32;
     std::fill(w->dyn_smem.begin(), w->dyn_smem.end(), (char)0xff);  // NaN until written
     w->fresh_smem.clear();
+    w->ready.clear();
+    w->warp_waiting.assign(nwarps, 0);
+    w->warp_done.assign(nwarps, 0);
+    w->waiting_at_barrier = 0;
+    w->done = 0;
     for (int i = 0; i < n; ++i) {
         Fiber& f = w->fibers[i];
         f.t.tid = uint3{(unsigned)i % bd.x, ((unsigned)i / bd.x) % bd.y, (unsigned)i / (bd.x * bd.y)};
         f.t.linear = i;
         f.state = READY;
         // Initial frame for cuemu_switch: six saved registers, then fiber_main as the return
-        // address (16-byte aligned so that fiber_main starts with the ABI's alignment).
-        void** sp = (void**)(w->stacks + (size_t)(i + 1) * STACK_BYTES) - 8;
+        // address (16-byte aligned so that fiber_main starts with the ABI's alignment). Each
+        // stack starts STACK_STAGGER bytes further below its top than the last one's: stacks
+        // at one offset of 256 KiB apart would all fall into the same cache sets, and a warp's
+        // 32 switches would evict each other's frames.
+        void** sp = (void**)(w->stacks + (size_t)(i + 1) * STACK_BYTES -
+                             (size_t)(i % 256) * STACK_STAGGER) -
+                    8;
         for (int r = 0; r < 6; ++r) sp[r] = nullptr;
         sp[6] = (void*)&fiber_main;
         sp[7] = nullptr;
         f.sp = sp;
+        w->ready.push_back(i);
     }
     bool forward = true;
     for (;;) {
         // Alternate the order in which the threads run between barriers, so that a missing
         // barrier between a write by one thread and a read by another shows up either way.
-        for (int j = 0; j < n; ++j) {
-            Fiber& f = w->fibers[forward ? j : n - 1 - j];
-            if (f.state == READY) resume(w, &f);
-        }
+        const int nready = (int)w->ready.size();
+        for (int j = 0; j < nready; ++j) resume(w, &w->fibers[w->ready[forward ? j : nready - 1 - j]]);
+        w->ready.clear();
         forward = !forward;
         // Release one warp-wide operation per pass, from the lowest warp on even passes and the
         // highest on odd ones: warps then run far ahead of each other between block barriers,
         // so that a missing __syncthreads between warps shows too.
         bool released = false;
-        const int nwarps = (n + 31) / 32;
         for (int wi = 0; wi < nwarps && !released; ++wi) {
-            const int w0 = 32 * (forward ? wi : nwarps - 1 - wi);
+            const int warp = forward ? wi : nwarps - 1 - wi;
+            const int w0 = 32 * warp;
             const int lanes = std::min(32, n - w0);
-            int at_warp = 0, done = 0;
-            for (int l = 0; l < lanes; ++l) {
-                at_warp += w->fibers[w0 + l].state == AT_WARP;
-                done += w->fibers[w0 + l].state == DONE;
-            }
+            const int at_warp = w->warp_waiting[warp], done = w->warp_done[warp];
             if (at_warp == 0) continue;
             if (at_warp != lanes) {
                 if (at_warp + done == lanes) {
-                    w->error = "warp " + std::to_string(w0 / 32) +
+                    w->error = "warp " + std::to_string(warp) +
                                ": a warp-wide operation was reached by only " +
                                std::to_string(at_warp) + " of " + std::to_string(lanes) +
                                " lanes (the others exited)";
@@ -165,7 +216,7 @@ bool run_block(Worker* w, const uint3 bid) {
             for (int l = 0; l < lanes; ++l) {
                 Fiber& f = w->fibers[w0 + l];
                 if (f.warp_fn != fn || (f.mask & full) != full) {
-                    w->error = "warp " + std::to_string(w0 / 32) +
+                    w->error = "warp " + std::to_string(warp) +
                                ": lanes are at different warp-wide operations, or the mask "
                                "leaves lanes out (the emulator supports full-warp masks only)";
                     return false;
@@ -173,31 +224,37 @@ bool run_block(Worker* w, const uint3 bid) {
                 payloads[l] = f.payload;
             }
             if (fn) fn(payloads, lanes);
-            for (int l = 0; l < lanes; ++l) w->fibers[w0 + l].state = READY;
+            for (int l = 0; l < lanes; ++l) {
+                w->fibers[w0 + l].state = READY;
+                w->ready.push_back(w0 + l);
+            }
+            w->warp_waiting[warp] = 0;
             released = true;
         }
         if (released) continue;
-        int alive = 0, at_barrier = 0;
-        for (int i = 0; i < n; ++i) {
-            alive += w->fibers[i].state != DONE;
-            at_barrier += w->fibers[i].state == AT_BARRIER;
-        }
+        const int alive = n - w->done;
         if (alive == 0) {
             // The guard past the dynamic shared memory must still be untouched (NaN bytes).
-            for (size_t i = w->dyn_smem_bytes; i < w->dyn_smem.size(); ++i)
-                if (w->dyn_smem[i] != (char)0xff && w->error.empty())
-                    w->error = "wrote past the " + std::to_string(w->dyn_smem_bytes) +
-                               " bytes of dynamic shared memory the launch gave";
+            if (!all_ones(w->dyn_smem.data() + w->dyn_smem_bytes,
+                          w->dyn_smem.size() - w->dyn_smem_bytes) &&
+                w->error.empty())
+                w->error = "wrote past the " + std::to_string(w->dyn_smem_bytes) +
+                           " bytes of dynamic shared memory the launch gave";
             return w->error.empty();  // a fault (cuemu_fault) fails the block
         }
-        if (at_barrier != alive) {
-            w->error = "deadlock: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " +
-                       std::to_string(alive - at_barrier) + " at a warp-wide operation";
+        if (w->waiting_at_barrier != alive) {
+            w->error = "deadlock: " + std::to_string(w->waiting_at_barrier) +
+                       " threads wait at __syncthreads, " +
+                       std::to_string(alive - w->waiting_at_barrier) + " at a warp-wide operation";
             return false;
         }
         // Threads that exited count as arrived, as on the hardware since Volta.
         for (int i = 0; i < n; ++i)
-            if (w->fibers[i].state == AT_BARRIER) w->fibers[i].state = READY;
+            if (w->fibers[i].state == AT_BARRIER) {
+                w->fibers[i].state = READY;
+                w->ready.push_back(i);
+            }
+        w->waiting_at_barrier = 0;
     }
 }
 
