@@ -37,13 +37,56 @@ fn nvrtc_or_skip() -> bool {
     true
 }
 
+/// Every kernel file compiled for `arch` (a real architecture, "sm_80" or "sm_90") with NVRTC,
+/// one file after another, once per test process: PTX, machine code and ptxas's report, which
+/// the compile, resources and kernel cache tests share (conv_tc.cu alone takes NVRTC most of a
+/// minute on two cores). A compile error fails each of them.
+fn checked_compiles(arch: &'static str) -> &'static [cuda::CheckedCompile] {
+    use std::sync::OnceLock;
+    static SM80: OnceLock<Vec<cuda::CheckedCompile>> = OnceLock::new();
+    static SM90: OnceLock<Vec<cuda::CheckedCompile>> = OnceLock::new();
+    let cell = match arch {
+        "sm_80" => &SM80,
+        "sm_90" => &SM90,
+        _ => panic!("no compile kept for {arch}"),
+    };
+    cell.get_or_init(|| {
+        cuda::kernels::KERNEL_FILES
+            .iter()
+            .map(|f| cuda::compile_checked(f, arch).unwrap_or_else(|e| panic!("{e}")))
+            .collect()
+    })
+}
+
+/// Every kernel file compiles for `arch`: its PTX defines each kernel the backend loads from
+/// it, and its machine code is a CUDA ELF image (e_machine 190, EM_CUDA).
 fn nvrtc_compiles_for(arch: &'static str) {
     if !nvrtc_or_skip() {
         return;
     }
-    let n = cuda::compile_all_for(arch).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(n, cuda::kernels::KERNEL_FILES.len());
-    eprintln!("compiled {n} kernel files for {arch}");
+    let compiled = checked_compiles(arch);
+    assert_eq!(compiled.len(), cuda::kernels::KERNEL_FILES.len());
+    for (f, c) in cuda::kernels::KERNEL_FILES.iter().zip(compiled) {
+        for k in f.kernels {
+            assert!(
+                c.ptx.contains(&format!(".entry {k}(")),
+                "kernels/{} for {arch}: no kernel {k} in the PTX",
+                f.name
+            );
+        }
+        assert_elf_for_cuda(&c.cubin, &format!("kernels/{} for {arch}", f.name));
+    }
+    eprintln!("compiled {} kernel files for {arch}", compiled.len());
+}
+
+fn assert_elf_for_cuda(image: &[u8], what: &str) {
+    assert!(image.len() > 64, "{what}: {} bytes", image.len());
+    assert_eq!(&image[..4], b"\x7fELF", "{what}: not an ELF image");
+    assert_eq!(
+        u16::from_le_bytes([image[18], image[19]]),
+        190,
+        "{what}: not CUDA machine code"
+    );
 }
 
 /// Report a skipped test where it shows: straight to the process's stderr, which the test
@@ -62,29 +105,7 @@ fn nvrtc_compiles_every_kernel_sm80() {
 
 #[test]
 fn nvrtc_compiles_every_kernel_sm90() {
-    if !nvrtc_or_skip() {
-        return;
-    }
-    let n = serial_ptx_sm90().len();
-    assert_eq!(n, cuda::kernels::KERNEL_FILES.len());
-    eprintln!("compiled {n} kernel files for sm_90");
-}
-
-/// Every kernel file's PTX for sm_90, compiled one file after another, once per test process:
-/// the sm_90 compile test and the kernel cache's test share it (conv_tc.cu alone takes NVRTC
-/// most of a minute on two cores). A compile error fails both.
-fn serial_ptx_sm90() -> &'static [String] {
-    static PTX: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    PTX.get_or_init(|| {
-        cuda::kernels::KERNEL_FILES
-            .iter()
-            .map(|f| {
-                cuda::compile_file(f, "sm_90")
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .to_src()
-            })
-            .collect()
-    })
+    nvrtc_compiles_for("sm_90");
 }
 
 /// Every emulator test again, in a child process whose emulator is built with UBSan
@@ -169,19 +190,14 @@ fn nvrtc_compiles_machine_code_for_the_ptx_fallback() {
                 .find(|f| f.name == name)
                 .unwrap();
             let cubin = cuda::compile_cubin(f, arch).unwrap_or_else(|e| panic!("{e}"));
-            assert!(cubin.len() > 64, "{name} {arch}: {} bytes", cubin.len());
-            assert_eq!(&cubin[..4], b"\x7fELF", "{name} {arch}: not an ELF image");
-            assert_eq!(
-                u16::from_le_bytes([cubin[18], cubin[19]]),
-                190,
-                "{name} {arch}: not CUDA machine code"
-            );
+            assert_elf_for_cuda(&cubin, &format!("{name} {arch}"));
         }
     }
 }
 
-/// The kernel cache (`cuda::kcache`): every file compiled in parallel gives the same PTX as a
-/// serial compile; the next call reads every file from the cache without compiling; an entry
+/// The kernel cache (`cuda::kcache`): every file compiled in parallel, as the backend does (for
+/// the virtual architecture), gives the same PTX as the serial compile for the real one, whose
+/// machine code the resources test checks; the next call reads every file from the cache without compiling; an entry
 /// cut short is compiled again, and only that one.
 #[test]
 fn nvrtc_kernel_cache_parallel_compile_matches_serial() {
@@ -190,7 +206,10 @@ fn nvrtc_kernel_cache_parallel_compile_matches_serial() {
     if !nvrtc_or_skip() {
         return;
     }
-    let serial = serial_ptx_sm90();
+    let serial: Vec<&str> = checked_compiles("sm_90")
+        .iter()
+        .map(|c| c.ptx.as_str())
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let cache = KernelCache::at(Some(dir.path().to_path_buf()));
     let run = |expect_compiled: usize| {
@@ -199,7 +218,7 @@ fn nvrtc_kernel_cache_parallel_compile_matches_serial() {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(compiled, expect_compiled);
         assert_eq!(out.len(), KERNEL_FILES.len());
-        for (o, (f, want)) in out.iter().zip(KERNEL_FILES.iter().zip(serial)) {
+        for (o, (f, want)) in out.iter().zip(KERNEL_FILES.iter().zip(&serial)) {
             assert_eq!(o.file.name, f.name);
             let got = o.ptx.to_src();
             let (want, extra) = (want.trim_end(), got.len().saturating_sub(want.len()));
@@ -256,8 +275,11 @@ fn nvrtc_kernel_resources(arch: &'static str) {
         return;
     }
     let mut seen = 0;
-    for file in cuda::kernels::KERNEL_FILES {
-        let report = cuda::kernel_resources(file, arch).unwrap_or_else(|e| panic!("{e}"));
+    for (file, compiled) in cuda::kernels::KERNEL_FILES
+        .iter()
+        .zip(checked_compiles(arch))
+    {
+        let report = &compiled.resources;
         let mut names: Vec<&str> = report.iter().map(|k| k.name.as_str()).collect();
         names.sort();
         let mut want = file.kernels.to_vec();
@@ -267,7 +289,7 @@ fn nvrtc_kernel_resources(arch: &'static str) {
             "kernels/{}: ptxas reported other kernels",
             file.name
         );
-        for k in &report {
+        for k in report {
             eprintln!(
                 "{arch} {:<14} {:<34} {:>3} registers {:>6} B shared {:>4} B local",
                 file.name, k.name, k.registers, k.shared_bytes, k.stack_bytes
@@ -2162,6 +2184,24 @@ fn train_step_parity_tol<B: Backend>(
     loss_tol: f64,
     grad_tol: f64,
 ) -> B {
+    step_parity(g, cfg, label, loss_tol, grad_tol, true)
+}
+
+/// The first half of [`train_step_parity`]'s first step: the loss and every gradient of one
+/// forward and backward pass, where the update and the later steps would run no kernel of
+/// another kind (the fast-path switches choose forward and backward kernels only).
+fn gradient_parity<B: Backend>(g: B, cfg: Config, label: &str) -> B {
+    step_parity(g, cfg, label, TOL, STEP_GRAD_TOL, false)
+}
+
+fn step_parity<B: Backend>(
+    g: B,
+    cfg: Config,
+    label: &str,
+    loss_tol: f64,
+    grad_tol: f64,
+    whole_steps: bool,
+) -> B {
     let mut sc = Session::new(cpu(), cfg.clone());
     let mut sg = Session::new(g, cfg.clone());
     let res = cfg.model.resolution;
@@ -2190,6 +2230,9 @@ fn train_step_parity_tol<B: Backend>(
             &none,
             grad_tol,
         );
+        if !whole_steps {
+            return sg.be;
+        }
         for (buf, v) in sg.model.grads.iter_mut().zip(&gc) {
             sg.be.upload_f32(v, buf);
         }
@@ -2388,9 +2431,6 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
     }
 }
 
-/// Each fast path switched off (`SLOTFIX_CUDA_DISABLE`) leaves a training step equal to the
-/// CPU's, and none of that path's kernels runs while every other path's still does; with all
-/// of them on, each path's kernels run. (Exact TF32 products, so f32 tolerances.)
 /// No fast path off, each one off alone, and all of them off.
 fn fast_path_cases() -> Vec<(String, FastPaths)> {
     let mut cases = vec![("none".to_string(), FastPaths::ALL)];
@@ -2401,6 +2441,10 @@ fn fast_path_cases() -> Vec<(String, FastPaths)> {
     cases
 }
 
+/// Each fast path switched off (`SLOTFIX_CUDA_DISABLE`) leaves a training step's loss and
+/// gradients equal to the CPU's, and none of that path's kernels runs while every other path's
+/// still does; with all of them on, whole training steps equal the CPU's and each path's
+/// kernels run. (Exact TF32 products, so f32 tolerances.)
 #[test]
 fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
     for (off, fast) in fast_path_cases() {
@@ -2410,7 +2454,10 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
             .with_emulator_exact_tf32()
             .with_fast_paths(fast);
         let label = format!("emulated, fast paths off: {off}");
-        let g = train_step_parity(g, all_fast_paths_config(), &label);
+        let g = match off.as_str() {
+            "none" => train_step_parity(g, all_fast_paths_config(), &label),
+            _ => gradient_parity(g, all_fast_paths_config(), &label),
+        };
         let launched = g.emu_kernel_launches();
         for path in FastPaths::NAMES {
             let ran: Vec<&str> = launched

@@ -40,8 +40,8 @@ pub use fastpaths::FastPaths;
 pub use graph::CudaStepGraph;
 pub use kcache::KernelCache;
 pub use nvrtc::{
-    compile_all_for, compile_cubin, compile_file, device_count, driver_available, kernel_resources,
-    nvrtc_available, KernelResources,
+    compile_checked, compile_cubin, compile_file, device_count, driver_available, nvrtc_available,
+    CheckedCompile, KernelResources,
 };
 pub use optim::CudaOptState;
 
