@@ -88,7 +88,12 @@ struct CuemuShfl {
     uint64_t result;
 };
 
-static void cuemu_shfl_apply(void** p, int lanes) {
+// The emulator's own warp-wide operations that only move the lanes' payloads (copies of their
+// registers, made by the lanes themselves in the kernels' checked code) go unchecked in a
+// checked build: a sanitizer there would only slow every shuffle and mma several-fold.
+#define CUEMU_UNCHECKED __attribute__((no_sanitize("address", "undefined")))
+
+CUEMU_UNCHECKED static void cuemu_shfl_apply(void** p, int lanes) {
     for (int l = 0; l < lanes; ++l) {
         CuemuShfl* s = (CuemuShfl*)p[l];
         s->result = (s->src >= 0 && s->src < lanes) ? ((CuemuShfl*)p[s->src])->value : s->value;
@@ -170,25 +175,24 @@ static inline unsigned cuemu_to_tf32(float x) {
     return (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
 }
 
-struct CuemuMma {
-    float* d;
-    const unsigned* a;
-    const unsigned* b;
+struct CuemuMma {  // a lane's fragments, copied in and out by the lane (cuemu_mma_tf32_16x8x8)
+    unsigned a[4], b[2];
+    float d[4];
 };
 
 // The tensor core's m16n8k8 TF32 product for a whole warp, from the fragments as the PTX ISA lays
 // them out (see mma_tf32_16x8x8 in common.cuh). The operands' low 13 bits are ignored, as on the
 // hardware; products of TF32 values are exact in f32 and are summed in k order.
-static void cuemu_mma_apply(void** p, int lanes) {
+CUEMU_UNCHECKED static void cuemu_mma_apply(void** p, int lanes) {
     float A[16][8], B[8][8], D[16][8];
     // A partial warp leaves entries unset: NaN, so that the result shows it.
     for (int i = 0; i < 16; ++i)
         for (int j = 0; j < 8; ++j) A[i][j] = B[i % 8][j] = D[i][j] = NAN;
+    const unsigned keep = cuemu_exact_tf32 ? 0xffffffffu : 0xffffe000u;
+#define v(u) __builtin_bit_cast(float, (unsigned)((u) & keep))
     for (int lane = 0; lane < lanes; ++lane) {
         const CuemuMma* m = (const CuemuMma*)p[lane];
         const int g = lane >> 2, t = lane & 3;
-        const unsigned keep = cuemu_exact_tf32 ? 0xffffffffu : 0xffffe000u;
-        auto v = [keep](unsigned u) { return __uint_as_float(u & keep); };
         A[g][t] = v(m->a[0]);
         A[g + 8][t] = v(m->a[1]);
         A[g][t + 4] = v(m->a[2]);
@@ -200,13 +204,14 @@ static void cuemu_mma_apply(void** p, int lanes) {
         D[g + 8][2 * t] = m->d[2];
         D[g + 8][2 * t + 1] = m->d[3];
     }
+#undef v
     // Each D[i][j] adds its eight products in k order; the j loop innermost (eight independent
     // sums) lets the compiler vectorise it without changing any sum.
     for (int i = 0; i < 16; ++i)
         for (int k = 0; k < 8; ++k)
             for (int j = 0; j < 8; ++j) D[i][j] += A[i][k] * B[k][j];
     for (int lane = 0; lane < lanes; ++lane) {
-        const CuemuMma* m = (const CuemuMma*)p[lane];
+        CuemuMma* m = (CuemuMma*)p[lane];
         const int g = lane >> 2, t = lane & 3;
         m->d[0] = D[g][2 * t];
         m->d[1] = D[g][2 * t + 1];
@@ -240,6 +245,7 @@ static inline void cuemu_ldmatrix_x4(unsigned r[4], const unsigned* row) {
 }
 
 static inline void cuemu_mma_tf32_16x8x8(float d[4], const unsigned a[4], const unsigned b[2]) {
-    CuemuMma m{d, a, b};
+    CuemuMma m{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {d[0], d[1], d[2], d[3]}};
     cuemu_warp_op(cuemu_mma_apply, &m, 0xffffffffu);
+    for (int i = 0; i < 4; ++i) d[i] = m.d[i];
 }
