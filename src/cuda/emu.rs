@@ -249,8 +249,10 @@ pub const CHECKED_ENV: &str = "SLOTFIX_EMU_CHECKED";
 /// The checks of a checked build: UBSan's (an index past the end of a fixed-size array such as
 /// a shared-memory tile or a per-thread array, a misaligned access, a shift past the width, a
 /// signed overflow, …), each reported on stderr with its file and line while the run goes on.
-/// On a GPU each of these is an illegal address, garbage or undefined behaviour.
-pub const CHECK_FLAGS: &[&str] = &["-fsanitize=undefined", "-fno-sanitize=vptr", "-g"];
+/// On a GPU each of these is an illegal address, garbage or undefined behaviour. (`-g1`: the
+/// line tables that AddressSanitizer's reports need for file and line, without the full debug
+/// information, which adds a fifth to conv_tc.cu's compile.)
+pub const CHECK_FLAGS: &[&str] = &["-fsanitize=undefined", "-fno-sanitize=vptr", "-g1"];
 
 /// Added to a checked build when the process runs with AddressSanitizer's runtime preloaded
 /// (`LD_PRELOAD`, see [`asan_runtime`]): a kernel reading or writing past a buffer's guard zone
