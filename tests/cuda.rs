@@ -39,8 +39,8 @@ fn nvrtc_or_skip() -> bool {
 
 /// Every kernel file compiled for `arch` (a real architecture, "sm_80" or "sm_90") with NVRTC,
 /// one file after another, once per test process: PTX, machine code and ptxas's report, which
-/// the compile, resources and kernel cache tests share (conv_tc.cu alone takes NVRTC most of a
-/// minute on two cores). A compile error fails each of them.
+/// the compile, resources and kernel cache tests share (conv_tc.cu alone takes NVRTC more than a
+/// minute of one core). A compile error fails each of them.
 fn checked_compiles(arch: &'static str) -> &'static [cuda::CheckedCompile] {
     use std::sync::OnceLock;
     static SM80: OnceLock<Vec<cuda::CheckedCompile>> = OnceLock::new();

@@ -48,8 +48,8 @@ enum State { READY, AT_BARRIER, AT_WARP, DONE };
 // 256 KiB per CUDA thread: kernels keep small arrays in registers; on the CPU they are on this
 // stack. Only the touched pages are ever backed by memory.
 constexpr size_t STACK_BYTES = 256 * 1024;
-// Five cache lines: an odd number of lines, so that 64 consecutive threads' stack tops fall
-// into 64 different L1 sets (and 256 into different L2 sets); at most 80 KiB of a stack.
+// Five cache lines, an odd number: 64 consecutive threads' stack tops fall into 64 different
+// L1 sets. It costs a stack at most 80 KiB (256 threads' worth).
 constexpr size_t STACK_STAGGER = 5 * 64;
 
 struct Fiber {
@@ -170,9 +170,9 @@ bool run_block(Worker* w, const uint3 bid) {
         f.state = READY;
         // Initial frame for cuemu_switch: six saved registers, then fiber_main as the return
         // address (16-byte aligned so that fiber_main starts with the ABI's alignment). Each
-        // stack starts STACK_STAGGER bytes further below its top than the last one's: stacks
-        // at one offset of 256 KiB apart would all fall into the same cache sets, and a warp's
-        // 32 switches would evict each other's frames.
+        // stack starts STACK_STAGGER bytes further below its top than the last one's: tops
+        // exactly 256 KiB apart would all fall into the same cache sets, and a warp's 32
+        // switches would evict each other's frames.
         void** sp = (void**)(w->stacks + (size_t)(i + 1) * STACK_BYTES -
                              (size_t)(i % 256) * STACK_STAGGER) -
                     8;
