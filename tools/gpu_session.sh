@@ -364,8 +364,9 @@ step_profile() {
 
 step_sanitize() {
   # What the emulator cannot show: out-of-bounds device accesses, shared-memory races between
-  # threads, barrier misuse. The per-op tests only (whole training steps are slow under the
-  # tools).
+  # threads, barrier misuse. The per-op tests only: whole training steps (the train, dump-step,
+  # fast-path and graph tests) run the same kernels and are slow under the tools; racecheck
+  # did not get through the first of them in 200 s (92b00a8).
   local t tool
   t=$(cuda_tests)
   [ -n "$t" ] || { note "sanitize: no .gpu/test-cuda-*"; return; }
@@ -373,7 +374,7 @@ step_sanitize() {
   for tool in "$@"; do
     enough "$tool" 40 || return
     timeout "$(cap 200)" compute-sanitizer --tool "$tool" --error-exitcode 9 "$t" gpu_ --skip train \
-      --test-threads 1 > "$work/sanitize-$tool.txt" 2>&1
+      --skip dump_step --skip each_fast_path --skip graph_steps --test-threads 1 > "$work/sanitize-$tool.txt" 2>&1
     note "$tool: exit $? (0: clean, 9: errors found, 124: time limit); $(grep -m1 -E '(ERROR|RACECHECK) SUMMARY' "$work/sanitize-$tool.txt")"
   done
 }
