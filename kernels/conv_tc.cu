@@ -1498,22 +1498,44 @@ struct Dw4Strip {
     static constexpr int loads = (8 * len + THREADS - 1) / THREADS;
 };
 
+// v with the components zeroed where the ReLU output mk is not positive (relu_masked's rule).
+static __device__ __forceinline__ float4 mask_by(float4 v, float4 mk) {
+    if (!(mk.x > 0.0f)) v.x = 0.0f;
+    if (!(mk.y > 0.0f)) v.y = 0.0f;
+    if (!(mk.z > 0.0f)) v.z = 0.0f;
+    if (!(mk.w > 0.0f)) v.w = 0.0f;
+    return v;
+}
+
 // This thread's loads for the unit (n, py, px0 = 16·seg): A position j = tid / (RM / 4), rows
 // i..i+3 (zero past the grid row's end); strip elements e = tid + 4·RM·r (pixel e / 8, channel
 // quad e % 8, zero outside the source or past the strip).
+// The ReLU masks are loaded here and applied when the unit is stored (dw4_apply_masks), a unit
+// later: applied here, each masked load's value was needed at once and the warp waited out the
+// load's whole latency right after the barrier, every unit (Nsight Compute, 92b00a8: 3.4 of the
+// 9.7 cycles between a warp's instructions waiting on global loads). mq holds the masks of the
+// one masked operand: B's element r in mq[r] when b_masked, else A's in mq[0] when a_masked
+// (conv_dw masks dy, which is A or B, never both; were both set, A is masked here at once).
 template <int K, int S, int RM>
 static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
                                                 int b_masked, int n, int py, int seg, int i, int ky, int cb,
-                                                float4& av, float4 bv[Dw4Strip<K, S, 4 * RM>::loads]) {
+                                                float4& av, float4 bv[Dw4Strip<K, S, 4 * RM>::loads],
+                                                float4 mq[Dw4Strip<K, S, 4 * RM>::loads]) {
     using Strip = Dw4Strip<K, S, 4 * RM>;
     const int tid = threadIdx.x, j = tid / (RM / 4), px0 = 16 * seg;
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (!b_masked) mq[0] = a;
     if (px0 + j < p.wp) {
         const int idx = ((n * p.hp + py) * p.wp + px0 + j) * p.rows + i;
         a = ld_f4(a_src + idx);
-        if (a_masked) a = relu_masked(a, a_mask + idx);
+        if (a_masked) {
+            if (b_masked)
+                a = relu_masked(a, a_mask + idx);
+            else
+                mq[0] = ld_f4(a_mask + idx);
+        }
     }
     av = a;
     const int sy = py * S - p.pad + ky;
@@ -1523,12 +1545,25 @@ static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float
         const int e = tid + 4 * RM * r, px = e >> 3;
         const int sx = px0 * S - p.pad + px;
         float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (b_masked) mq[r] = b;
         if (row_ok && px < Strip::len && (unsigned)sx < (unsigned)p.ws) {
             const int idx = ((n * p.hs + sy) * p.ws + sx) * p.cs + cb + 4 * (e & 7);
             b = ld_f4(b_src + idx);
-            if (b_masked) b = relu_masked(b, b_mask + idx);
+            if (b_masked) mq[r] = ld_f4(b_mask + idx);
         }
         bv[r] = b;
+    }
+}
+
+// The masks dw4_load deferred, applied to a unit's operands before they are summed and stored.
+template <int LOADS>
+static __device__ __forceinline__ void dw4_apply_masks(int a_masked, int b_masked, float4& av, float4 bv[LOADS],
+                                                       const float4 mq[LOADS]) {
+    if (b_masked) {
+#pragma unroll
+        for (int r = 0; r < LOADS; ++r) bv[r] = mask_by(bv[r], mq[r]);
+    } else if (a_masked) {
+        av = mask_by(av, mq[0]);
     }
 }
 
@@ -1557,7 +1592,7 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     __shared__ __align__(16) unsigned Bs[2][strip_len * ldb];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int wm = warp >> 2, wn = warp & 3;  // rows wm·32.., n8 tiles wn·K..wn·K + K − 1
+    const int wm = warp >> 2, wn = warp & 3;  // rows wm·32.., channels 8·wn.. of every tap
     const int N = K * K * p.cs;
     const int cblocks = p.cs / 32;
     const int ky = blockIdx.y / cblocks, cb = 32 * (blockIdx.y % cblocks);
@@ -1580,13 +1615,13 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
         lpy = (u / segs) % p.hp;
         ln = u / (segs * p.hp);
     }
-    float4 av[DEPTH], bv[DEPTH][Strip::loads];
+    float4 av[DEPTH], bv[DEPTH][Strip::loads], mq[DEPTH][Strip::loads];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
         if (d > 0) dw4_unit_next(p, segs, ln, lpy, lseg);
         if (d < ntiles)
             dw4_load<K, S, RM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky,
-                               cb, av[d], bv[d]);
+                               cb, av[d], bv[d], mq[d]);
     }
     const bool sum_a = sums_of == 1 && blockIdx.y == 0;
     const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
@@ -1602,13 +1637,19 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
         if (px >= own && px < own + 16 * s && px < strip_len) own_bits |= 1u << r;
     }
     float4 osum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    // This warp's n8 tiles: tap kx = J / 4, channels (J % 4)·8 + g of the block's 32.
+    // This warp's n8 tiles: taps kx = 0..K−1, each over channels 8·wn..8·wn + 7 of the block's
+    // 32, so that its B fragments are one base (lane and warp) plus constants (kx, k-step). (The
+    // first mapping, tiles wn·K..wn·K + K − 1 of the 4K, gave each tile its own tap and channel
+    // group at run time: ~45 instructions of addresses per unit and warp, recomputed in every
+    // unit, 9.7 instructions per HMMA in all.)
+    const int b_lane = s * t * ldb + 8 * wn + g;
     for (int t0 = 0; t0 < ntiles; t0 += DEPTH) {
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
             const int tt = t0 + d;
             if (tt >= ntiles) break;  // (uniform over the block)
             const int st = DEPTH == 2 ? d : (tt & 1);
+            dw4_apply_masks<Strip::loads>(a_masked, b_masked, av[d], bv[d], mq[d]);
             if (sum_a) osum = add4(osum, av[d]);
             if (sum_b)
 #pragma unroll
@@ -1624,20 +1665,19 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             if (tt + DEPTH < ntiles) {
                 dw4_unit_next(p, segs, ln, lpy, lseg);
                 dw4_load<K, S, RM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i,
-                                   ky, cb, av[d], bv[d]);
+                                   ky, cb, av[d], bv[d], mq[d]);
             }
 #pragma unroll
             for (int ks = 0; ks < TC_BK; ks += 8) {
                 unsigned a[2][4];
                 a_frags_paired<LDA>(At[st], ks, wm, g, t, a);
 #pragma unroll
-                for (int j = 0; j < K; ++j) {
-                    const int J = wn * K + j, kx = J >> 2, c = ((J & 3) << 3) + g;
+                for (int kx = 0; kx < K; ++kx) {
                     unsigned b[2];
-                    b[0] = Bs[st][(kx + s * (ks + t)) * ldb + c];
-                    b[1] = Bs[st][(kx + s * (ks + t + 4)) * ldb + c];
+                    b[0] = Bs[st][b_lane + (kx + s * ks) * ldb];
+                    b[1] = Bs[st][b_lane + (kx + s * (ks + 4)) * ldb];
 #pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) mma_tf32_16x8x8(acc[mi][j], a[mi], b);
+                    for (int mi = 0; mi < 2; ++mi) mma_tf32_16x8x8(acc[mi][kx], a[mi], b);
                 }
             }
         }
@@ -1648,13 +1688,12 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int j = 0; j < K; ++j) {
-            const int J = wn * K + j, kx = J >> 2;
-            const int nn = (ky * K + kx) * p.cs + cb + ((J & 3) << 3) + 2 * t;
+        for (int kx = 0; kx < K; ++kx) {
+            const int nn = (ky * K + kx) * p.cs + cb + 8 * wn + 2 * t;
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int ii = i0 + wm * 32 + mi * 16 + 2 * g + (r >= 2);  // (wm 0 when RM is 32)
-                out[ii * N + nn + (r & 1)] = acc[mi][j][r];
+                out[ii * N + nn + (r & 1)] = acc[mi][kx][r];
             }
         }
     // The operand sums, added in a fixed order through the (no longer needed) stages.
