@@ -35,20 +35,53 @@ struct TokenDims {
     int c, feat, d;
 };
 
-// T[r][0..n) ← src rows r0 + r (zeros past `rows`): one coalesced sweep over the tile.
+// The tile sweeps below index rows and columns without dividing by the run-time width: a
+// 16-lane group per row and a float4 per lane when the width is a multiple of 4 (every width of
+// version 2), a warp per row and a float per lane otherwise. (Version 2.0 split a flat index
+// with `/ n` and `% n` per element, and the forward's position embedding ran two integer and two
+// double divisions per element: the SASS of tokens_fwd_tf32 was mostly IMAD and ISETP.)
+#define TK_QLANES 16                         // lanes per row, a float4 each (widths ≤ 64)
+#define TK_QROWS (TK_THREADS / TK_QLANES)    // rows per sweep step
+#define TK_WARPS (TK_THREADS / 32)
+
+// T[r][0..n) ← src rows r0 + r (zeros past `rows`).
 static __device__ void tk_load(float (*T)[TK_LD], const float* __restrict__ src, int r0, int rows, int n) {
-    for (int e = threadIdx.x; e < TK_ROWS * n; e += TK_THREADS) {
-        const int r = e / n, col = e % n;
-        T[r][col] = (r0 + r < rows) ? src[(r0 + r) * n + col] : 0.0f;
+    if ((n & 3) == 0) {
+        const int l = threadIdx.x % TK_QLANES;
+        if (4 * l >= n) return;
+        for (int r = threadIdx.x / TK_QLANES; r < TK_ROWS; r += TK_QROWS) {
+            const float4 v = r0 + r < rows ? ld_f4(src + (size_t)(r0 + r) * n + 4 * l) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            *(float4*)&T[r][4 * l] = v;
+        }
+        return;
     }
+    const int lane = threadIdx.x & 31;
+    for (int r = threadIdx.x >> 5; r < TK_ROWS; r += TK_WARPS)
+        for (int col = lane; col < n; col += 32) T[r][col] = (r0 + r < rows) ? src[(size_t)(r0 + r) * n + col] : 0.0f;
 }
 
 // dst rows r0 + r ← T[r][0..n), valid rows only.
 static __device__ void tk_store(const float (*T)[TK_LD], float* __restrict__ dst, int r0, int rows, int n) {
-    for (int e = threadIdx.x; e < TK_ROWS * n; e += TK_THREADS) {
-        const int r = e / n, col = e % n;
-        if (r0 + r < rows) dst[(r0 + r) * n + col] = T[r][col];
+    if ((n & 3) == 0) {
+        const int l = threadIdx.x % TK_QLANES;
+        if (4 * l >= n) return;
+        for (int r = threadIdx.x / TK_QLANES; r < TK_ROWS && r0 + r < rows; r += TK_QROWS)
+            *(float4*)&dst[(size_t)(r0 + r) * n + 4 * l] = *(const float4*)&T[r][4 * l];
+        return;
     }
+    const int lane = threadIdx.x & 31;
+    for (int r = threadIdx.x >> 5; r < TK_ROWS && r0 + r < rows; r += TK_WARPS)
+        for (int col = lane; col < n; col += 32) dst[(size_t)(r0 + r) * n + col] = T[r][col];
+}
+
+// G[q][r] ← grid_q of the pixel of token r0 + r (grid_val), one thread per row: the forward's
+// position embedding and the backward's sums for its parameters read them from here.
+static __device__ void tk_pos_grid(float (*G)[TK_ROWS], int r0, int hw, int h, int w) {
+    const int r = threadIdx.x;
+    if (r >= TK_ROWS) return;
+    const int pix = (r0 + r) % hw;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) G[q][r] = grid_val(q, pix, h, w);
 }
 
 // A LayerNorm's per-row mean and 1/σ of the tile, to global (valid rows) and back (zeros past
@@ -95,9 +128,10 @@ static __device__ void tk_load_weights(float* B, const float* __restrict__ W, in
         }
         return;
     }
-    const int q = n_in >> 2;  // float4 per row of W
-    for (int e = threadIdx.x; e < q * n_out; e += TK_THREADS) {
-        const int j = e / q, i = 4 * (e % q);
+    // Row j of W by the 16-lane group j % TK_QROWS, a float4 per lane.
+    const int i = 4 * (threadIdx.x % TK_QLANES);
+    if (i >= n_in) return;
+    for (int j = threadIdx.x / TK_QLANES; j < n_out; j += TK_QROWS) {
         float4 w = ld_f4(W + j * n_in + i);
         if (TC) w = make_float4(tk_tf32(w.x), tk_tf32(w.y), tk_tf32(w.z), tk_tf32(w.w));
         const float wv[4] = {w.x, w.y, w.z, w.w};
@@ -181,27 +215,27 @@ static __device__ void tk_gemm(const float (*X)[TK_LD], int n_k, const float* B,
 
 // The same product on the tensor cores (version 2; n_k and n_out multiples of 8, B from
 // tk_load_weights<true, …>: n-major when KMAJOR is false, k-major otherwise). Warp w computes
-// rows 16·(w & 1) .. +16 and columns 32·(w >> 1) .. +32 as four 16×8 mma tiles; the X fragment
-// is rounded to TF32 as it is read (X itself stays f32 for the LayerNorms). Each sum runs over
-// k in steps of 8, in the mma's own order within a step.
-template <bool KMAJOR>
-static __device__ void tk_gemm_tc(const float (*X)[TK_LD], int n_k, const float* B, int n_out,
-                                  const float* __restrict__ bias, int relu, int accumulate, float (*Y)[TK_LD]) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int m0 = 16 * (warp & 1), n0 = 32 * (warp >> 1);
-    if (n0 >= n_out) return;  // whole warps: n_out ≤ 32 leaves warps 2 and 3 idle
-    const int ntiles = min(4, (n_out - n0) >> 3);
-    float acc[4][4];
+// rows 16·(w & 1) .. +16 and columns 32·(w >> 1) .. +32 as NT (≤ 4) 16×8 mma tiles; the X
+// fragment is rounded to TF32 as it is read (X itself stays f32 for the LayerNorms). Each sum
+// runs over k in steps of 8, in the mma's own order within a step. NT is a template parameter so
+// that the tile loop has no branch between the mma instructions (with a run-time count the
+// compiler put a WARPSYNC and a branch before each).
+template <bool KMAJOR, int NT>
+static __device__ __forceinline__ void tk_gemm_tc_tiles(const float (*X)[TK_LD], int n_k, const float* B, int m0,
+                                                        int n0, const float* __restrict__ bias, int relu,
+                                                        int accumulate, float (*Y)[TK_LD]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float acc[NT][4];
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < NT; ++ni)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[ni][q] = 0.0f;
+#pragma unroll 2
     for (int k0 = 0; k0 < n_k; k0 += 8) {
         const unsigned a[4] = {to_tf32(X[m0 + g][k0 + t]), to_tf32(X[m0 + g + 8][k0 + t]),
                                to_tf32(X[m0 + g][k0 + t + 4]), to_tf32(X[m0 + g + 8][k0 + t + 4])};
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-            if (ni >= ntiles) break;  // the same for the whole warp
+        for (int ni = 0; ni < NT; ++ni) {
             const int n = n0 + 8 * ni + g;
             const unsigned b[2] = {
                 __float_as_uint(KMAJOR ? B[(k0 + t) * TK_LDK + n] : B[n * TK_LD + k0 + t]),
@@ -210,8 +244,7 @@ static __device__ void tk_gemm_tc(const float (*X)[TK_LD], int n_k, const float*
         }
     }
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-        if (ni >= ntiles) break;
+    for (int ni = 0; ni < NT; ++ni) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int r = m0 + g + 8 * (q >> 1), n = n0 + 8 * ni + 2 * t + (q & 1);
@@ -219,6 +252,20 @@ static __device__ void tk_gemm_tc(const float (*X)[TK_LD], int n_k, const float*
             if (relu && v < 0.0f) v = 0.0f;
             Y[r][n] = accumulate ? Y[r][n] + v : v;
         }
+    }
+}
+
+template <bool KMAJOR>
+static __device__ void tk_gemm_tc(const float (*X)[TK_LD], int n_k, const float* B, int n_out,
+                                  const float* __restrict__ bias, int relu, int accumulate, float (*Y)[TK_LD]) {
+    const int warp = threadIdx.x >> 5;
+    const int m0 = 16 * (warp & 1), n0 = 32 * (warp >> 1);
+    if (n0 >= n_out) return;  // whole warps: n_out ≤ 32 leaves warps 2 and 3 idle
+    switch (min(4, (n_out - n0) >> 3)) {  // (the same for the whole warp)
+        case 4: tk_gemm_tc_tiles<KMAJOR, 4>(X, n_k, B, m0, n0, bias, relu, accumulate, Y); break;
+        case 3: tk_gemm_tc_tiles<KMAJOR, 3>(X, n_k, B, m0, n0, bias, relu, accumulate, Y); break;
+        case 2: tk_gemm_tc_tiles<KMAJOR, 2>(X, n_k, B, m0, n0, bias, relu, accumulate, Y); break;
+        default: tk_gemm_tc_tiles<KMAJOR, 1>(X, n_k, B, m0, n0, bias, relu, accumulate, Y); break;
     }
 }
 
@@ -306,19 +353,28 @@ static __device__ void tokens_fwd(TokenDims p, const float* __restrict__ enc, co
     __shared__ __align__(16) float Y[TK_ROWS][TK_LD];
     __shared__ __align__(16) float B[TK_BSIZE];
     __shared__ float mu[TK_ROWS], rs[TK_ROWS];
+    __shared__ float G[4][TK_ROWS];
     const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
     const int r0 = blockIdx.x * TK_ROWS;
-    // x = e + pos.
-    for (int e = threadIdx.x; e < TK_ROWS * c; e += TK_THREADS) {
-        const int r = e / c, ch = e % c, row = r0 + r;
-        float val = 0.0f;
-        if (row < rows) {
-            val = enc[row * c + ch] + pos_val(row % hw, ch, p.h, p.w, wp, bp);
-            x_out[row * c + ch] = val;
-        }
-        X[r][ch] = val;
-    }
+    // x = e + pos: pos(ch) = bp[ch] + Σ_q wp[ch][q]·grid_q, summed as pos_val does.
+    tk_pos_grid(G, r0, hw, p.h, p.w);
+    tk_load(X, enc, r0, rows, c);
     tk_load_wt<TC>(B, w1, c, feat);
+    __syncthreads();
+    for (int ch = threadIdx.x & 31; ch < c; ch += 32) {  // a lane's channels, its rows inside
+        const float b = bp[ch], w[4] = {wp[ch * 4], wp[ch * 4 + 1], wp[ch * 4 + 2], wp[ch * 4 + 3]};
+        for (int r = threadIdx.x >> 5; r < TK_ROWS; r += TK_WARPS) {
+            float pos = b;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) pos += w[q] * G[q][r];
+            float val = 0.0f;
+            if (r0 + r < rows) {
+                val = X[r][ch] + pos;
+                x_out[(size_t)(r0 + r) * c + ch] = val;
+            }
+            X[r][ch] = val;
+        }
+    }
     __syncthreads();
     tk_layernorm(X, c, g0, be0, eps, mu, rs);
     __syncthreads();
@@ -385,6 +441,7 @@ static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, con
     __shared__ __align__(16) float Y[TK_ROWS][TK_LD];
     __shared__ __align__(16) float B[TK_BSIZE];
     __shared__ float mu[TK_ROWS], rs[TK_ROWS];
+    __shared__ float G[4][TK_ROWS];
     const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
     const int ntiles = (rows + TK_ROWS - 1) / TK_ROWS;
     const int t = threadIdx.x;
@@ -420,15 +477,15 @@ static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, con
         // dh = (df·W2) ⊙ [h > 0]  (X).
         tk_mm<TC, true>(Y, feat, B, feat, 0, 0, 0, X);
         __syncthreads();
-        for (int e = t; e < TK_ROWS * feat; e += TK_THREADS) {
-            const int r = e / feat, col = e % feat;
-            if (r < valid && h[(r0 + r) * feat + col] > 0.0f) {
-                dh[(r0 + r) * feat + col] = X[r][col];
-            } else {
-                if (r < valid) dh[(r0 + r) * feat + col] = 0.0f;
-                X[r][col] = 0.0f;
+        for (int r = t >> 5; r < TK_ROWS; r += TK_WARPS)
+            for (int col = t & 31; col < feat; col += 32) {
+                if (r < valid && h[(size_t)(r0 + r) * feat + col] > 0.0f) {
+                    dh[(size_t)(r0 + r) * feat + col] = X[r][col];
+                } else {
+                    if (r < valid) dh[(size_t)(r0 + r) * feat + col] = 0.0f;
+                    X[r][col] = 0.0f;
+                }
             }
-        }
         tk_load_w<TC>(B, w1, c, feat);
         __syncthreads();
         if (t < feat)
@@ -439,6 +496,7 @@ static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, con
         // LN0 backward: X ← x; Y ← dx.
         tk_load(X, x, r0, rows, c);
         tk_load_stats(mu, rs, mean0, rstd0, r0, rows);
+        tk_pos_grid(G, r0, hw, p.h, p.w);
         __syncthreads();
         tk_layernorm_params(X, Y, c, valid, mu, rs, s_g0, s_be0);
         __syncthreads();
@@ -447,10 +505,9 @@ static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, con
         tk_store(Y, dx, r0, rows, c);
         if (t < c) {
             for (int r = 0; r < valid; ++r) {
-                const int pix = (r0 + r) % hw;
                 const float gy = Y[r][t];
 #pragma unroll
-                for (int q = 0; q < 4; ++q) s_wp[q] += gy * grid_val(q, pix, p.h, p.w);
+                for (int q = 0; q < 4; ++q) s_wp[q] += gy * G[q][r];
                 s_bp += gy;
             }
         }
