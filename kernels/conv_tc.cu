@@ -1756,47 +1756,48 @@ DW4R32_ENTRY(conv_dw_partial_v4r32k5s2_tf32, 5, 2, 3)
 
 // ---- Weight gradients for at most 4 gathered channels (`dw_c4`), on the CUDA cores ----
 // The first encoder layer's dW gathers the image's 3 channels: a GEMM of 64 rows × 75 columns
-// over a million positions (10 GFLOP), which version 2's 64 × 64 tiles took 3.0 ms for (the
-// clevr6 step). Too narrow for the mma tiles to pay, so in f32 FMAs: thread (n, group) keeps
-// row n's sums for the taps group, group + TG, … (TPG of them) × 4 channels in registers; per
-// position it reads its A value (one word; a warp's 32 rows conflict-free) and, per tap, the
-// source pixel's 4 channels as one 16-byte word that every lane of the warp shares (a
-// broadcast: a warp's threads are one group). Per position and warp at K = 5, ROWS = 64: 8
-// shared loads for 28 FMAs. A block walks its chunk of 8 × 16 position tiles, staging each
-// tile's A rows ([128][ROWS]) and the halo of its source pixels (stride 1). The decoders' last
-// layer, a 3×3 transposed convolution to RGB + alpha, has the same shape (A = x over the input
-// grid, 64 rows; B = the gathered g, 4 channels), which version 3 ran on tiles 128 columns
-// wide of which 36 were used.
-// Block 256, grid (chunks): block z sums tiles [z·chunk, (z + 1)·chunk) of the batch · ⌈hp/8⌉
-// · ⌈wp/16⌉ tiles into partial[z][n][tap·cs + c] (every element written); p.rows == ROWS,
-// p.cs ≤ 4, p.stride == 1, p.k == K. sums_of 1: the A-row sums into sums[z][n] (conv: db);
-// 0: none.
+// over a million positions (10 GFLOP). The decoders' last layer, a 3×3 transposed convolution
+// to RGB + alpha, has the same shape in the transposed form (A = x over the input grid, 64
+// rows; B = the gathered g, 4 channels): 64 × 36 over 7.3 M positions in the clevr6 step. Too
+// narrow for the mma tiles to pay, so in f32 FMAs. A block walks its chunk of 8 × 16 position
+// tiles, staging each tile's A rows ([128][ROWS]) and the halo of its source pixels (stride 1).
+// Version 2 (this one): warp (half, ky) owns rows 32·half.. + 32 and the k taps of row ky; lane
+// (pg, rq) = (lane / 8, lane % 8) owns rows 4·rq.. + 4 of them, and takes the tile's positions
+// pg, pg + 4, … So per 4 positions a warp reads one float4 of A per lane (8 lanes of a phase:
+// 128 contiguous bytes) and k float4 of the halo (each phase one pixel, a broadcast), for 16·k
+// FMAs per lane; the 4 position groups' sums are added across lanes at the end (a fixed order).
+// Version 1 gave a lane one row and a tap group: per position one A word and a float4 of halo
+// per tap for 4 FMAs; a 16-byte load is served a quarter-warp at a time even when every lane
+// reads the same address, so its shared-memory wavefronts (~13 per position and warp) bounded
+// it: 2.76 ms for the clevr6 layer against ~0.9 ms of FMA issue (H200, 92b00a8).
+// Block 32·(ROWS/32)·K (dwc4_threads), grid (chunks): block z sums tiles [z·chunk, (z + 1)·chunk)
+// of the batch · ⌈hp/8⌉ · ⌈wp/16⌉ tiles into partial[z][n][tap·cs + c] (every element written);
+// p.rows == ROWS, p.cs ≤ 4, p.stride == 1, p.k == K. sums_of 1: the A-row sums into sums[z][n]
+// (conv: db); 0: none.
+#define DWC4_MAX_THREADS 320  // 64 rows, k = 5
 template <int K, int ROWS>
 static __device__ void conv_dw_partial_c4(const ConvDwGemm& p, const float* __restrict__ a_src,
                                           const float* __restrict__ a_mask, int a_masked,
                                           const float* __restrict__ b_src, const float* __restrict__ b_mask,
                                           int b_masked, float* __restrict__ partial, int sums_of,
                                           float* __restrict__ sums) {
-    constexpr int KK = K * K, HH = V5_TH + K - 1, HW = V5_TW + K - 1, HALO_PX = HH * HW;
-    constexpr int TG = DW3_THREADS / ROWS, TPG = (KK + TG - 1) / TG;  // tap groups, taps per group
-    constexpr int TILE = V5_TH * V5_TW, QR = ROWS / 4;
-    static_assert(HALO_PX <= DW3_THREADS, "one halo pixel per thread");
+    constexpr int HH = V5_TH + K - 1, HW = V5_TW + K - 1, HALO_PX = HH * HW;
+    constexpr int THREADS = 32 * (ROWS / 32) * K, TILE = V5_TH * V5_TW, QR = ROWS / 4;
+    static_assert(THREADS <= DWC4_MAX_THREADS, "the entry's launch bound");
     __shared__ __align__(16) float As[TILE * ROWS];
     __shared__ __align__(16) float4 halo[HALO_PX];
-    const int tid = threadIdx.x, n = tid % ROWS, grp = tid / ROWS;
-    // The halo offsets of this thread's taps (a tap past the last reads tap 0; never stored).
-    int off[TPG];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int half = warp / K, ky = warp % K, pg = lane >> 3, rq = lane & 7;
+    const int n0 = 32 * half + 4 * rq;  // this lane's rows n0..n0 + 3
+    float acc[K][4][4];  // [kx][row][channel]
 #pragma unroll
-    for (int i = 0; i < TPG; ++i) {
-        const int tap = grp + TG * i < KK ? grp + TG * i : 0;
-        off[i] = (tap / K) * HW + tap % K;
-    }
-    float acc[TPG][4];
+    for (int kx = 0; kx < K; ++kx)
 #pragma unroll
-    for (int i = 0; i < TPG; ++i)
+        for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[i][c] = 0.0f;
-    float a_sum = 0.0f;
+            for (int c = 0; c < 4; ++c) acc[kx][r][c] = 0.0f;
+    float4 a_sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const bool sum_a = sums_of == 1 && ky == 0;
     const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, tiles_y = (p.hp + V5_TH - 1) / V5_TH;
     const int per_img = tiles_x * tiles_y, tiles = p.batch * per_img;
     const int t_end = min((int)blockIdx.x * p.chunk + p.chunk, tiles);
@@ -1805,9 +1806,8 @@ static __device__ void conv_dw_partial_c4(const ConvDwGemm& p, const float* __re
         const int py0 = (r / tiles_x) * V5_TH, px0 = (r % tiles_x) * V5_TW;
         __syncthreads();  // the previous tile's reads are done
         // A: position pp of the tile (row-major, 8 × 16), its ROWS values; zero past the grid.
-#pragma unroll
-        for (int j = 0; j < TILE * QR / DW3_THREADS; ++j) {
-            const int e = tid + DW3_THREADS * j, pp = e / QR, q = e % QR;
+        for (int e = tid; e < TILE * QR; e += THREADS) {
+            const int pp = e / QR, q = e % QR;
             const int py = py0 + pp / V5_TW, px = px0 + pp % V5_TW;
             float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             if (py < p.hp && px < p.wp) {
@@ -1817,51 +1817,71 @@ static __device__ void conv_dw_partial_c4(const ConvDwGemm& p, const float* __re
             }
             *(float4*)&As[pp * ROWS + 4 * q] = v;
         }
-        if (tid < HALO_PX)
-            halo[tid] = c4_pixel(b_src, b_mask, b_masked, p.hs, p.ws, p.cs, img, py0 - p.pad + tid / HW,
-                                 px0 - p.pad + tid % HW);
+        for (int e = tid; e < HALO_PX; e += THREADS)
+            halo[e] = c4_pixel(b_src, b_mask, b_masked, p.hs, p.ws, p.cs, img, py0 - p.pad + e / HW,
+                               px0 - p.pad + e % HW);
         __syncthreads();
-        // A tile row at a time, its 16 positions unrolled: each tap's halo address is worked
-        // out once per row, the positions' loads take constant offsets from it.
+        // A tile row at a time; the lane's positions in it, pg + 4·j, unrolled: its A reads and
+        // halo reads take constant offsets from two addresses worked out once per row.
 #pragma unroll 1
         for (int py = 0; py < V5_TH; ++py) {
-            const float* a_row = As + py * V5_TW * ROWS + n;
-            const float4* h_tap[TPG];
+            const float* a_row = As + (py * V5_TW + pg) * ROWS + n0;
+            const float4* h_row = halo + (py + ky) * HW + pg;
 #pragma unroll
-            for (int i = 0; i < TPG; ++i) h_tap[i] = halo + py * HW + off[i];
+            for (int j = 0; j < V5_TW / 4; ++j) {
+                const float4 a = *(const float4*)(a_row + 4 * j * ROWS);
+                if (sum_a) a_sum = add4(a_sum, a);
+                const float av[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-            for (int px = 0; px < V5_TW; ++px) {
-                const float a = a_row[px * ROWS];
-                a_sum += a;
+                for (int kx = 0; kx < K; ++kx) {
+                    const float4 x = h_row[4 * j + kx];
 #pragma unroll
-                for (int i = 0; i < TPG; ++i) {
-                    const float4 x = h_tap[i][px];
-                    acc[i][0] += a * x.x;
-                    acc[i][1] += a * x.y;
-                    acc[i][2] += a * x.z;
-                    acc[i][3] += a * x.w;
+                    for (int rr = 0; rr < 4; ++rr) {
+                        acc[kx][rr][0] += av[rr] * x.x;
+                        acc[kx][rr][1] += av[rr] * x.y;
+                        acc[kx][rr][2] += av[rr] * x.z;
+                        acc[kx][rr][3] += av[rr] * x.w;
+                    }
                 }
             }
         }
     }
-    float* out = partial + ((size_t)blockIdx.x * ROWS + n) * KK * p.cs;
+    // The four position groups' sums: lanes pg = 0..3 of a row quad are 8 apart.
 #pragma unroll
-    for (int i = 0; i < TPG; ++i) {
-        const int tap = grp + TG * i;
-        if (tap < KK) {
+    for (int kx = 0; kx < K; ++kx)
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                float v = acc[kx][rr][c];
+                v += __shfl_xor_sync(0xffffffffu, v, 8);
+                v += __shfl_xor_sync(0xffffffffu, v, 16);
+                acc[kx][rr][c] = v;
+            }
+    float sa[4] = {a_sum.x, a_sum.y, a_sum.z, a_sum.w};
+#pragma unroll
+    for (int rr = 0; rr < 4; ++rr) {
+        sa[rr] += __shfl_xor_sync(0xffffffffu, sa[rr], 8);
+        sa[rr] += __shfl_xor_sync(0xffffffffu, sa[rr], 16);
+    }
+    if (pg != 0) return;
+#pragma unroll
+    for (int rr = 0; rr < 4; ++rr) {
+        float* out = partial + ((size_t)blockIdx.x * ROWS + n0 + rr) * K * K * p.cs;
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx)
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-                if (c < p.cs) out[tap * p.cs + c] = acc[i][c];
-        }
+                if (c < p.cs) out[(ky * K + kx) * p.cs + c] = acc[kx][rr][c];
+        if (sum_a) sums[(size_t)blockIdx.x * ROWS + n0 + rr] = sa[rr];
     }
-    if (sums_of == 1 && grp == 0) sums[(size_t)blockIdx.x * ROWS + n] = a_sum;
 }
 
 // As conv_dw_partial_v3_tf32 (same arguments; sums_of 2 is not taken) for rows 64 (`c4k<k>`)
-// or 32 (`c4r32k<k>`), at most 4 gathered channels, stride 1 and k = 3 or 5; block 256, grid
-// (chunks of p.chunk tiles of 8 × 16 positions).
+// or 32 (`c4r32k<k>`), at most 4 gathered channels, stride 1 and k = 3 or 5; block
+// 32·(rows/32)·k, grid (chunks of p.chunk tiles of 8 × 16 positions).
 #define DWC4_ENTRY(NAME, K, ROWS)                                                                            \
-    extern "C" __global__ void __launch_bounds__(DW3_THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(DWC4_MAX_THREADS)                                         \
         NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
              const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
              float* __restrict__ partial, int sums_of, float* __restrict__ sums) {                         \

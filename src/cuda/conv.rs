@@ -173,8 +173,13 @@ fn dwc4_kernel(k: usize, rows: usize) -> &'static str {
     }
 }
 
-/// Blocks `conv_dw_partial_c4*` aims for: four per SM of an H100 (its registers and 36 KiB of
-/// shared memory allow that many), so that one block's loads overlap another's sums.
+/// Threads of a `conv_dw_partial_c4*` block: a warp per 32 rows and tap row (conv_tc.cu).
+fn dwc4_threads(rows: usize, k: usize) -> u32 {
+    (32 * (rows / 32) * k) as u32
+}
+
+/// Blocks `conv_dw_partial_c4*` aims for: four per SM of an H100, so that one block's loads
+/// overlap another's sums (with k = 5 and 64 rows, 320 threads, fewer fit; the rest queue).
 const DWC4_TARGET_BLOCKS: usize = 528;
 
 /// The `dw_c4` split of `tiles` tiles of 8 × 16 positions into chunks: tiles per chunk (at
@@ -894,7 +899,7 @@ impl Cuda {
         let cfg = match (v4, v3) {
             _ if c4 => LaunchConfig {
                 grid_dim: (chunks as u32, 1, 1),
-                block_dim: (DW3_THREADS, 1, 1),
+                block_dim: (dwc4_threads(rows, g.k), 1, 1),
                 shared_mem_bytes: 0,
             },
             (true, _) => LaunchConfig {
