@@ -50,14 +50,16 @@ static __device__ void tk_load(float (*T)[TK_LD], const float* __restrict__ src,
         const int l = threadIdx.x % TK_QLANES;
         if (4 * l >= n) return;
         for (int r = threadIdx.x / TK_QLANES; r < TK_ROWS; r += TK_QROWS) {
-            const float4 v = r0 + r < rows ? ld_f4(src + (size_t)(r0 + r) * n + 4 * l) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r0 + r < rows) v = ld_f4(src + (size_t)(r0 + r) * n + 4 * l);
             *(float4*)&T[r][4 * l] = v;
         }
         return;
     }
     const int lane = threadIdx.x & 31;
     for (int r = threadIdx.x >> 5; r < TK_ROWS; r += TK_WARPS)
-        for (int col = lane; col < n; col += 32) T[r][col] = (r0 + r < rows) ? src[(size_t)(r0 + r) * n + col] : 0.0f;
+        for (int col = lane; col < n; col += 32)
+            T[r][col] = (r0 + r < rows) ? src[(size_t)(r0 + r) * n + col] : 0.0f;
 }
 
 // dst rows r0 + r ← T[r][0..n), valid rows only.
