@@ -24,13 +24,23 @@ unsafe impl DeviceRepr for AttnDimsC {}
 /// slots they keep in registers (ATT_MAXK).
 const ATT_T: usize = 256;
 const ATT_MAXK: usize = 16;
+/// Floats per token of attention_fwd_partial_f32's k-row stages (ATT_KLD in attention.cu).
+const ATT_KLD: usize = 12;
+
+/// attention_fwd_partial_f32's dynamic shared memory, in bytes: q, the weights of the block's
+/// tokens, and each warp's stage of k rows.
+fn attn_fwd_smem(dm: &AttnDims) -> usize {
+    (dm.k * dm.head_dim() + ATT_T * dm.k + ATT_T * ATT_KLD) * 4
+}
 
 /// The number of token chunks when version 2 of the attention kernels applies (K ≤ ATT_MAXK and
-/// the largest shared-memory need, that of attention_bwd_main_f32, within 48 KiB), else None
-/// (version 1: one block per batch and head).
+/// the largest shared-memory needs, those of attention_bwd_main_f32 and the forward, within 48
+/// KiB), else None (version 1: one block per batch and head).
 fn attn_v2_chunks(dm: &AttnDims) -> Option<usize> {
     let smem = (2 * dm.k * dm.head_dim() + 2 * dm.k + 2 * ATT_T * dm.k) * 4;
-    let fits = dm.k <= ATT_MAXK && smem <= 48 * 1024 && dm.batch * dm.heads <= 65_535;
+    let fits = dm.k <= ATT_MAXK
+        && smem.max(attn_fwd_smem(dm)) <= 48 * 1024
+        && dm.batch * dm.heads <= 65_535;
     fits.then(|| dm.n.div_ceil(ATT_T).max(1))
 }
 
@@ -78,7 +88,7 @@ impl Cuda {
         let dh = dm.head_dim();
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
-            let smem = ((dm.k * dh + ATT_T * dm.k) * 4) as u32;
+            let smem = attn_fwd_smem(dm) as u32;
             let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
             let cfg = attn_grid(dm, chunks, smem);
             launch!(self, "attention_fwd_partial_f32", cfg; &dc, k, v, q, attn, &mut partial);
