@@ -274,8 +274,8 @@ static __device__ void att_chunk_sums(const float* a, int k, int valid, const fl
 
 // att_row_dots for the 32 tokens of a warp, their rows read through shared memory: a slab of
 // ATT_KSLAB floats of the 32 rows at a time, loaded in coalesced 32-byte row pieces (a load
-// instruction covers 16 rows, one sector each), then each lane reads its own row's slab. The same sums in the same
-// order as att_row_dots (vec4). The first version of the forward read each token's row directly
+// instruction covers 16 rows, one sector each), then each lane reads its own row's slab. The
+// same sums in the same order as att_row_dots (vec4). The first version of the forward read each token's row directly
 // (lanes 256 bytes apart: 32 sectors per load instruction), and Nsight Compute put it at 83 % of
 // L1 throughput with DRAM at 28 % (clevr6, H200, 92b00a8). rows: this warp's valid rows; x0:
 // row 0 (row r at x0 + r·ld); stage: the warp's [32][ATT_KLD] floats. The whole warp calls it.
