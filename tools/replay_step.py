@@ -101,7 +101,8 @@ def model_section(config_yaml, use_packages=True):
 
 def grid(h, w, like):
     """The soft position grid [u, v, 1-u, 1-v] with u, v = linspace(0, 1) ('ij'), on the device
-    and in the dtype of `like` (torch.compile ignores set_default_device, so name it)."""
+    and in the dtype of `like`, the embedding's weight (torch.compile ignores set_default_device,
+    so the device is named)."""
     opts = {"device": like.device, "dtype": like.dtype}
     u, v = torch.meshgrid(torch.linspace(0, 1, h, **opts), torch.linspace(0, 1, w, **opts), indexing="ij")
     return torch.stack([u, v, 1 - u, 1 - v], dim=-1)
@@ -116,7 +117,7 @@ def step(m, P, images, noise, masks):
     h = x
     for i in range(len(m["encoder_channels"])):
         h = F.relu(F.conv2d(h, P[f"encoder.convs.{i}.weight"], P[f"encoder.convs.{i}.bias"], padding=2))
-    h = h.permute(0, 2, 3, 1) + F.linear(grid(H, W, x), P["encoder.pos.weight"], P["encoder.pos.bias"])
+    h = h.permute(0, 2, 3, 1) + F.linear(grid(H, W, P["encoder.pos.weight"]), P["encoder.pos.weight"], P["encoder.pos.bias"])
     C = h.shape[-1]
     tok = F.layer_norm(h.reshape(B, H * W, C), (C,), P["encoder.norm.weight"], P["encoder.norm.bias"], LN_EPS)
     for i in range(m["num_layers"]):
