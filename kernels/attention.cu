@@ -185,6 +185,22 @@ extern "C" __global__ void attention_bwd_f32(AttnDims dm, const float* __restric
 #define ATT_T 256
 #define ATT_MAXK 16
 
+// out[s] += x[j..j+3] · m[s·dh + j..j+3] for s < k, the four terms in order (att_row_dots and
+// att_row_dots_staged share it, so that both sum the same way).
+static __device__ __forceinline__ void att_dot4(float4 xv, const float* m, int k, int dh, int j,
+                                                float out[ATT_MAXK]) {
+#pragma unroll
+    for (int s = 0; s < ATT_MAXK; ++s) {
+        if (s < k) {
+            const float4 mv = *(const float4*)(m + s * dh + j);
+            out[s] += xv.x * mv.x;
+            out[s] += xv.y * mv.y;
+            out[s] += xv.z * mv.z;
+            out[s] += xv.w * mv.w;
+        }
+    }
+}
+
 // out[s] = Σ_j x[j] · m[s·dh + j] for s < k, j in order: this thread's row x (global memory) against
 // k rows m (shared memory, the same for every thread: broadcast reads). x is read once, 16 bytes
 // at a time when `vec4` (dh and the row offsets multiples of 4). Every loop over the slots runs to
@@ -197,16 +213,7 @@ static __device__ __forceinline__ void att_row_dots(const float* __restrict__ x,
     if (vec4) {
         for (int j = 0; j < dh; j += 4) {
             const float4 xv = ld_f4(x + j);
-#pragma unroll
-            for (int s = 0; s < ATT_MAXK; ++s) {
-                if (s < k) {
-                    const float4 mv = *(const float4*)(m + s * dh + j);
-                    out[s] += xv.x * mv.x;
-                    out[s] += xv.y * mv.y;
-                    out[s] += xv.z * mv.z;
-                    out[s] += xv.w * mv.w;
-                }
-            }
+            att_dot4(xv, m, k, dh, j, out);
         }
     } else {
         for (int j = 0; j < dh; ++j) {
@@ -301,16 +308,7 @@ static __device__ __forceinline__ void att_row_dots_staged(const float* __restri
             const int j = j0 + 4 * q;
             if (j >= dh) break;  // (the same for the whole warp)
             const float4 xv = *(const float4*)&stage[lane * ATT_KLD + 4 * q];
-#pragma unroll
-            for (int s = 0; s < ATT_MAXK; ++s) {
-                if (s < k) {
-                    const float4 mv = *(const float4*)(m + s * dh + j);
-                    out[s] += xv.x * mv.x;
-                    out[s] += xv.y * mv.y;
-                    out[s] += xv.z * mv.z;
-                    out[s] += xv.w * mv.w;
-                }
-            }
+            att_dot4(xv, m, k, dh, j, out);
         }
         __syncwarp();  // the slab is read before the next one overwrites it
     }
