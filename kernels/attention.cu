@@ -186,11 +186,13 @@ extern "C" __global__ void attention_bwd_f32(AttnDims dm, const float* __restric
 #define ATT_MAXK 16
 
 // out[s] += x[j..j+3] · m[s·dh + j..j+3] for s < k, the four terms in order (att_row_dots and
-// att_row_dots_staged share it, so that both sum the same way).
+// att_row_dots_staged share it, so that both sum the same way). KMAX: the slots unrolled
+// (ATT_MAXK, guarded by s < k; version 3 passes k = KMAX, so that no guard is left).
+template <int KMAX>
 static __device__ __forceinline__ void att_dot4(float4 xv, const float* m, int k, int dh, int j,
-                                                float out[ATT_MAXK]) {
+                                                float out[KMAX]) {
 #pragma unroll
-    for (int s = 0; s < ATT_MAXK; ++s) {
+    for (int s = 0; s < KMAX; ++s) {
         if (s < k) {
             const float4 mv = *(const float4*)(m + s * dh + j);
             out[s] += xv.x * mv.x;
@@ -213,7 +215,7 @@ static __device__ __forceinline__ void att_row_dots(const float* __restrict__ x,
     if (vec4) {
         for (int j = 0; j < dh; j += 4) {
             const float4 xv = ld_f4(x + j);
-            att_dot4(xv, m, k, dh, j, out);
+            att_dot4<ATT_MAXK>(xv, m, k, dh, j, out);
         }
     } else {
         for (int j = 0; j < dh; ++j) {
@@ -288,12 +290,13 @@ static __device__ void att_chunk_sums(const float* a, int k, int valid, const fl
 // row 0 (row r at x0 + r·ld); stage: the warp's [32][ATT_KLD] floats. The whole warp calls it.
 #define ATT_KSLAB 8  // (16 held twice the loads in flight, and spilled under the 64-register bound)
 #define ATT_KLD 12   // 48-byte rows: 8 consecutive rows' 16-byte reads hit disjoint banks
+template <int KMAX>
 static __device__ __forceinline__ void att_row_dots_staged(const float* __restrict__ x0, int rows, int ld,
                                                            const float* m, int k, int dh, float* stage,
-                                                           float out[ATT_MAXK]) {
+                                                           float out[KMAX]) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int s = 0; s < ATT_MAXK; ++s) out[s] = 0.0f;
+    for (int s = 0; s < KMAX; ++s) out[s] = 0.0f;
     for (int j0 = 0; j0 < dh; j0 += ATT_KSLAB) {
 #pragma unroll
         for (int i = 0; i < 32 * ATT_KSLAB / 4 / 32; ++i) {
@@ -308,7 +311,7 @@ static __device__ __forceinline__ void att_row_dots_staged(const float* __restri
             const int j = j0 + 4 * q;
             if (j >= dh) break;  // (the same for the whole warp)
             const float4 xv = *(const float4*)&stage[lane * ATT_KLD + 4 * q];
-            att_dot4(xv, m, k, dh, j, out);
+            att_dot4<KMAX>(xv, m, k, dh, j, out);
         }
         __syncwarp();  // the slab is read before the next one overwrites it
     }
@@ -338,7 +341,8 @@ attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float
     float p[ATT_MAXK];
     if (vec4) {  // (uniform) the warp's rows through shared memory
         const int w0 = t0 + (tid & ~31);
-        att_row_dots_staged(kk + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, qs, k, dh, stage, p);
+        att_row_dots_staged<ATT_MAXK>(kk + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, qs, k, dh,
+                                      stage, p);
     } else if (t < n) {
         att_row_dots(kk + (b * n + t) * d + h * dh, qs, k, dh, vec4, p);
     }
@@ -378,6 +382,147 @@ attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float
     float* out = partial + ((size_t)bh * chunks + chunk) * k * (dh + 1);
     att_chunk_sums<4>(as, k, valid, v + (size_t)(b * n + t0) * d + h * dh, d, dh, dh + 1, as, out);
 }
+
+// Version 3 of the forward (`attention_fwd_partial_v3k<KP>_f32`), for k ≤ KP ∈ {4, 8} and head
+// widths dh ∈ {4, 8, 16, 32, 64} (d % 4 == 0): the same grid, block, outputs and reduce as
+// version 2, with the slot count a compile-time constant KP. Version 2 unrolls every slot loop
+// to ATT_MAXK = 16 behind an `if (s < k)`, which ptxas compiles to a branch per slot: no shared
+// load is hoisted past one, and the chunk sums read a[i·k + s] one scalar at a time. Measured
+// (clevr6, H200, 9d1ac3f): ~7300 instructions per warp of 32 tokens, the SM issuing ~70 % of
+// its cycles, L1/TEX (the shared-memory pipe) 79 % busy, 2.9× the memory floor.
+// Here q's rows past k are zeros and the weights past k are zeros, so that every slot loop runs
+// KP times with no guard; the chunk sums give each thread a float4 of columns (dh / 4 threads a
+// token row, ATT_T·4 / dh token groups) and read a token's KP weights as KP / 4 float4; the
+// groups' sums meet by shuffles within a warp, then in warp order through shared memory; Σ a per
+// slot (version 2's column of ones) by shuffles over each warp's tokens. Every sum is in a fixed
+// order (deterministic), not version 2's order: the results agree to rounding.
+// Dynamic shared memory (floats): KP·dh (q) + (ATT_T / 32)·KP (Σ a per warp) + ATT_T·KP (a) +
+// ATT_T·ATT_KLD (the k-row stages); the warps' column sums, (ATT_T / 32)·KP·dh, reuse a and the
+// stages once they are read (KP ≤ 8, dh ≤ 64: at most 4096 of their 5120).
+template <int KP>
+static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __restrict__ kk,
+                                                const float* __restrict__ v, const float* __restrict__ q,
+                                                float* __restrict__ attn, float* __restrict__ partial) {
+    extern __shared__ float smem[];
+    constexpr int WARPS = ATT_T / 32;
+    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
+    const int dh = d / heads;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    float* qs = smem;                 // [KP][dh], rows past k zero
+    float* sa = qs + KP * dh;         // [WARPS][KP]: each warp's Σ a
+    float* as = sa + WARPS * KP;      // [ATT_T][KP], zero past k and past n
+    float* stage = as + ATT_T * KP + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
+    float* red = as;                  // [WARPS][KP][dh], after the chunk sums
+    const float* qb = q + b * k * d;
+    for (int idx = tid; idx < KP * dh; idx += ATT_T) {
+        const int s = idx / dh;
+        qs[idx] = s < k ? qb[s * d + h * dh + idx % dh] : 0.0f;
+    }
+    __syncthreads();
+    float p[KP];
+    const int w0 = t0 + (tid & ~31);
+    att_row_dots_staged<KP>(kk + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, qs, KP, dh, stage, p);
+    // Softmax over the k real slots: the padded ones get -inf, so exp gives them 0 and the sums
+    // add them last, as zeros (z is version 2's sum exactly).
+    float mx = __int_as_float(0xff800000);  // -inf
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        p[s] = s < k ? p[s] * dm.scale : __int_as_float(0xff800000);
+        mx = fmaxf(mx, p[s]);
+    }
+    float z = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        p[s] = s < k ? expf(p[s] - mx) : 0.0f;
+        z += p[s];
+    }
+    const float rz = 1.0f / z;
+    float a[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) a[s] = (t < n && s < k) ? p[s] * rz + dm.eps : 0.0f;
+    if (t < n) {
+        float* row = attn + ((size_t)bh * n + t) * k;
+#pragma unroll
+        for (int s = 0; s < KP; ++s)
+            if (s < k) row[s] = p[s] * rz;
+    }
+#pragma unroll
+    for (int s4 = 0; s4 < KP; s4 += 4)
+        *(float4*)&as[tid * KP + s4] = make_float4(a[s4], a[s4 + 1], a[s4 + 2], a[s4 + 3]);
+    // Σ a over the warp's tokens (a butterfly: every lane ends with the same sums).
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) a[s] += __shfl_xor_sync(0xffffffffu, a[s], off);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < KP; ++s) sa[warp * KP + s] = a[s];
+    }
+    __syncthreads();
+    // Chunk sums: thread (g, qd) adds a[i][s] · v[i][4qd .. 4qd + 3] over the tokens i ≡ g.
+    const int qw = dh >> 2, groups = ATT_T / qw, g = tid / qw, qd = tid % qw;
+    const int valid = min(ATT_T, n - t0);
+    float acc[KP][4];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.0f;
+    const float* vb = v + (size_t)(b * n + t0) * d + h * dh + 4 * qd;
+    constexpr int LOADS = KP == 4 ? 4 : 2;  // v loads in flight: 4 spilled at KP = 8 in 80 registers
+#pragma unroll LOADS
+    for (int i = g; i < valid; i += groups) {
+        const float4 x = ld_f4(vb + (size_t)i * d);
+#pragma unroll
+        for (int s4 = 0; s4 < KP; s4 += 4) {
+            const float4 a4 = *(const float4*)&as[i * KP + s4];
+            const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                acc[s4 + u][0] += av[u] * x.x;
+                acc[s4 + u][1] += av[u] * x.y;
+                acc[s4 + u][2] += av[u] * x.z;
+                acc[s4 + u][3] += av[u] * x.w;
+            }
+        }
+    }
+    // The warp's groups (lanes qd, qd + qw, ...) by a butterfly, then the warps in order.
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            for (int off = qw; off < 32; off <<= 1) acc[s][c] += __shfl_xor_sync(0xffffffffu, acc[s][c], off);
+        }
+    }
+    __syncthreads();  // every thread is done reading as[] and the stages, which red overwrites
+    if (lane < qw) {
+#pragma unroll
+        for (int s = 0; s < KP; ++s)
+            *(float4*)&red[(warp * KP + s) * dh + 4 * qd] = make_float4(acc[s][0], acc[s][1], acc[s][2], acc[s][3]);
+    }
+    __syncthreads();
+    float* out = partial + ((size_t)bh * chunks + chunk) * k * (dh + 1);
+    for (int e = tid; e < k * (dh + 1); e += ATT_T) {
+        const int s = e / (dh + 1), c = e % (dh + 1);
+        float sum = 0.0f;
+        if (c < dh) {
+            for (int w = 0; w < WARPS; ++w) sum += red[(w * KP + s) * dh + c];
+        } else {
+            for (int w = 0; w < WARPS; ++w) sum += sa[w * KP + s];
+        }
+        out[e] = sum;
+    }
+}
+
+// (ATT_T, 3): 80 registers for KP's accumulators and four loads in flight.
+#define ATT_FWD_V3_ENTRY(NAME, KP)                                                                 \
+    extern "C" __global__ void __launch_bounds__(ATT_T, 3)                                        \
+        NAME(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,              \
+             const float* __restrict__ q, float* __restrict__ attn, float* __restrict__ partial) { \
+        attention_fwd_partial_v3<KP>(dm, kk, v, q, attn, partial);                                \
+    }
+ATT_FWD_V3_ENTRY(attention_fwd_partial_v3k4_f32, 4)
+ATT_FWD_V3_ENTRY(attention_fwd_partial_v3k8_f32, 8)
 
 // One thread per (batch·head, s, j < dh): upd[b, s, h·dh + j] = (Σ_c U_c[s][j]) / (Σ_c S_c[s]).
 extern "C" __global__ void attention_fwd_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ partial,

@@ -33,6 +33,27 @@ fn attn_fwd_smem(dm: &AttnDims) -> usize {
     (dm.k * dm.head_dim() + ATT_T * dm.k + ATT_T * ATT_KLD) * 4
 }
 
+/// Version 3 of the forward (`attention_fwd_partial_v3k<KP>_f32`, within version 2): the slot
+/// count compiled in as KP = 4 or 8 (k ≤ KP), for head widths 4, 8, 16, 32 or 64 with d a
+/// multiple of 4 (a thread takes a float4 of a token's values, dh / 4 threads a whole row).
+/// Returns (kernel, dynamic shared memory in bytes): q padded to KP rows, each warp's Σ a, the
+/// block's weights padded to KP, and the warps' k-row stages (the column sums reuse the last
+/// two).
+fn attn_fwd_v3(dm: &AttnDims) -> Option<(&'static str, usize)> {
+    let dh = dm.head_dim();
+    if dm.k > 8 || dm.d % 4 != 0 || !matches!(dh, 4 | 8 | 16 | 32 | 64) {
+        return None;
+    }
+    let (name, kp) = if dm.k <= 4 {
+        ("attention_fwd_partial_v3k4_f32", 4)
+    } else {
+        ("attention_fwd_partial_v3k8_f32", 8)
+    };
+    let floats = kp * dh + (ATT_T / 32) * kp + ATT_T * kp + ATT_T * ATT_KLD;
+    debug_assert!((ATT_T / 32) * kp * dh <= ATT_T * kp + ATT_T * ATT_KLD);
+    Some((name, floats * 4))
+}
+
 /// The number of token chunks when version 2 of the attention kernels applies (K ≤ ATT_MAXK and
 /// the largest shared-memory needs, those of attention_bwd_main_f32 and the forward, within 48
 /// KiB), else None (version 1: one block per batch and head).
@@ -88,10 +109,11 @@ impl Cuda {
         let dh = dm.head_dim();
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
-            let smem = attn_fwd_smem(dm) as u32;
             let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
-            let cfg = attn_grid(dm, chunks, smem);
-            launch!(self, "attention_fwd_partial_f32", cfg; &dc, k, v, q, attn, &mut partial);
+            let v3 = attn_fwd_v3(dm).filter(|_| self.fast.attention_v3);
+            let (name, smem) = v3.unwrap_or(("attention_fwd_partial_f32", attn_fwd_smem(dm)));
+            let cfg = attn_grid(dm, chunks, smem as u32);
+            launch!(self, name, cfg; &dc, k, v, q, attn, &mut partial);
             let ci = i(chunks);
             launch!(self, "attention_fwd_reduce_f32", per_elem(dm.batch * dm.heads * dm.k * dh);
                 &dc, &ci, &partial, upd);

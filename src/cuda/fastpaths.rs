@@ -43,6 +43,10 @@ pub struct FastPaths {
     /// Version 2 of the attention kernels (tokens split over blocks); off: version 1, one block
     /// per image and head.
     pub attention_v2: bool,
+    /// Within version 2, version 3 of the attention forward where it applies (k ≤ 8, head
+    /// widths 4, 8, 16, 32 or 64): the slot count a compile-time constant
+    /// (`attention_fwd_partial_v3k*`); off: version 2's forward.
+    pub attention_v3: bool,
     /// The fused token chain (`tokens_{fwd,bwd}_{f32,tf32}`); off: the single ops.
     pub tokens: bool,
     /// The fused slot cell (`slot_query_*`, `slot_update_*`); off: the single ops.
@@ -72,6 +76,7 @@ impl FastPaths {
         dw_v4: true,
         dw_c4: true,
         attention_v2: true,
+        attention_v3: true,
         tokens: true,
         slot_cell: true,
         bcast_split: true,
@@ -86,6 +91,7 @@ impl FastPaths {
         dw_v4: false,
         dw_c4: false,
         attention_v2: false,
+        attention_v3: false,
         tokens: false,
         slot_cell: false,
         bcast_split: false,
@@ -93,7 +99,7 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 13] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -102,6 +108,7 @@ impl FastPaths {
         "dw_v4",
         "dw_c4",
         "attention_v2",
+        "attention_v3",
         "tokens",
         "slot_cell",
         "bcast_split",
@@ -118,6 +125,7 @@ impl FastPaths {
             "dw_v4" => &mut self.dw_v4,
             "dw_c4" => &mut self.dw_c4,
             "attention_v2" => &mut self.attention_v2,
+            "attention_v3" => &mut self.attention_v3,
             "tokens" => &mut self.tokens,
             "slot_cell" => &mut self.slot_cell,
             "bcast_split" => &mut self.bcast_split,
@@ -193,6 +201,7 @@ mod tests {
                 && fp.dw_v4
                 && fp.dw_c4
                 && fp.attention_v2
+                && fp.attention_v3
                 && fp.slot_cell
                 && fp.conv_splitk
         );

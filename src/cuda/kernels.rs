@@ -129,6 +129,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "attention_fwd_f32",
             "attention_bwd_f32",
             "attention_fwd_partial_f32",
+            "attention_fwd_partial_v3k4_f32",
+            "attention_fwd_partial_v3k8_f32",
             "attention_fwd_reduce_f32",
             "attention_bwd_stats_f32",
             "attention_bwd_main_f32",
