@@ -383,43 +383,118 @@ attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float
     att_chunk_sums<4>(as, k, valid, v + (size_t)(b * n + t0) * d + h * dh, d, dh, dh + 1, as, out);
 }
 
-// Version 3 of the forward (`attention_fwd_partial_v3k<KP>_f32`), for k ≤ KP ∈ {4, 8} and head
-// widths dh ∈ {4, 8, 16, 32, 64} (d % 4 == 0): the same grid, block, outputs and reduce as
-// version 2, with the slot count a compile-time constant KP. Version 2 unrolls every slot loop
-// to ATT_MAXK = 16 behind an `if (s < k)`, which ptxas compiles to a branch per slot: no shared
-// load is hoisted past one, and the chunk sums read a[i·k + s] one scalar at a time. Measured
-// (clevr6, H200, 9d1ac3f): ~7300 instructions per warp of 32 tokens, the SM issuing ~70 % of
-// its cycles, L1/TEX (the shared-memory pipe) 79 % busy, 2.9× the memory floor.
-// Here q's rows past k are zeros and the weights past k are zeros, so that every slot loop runs
-// KP times with no guard; the chunk sums give each thread a float4 of columns (dh / 4 threads a
-// token row, ATT_T·4 / dh token groups) and read a token's KP weights as KP / 4 float4; the
-// groups' sums meet by shuffles within a warp, then in warp order through shared memory; Σ a per
-// slot (version 2's column of ones) by shuffles over each warp's tokens. Every sum is in a fixed
-// order (deterministic), not version 2's order: the results agree to rounding.
-// Dynamic shared memory (floats): KP·dh (q) + (ATT_T / 32)·KP (Σ a per warp) + ATT_T·KP (a) +
-// ATT_T·ATT_KLD (the k-row stages); the warps' column sums, (ATT_T / 32)·KP·dh, reuse a and the
-// stages once they are read (KP ≤ 8, dh ≤ 64: at most 4096 of their 5120).
+// Version 3 (`attention_*_v3k<KP>_f32`, fast path `attention_v3`), for k ≤ KP ∈ {4, 8} and head
+// widths dh ∈ {4, 8, 16, 32, 64} with d % 4 == 0: version 2's grids, blocks and partial-sum
+// layouts, with the slot count a compile-time constant KP. Version 2 unrolls every slot loop to
+// ATT_MAXK = 16 behind an `if (s < k)`, which ptxas compiles to a branch per slot: no shared
+// load is hoisted past one, and its chunk sums read a[i·k + s] one scalar at a time. Measured
+// (clevr6, H200, 9d1ac3f): the forward ~7300 instructions per warp of 32 tokens, the SM issuing
+// ~70 % of its cycles, L1/TEX (which carries the shared-memory pipe) 79 % busy, 2.9× its memory
+// floor; the backward 3.0×. Here q's (and dU's) rows past k and the per-token weights past k are
+// zeros, so that every slot loop runs KP times with no guard. Sums over tokens go by butterflies
+// within a warp, then in warp order through shared memory: a fixed order (deterministic), not
+// version 2's, so the results agree with it to rounding.
+#define ATT_WARPS (ATT_T / 32)
+
+// x[s] summed over the 32 lanes of the warp for s < KP (a butterfly: every lane ends with the
+// same sums). The whole warp calls it.
+template <int KP>
+static __device__ __forceinline__ void att3_warp_sums(float x[KP]) {
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) x[s] += __shfl_xor_sync(0xffffffffu, x[s], off);
+    }
+}
+
+// m[s·dh + j] for s < KP (shared): rows s < k from src[s·ld + j] (global), zeros past k.
+template <int KP>
+static __device__ __forceinline__ void att3_stage_rows(float* m, const float* __restrict__ src, int ld, int k,
+                                                       int dh) {
+    for (int idx = threadIdx.x; idx < KP * dh; idx += ATT_T) {
+        const int s = idx / dh;
+        m[idx] = s < k ? src[s * ld + idx % dh] : 0.0f;
+    }
+}
+
+// A chunk's weighted column sums: out[s·C + c] = Σ_{i < valid} a[i·KP + s] · x[i·ld + c] for
+// s < k, c < dh, and, when sa is given (C = dh + 1), out[s·C + dh] = Σ_w sa[w·KP + s] (the
+// warps' Σ a). Thread (g, qd) holds columns 4qd .. 4qd + 3 of every slot and walks the tokens
+// i ≡ g (dh / 4 threads a row, ATT_T·4 / dh groups): per token one 16-byte load of x (a
+// half-warp reads a 256-byte row whole at dh = 64) and KP / 4 of the weights, for 4·KP FMAs.
+// The groups' sums meet by a butterfly in the warp, then in warp order through red
+// ([ATT_WARPS][KP][dh] floats; it may overlap a once every thread is past the first barrier
+// here). LOADS: the loads of x in flight. The whole block calls it (barriers); a[] complete.
+template <int KP, int LOADS>
+static __device__ void att3_chunk_sums(const float* a, int valid, const float* __restrict__ x, int ld, int dh,
+                                       int k, const float* sa, float* red, float* __restrict__ out) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int qw = dh >> 2, groups = ATT_T / qw, g = tid / qw, qd = tid % qw;
+    float acc[KP][4];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.0f;
+    const float* xc = x + 4 * qd;
+#pragma unroll LOADS
+    for (int i = g; i < valid; i += groups) {
+        const float4 xv = ld_f4(xc + (size_t)i * ld);
+#pragma unroll
+        for (int s4 = 0; s4 < KP; s4 += 4) {
+            const float4 a4 = *(const float4*)&a[i * KP + s4];
+            const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                acc[s4 + u][0] += av[u] * xv.x;
+                acc[s4 + u][1] += av[u] * xv.y;
+                acc[s4 + u][2] += av[u] * xv.z;
+                acc[s4 + u][3] += av[u] * xv.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            for (int off = qw; off < 32; off <<= 1) acc[s][c] += __shfl_xor_sync(0xffffffffu, acc[s][c], off);
+        }
+    }
+    __syncthreads();  // every thread is done reading a[] (and whatever else red overlaps)
+    if (lane < qw) {
+#pragma unroll
+        for (int s = 0; s < KP; ++s)
+            *(float4*)&red[(warp * KP + s) * dh + 4 * qd] = make_float4(acc[s][0], acc[s][1], acc[s][2], acc[s][3]);
+    }
+    __syncthreads();
+    const int C = sa ? dh + 1 : dh;
+    for (int e = tid; e < k * C; e += ATT_T) {
+        const int s = e / C, c = e % C;
+        float sum = 0.0f;
+        if (c < dh) {
+            for (int w = 0; w < ATT_WARPS; ++w) sum += red[(w * KP + s) * dh + c];
+        } else {
+            for (int w = 0; w < ATT_WARPS; ++w) sum += sa[w * KP + s];
+        }
+        out[e] = sum;
+    }
+}
+
+// The forward. Dynamic shared memory (floats): KP·dh (q) + ATT_WARPS·KP (Σ a per warp) +
+// ATT_T·KP (the weights a) + ATT_T·ATT_KLD (the k-row stages); the column sums' red reuses a
+// and the stages (KP ≤ 8, dh ≤ 64: at most 4096 of their 5120 floats).
 template <int KP>
 static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __restrict__ kk,
                                                 const float* __restrict__ v, const float* __restrict__ q,
                                                 float* __restrict__ attn, float* __restrict__ partial) {
     extern __shared__ float smem[];
-    constexpr int WARPS = ATT_T / 32;
     const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
     const int dh = d / heads;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int chunk = blockIdx.x, chunks = gridDim.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
     float* qs = smem;                 // [KP][dh], rows past k zero
-    float* sa = qs + KP * dh;         // [WARPS][KP]: each warp's Σ a
-    float* as = sa + WARPS * KP;      // [ATT_T][KP], zero past k and past n
+    float* sa = qs + KP * dh;         // [ATT_WARPS][KP]: each warp's Σ a
+    float* as = sa + ATT_WARPS * KP;  // [ATT_T][KP], zero past k and past n
     float* stage = as + ATT_T * KP + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
-    float* red = as;                  // [WARPS][KP][dh], after the chunk sums
-    const float* qb = q + b * k * d;
-    for (int idx = tid; idx < KP * dh; idx += ATT_T) {
-        const int s = idx / dh;
-        qs[idx] = s < k ? qb[s * d + h * dh + idx % dh] : 0.0f;
-    }
+    att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
     __syncthreads();
     float p[KP];
     const int w0 = t0 + (tid & ~31);
@@ -451,70 +526,20 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
 #pragma unroll
     for (int s4 = 0; s4 < KP; s4 += 4)
         *(float4*)&as[tid * KP + s4] = make_float4(a[s4], a[s4 + 1], a[s4 + 2], a[s4 + 3]);
-    // Σ a over the warp's tokens (a butterfly: every lane ends with the same sums).
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) a[s] += __shfl_xor_sync(0xffffffffu, a[s], off);
-    }
+    att3_warp_sums<KP>(a);
     if (lane == 0) {
 #pragma unroll
         for (int s = 0; s < KP; ++s) sa[warp * KP + s] = a[s];
     }
     __syncthreads();
-    // Chunk sums: thread (g, qd) adds a[i][s] · v[i][4qd .. 4qd + 3] over the tokens i ≡ g.
-    const int qw = dh >> 2, groups = ATT_T / qw, g = tid / qw, qd = tid % qw;
     const int valid = min(ATT_T, n - t0);
-    float acc[KP][4];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.0f;
-    const float* vb = v + (size_t)(b * n + t0) * d + h * dh + 4 * qd;
-    constexpr int LOADS = KP == 4 ? 4 : 2;  // v loads in flight: 4 spilled at KP = 8 in 80 registers
-#pragma unroll LOADS
-    for (int i = g; i < valid; i += groups) {
-        const float4 x = ld_f4(vb + (size_t)i * d);
-#pragma unroll
-        for (int s4 = 0; s4 < KP; s4 += 4) {
-            const float4 a4 = *(const float4*)&as[i * KP + s4];
-            const float av[4] = {a4.x, a4.y, a4.z, a4.w};
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                acc[s4 + u][0] += av[u] * x.x;
-                acc[s4 + u][1] += av[u] * x.y;
-                acc[s4 + u][2] += av[u] * x.z;
-                acc[s4 + u][3] += av[u] * x.w;
-            }
-        }
-    }
-    // The warp's groups (lanes qd, qd + qw, ...) by a butterfly, then the warps in order.
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            for (int off = qw; off < 32; off <<= 1) acc[s][c] += __shfl_xor_sync(0xffffffffu, acc[s][c], off);
-        }
-    }
-    __syncthreads();  // every thread is done reading as[] and the stages, which red overwrites
-    if (lane < qw) {
-#pragma unroll
-        for (int s = 0; s < KP; ++s)
-            *(float4*)&red[(warp * KP + s) * dh + 4 * qd] = make_float4(acc[s][0], acc[s][1], acc[s][2], acc[s][3]);
-    }
-    __syncthreads();
     float* out = partial + ((size_t)bh * chunks + chunk) * k * (dh + 1);
-    for (int e = tid; e < k * (dh + 1); e += ATT_T) {
-        const int s = e / (dh + 1), c = e % (dh + 1);
-        float sum = 0.0f;
-        if (c < dh) {
-            for (int w = 0; w < WARPS; ++w) sum += red[(w * KP + s) * dh + c];
-        } else {
-            for (int w = 0; w < WARPS; ++w) sum += sa[w * KP + s];
-        }
-        out[e] = sum;
-    }
+    // (Four v loads in flight spilled 32 bytes at KP = 8 within 80 registers: two there.)
+    att3_chunk_sums<KP, KP == 4 ? 4 : 2>(as, valid, v + (size_t)(b * n + t0) * d + h * dh, d, dh, k, sa, as,
+                                         out);
 }
 
-// (ATT_T, 3): 80 registers for KP's accumulators and four loads in flight.
+// (ATT_T, 3): 80 registers for KP's accumulators and the loads in flight.
 #define ATT_FWD_V3_ENTRY(NAME, KP)                                                                 \
     extern "C" __global__ void __launch_bounds__(ATT_T, 3)                                        \
         NAME(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,              \
@@ -667,6 +692,181 @@ extern "C" __global__ void attention_bwd_main_f32(AttnDims dm, const float* __re
     float* out = dq_partial + ((size_t)bh * chunks + chunk) * k * dh;
     att_chunk_sums<2>(dls, k, valid, kk + (size_t)(b * n + t0) * d + h * dh, d, dh, dh, ws, out);
 }
+
+// Backward pass 1, version 3. Dynamic shared memory (floats): KP·dh (dU) + ATT_T·ATT_KLD (the
+// v-row stages) + ATT_WARPS·2·KP (each warp's Σ a and Σ dw·a). stats as version 2's.
+template <int KP>
+static __device__ void attention_bwd_stats_v3(AttnDims dm, const float* __restrict__ v,
+                                              const float* __restrict__ attn, const float* __restrict__ dupd,
+                                              float* __restrict__ stats) {
+    extern __shared__ float smem[];
+    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
+    const int dh = d / heads;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    float* dus = smem;                                 // [KP][dh], rows past k zero
+    float* stage = dus + KP * dh + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
+    float* sums = dus + KP * dh + ATT_T * ATT_KLD;     // [ATT_WARPS][2][KP]
+    att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
+    __syncthreads();
+    float dw[KP], a[KP];
+    const int w0 = t0 + (tid & ~31);
+    att_row_dots_staged<KP>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
+    const float* prow = attn + ((size_t)bh * n + t) * k;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        a[s] = (t < n && s < k) ? prow[s] + dm.eps : 0.0f;
+        dw[s] *= a[s];
+    }
+    att3_warp_sums<KP>(a);
+    att3_warp_sums<KP>(dw);
+    if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < KP; ++s) {
+            sums[(warp * 2) * KP + s] = a[s];
+            sums[(warp * 2 + 1) * KP + s] = dw[s];
+        }
+    }
+    __syncthreads();
+    float* out = stats + ((size_t)bh * chunks + chunk) * k * 2;
+    if (tid < 2 * k) {
+        const int s = tid / 2, which = tid % 2;
+        float acc = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w) acc += sums[(w * 2 + which) * KP + s];
+        out[tid] = acc;
+    }
+}
+
+// o[i][4qd .. 4qd + 3] += Σ_s w[i·KP + s] · m[s·dh + 4qd ..] for the tokens i ≡ g of the block's
+// valid ones (s in order, as version 2): m's columns in registers, o read and written 16 bytes
+// at a time (a half-warp a 256-byte row at dh = 64). Thread (g, qd) as att3_chunk_sums.
+template <int KP>
+static __device__ __forceinline__ void att3_rows_add(float* __restrict__ o, int ld, int valid, const float* w,
+                                                     const float* m, int dh) {
+    const int tid = threadIdx.x, qw = dh >> 2, groups = ATT_T / qw, g = tid / qw, qd = tid % qw;
+    float mc[KP][4];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        const float4 m4 = *(const float4*)&m[s * dh + 4 * qd];
+        mc[s][0] = m4.x;
+        mc[s][1] = m4.y;
+        mc[s][2] = m4.z;
+        mc[s][3] = m4.w;
+    }
+    float* oc = o + 4 * qd;
+#pragma unroll 2
+    for (int i = g; i < valid; i += groups) {
+        float4 acc = ld_f4(oc + (size_t)i * ld);
+#pragma unroll
+        for (int s4 = 0; s4 < KP; s4 += 4) {
+            const float4 w4 = *(const float4*)&w[i * KP + s4];
+            const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                acc.x += wv[u] * mc[s4 + u][0];
+                acc.y += wv[u] * mc[s4 + u][1];
+                acc.z += wv[u] * mc[s4 + u][2];
+                acc.w += wv[u] * mc[s4 + u][3];
+            }
+        }
+        *(float4*)(oc + (size_t)i * ld) = acc;
+    }
+}
+
+// Backward pass 2, version 3: dv and dk (+=) for the block's tokens and the chunk's partial of
+// dq, as version 2. Dynamic shared memory (floats): 2·KP·dh (dU, q) + 2·KP (1 / S, c) +
+// 2·ATT_T·KP (w, dl) + ATT_T·ATT_KLD (the v-row stages); dq's red reuses w, dl and the stages.
+template <int KP>
+static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
+                                             const float* __restrict__ q, const float* __restrict__ attn,
+                                             const float* __restrict__ dupd, const float* __restrict__ stats,
+                                             float* __restrict__ dk, float* __restrict__ dv,
+                                             float* __restrict__ dq_partial) {
+    extern __shared__ float smem[];
+    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
+    const int dh = d / heads;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    float* dus = smem;            // [KP][dh], rows past k zero
+    float* qs = dus + KP * dh;    // [KP][dh], rows past k zero
+    float* rS = qs + KP * dh;     // [KP]: 1 / S, zero past k
+    float* cc = rS + KP;          // [KP], zero past k
+    float* ws = cc + KP;          // [ATT_T][KP], zero past k and past n
+    float* dls = ws + ATT_T * KP;  // [ATT_T][KP], zero past k and past n
+    float* stage = dls + ATT_T * KP + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
+    att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
+    att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
+    if (tid < KP) {
+        float r = 0.0f, c = 0.0f;
+        if (tid < k) {
+            const float* st = stats + (size_t)bh * chunks * k * 2 + tid * 2;
+            float sa = 0.0f, sc = 0.0f;
+            for (int ch = 0; ch < chunks; ++ch) {
+                sa += st[(size_t)ch * k * 2];
+                sc += st[(size_t)ch * k * 2 + 1];
+            }
+            r = 1.0f / sa;
+            c = sc / sa;
+        }
+        rS[tid] = r;
+        cc[tid] = c;
+    }
+    __syncthreads();
+    float dw[KP];
+    const int w0 = t0 + (tid & ~31);
+    att_row_dots_staged<KP>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
+    const float* prow = attn + ((size_t)bh * n + t) * k;
+    float p[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) p[s] = (t < n && s < k) ? prow[s] : 0.0f;
+    float dot = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) dot += ((dw[s] - cc[s]) * rS[s]) * p[s];
+    float w[KP], dl[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        const bool real = t < n && s < k;
+        const float da = (dw[s] - cc[s]) * rS[s];
+        w[s] = real ? (p[s] + dm.eps) * rS[s] : 0.0f;
+        dl[s] = real ? dm.scale * p[s] * (da - dot) : 0.0f;
+    }
+#pragma unroll
+    for (int s4 = 0; s4 < KP; s4 += 4) {
+        *(float4*)&ws[tid * KP + s4] = make_float4(w[s4], w[s4 + 1], w[s4 + 2], w[s4 + 3]);
+        *(float4*)&dls[tid * KP + s4] = make_float4(dl[s4], dl[s4 + 1], dl[s4 + 2], dl[s4 + 3]);
+    }
+    __syncthreads();
+    const int valid = min(ATT_T, n - t0);
+    const size_t row0 = (size_t)(b * n + t0) * d + h * dh;
+    att3_rows_add<KP>(dv + row0, d, valid, ws, dus, dh);  // dv[t] += Σ_s w[t, s] dU[s]
+    att3_rows_add<KP>(dk + row0, d, valid, dls, qs, dh);  // dk[t] += Σ_s dl[t, s] q[s]
+    // This chunk's Σ_t dl[t, s] k[t, j]; red over w, dl and the stages.
+    float* out = dq_partial + ((size_t)bh * chunks + chunk) * k * dh;
+    att3_chunk_sums<KP, 2>(dls, valid, kk + row0, d, dh, k, nullptr, ws, out);
+}
+
+// (ATT_T, 3) as the forward. One kernel per macro: the emulator lists a macro's kernel under its
+// first argument.
+#define ATT_BWD_STATS_V3_ENTRY(NAME, KP)                                                  \
+    extern "C" __global__ void __launch_bounds__(ATT_T, 3)                               \
+        NAME(AttnDims dm, const float* __restrict__ v, const float* __restrict__ attn,   \
+             const float* __restrict__ dupd, float* __restrict__ stats) {                \
+        attention_bwd_stats_v3<KP>(dm, v, attn, dupd, stats);                            \
+    }
+#define ATT_BWD_MAIN_V3_ENTRY(NAME, KP)                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATT_T, 3)                                                  \
+        NAME(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,                        \
+             const float* __restrict__ q, const float* __restrict__ attn, const float* __restrict__ dupd,   \
+             const float* __restrict__ stats, float* __restrict__ dk, float* __restrict__ dv,               \
+             float* __restrict__ dq_partial) {                                                              \
+        attention_bwd_main_v3<KP>(dm, kk, v, q, attn, dupd, stats, dk, dv, dq_partial);                     \
+    }
+ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k4_f32, 4)
+ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k8_f32, 8)
+ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k4_f32, 4)
+ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k8_f32, 8)
 
 // One thread per (batch·head, s, j < dh): dq[b, s, h·dh + j] += Σ_c dq_partial (chunk order).
 extern "C" __global__ void attention_bwd_dq_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ dq_partial,

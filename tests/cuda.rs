@@ -2447,8 +2447,14 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
         "dw_c4" => name.starts_with("conv_dw_partial_c4"),
-        "attention_v2" => name == "attention_fwd_partial_f32" || name == "attention_bwd_main_f32",
-        "attention_v3" => name.starts_with("attention_fwd_partial_v3"),
+        // (Version 2's kernels, version 3's aside: version 1 is attention_{fwd,bwd}_f32.)
+        "attention_v2" => {
+            name.starts_with("attention_")
+                && !name.contains("_v3k")
+                && name != "attention_fwd_f32"
+                && name != "attention_bwd_f32"
+        }
+        "attention_v3" => name.starts_with("attention_") && name.contains("_v3k"),
         "tokens" => name.starts_with("tokens_fwd_") || name.starts_with("tokens_bwd_"),
         "slot_cell" => name.starts_with("slot_query_") || name.starts_with("slot_update_"),
         "bcast_split" => name.starts_with("bconv_"),

@@ -33,25 +33,48 @@ fn attn_fwd_smem(dm: &AttnDims) -> usize {
     (dm.k * dm.head_dim() + ATT_T * dm.k + ATT_T * ATT_KLD) * 4
 }
 
-/// Version 3 of the forward (`attention_fwd_partial_v3k<KP>_f32`, within version 2): the slot
+/// Version 3 of the attention kernels (`attention_*_v3k<KP>_f32`, within version 2): the slot
 /// count compiled in as KP = 4 or 8 (k ≤ KP), for head widths 4, 8, 16, 32 or 64 with d a
 /// multiple of 4 (a thread takes a float4 of a token's values, dh / 4 threads a whole row).
-/// Returns (kernel, dynamic shared memory in bytes): q padded to KP rows, each warp's Σ a, the
-/// block's weights padded to KP, and the warps' k-row stages (the column sums reuse the last
-/// two).
-fn attn_fwd_v3(dm: &AttnDims) -> Option<(&'static str, usize)> {
+/// Returns KP, or None where version 2 runs.
+fn attn_v3_slots(dm: &AttnDims) -> Option<usize> {
+    let ok = dm.k <= 8 && dm.d % 4 == 0 && matches!(dm.head_dim(), 4 | 8 | 16 | 32 | 64);
+    ok.then_some(if dm.k <= 4 { 4 } else { 8 })
+}
+
+/// Version 3's kernels for KP slots and their dynamic shared memory in bytes (attention.cu has
+/// the layouts): the forward (q, each warp's Σ a, the weights, the k-row stages), the
+/// backward's first pass (dU, the v-row stages, each warp's two sums) and its second (dU, q,
+/// 1 / S, c, the two per-token weights, the v-row stages). The column sums' partials reuse the
+/// per-token weights and the stages, which hold at least (ATT_T / 32)·KP·dh floats.
+struct AttnV3 {
+    fwd: (&'static str, usize),
+    bwd_stats: (&'static str, usize),
+    bwd_main: (&'static str, usize),
+}
+
+fn attn_v3(dm: &AttnDims, kp: usize) -> AttnV3 {
     let dh = dm.head_dim();
-    if dm.k > 8 || dm.d % 4 != 0 || !matches!(dh, 4 | 8 | 16 | 32 | 64) {
-        return None;
-    }
-    let (name, kp) = if dm.k <= 4 {
-        ("attention_fwd_partial_v3k4_f32", 4)
-    } else {
-        ("attention_fwd_partial_v3k8_f32", 8)
+    let warps = ATT_T / 32;
+    let stages = ATT_T * ATT_KLD;
+    debug_assert!(warps * kp * dh <= ATT_T * kp + stages);
+    let (fwd, stats, main) = match kp {
+        4 => (
+            "attention_fwd_partial_v3k4_f32",
+            "attention_bwd_stats_v3k4_f32",
+            "attention_bwd_main_v3k4_f32",
+        ),
+        _ => (
+            "attention_fwd_partial_v3k8_f32",
+            "attention_bwd_stats_v3k8_f32",
+            "attention_bwd_main_v3k8_f32",
+        ),
     };
-    let floats = kp * dh + (ATT_T / 32) * kp + ATT_T * kp + ATT_T * ATT_KLD;
-    debug_assert!((ATT_T / 32) * kp * dh <= ATT_T * kp + ATT_T * ATT_KLD);
-    Some((name, floats * 4))
+    AttnV3 {
+        fwd: (fwd, (kp * dh + warps * kp + ATT_T * kp + stages) * 4),
+        bwd_stats: (stats, (kp * dh + stages + warps * 2 * kp) * 4),
+        bwd_main: (main, (2 * kp * dh + 2 * kp + 2 * ATT_T * kp + stages) * 4),
+    }
 }
 
 /// The number of token chunks when version 2 of the attention kernels applies (K ≤ ATT_MAXK and
@@ -110,8 +133,10 @@ impl Cuda {
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
             let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
-            let v3 = attn_fwd_v3(dm).filter(|_| self.fast.attention_v3);
-            let (name, smem) = v3.unwrap_or(("attention_fwd_partial_f32", attn_fwd_smem(dm)));
+            let (name, smem) = match attn_v3_slots(dm).filter(|_| self.fast.attention_v3) {
+                Some(kp) => attn_v3(dm, kp).fwd,
+                None => ("attention_fwd_partial_f32", attn_fwd_smem(dm)),
+            };
             let cfg = attn_grid(dm, chunks, smem as u32);
             launch!(self, name, cfg; &dc, k, v, q, attn, &mut partial);
             let ci = i(chunks);
@@ -153,12 +178,27 @@ impl Cuda {
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             let bh = dm.batch * dm.heads;
             let mut stats = self.scratch::<f32>(bh * chunks * dm.k * 2);
-            let smem1 = ((dm.k * dh + 2 * ATT_T * dm.k) * 4) as u32;
-            launch!(self, "attention_bwd_stats_f32", attn_grid(dm, chunks, smem1);
+            let ((stats_name, smem1), (main_name, smem2)) =
+                match attn_v3_slots(dm).filter(|_| self.fast.attention_v3) {
+                    Some(kp) => {
+                        let v3 = attn_v3(dm, kp);
+                        (v3.bwd_stats, v3.bwd_main)
+                    }
+                    None => (
+                        (
+                            "attention_bwd_stats_f32",
+                            (dm.k * dh + 2 * ATT_T * dm.k) * 4,
+                        ),
+                        (
+                            "attention_bwd_main_f32",
+                            (2 * dm.k * dh + 2 * dm.k + 2 * ATT_T * dm.k) * 4,
+                        ),
+                    ),
+                };
+            launch!(self, stats_name, attn_grid(dm, chunks, smem1 as u32);
                 &dc, v, attn, dupd, &mut stats);
             let mut dq_partial = self.scratch::<f32>(bh * chunks * dm.k * dh);
-            let smem2 = ((2 * dm.k * dh + 2 * dm.k + 2 * ATT_T * dm.k) * 4) as u32;
-            launch!(self, "attention_bwd_main_f32", attn_grid(dm, chunks, smem2);
+            launch!(self, main_name, attn_grid(dm, chunks, smem2 as u32);
                 &dc, k, v, q, attn, dupd, &stats, dk, dv, &mut dq_partial);
             let ci = i(chunks);
             launch!(self, "attention_bwd_dq_reduce_f32", per_elem(bh * dm.k * dh);
