@@ -635,7 +635,9 @@ impl Bench {
         );
     }
 
-    fn attention(&self, batch: usize, n: usize, k: usize, d: usize) {
+    /// The attention step's kernels at one shape; `version` labels the rows (the backend's fast
+    /// paths choose what runs).
+    fn attention(&self, version: &str, batch: usize, n: usize, k: usize, d: usize) {
         let g = &self.g;
         let dm = AttnDims {
             batch,
@@ -663,12 +665,12 @@ impl Bench {
             &mut a0,
             &mut u0,
         );
-        let e = self.check("attention fwd upd", &upd, &u0, 1e-5);
+        let e = self.check(&format!("attention fwd upd ({version})"), &upd, &u0, 1e-5);
         let shape = format!("B={batch} N={n} K={k} D={d}");
         let bytes = 4.0 * (2 * batch * n * d + dm.attn_len()) as f64;
         let ms = self.time(|| g.attention_fwd(&dm, &kg, &vg, &qg, &mut attn, &mut upd));
         self.row(
-            "attention fwd (f32)",
+            &format!("attention fwd (f32 {version})"),
             &shape,
             Some(e),
             ms,
@@ -681,7 +683,7 @@ impl Bench {
         let ms = self
             .time(|| g.attention_bwd(&dm, &kg, &vg, &qg, &attn, &dupd, &mut dk, &mut dv, &mut dq));
         self.row(
-            "attention bwd (f32)",
+            &format!("attention bwd (f32 {version})"),
             &shape,
             None,
             ms,
@@ -907,7 +909,20 @@ fn main() {
         bench_with(Precision::Tf32, 3).tokens(batch, res, ch)
     });
     guarded("tokens (f32)", || b.tokens(batch, res, ch));
-    guarded("attention", || b.attention(batch, res * res, 7, ch));
+    // Version 3 (the slot count compiled in; the default) and version 2, both checked first.
+    guarded("attention v3", || {
+        b.attention("v3", batch, res * res, 7, ch)
+    });
+    guarded("attention v2", || {
+        let bp = bench_with(Precision::F32, 3);
+        Bench {
+            g: bp
+                .g
+                .with_fast_paths(FastPaths::all_but("attention_v3").unwrap()),
+            ..bp
+        }
+        .attention("v2", batch, res * res, 7, ch)
+    });
     // The slot cell at clevr6's B·K = 448 slots (the small model: 256) of width 64, MLP 128.
     let (slot_rows, slot_d) = if emulated { (21, 8) } else { (batch * 7, 64) };
     guarded("slot cell", || b.slot_cell(slot_rows, slot_d, 2 * slot_d));

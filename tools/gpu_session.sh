@@ -346,7 +346,7 @@ step_profile() {
   # occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
-  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v5k[35]|v5s2k[35]|c4k[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12])_tf32|conv_dw_partial_c4k[35]_f32|attention_(fwd_partial|bwd_main)_f32|tokens_(fwd|bwd)_tf32' -c 30 \
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v5k[35]|v5s2k[35]|c4k[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12])_tf32|conv_dw_partial_c4k[35]_f32|attention_(fwd_partial|bwd_stats|bwd_main)(_v3k[48])?_f32|tokens_(fwd|bwd)_tf32' -c 32 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
@@ -360,6 +360,14 @@ step_profile() {
     --section SourceCounters "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6-details.txt" 2>&1
   note "profile details: exit $?; $(grep -cE 'conv_.*_v[345].*_tf32' "$work/ncu-clevr6-details.txt") kernel reports in ncu-clevr6-details.txt"
+  # The same details of the token and attention kernels (in step order: tokens_fwd, the four
+  # attention forwards, the attention backward's two passes, tokens_bwd).
+  enough "profile details, tokens and attention" 30 || return
+  timeout "$(cap 60)" ncu -k 'regex:attention_(fwd_partial|bwd_stats|bwd_main)(_v3k[48])?_f32|tokens_(fwd|bwd)_tf32' -c 8 \
+    --print-details all --section WarpStateStats --section InstructionStats \
+    --section MemoryWorkloadAnalysis_Tables --section SourceCounters --section LaunchStats \
+    "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 > "$work/ncu-clevr6-tokens-attention.txt" 2>&1
+  note "profile details, tokens and attention: exit $?; $(grep -cE '(attention|tokens)_.*_(tf|f)32 \(' "$work/ncu-clevr6-tokens-attention.txt") kernel reports"
 }
 
 step_sanitize() {
