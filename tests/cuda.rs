@@ -1143,12 +1143,13 @@ fn attention_fwd_bwd_parity<B: Backend>(g: &B) {
     // version 2 takes. Head widths 6 and 5 (and d = 10): version 2's rows read one float at a
     // time instead of four. d = 64 (the models' width: 65 sums per slot, 3 token groups) and
     // d = 300 (more sums per slot than threads per block: no groups, two column blocks).
-    // Version 3 of the forward (k ≤ 8, head widths 4 to 64) takes the cases of head width 64,
-    // 16 (k = 4, as the tetrominoes model), 8 and 4; (1, 520, 8, 32): its k = 8 and three
-    // chunks, the last of 8 tokens (a partial warp and 31 empty ones).
+    // Version 3 (k ≤ 8; head widths 4, 8, 16, 32, 64) takes the cases of head widths 64, 32,
+    // 16, 8 and 4: (2, 300, 4, 64) is the tetrominoes model's attention (k = 4), (1, 520, 8, 32)
+    // its k = 8 and three chunks, the last of 8 tokens (a partial warp and 31 empty ones).
     let cases = [
         (2, 300, 4, 64, 1, 1e-8),
         (1, 520, 8, 32, 1, 1e-8),
+        (1, 70, 6, 16, 1, 1e-8),
         (2, 300, 7, 64, 1, 1e-8),
         (1, 300, 3, 300, 1, 1e-8),
         (3, 50, 5, 8, 1, 1e-8),
@@ -2504,7 +2505,7 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "conv_k32" => &["conv_v3"],
                 // (Version 5 takes the permuted weights of version 3.)
                 "conv_v5" => &["conv_v3"],
-                // (Version 3 of the attention forward runs within version 2.)
+                // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
                 _ => &[],
             };
