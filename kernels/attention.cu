@@ -189,14 +189,15 @@ extern "C" __global__ void attention_bwd_f32(AttnDims dm, const float* __restric
 
 // out[s] += x[j..j+3] · m[s·dh + j..j+3] for s < k, the four terms in order (att_row_dots and
 // att_row_dots_staged share it, so that both sum the same way). KMAX: the slots unrolled
-// (ATT_MAXK, guarded by s < k; version 3 passes k = KMAX, so that no guard is left).
+// (ATT_MAXK, guarded by s < k; version 3 passes k = KMAX, so that no guard is left). m: shared
+// memory, read by lds_f4 (as a plain float4 read, NVRTC's PTX for version 3 varied between
+// compiles).
 template <int KMAX>
-static __device__ __forceinline__ void att_dot4(float4 xv, const float* m, int k, int dh, int j,
-                                                float out[KMAX]) {
+static __device__ __forceinline__ void att_dot4(float4 xv, SmemAddr m, int k, int dh, int j, float out[KMAX]) {
 #pragma unroll
     for (int s = 0; s < KMAX; ++s) {
         if (s < k) {
-            const float4 mv = *(const float4*)(m + s * dh + j);
+            const float4 mv = lds_f4(m, s * dh + j);
             out[s] += xv.x * mv.x;
             out[s] += xv.y * mv.y;
             out[s] += xv.z * mv.z;
@@ -215,9 +216,10 @@ static __device__ __forceinline__ void att_row_dots(const float* __restrict__ x,
 #pragma unroll
     for (int s = 0; s < ATT_MAXK; ++s) out[s] = 0.0f;
     if (vec4) {
+        const SmemAddr ma = smem_addr((const unsigned*)m);
         for (int j = 0; j < dh; j += 4) {
             const float4 xv = ld_f4(x + j);
-            att_dot4<ATT_MAXK>(xv, m, k, dh, j, out);
+            att_dot4<ATT_MAXK>(xv, ma, k, dh, j, out);
         }
     } else {
         for (int j = 0; j < dh; ++j) {
@@ -290,13 +292,19 @@ static __device__ void att_chunk_sums(const float* a, int k, int valid, const fl
 // (lanes 256 bytes apart: 32 sectors per load instruction), and Nsight Compute put it at 83 % of
 // L1 throughput with DRAM at 28 % (clevr6, H200, 92b00a8). rows: this warp's valid rows; x0:
 // row 0 (row r at x0 + r·ld); stage: the warp's [32][ATT_KLD] floats. The whole warp calls it.
+// WHOLE_SLABS: dh is a multiple of ATT_KSLAB (no slab is cut short; version 3). The guard that
+// leaves a short slab's second half out made NVRTC 13.0's PTX for version 3 with KMAX = 8 differ
+// from one compile to the next (a redundant 8-byte shared load there in some compiles, not in
+// others), which the kernel cache's test of identical PTX caught.
 #define ATT_KSLAB 8  // (16 held twice the loads in flight, and spilled under the 64-register bound)
 #define ATT_KLD 12   // 48-byte rows: 8 consecutive rows' 16-byte reads hit disjoint banks
-template <int KMAX>
+template <int KMAX, bool WHOLE_SLABS = false>
 static __device__ __forceinline__ void att_row_dots_staged(const float* __restrict__ x0, int rows, int ld,
                                                            const float* m, int k, int dh, float* stage,
                                                            float out[KMAX]) {
     const int lane = threadIdx.x & 31;
+    const SmemAddr row = smem_addr((const unsigned*)(stage + lane * ATT_KLD));  // this lane's row
+    const SmemAddr ma = smem_addr((const unsigned*)m);
 #pragma unroll
     for (int s = 0; s < KMAX; ++s) out[s] = 0.0f;
     for (int j0 = 0; j0 < dh; j0 += ATT_KSLAB) {
@@ -304,16 +312,16 @@ static __device__ __forceinline__ void att_row_dots_staged(const float* __restri
         for (int i = 0; i < 32 * ATT_KSLAB / 4 / 32; ++i) {
             const int e = lane + 32 * i, r = e / (ATT_KSLAB / 4), q = e % (ATT_KSLAB / 4);
             float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (r < rows && j0 + 4 * q < dh) v = ld_f4(x0 + (size_t)r * ld + j0 + 4 * q);
+            if (r < rows && (WHOLE_SLABS || j0 + 4 * q < dh)) v = ld_f4(x0 + (size_t)r * ld + j0 + 4 * q);
             *(float4*)&stage[r * ATT_KLD + 4 * q] = v;
         }
         __syncwarp();
 #pragma unroll
         for (int q = 0; q < ATT_KSLAB / 4; ++q) {
             const int j = j0 + 4 * q;
-            if (j >= dh) break;  // (the same for the whole warp)
-            const float4 xv = *(const float4*)&stage[lane * ATT_KLD + 4 * q];
-            att_dot4<KMAX>(xv, m, k, dh, j, out);
+            if (!WHOLE_SLABS && j >= dh) break;  // (the same for the whole warp)
+            const float4 xv = lds_f4(row, 4 * q);
+            att_dot4<KMAX>(xv, ma, k, dh, j, out);
         }
         __syncwarp();  // the slab is read before the next one overwrites it
     }
@@ -321,9 +329,10 @@ static __device__ __forceinline__ void att_row_dots_staged(const float* __restri
 
 // Dynamic shared memory: k·dh (q) + ATT_T·k (a) + ATT_T·ATT_KLD (the warps' k-row stages)
 // floats. partial [batch·heads][chunks][k][dh + 1]: per chunk, Σ a·v (dh values) then Σ a.
-// (ATT_T, 4): four blocks per SM, 64 registers and no spill; left alone, ptxas took 80 (three
-// blocks) for att_chunk_sums' unrolled loads, in a kernel that waits on memory.
-extern "C" __global__ void __launch_bounds__(ATT_T, 4)
+// (ATT_T, 2): 128 registers at most. (ATT_T, 4) held it to 64 without spills until the shared
+// reads became explicit 16-byte loads (lds_f4); then it spilled 12 bytes on sm_90 within 64, and
+// 20 on sm_80 within 80. (Version 3 takes the models' shapes.)
+extern "C" __global__ void __launch_bounds__(ATT_T, 2)
 attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
                           const float* __restrict__ q, float* __restrict__ attn,
                           float* __restrict__ partial) {
@@ -386,7 +395,7 @@ attention_fwd_partial_f32(AttnDims dm, const float* __restrict__ kk, const float
 }
 
 // Version 3 (`attention_*_v3k<KP>_f32`, fast path `attention_v3`), for k ≤ KP ∈ {4, 8} and head
-// widths dh ∈ {4, 8, 16, 32, 64} with d % 4 == 0: version 2's grids, blocks and partial-sum
+// widths dh ∈ {8, 16, 32, 64} with d % 4 == 0: version 2's grids, blocks and partial-sum
 // layouts, with the slot count a compile-time constant KP. Version 2 unrolls every slot loop to
 // ATT_MAXK = 16 behind an `if (s < k)`, which ptxas compiles to a branch per slot: no shared
 // load is hoisted past one, and its chunk sums read a[i·k + s] one scalar at a time. Measured
@@ -500,7 +509,7 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     __syncthreads();
     float p[KP];
     const int w0 = t0 + (tid & ~31);
-    att_row_dots_staged<KP>(kk + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, qs, KP, dh, stage, p);
+    att_row_dots_staged<KP, true>(kk + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, qs, KP, dh, stage, p);
     // Softmax over the k real slots: the padded ones get -inf, so exp gives them 0 and the sums
     // add them last, as zeros (z is version 2's sum exactly).
     float mx = __int_as_float(0xff800000);  // -inf
@@ -551,21 +560,29 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
 ATT_FWD_V3_ENTRY(attention_fwd_partial_v3k4_f32, 4)
 ATT_FWD_V3_ENTRY(attention_fwd_partial_v3k8_f32, 8)
 
-// One thread per (batch·head, s, j < dh): upd[b, s, h·dh + j] = (Σ_c U_c[s][j]) / (Σ_c S_c[s]).
-extern "C" __global__ void attention_fwd_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ partial,
-                                                    float* __restrict__ upd) {
+// upd[b, s, h·dh + j] = (Σ_c U_c[s][j]) / (Σ_c S_c[s]) for every (batch·head, s, j < dh): one
+// column per output, the chunks split over rs_combine's groups (fixed order). A thread that
+// summed its output's 64 chunks alone (clevr6) waited 64 load latencies in a chain: 29 µs per
+// launch for 7.5 MB, in 112 blocks (H200, 9d1ac3f). Block RS_THREADS, grid ceil(outputs / RS_COLS).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
+    attention_fwd_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ partial, float* __restrict__ upd) {
+    __shared__ float sh_u[RS_GROUPS][RS_COLS], sh_s[RS_GROUPS][RS_COLS];
     const int k = dm.k, d = dm.d, heads = dm.heads, dh = d / heads;
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= dm.batch * heads * k * dh) return;
+    const int e = rs_column(), g = rs_group();
+    const bool valid = e < dm.batch * heads * k * dh;
     const int j = e % dh, s = (e / dh) % k, bh = e / (dh * k);
-    const int b = bh / heads, h = bh % heads;
-    const float* p = partial + (size_t)bh * chunks * k * (dh + 1) + s * (dh + 1);
     float u = 0.0f, cs = 0.0f;
-    for (int c = 0; c < chunks; ++c) {
-        u += p[(size_t)c * k * (dh + 1) + j];
-        cs += p[(size_t)c * k * (dh + 1) + dh];
+    if (valid) {
+        const size_t stride = (size_t)k * (dh + 1);
+        const float* p = partial + (size_t)bh * chunks * stride + s * (dh + 1);
+        for (int c = g; c < chunks; c += RS_GROUPS) {
+            u += p[c * stride + j];
+            cs += p[c * stride + dh];
+        }
     }
-    upd[(b * k + s) * d + h * dh + j] = u / cs;
+    u = rs_combine(u, sh_u);
+    cs = rs_combine(cs, sh_s);
+    if (g == 0 && valid) upd[((bh / heads) * k + s) * d + (bh % heads) * dh + j] = u / cs;
 }
 
 
@@ -714,7 +731,7 @@ static __device__ void attention_bwd_stats_v3(AttnDims dm, const float* __restri
     __syncthreads();
     float dw[KP], a[KP];
     const int w0 = t0 + (tid & ~31);
-    att_row_dots_staged<KP>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
+    att_row_dots_staged<KP, true>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
     const float* prow = attn + ((size_t)bh * n + t) * k;
 #pragma unroll
     for (int s = 0; s < KP; ++s) {
@@ -800,25 +817,30 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     float* stage = dls + ATT_T * KP + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
     att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
     att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
-    if (tid < KP) {
-        float r = 0.0f, c = 0.0f;
-        if (tid < k) {
-            const float* st = stats + (size_t)bh * chunks * k * 2 + tid * 2;
-            float sa = 0.0f, sc = 0.0f;
-            for (int ch = 0; ch < chunks; ++ch) {
+    // S and Σ dw·a of slot `warp` over the chunks: lane l sums the chunks ≡ l (mod 32) in order,
+    // then a butterfly (a fixed order; every block computes the same values). One thread per
+    // slot summing 64 chunks alone waited 64 load latencies in a chain before anything else.
+    if (warp < KP) {
+        const int lane = tid & 31;
+        float sa = 0.0f, sc = 0.0f;
+        if (warp < k) {
+            const float* st = stats + (size_t)bh * chunks * k * 2 + warp * 2;
+            for (int ch = lane; ch < chunks; ch += 32) {
                 sa += st[(size_t)ch * k * 2];
                 sc += st[(size_t)ch * k * 2 + 1];
             }
-            r = 1.0f / sa;
-            c = sc / sa;
         }
-        rS[tid] = r;
-        cc[tid] = c;
+        sa = warp_allsum(sa);
+        sc = warp_allsum(sc);
+        if (lane == 0) {
+            rS[warp] = warp < k ? 1.0f / sa : 0.0f;
+            cc[warp] = warp < k ? sc / sa : 0.0f;
+        }
     }
     __syncthreads();
     float dw[KP];
     const int w0 = t0 + (tid & ~31);
-    att_row_dots_staged<KP>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
+    att_row_dots_staged<KP, true>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
     const float* prow = attn + ((size_t)bh * n + t) * k;
     float p[KP];
 #pragma unroll
@@ -849,37 +871,44 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     att3_chunk_sums<KP, 2>(dls, valid, kk + row0, d, dh, k, nullptr, ws, out);
 }
 
-// (ATT_T, 3) as the forward. One kernel per macro: the emulator lists a macro's kernel under its
-// first argument.
-#define ATT_BWD_STATS_V3_ENTRY(NAME, KP)                                                  \
-    extern "C" __global__ void __launch_bounds__(ATT_T, 3)                               \
+// MINB: blocks per SM. Three (80 registers) as the forward, but two (128) for k = 8, which
+// spilled 16–36 bytes within 80. One kernel per macro: the emulator lists a macro's kernel under
+// its first argument.
+#define ATT_BWD_STATS_V3_ENTRY(NAME, KP, MINB)                                            \
+    extern "C" __global__ void __launch_bounds__(ATT_T, MINB)                            \
         NAME(AttnDims dm, const float* __restrict__ v, const float* __restrict__ attn,   \
              const float* __restrict__ dupd, float* __restrict__ stats) {                \
         attention_bwd_stats_v3<KP>(dm, v, attn, dupd, stats);                            \
     }
-#define ATT_BWD_MAIN_V3_ENTRY(NAME, KP)                                                                      \
-    extern "C" __global__ void __launch_bounds__(ATT_T, 3)                                                  \
+#define ATT_BWD_MAIN_V3_ENTRY(NAME, KP, MINB)                                                                \
+    extern "C" __global__ void __launch_bounds__(ATT_T, MINB)                                               \
         NAME(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,                        \
              const float* __restrict__ q, const float* __restrict__ attn, const float* __restrict__ dupd,   \
              const float* __restrict__ stats, float* __restrict__ dk, float* __restrict__ dv,               \
              float* __restrict__ dq_partial) {                                                              \
         attention_bwd_main_v3<KP>(dm, kk, v, q, attn, dupd, stats, dk, dv, dq_partial);                     \
     }
-ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k4_f32, 4)
-ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k8_f32, 8)
-ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k4_f32, 4)
-ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k8_f32, 8)
+ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k4_f32, 4, 3)
+ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k8_f32, 8, 2)
+ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k4_f32, 4, 3)
+ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k8_f32, 8, 2)
 
-// One thread per (batch·head, s, j < dh): dq[b, s, h·dh + j] += Σ_c dq_partial (chunk order).
-extern "C" __global__ void attention_bwd_dq_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ dq_partial,
-                                                       float* __restrict__ dq) {
+// dq[b, s, h·dh + j] += Σ_c dq_partial for every (batch·head, s, j < dh), as
+// attention_fwd_reduce_f32 (the chunks split over rs_combine's groups, in a fixed order).
+extern "C" __global__ void __launch_bounds__(RS_THREADS)
+    attention_bwd_dq_reduce_f32(AttnDims dm, int chunks, const float* __restrict__ dq_partial,
+                                float* __restrict__ dq) {
+    __shared__ float sh[RS_GROUPS][RS_COLS];
     const int k = dm.k, d = dm.d, heads = dm.heads, dh = d / heads;
-    const int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= dm.batch * heads * k * dh) return;
+    const int e = rs_column(), g = rs_group();
+    const bool valid = e < dm.batch * heads * k * dh;
     const int j = e % dh, s = (e / dh) % k, bh = e / (dh * k);
-    const int b = bh / heads, h = bh % heads;
-    const float* p = dq_partial + (size_t)bh * chunks * k * dh + s * dh + j;
     float acc = 0.0f;
-    for (int c = 0; c < chunks; ++c) acc += p[(size_t)c * k * dh];
-    dq[(b * k + s) * d + h * dh + j] += acc;
+    if (valid) {
+        const size_t stride = (size_t)k * dh;
+        const float* p = dq_partial + (size_t)bh * chunks * stride + s * dh + j;
+        for (int c = g; c < chunks; c += RS_GROUPS) acc += p[c * stride];
+    }
+    acc = rs_combine(acc, sh);
+    if (g == 0 && valid) dq[((bh / heads) * k + s) * d + (bh % heads) * dh + j] += acc;
 }

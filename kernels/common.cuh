@@ -229,6 +229,25 @@ static __device__ __forceinline__ void lds_u2(unsigned r[2], SmemAddr base, int 
 #endif
 }
 
+// Four consecutive floats of shared memory at base + `words` words (16-byte aligned), as one
+// explicit 16-byte load. NVRTC 13.0 sometimes added a redundant 8- or 4-byte load beside such a
+// float4 read of the attention's staged rows, differently from one compile to the next (so the
+// PTX, which the kernel cache keys and checks, was not reproducible); the instruction written
+// out cannot be split. (As lds_u2: a barrier or __syncwarp between the stores and it.)
+static __device__ __forceinline__ float4 lds_f4(SmemAddr base, int words) {
+#ifdef CUEMU
+    const unsigned* p = base + words;
+    cuemu_check_align16(p);
+    return *(const float4*)(const void*)p;
+#else
+    float4 r;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w)
+                 : "r"(base + 4 * words));
+    return r;
+#endif
+}
+
 // d += A·B for one warp's 16×8×8 TF32 tile with f32 accumulation (PTX mma.m16n8k8, A row-major,
 // B column-major). With g = lane / 4 and t = lane % 4 the fragments are
 //   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},

@@ -1143,9 +1143,9 @@ fn attention_fwd_bwd_parity<B: Backend>(g: &B) {
     // version 2 takes. Head widths 6 and 5 (and d = 10): version 2's rows read one float at a
     // time instead of four. d = 64 (the models' width: 65 sums per slot, 3 token groups) and
     // d = 300 (more sums per slot than threads per block: no groups, two column blocks).
-    // Version 3 (k ≤ 8; head widths 4, 8, 16, 32, 64) takes the cases of head widths 64, 32,
-    // 16, 8 and 4: (2, 300, 4, 64) is the tetrominoes model's attention (k = 4), (1, 520, 8, 32)
-    // its k = 8 and three chunks, the last of 8 tokens (a partial warp and 31 empty ones).
+    // Version 3 (k ≤ 8; head widths 8, 16, 32, 64) takes the cases of head widths 64, 32, 16
+    // and 8: (2, 300, 4, 64) is the tetrominoes model's attention (k = 4), (1, 520, 8, 32) its
+    // k = 8 and three chunks, the last of 8 tokens (a partial warp and 31 empty ones).
     let cases = [
         (2, 300, 4, 64, 1, 1e-8),
         (1, 520, 8, 32, 1, 1e-8),

@@ -2,7 +2,7 @@
 //! over blocks and reduces the partial sums in chunk order; version 1, one block per image and
 //! head, takes the shapes version 2 does not (and runs when its fast path is off).
 
-use super::{i, per_block, per_elem, Arg, Buf, Cuda};
+use super::{i, per_block, rs_grid, Arg, Buf, Cuda};
 use crate::ops::attention::AttnDims;
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
@@ -34,11 +34,12 @@ fn attn_fwd_smem(dm: &AttnDims) -> usize {
 }
 
 /// Version 3 of the attention kernels (`attention_*_v3k<KP>_f32`, within version 2): the slot
-/// count compiled in as KP = 4 or 8 (k ≤ KP), for head widths 4, 8, 16, 32 or 64 with d a
-/// multiple of 4 (a thread takes a float4 of a token's values, dh / 4 threads a whole row).
-/// Returns KP, or None where version 2 runs.
+/// count compiled in as KP = 4 or 8 (k ≤ KP), for head widths 8, 16, 32 or 64 with d a
+/// multiple of 4 (a thread takes a float4 of a token's values, dh / 4 threads a whole row, and
+/// the staged rows go 8 floats at a time with no short slab). Returns KP, or None where version
+/// 2 runs.
 fn attn_v3_slots(dm: &AttnDims) -> Option<usize> {
-    let ok = dm.k <= 8 && dm.d % 4 == 0 && matches!(dm.head_dim(), 4 | 8 | 16 | 32 | 64);
+    let ok = dm.k <= 8 && dm.d % 4 == 0 && matches!(dm.head_dim(), 8 | 16 | 32 | 64);
     ok.then_some(if dm.k <= 4 { 4 } else { 8 })
 }
 
@@ -140,7 +141,7 @@ impl Cuda {
             let cfg = attn_grid(dm, chunks, smem as u32);
             launch!(self, name, cfg; &dc, k, v, q, attn, &mut partial);
             let ci = i(chunks);
-            launch!(self, "attention_fwd_reduce_f32", per_elem(dm.batch * dm.heads * dm.k * dh);
+            launch!(self, "attention_fwd_reduce_f32", rs_grid(dm.batch * dm.heads * dm.k * dh);
                 &dc, &ci, &partial, upd);
             return;
         }
@@ -201,7 +202,7 @@ impl Cuda {
             launch!(self, main_name, attn_grid(dm, chunks, smem2 as u32);
                 &dc, k, v, q, attn, dupd, &stats, dk, dv, &mut dq_partial);
             let ci = i(chunks);
-            launch!(self, "attention_bwd_dq_reduce_f32", per_elem(bh * dm.k * dh);
+            launch!(self, "attention_bwd_dq_reduce_f32", rs_grid(bh * dm.k * dh);
                 &dc, &ci, &dq_partial, dq);
             return;
         }

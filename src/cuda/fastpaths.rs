@@ -44,7 +44,7 @@ pub struct FastPaths {
     /// per image and head.
     pub attention_v2: bool,
     /// Within version 2, version 3 of the attention kernels where it applies (k ≤ 8, head
-    /// widths 4, 8, 16, 32 or 64): the slot count a compile-time constant
+    /// widths 8, 16, 32 or 64): the slot count a compile-time constant
     /// (`attention_*_v3k*`); off: version 2's forward and backward.
     pub attention_v3: bool,
     /// The fused token chain (`tokens_{fwd,bwd}_{f32,tf32}`); off: the single ops.
