@@ -897,6 +897,24 @@ fn main() {
                 )
             },
         );
+        // The same with version 5's 8 warps of 16 × 32 (`conv_v6` off), beside version 6's 4 of
+        // 32 × 32 above.
+        if precision == Precision::Tf32 && version == 3 {
+            guarded("small decoder conv 32ch, version 5 (conv_v6 off)", || {
+                let bp = bench_with(precision, version);
+                Bench {
+                    g: bp.g.with_fast_paths(FastPaths::all_but("conv_v6").unwrap()),
+                    ..bp
+                }
+                .conv(
+                    "small decoder conv 32ch, v5 warps",
+                    ConvGeom::same(small_res, small_res, 32, 32, 5),
+                    small_imgs,
+                    false,
+                    precision,
+                )
+            });
+        }
     };
     conv_rows(Precision::Tf32, 3);
     conv_rows(Precision::Tf32, 2);

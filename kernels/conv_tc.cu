@@ -92,6 +92,26 @@ static __device__ __forceinline__ void tc_tile_mma_v3(SmemAddr a_row, int a_stag
     }
 }
 
+// tc_tile_mma_v3 for a warp of two m16 fragments whose rows need not be a constant distance
+// apart (version 6: 32 pixels of a tile of any width, which may wrap a tile row): each lane
+// gives ldmatrix its own row address in either fragment.
+template <int BK, int LDB, int NI>
+static __device__ __forceinline__ void tc_tile_mma_rows2(SmemAddr a_row0, SmemAddr a_row1, int a_off,
+                                                         SmemAddr b_pair, int b_stage, float acc[2][NI][4]) {
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 8) {
+        unsigned a[2][4], b[NI][2];
+        ldsm_x4(a[0], a_row0, a_off + ks);
+        ldsm_x4(a[1], a_row1, a_off + ks);
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) lds_u2(b[ni], b_pair, b_stage + ni * 8 * LDB + ks);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) mma_tf32_16x8x8(acc[mi][ni], a[mi], b[ni]);
+    }
+}
+
 // The lane's addresses for tc_tile_mma_v3 in stage 0 of As and Bs: the row it supplies to
 // ldsm_x4 (row lane & 7 of matrix lane / 8 of its warp's first A fragment) and its B pair
 // (row wn·32 + g, words 2t and 2t + 1).
@@ -681,6 +701,12 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 // tile rows). Stride 2 (64 channels) runs as stride-1 gathers by phases: see conv_igemm_v5.
 #define V5_TH 8   // output tile rows (NT 64)
 #define V5_TW 16  // output tile columns (NT 64)
+// Version 6 (`v6c32`): version 5's 32-channel kernels (`v5c32`: the same tiles, halo and
+// weight stages) with 4 warps of 32 pixels × 32 channels instead of 8 of 16 × 32. Per k-step a
+// warp loads 2 A fragments and 4 B pairs for 8 mma, where v5c32's loads 1 and 4 for 4: the
+// shared-memory wavefronts per mma fall from 3 to 2 (v5k5's 32 × 32 warps: 2), and each warp
+// runs 32 mma per tap between two barriers instead of 16.
+#define V6_THREADS 128
 
 // NT: the block's output channels, 64 (8 warps of 32 × 32: 2 tile rows × 32 channels each), 32
 // (8 warps of 16 × 32: 16 tile pixels each) or 8 (8 warps of 16 × 8), for layers of at most 8
@@ -705,15 +731,18 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 //   and its taps ky = ky0 + 2a with ky0 ≡ py + pad read u = i + a + (ky0 − pad − py)/2, halo
 //   row a.
 // Either way a phase has at most ⌈K/2⌉ taps per axis, and the halo th + ⌈K/2⌉ − 1 rows.
-template <bool ADJOINT, int K, int NT, int CS, int STRIDE = 1>
+template <bool ADJOINT, int K, int NT, int CS, int STRIDE = 1, bool WIDE = false>
 static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
     constexpr int LDH = CS + 4, LDB = CS + 8, Q = CS / 4;  // Q: 16-byte quads per pixel row
     constexpr int KK = K * K, KDIM = KK * CS;               // the GEMM's K
-    constexpr int MI = NT == 64 ? 2 : 1, NI = NT == 8 ? 1 : 4;  // a warp's m16 and n8 tiles
-    constexpr int WJ = (NT * Q + 255) / 256;                     // weight quads per thread
+    static_assert(!WIDE || (NT == 32 && STRIDE == 1), "version 6: the 32-channel layers");
+    constexpr int THREADS = WIDE ? V6_THREADS : V3_THREADS;
+    constexpr int MI = NT == 64 || WIDE ? 2 : 1, NI = NT == 8 ? 1 : 4;  // a warp's m16 and n8 tiles
+    constexpr int WJ = (NT * Q + THREADS - 1) / THREADS;                // weight quads per thread
+    static_assert(WJ == 1 || NT * Q % THREADS == 0, "has_w holds for every j or none");
     extern __shared__ uint4 v5_smem[];
     constexpr bool ADJ_S2 = STRIDE == 2 && ADJOINT, DIR_S2 = STRIDE == 2 && !ADJOINT;
     constexpr int KH = STRIDE == 1 ? K : (K + 1) / 2;  // the most taps per axis of a phase
@@ -723,7 +752,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     unsigned(*Bs)[NT][LDB] = (unsigned(*)[NT][LDB])(halo + hh * hw * LDH);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // NT 64: tile rows 2·wm, 2·wm + 1, channels wn·32..; NT 32 and 8: tile pixels 16·wm.., all
-    // NT channels.
+    // NT channels; WIDE: tile pixels 32·wm.., all 32 channels.
     const int wm = NT == 64 ? warp >> 1 : warp, wn = NT == 64 ? warp & 1 : 0;
     const int N = p.n;
     // The tiles cover the output grid, or (adjoint, stride 2) output phase (0, 0)'s, the largest.
@@ -766,12 +795,12 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         }
         return f;
     };
-    // This thread's weight rows (WJ of the NT, Q quads each: element e = tid + 256·j is row
+    // This thread's weight rows (WJ of the NT, Q quads each: element e = tid + THREADS·j is row
     // e / Q, quad e % Q, when e < NT·Q); past n, the last row (its columns are never stored).
     const bool has_w = tid < NT * Q;
     int wrow[WJ];
 #pragma unroll
-    for (int j = 0; j < WJ; ++j) wrow[j] = min(n0 + (tid + 256 * j) / Q, N - 1) * KDIM + 4 * (tid % Q);
+    for (int j = 0; j < WJ; ++j) wrow[j] = min(n0 + (tid + THREADS * j) / Q, N - 1) * KDIM + 4 * (tid % Q);
     // The weights of tap (a, b) of phase f (stride 1: tap t = a·K + b), into wv.
     uint4 wv[WJ];
     auto load_w = [&](const Phase& f, int a, int b, int t) {
@@ -785,7 +814,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         const size_t img_base = (size_t)img * p.hs * p.ws;
         const int halo_f4 = hh * hw * Q;
 #pragma unroll 4
-        for (int e = tid; e < halo_f4; e += 256) {
+        for (int e = tid; e < halo_f4; e += THREADS) {
             const int px = e / Q, q = e % Q;
             const int sy = DIR_S2 ? 2 * (f.sy0 + px / hw) + f.qy : f.sy0 + px / hw;
             const int sx = DIR_S2 ? 2 * (f.sx0 + px % hw) + f.qx : f.sx0 + px % hw;
@@ -802,7 +831,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         if (has_w) {
 #pragma unroll
             for (int j = 0; j < WJ; ++j) {
-                const int e = tid + 256 * j;
+                const int e = tid + THREADS * j;
                 *(uint4*)&Bs[stage][e / Q][4 * (e % Q)] = wv[j];
             }
         }
@@ -815,10 +844,16 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     // The lane's ldmatrix row for halo offset (0, 0): tile pixel 16·MI·wm + (lane & 15)
     // (row-major over th × tw; with NT 64, mi = 1 is the next tile row, hw pixels on), channel
     // (lane / 16)·4; past the tile's th·tw pixels, pixel 0 (its products are never stored). Its
-    // B pair as in version 3.
+    // B pair as in version 3. WIDE: mi = 1 is tile pixel 16 on, a row of its own (a_row1).
     int a_px = 16 * MI * wm + (lane & 15);
     if (a_px >= th * tw) a_px = 0;
     const SmemAddr a_row = smem_addr(&halo[((a_px / tw) * hw + a_px % tw) * LDH + ((lane >> 4) << 2)]);
+    SmemAddr a_row1 = a_row;
+    if (WIDE) {
+        int px1 = 16 * MI * wm + 16 + (lane & 15);
+        if (px1 >= th * tw) px1 = 0;
+        a_row1 = smem_addr(&halo[((px1 / tw) * hw + px1 % tw) * LDH + ((lane >> 4) << 2)]);
+    }
     const SmemAddr b_pair = smem_addr(&Bs[0][wn * 32 + (lane >> 2)][2 * (lane & 3)]);
     float acc[MI][NI][4];
     zero_acc(acc);
@@ -851,7 +886,10 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         if (t + 1 < taps) load_w(fn, a_n, b_n, t + 1);
         const int ty = ADJOINT ? f.ny - 1 - a : a, tx = ADJOINT ? f.nx - 1 - b : b;
         const int a_tap = (ty * hw + tx) * LDH, b_stage = (t & 1) * NT * LDB;
-        tc_tile_mma_v3<CS, HW64 * LDH, LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
+        if (WIDE)
+            tc_tile_mma_rows2<CS, LDB, NI>(a_row, a_row1, a_tap, b_pair, b_stage, acc);
+        else
+            tc_tile_mma_v3<CS, HW64 * LDH, LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
         // Stage (t + 1) % 2 was last read in step t − 1, before the barrier that ended it.
         if (t + 1 < taps) store_w((t + 1) & 1);
         __syncthreads();
@@ -923,6 +961,21 @@ V5_ENTRY(conv_igemm_adjoint_v5s2k3_tf32, true, 3, 64, 64, 2)
 V5_ENTRY(conv_igemm_adjoint_v5s2k5_tf32, true, 5, 64, 64, 2)
 V5_ENTRY(conv_igemm_direct_v5s2k3_tf32, false, 3, 64, 64, 2)
 V5_ENTRY(conv_igemm_direct_v5s2k5_tf32, false, 5, 64, 64, 2)
+
+// As conv_igemm_{direct,adjoint}_v5c32k{3,5}_tf32 (same arguments, grid and dynamic shared
+// memory), with block 128: version 6. (sm_90: 95 registers, so five blocks per SM, which the
+// 35 × 35 model's 7 × 18 tiles' 44 KiB of shared memory allow too: 20 warps, v5c32's 24.)
+#define V6_ENTRY(NAME, ADJ, K)                                                                               \
+    extern "C" __global__ void __launch_bounds__(V6_THREADS, 4)                                            \
+        NAME(ConvGemm p, int th, int tw, const float* __restrict__ src, const float* __restrict__ mask_y,   \
+             int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,          \
+             int accumulate, float* __restrict__ out) {                                                     \
+        conv_igemm_v5<ADJ, K, 32, 32, 1, true>(p, th, tw, src, mask_y, masked, wt, bias, relu, accumulate, out); \
+    }
+V6_ENTRY(conv_igemm_direct_v6c32k3_tf32, false, 3)
+V6_ENTRY(conv_igemm_adjoint_v6c32k3_tf32, true, 3)
+V6_ENTRY(conv_igemm_direct_v6c32k5_tf32, false, 5)
+V6_ENTRY(conv_igemm_adjoint_v6c32k5_tf32, true, 5)
 
 // ---- Version 5 for at most 4 gathered channels (`c4`): two taps per k-step ----
 // The first encoder layer gathers the image's 3 channels and the input gradient of the decoders'

@@ -783,10 +783,12 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         1185,
     );
-    // 32 gathered channels into at most 32 (`v5c32`, tiles of up to 128 pixels of any width
-    // from 8 to 24, whose m16 fragments run across tile rows): 13 × 21 takes 6 × 21 tiles (3 per
-    // image, the last partial), and its dx the same; 9 × 30 into 20 channels (a partial column
-    // tile) takes 8 × 16; and 32 → 4 (`v5c32n8`).
+    // 32 gathered channels into at most 32 (`v5c32` tiles of up to 128 pixels of any width
+    // from 8 to 24, whose m16 fragments run across tile rows; into 9 to 32, version 6's warps of
+    // 32 pixels, two fragments with a row address each): 13 × 21 takes 6 × 21 tiles (3 per
+    // image, the last partial: the last warp's last 2 pixels lie past it), and its dx the same;
+    // 9 × 30 into 20 channels (a partial column tile) takes 8 × 16; and 32 → 4 (`v5c32n8`).
+    // (Version 5's 16 × 32 warps, `conv_v6` off, run in the fast-path test's step.)
     case(
         "same k5 32->32 13x21 v5c32",
         ConvGeom::same(13, 21, 32, 32, 5),
@@ -966,7 +968,7 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         312,
     );
     // The small decoders' 32-channel layer as a transposed convolution (the mirrored gather
-    // on `v5c32` tiles).
+    // on `v5c32` tiles, version 6).
     case(
         "T k5 s1 32->32 7x12 v5c32",
         t(7, 12, 32, 32, 5, 1, 2, 0),
@@ -2421,15 +2423,16 @@ fn emu_train_step_tf32_exact_products_16_wide() {
 }
 
 /// Layers 16 wide with the full decoder and dropout: every fast path of the CUDA backend
-/// applies. (The encoder's second layer maps 32 channels to 64, so that its forward takes the
-/// 32-wide k-tiles of `conv_k32`, a gather of a multiple of 32 channels into more than 32, and
-/// its weight gradient version 4, `dw_v4`: 64 rows, 32 gathered channels; its third maps 64 to
-/// 64 at stride 1, version 5 of the activation passes, `conv_v5`.)
+/// applies. (The encoder's second layer maps 32 channels to 32 at stride 1, version 6 of the
+/// activation passes, `conv_v6`; its third 32 to 64, so that its forward takes the 32-wide
+/// k-tiles of `conv_k32`, a gather of a multiple of 32 channels into more than 32, and its
+/// weight gradient version 4, `dw_v4`: 64 rows, 32 gathered channels; its fourth maps 64 to 64
+/// at stride 1, version 5 of the activation passes, `conv_v5`.)
 fn all_fast_paths_config() -> Config {
     small_config(|m| {
         m.implicit_diff = true;
         m.dropout = 0.1;
-        m.encoder_channels = vec![32, 64, 64];
+        m.encoder_channels = vec![32, 32, 64, 64];
         m.decoder = DecoderKind::Full;
         m.decoder_channels = Some(vec![16, 16]);
         m.feat_size = 16;
@@ -2444,6 +2447,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
         "conv_k32" => name.starts_with("conv_igemm_") && name.contains("_k32_"),
         "conv_v5" => name.starts_with("conv_igemm_") && name.contains("_v5"),
+        "conv_v6" => name.starts_with("conv_igemm_") && name.contains("_v6"),
         "conv_c4" => name.starts_with("conv_igemm_") && name.contains("_c4"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
@@ -2505,6 +2509,8 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "conv_k32" => &["conv_v3"],
                 // (Version 5 takes the permuted weights of version 3.)
                 "conv_v5" => &["conv_v3"],
+                // (Version 6 runs within version 5.)
+                "conv_v6" => &["conv_v3", "conv_v5"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
                 _ => &[],

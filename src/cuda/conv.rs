@@ -259,6 +259,9 @@ const DW3_THREADS: u32 = 256;
 /// conv_tc.cu).
 const V3_THREADS: u32 = 256;
 
+/// Threads per block of version 6 (`conv_igemm_*_v6c32*`; V6_THREADS in conv_tc.cu).
+const V6_THREADS: u32 = 128;
+
 /// Bytes of dynamic shared memory of a version 3 activation pass with tiles of `bm × bn` and
 /// k-tiles of `bk`: two stages of A (rows of bk + 4 words) and of B (bk + 8 words), as
 /// V3Smem in conv_tc.cu lays them out.
@@ -329,8 +332,14 @@ pub(super) const LARGE_SHARED: [(&str, u32); 14] = [
 /// adjoint gather (a transposed convolution's forward) one output phase per z, the direct one
 /// (its dx) over the four source phases in turn. Its
 /// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
-/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32.
-fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32, i32)> {
+/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the 32-channel
+/// passes into 9 to 32 outputs take version 6 (`v6c32`: the same tiles and shared memory, 4
+/// warps of 32 × 32 instead of 8 of 16 × 32).
+fn v5_kernel(
+    p: &ConvGemmC,
+    adjoint: bool,
+    v6: bool,
+) -> Option<(&'static str, LaunchConfig, i32, i32)> {
     let nt = match (p.cs, p.n) {
         (32 | 64, 1..=8) => 8,
         (64, 33..) => 64,
@@ -369,7 +378,12 @@ fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig
     } else {
         v5_c32_tile(hp, wp)
     };
+    let wide = v6 && nt == 32;
     let name = match (adjoint, p.k, nt, cs) {
+        (false, 3, 32, _) if wide => "conv_igemm_direct_v6c32k3_tf32",
+        (true, 3, 32, _) if wide => "conv_igemm_adjoint_v6c32k3_tf32",
+        (false, _, 32, _) if wide => "conv_igemm_direct_v6c32k5_tf32",
+        (true, _, 32, _) if wide => "conv_igemm_adjoint_v6c32k5_tf32",
         (false, 3, 32, _) => "conv_igemm_direct_v5c32k3_tf32",
         (true, 3, 32, _) => "conv_igemm_adjoint_v5c32k3_tf32",
         (false, _, 32, _) => "conv_igemm_direct_v5c32k5_tf32",
@@ -385,7 +399,7 @@ fn v5_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig
         name,
         LaunchConfig {
             grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(nt as u32), 1),
-            block_dim: (V3_THREADS, 1, 1),
+            block_dim: (if wide { V6_THREADS } else { V3_THREADS }, 1, 1),
             shared_mem_bytes: v5_shared_bytes(th, tw, k, nt, cs),
         },
         i(th),
@@ -728,7 +742,8 @@ impl Cuda {
         };
         let si = i(splits);
         if splits == 1 && self.fast.conv_v5 {
-            let v5 = v5_kernel(p, v3.adjoint).filter(|(n, ..)| self.may_launch(n));
+            let v5 =
+                v5_kernel(p, v3.adjoint, self.fast.conv_v6).filter(|(n, ..)| self.may_launch(n));
             if let Some((name, cfg, th, tw)) = v5 {
                 launch!(self, name, cfg; p, &th, &tw, src, mask, masked, wt, bias, relu, mode, out);
                 return;
@@ -1116,7 +1131,7 @@ mod tests {
                 // Version 5 applies here (stride 2) to the gathers of 64 channels into more than
                 // 32 only (`v5s2`), with the bytes LARGE_SHARED lists for it: the adjoint one
                 // over 2 images × 1 tile of each of 4 output phases, the direct one over 2 × 1.
-                let v5 = v5_kernel(&p, adjoint);
+                let v5 = v5_kernel(&p, adjoint, true);
                 assert_eq!(v5.is_some(), cs == 64 && n > 32, "{n} {cs} {adjoint}");
                 if let Some((v5_name, v5_cfg, ..)) = v5 {
                     let listed = LARGE_SHARED.iter().find(|(k, _)| *k == v5_name).unwrap();
@@ -1159,11 +1174,11 @@ mod tests {
             (32, 32, 5, 2, false),
         ] {
             let p = gemm_17x33(3, cs, n, k, stride);
-            for adjoint in [false, true] {
+            for (adjoint, v6) in [(false, false), (true, false), (false, true), (true, true)] {
                 // (At stride 2, `v5s2` takes the gathers of 64 channels into more than 32:
                 // large_shared_kernels_are_loaded_and_need_the_opt_in checks its launches.)
                 let s2 = stride == 2 && cs == 64 && n > 32;
-                let v5 = v5_kernel(&p, adjoint);
+                let v5 = v5_kernel(&p, adjoint, v6);
                 assert_eq!(v5.is_some(), applies || s2, "{n} {cs} {k} {stride}");
                 if let Some((name, cfg, th, tw)) = v5 {
                     assert_eq!(name.contains("_v5s2"), s2, "{name}");
@@ -1181,7 +1196,14 @@ mod tests {
                             "{name}"
                         );
                         assert_eq!((th, tw), (11, 11), "{name}");
-                        assert!(name.contains("_v5c32"), "{name}");
+                        // Version 6 takes the 32-channel passes into more than 8 outputs,
+                        // with 4 warps a block.
+                        let wide = v6 && n > 8;
+                        assert!(
+                            name.contains(if wide { "_v6c32" } else { "_v5c32" }),
+                            "{name}"
+                        );
+                        assert_eq!(cfg.block_dim.0, if wide { 128 } else { 256 }, "{name}");
                     }
                     // 3 images of 3 × 3 (or 2 × 3) tiles; one column tile of 8 or
                     // ⌈n / 64⌉ (32 with 32 channels).

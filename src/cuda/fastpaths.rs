@@ -25,6 +25,10 @@ pub struct FastPaths {
     /// 2 with 64 gathered channels into more than 32, by phases): the output tile's halo staged
     /// once (`conv_igemm_*_v5*_tf32`); off: version 3.
     pub conv_v5: bool,
+    /// Within version 5, version 6 for the 32-channel passes into 9 to 32 outputs (the small
+    /// models' 32-channel layers): warps of 32 pixels × 32 channels, 4 per block
+    /// (`conv_igemm_*_v6c32*_tf32`); off: version 5's 8 warps of 16 × 32.
+    pub conv_v6: bool,
     /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:
     /// the first layer's forward, the last layer's input gradient): two taps per k-step of the
     /// mma (`conv_igemm_*_c4*_tf32`); off: version 2.
@@ -71,6 +75,7 @@ impl FastPaths {
         conv_v3: true,
         conv_k32: true,
         conv_v5: true,
+        conv_v6: true,
         conv_c4: true,
         dw_v3: true,
         dw_v4: true,
@@ -86,6 +91,7 @@ impl FastPaths {
         conv_v3: false,
         conv_k32: false,
         conv_v5: false,
+        conv_v6: false,
         conv_c4: false,
         dw_v3: false,
         dw_v4: false,
@@ -99,10 +105,11 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 14] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
+        "conv_v6",
         "conv_c4",
         "dw_v3",
         "dw_v4",
@@ -120,6 +127,7 @@ impl FastPaths {
             "conv_v3" => &mut self.conv_v3,
             "conv_k32" => &mut self.conv_k32,
             "conv_v5" => &mut self.conv_v5,
+            "conv_v6" => &mut self.conv_v6,
             "conv_c4" => &mut self.conv_c4,
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
@@ -196,6 +204,7 @@ mod tests {
             fp.conv_v3
                 && fp.conv_k32
                 && fp.conv_v5
+                && fp.conv_v6
                 && fp.conv_c4
                 && fp.dw_v3
                 && fp.dw_v4

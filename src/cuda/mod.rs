@@ -729,6 +729,7 @@ impl Cuda {
         if !v3 {
             self.fast.conv_k32 = false;
             self.fast.conv_v5 = false;
+            self.fast.conv_v6 = false;
             self.fast.conv_c4 = false;
             self.fast.dw_v4 = false;
             self.fast.dw_c4 = false;
