@@ -897,17 +897,20 @@ fn main() {
                 )
             },
         );
-        // The same with version 5's 8 warps of 16 × 32 (`conv_v6` off), beside version 6's 4 of
-        // 32 × 32 above.
+        // The same with `conv_v6` and `dw_u40` off: version 5's 8 warps of 16 × 32 (fwd, dx) and
+        // units of 16 positions (dW), beside version 6's 4 warps of 32 × 32 and units of 40
+        // above.
         if precision == Precision::Tf32 && version == 3 {
-            guarded("small decoder conv 32ch, version 5 (conv_v6 off)", || {
+            guarded("small decoder conv 32ch, conv_v6 and dw_u40 off", || {
                 let bp = bench_with(precision, version);
                 Bench {
-                    g: bp.g.with_fast_paths(FastPaths::all_but("conv_v6").unwrap()),
+                    g: bp
+                        .g
+                        .with_fast_paths(FastPaths::all_but("conv_v6,dw_u40").unwrap()),
                     ..bp
                 }
                 .conv(
-                    "small decoder conv 32ch, v5 warps",
+                    "small decoder conv 32ch, conv_v6 and dw_u40 off",
                     ConvGeom::same(small_res, small_res, 32, 32, 5),
                     small_imgs,
                     false,

@@ -1544,11 +1544,21 @@ static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int se
 }
 
 // Strip elements (16-byte quads) each of THREADS threads loads: a strip of L pixels × 32
-// channels is 8·L quads.
-template <int K, int S, int THREADS>
+// channels is 8·L quads, L = (U − 1)·S + K for units of U positions.
+template <int K, int S, int THREADS, int U = 16>
 struct Dw4Strip {
-    static constexpr int len = 15 * S + K;
+    static constexpr int len = (U - 1) * S + K;
     static constexpr int loads = (8 * len + THREADS - 1) / THREADS;
+};
+
+// A quads each of THREADS = 4·RM threads loads for a unit of U positions × RM rows (U·RM/4
+// quads): positions j, j + 16, … of the thread's row quad. And the mask registers a unit needs:
+// B's per strip quad, or A's per A quad.
+template <int K, int S, int RM, int U>
+struct Dw4Unit {
+    static constexpr int a_loads = (U + 15) / 16;
+    static constexpr int strip_loads = Dw4Strip<K, S, 4 * RM, U>::loads;
+    static constexpr int masks = a_loads > strip_loads ? a_loads : strip_loads;
 };
 
 // v with the components zeroed where the ReLU output mk is not positive (relu_masked's rule;
@@ -1562,37 +1572,43 @@ static __device__ __forceinline__ float4 mask_by(float4 v, float4 mk) {
     return v;
 }
 
-// This thread's loads for the unit (n, py, px0 = 16·seg): A position j = tid / (RM / 4), rows
-// i..i+3 (zero past the grid row's end); strip elements e = tid + 4·RM·r (pixel e / 8, channel
-// quad e % 8, zero outside the source or past the strip).
+// This thread's loads for the unit (n, py, px0 = U·seg): A positions j = tid / (RM / 4) + 16·r,
+// rows i..i+3 (zero past the grid row's end or the unit); strip elements e = tid + 4·RM·r
+// (pixel e / 8, channel quad e % 8, zero outside the source or past the strip).
 // The ReLU masks are loaded here and applied when the unit is stored (dw4_apply_masks), a unit
 // later: applied here, each masked load's value was needed at once and the warp waited out the
 // load's whole latency right after the barrier, every unit (Nsight Compute, 92b00a8: 3.4 of the
 // 9.7 cycles between a warp's instructions waiting on global loads). mq holds the masks of the
-// one masked operand: B's element r in mq[r] when b_masked, else A's in mq[0] when a_masked
-// (conv_dw masks dy, which is A or B, never both; were both set, A is masked here at once).
-template <int K, int S, int RM>
+// one masked operand: B's element r in mq[r] when b_masked, else A's quad r in mq[r] when
+// a_masked (conv_dw masks dy, which is A or B, never both; were both set, A is masked here at
+// once).
+template <int K, int S, int RM, int U>
 static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float* __restrict__ a_src,
                                                 const float* __restrict__ a_mask, int a_masked,
                                                 const float* __restrict__ b_src, const float* __restrict__ b_mask,
                                                 int b_masked, int n, int py, int seg, int i, int ky, int cb,
-                                                float4& av, float4 bv[Dw4Strip<K, S, 4 * RM>::loads],
-                                                float4 mq[Dw4Strip<K, S, 4 * RM>::loads]) {
-    using Strip = Dw4Strip<K, S, 4 * RM>;
-    const int tid = threadIdx.x, j = tid / (RM / 4), px0 = 16 * seg;
-    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (!b_masked) mq[0] = a;
-    if (px0 + j < p.wp) {
-        const int idx = ((n * p.hp + py) * p.wp + px0 + j) * p.rows + i;
-        a = ld_f4(a_src + idx);
-        if (a_masked) {
-            if (b_masked)
-                a = relu_masked(a, a_mask + idx);
-            else
-                mq[0] = ld_f4(a_mask + idx);
+                                                float4 av[Dw4Unit<K, S, RM, U>::a_loads],
+                                                float4 bv[Dw4Unit<K, S, RM, U>::strip_loads],
+                                                float4 mq[Dw4Unit<K, S, RM, U>::masks]) {
+    using Strip = Dw4Strip<K, S, 4 * RM, U>;
+    const int tid = threadIdx.x, px0 = U * seg;
+#pragma unroll
+    for (int r = 0; r < Dw4Unit<K, S, RM, U>::a_loads; ++r) {
+        const int j = tid / (RM / 4) + 16 * r;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (!b_masked) mq[r] = a;
+        if ((U % 16 == 0 || j < U) && px0 + j < p.wp) {  // (j < U: a unit of 40's last 8)
+            const int idx = ((n * p.hp + py) * p.wp + px0 + j) * p.rows + i;
+            a = ld_f4(a_src + idx);
+            if (a_masked) {
+                if (b_masked)
+                    a = relu_masked(a, a_mask + idx);
+                else
+                    mq[r] = ld_f4(a_mask + idx);
+            }
         }
+        av[r] = a;
     }
-    av = a;
     const int sy = py * S - p.pad + ky;
     const bool row_ok = (unsigned)sy < (unsigned)p.hs;
 #pragma unroll
@@ -1611,23 +1627,24 @@ static __device__ __forceinline__ void dw4_load(const ConvDwGemm& p, const float
 }
 
 // The masks dw4_load deferred, applied to a unit's operands before they are summed and stored.
-template <int LOADS>
-static __device__ __forceinline__ void dw4_apply_masks(int a_masked, int b_masked, float4& av, float4 bv[LOADS],
-                                                       const float4 mq[LOADS]) {
+template <int A_LOADS, int LOADS, int MASKS>
+static __device__ __forceinline__ void dw4_apply_masks(int a_masked, int b_masked, float4 av[A_LOADS],
+                                                       float4 bv[LOADS], const float4 mq[MASKS]) {
     if (b_masked) {
 #pragma unroll
         for (int r = 0; r < LOADS; ++r) bv[r] = mask_by(bv[r], mq[r]);
     } else if (a_masked) {
-        av = mask_by(av, mq[0]);
+#pragma unroll
+        for (int r = 0; r < A_LOADS; ++r) av[r] = mask_by(av[r], mq[r]);
     }
 }
 
-// grid (rows / RM, k · cs / 32, chunks), block 4·RM; p.chunk counts units (16 positions of one
-// grid row each). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it. The
+// grid (rows / RM, k · cs / 32, chunks), block 4·RM; p.chunk counts units (U positions of one
+// grid row each: 16, or 40 for grids 33 to 40 wide, `u40`). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it. The
 // stride S is a template parameter so that the strip's row length and each B fragment's offset
 // in it are constants (with both at run time, the SASS of the loop spent 61 LEA and 86 IMAD on
 // those addresses per 40 HMMA).
-template <int K, int S, int RM, int DEPTH>
+template <int K, int S, int RM, int DEPTH, int U = 16>
 static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __restrict__ a_src,
                                           const float* __restrict__ a_mask, int a_masked,
                                           const float* __restrict__ b_src, const float* __restrict__ b_mask,
@@ -1636,14 +1653,16 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     static_assert(DEPTH == 1 || DEPTH == 2, "stage t % 2 must be free when unit t is stored");
     static_assert(S == 1 || S == 2, "strips of at most 35 pixels");
     static_assert(RM == 64 || RM == 32, "a warp's 32 rows, one or two warp rows");
+    static_assert(U % 8 == 0 && U >= 16, "whole k-steps; the operand sums' 16 thread rows");
     constexpr int THREADS = 4 * RM, QPR = RM / 4;  // QPR: A quads per position (one thread each)
-    using Strip = Dw4Strip<K, S, THREADS>;
+    using Strip = Dw4Strip<K, S, THREADS, U>;
+    using Unit = Dw4Unit<K, S, RM, U>;
     constexpr int LDA = RM + 8;  // ≡ 8 (mod 32): the paired A fragment loads are conflict-free
     // Strip rows of 40 words (stride 1: the B fragment loads of lanes (g, t) hit banks 8t + g)
     // or 36 (stride 2: rows kx + 2t, banks 8t + g again).
     constexpr int ldb = S == 2 ? 36 : 40;
     constexpr int s = S, strip_len = Strip::len;
-    __shared__ __align__(16) unsigned At[2][TC_BK][LDA];
+    __shared__ __align__(16) unsigned At[2][U][LDA];
     __shared__ __align__(16) unsigned Bs[2][strip_len * ldb];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -1652,7 +1671,7 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     const int cblocks = p.cs / 32;
     const int ky = blockIdx.y / cblocks, cb = 32 * (blockIdx.y % cblocks);
     const int i0 = RM * blockIdx.x, i = i0 + 4 * (tid % QPR);
-    const int segs = (p.wp + 15) / 16, units = p.batch * p.hp * segs;
+    const int segs = (p.wp + U - 1) / U, units = p.batch * p.hp * segs;
     const int ubeg = blockIdx.z * p.chunk, uend = min(ubeg + p.chunk, units);
     const int ntiles = max(uend - ubeg, 0);
     float acc[2][K][4];
@@ -1670,17 +1689,17 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
         lpy = (u / segs) % p.hp;
         ln = u / (segs * p.hp);
     }
-    float4 av[DEPTH], bv[DEPTH][Strip::loads], mq[DEPTH][Strip::loads];
+    float4 av[DEPTH][Unit::a_loads], bv[DEPTH][Strip::loads], mq[DEPTH][Unit::masks];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
         if (d > 0) dw4_unit_next(p, segs, ln, lpy, lseg);
         if (d < ntiles)
-            dw4_load<K, S, RM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky,
+            dw4_load<K, S, RM, U>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i, ky,
                                cb, av[d], bv[d], mq[d]);
     }
     const bool sum_a = sums_of == 1 && blockIdx.y == 0;
     const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
-    // The strip pixels whose sums count (sum_b): [own, own + 16·s), own = min(pad, k − s). Bit r
+    // The strip pixels whose sums count (sum_b): [own, own + U·s), own = min(pad, k − s). Bit r
     // of own_bits: whether this thread's element r (pixel tid / 8 + r·THREADS / 8) lies in it.
     // All of a thread's elements are one channel quad, so one accumulator sums them, and it
     // serves the A sums or the B sums.
@@ -1689,7 +1708,7 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
 #pragma unroll
     for (int r = 0; r < Strip::loads; ++r) {
         const int px = (tid >> 3) + r * (THREADS / 8);
-        if (px >= own && px < own + 16 * s && px < strip_len) own_bits |= 1u << r;
+        if (px >= own && px < own + U * s && px < strip_len) own_bits |= 1u << r;
     }
     float4 osum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     // This warp's n8 tiles: taps kx = 0..K−1, each over channels 8·wn..8·wn + 7 of the block's
@@ -1704,13 +1723,19 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             const int tt = t0 + d;
             if (tt >= ntiles) break;  // (uniform over the block)
             const int st = DEPTH == 2 ? d : (tt & 1);
-            dw4_apply_masks<Strip::loads>(a_masked, b_masked, av[d], bv[d], mq[d]);
-            if (sum_a) osum = add4(osum, av[d]);
+            dw4_apply_masks<Unit::a_loads, Strip::loads, Unit::masks>(a_masked, b_masked, av[d], bv[d], mq[d]);
+            if (sum_a)
+#pragma unroll
+                for (int r = 0; r < Unit::a_loads; ++r) osum = add4(osum, av[d][r]);
             if (sum_b)
 #pragma unroll
                 for (int r = 0; r < Strip::loads; ++r)
                     if ((own_bits >> r) & 1u) osum = add4(osum, bv[d][r]);
-            *(uint4*)&At[st][tid / QPR][4 * (tid % QPR)] = tf32x4(av[d]);
+#pragma unroll
+            for (int r = 0; r < Unit::a_loads; ++r) {
+                const int j = tid / QPR + 16 * r;
+                if (U % 16 == 0 || j < U) *(uint4*)&At[st][j][4 * (tid % QPR)] = tf32x4(av[d][r]);
+            }
 #pragma unroll
             for (int r = 0; r < Strip::loads; ++r) {
                 const int e = tid + THREADS * r, px = e >> 3;
@@ -1719,11 +1744,11 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             __syncthreads();
             if (tt + DEPTH < ntiles) {
                 dw4_unit_next(p, segs, ln, lpy, lseg);
-                dw4_load<K, S, RM>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i,
+                dw4_load<K, S, RM, U>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, ln, lpy, lseg, i,
                                    ky, cb, av[d], bv[d], mq[d]);
             }
 #pragma unroll
-            for (int ks = 0; ks < TC_BK; ks += 8) {
+            for (int ks = 0; ks < U; ks += 8) {
                 unsigned a[2][4];
                 a_frags_paired<LDA>(At[st], ks, wm, g, t, a);
 #pragma unroll
@@ -1808,6 +1833,23 @@ DW4R32_ENTRY(conv_dw_partial_v4r32k3s1_tf32, 3, 1, 4)
 DW4R32_ENTRY(conv_dw_partial_v4r32k3s2_tf32, 3, 2, 3)
 DW4R32_ENTRY(conv_dw_partial_v4r32k5s1_tf32, 5, 1, 4)
 DW4R32_ENTRY(conv_dw_partial_v4r32k5s2_tf32, 5, 2, 3)
+
+// The 32-row blocks with units of 40 positions (`v4r32k<k>s1u40`, stride 1): for grids 33 to
+// 40 wide (the small models' 35 × 35), which units of 16 cover in 3 (48 positions, 73 % used,
+// three barriers per grid row), units of 40 in 1 (88 %, one barrier). A unit holds 5 k-steps
+// (50 mma per warp between barriers, 20 with 16), so one set of loads in flight (DEPTH 1) hides
+// as much latency as two of 16; two would not fit 128 registers (3 A + 3 strip quads a set).
+// Block 128, grid (rows / 32, k · cs / 32, chunks of p.chunk units of 40).
+#define DW4U40_ENTRY(NAME, K)                                                                                \
+    extern "C" __global__ void __launch_bounds__(DW4R32_THREADS, 4)                                        \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
+        conv_dw_partial_v4<K, 1, 32, 1, 40>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial,       \
+                                            sums_of, sum_kys, sums);                                        \
+    }
+DW4U40_ENTRY(conv_dw_partial_v4r32k3s1u40_tf32, 3)
+DW4U40_ENTRY(conv_dw_partial_v4r32k5s1u40_tf32, 5)
 
 // ---- Weight gradients for at most 4 gathered channels (`dw_c4`), on the CUDA cores ----
 // The first encoder layer's dW gathers the image's 3 channels: a GEMM of 64 rows × 75 columns

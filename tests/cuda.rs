@@ -745,6 +745,22 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         1141,
     );
+    // Its units of 40 positions (`u40`: 32-row blocks, stride 1, grids 33 to 40 wide, one unit
+    // per grid row, the last 8 of a unit's A positions past the 32 its threads' first two
+    // loads cover): 5×5 over 35 wide (5 positions of the unit past the row), 3×3 over 40 (a
+    // whole unit). The transposed 5×5 below sums g over units of 40 (its bias gradient).
+    case(
+        "same k5 32->32 5x35 dw4r32 u40",
+        ConvGeom::same(5, 35, 32, 32, 5),
+        true,
+        1142,
+    );
+    case(
+        "same k3 32->32 3x40 dw4r32 u40",
+        ConvGeom::same(3, 40, 32, 32, 3),
+        false,
+        1143,
+    );
     // Version 5 of the activation passes (stride 1, 64 gathered channels, a halo tile per 8 × 16
     // output pixels): a 5×5 "same" layer over 2 × 3 tiles per image (both partial at the far
     // edges), its dx the mirrored (adjoint) gather; a "valid" 5×5 (pad 0); and a 3×3 to 96
@@ -974,6 +990,14 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         t(7, 12, 32, 32, 5, 1, 2, 0),
         true,
         320,
+    );
+    // Over an input 34 wide: its dW in units of 40 (`u40`), with the bias gradient from the
+    // units' sums of g.
+    case(
+        "T k5 s1 32->32 4x34 u40",
+        t(4, 34, 32, 32, 5, 1, 2, 0),
+        false,
+        321,
     );
 }
 
@@ -2451,6 +2475,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "conv_c4" => name.starts_with("conv_igemm_") && name.contains("_c4"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
+        "dw_u40" => name.starts_with("conv_dw_partial_v4") && name.contains("u40"),
         "dw_c4" => name.starts_with("conv_dw_partial_c4"),
         // (Version 2's kernels, version 3's aside: version 1 is attention_{fwd,bwd}_f32.)
         "attention_v2" => {
@@ -2511,12 +2536,17 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "conv_v5" => &["conv_v3"],
                 // (Version 6 runs within version 5.)
                 "conv_v6" => &["conv_v3", "conv_v5"],
+                "dw_u40" => &["dw_v4"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
                 _ => &[],
             };
-            let on =
-                fast.is_on(path) == Some(true) && needs.iter().all(|n| fast.is_on(n) == Some(true));
+            // (Units of 40 need a grid 33 to 40 wide, which this 8 × 8 model has not: the conv
+            // tests' u40 cases check them.)
+            let applies = path != "dw_u40";
+            let on = applies
+                && fast.is_on(path) == Some(true)
+                && needs.iter().all(|n| fast.is_on(n) == Some(true));
             assert_eq!(
                 !ran.is_empty(),
                 on,

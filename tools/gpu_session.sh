@@ -305,7 +305,7 @@ step_ablate() {
   # One slotfix process per row (the kernels come from the kernel cache), 10 timed steps each.
   # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
   local configs=${ABLATE_CONFIGS:-tetrominoes clevr6} batch=${ABLATE_BATCH:-64}
-  local paths="none conv_v3 conv_v5 conv_v6 conv_c4 conv_k32 dw_v3 dw_v4 dw_c4 attention_v2 attention_v3 tokens slot_cell bcast_split conv_splitk all"
+  local paths="none conv_v3 conv_v5 conv_v6 conv_c4 conv_k32 dw_v3 dw_v4 dw_u40 dw_c4 attention_v2 attention_v3 tokens slot_cell bcast_split conv_splitk all"
   local c cfg off v
   for c in $configs; do
     cfg=$(cuda_config "$c")

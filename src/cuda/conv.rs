@@ -123,8 +123,19 @@ fn dw4_row_tile(rows: usize) -> usize {
     }
 }
 
+/// Version 4's unit, the positions of one grid row a block's k-tile covers: 40 for 32-row
+/// blocks at stride 1 over grids 33 to 40 wide (`u40`: the small models' 35 × 35 in one unit of
+/// 40 per grid row, where units of 16 take three, 48 positions), 16 otherwise.
+fn dw4_unit(row_tile: usize, stride: usize, wp: usize, u40: bool) -> usize {
+    if u40 && row_tile == 32 && stride == 1 && (33..=40).contains(&wp) {
+        40
+    } else {
+        16
+    }
+}
+
 /// Blocks of version 4 that one SM holds at once (their `__launch_bounds__`): two of 64 rows;
-/// four of 32 rows at stride 1, three at stride 2.
+/// four of 32 rows at stride 1 (units of 16 or 40), three at stride 2.
 fn dw4_blocks_per_sm(row_tile: usize, stride: usize) -> usize {
     match (row_tile, stride) {
         (64, _) => 2,
@@ -134,8 +145,10 @@ fn dw4_blocks_per_sm(row_tile: usize, stride: usize) -> usize {
 }
 
 /// Version 4's kernel for `row_tile` rows per block, a k × k kernel and the stride.
-fn dw4_kernel(row_tile: usize, k: usize, stride: usize) -> &'static str {
+fn dw4_kernel(row_tile: usize, k: usize, stride: usize, unit: usize) -> &'static str {
     match (row_tile, k, stride) {
+        (32, 3, 1) if unit == 40 => "conv_dw_partial_v4r32k3s1u40_tf32",
+        (32, _, 1) if unit == 40 => "conv_dw_partial_v4r32k5s1u40_tf32",
         (64, 3, 1) => "conv_dw_partial_v4k3s1_tf32",
         (64, 3, _) => "conv_dw_partial_v4k3s2_tf32",
         (64, _, 1) => "conv_dw_partial_v4k5s1_tf32",
@@ -191,13 +204,13 @@ fn dwc4_chunks(tiles: usize) -> (usize, usize) {
 }
 
 /// Whether version 4's sums of g (a transposed convolution's bias gradient) count every output
-/// pixel of a row once: the strip ranges [own, own + 16·s) of a grid row's units (own =
+/// pixel of a row once: the strip ranges [own, own + unit·s) of a grid row's units (own =
 /// min(pad, k − s), as in conv_dw_partial_v4) start at or before pixel 0 and reach its end.
 /// (Rows are the covering taps' ky, `covering`.)
-fn dw4_sums_cover(g: &ConvGeom, covering: Option<u32>) -> bool {
+fn dw4_sums_cover(g: &ConvGeom, covering: Option<u32>, unit: usize) -> bool {
     let (k, s, pad) = (g.k as isize, g.stride as isize, g.pad as isize);
     let own = pad.min(k - s);
-    let reach = 16 * (g.w_in.div_ceil(16) as isize) * s - pad + own;
+    let reach = (unit * g.w_in.div_ceil(unit)) as isize * s - pad + own;
     covering.is_some() && own >= 0 && reach >= g.w_out as isize
 }
 
@@ -860,10 +873,11 @@ impl Cuda {
             (false, false) => Some(1),
         };
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
+        let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_u40);
         let v4 = !c4
             && self.fast.dw_v4
             && dw4_applies(rows, cs, g.k, g.stride)
-            && (db.is_none() || !transposed || dw4_sums_cover(g, covering));
+            && (db.is_none() || !transposed || dw4_sums_cover(g, covering, unit));
         // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3);
         // version 4: 64 or 32 rows × the k taps of one ky × 32 channels, over units of 16
         // positions.
@@ -872,7 +886,7 @@ impl Cuda {
             _ if c4 => (rows, cols, dwc4_kernel(g.k, rows)),
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
-                (rt, g.k * 32, dw4_kernel(rt, g.k, g.stride))
+                (rt, g.k * 32, dw4_kernel(rt, g.k, g.stride, unit))
             }
             (false, false, _) => (TC_TILE, TC_TILE, "conv_dw_partial_tf32"),
             (false, true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
@@ -885,14 +899,14 @@ impl Cuda {
             cols.div_ceil(col_tile)
         };
         let tiles = rows.div_ceil(row_tile) * col_tiles;
-        // Version 4 splits units (16 positions of one grid row) into chunks, the others
+        // Version 4 splits units (16 or 40 positions of one grid row) into chunks, the others
         // positions.
         let (chunk, chunks) = if c4 {
             dwc4_chunks(batch * hp.div_ceil(8) * wp.div_ceil(16))
         } else if v4 {
             // (A wave of 32-row blocks holds more of them: TC_DW_TARGET_BLOCKS is 2 per SM.)
             let target = TC_DW_TARGET_BLOCKS / 2 * dw4_blocks_per_sm(row_tile, g.stride);
-            dw_chunks_of(tiles, batch * hp * wp.div_ceil(16), 1, target)
+            dw_chunks_of(tiles, batch * hp * wp.div_ceil(unit), 1, target)
         } else {
             dw_chunks(tiles, npos)
         };
@@ -1010,8 +1024,8 @@ mod tests {
     }
 
     /// Version 4's sums of g: where `dw4_sums_cover` says yes, the units' ranges of strip pixels
-    /// (`[px0·s − pad + own, … + 16·s)` for px0 = 0, 16, …) cover every pixel of an output row
-    /// exactly once; and the CLEVR decoder's layers are such layers.
+    /// (`[px0·s − pad + own, … + unit·s)` for px0 = 0, unit, …; units of 16 or 40) cover every
+    /// pixel of an output row exactly once; and the CLEVR decoder's layers are such layers.
     #[test]
     fn dw4_sum_ranges_cover_each_output_pixel_once() {
         let t = ConvGeom::transposed;
@@ -1021,27 +1035,33 @@ mod tests {
             t(128, 128, 64, 64, 5, 1, 2, 0),
             t(35, 35, 64, 64, 5, 1, 2, 0),
         ] {
-            assert!(dw4_sums_cover(&g, convt_covering_taps(&g)), "{g:?}");
+            assert!(dw4_sums_cover(&g, convt_covering_taps(&g), 16), "{g:?}");
         }
+        // The small decoders' 35-wide layer in units of 40.
+        let t35 = t(35, 35, 32, 32, 5, 1, 2, 0);
+        assert!(dw4_sums_cover(&t35, convt_covering_taps(&t35), 40));
         let mut checked = 0;
         for k in [3usize, 5] {
             for s in [1usize, 2] {
                 for pad in 0..k {
                     for op in 0..s {
-                        for w_in in [1usize, 5, 16, 17, 33] {
+                        for (w_in, unit) in [1usize, 5, 16, 17, 33, 35, 40]
+                            .into_iter()
+                            .flat_map(|w| [(w, 16usize), (w, 40)])
+                        {
                             // (Only geometries with at least one output pixel; h_in is 4.)
                             if (w_in - 1) * s + k + op <= 2 * pad || 3 * s + k + op <= 2 * pad {
                                 continue;
                             }
                             let g = t(4, w_in, 64, 64, k, s, pad, op);
-                            if !dw4_sums_cover(&g, convt_covering_taps(&g)) {
+                            if !dw4_sums_cover(&g, convt_covering_taps(&g), unit) {
                                 continue;
                             }
                             let own = pad.min(k - s) as isize;
                             let mut count = vec![0; g.w_out];
-                            for px0 in (0..w_in).step_by(16) {
+                            for px0 in (0..w_in).step_by(unit) {
                                 let start = (px0 * s) as isize - pad as isize + own;
-                                for sx in start..start + 16 * s as isize {
+                                for sx in start..start + (unit * s) as isize {
                                     if (0..g.w_out as isize).contains(&sx) {
                                         count[sx as usize] += 1;
                                     }
@@ -1054,7 +1074,7 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 20, "{checked}");
+        assert!(checked > 40, "{checked}");
         // The covering taps of the stride-2 5×5 layer are (2|3, 2|3): rows 2 and 3 sum g, into
         // taps (2, 0) and (3, 0).
         let s2 = t(8, 8, 64, 64, 5, 2, 2, 1);
@@ -1081,7 +1101,27 @@ mod tests {
             ),
             (64, 64, 32, 32)
         );
-        assert_eq!(dw4_kernel(32, 5, 1), "conv_dw_partial_v4r32k5s1_tf32");
+        assert_eq!(dw4_kernel(32, 5, 1, 16), "conv_dw_partial_v4r32k5s1_tf32");
+        // Units of 40: 32-row blocks at stride 1 over grids 33 to 40 wide, where asked.
+        assert_eq!(dw4_unit(32, 1, 35, true), 40);
+        assert_eq!(
+            (
+                dw4_unit(32, 1, 35, false),
+                dw4_unit(64, 1, 35, true),
+                dw4_unit(32, 2, 35, true),
+                dw4_unit(32, 1, 32, true),
+                dw4_unit(32, 1, 41, true)
+            ),
+            (16, 16, 16, 16, 16)
+        );
+        assert_eq!(
+            dw4_kernel(32, 5, 1, 40),
+            "conv_dw_partial_v4r32k5s1u40_tf32"
+        );
+        assert_eq!(
+            dw4_kernel(32, 3, 1, 40),
+            "conv_dw_partial_v4r32k3s1u40_tf32"
+        );
         assert!(
             !dw4_applies(16, 32, 5, 1) && !dw4_applies(4, 32, 3, 1) && !dw4_applies(48, 32, 3, 1)
         );

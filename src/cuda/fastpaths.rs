@@ -40,6 +40,10 @@ pub struct FastPaths {
     /// rows, 32 gathered channels, 3×3 or 5×5, stride 1 or 2; a block per row of taps, which
     /// share one strip of source pixels); off: version 3.
     pub dw_v4: bool,
+    /// Within version 4, units of 40 positions for 32-row blocks at stride 1 over grids 33 to
+    /// 40 wide (the small models' 35 × 35: one unit per grid row; `conv_dw_partial_v4r32k*s1u40`);
+    /// off: units of 16, three per such row.
+    pub dw_u40: bool,
     /// Weight gradients for at most 4 gathered channels (64 or 32 rows, 3×3 or 5×5, stride 1:
     /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one
     /// shared broadcast (`conv_dw_partial_c4*`); off: version 2 or 3.
@@ -79,6 +83,7 @@ impl FastPaths {
         conv_c4: true,
         dw_v3: true,
         dw_v4: true,
+        dw_u40: true,
         dw_c4: true,
         attention_v2: true,
         attention_v3: true,
@@ -95,6 +100,7 @@ impl FastPaths {
         conv_c4: false,
         dw_v3: false,
         dw_v4: false,
+        dw_u40: false,
         dw_c4: false,
         attention_v2: false,
         attention_v3: false,
@@ -105,7 +111,7 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 15] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -113,6 +119,7 @@ impl FastPaths {
         "conv_c4",
         "dw_v3",
         "dw_v4",
+        "dw_u40",
         "dw_c4",
         "attention_v2",
         "attention_v3",
@@ -131,6 +138,7 @@ impl FastPaths {
             "conv_c4" => &mut self.conv_c4,
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
+            "dw_u40" => &mut self.dw_u40,
             "dw_c4" => &mut self.dw_c4,
             "attention_v2" => &mut self.attention_v2,
             "attention_v3" => &mut self.attention_v3,
@@ -208,6 +216,7 @@ mod tests {
                 && fp.conv_c4
                 && fp.dw_v3
                 && fp.dw_v4
+                && fp.dw_u40
                 && fp.dw_c4
                 && fp.attention_v2
                 && fp.attention_v3

@@ -93,6 +93,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_dw_partial_v4r32k3s2_tf32",
             "conv_dw_partial_v4r32k5s1_tf32",
             "conv_dw_partial_v4r32k5s2_tf32",
+            "conv_dw_partial_v4r32k3s1u40_tf32",
+            "conv_dw_partial_v4r32k5s1u40_tf32",
             "conv_dw_partial_c4k3_f32",
             "conv_dw_partial_c4k5_f32",
             "conv_dw_partial_c4r32k3_f32",
