@@ -830,6 +830,27 @@ fn main() {
                 precision,
             )
         });
+        // The same with `conv_v6` and `dw_units` off: version 5's 8 warps of 2 tile rows × 32
+        // channels (fwd, dx) and units of 16 positions (dW), beside version 6's 4 warps of 4
+        // rows and units of 32 above.
+        if precision == Precision::Tf32 && version == 3 {
+            guarded("encoder conv, conv_v6 and dw_units off", || {
+                let bp = bench_with(precision, version);
+                Bench {
+                    g: bp
+                        .g
+                        .with_fast_paths(FastPaths::all_but("conv_v6,dw_units").unwrap()),
+                    ..bp
+                }
+                .conv(
+                    "encoder conv, conv_v6 and dw_units off",
+                    ConvGeom::same(res, res, ch, ch, 5),
+                    batch,
+                    false,
+                    precision,
+                )
+            });
+        }
         guarded(
             &format!("decoder convT s2 ({precision:?} v{version})"),
             || {
@@ -897,20 +918,20 @@ fn main() {
                 )
             },
         );
-        // The same with `conv_v6` and `dw_u40` off: version 5's 8 warps of 16 × 32 (fwd, dx) and
+        // The same with `conv_v6` and `dw_units` off: version 5's 8 warps of 16 × 32 (fwd, dx) and
         // units of 16 positions (dW), beside version 6's 4 warps of 32 × 32 and units of 40
         // above.
         if precision == Precision::Tf32 && version == 3 {
-            guarded("small decoder conv 32ch, conv_v6 and dw_u40 off", || {
+            guarded("small decoder conv 32ch, conv_v6 and dw_units off", || {
                 let bp = bench_with(precision, version);
                 Bench {
                     g: bp
                         .g
-                        .with_fast_paths(FastPaths::all_but("conv_v6,dw_u40").unwrap()),
+                        .with_fast_paths(FastPaths::all_but("conv_v6,dw_units").unwrap()),
                     ..bp
                 }
                 .conv(
-                    "small decoder conv 32ch, conv_v6 and dw_u40 off",
+                    "small decoder conv 32ch, conv_v6 and dw_units off",
                     ConvGeom::same(small_res, small_res, 32, 32, 5),
                     small_imgs,
                     false,

@@ -738,21 +738,25 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
                                      float* __restrict__ out) {
     constexpr int LDH = CS + 4, LDB = CS + 8, Q = CS / 4;  // Q: 16-byte quads per pixel row
     constexpr int KK = K * K, KDIM = KK * CS;               // the GEMM's K
-    static_assert(!WIDE || (NT == 32 && STRIDE == 1), "version 6: the 32-channel layers");
+    static_assert(!WIDE || NT == 64 || (NT == 32 && STRIDE == 1), "version 6: NT 64, or 32 at stride 1");
     constexpr int THREADS = WIDE ? V6_THREADS : V3_THREADS;
-    constexpr int MI = NT == 64 || WIDE ? 2 : 1, NI = NT == 8 ? 1 : 4;  // a warp's m16 and n8 tiles
+    // A warp's m16 and n8 tiles: version 6 (WIDE) doubles version 5's m16 tiles.
+    constexpr int MI = (NT == 64 ? 2 : 1) * (WIDE ? 2 : 1), NI = NT == 8 ? 1 : 4;
+    // Version 6 with NT 32: a warp's two m16 tiles are 16 pixels apart in any tile shape, each
+    // with a row address of its own (NT 64's are whole tile rows, hw pixels apart).
+    constexpr bool ROWS2 = WIDE && NT == 32;
     constexpr int WJ = (NT * Q + THREADS - 1) / THREADS;                // weight quads per thread
     static_assert(WJ == 1 || NT * Q % THREADS == 0, "has_w holds for every j or none");
     extern __shared__ uint4 v5_smem[];
     constexpr bool ADJ_S2 = STRIDE == 2 && ADJOINT, DIR_S2 = STRIDE == 2 && !ADJOINT;
     constexpr int KH = STRIDE == 1 ? K : (K + 1) / 2;  // the most taps per axis of a phase
     const int hh = th + KH - 1, hw = tw + KH - 1;     // the halo
-    constexpr int HW64 = V5_TW + KH - 1;  // hw of the 8 × 16 tiles (NT 64: mi = 1 is hw pixels on)
+    constexpr int HW64 = V5_TW + KH - 1;  // hw of the 8 × 16 tiles (NT 64: tile mi is mi·hw pixels on)
     unsigned* halo = (unsigned*)v5_smem;
     unsigned(*Bs)[NT][LDB] = (unsigned(*)[NT][LDB])(halo + hh * hw * LDH);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // NT 64: tile rows 2·wm, 2·wm + 1, channels wn·32..; NT 32 and 8: tile pixels 16·wm.., all
-    // NT channels; WIDE: tile pixels 32·wm.., all 32 channels.
+    // NT 64: tile rows MI·wm.. (2, or 4 for WIDE), channels wn·32..; NT 32 and 8: tile pixels
+    // 16·MI·wm.., all NT channels.
     const int wm = NT == 64 ? warp >> 1 : warp, wn = NT == 64 ? warp & 1 : 0;
     const int N = p.n;
     // The tiles cover the output grid, or (adjoint, stride 2) output phase (0, 0)'s, the largest.
@@ -844,12 +848,12 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     // The lane's ldmatrix row for halo offset (0, 0): tile pixel 16·MI·wm + (lane & 15)
     // (row-major over th × tw; with NT 64, mi = 1 is the next tile row, hw pixels on), channel
     // (lane / 16)·4; past the tile's th·tw pixels, pixel 0 (its products are never stored). Its
-    // B pair as in version 3. WIDE: mi = 1 is tile pixel 16 on, a row of its own (a_row1).
+    // B pair as in version 3. ROWS2: mi = 1 is tile pixel 16 on, a row of its own (a_row1).
     int a_px = 16 * MI * wm + (lane & 15);
     if (a_px >= th * tw) a_px = 0;
     const SmemAddr a_row = smem_addr(&halo[((a_px / tw) * hw + a_px % tw) * LDH + ((lane >> 4) << 2)]);
     SmemAddr a_row1 = a_row;
-    if (WIDE) {
+    if (ROWS2) {
         int px1 = 16 * MI * wm + 16 + (lane & 15);
         if (px1 >= th * tw) px1 = 0;
         a_row1 = smem_addr(&halo[((px1 / tw) * hw + px1 % tw) * LDH + ((lane >> 4) << 2)]);
@@ -886,7 +890,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         if (t + 1 < taps) load_w(fn, a_n, b_n, t + 1);
         const int ty = ADJOINT ? f.ny - 1 - a : a, tx = ADJOINT ? f.nx - 1 - b : b;
         const int a_tap = (ty * hw + tx) * LDH, b_stage = (t & 1) * NT * LDB;
-        if (WIDE)
+        if (ROWS2)
             tc_tile_mma_rows2<CS, LDB, NI>(a_row, a_row1, a_tap, b_pair, b_stage, acc);
         else
             tc_tile_mma_v3<CS, HW64 * LDH, LDB, MI, NI>(a_row, a_tap, b_pair, b_stage, acc);
@@ -925,7 +929,11 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
         }
     };
     store_rows(acc[0], 0);
-    if (MI == 2) store_rows(acc[MI - 1], 1);
+    if (MI >= 2) store_rows(acc[MI >= 2 ? 1 : 0], 1);
+    if (MI == 4) {
+        store_rows(acc[MI == 4 ? 2 : 0], 2);
+        store_rows(acc[MI == 4 ? 3 : 0], 3);
+    }
 }
 
 // As conv_igemm_{direct,adjoint}_v3_tf32 (no split-K) for stride 1 and k = 3 or 5, with two more
@@ -976,6 +984,26 @@ V6_ENTRY(conv_igemm_direct_v6c32k3_tf32, false, 3)
 V6_ENTRY(conv_igemm_adjoint_v6c32k3_tf32, true, 3)
 V6_ENTRY(conv_igemm_direct_v6c32k5_tf32, false, 5)
 V6_ENTRY(conv_igemm_adjoint_v6c32k5_tf32, true, 5)
+
+// As conv_igemm_{direct,adjoint}_v5k{3,5}_tf32 and *_v5s2k{3,5}_tf32 (same arguments, grid
+// and dynamic shared memory), with block 128: version 6 for 64 gathered channels into more than
+// 32 outputs. 4 warps of 4 tile rows (64 pixels) × 32 channels instead of 8 of 2 × 32: per
+// k-step a warp loads 4 A fragments and 4 B pairs for 16 mma, 1.5 shared-memory wavefronts per
+// mma against 2 (Nsight Compute, `9d1ac3f`: `v5k5` at 74 % of the shared pipe's wavefronts,
+// L1 89 % busy). Two blocks per SM, as version 5 (its shared memory allows two): 8 warps
+// instead of 16, each with twice the independent mma. 5×5 only (the CLEVR model's 64-channel
+// layers): each of these takes ptxas 10–20 s, and 3×3 would add four.
+#define V6_64_ENTRY(NAME, ADJ, K, S)                                                                         \
+    extern "C" __global__ void __launch_bounds__(V6_THREADS, 2)                                            \
+        NAME(ConvGemm p, int th, int tw, const float* __restrict__ src, const float* __restrict__ mask_y,   \
+             int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,          \
+             int accumulate, float* __restrict__ out) {                                                     \
+        conv_igemm_v5<ADJ, K, 64, 64, S, true>(p, th, tw, src, mask_y, masked, wt, bias, relu, accumulate, out); \
+    }
+V6_64_ENTRY(conv_igemm_direct_v6k5_tf32, false, 5, 1)
+V6_64_ENTRY(conv_igemm_adjoint_v6k5_tf32, true, 5, 1)
+V6_64_ENTRY(conv_igemm_adjoint_v6s2k5_tf32, true, 5, 2)
+V6_64_ENTRY(conv_igemm_direct_v6s2k5_tf32, false, 5, 2)
 
 // ---- Version 5 for at most 4 gathered channels (`c4`): two taps per k-step ----
 // The first encoder layer gathers the image's 3 channels and the input gradient of the decoders'
@@ -1640,7 +1668,8 @@ static __device__ __forceinline__ void dw4_apply_masks(int a_masked, int b_maske
 }
 
 // grid (rows / RM, k · cs / 32, chunks), block 4·RM; p.chunk counts units (U positions of one
-// grid row each: 16, or 40 for grids 33 to 40 wide, `u40`). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it. The
+// grid row each: 16; 32 for 64-row blocks over rows a multiple of 32 wide, `u32`; 40 for
+// 32-row blocks over rows 33 to 40 wide at stride 1, `u40`). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it. The
 // stride S is a template parameter so that the strip's row length and each B fragment's offset
 // in it are constants (with both at run time, the SASS of the loop spent 61 LEA and 86 IMAD on
 // those addresses per 40 HMMA).
@@ -1815,6 +1844,25 @@ DW4_ENTRY(conv_dw_partial_v4k3s1_tf32, 3, 1)
 DW4_ENTRY(conv_dw_partial_v4k3s2_tf32, 3, 2)
 DW4_ENTRY(conv_dw_partial_v4k5s1_tf32, 5, 1)
 DW4_ENTRY(conv_dw_partial_v4k5s2_tf32, 5, 2)
+
+// The 64-row blocks with units of 32 positions (`v4k<k>s<stride>u32`) for grid rows a multiple
+// of 32 wide (clevr6's 128-wide layers and its decoder's 32- and 64-wide inputs): half the
+// barriers of units of 16, and at stride 2 a strip of 67 pixels per 32 positions instead of
+// 2 × 35. One set of loads in flight (DEPTH 1), as for units of 40: a unit's 40 mma per warp
+// cover the next unit's loads as two units of 16 did. SASS (sm_90) of the loop, per 40 mma:
+// k = 5 stride 1, 374 instructions (units of 16: 371); stride 2, 398 (512).
+#define DW4U32_ENTRY(NAME, K, S)                                                                             \
+    extern "C" __global__ void __launch_bounds__(DW4_THREADS, 2)                                            \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
+        conv_dw_partial_v4<K, S, 64, 1, 32>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial,       \
+                                            sums_of, sum_kys, sums);                                        \
+    }
+DW4U32_ENTRY(conv_dw_partial_v4k3s1u32_tf32, 3, 1)
+DW4U32_ENTRY(conv_dw_partial_v4k3s2u32_tf32, 3, 2)
+DW4U32_ENTRY(conv_dw_partial_v4k5s1u32_tf32, 5, 1)
+DW4U32_ENTRY(conv_dw_partial_v4k5s2u32_tf32, 5, 2)
 
 // The same with 32-row blocks (`v4r32k<k>s<stride>`, rows % 32 == 0): block 128, grid
 // (rows / 32, k · cs / 32, chunks). Four blocks per SM at stride 1 (128 registers, as the

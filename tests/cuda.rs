@@ -761,6 +761,21 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         false,
         1143,
     );
+    // Units of 32 (`u32`: 64-row blocks over grid rows a multiple of 32 wide): 5×5 over rows
+    // of 64 (two units each), and 3×3 stride 2 whose output rows are 32 wide. The transposed
+    // stride-2 5×5 below sums g over units of 32.
+    case(
+        "same k5 64->64 2x64 dw4 u32",
+        ConvGeom::same(2, 64, 64, 64, 5),
+        true,
+        1144,
+    );
+    case(
+        "k3 s2 64->64 5x63 dw4 u32",
+        ConvGeom::conv(5, 63, 64, 64, 3, 2, 1),
+        false,
+        1145,
+    );
     // Version 5 of the activation passes (stride 1, 64 gathered channels, a halo tile per 8 × 16
     // output pixels): a 5×5 "same" layer over 2 × 3 tiles per image (both partial at the far
     // edges), its dx the mirrored (adjoint) gather; a "valid" 5×5 (pad 0); and a 3×3 to 96
@@ -998,6 +1013,14 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         t(4, 34, 32, 32, 5, 1, 2, 0),
         false,
         321,
+    );
+    // A stride-2 5×5 from an input 32 wide: its dW in units of 32 (`u32`), the bias gradient
+    // from the units' sums of g over 64-pixel output strips.
+    case(
+        "T k5 s2 op1 64->64 2x32 u32",
+        t(2, 32, 64, 64, 5, 2, 2, 1),
+        true,
+        322,
     );
 }
 
@@ -2447,11 +2470,11 @@ fn emu_train_step_tf32_exact_products_16_wide() {
 }
 
 /// Layers 16 wide with the full decoder and dropout: every fast path of the CUDA backend
-/// applies. (The encoder's second layer maps 32 channels to 32 at stride 1, version 6 of the
-/// activation passes, `conv_v6`; its third 32 to 64, so that its forward takes the 32-wide
-/// k-tiles of `conv_k32`, a gather of a multiple of 32 channels into more than 32, and its
-/// weight gradient version 4, `dw_v4`: 64 rows, 32 gathered channels; its fourth maps 64 to 64
-/// at stride 1, version 5 of the activation passes, `conv_v5`.)
+/// applies. (The encoder's second layer maps 32 channels to 32 at stride 1, `v6c32` of the
+/// activation passes; its third 32 to 64, so that its forward takes the 32-wide k-tiles of
+/// `conv_k32`, a gather of a multiple of 32 channels into more than 32, and its weight gradient
+/// version 4, `dw_v4`: 64 rows, 32 gathered channels; its fourth maps 64 to 64 at stride 1,
+/// versions 5 and 6 of the activation passes, `conv_v5` and `conv_v6`.)
 fn all_fast_paths_config() -> Config {
     small_config(|m| {
         m.implicit_diff = true;
@@ -2470,12 +2493,17 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
     match path {
         "conv_v3" => name.starts_with("conv_igemm_") && name.contains("_v3"),
         "conv_k32" => name.starts_with("conv_igemm_") && name.contains("_k32_"),
-        "conv_v5" => name.starts_with("conv_igemm_") && name.contains("_v5"),
+        // (Version 6 runs within version 5.)
+        "conv_v5" => {
+            name.starts_with("conv_igemm_") && (name.contains("_v5") || name.contains("_v6"))
+        }
         "conv_v6" => name.starts_with("conv_igemm_") && name.contains("_v6"),
         "conv_c4" => name.starts_with("conv_igemm_") && name.contains("_c4"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
-        "dw_u40" => name.starts_with("conv_dw_partial_v4") && name.contains("u40"),
+        "dw_units" => {
+            name.starts_with("conv_dw_partial_v4") && (name.contains("u40") || name.contains("u32"))
+        }
         "dw_c4" => name.starts_with("conv_dw_partial_c4"),
         // (Version 2's kernels, version 3's aside: version 1 is attention_{fwd,bwd}_f32.)
         "attention_v2" => {
@@ -2536,14 +2564,14 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "conv_v5" => &["conv_v3"],
                 // (Version 6 runs within version 5.)
                 "conv_v6" => &["conv_v3", "conv_v5"],
-                "dw_u40" => &["dw_v4"],
+                "dw_units" => &["dw_v4"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
                 _ => &[],
             };
-            // (Units of 40 need a grid 33 to 40 wide, which this 8 × 8 model has not: the conv
-            // tests' u40 cases check them.)
-            let applies = path != "dw_u40";
+            // (Wider units need grid rows 33 to 40 wide or a multiple of 32, which this 8 × 8
+            // model has not: the conv tests' u40 and u32 cases check them.)
+            let applies = path != "dw_units";
             let on = applies
                 && fast.is_on(path) == Some(true)
                 && needs.iter().all(|n| fast.is_on(n) == Some(true));

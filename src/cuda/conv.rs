@@ -123,14 +123,16 @@ fn dw4_row_tile(rows: usize) -> usize {
     }
 }
 
-/// Version 4's unit, the positions of one grid row a block's k-tile covers: 40 for 32-row
-/// blocks at stride 1 over grids 33 to 40 wide (`u40`: the small models' 35 × 35 in one unit of
-/// 40 per grid row, where units of 16 take three, 48 positions), 16 otherwise.
-fn dw4_unit(row_tile: usize, stride: usize, wp: usize, u40: bool) -> usize {
-    if u40 && row_tile == 32 && stride == 1 && (33..=40).contains(&wp) {
-        40
-    } else {
-        16
+/// Version 4's unit, the positions of one grid row a block's k-tile covers, with `wide` (the
+/// `dw_units` fast path): 40 for 32-row blocks at stride 1 over grid rows 33 to 40 wide (`u40`:
+/// the small models' 35 × 35 in one unit per grid row, where units of 16 take three, 48
+/// positions); 32 for 64-row blocks over rows a multiple of 32 wide (`u32`: half the barriers);
+/// 16 otherwise.
+fn dw4_unit(row_tile: usize, stride: usize, wp: usize, wide: bool) -> usize {
+    match (wide, row_tile) {
+        (true, 32) if stride == 1 && (33..=40).contains(&wp) => 40,
+        (true, 64) if wp % 32 == 0 => 32,
+        _ => 16,
     }
 }
 
@@ -149,6 +151,10 @@ fn dw4_kernel(row_tile: usize, k: usize, stride: usize, unit: usize) -> &'static
     match (row_tile, k, stride) {
         (32, 3, 1) if unit == 40 => "conv_dw_partial_v4r32k3s1u40_tf32",
         (32, _, 1) if unit == 40 => "conv_dw_partial_v4r32k5s1u40_tf32",
+        (64, 3, 1) if unit == 32 => "conv_dw_partial_v4k3s1u32_tf32",
+        (64, 3, _) if unit == 32 => "conv_dw_partial_v4k3s2u32_tf32",
+        (64, _, 1) if unit == 32 => "conv_dw_partial_v4k5s1u32_tf32",
+        (64, _, _) if unit == 32 => "conv_dw_partial_v4k5s2u32_tf32",
         (64, 3, 1) => "conv_dw_partial_v4k3s1_tf32",
         (64, 3, _) => "conv_dw_partial_v4k3s2_tf32",
         (64, _, 1) => "conv_dw_partial_v4k5s1_tf32",
@@ -314,7 +320,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 14] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 18] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -335,6 +341,10 @@ pub(super) const LARGE_SHARED: [(&str, u32); 14] = [
     ("conv_igemm_adjoint_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
     ("conv_igemm_direct_v5s2k3_tf32", v5_64_shared_bytes(2, 64)),
     ("conv_igemm_direct_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
+    ("conv_igemm_direct_v6k5_tf32", v5_64_shared_bytes(5, 64)),
+    ("conv_igemm_adjoint_v6k5_tf32", v5_64_shared_bytes(5, 64)),
+    ("conv_igemm_adjoint_v6s2k5_tf32", v5_64_shared_bytes(3, 64)),
+    ("conv_igemm_direct_v6s2k5_tf32", v5_64_shared_bytes(3, 64)),
 ];
 
 /// Version 5 of an activation pass (a halo tile staged once; conv_tc.cu), when it applies:
@@ -345,9 +355,10 @@ pub(super) const LARGE_SHARED: [(&str, u32); 14] = [
 /// adjoint gather (a transposed convolution's forward) one output phase per z, the direct one
 /// (its dx) over the four source phases in turn. Its
 /// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
-/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the 32-channel
-/// passes into 9 to 32 outputs take version 6 (`v6c32`: the same tiles and shared memory, 4
-/// warps of 32 × 32 instead of 8 of 16 × 32).
+/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the 5×5 passes of 64
+/// channels into more than 32 outputs (stride 1 and 2) and the passes of 32 channels into 9 to
+/// 32 take version 6: the same tiles and shared memory, 4 warps of twice version 5's rows (`v6`: 64
+/// pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
 fn v5_kernel(
     p: &ConvGemmC,
     adjoint: bool,
@@ -368,15 +379,25 @@ fn v5_kernel(
         let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
         let (s, z) = if adjoint { (2, 4) } else { (1, 1) };
         let blocks = batch * hp.div_ceil(s).div_ceil(8) * wp.div_ceil(s).div_ceil(16);
-        let (name, kh) = match (adjoint, p.k) {
-            (true, 3) => ("conv_igemm_adjoint_v5s2k3_tf32", 2),
-            (true, _) => ("conv_igemm_adjoint_v5s2k5_tf32", 3),
-            (false, 3) => ("conv_igemm_direct_v5s2k3_tf32", 2),
-            (false, _) => ("conv_igemm_direct_v5s2k5_tf32", 3),
+        let (name, kh) = match (adjoint, p.k, v6 && p.k == 5) {
+            (true, 3, false) => ("conv_igemm_adjoint_v5s2k3_tf32", 2),
+            (true, _, false) => ("conv_igemm_adjoint_v5s2k5_tf32", 3),
+            (false, 3, false) => ("conv_igemm_direct_v5s2k3_tf32", 2),
+            (false, _, false) => ("conv_igemm_direct_v5s2k5_tf32", 3),
+            (true, _, true) => ("conv_igemm_adjoint_v6s2k5_tf32", 3),
+            (false, _, true) => ("conv_igemm_direct_v6s2k5_tf32", 3),
         };
         let cfg = LaunchConfig {
             grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), z),
-            block_dim: (V3_THREADS, 1, 1),
+            block_dim: (
+                if v6 && p.k == 5 {
+                    V6_THREADS
+                } else {
+                    V3_THREADS
+                },
+                1,
+                1,
+            ),
             shared_mem_bytes: v5_64_shared_bytes(kh, 64),
         };
         return Some((name, cfg, 8, 16));
@@ -391,8 +412,11 @@ fn v5_kernel(
     } else {
         v5_c32_tile(hp, wp)
     };
-    let wide = v6 && nt == 32;
+    // (Version 6 with 64 channels: 5×5 only.)
+    let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5));
     let name = match (adjoint, p.k, nt, cs) {
+        (false, 5, 64, _) if wide => "conv_igemm_direct_v6k5_tf32",
+        (true, 5, 64, _) if wide => "conv_igemm_adjoint_v6k5_tf32",
         (false, 3, 32, _) if wide => "conv_igemm_direct_v6c32k3_tf32",
         (true, 3, 32, _) if wide => "conv_igemm_adjoint_v6c32k3_tf32",
         (false, _, 32, _) if wide => "conv_igemm_direct_v6c32k5_tf32",
@@ -873,7 +897,7 @@ impl Cuda {
             (false, false) => Some(1),
         };
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
-        let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_u40);
+        let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_units);
         let v4 = !c4
             && self.fast.dw_v4
             && dw4_applies(rows, cs, g.k, g.stride)
@@ -899,7 +923,7 @@ impl Cuda {
             cols.div_ceil(col_tile)
         };
         let tiles = rows.div_ceil(row_tile) * col_tiles;
-        // Version 4 splits units (16 or 40 positions of one grid row) into chunks, the others
+        // Version 4 splits units (16, 32 or 40 positions of one grid row) into chunks, the others
         // positions.
         let (chunk, chunks) = if c4 {
             dwc4_chunks(batch * hp.div_ceil(8) * wp.div_ceil(16))
@@ -1037,17 +1061,23 @@ mod tests {
         ] {
             assert!(dw4_sums_cover(&g, convt_covering_taps(&g), 16), "{g:?}");
         }
-        // The small decoders' 35-wide layer in units of 40.
+        // The small decoders' 35-wide layer in units of 40; clevr6's decoder in units of 32.
         let t35 = t(35, 35, 32, 32, 5, 1, 2, 0);
         assert!(dw4_sums_cover(&t35, convt_covering_taps(&t35), 40));
+        for g in [
+            t(64, 64, 64, 64, 5, 2, 2, 1),
+            t(128, 128, 64, 64, 5, 1, 2, 0),
+        ] {
+            assert!(dw4_sums_cover(&g, convt_covering_taps(&g), 32), "{g:?}");
+        }
         let mut checked = 0;
         for k in [3usize, 5] {
             for s in [1usize, 2] {
                 for pad in 0..k {
                     for op in 0..s {
-                        for (w_in, unit) in [1usize, 5, 16, 17, 33, 35, 40]
+                        for (w_in, unit) in [1usize, 5, 16, 17, 32, 33, 35, 40, 64]
                             .into_iter()
-                            .flat_map(|w| [(w, 16usize), (w, 40)])
+                            .flat_map(|w| [(w, 16usize), (w, 32), (w, 40)])
                         {
                             // (Only geometries with at least one output pixel; h_in is 4.)
                             if (w_in - 1) * s + k + op <= 2 * pad || 3 * s + k + op <= 2 * pad {
@@ -1102,18 +1132,30 @@ mod tests {
             (64, 64, 32, 32)
         );
         assert_eq!(dw4_kernel(32, 5, 1, 16), "conv_dw_partial_v4r32k5s1_tf32");
-        // Units of 40: 32-row blocks at stride 1 over grids 33 to 40 wide, where asked.
-        assert_eq!(dw4_unit(32, 1, 35, true), 40);
+        // Units of 40: 32-row blocks at stride 1 over grids 33 to 40 wide; of 32: 64-row blocks
+        // over rows a multiple of 32 wide; where asked.
+        assert_eq!(
+            (
+                dw4_unit(32, 1, 35, true),
+                dw4_unit(64, 1, 128, true),
+                dw4_unit(64, 2, 32, true)
+            ),
+            (40, 32, 32)
+        );
         assert_eq!(
             (
                 dw4_unit(32, 1, 35, false),
                 dw4_unit(64, 1, 35, true),
                 dw4_unit(32, 2, 35, true),
                 dw4_unit(32, 1, 32, true),
-                dw4_unit(32, 1, 41, true)
+                dw4_unit(32, 1, 41, true),
+                dw4_unit(64, 1, 128, false),
+                dw4_unit(64, 2, 16, true)
             ),
-            (16, 16, 16, 16, 16)
+            (16, 16, 16, 16, 16, 16, 16)
         );
+        assert_eq!(dw4_kernel(64, 5, 1, 32), "conv_dw_partial_v4k5s1u32_tf32");
+        assert_eq!(dw4_kernel(64, 3, 2, 32), "conv_dw_partial_v4k3s2u32_tf32");
         assert_eq!(
             dw4_kernel(32, 5, 1, 40),
             "conv_dw_partial_v4r32k5s1u40_tf32"
@@ -1169,9 +1211,10 @@ mod tests {
             for k32 in [false, true] {
                 let (name, cfg, bk) = v3_kernel(&p, adjoint, k32);
                 // Version 5 applies here (stride 2) to the gathers of 64 channels into more than
-                // 32 only (`v5s2`), with the bytes LARGE_SHARED lists for it: the adjoint one
-                // over 2 images × 1 tile of each of 4 output phases, the direct one over 2 × 1.
-                let v5 = v5_kernel(&p, adjoint, true);
+                // 32 only (`v5s2`, or version 6's `v6s2`), with the bytes LARGE_SHARED lists for
+                // it: the adjoint one over 2 images × 1 tile of each of 4 output phases, the
+                // direct one over 2 × 1.
+                let v5 = v5_kernel(&p, adjoint, k32);
                 assert_eq!(v5.is_some(), cs == 64 && n > 32, "{n} {cs} {adjoint}");
                 if let Some((v5_name, v5_cfg, ..)) = v5 {
                     let listed = LARGE_SHARED.iter().find(|(k, _)| *k == v5_name).unwrap();
@@ -1221,7 +1264,13 @@ mod tests {
                 let v5 = v5_kernel(&p, adjoint, v6);
                 assert_eq!(v5.is_some(), applies || s2, "{n} {cs} {k} {stride}");
                 if let Some((name, cfg, th, tw)) = v5 {
-                    assert_eq!(name.contains("_v5s2"), s2, "{name}");
+                    assert_eq!(name.contains("s2k"), s2, "{name}");
+                    // Version 6 takes the passes into more than 8 outputs (64 channels: 5×5
+                    // only), with 4 warps a block.
+                    let wide = v6 && n > 8 && (cs == 32 || k == 5);
+                    let version = if wide { "_v6" } else { "_v5" };
+                    assert!(name.contains(version), "{name}");
+                    assert_eq!(cfg.block_dim.0, if wide { 128 } else { 256 }, "{name}");
                     if s2 {
                         continue;
                     }
@@ -1236,14 +1285,7 @@ mod tests {
                             "{name}"
                         );
                         assert_eq!((th, tw), (11, 11), "{name}");
-                        // Version 6 takes the 32-channel passes into more than 8 outputs,
-                        // with 4 warps a block.
-                        let wide = v6 && n > 8;
-                        assert!(
-                            name.contains(if wide { "_v6c32" } else { "_v5c32" }),
-                            "{name}"
-                        );
-                        assert_eq!(cfg.block_dim.0, if wide { 128 } else { 256 }, "{name}");
+                        assert!(name.contains("c32"), "{name}");
                     }
                     // 3 images of 3 × 3 (or 2 × 3) tiles; one column tile of 8 or
                     // ⌈n / 64⌉ (32 with 32 channels).

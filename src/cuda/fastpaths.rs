@@ -25,9 +25,10 @@ pub struct FastPaths {
     /// 2 with 64 gathered channels into more than 32, by phases): the output tile's halo staged
     /// once (`conv_igemm_*_v5*_tf32`); off: version 3.
     pub conv_v5: bool,
-    /// Within version 5, version 6 for the 32-channel passes into 9 to 32 outputs (the small
-    /// models' 32-channel layers): warps of 32 pixels × 32 channels, 4 per block
-    /// (`conv_igemm_*_v6c32*_tf32`); off: version 5's 8 warps of 16 × 32.
+    /// Within version 5, version 6 where it applies (5×5, 64 gathered channels into more than
+    /// 32 outputs, stride 1 or 2; 32 into 9 to 32 at stride 1): 4 warps per block, each with twice
+    /// version 5's pixels (64 × 32 channels, `conv_igemm_*_v6{k,s2k}*_tf32`; 32 × 32,
+    /// `*_v6c32*`); off: version 5's 8 warps.
     pub conv_v6: bool,
     /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:
     /// the first layer's forward, the last layer's input gradient): two taps per k-step of the
@@ -40,10 +41,11 @@ pub struct FastPaths {
     /// rows, 32 gathered channels, 3×3 or 5×5, stride 1 or 2; a block per row of taps, which
     /// share one strip of source pixels); off: version 3.
     pub dw_v4: bool,
-    /// Within version 4, units of 40 positions for 32-row blocks at stride 1 over grids 33 to
-    /// 40 wide (the small models' 35 × 35: one unit per grid row; `conv_dw_partial_v4r32k*s1u40`);
-    /// off: units of 16, three per such row.
-    pub dw_u40: bool,
+    /// Within version 4, wider units where the grid rows allow: 40 positions for 32-row blocks
+    /// at stride 1 over rows 33 to 40 wide (the small models' 35 × 35: one unit per grid row;
+    /// `conv_dw_partial_v4r32k*s1u40`), 32 for 64-row blocks over rows a multiple of 32 wide
+    /// (clevr6's: half the barriers; `conv_dw_partial_v4k*u32`); off: units of 16.
+    pub dw_units: bool,
     /// Weight gradients for at most 4 gathered channels (64 or 32 rows, 3×3 or 5×5, stride 1:
     /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one
     /// shared broadcast (`conv_dw_partial_c4*`); off: version 2 or 3.
@@ -83,7 +85,7 @@ impl FastPaths {
         conv_c4: true,
         dw_v3: true,
         dw_v4: true,
-        dw_u40: true,
+        dw_units: true,
         dw_c4: true,
         attention_v2: true,
         attention_v3: true,
@@ -100,7 +102,7 @@ impl FastPaths {
         conv_c4: false,
         dw_v3: false,
         dw_v4: false,
-        dw_u40: false,
+        dw_units: false,
         dw_c4: false,
         attention_v2: false,
         attention_v3: false,
@@ -119,7 +121,7 @@ impl FastPaths {
         "conv_c4",
         "dw_v3",
         "dw_v4",
-        "dw_u40",
+        "dw_units",
         "dw_c4",
         "attention_v2",
         "attention_v3",
@@ -138,7 +140,7 @@ impl FastPaths {
             "conv_c4" => &mut self.conv_c4,
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
-            "dw_u40" => &mut self.dw_u40,
+            "dw_units" => &mut self.dw_units,
             "dw_c4" => &mut self.dw_c4,
             "attention_v2" => &mut self.attention_v2,
             "attention_v3" => &mut self.attention_v3,
@@ -216,7 +218,7 @@ mod tests {
                 && fp.conv_c4
                 && fp.dw_v3
                 && fp.dw_v4
-                && fp.dw_u40
+                && fp.dw_units
                 && fp.dw_c4
                 && fp.attention_v2
                 && fp.attention_v3

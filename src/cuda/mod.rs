@@ -732,7 +732,7 @@ impl Cuda {
             self.fast.conv_v6 = false;
             self.fast.conv_c4 = false;
             self.fast.dw_v4 = false;
-            self.fast.dw_u40 = false;
+            self.fast.dw_units = false;
             self.fast.dw_c4 = false;
         }
         self
