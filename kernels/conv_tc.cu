@@ -701,17 +701,19 @@ V3_ENTRY(conv_igemm_adjoint_v3_k32_tf32, true, 2, 32)
 // tile rows). Stride 2 (64 channels) runs as stride-1 gathers by phases: see conv_igemm_v5.
 #define V5_TH 8   // output tile rows (NT 64)
 #define V5_TW 16  // output tile columns (NT 64)
-// Version 6 (`v6c32`): version 5's 32-channel kernels (`v5c32`: the same tiles, halo and
-// weight stages) with 4 warps of 32 pixels × 32 channels instead of 8 of 16 × 32. Per k-step a
-// warp loads 2 A fragments and 4 B pairs for 8 mma, where v5c32's loads 1 and 4 for 4: the
-// shared-memory wavefronts per mma fall from 3 to 2 (v5k5's 32 × 32 warps: 2), and each warp
-// runs 32 mma per tap between two barriers instead of 16.
+// Version 6: version 5 (the same tiles, halo and weight stages: the template's WIDE) with 4
+// warps per block, each with twice version 5's pixels. `v6c32`: warps of 32 pixels × 32
+// channels instead of 8 of 16 × 32; per k-step a warp loads 2 A fragments and 4 B pairs for 8
+// mma, where v5c32's loads 1 and 4 for 4: the shared-memory wavefronts per mma fall from 3 to 2,
+// and each warp runs 32 mma per tap between two barriers instead of 16. `v6k5`, `v6s2k5` (64
+// channels): warps of 4 tile rows × 32 channels, 1.5 wavefronts per mma instead of 2.
 #define V6_THREADS 128
 
 // NT: the block's output channels, 64 (8 warps of 32 × 32: 2 tile rows × 32 channels each), 32
 // (8 warps of 16 × 32: 16 tile pixels each) or 8 (8 warps of 16 × 8), for layers of at most 8
 // outputs (the decoders' last, RGB + alpha), where 64 columns would be 7/8 padding and the
-// fragment loads of version 3's 32 columns 3/4. CS: the gathered channels, 64 or 32; the halo's
+// fragment loads of version 3's 32 columns 3/4. WIDE (version 6, NT 64 or 32): 4 warps, each
+// with twice those pixels, block V6_THREADS. CS: the gathered channels, 64 or 32; the halo's
 // rows are CS + 4 words (16-byte aligned, ≡ 4 mod 8: conflict-free for ldmatrix), the weights'
 // CS + 8 (≡ 8 mod 16: conflict-free B pairs).
 
@@ -846,7 +848,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     store_w(0);
     __syncthreads();
     // The lane's ldmatrix row for halo offset (0, 0): tile pixel 16·MI·wm + (lane & 15)
-    // (row-major over th × tw; with NT 64, mi = 1 is the next tile row, hw pixels on), channel
+    // (row-major over th × tw; with NT 64, tile mi is mi tile rows on, mi·hw pixels), channel
     // (lane / 16)·4; past the tile's th·tw pixels, pixel 0 (its products are never stored). Its
     // B pair as in version 3. ROWS2: mi = 1 is tile pixel 16 on, a row of its own (a_row1).
     int a_px = 16 * MI * wm + (lane & 15);
@@ -985,9 +987,9 @@ V6_ENTRY(conv_igemm_adjoint_v6c32k3_tf32, true, 3)
 V6_ENTRY(conv_igemm_direct_v6c32k5_tf32, false, 5)
 V6_ENTRY(conv_igemm_adjoint_v6c32k5_tf32, true, 5)
 
-// As conv_igemm_{direct,adjoint}_v5k{3,5}_tf32 and *_v5s2k{3,5}_tf32 (same arguments, grid
-// and dynamic shared memory), with block 128: version 6 for 64 gathered channels into more than
-// 32 outputs. 4 warps of 4 tile rows (64 pixels) × 32 channels instead of 8 of 2 × 32: per
+// As conv_igemm_{direct,adjoint}_v5k5_tf32 and *_v5s2k5_tf32 (same arguments, grid and
+// dynamic shared memory), with block 128: version 6 for 64 gathered channels into more than 32
+// outputs. 4 warps of 4 tile rows (64 pixels) × 32 channels instead of 8 of 2 × 32: per
 // k-step a warp loads 4 A fragments and 4 B pairs for 16 mma, 1.5 shared-memory wavefronts per
 // mma against 2 (Nsight Compute, `9d1ac3f`: `v5k5` at 74 % of the shared pipe's wavefronts,
 // L1 89 % busy). Two blocks per SM, as version 5 (its shared memory allows two): 8 warps
