@@ -278,7 +278,7 @@ const DW3_THREADS: u32 = 256;
 /// conv_tc.cu).
 const V3_THREADS: u32 = 256;
 
-/// Threads per block of version 6 (`conv_igemm_*_v6c32*`; V6_THREADS in conv_tc.cu).
+/// Threads per block of version 6 (`conv_igemm_*_v6*`; V6_THREADS in conv_tc.cu).
 const V6_THREADS: u32 = 128;
 
 /// Bytes of dynamic shared memory of a version 3 activation pass with tiles of `bm × bn` and
@@ -357,8 +357,8 @@ pub(super) const LARGE_SHARED: [(&str, u32); 18] = [
 /// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
 /// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the 5×5 passes of 64
 /// channels into more than 32 outputs (stride 1 and 2) and the passes of 32 channels into 9 to
-/// 32 take version 6: the same tiles and shared memory, 4 warps of twice version 5's rows (`v6`: 64
-/// pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
+/// 32 take version 6: the same tiles and shared memory, 4 warps of twice version 5's rows
+/// (`v6`: 64 pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
 fn v5_kernel(
     p: &ConvGemmC,
     adjoint: bool,
@@ -379,7 +379,9 @@ fn v5_kernel(
         let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
         let (s, z) = if adjoint { (2, 4) } else { (1, 1) };
         let blocks = batch * hp.div_ceil(s).div_ceil(8) * wp.div_ceil(s).div_ceil(16);
-        let (name, kh) = match (adjoint, p.k, v6 && p.k == 5) {
+        // (Version 6 with 64 channels: 5×5 only.)
+        let wide = v6 && p.k == 5;
+        let (name, kh) = match (adjoint, p.k, wide) {
             (true, 3, false) => ("conv_igemm_adjoint_v5s2k3_tf32", 2),
             (true, _, false) => ("conv_igemm_adjoint_v5s2k5_tf32", 3),
             (false, 3, false) => ("conv_igemm_direct_v5s2k3_tf32", 2),
@@ -389,15 +391,7 @@ fn v5_kernel(
         };
         let cfg = LaunchConfig {
             grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), z),
-            block_dim: (
-                if v6 && p.k == 5 {
-                    V6_THREADS
-                } else {
-                    V3_THREADS
-                },
-                1,
-                1,
-            ),
+            block_dim: (if wide { V6_THREADS } else { V3_THREADS }, 1, 1),
             shared_mem_bytes: v5_64_shared_bytes(kh, 64),
         };
         return Some((name, cfg, 8, 16));
