@@ -819,6 +819,24 @@ fn main() {
             tf32: b.tf32,
         }
     };
+    // A conv row again with `conv_v6` and `dw_units` off (TF32, version 3 only): version 5's 8
+    // warps (fwd, dx) and units of 16 positions (dW), beside version 6's 4 warps of twice the
+    // pixels and the wider units.
+    let conv_v5_row = |precision: Precision, version: u8, name: &str, geom: ConvGeom, imgs| {
+        if precision != Precision::Tf32 || version != 3 {
+            return;
+        }
+        let name = format!("{name}, conv_v6 and dw_units off");
+        guarded(&name, || {
+            let bp = bench_with(precision, version);
+            let fast = FastPaths::all_but("conv_v6,dw_units").unwrap();
+            Bench {
+                g: bp.g.with_fast_paths(fast),
+                ..bp
+            }
+            .conv(&name, geom, imgs, false, precision)
+        });
+    };
     let conv_rows = |precision: Precision, version: u8| {
         let bp = bench_with(precision, version);
         guarded(&format!("encoder conv ({precision:?} v{version})"), || {
@@ -830,27 +848,13 @@ fn main() {
                 precision,
             )
         });
-        // The same with `conv_v6` and `dw_units` off: version 5's 8 warps of 2 tile rows × 32
-        // channels (fwd, dx) and units of 16 positions (dW), beside version 6's 4 warps of 4
-        // rows and units of 32 above.
-        if precision == Precision::Tf32 && version == 3 {
-            guarded("encoder conv, conv_v6 and dw_units off", || {
-                let bp = bench_with(precision, version);
-                Bench {
-                    g: bp
-                        .g
-                        .with_fast_paths(FastPaths::all_but("conv_v6,dw_units").unwrap()),
-                    ..bp
-                }
-                .conv(
-                    "encoder conv, conv_v6 and dw_units off",
-                    ConvGeom::same(res, res, ch, ch, 5),
-                    batch,
-                    false,
-                    precision,
-                )
-            });
-        }
+        conv_v5_row(
+            precision,
+            version,
+            "encoder conv",
+            ConvGeom::same(res, res, ch, ch, 5),
+            batch,
+        );
         guarded(
             &format!("decoder convT s2 ({precision:?} v{version})"),
             || {
@@ -918,27 +922,13 @@ fn main() {
                 )
             },
         );
-        // The same with `conv_v6` and `dw_units` off: version 5's 8 warps of 16 × 32 (fwd, dx) and
-        // units of 16 positions (dW), beside version 6's 4 warps of 32 × 32 and units of 40
-        // above.
-        if precision == Precision::Tf32 && version == 3 {
-            guarded("small decoder conv 32ch, conv_v6 and dw_units off", || {
-                let bp = bench_with(precision, version);
-                Bench {
-                    g: bp
-                        .g
-                        .with_fast_paths(FastPaths::all_but("conv_v6,dw_units").unwrap()),
-                    ..bp
-                }
-                .conv(
-                    "small decoder conv 32ch, conv_v6 and dw_units off",
-                    ConvGeom::same(small_res, small_res, 32, 32, 5),
-                    small_imgs,
-                    false,
-                    precision,
-                )
-            });
-        }
+        conv_v5_row(
+            precision,
+            version,
+            "small decoder conv 32ch",
+            ConvGeom::same(small_res, small_res, 32, 32, 5),
+            small_imgs,
+        );
     };
     conv_rows(Precision::Tf32, 3);
     conv_rows(Precision::Tf32, 2);
