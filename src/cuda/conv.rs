@@ -3,7 +3,7 @@
 //! input gradient, weight and bias gradients. The linear layers reuse the tensor-core ones as
 //! 1 × 1 convolutions.
 
-use super::{i, per_block, per_elem, rs_grid, Arg, Buf, Cuda, Scratch};
+use super::{i, per_elem, rs_grid, Arg, Buf, Cuda, Scratch, BLOCK};
 use crate::backend::Backend;
 use crate::config::Precision;
 use crate::ops::conv::ConvGeom;
@@ -672,11 +672,24 @@ impl Cuda {
                 launch!(self, "conv2d_bwd_dx_f32", per_elem(n); &gc, &bi, w, y, dy, &ri, dx);
             }
         }
-        let wl = g.weight_len();
+        // One block per weight, its threads striding over the positions summed (the output grid,
+        // or the input grid of a transposed conv): no more warps than those positions fill.
+        let positions = batch
+            * if transposed {
+                g.h_in * g.w_in
+            } else {
+                g.h_out * g.w_out
+            };
+        let warps = positions.div_ceil(32).clamp(1, BLOCK as usize / 32);
+        let cfg = LaunchConfig {
+            grid_dim: (g.weight_len() as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         if transposed {
-            launch!(self, "conv_t2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
+            launch!(self, "conv_t2d_bwd_dw_f32", cfg; &gc, &bi, x, y, dy, &ri, dw);
         } else {
-            launch!(self, "conv2d_bwd_dw_f32", per_block(wl, 0); &gc, &bi, x, y, dy, &ri, dw);
+            launch!(self, "conv2d_bwd_dw_f32", cfg; &gc, &bi, x, y, dy, &ri, dw);
         }
         self.conv_db(g, batch, y, relu, dy, db);
     }
