@@ -97,6 +97,16 @@ enum Command {
         #[arg(long)]
         kernels: bool,
     },
+    /// Compile every CUDA kernel with NVRTC into the kernel cache for a GPU architecture. Needs
+    /// libnvrtc only, no GPU: on a cluster's login node, say, so that the GPU job's first
+    /// command starts without compiling (minutes of one core). The cache is the one every
+    /// command uses: $SLOTFIX_KERNEL_CACHE, else ~/.cache/slotfix/kernels.
+    CompileKernels {
+        /// The GPU's architecture: sm_ and its compute capability, e.g. sm_80 (A100), sm_86
+        /// (RTX 30), sm_89 (L4, RTX 40), sm_90 (H100, H200).
+        #[arg(long, value_name = "ARCH", default_value = "sm_90")]
+        arch: String,
+    },
     /// Load and validate a config, print it with every default filled in.
     Check {
         /// The YAML config.
@@ -452,6 +462,25 @@ fn run(command: Command) -> Result<ExitCode, String> {
             let c = with_batch_size(load_config(&cfg)?, batch_size)?;
             let steps = steps as usize;
             return dispatch(&c, Job::Bench { steps, kernels });
+        }
+        Command::CompileKernels { arch } => {
+            use slotfix::cuda::{kcache, kernels::KERNEL_FILES, KernelCache};
+            let started = std::time::Instant::now();
+            let filled = kcache::fill(KERNEL_FILES, &arch, &KernelCache::from_env(), |n| {
+                eprint!("compiling {n} CUDA kernel files for {arch} with NVRTC … ")
+            })?;
+            if filled.compiled > 0 {
+                eprintln!("{:.1} s", started.elapsed().as_secs_f64());
+            }
+            println!(
+                "kernel cache {}: the {} kernel files for {arch} ({} compiled now, {} there \
+                 already)",
+                filled.dir.display(),
+                filled.compiled + filled.cached,
+                filled.compiled,
+                filled.cached
+            );
+            return Ok(ExitCode::SUCCESS);
         }
         Command::Check { cfg, params } => {
             let c = load_config(&cfg)?;

@@ -297,6 +297,24 @@ fn nvrtc_kernel_cache_ptx_matches_the_checked_compile() {
     want[victim] = false;
     assert_eq!(run(1), want, "after truncating elementwise.cu's entry");
     assert_eq!(run(0), vec![true; n], "and then it is cached again");
+    // `slotfix compile-kernels` fills the same entries: all there already, then (one cut short
+    // again) all but that one, which it compiles.
+    let fill = || {
+        let mut compiling = 0;
+        let filled = cuda::kcache::fill(files, "sm_90", &cache, |n| compiling = n)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(filled.dir, dir.path());
+        assert_eq!(compiling, filled.compiled);
+        (filled.compiled, filled.cached)
+    };
+    assert_eq!(fill(), (0, n));
+    std::fs::write(path, &text[..text.len() / 3]).unwrap();
+    assert_eq!(fill(), (1, n - 1));
+    assert_eq!(
+        run(0),
+        vec![true; n],
+        "what it compiled is the backend's entry"
+    );
 }
 
 /// Every kernel compiles to machine code without spilling registers or local-memory arrays

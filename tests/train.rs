@@ -426,6 +426,26 @@ fn cli_errors_are_messages_not_panics() {
         "{err}"
     );
 
+    // compile-kernels: an architecture the kernels cannot run on, and no cache to fill.
+    let out = bin()
+        .args(["compile-kernels", "--arch", "sm_75"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("--arch \"sm_75\"") && err.contains("8.0"),
+        "{err}"
+    );
+    let out = bin()
+        .arg("compile-kernels")
+        .env("SLOTFIX_KERNEL_CACHE", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("no kernel cache to fill"), "{err}");
+
     let out = bin()
         .args([
             "check",

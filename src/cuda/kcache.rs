@@ -1,8 +1,8 @@
 //! NVRTC's output kept on disk between processes, and compiled in parallel when it is not there.
 //!
-//! Compiling every kernel file takes ~11 s of one CPU core (NVRTC 13.0, measured on the
-//! development machine), and every `slotfix` command and test process that opens the CUDA
-//! backend used to pay it. The PTX of a file depends only on its source (with `common.cuh`), the
+//! Compiling every kernel file takes minutes of one CPU core (NVRTC 13.0 on the development
+//! machine: ~11 s when the cache was written, 169 s on 2026-11-26, nearly all of it conv_tc.cu),
+//! and every `slotfix` command and test process that opens the CUDA backend used to pay it. The PTX of a file depends only on its source (with `common.cuh`), the
 //! target architecture, the NVRTC version and the options, so it is stored under a hash of
 //! those: `$SLOTFIX_KERNEL_CACHE` if set (`off` disables the cache), else
 //! `$XDG_CACHE_HOME/slotfix/kernels`, else `~/.cache/slotfix/kernels`. A missing, unreadable or
@@ -188,6 +188,74 @@ pub fn recompile(
     Ok(ptx)
 }
 
+/// The architecture name of a CUDA device of compute capability `major.minor`, as the backend
+/// compiles for it and keys its cache entries: "sm_90" for 9.0.
+pub fn arch_of(major: i32, minor: i32) -> String {
+    format!("sm_{major}{minor}")
+}
+
+/// `name` checked as an architecture the kernels compile for: "sm_" and a compute capability of
+/// 8.0 or newer, as [`arch_of`] writes it ("sm_80", "sm_86", "sm_90", "sm_120", …).
+pub fn parse_arch(name: &str) -> Result<String, String> {
+    let digits = name.strip_prefix("sm_").unwrap_or("");
+    let ok = (2..=3).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.parse::<u32>().is_ok_and(|v| v >= 80);
+    match ok {
+        true => Ok(name.to_string()),
+        false => Err(format!(
+            "--arch {name:?}: give a GPU architecture as sm_ and its compute capability, 8.0 or \
+             newer (the kernels use sm_80 instructions): sm_80 (A100), sm_86 (RTX 30), \
+             sm_89 (L4, RTX 40), sm_90 (H100, H200), sm_100, sm_120"
+        )),
+    }
+}
+
+/// What [`fill`] did.
+#[derive(Clone, Debug)]
+pub struct Filled {
+    pub dir: PathBuf,
+    /// Files compiled now, and files whose entry was already there.
+    pub compiled: usize,
+    pub cached: usize,
+}
+
+/// Compile every kernel file for `arch` ([`parse_arch`]) into `cache`, where a later process on
+/// a GPU of that architecture finds it and starts without compiling; only libnvrtc is needed
+/// (no driver, no GPU), so a cluster's login node can do it before a GPU job. `on_compile` as
+/// for [`ptx_for_all`]. Fails when there is no cache folder (`SLOTFIX_KERNEL_CACHE=off`, no
+/// home) or libnvrtc cannot be loaded.
+pub fn fill(
+    files: &'static [KernelFile],
+    arch: &str,
+    cache: &KernelCache,
+    on_compile: impl FnOnce(usize),
+) -> Result<Filled, String> {
+    let arch = parse_arch(arch)?;
+    let Some(dir) = cache.dir().cloned() else {
+        return Err(format!(
+            "no kernel cache to fill: {CACHE_ENV} is `off`, or neither it, XDG_CACHE_HOME nor \
+             HOME is set"
+        ));
+    };
+    if !super::nvrtc_available() {
+        return Err(
+            "libnvrtc cannot be loaded: put the folder that holds libnvrtc.so.13 on \
+                    LD_LIBRARY_PATH (`pip install nvidia-cuda-nvrtc==13.0.88` gives one)"
+                .into(),
+        );
+    }
+    // ptx_for_all keeps the architecture for its threads; one short string per call.
+    let arch: &'static str = Box::leak(arch.into_boxed_str());
+    let out = ptx_for_all(files, arch, cache, on_compile)?;
+    let cached = out.iter().filter(|f| f.cached).count();
+    Ok(Filled {
+        dir,
+        compiled: out.len() - cached,
+        cached,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +288,40 @@ mod tests {
             dir("/h/.cache/slotfix/kernels")
         );
         assert_eq!(with(&[]), KernelCache::at(None));
+    }
+
+    #[test]
+    fn architectures_are_sm_and_a_capability_of_8_0_or_newer() {
+        for ok in ["sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"] {
+            assert_eq!(parse_arch(ok).as_deref(), Ok(ok));
+        }
+        assert_eq!(arch_of(9, 0), "sm_90");
+        assert_eq!(arch_of(12, 0), "sm_120");
+        for bad in [
+            "sm_75",
+            "sm_7",
+            "90",
+            "compute_90",
+            "sm_9a",
+            "sm_",
+            "",
+            "sm_1000",
+            "SM_90",
+        ] {
+            let e = parse_arch(bad).unwrap_err();
+            assert!(e.contains("sm_90 (H100, H200)"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn filling_without_a_cache_folder_says_so() {
+        let e = fill(&[], "sm_90", &KernelCache::at(None), |_| {}).unwrap_err();
+        assert!(
+            e.contains("no kernel cache") && e.contains(CACHE_ENV),
+            "{e}"
+        );
+        let e = fill(&[], "sm_75", &KernelCache::at(None), |_| {}).unwrap_err();
+        assert!(e.contains("--arch \"sm_75\""), "{e}");
     }
 
     #[test]

@@ -611,7 +611,7 @@ impl Cuda {
             ));
         }
         // CompileOptions wants a &'static str; one short string per process is leaked.
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let arch: &'static str = Box::leak(kcache::arch_of(major, minor).into_boxed_str());
         // One stream of our own (capturable, unlike the legacy default stream). Every buffer
         // is used on that stream only, so cudarc's cross-stream event tracking (which would
         // record events on every launch, and cannot wait on them inside a capture) is off.
