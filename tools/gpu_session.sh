@@ -3,8 +3,9 @@
 # (the machine's start, a minute or more, included), at most 10 minutes per command, at most
 # 8 files back from $OUT, and the machine stays warm for only 30 s after a call.
 #
-# Build and stage first, on the development machine:
-#   ../shared/gpu/bundle && git describe --always --dirty > .gpu/commit
+# Build and stage first, on the development machine, with the kernels compiled there for sm_90
+# (H100 and H200; the device's own NVRTC would spend minutes of the lease on conv_tc.cu):
+#   bash tools/gpu_prepare.sh
 # then, through the device tool (carry [".gpu"], timeout_s 600), from the crate root:
 #   bash tools/gpu_session.sh session          # call 1: every step below in priority order
 #   bash tools/gpu_session.sh session more     # call 2, at once if device time is left
@@ -44,12 +45,15 @@ out=${OUT:-$root/.gpu/out}
 work=${SESSION_WORK:-$root/.gpu/work}
 mkdir -p "$out" "$work"
 bin=$root/.gpu/bin/slotfix
-[ -x "$bin" ] || { echo "no .gpu/bin/slotfix: run ../shared/gpu/bundle first"; exit 2; }
+[ -x "$bin" ] || { echo "no .gpu/bin/slotfix: run tools/gpu_prepare.sh first"; exit 2; }
 
 device=${SLOTFIX_SESSION_DEVICE:-cuda}
 require_gpu=1
 [ "$device" = cpu ] && require_gpu=0
 export SLOTFIX_REQUIRE_GPU=$require_gpu CARGO_MANIFEST_DIR=$root
+# The kernels compiled before the session (above), if they were; a key that does not match
+# (another NVRTC version or architecture) only means one compile here.
+[ -d "$root/.gpu/kernel-cache" ] && export SLOTFIX_KERNEL_CACHE=${SLOTFIX_KERNEL_CACHE:-$root/.gpu/kernel-cache}
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"
 
 # --- time: every step's limit is cut to the deadline, less what packing needs -------------
@@ -126,7 +130,7 @@ step_check() {
   else
     # The GPU's own tests: the CPU, emulator and NVRTC tests already ran in CI.
     t=$(cuda_tests)
-    [ -n "$t" ] || { note "check: no .gpu/test-cuda-*: run ../shared/gpu/bundle first"; return; }
+    [ -n "$t" ] || { note "check: no .gpu/test-cuda-*: run tools/gpu_prepare.sh first"; return; }
     log="$work/$(basename "$t").log"
     timeout "$(cap 240)" "$t" gpu_ device_selection > "$log" 2>&1
     note "check: exit $? ($(grep -h "^test result" "$log" | head -1))"
