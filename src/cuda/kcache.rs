@@ -2,9 +2,10 @@
 //!
 //! Compiling every kernel file takes minutes of one CPU core (NVRTC 13.0 on the development
 //! machine: ~11 s when the cache was written, 169 s on 2026-11-26, nearly all of it conv_tc.cu),
-//! and every `slotfix` command and test process that opens the CUDA backend used to pay it. The PTX of a file depends only on its source (with `common.cuh`), the
-//! target architecture, the NVRTC version and the options, so it is stored under a hash of
-//! those: `$SLOTFIX_KERNEL_CACHE` if set (`off` disables the cache), else
+//! and every `slotfix` command and test process that opens the CUDA backend used to pay it. The
+//! PTX of a file depends only on its source (with `common.cuh`), the target architecture, the
+//! NVRTC version and the options, so it is stored under a hash of those:
+//! `$SLOTFIX_KERNEL_CACHE` if set (`off` disables the cache), else
 //! `$XDG_CACHE_HOME/slotfix/kernels`, else `~/.cache/slotfix/kernels`. A missing, unreadable or
 //! truncated entry is compiled again; a failure to write one costs nothing but the next
 //! process's compile. The driver caches the PTX → machine code step itself (its JIT cache).
@@ -239,11 +240,11 @@ pub fn fill(
         ));
     };
     if !super::nvrtc_available() {
-        return Err(
+        let how = "`pip install nvidia-cuda-nvrtc==13.0.88` gives one";
+        return Err(format!(
             "libnvrtc cannot be loaded: put the folder that holds libnvrtc.so.13 on \
-                    LD_LIBRARY_PATH (`pip install nvidia-cuda-nvrtc==13.0.88` gives one)"
-                .into(),
-        );
+             LD_LIBRARY_PATH ({how})"
+        ));
     }
     // ptx_for_all keeps the architecture for its threads; one short string per call.
     let arch: &'static str = Box::leak(arch.into_boxed_str());
