@@ -373,14 +373,15 @@ fn v5_kernel(
     if !(p.k == 3 || p.k == 5) {
         return None;
     }
+    // Version 6: the 32-channel passes, and the 64-channel ones of 5×5 only (the 3×3 ones added
+    // ~50 s to conv_tc.cu's NVRTC compile; benches/NOTES.md).
+    let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5));
     if p.stride == 2 && nt == 64 {
         // The adjoint gather: tiles of an output phase, a phase per z; the direct one: tiles
         // of the output, the four source phases in turn.
         let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
         let (s, z) = if adjoint { (2, 4) } else { (1, 1) };
         let blocks = batch * hp.div_ceil(s).div_ceil(8) * wp.div_ceil(s).div_ceil(16);
-        // (Version 6 with 64 channels: 5×5 only.)
-        let wide = v6 && p.k == 5;
         let (name, kh) = match (adjoint, p.k, wide) {
             (true, 3, false) => ("conv_igemm_adjoint_v5s2k3_tf32", 2),
             (true, _, false) => ("conv_igemm_adjoint_v5s2k5_tf32", 3),
@@ -406,8 +407,6 @@ fn v5_kernel(
     } else {
         v5_c32_tile(hp, wp)
     };
-    // (Version 6 with 64 channels: 5×5 only.)
-    let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5));
     let name = match (adjoint, p.k, nt, cs) {
         (false, 5, 64, _) if wide => "conv_igemm_direct_v6k5_tf32",
         (true, 5, 64, _) if wide => "conv_igemm_adjoint_v6k5_tf32",
