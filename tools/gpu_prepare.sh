@@ -3,7 +3,7 @@
 # needed): the release binaries, test and bench executables and configs (../shared/gpu/bundle),
 # the commit they were built from, and every kernel compiled by NVRTC for sm_90 (H100 and H200)
 # into .gpu/kernel-cache, which tools/gpu_session.sh hands to the backend: the device's first
-# command then loads the PTX instead of spending minutes of the lease compiling conv_tc.cu.
+# command then loads the PTX instead of spending minutes of the lease compiling conv_tc*.cu.
 # Usage, from anywhere:   bash tools/gpu_prepare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

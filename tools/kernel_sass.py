@@ -4,7 +4,7 @@ sm_90 (or --arch) cubin, disassemble it with nvdisasm, and count the instruction
 kernel's loops that contain tensor-core (HMMA) instructions, by kind. The loops of the TF32
 convolutions are issue-bound on paper (benches/NOTES.md), so these counts predict their speed.
 
-    python3 tools/kernel_sass.py conv_tc.cu [KERNEL ...] [--arch sm_90] [--dump FILE.sass]
+    python3 tools/kernel_sass.py conv_tc_v5.cu [KERNEL ...] [--arch sm_90] [--dump FILE.sass]
 
 Needs libnvrtc (as .ci/run installs it: on LD_LIBRARY_PATH) and nvdisasm, installed on first
 use from PyPI's nvidia-cuda-nvdisasm into ~/.cache/slotfix/nvdisasm. The counts are static:
@@ -26,10 +26,26 @@ def nvdisasm():
     return found[0]
 
 
+def expanded(file, pasted):
+    """kernels/FILE with the headers of kernels/ it includes pasted in, once each, as
+    src/cuda/kernels.rs pastes them for NVRTC."""
+    out = [f'#line 1 "{file}"']
+    for i, line in enumerate(open(f"{ROOT}/kernels/{file}").read().splitlines()):
+        m = re.fullmatch(r'\s*#include\s*"([^"]+)"\s*', line)
+        if not m:
+            out.append(line)
+            continue
+        if m.group(1) not in pasted:
+            pasted.add(m.group(1))
+            out.append(expanded(m.group(1), pasted))
+        out.append(f'#line {i + 2} "{file}"')
+    return "\n".join(out)
+
+
 def cubin(file, arch):
     lib = ctypes.CDLL("libnvrtc.so.13")
     common = open(f"{ROOT}/kernels/common.cuh").read()
-    src = f'{common}\n#line 1 "{file}"\n{open(f"{ROOT}/kernels/{file}").read()}'.encode()
+    src = f"{common}\n{expanded(file, set())}\n".encode()
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, file.encode(), 0, None, None) == 0
     opts = (ctypes.c_char_p * 1)(f"--gpu-architecture={arch}".encode())

@@ -1,5 +1,5 @@
 //! Launchers of the convolutions and transposed convolutions: the exact-f32 kernels (conv.cu,
-//! version 1) and the implicit GEMMs on the tensor cores (conv_tc.cu, versions 2 and 3), forward,
+//! version 1) and the implicit GEMMs on the tensor cores (conv_tc*.cu, versions 2 to 6), forward,
 //! input gradient, weight and bias gradients. The linear layers reuse the tensor-core ones as
 //! 1 × 1 convolutions.
 
@@ -41,7 +41,7 @@ impl ConvGeomC {
     }
 }
 
-/// The activation-pass GEMM of the tensor-core convolutions (struct ConvGemm in conv_tc.cu).
+/// The activation-pass GEMM of the tensor-core convolutions (struct ConvGemm in conv_tc.cuh).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ConvGemmC {
@@ -80,7 +80,7 @@ unsafe impl DeviceRepr for ConvDwGemmC {}
 /// Output tile side and threads per block of the tensor-core kernels (TC_BM = TC_BN, TC_THREADS).
 const TC_TILE: usize = 64;
 const TC_THREADS: u32 = 128;
-/// The k-tile of the tensor-core passes (TC_BK in conv_tc.cu).
+/// The k-tile of the tensor-core passes (TC_BK in conv_tc.cuh).
 const TC_BK: usize = 16;
 
 /// Blocks the split weight-gradient GEMM aims for: two per SM of an H100 (132 SMs), the most
@@ -275,10 +275,10 @@ fn convt_covering_taps(g: &ConvGeom) -> Option<u32> {
 const DW3_THREADS: u32 = 256;
 
 /// Threads per block of version 3 of the tensor-core activation passes (V3_THREADS in
-/// conv_tc.cu).
+/// conv_tc.cuh).
 const V3_THREADS: u32 = 256;
 
-/// Threads per block of version 6 (`conv_igemm_*_v6*`; V6_THREADS in conv_tc.cu).
+/// Threads per block of version 6 (`conv_igemm_*_v6*`; V6_THREADS in conv_tc_v5.cuh).
 const V6_THREADS: u32 = 128;
 
 /// Bytes of dynamic shared memory of a version 3 activation pass with tiles of `bm × bn` and
@@ -291,7 +291,7 @@ const fn v3_shared_bytes(bm: usize, bn: usize, bk: usize) -> u32 {
 /// Bytes of dynamic shared memory of version 5 of an activation pass with `th × tw` output tiles,
 /// at most `kh` taps per axis (k, or ⌈k/2⌉ for a phase of a stride-2 gather), `nt` output
 /// channels per block and `cs` gathered channels: the halo, (th + kh − 1) × (tw + kh − 1) pixels
-/// of cs + 4 words, and two weight stages of nt × (cs + 8) words (conv_igemm_v5 in conv_tc.cu).
+/// of cs + 4 words, and two weight stages of nt × (cs + 8) words (conv_igemm_v5 in conv_tc_v5.cuh).
 const fn v5_shared_bytes(th: usize, tw: usize, kh: usize, nt: usize, cs: usize) -> u32 {
     (4 * ((th + kh - 1) * (tw + kh - 1) * (cs + 4) + 2 * nt * (cs + 8))) as u32
 }
@@ -347,7 +347,7 @@ pub(super) const LARGE_SHARED: [(&str, u32); 18] = [
     ("conv_igemm_direct_v6s2k5_tf32", v5_64_shared_bytes(3, 64)),
 ];
 
-/// Version 5 of an activation pass (a halo tile staged once; conv_tc.cu), when it applies:
+/// Version 5 of an activation pass (a halo tile staged once; conv_tc_v5.cu), when it applies:
 /// stride 1, a 3×3 or 5×5 kernel, and 64 gathered channels with more than 32 output channels
 /// (64 per block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles
 /// waste less), or 32 gathered channels with at most 32 output channels (`v5c32`: 32 per block;
@@ -374,7 +374,7 @@ fn v5_kernel(
         return None;
     }
     // Version 6: the 32-channel passes, and the 64-channel ones of 5×5 only (the 3×3 ones added
-    // ~50 s to conv_tc.cu's NVRTC compile; benches/NOTES.md).
+    // ~50 s to conv_tc_v6.cu's NVRTC compile; benches/NOTES.md).
     let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5));
     if p.stride == 2 && nt == 64 {
         // The adjoint gather: tiles of an output phase, a phase per z; the direct one: tiles

@@ -173,8 +173,8 @@ fn translation_unit(f: &KernelFile) -> String {
         src.push_str(&fresh_shared(line));
         src.push('\n');
     }
-    src.push_str(&format!("\n#line 1 \"{}\"\n", f.name));
-    for line in f.source.lines() {
+    src.push('\n');
+    for line in f.expanded_source().lines() {
         src.push_str(&fresh_shared(&dynamic_shared(line)));
         src.push('\n');
     }
@@ -251,7 +251,7 @@ pub const CHECKED_ENV: &str = "SLOTFIX_EMU_CHECKED";
 /// signed overflow, …), each reported on stderr with its file and line while the run goes on.
 /// On a GPU each of these is an illegal address, garbage or undefined behaviour. (`-g1`: the
 /// line tables that AddressSanitizer's reports need for file and line, without the full debug
-/// information, which adds a fifth to conv_tc.cu's compile.)
+/// information, which adds a fifth to conv_tc*.cu's compile.)
 pub const CHECK_FLAGS: &[&str] = &["-fsanitize=undefined", "-fno-sanitize=vptr", "-g1"];
 
 /// Added to a checked build when the process runs with AddressSanitizer's runtime preloaded

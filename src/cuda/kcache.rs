@@ -1,7 +1,7 @@
 //! NVRTC's output kept on disk between processes, and compiled in parallel when it is not there.
 //!
-//! Compiling every kernel file takes minutes of one CPU core (NVRTC 13.0 on the development
-//! machine: ~11 s when the cache was written, 169 s on 2026-11-26, nearly all of it conv_tc.cu),
+//! Compiling every kernel file takes minutes of CPU (NVRTC 13.0 on the development machine:
+//! ~11 s when the cache was written, 144 s on 2026-11-27, nearly all of it `conv_tc*.cu`),
 //! and every `slotfix` command and test process that opens the CUDA backend used to pay it. The
 //! PTX of a file depends only on its source (with `common.cuh`), the target architecture, the
 //! NVRTC version and the options, so it is stored under a hash of those:

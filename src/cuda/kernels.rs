@@ -1,9 +1,48 @@
-//! The CUDA kernel sources, embedded at build time, and the kernels each file defines. Every file
-//! is header-free (NVRTC needs nothing but libnvrtc) and is compiled as one NVRTC program.
+//! The CUDA kernel sources, embedded at build time, and the kernels each file defines. Each file
+//! is compiled as one NVRTC program, free of the CUDA toolkit's headers (NVRTC needs nothing but
+//! libnvrtc); the only headers it includes are those of `kernels/` ([`HEADERS`]), pasted into the
+//! program's source here.
 
 /// Helpers shared by every kernel file (block and warp reductions), prepended to each file's
 /// source by [`KernelFile::full_source`].
 pub const COMMON: &str = include_str!("../../kernels/common.cuh");
+
+/// The headers of `kernels/` that a kernel file may `#include "…"` (besides `common.cuh`, which
+/// comes first in every program), by name.
+pub const HEADERS: &[(&str, &str)] = &[
+    ("conv_tc.cuh", include_str!("../../kernels/conv_tc.cuh")),
+    (
+        "conv_tc_v5.cuh",
+        include_str!("../../kernels/conv_tc_v5.cuh"),
+    ),
+];
+
+/// The header a line `#include "name"` includes.
+fn included(line: &str) -> Option<&str> {
+    let quoted = line.trim().strip_prefix("#include")?.trim();
+    quoted.strip_prefix('"')?.strip_suffix('"')
+}
+
+/// Append `text` (the file `name`) to `out` under its own name and line numbers, with each header
+/// of [`HEADERS`] that it includes pasted in place of the `#include` the first time (a later
+/// include of the same header is dropped, as `#pragma once` would). An include of anything else
+/// is left as it is, for NVRTC to report with the file and line.
+fn paste_includes(name: &str, text: &str, pasted: &mut Vec<&'static str>, out: &mut String) {
+    out.push_str(&format!("#line 1 \"{name}\"\n"));
+    for (i, line) in text.lines().enumerate() {
+        let header = included(line).and_then(|h| HEADERS.iter().find(|(n, _)| *n == h));
+        let Some(&(h, h_text)) = header else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        if !pasted.contains(&h) {
+            pasted.push(h);
+            paste_includes(h, h_text, pasted, out);
+        }
+        out.push_str(&format!("#line {} \"{name}\"\n", i + 2));
+    }
+}
 
 /// One `.cu` file of `kernels/`.
 #[derive(Clone, Copy, Debug)]
@@ -16,10 +55,17 @@ pub struct KernelFile {
 }
 
 impl KernelFile {
-    /// What NVRTC compiles: the shared helpers, then the file itself under its own name and line
-    /// numbers.
+    /// What NVRTC compiles: the shared helpers, then [`KernelFile::expanded_source`].
     pub fn full_source(&self) -> String {
-        format!("{COMMON}\n#line 1 \"{}\"\n{}", self.name, self.source)
+        format!("{COMMON}\n{}", self.expanded_source())
+    }
+
+    /// The file under its own name and line numbers, with the headers it includes pasted in
+    /// (each under its own name and line numbers too).
+    pub fn expanded_source(&self) -> String {
+        let mut out = String::new();
+        paste_includes(self.name, self.source, &mut Vec::new(), &mut out);
+        out
     }
 }
 
@@ -50,34 +96,6 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_adjoint_v3n32_tf32",
             "conv_igemm_direct_v3_k32_tf32",
             "conv_igemm_adjoint_v3_k32_tf32",
-            "conv_igemm_direct_v5k3_tf32",
-            "conv_igemm_adjoint_v5k3_tf32",
-            "conv_igemm_direct_v5k5_tf32",
-            "conv_igemm_adjoint_v5k5_tf32",
-            "conv_igemm_direct_v5n8k3_tf32",
-            "conv_igemm_adjoint_v5n8k3_tf32",
-            "conv_igemm_direct_v5n8k5_tf32",
-            "conv_igemm_adjoint_v5n8k5_tf32",
-            "conv_igemm_direct_v5c32k3_tf32",
-            "conv_igemm_adjoint_v5c32k3_tf32",
-            "conv_igemm_direct_v5c32k5_tf32",
-            "conv_igemm_adjoint_v5c32k5_tf32",
-            "conv_igemm_direct_v5c32n8k3_tf32",
-            "conv_igemm_adjoint_v5c32n8k3_tf32",
-            "conv_igemm_direct_v5c32n8k5_tf32",
-            "conv_igemm_adjoint_v5c32n8k5_tf32",
-            "conv_igemm_adjoint_v5s2k3_tf32",
-            "conv_igemm_adjoint_v5s2k5_tf32",
-            "conv_igemm_direct_v5s2k3_tf32",
-            "conv_igemm_direct_v5s2k5_tf32",
-            "conv_igemm_direct_v6c32k3_tf32",
-            "conv_igemm_adjoint_v6c32k3_tf32",
-            "conv_igemm_direct_v6c32k5_tf32",
-            "conv_igemm_adjoint_v6c32k5_tf32",
-            "conv_igemm_direct_v6k5_tf32",
-            "conv_igemm_adjoint_v6k5_tf32",
-            "conv_igemm_adjoint_v6s2k5_tf32",
-            "conv_igemm_direct_v6s2k5_tf32",
             "conv_igemm_direct_c4k3_tf32",
             "conv_igemm_adjoint_c4k3_tf32",
             "conv_igemm_direct_c4k5_tf32",
@@ -109,6 +127,46 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_dw_partial_c4r32k5_f32",
             "conv_dw_reduce_f32",
             "conv_splitk_reduce_f32",
+        ],
+    },
+    KernelFile {
+        name: "conv_tc_v5.cu",
+        source: include_str!("../../kernels/conv_tc_v5.cu"),
+        kernels: &[
+            "conv_igemm_direct_v5k3_tf32",
+            "conv_igemm_adjoint_v5k3_tf32",
+            "conv_igemm_direct_v5k5_tf32",
+            "conv_igemm_adjoint_v5k5_tf32",
+            "conv_igemm_direct_v5n8k3_tf32",
+            "conv_igemm_adjoint_v5n8k3_tf32",
+            "conv_igemm_direct_v5n8k5_tf32",
+            "conv_igemm_adjoint_v5n8k5_tf32",
+            "conv_igemm_direct_v5c32k3_tf32",
+            "conv_igemm_adjoint_v5c32k3_tf32",
+            "conv_igemm_direct_v5c32k5_tf32",
+            "conv_igemm_adjoint_v5c32k5_tf32",
+            "conv_igemm_direct_v5c32n8k3_tf32",
+            "conv_igemm_adjoint_v5c32n8k3_tf32",
+            "conv_igemm_direct_v5c32n8k5_tf32",
+            "conv_igemm_adjoint_v5c32n8k5_tf32",
+            "conv_igemm_adjoint_v5s2k3_tf32",
+            "conv_igemm_adjoint_v5s2k5_tf32",
+            "conv_igemm_direct_v5s2k3_tf32",
+            "conv_igemm_direct_v5s2k5_tf32",
+        ],
+    },
+    KernelFile {
+        name: "conv_tc_v6.cu",
+        source: include_str!("../../kernels/conv_tc_v6.cu"),
+        kernels: &[
+            "conv_igemm_direct_v6c32k3_tf32",
+            "conv_igemm_adjoint_v6c32k3_tf32",
+            "conv_igemm_direct_v6c32k5_tf32",
+            "conv_igemm_adjoint_v6c32k5_tf32",
+            "conv_igemm_direct_v6k5_tf32",
+            "conv_igemm_adjoint_v6k5_tf32",
+            "conv_igemm_adjoint_v6s2k5_tf32",
+            "conv_igemm_direct_v6s2k5_tf32",
         ],
     },
     KernelFile {
@@ -300,12 +358,83 @@ mod tests {
             for k in f.kernels {
                 assert!(all.insert(*k), "kernel {k} defined twice");
             }
-            // Header-free: NVRTC on the GPU machines has no toolkit headers.
-            assert!(
-                !f.source.contains("#include"),
-                "{} includes a header",
-                f.name
-            );
+            // Free of the toolkit's headers (NVRTC on the GPU machines has none): the only
+            // includes are of kernels/'s own headers, and none is left in what NVRTC compiles.
+            for line in f
+                .source
+                .lines()
+                .filter(|l| l.trim().starts_with("#include"))
+            {
+                let h = included(line).unwrap_or_else(|| panic!("{}: {line}", f.name));
+                assert!(HEADERS.iter().any(|(n, _)| *n == h), "{}: {line}", f.name);
+            }
+            let full = f.full_source();
+            let left = full.lines().find(|l| l.trim().starts_with("#include"));
+            assert_eq!(left, None, "{}", f.name);
         }
+        for (name, text) in HEADERS {
+            assert!(declared_kernels(text).is_empty(), "{name} defines kernels");
+        }
+    }
+
+    /// Every header of kernels/ is in HEADERS (common.cuh aside, which every program starts with).
+    #[test]
+    fn headers_lists_every_header_of_kernels() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cuh") && n != "common.cuh")
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<&str> = HEADERS.iter().map(|(n, _)| *n).collect();
+        listed.sort();
+        assert_eq!(on_disk, listed);
+    }
+
+    /// A header is pasted once per program, in place of its first include, and each part keeps
+    /// its own file name and line numbers: line L of a file is the line after the last
+    /// `#line N "file"` directive above it, at distance L − N.
+    #[test]
+    fn includes_are_pasted_once_under_their_own_names_and_lines() {
+        let f = KERNEL_FILES
+            .iter()
+            .find(|f| f.name == "conv_tc_v6.cu")
+            .unwrap();
+        let text = f.expanded_source();
+        for h in ["conv_tc.cuh", "conv_tc_v5.cuh"] {
+            let starts = text.matches(&format!("#line 1 \"{h}\"\n")).count();
+            assert_eq!(starts, 1, "{h}");
+        }
+        // Map every line back to (file, line) and compare with the files themselves.
+        let source_of = |name: &str| -> &str {
+            if name == f.name {
+                return f.source;
+            }
+            HEADERS.iter().find(|(n, _)| *n == name).unwrap().1
+        };
+        let (mut file, mut line) = ("", 0usize);
+        let mut mapped = 0;
+        for l in text.lines() {
+            if let Some(d) = l.strip_prefix("#line ") {
+                let (n, name) = d.split_once(' ').unwrap();
+                line = n.parse().unwrap();
+                file = name.trim_matches('"');
+                continue;
+            }
+            assert_eq!(
+                source_of(file).lines().nth(line - 1),
+                Some(l),
+                "{file}:{line}"
+            );
+            line += 1;
+            mapped += 1;
+        }
+        let includes = 2; // conv_tc_v6.cu's and conv_tc_v5.cuh's
+        let total: usize = [f.name, "conv_tc.cuh", "conv_tc_v5.cuh"]
+            .iter()
+            .map(|n| source_of(n).lines().count())
+            .sum();
+        assert_eq!(mapped, total - includes);
     }
 }

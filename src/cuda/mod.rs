@@ -1,13 +1,12 @@
 //! The CUDA backend: hand-written kernels (`kernels/*.cu`) for every op of the model. With
 //! `precision: f32` the convolutions and linear layers use exact-f32 kernels (version 1, the
 //! parity reference); with `tf32` they run as implicit GEMMs on the tensor cores
-//! (`kernels/conv_tc.cu`: version 3 for channel counts that are multiples of 16, version 2
-//! otherwise). `benches/NOTES.md` has each kernel's floor, predictions and version log.
+//! (`kernels/conv_tc*.cu`: versions 2 to 6 by shape, `conv.rs` says which). `benches/NOTES.md` has each kernel's floor, predictions and version log.
 //!
 //! Everything runs in order on one stream (a stream of its own: the legacy default stream cannot
 //! be captured into a CUDA graph, see `graph.rs`). The kernels are
 //! compiled with NVRTC for the device's own architecture, in parallel, and the PTX is kept on
-//! disk for the next process ([`kcache`]); they include no headers, so the GPU machine needs
+//! disk for the next process ([`kcache`]); they include no CUDA headers, so the GPU machine needs
 //! only the driver (`libcuda.so.1`) and `libnvrtc.so.13`.
 //! Semantics are those of [`crate::cpu::Cpu`]: forward outputs are overwritten, backward
 //! gradients are accumulated (`+=`). Weight-gradient reductions use fixed-order block reductions
@@ -24,7 +23,7 @@
 //!
 //! Where things are: this file holds the buffers, the launch machinery and the launchers of the
 //! small ops (elementwise, norms, position embedding, gates, loss); each larger op's launchers
-//! sit in a file of their own named after its kernel file: `conv.rs` (conv.cu, conv_tc.cu; the
+//! sit in a file of their own named after its kernel file: `conv.rs` (conv.cu, conv_tc*.cu; the
 //! linear layers reuse it), `attention.rs`, `tokens.rs`, `slotcell.rs`, `bcastconv.rs` and
 //! `optim.rs`. `nvrtc.rs` and [`kcache`] compile the kernels, `graph.rs` captures a step,
 //! [`fastpaths`] switches fast paths off, and [`emu`] runs every kernel on the CPU.
@@ -711,14 +710,14 @@ impl Cuda {
     }
 
     /// The precision of the convolutions and linear layers: `F32` (the default: exact f32, v1
-    /// kernels) or `Tf32` (tensor cores, `kernels/conv_tc.cu`; a linear layer runs as a 1×1
+    /// kernels) or `Tf32` (tensor cores, `kernels/conv_tc*.cu`; a linear layer runs as a 1×1
     /// convolution). Everything else (attention, norms, gates, the loss, Adam) is f32 in both.
     pub fn with_precision(mut self, precision: Precision) -> Cuda {
         self.precision = precision;
         self
     }
 
-    /// Which version of the tensor-core passes (`kernels/conv_tc.cu`: activations and weight
+    /// Which version of the tensor-core passes (`kernels/conv_tc*.cu`: activations and weight
     /// gradients) runs where both apply: 3 (the default, with the later versions where they
     /// apply) or 2 everywhere, for benchmarks that compare them.
     pub fn with_conv_tc_version(mut self, version: u8) -> Cuda {

@@ -36,8 +36,9 @@ pub fn device_count() -> usize {
 /// The compile targets the virtual architecture (`compute_90` for `sm_90`): its PTX is the PTX
 /// that the real architecture's compile gives (`nvrtc_kernel_cache_ptx_matches_the_checked_compile`
 /// compares them), without running ptxas on it, which the driver does anyway when it loads the
-/// PTX; ptxas adds 10–30 % to conv_tc.cu's compile (sm_90 77–96 s, compute_90 58–87 s on one
-/// core of the development machine, 2026-11-26, a noisy machine: three pairs of runs).
+/// PTX; ptxas added 10–30 % to the compile of conv_tc.cu when it was one file (sm_90 77–96 s,
+/// compute_90 58–87 s on one core of the development machine, 2026-11-26, a noisy machine:
+/// three pairs of runs).
 pub fn compile_file(file: &KernelFile, arch: &'static str) -> Result<Ptx, String> {
     let opts = CompileOptions {
         name: Some(file.name.to_string()),

@@ -1,7 +1,7 @@
 //! Kernel signatures read from the sources, and the checks the emulator makes at every launch
 //! against them: what would fail or misbehave on a GPU but runs fine on the CPU.
 
-use super::super::kernels::{COMMON, KERNEL_FILES};
+use super::super::kernels::KERNEL_FILES;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -159,14 +159,14 @@ pub fn restrict_violations(
     out
 }
 
-/// [`kernel_sigs`] of kernel `name` of `kernels/` (parsed once per process, each file with
-/// `common.cuh`'s definitions before it).
+/// [`kernel_sigs`] of kernel `name` of `kernels/` (parsed once per process, each file as NVRTC
+/// is given it: after `common.cuh`, with its headers pasted in).
 pub fn sig_of(name: &str) -> Option<&'static KernelSig> {
     static MAP: OnceLock<HashMap<String, KernelSig>> = OnceLock::new();
     MAP.get_or_init(|| {
         KERNEL_FILES
             .iter()
-            .flat_map(|f| kernel_sigs(&format!("{COMMON}\n{}", f.source)))
+            .flat_map(|f| kernel_sigs(&f.full_source()))
             .collect()
     })
     .get(name)
