@@ -642,6 +642,7 @@ impl Cuda {
                 None => eprintln!("{:.1} s", started.elapsed().as_secs_f64()),
             }
         }
+        let loading = std::time::Instant::now();
         for kcache::FilePtx {
             file: f,
             ptx,
@@ -655,6 +656,15 @@ impl Cuda {
                     .map_err(|e| format!("kernels/{}: function {k}: {e:?}", f.name))?;
                 funcs.insert(k, func);
             }
+        }
+        // The driver turns the PTX into machine code on the first load (ptxas: a fifth of the
+        // NVRTC compile) and keeps it in its own JIT cache; a slow load says which happened.
+        let loaded = loading.elapsed().as_secs_f64();
+        if loaded > 1.0 {
+            eprintln!(
+                "loading the kernels took {loaded:.1} s (the CUDA driver compiling the PTX for \
+                 {arch}, which its JIT cache normally keeps for later runs)"
+            );
         }
         // A fast path that cannot be switched on is no reason to lose the GPU: its kernels say
         // so, and their fallbacks run.
