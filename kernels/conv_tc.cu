@@ -491,7 +491,7 @@ static __device__ __forceinline__ float4 c4_pixel(const float* __restrict__ src,
 
 // grid (g, ⌈n/NT⌉) for any g ≤ tiles = batch · ⌈hp/8⌉ · ⌈wp/16⌉ (the blocks stride over the
 // output tiles), block 256; p.cs ≤ 4, p.stride == 1, p.k == K, NT = 64 (n > 32) or 32. W raw
-// (p.w_nc as for conv_w_nk_tf32). Other arguments as conv_igemm_v5.
+// (p.w_nc as for conv_w_nk_tf32). Other arguments as conv_igemm_v5 (conv_tc_v5.cuh).
 template <bool ADJOINT, int K, int NT>
 static __device__ void conv_igemm_c4(const ConvGemm& p, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const float* __restrict__ w,

@@ -235,6 +235,7 @@ static __device__ __forceinline__ uint4 tf32x4(float4 v) {
     return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
 }
 
-// Version 5's output tile for 64 channels (conv_tc_v5.cuh), also c4's (conv_tc.cu).
+// Version 5's output tile for 64 channels (conv_tc_v5.cuh), also c4's and its weight
+// gradient's (conv_tc.cu).
 #define V5_TH 8   // output tile rows (NT 64)
 #define V5_TW 16  // output tile columns (NT 64)
