@@ -1,13 +1,14 @@
 //! The CUDA backend: hand-written kernels (`kernels/*.cu`) for every op of the model. With
 //! `precision: f32` the convolutions and linear layers use exact-f32 kernels (version 1, the
 //! parity reference); with `tf32` they run as implicit GEMMs on the tensor cores
-//! (`kernels/conv_tc*.cu`: versions 2 to 6 by shape, `conv.rs` says which). `benches/NOTES.md` has each kernel's floor, predictions and version log.
+//! (`kernels/conv_tc*.cu`: versions 2 to 6 by shape, `conv.rs` says which). `benches/NOTES.md`
+//! has each kernel's floor, predictions and version log.
 //!
 //! Everything runs in order on one stream (a stream of its own: the legacy default stream cannot
-//! be captured into a CUDA graph, see `graph.rs`). The kernels are
-//! compiled with NVRTC for the device's own architecture, in parallel, and the PTX is kept on
-//! disk for the next process ([`kcache`]); they include no CUDA headers, so the GPU machine needs
-//! only the driver (`libcuda.so.1`) and `libnvrtc.so.13`.
+//! be captured into a CUDA graph, see `graph.rs`). The kernels are compiled with NVRTC for the
+//! device's own architecture, in parallel, and the PTX is kept on disk for the next process
+//! ([`kcache`]); they include no CUDA headers, so the GPU machine needs only the driver
+//! (`libcuda.so.1`) and `libnvrtc.so.13`.
 //! Semantics are those of [`crate::cpu::Cpu`]: forward outputs are overwritten, backward
 //! gradients are accumulated (`+=`). Weight-gradient reductions use fixed-order block reductions
 //! (no atomics), so every result is deterministic for a given shape. The host reads
