@@ -3,8 +3,9 @@
 # (the machine's start, a minute or more, included), at most 10 minutes per command, at most
 # 8 files back from $OUT, and the machine stays warm for only 30 s after a call.
 #
-# Build and stage first, on the development machine, with the kernels compiled there for sm_90
-# (H100 and H200; the device's own NVRTC would spend a minute or more of the lease on conv_tc*.cu):
+# Build and stage first, on the development machine, with the kernels compiled there for
+# sm_90 (H100 and H200; the device's own NVRTC would spend a minute or more of the lease on
+# conv_tc*.cu):
 #   bash tools/gpu_prepare.sh
 # then, through the device tool (carry [".gpu"], timeout_s 600), from the crate root:
 #   bash tools/gpu_session.sh session          # call 1: every step below in priority order

@@ -3,8 +3,8 @@
 //! Compiling every kernel file takes minutes of CPU (NVRTC 13.0 on the development machine:
 //! ~11 s when the cache was written, 144 s on 2026-11-27, nearly all of it `conv_tc*.cu`),
 //! and every `slotfix` command and test process that opens the CUDA backend used to pay it. The
-//! PTX of a file depends only on its source (with `common.cuh`), the target architecture, the
-//! NVRTC version and the options, so it is stored under a hash of those:
+//! PTX of a file depends only on its source (with `common.cuh` and the headers it includes), the
+//! target architecture, the NVRTC version and the options, so it is stored under a hash of those:
 //! `$SLOTFIX_KERNEL_CACHE` if set (`off` disables the cache), else
 //! `$XDG_CACHE_HOME/slotfix/kernels`, else `~/.cache/slotfix/kernels`. A missing, unreadable or
 //! truncated entry is compiled again; a failure to write one costs nothing but the next
