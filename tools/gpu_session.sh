@@ -310,7 +310,8 @@ step_ablate() {
   # One slotfix process per row (the kernels come from the kernel cache), 10 timed steps each.
   # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
   local configs=${ABLATE_CONFIGS:-tetrominoes clevr6} batch=${ABLATE_BATCH:-64}
-  local paths="none conv_v3 conv_v5 conv_v6 conv_c4 conv_k32 dw_v3 dw_v4 dw_units dw_c4 attention_v2 attention_v3 tokens slot_cell bcast_split conv_splitk all"
+  # ABLATE_PATHS: the rows to time (none = everything on), e.g. only the paths that changed.
+  local paths=${ABLATE_PATHS:-none conv_v3 conv_v5 conv_v6 conv_c4 conv_k32 dw_v3 dw_v4 dw_units dw_c4 attention_v2 attention_v3 tokens slot_cell bcast_split conv_splitk all}
   local c cfg off v
   for c in $configs; do
     cfg=$(cuda_config "$c")
@@ -440,7 +441,14 @@ case ${1:-session} in
   session)
     deadline=$(( $(date +%s) + ${SESSION_SECONDS:-560} ))
     echo "# GPU session $(date -u '+%Y-%m-%d %H:%M') UTC, slotfix $(cat .gpu/commit 2>/dev/null || echo '?'), part ${2:-1}" >> "$work/SUMMARY.md"
-    if [ "${2:-}" = more ]; then
+    if [ -n "${SESSION_STEPS:-}" ]; then
+      # Another order, e.g. SESSION_STEPS="check steps kernels sanitize:racecheck": each word a
+      # step, its arguments after colons.
+      for s in $SESSION_STEPS; do
+        IFS=: read -r -a words <<< "$s"
+        run_step "${words[@]}"
+      done
+    elif [ "${2:-}" = more ]; then
       run_step sanitize racecheck synccheck
       run_step torch compile
       run_step train tetrominoes 150
