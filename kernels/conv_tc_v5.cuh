@@ -28,8 +28,8 @@
 // warps per block, each with twice version 5's pixels. `v6c32`: warps of 32 pixels × 32
 // channels instead of 8 of 16 × 32; per k-step a warp loads 2 A fragments and 4 B pairs for 8
 // mma, where v5c32's loads 1 and 4 for 4: the shared-memory wavefronts per mma fall from 3 to 2,
-// and each warp runs 32 mma per tap between two barriers instead of 16. `v6k5`, `v6s2k5` (64
-// channels): warps of 4 tile rows × 32 channels, 1.5 wavefronts per mma instead of 2.
+// and each warp runs 32 mma per tap between two barriers instead of 16. `v6k5` (64 channels,
+// stride 1): warps of 4 tile rows × 32 channels, 1.5 wavefronts per mma instead of 2.
 #define V6_THREADS 128
 
 // NT: the block's output channels, 64 (8 warps of 32 × 32: 2 tile rows × 32 channels each), 32
@@ -63,7 +63,7 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
                                      float* __restrict__ out) {
     constexpr int LDH = CS + 4, LDB = CS + 8, Q = CS / 4;  // Q: 16-byte quads per pixel row
     constexpr int KK = K * K, KDIM = KK * CS;               // the GEMM's K
-    static_assert(!WIDE || NT == 64 || (NT == 32 && STRIDE == 1), "version 6: NT 64, or 32 at stride 1");
+    static_assert(!WIDE || ((NT == 64 || NT == 32) && STRIDE == 1), "version 6: NT 64 or 32, stride 1");
     constexpr int THREADS = WIDE ? V6_THREADS : V3_THREADS;
     // A warp's m16 and n8 tiles: version 6 (WIDE) doubles version 5's m16 tiles.
     constexpr int MI = (NT == 64 ? 2 : 1) * (WIDE ? 2 : 1), NI = NT == 8 ? 1 : 4;

@@ -320,7 +320,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 18] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 16] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -343,8 +343,6 @@ pub(super) const LARGE_SHARED: [(&str, u32); 18] = [
     ("conv_igemm_direct_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
     ("conv_igemm_direct_v6k5_tf32", v5_64_shared_bytes(5, 64)),
     ("conv_igemm_adjoint_v6k5_tf32", v5_64_shared_bytes(5, 64)),
-    ("conv_igemm_adjoint_v6s2k5_tf32", v5_64_shared_bytes(3, 64)),
-    ("conv_igemm_direct_v6s2k5_tf32", v5_64_shared_bytes(3, 64)),
 ];
 
 /// Version 5 of an activation pass (a halo tile staged once; conv_tc_v5.cu), when it applies:
@@ -355,10 +353,10 @@ pub(super) const LARGE_SHARED: [(&str, u32); 18] = [
 /// adjoint gather (a transposed convolution's forward) one output phase per z, the direct one
 /// (its dx) over the four source phases in turn. Its
 /// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
-/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the 5×5 passes of 64
-/// channels into more than 32 outputs (stride 1 and 2) and the passes of 32 channels into 9 to
-/// 32 take version 6: the same tiles and shared memory, 4 warps of twice version 5's rows
-/// (`v6`: 64 pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
+/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the stride-1 5×5 passes
+/// of 64 channels into more than 32 outputs and the passes of 32 channels into 9 to 32 take
+/// version 6: the same tiles and shared memory, 4 warps of twice version 5's rows (`v6`: 64
+/// pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
 fn v5_kernel(
     p: &ConvGemmC,
     adjoint: bool,
@@ -373,26 +371,25 @@ fn v5_kernel(
     if !(p.k == 3 || p.k == 5) {
         return None;
     }
-    // Version 6: the 32-channel passes, and the 64-channel ones of 5×5 only (the 3×3 ones added
-    // ~50 s to conv_tc_v6.cu's NVRTC compile; benches/NOTES.md).
-    let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5));
+    // Version 6: the 32-channel passes, and the 64-channel ones of 5×5 at stride 1 only (the
+    // 3×3 ones added ~50 s to conv_tc_v6.cu's NVRTC compile; at stride 2, version 6 measured
+    // 9–22 % slower than version 5 on clevr6, H200, 916cccd: benches/NOTES.md).
+    let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5 && p.stride == 1));
     if p.stride == 2 && nt == 64 {
         // The adjoint gather: tiles of an output phase, a phase per z; the direct one: tiles
         // of the output, the four source phases in turn.
         let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
         let (s, z) = if adjoint { (2, 4) } else { (1, 1) };
         let blocks = batch * hp.div_ceil(s).div_ceil(8) * wp.div_ceil(s).div_ceil(16);
-        let (name, kh) = match (adjoint, p.k, wide) {
-            (true, 3, false) => ("conv_igemm_adjoint_v5s2k3_tf32", 2),
-            (true, _, false) => ("conv_igemm_adjoint_v5s2k5_tf32", 3),
-            (false, 3, false) => ("conv_igemm_direct_v5s2k3_tf32", 2),
-            (false, _, false) => ("conv_igemm_direct_v5s2k5_tf32", 3),
-            (true, _, true) => ("conv_igemm_adjoint_v6s2k5_tf32", 3),
-            (false, _, true) => ("conv_igemm_direct_v6s2k5_tf32", 3),
+        let (name, kh) = match (adjoint, p.k) {
+            (true, 3) => ("conv_igemm_adjoint_v5s2k3_tf32", 2),
+            (true, _) => ("conv_igemm_adjoint_v5s2k5_tf32", 3),
+            (false, 3) => ("conv_igemm_direct_v5s2k3_tf32", 2),
+            (false, _) => ("conv_igemm_direct_v5s2k5_tf32", 3),
         };
         let cfg = LaunchConfig {
             grid_dim: (i(blocks) as u32, (p.n as u32).div_ceil(64), z),
-            block_dim: (if wide { V6_THREADS } else { V3_THREADS }, 1, 1),
+            block_dim: (V3_THREADS, 1, 1),
             shared_mem_bytes: v5_64_shared_bytes(kh, 64),
         };
         return Some((name, cfg, 8, 16));
@@ -1217,7 +1214,7 @@ mod tests {
             for k32 in [false, true] {
                 let (name, cfg, bk) = v3_kernel(&p, adjoint, k32);
                 // Version 5 applies here (stride 2) to the gathers of 64 channels into more than
-                // 32 only (`v5s2`, or version 6's `v6s2`), with the bytes LARGE_SHARED lists for
+                // 32 only (`v5s2`), with the bytes LARGE_SHARED lists for
                 // it: the adjoint one over 2 images × 1 tile of each of 4 output phases, the
                 // direct one over 2 × 1.
                 let v5 = v5_kernel(&p, adjoint, k32);
@@ -1271,9 +1268,9 @@ mod tests {
                 assert_eq!(v5.is_some(), applies || s2, "{n} {cs} {k} {stride}");
                 if let Some((name, cfg, th, tw)) = v5 {
                     assert_eq!(name.contains("s2k"), s2, "{name}");
-                    // Version 6 takes the passes into more than 8 outputs (64 channels: 5×5
-                    // only), with 4 warps a block.
-                    let wide = v6 && n > 8 && (cs == 32 || k == 5);
+                    // Version 6 takes the stride-1 passes into more than 8 outputs (64
+                    // channels: 5×5 only), with 4 warps a block.
+                    let wide = v6 && n > 8 && (cs == 32 || k == 5) && stride == 1;
                     let version = if wide { "_v6" } else { "_v5" };
                     assert!(name.contains(version), "{name}");
                     assert_eq!(cfg.block_dim.0, if wide { 128 } else { 256 }, "{name}");

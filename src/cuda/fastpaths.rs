@@ -25,10 +25,10 @@ pub struct FastPaths {
     /// 2 with 64 gathered channels into more than 32, by phases): the output tile's halo staged
     /// once (`conv_igemm_*_v5*_tf32`); off: version 3.
     pub conv_v5: bool,
-    /// Within version 5, version 6 where it applies (5×5, 64 gathered channels into more than
-    /// 32 outputs, stride 1 or 2; 32 into 9 to 32 at stride 1): 4 warps per block, each with twice
-    /// version 5's pixels (64 × 32 channels, `conv_igemm_*_v6{k,s2k}*_tf32`; 32 × 32,
-    /// `*_v6c32*`); off: version 5's 8 warps.
+    /// Within version 5, version 6 where it applies (stride 1: 5×5 with 64 gathered channels
+    /// into more than 32 outputs, or 32 into 9 to 32): 4 warps per block, each with twice
+    /// version 5's pixels (64 × 32 channels, `conv_igemm_*_v6k5_tf32`; 32 × 32, `*_v6c32*`);
+    /// off: version 5's 8 warps.
     pub conv_v6: bool,
     /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:
     /// the first layer's forward, the last layer's input gradient): two taps per k-step of the

@@ -165,8 +165,6 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_adjoint_v6c32k5_tf32",
             "conv_igemm_direct_v6k5_tf32",
             "conv_igemm_adjoint_v6k5_tf32",
-            "conv_igemm_adjoint_v6s2k5_tf32",
-            "conv_igemm_direct_v6s2k5_tf32",
         ],
     },
     KernelFile {
