@@ -1272,10 +1272,15 @@ fn attention_fwd_bwd_parity<B: Backend>(g: &B) {
     // d = 300 (more sums per slot than threads per block: no groups, two column blocks).
     // Version 3 (k ≤ 8; head widths 8, 16, 32, 64) takes the cases of head widths 64, 32, 16
     // and 8: (2, 300, 4, 64) is the tetrominoes model's attention (k = 4), (1, 520, 8, 32) its
-    // k = 8 and three chunks, the last of 8 tokens (a partial warp and 31 empty ones).
+    // k = 8 and three chunks, the last of 8 tokens (a partial warp and 31 empty ones); with
+    // eps = 1e-2 (which 1e-8 leaves below f32's resolution of the weights), (2, 260, 4, 16) for
+    // k = 4 and (1, 300, 5, 32) for k = 8 check that version 3 adds eps to the weights and not
+    // to the attention.
     let cases = [
         (2, 300, 4, 64, 1, 1e-8),
         (1, 520, 8, 32, 1, 1e-8),
+        (2, 260, 4, 16, 1, 1e-2),
+        (1, 300, 5, 32, 1, 1e-2),
         (1, 70, 6, 16, 1, 1e-8),
         (2, 300, 7, 64, 1, 1e-8),
         (1, 300, 3, 300, 1, 1e-8),
