@@ -499,6 +499,12 @@ static __device__ void att3_chunk_sums(const float* a, int valid, const float* _
 // put 5.5 of each 32-byte sector's bytes to use (Nsight Compute, clevr6, `916cccd`: 6.0 M
 // sectors written to L2 for 0.94 M of data, L2 the busiest unit at 65 %); the block's rows are
 // one contiguous run of valid·k floats, stored here in order.
+// The block's k and v rows are asked into L2 first (prefetch_l2, 4 instructions per thread at
+// dh = 64): the loads below then wait on L2, not DRAM. Each warp had 2 loads of 16 bytes per lane
+// in flight per k slab (8 slabs in a row) and 2 per thread in the v sums, 24 warps per SM at 80
+// registers: Nsight Compute (clevr6, H200, 916cccd) had DRAM 41 % busy and 46 % of the stall
+// cycles waiting on global loads. Resident blocks ask at most 128 KiB each (~50 MB on 132 SMs
+// when the kernel starts, less later: k is read at once, v after the softmax).
 template <int KP>
 static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __restrict__ kk,
                                                 const float* __restrict__ v, const float* __restrict__ q,
@@ -513,6 +519,17 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     float* sa = qs + KP * dh;         // [ATT_WARPS][KP]: each warp's Σ a
     float* as = sa + ATT_WARPS * KP;  // [ATT_T][KP], zero past k and past n
     float* stage = as + ATT_T * KP + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
+    const int valid = min(ATT_T, n - t0);
+    {
+        const int lines = (dh + 31) / 32;  // 128-byte lines of a row's dh floats (dh ≤ 64: 1 or 2)
+        const size_t row0 = (size_t)(b * n + t0) * d + h * dh;
+        for (int e = tid; e < valid * lines; e += ATT_T) {
+            const int i = e / lines;
+            const size_t at = row0 + (size_t)i * d + 32 * (e - i * lines);
+            prefetch_l2(kk + at);
+            prefetch_l2(v + at);
+        }
+    }
     att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
     __syncthreads();
     float p[KP];
@@ -549,7 +566,6 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
         for (int s = 0; s < KP; ++s) sa[warp * KP + s] = a[s];
     }
     __syncthreads();
-    const int valid = min(ATT_T, n - t0);
     float* rows = attn + ((size_t)bh * n + t0) * k;
     for (int e = tid; e < valid * k; e += ATT_T) {
         const int i = e / k;

@@ -184,6 +184,18 @@ static __device__ __forceinline__ uint4 ld_u4(const unsigned* p) {
     return *(const uint4*)p;
 }
 
+// Asks for the 128-byte line holding p to be brought into L2 (prefetch.global.L2) and waits for
+// nothing: no register holds the data, so a block can have all of its input on the way at once.
+// p must point into an allocation: the emulator reads a byte there, so that its sanitized build
+// reports a prefetch out of bounds as it would a load.
+static __device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifdef CUEMU
+    (void)*(const volatile char*)p;
+#else
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 // A shared-memory address for ldsm_x4: the 32-bit shared-window address on the device (so that
 // constant offsets fold into the instruction), the pointer itself in the emulator.
 #ifdef CUEMU
