@@ -27,6 +27,10 @@
 #   call 2: racecheck → synccheck → torch compile (clevr6) → train tetrominoes (150 s, eval,
 #           render) → train multi_dsprites (240 s). Give it SESSION_SECONDS = the device time
 #           left less ~30 s, so that it packs before the lease ends.
+# Any steps in any order, with the same deadline and packing (e.g. after a session whose tests
+# passed, only what changed): SESSION_STEPS="check steps kernels ablate sanitize:racecheck"
+# bash tools/gpu_session.sh session (a step's arguments after colons); ABLATE_PATHS="none
+# conv_v6 all" limits the ablation to those rows.
 # One step alone (same deadline logic, 590 s):
 #   bash tools/gpu_session.sh check [all] | steps | kernels | bench | replay | loader | ablate | profile
 #                             | torch [compile]
@@ -345,11 +349,10 @@ step_ablate() {
 
 step_profile() {
   # Nsight Compute on the clevr6 step's convolution kernels (the first launches of the forward
-  # and the adjoint pass, versions 3 (16- or 32-wide k-tiles), 5 (stride 1 and 2), 6 (stride 1) and the
-  # 4-channel c4, and of the weight-gradient GEMM, versions 3, 4 (units of 16 or 32) and c4), its attention and its
-  # token kernels: why
-  # they run where they do against the tensor-core peak or the memory floor (throughputs,
-  # occupancy, warp stall reasons).
+  # and the adjoint pass, versions 3 (16- or 32-wide k-tiles), 5 (stride 1 and 2), 6 (stride 1)
+  # and the 4-channel c4, and of the weight-gradient GEMM, versions 3, 4 (units of 16 or 32)
+  # and c4), its attention and its token kernels: why they run where they do against the
+  # tensor-core peak or the memory floor (throughputs, occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
   timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v[56]k[35]|v5s2k[35]|c4k[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12](u32)?)_tf32|conv_dw_partial_c4k[35]_f32|attention_(fwd_partial|bwd_stats|bwd_main)(_v3k[48])?_f32|tokens_(fwd|bwd)_tf32' -c 32 \
