@@ -186,11 +186,11 @@ static __device__ __forceinline__ uint4 ld_u4(const unsigned* p) {
 
 // Asks for the 128-byte line holding p to be brought into L2 (prefetch.global.L2) and waits for
 // nothing: no register holds the data, so a block can have all of its input on the way at once.
-// p must point into an allocation: the emulator reads a byte there, so that its sanitized build
-// reports a prefetch out of bounds as it would a load.
-static __device__ __forceinline__ void prefetch_l2(const void* p) {
+// p must point at f32 data the kernel reads: the emulator checks the word there (a guard zone or
+// unwritten memory fails the launch; its checked build's AddressSanitizer sees anything past).
+static __device__ __forceinline__ void prefetch_l2(const float* p) {
 #ifdef CUEMU
-    (void)*(const volatile char*)p;
+    cuemu_prefetch(p);
 #else
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 #endif
