@@ -418,6 +418,17 @@ static __device__ __forceinline__ void att3_warp_sums(float x[KP]) {
     }
 }
 
+// The block's `valid` rows of a token tensor (row i's dh floats at x[i·ld]) asked into L2
+// (prefetch_l2: nothing waits for them), so that the loads of a later phase wait on L2 rather
+// than DRAM. The block's threads share the 128-byte lines (1 or 2 per row for dh ≤ 64).
+static __device__ __forceinline__ void att3_prefetch_rows(const float* x, int ld, int dh, int valid) {
+    const int lines = (dh + 31) / 32;
+    for (int e = threadIdx.x; e < valid * lines; e += ATT_T) {
+        const int i = e / lines;
+        prefetch_l2(x + (size_t)i * ld + 32 * (e - i * lines));
+    }
+}
+
 // m[s·dh + j] for s < KP (shared): rows s < k from src[s·ld + j] (global), zeros past k.
 template <int KP>
 static __device__ __forceinline__ void att3_stage_rows(float* m, const float* __restrict__ src, int ld, int k,
@@ -499,11 +510,11 @@ static __device__ void att3_chunk_sums(const float* a, int valid, const float* _
 // put 5.5 of each 32-byte sector's bytes to use (Nsight Compute, clevr6, `916cccd`: 6.0 M
 // sectors written to L2 for 0.94 M of data, L2 the busiest unit at 65 %); the block's rows are
 // one contiguous run of valid·k floats, stored here in order.
-// The block's k and v rows are asked into L2 first (prefetch_l2, 4 instructions per thread at
-// dh = 64): the loads below then wait on L2, not DRAM. Each warp had 2 loads of 16 bytes per lane
-// in flight per k slab (8 slabs in a row) and 2 per thread in the v sums, 24 warps per SM at 80
-// registers: Nsight Compute (clevr6, H200, 916cccd) had DRAM 41 % busy and 46 % of the stall
-// cycles waiting on global loads. Resident blocks ask at most 128 KiB each (~50 MB on 132 SMs
+// The block's k and v rows are asked into L2 first (att3_prefetch_rows, 4 prefetches per
+// thread at dh = 64): the loads below then wait on L2, not DRAM. Each warp had 2 loads of 16
+// bytes per lane in flight per k slab (8 slabs in a row) and 2 per thread in the v sums, 24
+// warps per SM at 80 registers: Nsight Compute (clevr6, H200, 916cccd) had DRAM 41 % busy and
+// 46 % of the stall cycles waiting on global loads. Resident blocks ask at most 128 KiB each (~50 MB on 132 SMs
 // when the kernel starts, less later: k is read at once, v after the softmax).
 template <int KP>
 static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __restrict__ kk,
@@ -520,16 +531,9 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     float* as = sa + ATT_WARPS * KP;  // [ATT_T][KP], zero past k and past n
     float* stage = as + ATT_T * KP + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
     const int valid = min(ATT_T, n - t0);
-    {
-        const int lines = (dh + 31) / 32;  // 128-byte lines of a row's dh floats (dh ≤ 64: 1 or 2)
-        const size_t row0 = (size_t)(b * n + t0) * d + h * dh;
-        for (int e = tid; e < valid * lines; e += ATT_T) {
-            const int i = e / lines;
-            const size_t at = row0 + (size_t)i * d + 32 * (e - i * lines);
-            prefetch_l2(kk + at);
-            prefetch_l2(v + at);
-        }
-    }
+    const size_t row0 = (size_t)(b * n + t0) * d + h * dh;
+    att3_prefetch_rows(kk + row0, d, dh, valid);
+    att3_prefetch_rows(v + row0, d, dh, valid);
     att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
     __syncthreads();
     float p[KP];
@@ -573,8 +577,7 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     }
     float* out = partial + ((size_t)bh * chunks + chunk) * k * (dh + 1);
     // (Four v loads in flight spilled 32 bytes at KP = 8 within 80 registers: two there.)
-    att3_chunk_sums<KP, KP == 4 ? 4 : 2, true>(as, valid, v + (size_t)(b * n + t0) * d + h * dh, d, dh, k, sa, as,
-                                               out, dm.eps);
+    att3_chunk_sums<KP, KP == 4 ? 4 : 2, true>(as, valid, v + row0, d, dh, k, sa, as, out, dm.eps);
 }
 
 // (ATT_T, 3): 80 registers for KP's accumulators and the loads in flight.
@@ -754,6 +757,7 @@ static __device__ void attention_bwd_stats_v3(AttnDims dm, const float* __restri
     float* dus = smem;                                 // [KP][dh], rows past k zero
     float* stage = dus + KP * dh + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
     float* sums = dus + KP * dh + ATT_T * ATT_KLD;     // [ATT_WARPS][2][KP]
+    att3_prefetch_rows(v + (size_t)(b * n + t0) * d + h * dh, d, dh, min(ATT_T, n - t0));  // as the forward
     att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
     __syncthreads();
     float dw[KP], a[KP];
@@ -823,6 +827,10 @@ static __device__ __forceinline__ void att3_rows_add(float* __restrict__ o, int 
 // Backward pass 2, version 3: dv and dk (+=) for the block's tokens and the chunk's partial of
 // dq, as version 2. Dynamic shared memory (floats): 2·KP·dh (dU, q) + 2·KP (1 / S, c) +
 // 2·ATT_T·KP (w, dl) + ATT_T·ATT_KLD (the v-row stages); dq's red reuses w, dl and the stages.
+// Its row phases wait on memory as the forward's did (2 loads in flight per thread in the v
+// slabs, the dv and dk row updates and the k sums): the block's v rows are asked into L2 first,
+// and its dv, dk and k rows once its warps are past their v rows (192 KiB a block; asked later
+// to hold less of L2 at once).
 template <int KP>
 static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
                                              const float* __restrict__ q, const float* __restrict__ attn,
@@ -842,6 +850,9 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     float* ws = cc + KP;          // [ATT_T][KP], zero past k and past n
     float* dls = ws + ATT_T * KP;  // [ATT_T][KP], zero past k and past n
     float* stage = dls + ATT_T * KP + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
+    const int valid = min(ATT_T, n - t0);
+    const size_t row0 = (size_t)(b * n + t0) * d + h * dh;
+    att3_prefetch_rows(v + row0, d, dh, valid);  // as the forward; dv, dk and k after the v rows
     att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
     att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
     // S and Σ dw·a of slot `warp` over the chunks: lane l sums the chunks ≡ l (mod 32) in order,
@@ -868,6 +879,9 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     float dw[KP];
     const int w0 = t0 + (tid & ~31);
     att_row_dots_staged<KP, true>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
+    att3_prefetch_rows(dv + row0, d, dh, valid);
+    att3_prefetch_rows(dk + row0, d, dh, valid);
+    att3_prefetch_rows(kk + row0, d, dh, valid);
     const float* prow = attn + ((size_t)bh * n + t) * k;
     float p[KP];
 #pragma unroll
@@ -889,8 +903,6 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
         *(float4*)&dls[tid * KP + s4] = make_float4(dl[s4], dl[s4 + 1], dl[s4 + 2], dl[s4 + 3]);
     }
     __syncthreads();
-    const int valid = min(ATT_T, n - t0);
-    const size_t row0 = (size_t)(b * n + t0) * d + h * dh;
     att3_rows_add<KP>(dv + row0, d, valid, ws, dus, dh);  // dv[t] += Σ_s w[t, s] dU[s]
     att3_rows_add<KP>(dk + row0, d, valid, dls, qs, dh);  // dk[t] += Σ_s dl[t, s] q[s]
     // This chunk's Σ_t dl[t, s] k[t, j]; red over w, dl and the stages.
