@@ -661,9 +661,13 @@ impl Cuda {
         }
         // The driver turns the PTX into machine code on the first load (ptxas: a fifth of the
         // NVRTC compile) and keeps it in its own JIT cache; a slow load says which happened.
+        // Written to stderr itself rather than by eprintln!, which a test harness captures: on a
+        // bare GPU machine the first process is the test binary, the one that pays the JIT.
         let loaded = loading.elapsed().as_secs_f64();
         if loaded > 1.0 {
-            eprintln!(
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
                 "loading the kernels took {loaded:.1} s (the CUDA driver compiling the PTX for \
                  {arch}, which its JIT cache normally keeps for later runs)"
             );
