@@ -371,10 +371,6 @@ fn v5_kernel(
     if !(p.k == 3 || p.k == 5) {
         return None;
     }
-    // Version 6: the 32-channel passes, and the 64-channel ones of 5×5 at stride 1 only (the
-    // 3×3 ones added ~50 s to conv_tc_v6.cu's NVRTC compile; at stride 2, version 6 measured
-    // 9–22 % slower than version 5 on clevr6, H200, 916cccd: benches/NOTES.md).
-    let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5 && p.stride == 1));
     if p.stride == 2 && nt == 64 {
         // The adjoint gather: tiles of an output phase, a phase per z; the direct one: tiles
         // of the output, the four source phases in turn.
@@ -397,6 +393,10 @@ fn v5_kernel(
     if p.stride != 1 {
         return None;
     }
+    // Version 6: the 32-channel passes, and the 64-channel ones of 5×5 only (the 3×3 ones added
+    // ~50 s to conv_tc_v6.cu's NVRTC compile). Not at stride 2, above: there it measured 9–22 %
+    // slower than version 5 (clevr6, H200, 916cccd; benches/NOTES.md).
+    let wide = v6 && (nt == 32 || (nt == 64 && p.k == 5));
     let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
     let (cs, k) = (p.cs as usize, p.k as usize);
     let (th, tw) = if cs == 64 {

@@ -390,6 +390,15 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// The emulator's `prefetch_l2` faults on the guard zones' pattern, spelled out in cuemu.h:
+    /// it must be the f32 poison the buffers are filled with.
+    #[test]
+    fn prefetch_check_knows_the_f32_poison() {
+        use crate::cuda::Elem;
+        let pattern = format!("{:#x}u", f32::poison().to_bits());
+        assert!(SHIM.contains(&pattern), "cuemu.h has no {pattern}");
+    }
+
     /// Kernels that exercise the emulator itself.
     const SELF_TEST: KernelFile = KernelFile {
         name: "emu_self_test.cu",

@@ -86,7 +86,7 @@ pub trait Elem: DeviceRepr + cudarc::driver::ValidAsZeroBits + bytemuck::Pod + D
     fn pool(p: &ScratchPools) -> &Mutex<Vec<DevBuf<Self>>>;
 }
 impl Elem for f32 {
-    /// (`cuemu_prefetch` in emu/cuemu.h tests for this pattern: keep the two equal.)
+    /// (`cuemu_prefetch` in emu/cuemu.h tests for this pattern; a unit test checks they agree.)
     fn poison() -> f32 {
         f32::from_bits(0x7fa5_a5a5)
     }
