@@ -210,6 +210,27 @@ static __device__ __forceinline__ SmemAddr smem_addr(const unsigned* p) {
 }
 #endif
 
+// Copies 16 bytes of global memory at src to shared memory at dst (both 16-byte aligned) without
+// passing them through registers (cp.async.cg, sm_80 and later), or writes 16 zero bytes there
+// when !valid (src is then not read). The copy is visible to this thread after
+// cp_async_wait_all, and to the block after a barrier that follows the wait.
+static __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef CUEMU
+    cuemu_cp_async16(dst, valid ? src : nullptr);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr((const unsigned*)dst)),
+                 "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+#endif
+}
+static __device__ __forceinline__ void cp_async_wait_all() {
+#ifdef CUEMU
+    cuemu_cp_async_wait_all();
+#else
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 // ldmatrix.x4 on 32-bit words (ldmatrix.sync.aligned.m8n8.x4.shared.b16, each word two b16):
 // lane 8·j + i supplies the address (base + `words` words) of row i of matrix j (4 words,
 // 16-byte aligned, in shared memory); lane L receives word L % 4 of row L / 4 of matrix j in

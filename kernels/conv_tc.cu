@@ -1310,6 +1310,212 @@ DW4U32_ENTRY(conv_dw_partial_v4k3s2u32_tf32, 3, 2)
 DW4U32_ENTRY(conv_dw_partial_v4k5s1u32_tf32, 5, 1)
 DW4U32_ENTRY(conv_dw_partial_v4k5s2u32_tf32, 5, 2)
 
+// ---- Version 5 of the weight-gradient partials: warps of 64 rows, operands by cp.async ----
+// Version 4 with units of 32 (`u32`: clevr6's 64-channel 5×5 layers, a quarter of its step)
+// runs 8 warps of 32 rows × 5 n8 tiles: per k-step a warp loads 4 × 8 bytes of A fragments a
+// lane and 9 distinct B words for 10 mma, 1.7 shared-memory wavefronts per mma (Nsight Compute,
+// 65f2d71: L1 66 % busy, SM 42 %, 25 % occupancy held by 126 registers). Version 5 gives each of
+// 4 warps all 64 rows: 8 × 8 bytes and the same 9 words for 20 mma, 1.25 wavefronts per mma,
+// and twice the independent mma per k-step. The 40 more accumulators do not fit beside version
+// 4's loads in flight (168 registers spilled 100–160 bytes), so the next unit's operands go to
+// shared memory by cp.async instead of through registers: each thread copies its own quads
+// (and the ReLU masks of the masked operand, into a mask stage) while the block computes the
+// unit before, then waits for them, masks, sums and rounds them in place, and the barrier
+// publishes them. Units, chunks, the partials' layout and the operand sums are version 4's.
+#define DW5_THREADS 128
+template <int K, int S>
+static __device__ void conv_dw_partial_v5(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                          const float* __restrict__ a_mask, int a_masked,
+                                          const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                          int b_masked, float* __restrict__ partial, int sums_of, unsigned sum_kys,
+                                          float* __restrict__ sums) {
+    constexpr int RM = 64, U = 32, THREADS = DW5_THREADS;
+    constexpr int QPR = RM / 4, PP = THREADS / QPR;  // A quads per position; positions per pass (8)
+    constexpr int A_LOADS = U / PP;
+    using Strip = Dw4Strip<K, S, THREADS, U>;
+    constexpr int LDA = RM + 8;  // as version 4: the paired A fragment loads are conflict-free
+    constexpr int ldb = S == 2 ? 36 : 40;
+    constexpr int s = S, strip_len = Strip::len;
+    // The masks of the masked operand, in its stage's layout (one stage: a thread reads only the
+    // words its own copies wrote, before the barrier after which it copies the next unit's).
+    constexpr int MASK_WORDS = U * LDA > strip_len * ldb ? U * LDA : strip_len * ldb;
+    __shared__ __align__(16) unsigned At[2][U][LDA];
+    __shared__ __align__(16) unsigned Bs[2][strip_len * ldb];
+    __shared__ __align__(16) float Mk[MASK_WORDS];
+    const int tid = threadIdx.x, lane = tid & 31, wn = tid >> 5;  // warp wn: channels 8·wn.. of every tap
+    const int g = lane >> 2, t = lane & 3;
+    const int N = K * K * p.cs;
+    const int cblocks = p.cs / 32;
+    const int ky = blockIdx.y / cblocks, cb = 32 * (blockIdx.y % cblocks);
+    const int i0 = RM * blockIdx.x, i = i0 + 4 * (tid % QPR);
+    const int segs = (p.wp + U - 1) / U, units = p.batch * p.hp * segs;
+    const int ubeg = blockIdx.z * p.chunk, uend = min(ubeg + p.chunk, units);
+    const int ntiles = max(uend - ubeg, 0);
+    // conv_tc_dw masks dy, which is A or B, never both; were both set, A would be masked from
+    // global memory in `settle` (correct, slow).
+    const bool mask_a = a_masked && !b_masked, mask_b = b_masked;
+    const bool sum_a = sums_of == 1 && blockIdx.y == 0;
+    const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
+    // The strip pixels whose sums count (sum_b), as version 4: [own, own + U·s).
+    const int own = min(p.pad, K - s);
+    unsigned own_bits = 0;
+#pragma unroll
+    for (int r = 0; r < Strip::loads; ++r) {
+        const int px = (tid >> 3) + r * (THREADS / 8);
+        if (px >= own && px < own + U * s && px < strip_len) own_bits |= 1u << r;
+    }
+    float4 osum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    // The unit in flight, as (n, py, seg).
+    int ln = 0, lpy = 0, lseg = 0;
+    {
+        const int u = min(ubeg, max(units - 1, 0));
+        lseg = u % segs;
+        lpy = (u / segs) % p.hp;
+        ln = u / (segs * p.hp);
+    }
+    // Copies of unit (ln, lpy, lseg) into stage st: A positions j = tid / QPR + PP·r, rows i..i+3
+    // (zero past the grid row's end); strip elements e = tid + THREADS·r (pixel e / 8, channel
+    // quad e % 8; zero outside the source).
+    auto issue = [&](int st) {
+        const int px0 = U * lseg;
+#pragma unroll
+        for (int r = 0; r < A_LOADS; ++r) {
+            const int j = tid / QPR + PP * r;
+            const bool ok = px0 + j < p.wp;
+            const int idx = ok ? ((ln * p.hp + lpy) * p.wp + px0 + j) * p.rows + i : 0;
+            cp_async16(&At[st][j][4 * (tid % QPR)], a_src + idx, ok);
+            if (mask_a) cp_async16(&Mk[j * LDA + 4 * (tid % QPR)], a_mask + idx, ok);
+        }
+        const int sy = lpy * S - p.pad + ky;
+        const bool row_ok = (unsigned)sy < (unsigned)p.hs;
+#pragma unroll
+        for (int r = 0; r < Strip::loads; ++r) {
+            const int e = tid + THREADS * r, px = e >> 3;
+            const int sx = px0 * S - p.pad + px;
+            if (px < strip_len) {
+                const bool ok = row_ok && (unsigned)sx < (unsigned)p.ws;
+                const int idx = ok ? ((ln * p.hs + sy) * p.ws + sx) * p.cs + cb + 4 * (e & 7) : 0;
+                cp_async16(&Bs[st][px * ldb + 4 * (e & 7)], b_src + idx, ok);
+                if (mask_b) cp_async16(&Mk[px * ldb + 4 * (e & 7)], b_mask + idx, ok);
+            }
+        }
+    };
+    // This thread's copies into stage st, once they land: masked, added to the operand sums (in
+    // f32, as loaded), rounded to TF32 in place.
+    auto settle = [&](int st) {
+        cp_async_wait_all();
+        const int px0 = U * lseg;
+#pragma unroll
+        for (int r = 0; r < A_LOADS; ++r) {
+            const int j = tid / QPR + PP * r;
+            unsigned* q = &At[st][j][4 * (tid % QPR)];
+            float4 v = *(const float4*)q;
+            if (mask_a)
+                v = mask_by(v, *(const float4*)&Mk[j * LDA + 4 * (tid % QPR)]);
+            else if (a_masked && px0 + j < p.wp)
+                v = relu_masked(v, a_mask + ((ln * p.hp + lpy) * p.wp + px0 + j) * p.rows + i);
+            if (sum_a) osum = add4(osum, v);
+            *(uint4*)q = tf32x4(v);
+        }
+#pragma unroll
+        for (int r = 0; r < Strip::loads; ++r) {
+            const int e = tid + THREADS * r, px = e >> 3;
+            if (px < strip_len) {
+                unsigned* q = &Bs[st][px * ldb + 4 * (e & 7)];
+                float4 v = *(const float4*)q;
+                if (mask_b) v = mask_by(v, *(const float4*)&Mk[px * ldb + 4 * (e & 7)]);
+                if (sum_b && ((own_bits >> r) & 1u)) osum = add4(osum, v);
+                *(uint4*)q = tf32x4(v);
+            }
+        }
+    };
+    float acc[4][K][4];
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0.0f;
+    if (ntiles > 0) {
+        issue(0);
+        settle(0);
+    }
+    __syncthreads();
+    // As version 4: the warp's B fragments are one base plus constants (kx, k-step).
+    const int b_lane = s * t * ldb + 8 * wn + g;
+    for (int tt = 0; tt < ntiles; ++tt) {
+        const int st = tt & 1;
+        const bool more = tt + 1 < ntiles;  // (uniform over the block)
+        // Stage st ^ 1 was last read in unit tt − 1, before the barrier that ended it.
+        if (more) {
+            dw4_unit_next(p, segs, ln, lpy, lseg);
+            issue(st ^ 1);
+        }
+#pragma unroll
+        for (int ks = 0; ks < U; ks += 8) {
+            unsigned a[2][2][4];  // rows 32h.. of the block in a[h] (a_frags_paired's wm = h)
+            a_frags_paired<LDA>(At[st], ks, 0, g, t, a[0]);
+            a_frags_paired<LDA>(At[st], ks, 1, g, t, a[1]);
+#pragma unroll
+            for (int kx = 0; kx < K; ++kx) {
+                unsigned b[2];
+                b[0] = Bs[st][b_lane + (kx + s * ks) * ldb];
+                b[1] = Bs[st][b_lane + (kx + s * (ks + 4)) * ldb];
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi) mma_tf32_16x8x8(acc[mi][kx], a[mi >> 1][mi & 1], b);
+            }
+        }
+        if (more) settle(st ^ 1);
+        __syncthreads();
+    }
+    // The partials, as version 4's: accumulator mi holds rows 16·mi + 2g and 16·mi + 2g + 1.
+    float* out = partial + (size_t)blockIdx.z * p.rows * N;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) {
+            const int nn = (ky * K + kx) * p.cs + cb + 8 * wn + 2 * t;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ii = i0 + mi * 16 + 2 * g + (r >= 2);
+                out[ii * N + nn + (r & 1)] = acc[mi][kx][r];
+            }
+        }
+    // The operand sums, added in a fixed order through the stages (every read of them ended at
+    // the loop's last barrier).
+    if (!sum_a && !sum_b) return;  // uniform over the block
+    float* red = (float*)&At[0][0][0];  // sum_a: [PP][RM]
+    float* redb = (float*)&Bs[0][0];    // sum_b: [THREADS / 8][32 channels]
+    static_assert(THREADS / 8 * 32 <= 2 * strip_len * ldb, "sum_b's rows fit the stages");
+    if (sum_a) *(float4*)&red[(tid / QPR) * RM + 4 * (tid % QPR)] = osum;
+    if (sum_b) *(float4*)&redb[(tid >> 3) * 32 + 4 * (tid & 7)] = osum;
+    __syncthreads();
+    if (sum_a && tid < RM) {
+        float v = 0.0f;
+        for (int j = 0; j < PP; ++j) v += red[j * RM + tid];
+        sums[(size_t)blockIdx.z * p.rows + i0 + tid] = v;
+    }
+    if (sum_b && tid < 32) {
+        float v = 0.0f;
+        for (int r = 0; r < THREADS / 8; ++r) v += redb[r * 32 + tid];
+        sums[(size_t)blockIdx.z * N + (ky * K) * p.cs + cb + tid] = v;
+    }
+}
+
+// `conv_dw_partial_v5k5s<stride>_tf32`: as `conv_dw_partial_v4k5s<stride>u32_tf32` (rows % 64 ==
+// 0, cs % 32 == 0, grid rows a multiple of 32 wide; grid (rows / 64, 5 · cs / 32, chunks of
+// p.chunk units of 32)), block DW5_THREADS.
+#define DW5_ENTRY(NAME, K, S)                                                                                \
+    extern "C" __global__ void __launch_bounds__(DW5_THREADS, 3)                                            \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
+        conv_dw_partial_v5<K, S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,       \
+                                 sum_kys, sums);                                                            \
+    }
+DW5_ENTRY(conv_dw_partial_v5k5s1_tf32, 5, 1)
+DW5_ENTRY(conv_dw_partial_v5k5s2_tf32, 5, 2)
+
 // The same with 32-row blocks (`v4r32k<k>s<stride>`, rows % 32 == 0): block 128, grid
 // (rows / 32, k · cs / 32, chunks). Four blocks per SM at stride 1 (128 registers, as the
 // 64-row blocks); three at stride 2, whose three strip quads per thread and stage spilled 8

@@ -392,12 +392,15 @@ fn nvrtc_kernel_resources(arch: &'static str) {
             );
             // (The 32-row dW v4 blocks have 128 threads: four per SM at stride 1, within 128
             // registers as the others; three at stride 2, within 168.)
+            // The dW v5 blocks (128 threads) three per SM, within 168.
+            let dw5 = k.name.starts_with("conv_dw_partial_v5");
             let (most, blocks) = match k.name.contains("_v4r32") && k.name.contains("s2_") {
                 true => (168, "three 128-thread"),
+                false if dw5 => (168, "three 128-thread"),
                 false if k.name.contains("_v4r32") => (128, "four 128-thread"),
                 false => (128, "two 256-thread"),
             };
-            if k.name.contains("_v3") || k.name.contains("_v4") {
+            if k.name.contains("_v3") || k.name.contains("_v4") || dw5 {
                 assert!(
                     k.registers <= most,
                     "{arch}: {} uses {} registers: fewer than {blocks} blocks per SM",
@@ -853,6 +856,21 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         ConvGeom::conv(5, 63, 64, 64, 3, 2, 1),
         false,
         1145,
+    );
+    // Version 5 of the weight gradient (5×5 in units of 32, 4 warps of 64 rows, cp.async): the
+    // 5×5 "same" case above, 128 rows over rows 32 wide (two row tiles, one unit per grid row),
+    // and stride 2 into output rows 32 wide (dy masked and summed for db; strips of 67 pixels).
+    case(
+        "same k5 64->128 3x32 dw5",
+        ConvGeom::same(3, 32, 64, 128, 5),
+        true,
+        1146,
+    );
+    case(
+        "k5 s2 64->64 6x64 dw5",
+        ConvGeom::conv(6, 64, 64, 64, 5, 2, 2),
+        true,
+        1147,
     );
     // Version 5 of the activation passes (stride 1, 64 gathered channels, a halo tile per 8 × 16
     // output pixels): a 5×5 "same" layer over 2 × 3 tiles per image (both partial at the far
@@ -2174,6 +2192,48 @@ fn emu_conv_t2d_tf32_fwd_bwd() {
     }
 }
 
+/// Version 4's 5×5 weight gradients in units of 32, which version 5 (`dw_v5`) now computes
+/// wherever they apply: the conv and transposed-conv cases of the tests above with `dw_v5` off.
+fn dw4_u32_k5_parity(g: Cuda, tol: f64) {
+    let g = g
+        .with_precision(Precision::Tf32)
+        .with_fast_paths(FastPaths::all_but("dw_v5").unwrap());
+    let conv = ConvGeom::same(2, 64, 64, 64, 5);
+    conv_case(
+        &g,
+        "same k5 64->64 2x64 dw4 u32, dw_v5 off",
+        conv,
+        false,
+        true,
+        1144,
+        tol,
+    );
+    let convt = ConvGeom::transposed(2, 32, 64, 64, 5, 2, 2, 1);
+    conv_case(
+        &g,
+        "T k5 s2 op1 64->64 2x32 u32, dw_v5 off",
+        convt,
+        true,
+        true,
+        322,
+        tol,
+    );
+}
+
+#[test]
+fn emu_conv_dw4_u32_k5_without_dw5() {
+    if let Some(g) = emu() {
+        dw4_u32_k5_parity(g, TF32_TOL);
+    }
+}
+
+#[test]
+fn gpu_conv_dw4_u32_k5_without_dw5() {
+    if let Some(g) = gpu() {
+        dw4_u32_k5_parity(g, TF32_TOL);
+    }
+}
+
 #[test]
 fn gpu_conv2d_tf32_fwd_bwd() {
     if let Some(g) = gpu() {
@@ -2587,6 +2647,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         "dw_units" => {
             name.starts_with("conv_dw_partial_v4") && (name.contains("u40") || name.contains("u32"))
         }
+        "dw_v5" => name.starts_with("conv_dw_partial_v5"),
         "dw_c4" => name.starts_with("conv_dw_partial_c4"),
         // (Version 2's kernels, version 3's aside: version 1 is attention_{fwd,bwd}_f32.)
         "attention_v2" => {
@@ -2648,13 +2709,16 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 // (Version 6 runs within version 5.)
                 "conv_v6" => &["conv_v3", "conv_v5"],
                 "dw_units" => &["dw_v4"],
+                // (Version 5 takes version 4's units of 32.)
+                "dw_v5" => &["dw_v4", "dw_units"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
                 _ => &[],
             };
-            // (Wider units need grid rows 33 to 40 wide or a multiple of 32, which this 8 × 8
-            // model has not: the conv tests' u40 and u32 cases check them.)
-            let applies = path != "dw_units";
+            // (Wider units, and version 5 within them, need grid rows 33 to 40 wide or a
+            // multiple of 32, which this 8 × 8 model has not: the conv tests' u40, u32 and dw5
+            // cases check them.)
+            let applies = path != "dw_units" && path != "dw_v5";
             let on = applies
                 && fast.is_on(path) == Some(true)
                 && needs.iter().all(|n| fast.is_on(n) == Some(true));

@@ -146,6 +146,26 @@ fn dw4_blocks_per_sm(row_tile: usize, stride: usize) -> usize {
     }
 }
 
+/// Whether version 5 of the weight-gradient partials computes what version 4 would with
+/// `row_tile` rows and units of `unit` (the `dw_v5` fast path, `v5`): 64-row blocks with units
+/// of 32, 5×5 (`conv_dw_partial_v5k5s*`, 4 warps of 64 rows).
+fn dw5_applies(row_tile: usize, k: usize, unit: usize, v5: bool) -> bool {
+    v5 && row_tile == 64 && k == 5 && unit == 32
+}
+
+/// Version 5's kernel for the stride.
+fn dw5_kernel(stride: usize) -> &'static str {
+    if stride == 1 {
+        "conv_dw_partial_v5k5s1_tf32"
+    } else {
+        "conv_dw_partial_v5k5s2_tf32"
+    }
+}
+
+/// Threads of a version 5 block, and the blocks an SM holds (its `__launch_bounds__`).
+const DW5_THREADS: u32 = 128;
+const DW5_BLOCKS_PER_SM: usize = 3;
+
 /// Version 4's kernel for `row_tile` rows per block, a k × k kernel and the stride.
 fn dw4_kernel(row_tile: usize, k: usize, stride: usize, unit: usize) -> &'static str {
     match (row_tile, k, stride) {
@@ -901,6 +921,7 @@ impl Cuda {
         };
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
         let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_units);
+        let v5 = dw5_applies(dw4_row_tile(rows), g.k, unit, self.fast.dw_v5);
         let v4 = !c4
             && self.fast.dw_v4
             && dw4_applies(rows, cs, g.k, g.stride)
@@ -913,7 +934,11 @@ impl Cuda {
             _ if c4 => (rows, cols, dwc4_kernel(g.k, rows)),
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
-                (rt, g.k * 32, dw4_kernel(rt, g.k, g.stride, unit))
+                let name = match v5 {
+                    true => dw5_kernel(g.stride),
+                    false => dw4_kernel(rt, g.k, g.stride, unit),
+                };
+                (rt, g.k * 32, name)
             }
             (false, false, _) => (TC_TILE, TC_TILE, "conv_dw_partial_tf32"),
             (false, true, false) => (64, 128, "conv_dw_partial_v3_tf32"),
@@ -931,8 +956,13 @@ impl Cuda {
         let (chunk, chunks) = if c4 {
             dwc4_chunks(batch * hp.div_ceil(8) * wp.div_ceil(16))
         } else if v4 {
-            // (A wave of 32-row blocks holds more of them: TC_DW_TARGET_BLOCKS is 2 per SM.)
-            let target = TC_DW_TARGET_BLOCKS / 2 * dw4_blocks_per_sm(row_tile, g.stride);
+            // (A wave of 32-row blocks, or of version 5's, holds more of them:
+            // TC_DW_TARGET_BLOCKS is 2 per SM.)
+            let per_sm = match v5 {
+                true => DW5_BLOCKS_PER_SM,
+                false => dw4_blocks_per_sm(row_tile, g.stride),
+            };
+            let target = TC_DW_TARGET_BLOCKS / 2 * per_sm;
             dw_chunks_of(tiles, batch * hp * wp.div_ceil(unit), 1, target)
         } else {
             dw_chunks(tiles, npos)
@@ -960,7 +990,8 @@ impl Cuda {
             },
             (true, _) => LaunchConfig {
                 grid_dim: ((rows / row_tile) as u32, col_tiles as u32, chunks as u32),
-                block_dim: (4 * row_tile as u32, 1, 1),
+                // (Version 5: 4 warps of 64 rows; version 4: a warp per 32 rows and 8 channels.)
+                block_dim: (if v5 { DW5_THREADS } else { 4 * row_tile as u32 }, 1, 1),
                 shared_mem_bytes: 0,
             },
             (false, true) => tile_grid(rows, row_tile, cols, col_tile, chunks, DW3_THREADS),

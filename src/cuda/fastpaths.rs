@@ -46,6 +46,10 @@ pub struct FastPaths {
     /// `conv_dw_partial_v4r32k*s1u40`), 32 for 64-row blocks over rows a multiple of 32 wide
     /// (clevr6's: half the barriers; `conv_dw_partial_v4k*u32`); off: units of 16.
     pub dw_units: bool,
+    /// Within version 4 with units of 32, version 5 for 5×5 (`conv_dw_partial_v5k5s*`: 4 warps
+    /// of all 64 rows instead of 8 of 32, the operands copied to shared memory by cp.async);
+    /// off: version 4's 8 warps.
+    pub dw_v5: bool,
     /// Weight gradients for at most 4 gathered channels (64 or 32 rows, 3×3 or 5×5, stride 1:
     /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one
     /// shared broadcast (`conv_dw_partial_c4*`); off: version 2 or 3.
@@ -86,6 +90,7 @@ impl FastPaths {
         dw_v3: true,
         dw_v4: true,
         dw_units: true,
+        dw_v5: true,
         dw_c4: true,
         attention_v2: true,
         attention_v3: true,
@@ -103,6 +108,7 @@ impl FastPaths {
         dw_v3: false,
         dw_v4: false,
         dw_units: false,
+        dw_v5: false,
         dw_c4: false,
         attention_v2: false,
         attention_v3: false,
@@ -113,7 +119,7 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 16] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -122,6 +128,7 @@ impl FastPaths {
         "dw_v3",
         "dw_v4",
         "dw_units",
+        "dw_v5",
         "dw_c4",
         "attention_v2",
         "attention_v3",
@@ -141,6 +148,7 @@ impl FastPaths {
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
             "dw_units" => &mut self.dw_units,
+            "dw_v5" => &mut self.dw_v5,
             "dw_c4" => &mut self.dw_c4,
             "attention_v2" => &mut self.attention_v2,
             "attention_v3" => &mut self.attention_v3,
@@ -219,6 +227,7 @@ mod tests {
                 && fp.dw_v3
                 && fp.dw_v4
                 && fp.dw_units
+                && fp.dw_v5
                 && fp.dw_c4
                 && fp.attention_v2
                 && fp.attention_v3

@@ -748,6 +748,7 @@ impl Cuda {
             self.fast.conv_c4 = false;
             self.fast.dw_v4 = false;
             self.fast.dw_units = false;
+            self.fast.dw_v5 = false;
             self.fast.dw_c4 = false;
         }
         self

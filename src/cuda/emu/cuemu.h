@@ -48,9 +48,18 @@ static inline void cuemu_prefetch(const void* p) {
     if (w == 0x7fa5a5a5u) cuemu_fault("prefetch_l2 of a buffer's guard zone or of memory nothing wrote");
 }
 
+// A copy cp_async16 (common.cuh) has issued and cp_async_wait_all has not yet performed.
+struct CuemuCpAsync {
+    void* dst;
+    const void* src;  // nullptr: 16 zero bytes
+};
+#define CUEMU_CP_ASYNC_MAX 32
+
 struct CuemuThread {
     uint3 tid;
     int linear;  // threadIdx.x + blockDim.x · (threadIdx.y + blockDim.y · threadIdx.z)
+    int cp_pending;  // copies in cp[] not yet waited for
+    CuemuCpAsync cp[CUEMU_CP_ASYNC_MAX];
 };
 
 extern thread_local CuemuThread* cuemu_cur;
@@ -87,7 +96,34 @@ extern "C" void* cuemu_dyn_smem();
 // of shared memory this block never wrote shows, instead of the previous block's values.
 extern "C" void cuemu_smem_fresh(void* p, unsigned long bytes);
 
-static inline void __syncthreads() { cuemu_syncthreads(); }
+// cp.async: the copy lands when the thread waits for it (cp_async_wait_all), not before, so that a
+// read of the destination without the wait sees what was there before, as it may on the
+// hardware; and a barrier with copies not yet waited for faults (this crate's kernels wait for
+// their copies before the barrier that publishes them: one that did not would let other threads
+// read shared memory the copies have not yet reached).
+static inline void cuemu_cp_async16(void* dst, const void* src) {
+    cuemu_check_align16(dst);
+    if (src) cuemu_check_align16(src);
+    if (cuemu_cur->cp_pending == CUEMU_CP_ASYNC_MAX) {
+        cuemu_fault("more cp.async copies in flight than the emulator keeps");
+        return;
+    }
+    cuemu_cur->cp[cuemu_cur->cp_pending++] = CuemuCpAsync{dst, src};
+}
+static inline void cuemu_cp_async_wait_all() {
+    for (int i = 0; i < cuemu_cur->cp_pending; ++i) {
+        const CuemuCpAsync& c = cuemu_cur->cp[i];
+        if (c.src)
+            memcpy(c.dst, c.src, 16);
+        else
+            memset(c.dst, 0, 16);
+    }
+    cuemu_cur->cp_pending = 0;
+}
+static inline void __syncthreads() {
+    if (cuemu_cur->cp_pending) cuemu_fault("__syncthreads with cp.async copies not waited for");
+    cuemu_syncthreads();
+}
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { cuemu_warp_op(nullptr, nullptr, mask); }
 static inline int cuemu_lane() { return cuemu_cur->linear & 31; }
 

@@ -167,6 +167,7 @@ bool run_block(Worker* w, const uint3 bid) {
         Fiber& f = w->fibers[i];
         f.t.tid = uint3{(unsigned)i % bd.x, ((unsigned)i / bd.x) % bd.y, (unsigned)i / (bd.x * bd.y)};
         f.t.linear = i;
+        f.t.cp_pending = 0;
         f.state = READY;
         // Initial frame for cuemu_switch: six saved registers, then fiber_main as the return
         // address (16-byte aligned so that fiber_main starts with the ABI's alignment). Each
