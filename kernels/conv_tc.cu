@@ -1502,9 +1502,11 @@ static __device__ void conv_dw_partial_v5(const ConvDwGemm& p, const float* __re
     }
 }
 
-// `conv_dw_partial_v5k5s<stride>_tf32`: as `conv_dw_partial_v4k5s<stride>u32_tf32` (rows % 64 ==
-// 0, cs % 32 == 0, grid rows a multiple of 32 wide; grid (rows / 64, 5 · cs / 32, chunks of
-// p.chunk units of 32)), block DW5_THREADS.
+// `conv_dw_partial_v5k5s1_tf32`: as `conv_dw_partial_v4k5s1u32_tf32` (rows % 64 == 0, cs % 32 ==
+// 0, grid rows a multiple of 32 wide; grid (rows / 64, 5 · cs / 32, chunks of p.chunk units of
+// 32)), block DW5_THREADS. Stride 1 only: at stride 2 (clevr6's decoder, strips of 67 pixels)
+// version 5 measured 2.8 % slower than `v4k5s2u32` (H200, b2e47cd: 4.340 against 4.224 ms per
+// step), at stride 1 7.4 % faster (15.710 against 16.972).
 #define DW5_ENTRY(NAME, K, S)                                                                                \
     extern "C" __global__ void __launch_bounds__(DW5_THREADS, 3)                                            \
         NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
@@ -1514,7 +1516,6 @@ static __device__ void conv_dw_partial_v5(const ConvDwGemm& p, const float* __re
                                  sum_kys, sums);                                                            \
     }
 DW5_ENTRY(conv_dw_partial_v5k5s1_tf32, 5, 1)
-DW5_ENTRY(conv_dw_partial_v5k5s2_tf32, 5, 2)
 
 // The same with 32-row blocks (`v4r32k<k>s<stride>`, rows % 32 == 0): block 128, grid
 // (rows / 32, k · cs / 32, chunks). Four blocks per SM at stride 1 (128 registers, as the

@@ -857,9 +857,10 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         false,
         1145,
     );
-    // Version 5 of the weight gradient (5×5 in units of 32, 4 warps of 64 rows, cp.async): the
-    // 5×5 "same" case above, 128 rows over rows 32 wide (two row tiles, one unit per grid row),
-    // and stride 2 into output rows 32 wide (dy masked and summed for db; strips of 67 pixels).
+    // Version 5 of the weight gradient (5×5 at stride 1 in units of 32, 4 warps of 64 rows,
+    // cp.async; dy masked as A and summed for db): the 5×5 "same" case above, and 128 rows over
+    // rows 32 wide (two row tiles, one unit per grid row). A stride-2 5×5 into output rows 32
+    // wide stays on version 4's units of 32 (strips of 67 pixels).
     case(
         "same k5 64->128 3x32 dw5",
         ConvGeom::same(3, 32, 64, 128, 5),
@@ -867,7 +868,7 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         1146,
     );
     case(
-        "k5 s2 64->64 6x64 dw5",
+        "k5 s2 64->64 6x64 dw4 u32",
         ConvGeom::conv(6, 64, 64, 64, 5, 2, 2),
         true,
         1147,
@@ -1109,6 +1110,14 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         t(4, 34, 32, 32, 5, 1, 2, 0),
         false,
         321,
+    );
+    // A stride-1 5×5 over an input 32 wide: its dW by version 5 (`dw5`: g gathered through y's
+    // ReLU as B, the bias gradient from the units' sums of g, as clevr6's decoder).
+    case(
+        "T k5 s1 64->64 2x32 dw5",
+        t(2, 32, 64, 64, 5, 1, 2, 0),
+        true,
+        323,
     );
     // A stride-2 5×5 from an input 32 wide: its dW in units of 32 (`u32`), the bias gradient
     // from the units' sums of g over 64-pixel output strips.
@@ -2192,32 +2201,19 @@ fn emu_conv_t2d_tf32_fwd_bwd() {
     }
 }
 
-/// Version 4's 5×5 weight gradients in units of 32, which version 5 (`dw_v5`) now computes
-/// wherever they apply: the conv and transposed-conv cases of the tests above with `dw_v5` off.
+/// Version 4's 5×5 weight gradients at stride 1 in units of 32, which version 5 (`dw_v5`) now
+/// computes wherever they apply: the conv and transposed-conv cases of the tests above with
+/// `dw_v5` off.
 fn dw4_u32_k5_parity(g: Cuda, tol: f64) {
     let g = g
         .with_precision(Precision::Tf32)
         .with_fast_paths(FastPaths::all_but("dw_v5").unwrap());
     let conv = ConvGeom::same(2, 64, 64, 64, 5);
-    conv_case(
-        &g,
-        "same k5 64->64 2x64 dw4 u32, dw_v5 off",
-        conv,
-        false,
-        true,
-        1144,
-        tol,
-    );
-    let convt = ConvGeom::transposed(2, 32, 64, 64, 5, 2, 2, 1);
-    conv_case(
-        &g,
-        "T k5 s2 op1 64->64 2x32 u32, dw_v5 off",
-        convt,
-        true,
-        true,
-        322,
-        tol,
-    );
+    let name = "same k5 64->64 2x64 dw4 u32, dw_v5 off";
+    conv_case(&g, name, conv, false, true, 1144, tol);
+    let convt = ConvGeom::transposed(2, 32, 64, 64, 5, 1, 2, 0);
+    let name = "T k5 s1 64->64 2x32 dw4 u32, dw_v5 off";
+    conv_case(&g, name, convt, true, true, 323, tol);
 }
 
 #[test]

@@ -355,7 +355,7 @@ step_profile() {
   # tensor-core peak or the memory floor (throughputs, occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
-  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v[56]k[35]|v5s2k[35]|c4k[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12](u32)?)_tf32|conv_dw_partial_c4k[35]_f32|attention_(fwd_partial|bwd_stats|bwd_main)(_v3k[48])?_f32|tokens_(fwd|bwd)_tf32' -c 32 \
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v[56]k[35]|v5s2k[35]|c4k[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12](u32)?|v5k5s1)_tf32|conv_dw_partial_c4k[35]_f32|attention_(fwd_partial|bwd_stats|bwd_main)(_v3k[48])?_f32|tokens_(fwd|bwd)_tf32' -c 32 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
@@ -364,7 +364,7 @@ step_profile() {
   # stall reason, the instruction mix, the shared-memory table (bank conflicts per store and
   # load) and the source counters of the first direct and weight-gradient launches.
   enough "profile details" 30 || return
-  timeout "$(cap 60)" ncu -k 'regex:conv_igemm_direct_v(3|3_k32|[56]k[35])_tf32|conv_dw_partial_v(3|4k[35]s[12](u32)?)_tf32' -c 6 --print-details all \
+  timeout "$(cap 60)" ncu -k 'regex:conv_igemm_direct_v(3|3_k32|[56]k[35])_tf32|conv_dw_partial_v(3|4k[35]s[12](u32)?|5k5s1)_tf32' -c 6 --print-details all \
     --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
     --section SourceCounters "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6-details.txt" 2>&1

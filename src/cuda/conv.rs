@@ -148,18 +148,10 @@ fn dw4_blocks_per_sm(row_tile: usize, stride: usize) -> usize {
 
 /// Whether version 5 of the weight-gradient partials computes what version 4 would with
 /// `row_tile` rows and units of `unit` (the `dw_v5` fast path, `v5`): 64-row blocks with units
-/// of 32, 5×5 (`conv_dw_partial_v5k5s*`, 4 warps of 64 rows).
-fn dw5_applies(row_tile: usize, k: usize, unit: usize, v5: bool) -> bool {
-    v5 && row_tile == 64 && k == 5 && unit == 32
-}
-
-/// Version 5's kernel for the stride.
-fn dw5_kernel(stride: usize) -> &'static str {
-    if stride == 1 {
-        "conv_dw_partial_v5k5s1_tf32"
-    } else {
-        "conv_dw_partial_v5k5s2_tf32"
-    }
+/// of 32, 5×5, stride 1 (`conv_dw_partial_v5k5s1_tf32`, 4 warps of 64 rows; at stride 2 it
+/// measured slower than version 4).
+fn dw5_applies(row_tile: usize, k: usize, stride: usize, unit: usize, v5: bool) -> bool {
+    v5 && row_tile == 64 && k == 5 && stride == 1 && unit == 32
 }
 
 /// Threads of a version 5 block, and the blocks an SM holds (its `__launch_bounds__`).
@@ -921,7 +913,7 @@ impl Cuda {
         };
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
         let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_units);
-        let v5 = dw5_applies(dw4_row_tile(rows), g.k, unit, self.fast.dw_v5);
+        let v5 = dw5_applies(dw4_row_tile(rows), g.k, g.stride, unit, self.fast.dw_v5);
         let v4 = !c4
             && self.fast.dw_v4
             && dw4_applies(rows, cs, g.k, g.stride)
@@ -935,7 +927,7 @@ impl Cuda {
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
                 let name = match v5 {
-                    true => dw5_kernel(g.stride),
+                    true => "conv_dw_partial_v5k5s1_tf32",
                     false => dw4_kernel(rt, g.k, g.stride, unit),
                 };
                 (rt, g.k * 32, name)

@@ -46,9 +46,9 @@ pub struct FastPaths {
     /// `conv_dw_partial_v4r32k*s1u40`), 32 for 64-row blocks over rows a multiple of 32 wide
     /// (clevr6's: half the barriers; `conv_dw_partial_v4k*u32`); off: units of 16.
     pub dw_units: bool,
-    /// Within version 4 with units of 32, version 5 for 5×5 (`conv_dw_partial_v5k5s*`: 4 warps
-    /// of all 64 rows instead of 8 of 32, the operands copied to shared memory by cp.async);
-    /// off: version 4's 8 warps.
+    /// Within version 4 with units of 32, version 5 for 5×5 at stride 1
+    /// (`conv_dw_partial_v5k5s1_tf32`: 4 warps of all 64 rows instead of 8 of 32, the operands
+    /// copied to shared memory by cp.async); off: version 4's 8 warps.
     pub dw_v5: bool,
     /// Weight gradients for at most 4 gathered channels (64 or 32 rows, 3×3 or 5×5, stride 1:
     /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one

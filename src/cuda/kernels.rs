@@ -122,7 +122,6 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_dw_partial_v4k5s1u32_tf32",
             "conv_dw_partial_v4k5s2u32_tf32",
             "conv_dw_partial_v5k5s1_tf32",
-            "conv_dw_partial_v5k5s2_tf32",
             "conv_dw_partial_c4k3_f32",
             "conv_dw_partial_c4k5_f32",
             "conv_dw_partial_c4r32k3_f32",
