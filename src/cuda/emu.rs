@@ -441,6 +441,19 @@ extern "C" __global__ void dyn_shared(int read_at, float* out) {
     __syncthreads();
     out[t] = dyn[read_at + t];
 }
+// cp.async (common.cuh's cp_async16 / cp_async_wait_all in the emulator): thread t copies src[t]
+// (odd t) or zeros (even t) into its shared float4, reads it before and after the wait; with
+// `barrier_first` a barrier comes between the copy and the wait (a fault).
+extern "C" __global__ void cp_async(int barrier_first, const float4* src, float* out) {
+    __shared__ __align__(16) float4 sh[32];
+    const int t = threadIdx.x;
+    sh[t] = make_float4(-1.0f, -1.0f, -1.0f, -1.0f);
+    cuemu_cp_async16(&sh[t], t % 2 ? &src[t] : nullptr);
+    out[2 * t] = sh[t].x;
+    if (barrier_first) __syncthreads();
+    cuemu_cp_async_wait_all();
+    out[2 * t + 1] = sh[t].x;
+}
 "#,
         kernels: &[
             "shuffles",
@@ -448,6 +461,7 @@ extern "C" __global__ void dyn_shared(int read_at, float* out) {
             "deadlock",
             "stale_shared",
             "dyn_shared",
+            "cp_async",
         ],
     };
 
@@ -559,6 +573,33 @@ extern "C" __global__ void dyn_shared(int read_at, float* out) {
             err.contains("past the 128 bytes of dynamic shared memory"),
             "{err}"
         );
+    }
+
+    /// A cp.async copy lands at the wait, not before; a barrier before the wait is an error.
+    #[test]
+    fn cp_async_lands_at_the_wait() {
+        let Some(e) = emulator() else { return };
+        #[repr(C, align(16))]
+        struct Quad([f32; 4]);
+        let src: Vec<Quad> = (0..32).map(|t| Quad([10.0 + t as f32; 4])).collect();
+        let launch = |barrier_first: i32| {
+            let mut out = vec![0f32; 64];
+            let (mut b, mut s, mut p) = (barrier_first, src.as_ptr(), out.as_mut_ptr());
+            let args = &mut [
+                &mut b as *mut _ as *mut c_void,
+                &mut s as *mut _ as *mut c_void,
+                &mut p as *mut _ as *mut c_void,
+            ];
+            run(&e, "cp_async", 32, args).map(|()| out)
+        };
+        let out = launch(0).unwrap();
+        for t in 0..32usize {
+            assert_eq!(out[2 * t], -1.0, "thread {t} saw its copy before waiting");
+            let want = if t % 2 == 1 { 10.0 + t as f32 } else { 0.0 };
+            assert_eq!(out[2 * t + 1], want, "thread {t} after the wait");
+        }
+        let err = launch(1).unwrap_err();
+        assert!(err.contains("cp.async"), "{err}");
     }
 
     #[test]
