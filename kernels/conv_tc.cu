@@ -1113,6 +1113,77 @@ static __device__ __forceinline__ void dw4_apply_masks(int a_masked, int b_maske
     }
 }
 
+// Versions 4 and 5 share what surrounds their loops: the first unit of a chunk, which strip
+// elements count in the operand sums, the partials' store and the sums' reduction.
+
+// Unit u (U positions of one grid row; segs of them per row) as (n, py, seg).
+static __device__ __forceinline__ void dw4_unit_at(const ConvDwGemm& p, int segs, int u, int& n, int& py,
+                                                   int& seg) {
+    seg = u % segs;
+    py = (u / segs) % p.hp;
+    n = u / (segs * p.hp);
+}
+
+// The strip pixels whose sums count (sum_b), [own, own + U·s) with own = min(pad, k − s), a range
+// that the units of a grid row tile without overlap: bit r says whether this thread's strip
+// element r (pixel tid / 8 + r·THREADS / 8) lies in it. All of a thread's elements are one
+// channel quad, so one accumulator sums them.
+template <int K, int S, int THREADS, int U>
+static __device__ __forceinline__ unsigned dw4_own_bits(int pad) {
+    const int own = min(pad, K - S);
+    unsigned bits = 0;
+#pragma unroll
+    for (int r = 0; r < Dw4Strip<K, S, THREADS, U>::loads; ++r) {
+        const int px = ((int)threadIdx.x >> 3) + r * (THREADS / 8);
+        if (px >= own && px < own + U * S && px < Dw4Strip<K, S, THREADS, U>::len) bits |= 1u << r;
+    }
+    return bits;
+}
+
+// A warp's partials, acc[mi][kx] for its MI m16 tiles × the K taps of its n8 column: the mma's
+// rows g and g + 8 are the tile's rows 2g and 2g + 1 (the paired A loads), from row0 + 16·mi;
+// columns 2t and 2t + 1 of channels cb + 8·wn.. of tap (ky, kx). out: the chunk's [rows][N].
+template <int K, int MI>
+static __device__ __forceinline__ void dw4_store_partials(const float (&acc)[MI][K][4], float* __restrict__ out,
+                                                          int N, int cs, int ky, int cb, int row0, int wn,
+                                                          int g, int t) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) {
+            const int nn = (ky * K + kx) * cs + cb + 8 * wn + 2 * t;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ii = row0 + mi * 16 + 2 * g + (r >= 2);
+                out[ii * N + nn + (r & 1)] = acc[mi][kx][r];
+            }
+        }
+}
+
+// The block's operand sums in a fixed order: each thread's osum meets the others' in shared memory
+// no longer read (red: sum_a's [THREADS / (RM / 4)][RM], a thread's float4 at its position row;
+// redb: sum_b's [THREADS / 8][32 channels]), and the first threads add them up into sums_a[0..RM)
+// or sums_b[0..32). Called by every thread of the block.
+template <int RM, int THREADS>
+static __device__ __forceinline__ void dw4_reduce_sums(float* red, float* redb, float4 osum, bool sum_a, bool sum_b,
+                                                       float* __restrict__ sums_a, float* __restrict__ sums_b) {
+    constexpr int QPR = RM / 4, ROWS = THREADS / QPR;
+    const int tid = threadIdx.x;
+    if (sum_a) *(float4*)&red[(tid / QPR) * RM + 4 * (tid % QPR)] = osum;
+    if (sum_b) *(float4*)&redb[(tid >> 3) * 32 + 4 * (tid & 7)] = osum;
+    __syncthreads();
+    if (sum_a && tid < RM) {
+        float v = 0.0f;
+        for (int j = 0; j < ROWS; ++j) v += red[j * RM + tid];
+        sums_a[tid] = v;
+    }
+    if (sum_b && tid < 32) {
+        float v = 0.0f;
+        for (int r = 0; r < THREADS / 8; ++r) v += redb[r * 32 + tid];
+        sums_b[tid] = v;
+    }
+}
+
 // grid (rows / RM, k · cs / 32, chunks), block 4·RM; p.chunk counts units (U positions of one
 // grid row each: 16; 32 for 64-row blocks over rows a multiple of 32 wide, `u32`; 40 for
 // 32-row blocks over rows 33 to 40 wide at stride 1, `u40`). partial[z][i][(ky·k + kx)·cs + c] as conv_dw_partial_v3 writes it. The
@@ -1157,13 +1228,8 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0.0f;
     // The unit loaded last, as (n, py, seg).
-    int ln = 0, lpy = 0, lseg = 0;
-    {
-        const int u = min(ubeg, max(units - 1, 0));
-        lseg = u % segs;
-        lpy = (u / segs) % p.hp;
-        ln = u / (segs * p.hp);
-    }
+    int ln, lpy, lseg;
+    dw4_unit_at(p, segs, min(ubeg, max(units - 1, 0)), ln, lpy, lseg);
     float4 av[DEPTH][Unit::a_loads], bv[DEPTH][Strip::loads], mq[DEPTH][Unit::masks];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
@@ -1174,17 +1240,8 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
     }
     const bool sum_a = sums_of == 1 && blockIdx.y == 0;
     const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
-    // The strip pixels whose sums count (sum_b): [own, own + U·s), own = min(pad, k − s). Bit r
-    // of own_bits: whether this thread's element r (pixel tid / 8 + r·THREADS / 8) lies in it.
-    // All of a thread's elements are one channel quad, so one accumulator sums them, and it
-    // serves the A sums or the B sums.
-    const int own = min(p.pad, K - s);
-    unsigned own_bits = 0;
-#pragma unroll
-    for (int r = 0; r < Strip::loads; ++r) {
-        const int px = (tid >> 3) + r * (THREADS / 8);
-        if (px >= own && px < own + U * s && px < strip_len) own_bits |= 1u << r;
-    }
+    // The strip elements whose sums count (sum_b); one accumulator serves the A sums or the B sums.
+    const unsigned own_bits = dw4_own_bits<K, S, THREADS, U>(p.pad);
     float4 osum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     // This warp's n8 tiles: taps kx = 0..K−1, each over channels 8·wn..8·wn + 7 of the block's
     // 32, so that its B fragments are one base (lane and warp) plus constants (kx, k-step). (The
@@ -1237,39 +1294,16 @@ static __device__ void conv_dw_partial_v4(const ConvDwGemm& p, const float* __re
             }
         }
     }
-    // The partials: the mma's rows g and g + 8 are the tile's rows 2g and 2g + 1 (the paired A
-    // loads above), columns 2t and 2t + 1 of each n8 tile.
-    float* out = partial + (size_t)blockIdx.z * p.rows * N;
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int kx = 0; kx < K; ++kx) {
-            const int nn = (ky * K + kx) * p.cs + cb + 8 * wn + 2 * t;
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int ii = i0 + wm * 32 + mi * 16 + 2 * g + (r >= 2);  // (wm 0 when RM is 32)
-                out[ii * N + nn + (r & 1)] = acc[mi][kx][r];
-            }
-        }
-    // The operand sums, added in a fixed order through the (no longer needed) stages.
+    // (wm is 0 when RM is 32.)
+    dw4_store_partials<K, 2>(acc, partial + (size_t)blockIdx.z * p.rows * N, N, p.cs, ky, cb, i0 + wm * 32, wn, g,
+                             t);
+    // The operand sums, through the (no longer needed) stages once every warp is done with them.
     if (!sum_a && !sum_b) return;  // uniform over the block
     __syncthreads();
-    float* red = (float*)&At[0][0][0];  // sum_a: [16][RM] (the A stage's layout, unpadded)
-    float* redb = (float*)&Bs[0][0];    // sum_b: [THREADS / 8][32 channels], ≤ 2 · strip_len · ldb
     static_assert(THREADS / 8 * 32 <= 2 * strip_len * ldb, "sum_b's rows fit the stages");
-    if (sum_a) *(float4*)&red[(tid / QPR) * RM + 4 * (tid % QPR)] = osum;
-    if (sum_b) *(float4*)&redb[(tid >> 3) * 32 + 4 * (tid & 7)] = osum;
-    __syncthreads();
-    if (sum_a && tid < RM) {
-        float v = 0.0f;
-        for (int j = 0; j < TC_BK; ++j) v += red[j * RM + tid];
-        sums[(size_t)blockIdx.z * p.rows + i0 + tid] = v;
-    }
-    if (sum_b && tid < 32) {
-        float v = 0.0f;
-        for (int r = 0; r < THREADS / 8; ++r) v += redb[r * 32 + tid];
-        sums[(size_t)blockIdx.z * N + (ky * K) * p.cs + cb + tid] = v;
-    }
+    dw4_reduce_sums<RM, THREADS>((float*)&At[0][0][0] /* [16][RM] */, (float*)&Bs[0][0], osum, sum_a, sum_b,
+                                 sums + (size_t)blockIdx.z * p.rows + i0,
+                                 sums + (size_t)blockIdx.z * N + (ky * K) * p.cs + cb);
 }
 
 // As conv_dw_partial_v3_tf32 for k = 3 or 5 and stride 1 or 2 (`v4k<k>s<stride>`),
@@ -1359,23 +1393,11 @@ static __device__ void conv_dw_partial_v5(const ConvDwGemm& p, const float* __re
     const bool mask_a = a_masked && !b_masked, mask_b = b_masked;
     const bool sum_a = sums_of == 1 && blockIdx.y == 0;
     const bool sum_b = sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
-    // The strip pixels whose sums count (sum_b), as version 4: [own, own + U·s).
-    const int own = min(p.pad, K - s);
-    unsigned own_bits = 0;
-#pragma unroll
-    for (int r = 0; r < Strip::loads; ++r) {
-        const int px = (tid >> 3) + r * (THREADS / 8);
-        if (px >= own && px < own + U * s && px < strip_len) own_bits |= 1u << r;
-    }
+    const unsigned own_bits = dw4_own_bits<K, S, THREADS, U>(p.pad);  // (sum_b, as version 4)
     float4 osum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     // The unit in flight, as (n, py, seg).
-    int ln = 0, lpy = 0, lseg = 0;
-    {
-        const int u = min(ubeg, max(units - 1, 0));
-        lseg = u % segs;
-        lpy = (u / segs) % p.hp;
-        ln = u / (segs * p.hp);
-    }
+    int ln, lpy, lseg;
+    dw4_unit_at(p, segs, min(ubeg, max(units - 1, 0)), ln, lpy, lseg);
     // Copies of unit (ln, lpy, lseg) into stage st: A positions j = tid / QPR + PP·r, rows i..i+3
     // (zero past the grid row's end); strip elements e = tid + THREADS·r (pixel e / 8, channel
     // quad e % 8; zero outside the source).
@@ -1471,38 +1493,13 @@ static __device__ void conv_dw_partial_v5(const ConvDwGemm& p, const float* __re
         if (more) settle(st ^ 1);
         __syncthreads();
     }
-    // The partials, as version 4's: accumulator mi holds rows 16·mi + 2g and 16·mi + 2g + 1.
-    float* out = partial + (size_t)blockIdx.z * p.rows * N;
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int kx = 0; kx < K; ++kx) {
-            const int nn = (ky * K + kx) * p.cs + cb + 8 * wn + 2 * t;
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int ii = i0 + mi * 16 + 2 * g + (r >= 2);
-                out[ii * N + nn + (r & 1)] = acc[mi][kx][r];
-            }
-        }
-    // The operand sums, added in a fixed order through the stages (every read of them ended at
-    // the loop's last barrier).
+    dw4_store_partials<K, 4>(acc, partial + (size_t)blockIdx.z * p.rows * N, N, p.cs, ky, cb, i0, wn, g, t);
+    // The operand sums, through the stages (every read of them ended at the loop's last barrier).
     if (!sum_a && !sum_b) return;  // uniform over the block
-    float* red = (float*)&At[0][0][0];  // sum_a: [PP][RM]
-    float* redb = (float*)&Bs[0][0];    // sum_b: [THREADS / 8][32 channels]
     static_assert(THREADS / 8 * 32 <= 2 * strip_len * ldb, "sum_b's rows fit the stages");
-    if (sum_a) *(float4*)&red[(tid / QPR) * RM + 4 * (tid % QPR)] = osum;
-    if (sum_b) *(float4*)&redb[(tid >> 3) * 32 + 4 * (tid & 7)] = osum;
-    __syncthreads();
-    if (sum_a && tid < RM) {
-        float v = 0.0f;
-        for (int j = 0; j < PP; ++j) v += red[j * RM + tid];
-        sums[(size_t)blockIdx.z * p.rows + i0 + tid] = v;
-    }
-    if (sum_b && tid < 32) {
-        float v = 0.0f;
-        for (int r = 0; r < THREADS / 8; ++r) v += redb[r * 32 + tid];
-        sums[(size_t)blockIdx.z * N + (ky * K) * p.cs + cb + tid] = v;
-    }
+    dw4_reduce_sums<RM, THREADS>((float*)&At[0][0][0] /* [PP][RM] */, (float*)&Bs[0][0], osum, sum_a, sum_b,
+                                 sums + (size_t)blockIdx.z * p.rows + i0,
+                                 sums + (size_t)blockIdx.z * N + (ky * K) * p.cs + cb);
 }
 
 // `conv_dw_partial_v5k5s1_tf32`: as `conv_dw_partial_v4k5s1u32_tf32` (rows % 64 == 0, cs % 32 ==
