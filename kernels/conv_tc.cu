@@ -1691,6 +1691,278 @@ DWC4_ENTRY(conv_dw_partial_c4k5_f32, 5, 64)
 DWC4_ENTRY(conv_dw_partial_c4r32k3_f32, 3, 32)
 DWC4_ENTRY(conv_dw_partial_c4r32k5_f32, 5, 32)
 
+// ---- Weight gradients for at most 4 gathered channels, version 3: on the tensor cores ----
+// (`dw_c4_tc`.) The same GEMM as conv_dw_partial_c4 (rows n of A over the positions, columns
+// (tap, channel) of the gathered halo), but as TF32 mma: M = ROWS, N = the k² taps × 4
+// channels in n8 tiles of two taps, K = the positions. The FMAs bounded version 2: the clevr6
+// decoder's last layer (64 × 36 over 7.3 M positions) took 1.52 ms against its x's 1.88 GB
+// (0.45 ms at the H200's copy rate; H200, b2e47cd); its 34 GFLOP are ~0.11 ms of mma. So the
+// kernel is built to stream A: a block walks its chunk of 8 × 16 position tiles with the next
+// tile's A rows (and, for a conv's masked dy, its mask) on the way by cp.async while the warps
+// multiply the current one; the halo (≤ 240 pixels of ≤ 4 channels) goes through registers
+// a tile ahead, as c4_pixel reads it (masked or not, 3 or 4 channels).
+// Block 128: warp (pgp, rg) = (warp / RG, warp % RG) for RG = ROWS / 32 row groups owns rows
+// 32·rg.. + 32 (two m16 tiles) and every column tile, over the k-steps s ≡ pgp (mod PG) of
+// each tile (PG = 4 / RG position groups; k-step s = positions 8s..8s + 7 of the tile, half a
+// tile row). The position groups' sums are added in a fixed order at the end.
+// Shared memory (dynamic, dwc4tc_shared_bytes on the host): A [2][128][ROWS + 4] (a position's
+// ROWS values, 4 words of pad: the fragment loads' 32 lanes fall on 32 banks), the halo
+// [2][4 channel planes of PL words][HH rows of HWP], and the mask [2][128][ROWS + 4] when
+// a_masked. The halo's row stride HWP = 20 ≡ 4 (mod 8) words and plane stride PL ≡ 8 or 24
+// (mod 32): a B fragment load (lanes t: 4 positions, g % 4: the plane, g / 4: the tile's two
+// taps) falls on 32 banks when its two taps are a halo row apart or 4 columns apart, which is
+// how dwc4tc_tap pairs them (one pair per k, in the last tap row, is 1 column apart: 2-way).
+#define DWC4TC_THREADS 128
+template <int K>
+struct Dwc4tcHalo {
+    static constexpr int HH = V5_TH + K - 1;  // halo rows
+    static constexpr int HW = V5_TW + K - 1;  // halo pixels per row
+    static constexpr int HWP = 20;            // words per halo row of a plane
+    static constexpr int PL = K == 3 ? 200 : 248;  // words per channel plane
+    static constexpr int WORDS = 4 * PL;
+    static constexpr int PX = HH * HW;  // pixels staged per tile
+    static constexpr int NT8 = (K * K + 1) / 2;  // n8 column tiles: two taps each
+    static_assert(HW <= HWP && HWP % 8 == 4 && HH * HWP <= PL && (PL % 32 == 8 || PL % 32 == 24),
+                  "the halo's strides");
+    static_assert(PX <= 2 * DWC4TC_THREADS, "two halo pixels per thread");
+};
+
+// The taps of column tile j (second: its columns 4..7; −1 for none, whose lanes read the first
+// tap again and whose sums are dropped). Tap rows 2i and 2i + 1 pair column by column (a halo
+// row apart); the last tap row (k odd) pairs kx = 0 with 4 (k = 5), then neighbours.
+static __device__ __forceinline__ constexpr int dwc4tc_tap(int k, int j, int second) {
+    return j < (k / 2) * k ? (j / k) * 2 * k + j % k + (second ? k : 0)
+           : k == 3        ? (j == 3 ? (second ? 7 : 6) : (second ? -1 : 8))
+           : j == 10       ? (second ? 24 : 20)
+           : j == 11       ? (second ? 22 : 21)
+                           : (second ? -1 : 23);
+}
+
+// Issues the cp.async copies of tile `tile`'s A rows (and mask) into buffer `dst` (mask_dst when
+// masked): position pp's ROWS values at pp·(ROWS + 4); zeros past the grid.
+template <int ROWS>
+static __device__ __forceinline__ void dwc4tc_copy_a(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                                     const float* __restrict__ a_mask, int a_masked, int tile,
+                                                     float* dst, float* mask_dst) {
+    constexpr int QR = ROWS / 4, LDA = ROWS + 4, TILE = V5_TH * V5_TW;
+    static_assert(DWC4TC_THREADS % QR == 0, "a thread's quad of rows is fixed");
+    const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, per_img = tiles_x * ((p.hp + V5_TH - 1) / V5_TH);
+    const int img = tile / per_img, r = tile % per_img;
+    const int py0 = (r / tiles_x) * V5_TH, px0 = (r % tiles_x) * V5_TW;
+    const int q = threadIdx.x % QR;
+#pragma unroll 4
+    for (int pp = threadIdx.x / QR; pp < TILE; pp += DWC4TC_THREADS / QR) {
+        const int py = py0 + pp / V5_TW, px = px0 + pp % V5_TW;
+        const bool inside = py < p.hp && px < p.wp;
+        const size_t idx = inside ? (((size_t)img * p.hp + py) * p.wp + px) * ROWS + 4 * q : 0;
+        cp_async16(dst + pp * LDA + 4 * q, a_src + idx, inside);
+        if (a_masked) cp_async16(mask_dst + pp * LDA + 4 * q, a_mask + idx, inside);
+    }
+}
+
+// This thread's halo pixels of tile `tile` (pixel e = threadIdx.x + 128·i, row-major over
+// HH × HW), as c4_pixel reads them.
+template <int K>
+static __device__ __forceinline__ void dwc4tc_load_halo(const ConvDwGemm& p, const float* __restrict__ b_src,
+                                                        const float* __restrict__ b_mask, int b_masked, int tile,
+                                                        float4 hv[2]) {
+    using H = Dwc4tcHalo<K>;
+    const int tiles_x = (p.wp + V5_TW - 1) / V5_TW, per_img = tiles_x * ((p.hp + V5_TH - 1) / V5_TH);
+    const int img = tile / per_img, r = tile % per_img;
+    const int py0 = (r / tiles_x) * V5_TH, px0 = (r % tiles_x) * V5_TW;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int e = threadIdx.x + DWC4TC_THREADS * i;
+        hv[i] = e < H::PX ? c4_pixel(b_src, b_mask, b_masked, p.hs, p.ws, p.cs, img, py0 - p.pad + e / H::HW,
+                                     px0 - p.pad + e % H::HW)
+                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+}
+
+// Stores them into halo buffer `dst`: channel c of pixel (hy, hx) at c·PL + hy·HWP + hx.
+template <int K>
+static __device__ __forceinline__ void dwc4tc_store_halo(const float4 hv[2], float* dst) {
+    using H = Dwc4tcHalo<K>;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int e = threadIdx.x + DWC4TC_THREADS * i;
+        if (e < H::PX) {
+            float* at = dst + (e / H::HW) * H::HWP + e % H::HW;
+            at[0] = hv[i].x;
+            at[H::PL] = hv[i].y;
+            at[2 * H::PL] = hv[i].z;
+            at[3 * H::PL] = hv[i].w;
+        }
+    }
+}
+
+// Arguments and output as conv_dw_partial_c4 (grid (chunks of p.chunk tiles of 8 × 16
+// positions), partial[z][n][tap·cs + c], every element written; sums_of 1: the A-row sums in
+// f32, unrounded, into sums[z][n]); block DWC4TC_THREADS, dwc4tc_shared_bytes(ROWS, K,
+// a_masked) of dynamic shared memory.
+template <int K, int ROWS>
+static __device__ void conv_dw_partial_c4tc(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                            const float* __restrict__ a_mask, int a_masked,
+                                            const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                            int b_masked, float* __restrict__ partial, int sums_of,
+                                            float* __restrict__ sums) {
+    using H = Dwc4tcHalo<K>;
+    constexpr int LDA = ROWS + 4, TILE = V5_TH * V5_TW, A_WORDS = TILE * LDA, NT8 = H::NT8;
+    constexpr int RG = ROWS / 32, PG = 4 / RG, STEPS = TILE / 8;
+    static_assert(RG * PG * 32 == DWC4TC_THREADS, "4 warps");
+    extern __shared__ __align__(16) float dwc4tc_smem[];
+    float* const a_buf = dwc4tc_smem;                     // [2][A_WORDS]
+    float* const h_buf = dwc4tc_smem + 2 * A_WORDS;       // [2][H::WORDS]
+    float* const m_buf = h_buf + 2 * H::WORDS;            // [2][A_WORDS], when a_masked
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, rg = warp % RG, pgp = warp / RG;
+    // This lane's B words per column tile: plane g % 4, tap (g < 4 ? first : second), from the
+    // halo position of the k-step's first pixel.
+    int b_off[NT8];
+#pragma unroll
+    for (int j = 0; j < NT8; ++j) {
+        const int hi = dwc4tc_tap(K, j, 1);
+        const int tap = g >= 4 && hi >= 0 ? hi : dwc4tc_tap(K, j, 0);
+        b_off[j] = (g & 3) * H::PL + (tap / K) * H::HWP + tap % K + t;
+    }
+    // A words of this lane: rows 32·rg + g (+8, +16, +24), positions t and t + 4 of a k-step.
+    const int a_off = t * LDA + 32 * rg + g;
+    float acc[2][NT8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int j = 0; j < NT8; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0.0f;
+    float a_sum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [mi][rows g, g + 8]
+    const bool sum_a = sums_of == 1;
+    const int tiles = p.batch * ((p.wp + V5_TW - 1) / V5_TW) * ((p.hp + V5_TH - 1) / V5_TH);
+    const int t_first = blockIdx.x * p.chunk, t_end = min(t_first + p.chunk, tiles);
+    float4 hv[2];
+    if (t_first < t_end) {
+        dwc4tc_copy_a<ROWS>(p, a_src, a_mask, a_masked, t_first, a_buf, m_buf);
+        dwc4tc_load_halo<K>(p, b_src, b_mask, b_masked, t_first, hv);
+        dwc4tc_store_halo<K>(hv, h_buf);
+    }
+    int buf = 0;
+    for (int tile = t_first; tile < t_end; ++tile, buf ^= 1) {
+        cp_async_wait_all();
+        __syncthreads();  // this tile's A, mask and halo are in buffer buf; buffer buf ^ 1 is free
+        const bool next = tile + 1 < t_end;
+        if (next) {
+            dwc4tc_copy_a<ROWS>(p, a_src, a_mask, a_masked, tile + 1, a_buf + (buf ^ 1) * A_WORDS,
+                                m_buf + (buf ^ 1) * A_WORDS);
+            dwc4tc_load_halo<K>(p, b_src, b_mask, b_masked, tile + 1, hv);
+        }
+        const float* As = a_buf + buf * A_WORDS + a_off;
+        const float* Ms = m_buf + buf * A_WORDS + a_off;
+        const float* Hs = h_buf + buf * H::WORDS;
+#pragma unroll 2
+        for (int s = pgp; s < STEPS; s += PG) {
+            // k-step s: positions 8s.. of the tile, tile row s / 2, columns 8·(s % 2)..
+            unsigned a[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    // r: rows + 8·(r & 1), positions + 4·(r >> 1)
+                    const int at = 8 * s * LDA + 4 * (r >> 1) * LDA + 16 * mi + 8 * (r & 1);
+                    float v = As[at];
+                    if (a_masked && !(Ms[at] > 0.0f)) v = 0.0f;
+                    if (sum_a) a_sum[mi][r & 1] += v;
+                    a[mi][r] = to_tf32(v);
+                }
+            const float* hs = Hs + (s >> 1) * H::HWP + 8 * (s & 1);
+#pragma unroll
+            for (int j = 0; j < NT8; ++j) {
+                const unsigned b[2] = {to_tf32(hs[b_off[j]]), to_tf32(hs[b_off[j] + 4])};
+                mma_tf32_16x8x8(acc[0][j], a[0], b);
+                mma_tf32_16x8x8(acc[1][j], a[1], b);
+            }
+        }
+        if (next) dwc4tc_store_halo<K>(hv, h_buf + (buf ^ 1) * H::WORDS);
+    }
+    // The A-row sums over the 4 lanes of a row (t), then the position groups' sums, pairwise in
+    // a fixed order through shared memory (the A buffers, free now): [slot][value][lane].
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float v = a_sum[mi][h];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            a_sum[mi][h] = v;
+        }
+    constexpr int NRED = 2 * NT8 * 4 + 4;
+    static_assert(2 * 32 * NRED <= 2 * A_WORDS, "the reduction fits in the A buffers");
+#pragma unroll 1
+    for (int span = PG / 2; span >= 1; span /= 2) {
+        __syncthreads();
+        if (pgp >= span && pgp < 2 * span) {
+            float* red = a_buf + ((pgp - span) * RG + rg) * NRED * 32 + lane;
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int j = 0; j < NT8; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) red[((mi * NT8 + j) * 4 + r) * 32] = acc[mi][j][r];
+                red[(2 * NT8 * 4 + 2 * mi) * 32] = a_sum[mi][0];
+                red[(2 * NT8 * 4 + 2 * mi + 1) * 32] = a_sum[mi][1];
+            }
+        }
+        __syncthreads();
+        if (pgp < span) {
+            const float* red = a_buf + (pgp * RG + rg) * NRED * 32 + lane;
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int j = 0; j < NT8; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) acc[mi][j][r] += red[((mi * NT8 + j) * 4 + r) * 32];
+                a_sum[mi][0] += red[(2 * NT8 * 4 + 2 * mi) * 32];
+                a_sum[mi][1] += red[(2 * NT8 * 4 + 2 * mi + 1) * 32];
+            }
+        }
+    }
+    if (pgp != 0) return;
+    // acc[mi][j][r]: row 32·rg + 16·mi + g + 8·(r >> 1), column 2t + (r & 1) of tile j: tap
+    // (t < 2 ? first : second), channel 2·(t & 1) + (r & 1).
+    const int cols = K * K * p.cs;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+        const int n = 32 * rg + 16 * mi + g;
+        float* out = partial + ((size_t)blockIdx.x * ROWS + n) * cols;
+#pragma unroll
+        for (int j = 0; j < NT8; ++j) {
+            const int tap = dwc4tc_tap(K, j, t >= 2);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int c = 2 * (t & 1) + (r & 1);
+                if (tap >= 0 && c < p.cs) out[(r >> 1) * 8 * cols + tap * p.cs + c] = acc[mi][j][r];
+            }
+        }
+        if (sum_a && t == 0) {
+            sums[(size_t)blockIdx.x * ROWS + n] = a_sum[mi][0];
+            sums[(size_t)blockIdx.x * ROWS + n + 8] = a_sum[mi][1];
+        }
+    }
+}
+
+// As conv_dw_partial_c4*_f32 (same arguments) for rows 64 (`c4tck<k>`) or 32 (`c4tcr32k<k>`);
+// block DWC4TC_THREADS, dynamic shared memory dwc4tc_shared_bytes.
+#define DWC4TC_ENTRY(NAME, K, ROWS)                                                                          \
+    extern "C" __global__ void __launch_bounds__(DWC4TC_THREADS)                                           \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, float* __restrict__ sums) {                         \
+        conv_dw_partial_c4tc<K, ROWS>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,   \
+                                      sums);                                                                \
+    }
+DWC4TC_ENTRY(conv_dw_partial_c4tck3_tf32, 3, 64)
+DWC4TC_ENTRY(conv_dw_partial_c4tck5_tf32, 5, 64)
+DWC4TC_ENTRY(conv_dw_partial_c4tcr32k3_tf32, 3, 32)
+DWC4TC_ENTRY(conv_dw_partial_c4tcr32k5_tf32, 5, 32)
+
 // One column per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c]. Then, when
 // db_len > 0, one column per channel of the bias gradient from the operand sums of
 // conv_dw_partial_v3_* (in the same launch: one fewer per layer): db[c] += Σ_z Σ_{tap in taps}

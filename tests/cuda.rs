@@ -1022,6 +1022,14 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         243,
     );
+    // The clevr6 decoder's last layer in small: 64 rows, 4 channels gathered, no ReLU (on
+    // `dw_c4_tc`, A unmasked, two row groups of warps).
+    case(
+        "T k3 s1 64->4 9x21 dwc4",
+        t(9, 21, 64, 4, 3, 1, 1, 0),
+        false,
+        244,
+    );
     if !tc_shapes {
         return;
     }
@@ -2644,7 +2652,9 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
             name.starts_with("conv_dw_partial_v4") && (name.contains("u40") || name.contains("u32"))
         }
         "dw_v5" => name.starts_with("conv_dw_partial_v5"),
+        // (Version 3, `dw_c4_tc`, runs within `dw_c4`.)
         "dw_c4" => name.starts_with("conv_dw_partial_c4"),
+        "dw_c4_tc" => name.starts_with("conv_dw_partial_c4tc"),
         // (Version 2's kernels, version 3's aside: version 1 is attention_{fwd,bwd}_f32.)
         "attention_v2" => {
             name.starts_with("attention_")
@@ -2707,6 +2717,7 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "dw_units" => &["dw_v4"],
                 // (Version 5 takes version 4's units of 32.)
                 "dw_v5" => &["dw_v4", "dw_units"],
+                "dw_c4_tc" => &["dw_c4"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
                 _ => &[],

@@ -209,6 +209,29 @@ fn dwc4_threads(rows: usize, k: usize) -> u32 {
     (32 * (rows / 32) * k) as u32
 }
 
+/// `dw_c4`'s version on the tensor cores (`dw_c4_tc`), for `rows` (64 or 32) and a k × k
+/// kernel: 128 threads a block, dynamic shared memory [`dwc4tc_shared_bytes`].
+fn dwc4tc_kernel(k: usize, rows: usize) -> &'static str {
+    match (k, rows) {
+        (3, 64) => "conv_dw_partial_c4tck3_tf32",
+        (_, 64) => "conv_dw_partial_c4tck5_tf32",
+        (3, _) => "conv_dw_partial_c4tcr32k3_tf32",
+        _ => "conv_dw_partial_c4tcr32k5_tf32",
+    }
+}
+
+/// Threads of a `conv_dw_partial_c4tc*` block (DWC4TC_THREADS in conv_tc.cu).
+const DWC4TC_THREADS: u32 = 128;
+
+/// Bytes of dynamic shared memory of a `conv_dw_partial_c4tc*` launch (conv_tc.cu): two
+/// buffers of 128 positions × (rows + 4) words of A (and as many of its mask when `masked`),
+/// and two halos of 4 channel planes of 200 (k = 3) or 248 (k = 5) words.
+const fn dwc4tc_shared_bytes(rows: usize, k: usize, masked: bool) -> u32 {
+    let a = 2 * 128 * (rows + 4) * if masked { 2 } else { 1 };
+    let plane = if k == 3 { 200 } else { 248 };
+    (4 * (a + 2 * 4 * plane)) as u32
+}
+
 /// Blocks `conv_dw_partial_c4*` aims for: four per SM of an H100, so that one block's loads
 /// overlap another's sums (with k = 5 and 64 rows, 320 threads, fewer fit; the rest queue).
 const DWC4_TARGET_BLOCKS: usize = 528;
@@ -332,7 +355,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 16] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 20] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -355,6 +378,23 @@ pub(super) const LARGE_SHARED: [(&str, u32); 16] = [
     ("conv_igemm_direct_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
     ("conv_igemm_direct_v6k5_tf32", v5_64_shared_bytes(5, 64)),
     ("conv_igemm_adjoint_v6k5_tf32", v5_64_shared_bytes(5, 64)),
+    // (`dw_c4_tc`: the most, with the mask of A.)
+    (
+        "conv_dw_partial_c4tck3_tf32",
+        dwc4tc_shared_bytes(64, 3, true),
+    ),
+    (
+        "conv_dw_partial_c4tck5_tf32",
+        dwc4tc_shared_bytes(64, 5, true),
+    ),
+    (
+        "conv_dw_partial_c4tcr32k3_tf32",
+        dwc4tc_shared_bytes(32, 3, true),
+    ),
+    (
+        "conv_dw_partial_c4tcr32k5_tf32",
+        dwc4tc_shared_bytes(32, 5, true),
+    ),
 ];
 
 /// Version 5 of an activation pass (a halo tile staged once; conv_tc_v5.cu), when it applies:
@@ -912,6 +952,8 @@ impl Cuda {
             (false, false) => Some(1),
         };
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
+        // (Within `dw_c4`, its tensor-core version where the device gave it its shared memory.)
+        let c4tc = c4 && self.fast.dw_c4_tc && self.may_launch(dwc4tc_kernel(g.k, rows));
         let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_units);
         let v5 = dw5_applies(dw4_row_tile(rows), g.k, g.stride, unit, self.fast.dw_v5);
         let v4 = !c4
@@ -923,6 +965,7 @@ impl Cuda {
         // positions.
         let v3 = !c4 && !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
         let (row_tile, col_tile, name) = match (v4, v3, rows <= 32) {
+            _ if c4tc => (rows, cols, dwc4tc_kernel(g.k, rows)),
             _ if c4 => (rows, cols, dwc4_kernel(g.k, rows)),
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
@@ -975,6 +1018,12 @@ impl Cuda {
         i(chunks * rows * cols);
         let mut partial = self.scratch::<f32>(chunks * rows * cols);
         let cfg = match (v4, v3) {
+            // (A conv's A, its dy, is masked by its ReLU: the mask is staged too.)
+            _ if c4tc => LaunchConfig {
+                grid_dim: (chunks as u32, 1, 1),
+                block_dim: (DWC4TC_THREADS, 1, 1),
+                shared_mem_bytes: dwc4tc_shared_bytes(rows, g.k, relu && !as_convt),
+            },
             _ if c4 => LaunchConfig {
                 grid_dim: (chunks as u32, 1, 1),
                 block_dim: (dwc4_threads(rows, g.k), 1, 1),

@@ -54,6 +54,10 @@ pub struct FastPaths {
     /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one
     /// shared broadcast (`conv_dw_partial_c4*`); off: version 2 or 3.
     pub dw_c4: bool,
+    /// Within `dw_c4`, its version on the tensor cores (`conv_dw_partial_c4tc*`: TF32 mma, two
+    /// taps' 4 channels a column tile; the next tile's A copied by cp.async while the current
+    /// one is multiplied); off: `dw_c4`'s f32 FMAs.
+    pub dw_c4_tc: bool,
     /// Version 2 of the attention kernels (tokens split over blocks); off: version 1, one block
     /// per image and head.
     pub attention_v2: bool,
@@ -92,6 +96,7 @@ impl FastPaths {
         dw_units: true,
         dw_v5: true,
         dw_c4: true,
+        dw_c4_tc: true,
         attention_v2: true,
         attention_v3: true,
         tokens: true,
@@ -110,6 +115,7 @@ impl FastPaths {
         dw_units: false,
         dw_v5: false,
         dw_c4: false,
+        dw_c4_tc: false,
         attention_v2: false,
         attention_v3: false,
         tokens: false,
@@ -119,7 +125,7 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 16] = [
+    pub const NAMES: [&'static str; 17] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -130,6 +136,7 @@ impl FastPaths {
         "dw_units",
         "dw_v5",
         "dw_c4",
+        "dw_c4_tc",
         "attention_v2",
         "attention_v3",
         "tokens",
@@ -150,6 +157,7 @@ impl FastPaths {
             "dw_units" => &mut self.dw_units,
             "dw_v5" => &mut self.dw_v5,
             "dw_c4" => &mut self.dw_c4,
+            "dw_c4_tc" => &mut self.dw_c4_tc,
             "attention_v2" => &mut self.attention_v2,
             "attention_v3" => &mut self.attention_v3,
             "tokens" => &mut self.tokens,
@@ -229,6 +237,7 @@ mod tests {
                 && fp.dw_units
                 && fp.dw_v5
                 && fp.dw_c4
+                && fp.dw_c4_tc
                 && fp.attention_v2
                 && fp.attention_v3
                 && fp.slot_cell
