@@ -1796,6 +1796,74 @@ static __device__ __forceinline__ void dwc4tc_store_halo(const float4 hv[2], flo
     }
 }
 
+// The A fragments of k-step s (positions 8s..8s + 7 of a tile staged as [position][LDA]) for
+// a warp's two m16 tiles: As and Ms point at the lane's word (position t, row g of the warp's
+// 32); through the ReLU mask when a_masked; added to the A-row sums (f32, unrounded) when
+// sum_a; rounded to TF32.
+template <int LDA>
+static __device__ __forceinline__ void dwtc_a_fragments(const float* As, const float* Ms, int a_masked, bool sum_a,
+                                                        int s, float (&a_sum)[2][2], unsigned (&a)[2][4]) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            // r: rows + 8·(r & 1), positions + 4·(r >> 1)
+            const int at = 8 * s * LDA + 4 * (r >> 1) * LDA + 16 * mi + 8 * (r & 1);
+            float v = As[at];
+            if (a_masked && !(Ms[at] > 0.0f)) v = 0.0f;
+            if (sum_a) a_sum[mi][r & 1] += v;
+            a[mi][r] = to_tf32(v);
+        }
+}
+
+// The sums of the position groups of conv_dw_partial_c4tc and _k1tc: the A-row sums first
+// over a row's 4 lanes (t), then warp (pgp, rg) of PG × RG adds its accumulators and A-row sums
+// into warp (0, rg)'s, pairwise in a fixed order through `red` (shared memory, free by now, of
+// at least 2·32·(8·NT8 + 4) floats): [slot][value][lane].
+template <int NT8, int RG, int PG>
+static __device__ __forceinline__ void dwtc_sum_position_groups(float (&acc)[2][NT8][4], float (&a_sum)[2][2],
+                                                                float* red_base, int pgp, int rg, int lane) {
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float v = a_sum[mi][h];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            a_sum[mi][h] = v;
+        }
+    constexpr int NRED = 2 * NT8 * 4 + 4;
+#pragma unroll 1
+    for (int span = PG / 2; span >= 1; span /= 2) {
+        __syncthreads();
+        if (pgp >= span && pgp < 2 * span) {
+            float* red = red_base + ((pgp - span) * RG + rg) * NRED * 32 + lane;
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int j = 0; j < NT8; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) red[((mi * NT8 + j) * 4 + r) * 32] = acc[mi][j][r];
+                red[(2 * NT8 * 4 + 2 * mi) * 32] = a_sum[mi][0];
+                red[(2 * NT8 * 4 + 2 * mi + 1) * 32] = a_sum[mi][1];
+            }
+        }
+        __syncthreads();
+        if (pgp < span) {
+            const float* red = red_base + (pgp * RG + rg) * NRED * 32 + lane;
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int j = 0; j < NT8; ++j)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) acc[mi][j][r] += red[((mi * NT8 + j) * 4 + r) * 32];
+                a_sum[mi][0] += red[(2 * NT8 * 4 + 2 * mi) * 32];
+                a_sum[mi][1] += red[(2 * NT8 * 4 + 2 * mi + 1) * 32];
+            }
+        }
+    }
+}
+
 // Arguments and output as conv_dw_partial_c4 (grid (chunks of p.chunk tiles of 8 × 16
 // positions), partial[z][n][tap·cs + c], every element written; sums_of 1: the A-row sums in
 // f32, unrounded, into sums[z][n]); block DWC4TC_THREADS, dwc4tc_shared_bytes(ROWS, K,
@@ -1861,17 +1929,7 @@ static __device__ void conv_dw_partial_c4tc(const ConvDwGemm& p, const float* __
         for (int s = pgp; s < STEPS; s += PG) {
             // k-step s: positions 8s.. of the tile, tile row s / 2, columns 8·(s % 2)..
             unsigned a[2][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    // r: rows + 8·(r & 1), positions + 4·(r >> 1)
-                    const int at = 8 * s * LDA + 4 * (r >> 1) * LDA + 16 * mi + 8 * (r & 1);
-                    float v = As[at];
-                    if (a_masked && !(Ms[at] > 0.0f)) v = 0.0f;
-                    if (sum_a) a_sum[mi][r & 1] += v;
-                    a[mi][r] = to_tf32(v);
-                }
+            dwtc_a_fragments<LDA>(As, Ms, a_masked, sum_a, s, a_sum, a);
             const float* hs = Hs + (s >> 1) * H::HWP + 8 * (s & 1);
 #pragma unroll
             for (int j = 0; j < NT8; ++j) {
@@ -1882,48 +1940,8 @@ static __device__ void conv_dw_partial_c4tc(const ConvDwGemm& p, const float* __
         }
         if (next) dwc4tc_store_halo<K>(hv, h_buf + (buf ^ 1) * H::WORDS);
     }
-    // The A-row sums over the 4 lanes of a row (t), then the position groups' sums, pairwise in
-    // a fixed order through shared memory (the A buffers, free now): [slot][value][lane].
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float v = a_sum[mi][h];
-            v += __shfl_xor_sync(0xffffffffu, v, 1);
-            v += __shfl_xor_sync(0xffffffffu, v, 2);
-            a_sum[mi][h] = v;
-        }
-    constexpr int NRED = 2 * NT8 * 4 + 4;
-    static_assert(2 * 32 * NRED <= 2 * A_WORDS, "the reduction fits in the A buffers");
-#pragma unroll 1
-    for (int span = PG / 2; span >= 1; span /= 2) {
-        __syncthreads();
-        if (pgp >= span && pgp < 2 * span) {
-            float* red = a_buf + ((pgp - span) * RG + rg) * NRED * 32 + lane;
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-                for (int j = 0; j < NT8; ++j)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) red[((mi * NT8 + j) * 4 + r) * 32] = acc[mi][j][r];
-                red[(2 * NT8 * 4 + 2 * mi) * 32] = a_sum[mi][0];
-                red[(2 * NT8 * 4 + 2 * mi + 1) * 32] = a_sum[mi][1];
-            }
-        }
-        __syncthreads();
-        if (pgp < span) {
-            const float* red = a_buf + (pgp * RG + rg) * NRED * 32 + lane;
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-                for (int j = 0; j < NT8; ++j)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) acc[mi][j][r] += red[((mi * NT8 + j) * 4 + r) * 32];
-                a_sum[mi][0] += red[(2 * NT8 * 4 + 2 * mi) * 32];
-                a_sum[mi][1] += red[(2 * NT8 * 4 + 2 * mi + 1) * 32];
-            }
-        }
-    }
+    static_assert(2 * 32 * (8 * NT8 + 4) <= 2 * A_WORDS, "the sums fit in the A buffers");
+    dwtc_sum_position_groups<NT8, RG, PG>(acc, a_sum, a_buf, pgp, rg, lane);
     if (pgp != 0) return;
     // acc[mi][j][r]: row 32·rg + 16·mi + g + 8·(r >> 1), column 2t + (r & 1) of tile j: tap
     // (t < 2 ? first : second), channel 2·(t & 1) + (r & 1).
@@ -1962,6 +1980,114 @@ DWC4TC_ENTRY(conv_dw_partial_c4tck3_tf32, 3, 64)
 DWC4TC_ENTRY(conv_dw_partial_c4tck5_tf32, 5, 64)
 DWC4TC_ENTRY(conv_dw_partial_c4tcr32k3_tf32, 3, 32)
 DWC4TC_ENTRY(conv_dw_partial_c4tcr32k5_tf32, 5, 32)
+
+// ---- Weight gradients of 1×1 layers on the tensor cores, streamed (`dw_k1`) ----
+// The linear layers' dW under TF32 run as 1×1 convolutions; the token chain's four (w_k, w_v
+// and the MLP's two: 64 × 64 over every token, 1 M of them in the clevr6 step) took 1.47 ms on
+// version 3 against the 2.15 GB their operands are (0.50 ms; H200, b2e47cd). This kernel is
+// conv_dw_partial_c4tc with the halo replaced by B's own rows: a block walks its chunk of tiles
+// of DWK1_TILE consecutive positions with both operands' next tile (and A's ReLU mask) on their
+// way by cp.async while the warps multiply the current one. Warp (pgp, rg) = (warp / 2, warp %
+// 2): rows 32·rg.. + 32 of the block's 64 (two m16 tiles) × all 64 columns (8 n8 tiles), over
+// the k-steps s ≡ pgp (mod 2) of each tile. Both operands' rows are padded to 68 words: A and B
+// fragment loads fall on 32 banks.
+// grid (chunks of p.chunk tiles, p.rows / 64), block DWC4TC_THREADS, dynamic shared memory
+// dwk1tc_shared_bytes on the host: A and B [2][DWK1_TILE][68], A's mask [2][DWK1_TILE][68] when
+// a_masked. p.k == 1, p.stride == 1, p.pad == 0, p.cs == 64, p.rows a multiple of 64; the
+// positions are the batch · hp · wp rows of both a_src ([position][p.rows]) and b_src
+// ([position][64]); B is never masked (b_mask, b_masked unused: the host takes this kernel for
+// a convolution's dW only, whose B is x). Output as conv_dw_partial_c4tc: partial[z][n][c] for
+// the block's 64 rows n (every element written); sums_of 1: the A-row sums into sums[z][n].
+#define DWK1_TILE 64
+#define DWK1_LD 68
+
+// Issues the cp.async copies of columns col0.. col0 + 63 of positions pos0.. pos0 + DWK1_TILE − 1
+// of src ([position][ld]; zeros from position npos on) into dst: position pp at pp·DWK1_LD.
+static __device__ __forceinline__ void dwk1_copy(const float* __restrict__ src, int ld, int col0, int pos0,
+                                                 int npos, float* dst) {
+    const int q = threadIdx.x % 16;
+#pragma unroll
+    for (int pp = threadIdx.x / 16; pp < DWK1_TILE; pp += DWC4TC_THREADS / 16) {
+        const bool inside = pos0 + pp < npos;
+        const size_t idx = inside ? (size_t)(pos0 + pp) * ld + col0 + 4 * q : 0;
+        cp_async16(dst + pp * DWK1_LD + 4 * q, src + idx, inside);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DWC4TC_THREADS)
+    conv_dw_partial_k1tc_tf32(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask,
+                              int a_masked, const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                              int b_masked, float* __restrict__ partial, int sums_of, float* __restrict__ sums) {
+    constexpr int RG = 2, PG = 2, NT8 = 8, STEPS = DWK1_TILE / 8, WORDS = DWK1_TILE * DWK1_LD;
+    static_assert(RG * PG * 32 == DWC4TC_THREADS, "4 warps");
+    extern __shared__ __align__(16) float dwk1_smem[];
+    float* const a_buf = dwk1_smem;           // [2][WORDS]
+    float* const b_buf = a_buf + 2 * WORDS;   // [2][WORDS]
+    float* const m_buf = b_buf + 2 * WORDS;   // [2][WORDS], when a_masked
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3, rg = warp % RG, pgp = warp / RG;
+    const int npos = p.batch * p.hp * p.wp, tiles = (npos + DWK1_TILE - 1) / DWK1_TILE;
+    const int row0 = 64 * blockIdx.y;
+    float acc[2][NT8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int j = 0; j < NT8; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0.0f;
+    float a_sum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    const bool sum_a = sums_of == 1;
+    const int t_first = blockIdx.x * p.chunk, t_end = min(t_first + p.chunk, tiles);
+    if (t_first < t_end) {
+        dwk1_copy(a_src, p.rows, row0, t_first * DWK1_TILE, npos, a_buf);
+        if (a_masked) dwk1_copy(a_mask, p.rows, row0, t_first * DWK1_TILE, npos, m_buf);
+        dwk1_copy(b_src, 64, 0, t_first * DWK1_TILE, npos, b_buf);
+    }
+    int buf = 0;
+    for (int tile = t_first; tile < t_end; ++tile, buf ^= 1) {
+        cp_async_wait_all();
+        __syncthreads();  // this tile's operands are in buffer buf; buffer buf ^ 1 is free
+        if (tile + 1 < t_end) {
+            const int pos0 = (tile + 1) * DWK1_TILE, nb = (buf ^ 1) * WORDS;
+            dwk1_copy(a_src, p.rows, row0, pos0, npos, a_buf + nb);
+            if (a_masked) dwk1_copy(a_mask, p.rows, row0, pos0, npos, m_buf + nb);
+            dwk1_copy(b_src, 64, 0, pos0, npos, b_buf + nb);
+        }
+        const int lane_a = buf * WORDS + t * DWK1_LD + 32 * rg + g;
+        const float* As = a_buf + lane_a;
+        const float* Ms = m_buf + lane_a;
+        const float* Bs = b_buf + buf * WORDS + t * DWK1_LD + g;  // position t, column g
+#pragma unroll 2
+        for (int s = pgp; s < STEPS; s += PG) {
+            unsigned a[2][4];
+            dwtc_a_fragments<DWK1_LD>(As, Ms, a_masked, sum_a, s, a_sum, a);
+#pragma unroll
+            for (int j = 0; j < NT8; ++j) {
+                const unsigned b[2] = {to_tf32(Bs[8 * s * DWK1_LD + 8 * j]),
+                                       to_tf32(Bs[(8 * s + 4) * DWK1_LD + 8 * j])};
+                mma_tf32_16x8x8(acc[0][j], a[0], b);
+                mma_tf32_16x8x8(acc[1][j], a[1], b);
+            }
+        }
+    }
+    static_assert(2 * 32 * (8 * NT8 + 4) <= 2 * WORDS, "the sums fit in the A buffers");
+    dwtc_sum_position_groups<NT8, RG, PG>(acc, a_sum, a_buf, pgp, rg, lane);
+    if (pgp != 0) return;
+    // acc[mi][j][r]: row row0 + 32·rg + 16·mi + g + 8·(r >> 1), column 8j + 2t + (r & 1).
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+        const int n = row0 + 32 * rg + 16 * mi + g;
+        float* out = partial + ((size_t)blockIdx.x * p.rows + n) * 64 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < NT8; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) out[(r >> 1) * 8 * 64 + 8 * j + (r & 1)] = acc[mi][j][r];
+        if (sum_a && t == 0) {
+            sums[(size_t)blockIdx.x * p.rows + n] = a_sum[mi][0];
+            sums[(size_t)blockIdx.x * p.rows + n + 8] = a_sum[mi][1];
+        }
+    }
+}
 
 // One column per weight: dW[i][c][ky][kx] += Σ_z partial[z][i][(ky·k + kx)·cs + c]. Then, when
 // db_len > 0, one column per channel of the bias gradient from the operand sums of

@@ -1141,7 +1141,10 @@ fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
     let c = cpu();
     // (rows, n_in, n_out, bias, relu); 2500 rows > the 1024-row chunk of the dW partials;
     // 50 × 12 → 28: the narrow version 3 dW tile, whose 4 positions per thread wrap the 1 × 1
-    // grid three times. 32 → 6: fewer columns than one n8 column tile, under version 3.
+    // grid three times. 32 → 6: fewer columns than one n8 column tile, under version 3. 64 →
+    // 64 (with bias and ReLU: A masked, its row sums db; 33 position tiles, the last partial)
+    // and 64 → 128 (two row tiles): the streamed 1×1 weight gradient under TF32 (`dw_k1`), as
+    // is 64 → 192 over a single tile.
     let cases = [
         (37, 20, 33, true, true),
         (5, 3, 70, false, false),
@@ -1150,6 +1153,8 @@ fn linear_fwd_bwd_parity<B: Backend>(g: &B, tol: f64) {
         (64, 64, 192, true, false),
         (50, 12, 28, true, true),
         (300, 32, 6, true, false),
+        (2100, 64, 64, true, true),
+        (700, 64, 128, false, false),
     ];
     for (ci, &(rows, n_in, n_out, bias, relu)) in cases.iter().enumerate() {
         let name = format!("linear {rows}x{n_in}->{n_out} bias {bias} relu {relu}");
@@ -2655,6 +2660,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         // (Version 3, `dw_c4_tc`, runs within `dw_c4`.)
         "dw_c4" => name.starts_with("conv_dw_partial_c4"),
         "dw_c4_tc" => name.starts_with("conv_dw_partial_c4tc"),
+        "dw_k1" => name.starts_with("conv_dw_partial_k1tc"),
         // (Version 2's kernels, version 3's aside: version 1 is attention_{fwd,bwd}_f32.)
         "attention_v2" => {
             name.starts_with("attention_")
@@ -2725,7 +2731,9 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
             // (Wider units, and version 5 within them, need grid rows 33 to 40 wide or a
             // multiple of 32, which this 8 × 8 model has not: the conv tests' u40, u32 and dw5
             // cases check them.)
-            let applies = path != "dw_units" && path != "dw_v5";
+            // (`dw_k1` needs a 1×1 layer of 64 inputs into a multiple of 64, which this 16-wide
+            // model has not: the linear tests' 64-wide cases check it.)
+            let applies = path != "dw_units" && path != "dw_v5" && path != "dw_k1";
             let on = applies
                 && fast.is_on(path) == Some(true)
                 && needs.iter().all(|n| fast.is_on(n) == Some(true));

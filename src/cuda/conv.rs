@@ -232,6 +232,34 @@ const fn dwc4tc_shared_bytes(rows: usize, k: usize, masked: bool) -> u32 {
     (4 * (a + 2 * 4 * plane)) as u32
 }
 
+/// Whether `conv_dw_partial_k1tc_tf32` (`dw_k1`) computes this weight gradient: a 1×1
+/// convolution's (not transposed: its B is x, never masked) at stride 1 without padding, 64
+/// gathered channels, rows a multiple of 64 (the linear layers' under TF32, e.g. the token
+/// chain's four).
+fn dwk1_applies(g: &ConvGeom, rows: usize, cs: usize, as_convt: bool) -> bool {
+    g.k == 1 && g.stride == 1 && g.pad == 0 && !as_convt && cs == 64 && rows % 64 == 0 && rows > 0
+}
+
+/// Bytes of dynamic shared memory of a `conv_dw_partial_k1tc_tf32` launch (conv_tc.cu): two
+/// buffers of 64 positions × 68 words of A and of B, and of A's mask when `masked`.
+const fn dwk1tc_shared_bytes(masked: bool) -> u32 {
+    (4 * 2 * 64 * 68 * if masked { 3 } else { 2 }) as u32
+}
+
+/// Blocks `conv_dw_partial_k1tc_tf32` aims for, over all its row tiles: three per SM of an
+/// H100 or H200 (68 KiB of shared memory each, unmasked), one wave.
+const DWK1_TARGET_BLOCKS: usize = 396;
+
+/// The `dw_k1` split of `tiles` tiles of 64 positions into chunks for `row_tiles` tiles of 64
+/// rows: tiles per chunk (at least 2, so that the tests' small layers walk tiles too), and
+/// chunks.
+fn dwk1_chunks(tiles: usize, row_tiles: usize) -> (usize, usize) {
+    let per = tiles
+        .div_ceil((DWK1_TARGET_BLOCKS / row_tiles.max(1)).max(1))
+        .max(2);
+    (per, tiles.div_ceil(per))
+}
+
 /// Blocks `conv_dw_partial_c4*` aims for: four per SM of an H100, so that one block's loads
 /// overlap another's sums (with k = 5 and 64 rows, 320 threads, fewer fit; the rest queue).
 const DWC4_TARGET_BLOCKS: usize = 528;
@@ -355,7 +383,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 20] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 21] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -378,7 +406,8 @@ pub(super) const LARGE_SHARED: [(&str, u32); 20] = [
     ("conv_igemm_direct_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
     ("conv_igemm_direct_v6k5_tf32", v5_64_shared_bytes(5, 64)),
     ("conv_igemm_adjoint_v6k5_tf32", v5_64_shared_bytes(5, 64)),
-    // (`dw_c4_tc`: the most, with the mask of A.)
+    // (`dw_c4_tc` and `dw_k1`: the most, with the mask of A.)
+    ("conv_dw_partial_k1tc_tf32", dwk1tc_shared_bytes(true)),
     (
         "conv_dw_partial_c4tck3_tf32",
         dwc4tc_shared_bytes(64, 3, true),
@@ -954,18 +983,23 @@ impl Cuda {
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
         // (Within `dw_c4`, its tensor-core version where the device gave it its shared memory.)
         let c4tc = c4 && self.fast.dw_c4_tc && self.may_launch(dwc4tc_kernel(g.k, rows));
+        let k1 = self.fast.dw_k1
+            && dwk1_applies(g, rows, cs, as_convt)
+            && self.may_launch("conv_dw_partial_k1tc_tf32");
         let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_units);
         let v5 = dw5_applies(dw4_row_tile(rows), g.k, g.stride, unit, self.fast.dw_v5);
         let v4 = !c4
+            && !k1
             && self.fast.dw_v4
             && dw4_applies(rows, cs, g.k, g.stride)
             && (db.is_none() || !transposed || dw4_sums_cover(g, covering, unit));
         // Version 3 tiles: 64 × 128, or 32 × 256 for at most 32 rows (conv_tc.cu, Dw3);
         // version 4: 64 or 32 rows × the k taps of one ky × 32 channels, over units of 16
         // positions.
-        let v3 = !c4 && !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
+        let v3 = !c4 && !k1 && !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
         let (row_tile, col_tile, name) = match (v4, v3, rows <= 32) {
             _ if c4tc => (rows, cols, dwc4tc_kernel(g.k, rows)),
+            _ if k1 => (64, 64, "conv_dw_partial_k1tc_tf32"),
             _ if c4 => (rows, cols, dwc4_kernel(g.k, rows)),
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
@@ -988,7 +1022,9 @@ impl Cuda {
         let tiles = rows.div_ceil(row_tile) * col_tiles;
         // Version 4 splits units (16, 32 or 40 positions of one grid row) into chunks, the others
         // positions.
-        let (chunk, chunks) = if c4 {
+        let (chunk, chunks) = if k1 {
+            dwk1_chunks(npos.div_ceil(64), rows / 64)
+        } else if c4 {
             dwc4_chunks(batch * hp.div_ceil(8) * wp.div_ceil(16))
         } else if v4 {
             // (A wave of 32-row blocks, or of version 5's, holds more of them:
@@ -1024,6 +1060,11 @@ impl Cuda {
                 block_dim: (DWC4TC_THREADS, 1, 1),
                 shared_mem_bytes: dwc4tc_shared_bytes(rows, g.k, relu && !as_convt),
             },
+            _ if k1 => LaunchConfig {
+                grid_dim: (chunks as u32, (rows / 64) as u32, 1),
+                block_dim: (DWC4TC_THREADS, 1, 1),
+                shared_mem_bytes: dwk1tc_shared_bytes(relu),
+            },
             _ if c4 => LaunchConfig {
                 grid_dim: (chunks as u32, 1, 1),
                 block_dim: (dwc4_threads(rows, g.k), 1, 1),
@@ -1040,7 +1081,7 @@ impl Cuda {
         };
         let (zero, ri) = (0i32, relu as i32);
         // (`dw_c4` sums the A rows only: a conv's dy, not a convT's g.)
-        let db_taps = match (v3 || v4 || (c4 && !as_convt), &db) {
+        let db_taps = match (v3 || v4 || k1 || (c4 && !as_convt), &db) {
             (true, Some(_)) => covering,
             _ => None,
         };
@@ -1071,7 +1112,7 @@ impl Cuda {
             launch!(self, name, cfg;
                 &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial, &sums_of, &sum_kys,
                 &mut sums);
-        } else if v3 || c4 {
+        } else if v3 || c4 || k1 {
             launch!(self, name, cfg;
                 &p, a, a_mask, a_masked, b, b_mask, b_masked, &mut partial, &sums_of, &mut sums);
         } else {
@@ -1448,6 +1489,41 @@ mod tests {
             12, 12, 32, 4, 3, 2, 1
         )));
         assert!(!dwc4_mirror_applies(&ConvGeom::same(35, 35, 32, 4, 1)));
+    }
+
+    /// `dw_k1` takes the 64-input 1×1 weight gradients of a multiple of 64 rows only, and its
+    /// chunks cover every tile once, at least 2 tiles each (but for a single tile), in about
+    /// DWK1_TARGET_BLOCKS blocks over all row tiles.
+    #[test]
+    fn dwk1_applies_to_the_token_chains_linears_and_its_chunks_cover_the_tiles() {
+        let linear = |n_in, n_out| ConvGeom::same(1, 1, n_in, n_out, 1);
+        assert!(dwk1_applies(&linear(64, 64), 64, 64, false));
+        assert!(dwk1_applies(&linear(64, 192), 192, 64, false));
+        assert!(!dwk1_applies(&linear(64, 64), 64, 64, true));
+        assert!(!dwk1_applies(&linear(32, 64), 64, 32, false));
+        assert!(!dwk1_applies(&linear(64, 32), 32, 64, false));
+        assert!(!dwk1_applies(
+            &ConvGeom::same(8, 8, 64, 64, 3),
+            64,
+            64,
+            false
+        ));
+        for row_tiles in [1, 2, 3] {
+            for tiles in (1..=1500).chain([16384, 100_003]) {
+                let (per, chunks) = dwk1_chunks(tiles, row_tiles);
+                assert!(per >= 2, "{tiles}");
+                assert!(
+                    per * chunks >= tiles && per * (chunks - 1) < tiles,
+                    "{tiles}"
+                );
+                assert!(
+                    chunks * row_tiles <= DWK1_TARGET_BLOCKS.max(row_tiles),
+                    "{tiles}"
+                );
+            }
+        }
+        // clevr6's tokens: a million positions, 391 blocks of 42 tiles.
+        assert_eq!(dwk1_chunks(16384, 1), (42, 391));
     }
 
     /// `dw_c4`'s chunks cover every tile once, at least 2 tiles each (but for a single tile), in

@@ -58,6 +58,11 @@ pub struct FastPaths {
     /// taps' 4 channels a column tile; the next tile's A copied by cp.async while the current
     /// one is multiplied); off: `dw_c4`'s f32 FMAs.
     pub dw_c4_tc: bool,
+    /// Weight gradients of 1×1 convolutions with 64 gathered channels and a multiple of 64
+    /// rows (the linear layers' under TF32: the token chain's four) streamed on the tensor
+    /// cores (`conv_dw_partial_k1tc_tf32`: both operands' next 64 positions copied by cp.async
+    /// while the current ones are multiplied); off: version 3 (or 2).
+    pub dw_k1: bool,
     /// Version 2 of the attention kernels (tokens split over blocks); off: version 1, one block
     /// per image and head.
     pub attention_v2: bool,
@@ -97,6 +102,7 @@ impl FastPaths {
         dw_v5: true,
         dw_c4: true,
         dw_c4_tc: true,
+        dw_k1: true,
         attention_v2: true,
         attention_v3: true,
         tokens: true,
@@ -116,6 +122,7 @@ impl FastPaths {
         dw_v5: false,
         dw_c4: false,
         dw_c4_tc: false,
+        dw_k1: false,
         attention_v2: false,
         attention_v3: false,
         tokens: false,
@@ -125,7 +132,7 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 18] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -137,6 +144,7 @@ impl FastPaths {
         "dw_v5",
         "dw_c4",
         "dw_c4_tc",
+        "dw_k1",
         "attention_v2",
         "attention_v3",
         "tokens",
@@ -158,6 +166,7 @@ impl FastPaths {
             "dw_v5" => &mut self.dw_v5,
             "dw_c4" => &mut self.dw_c4,
             "dw_c4_tc" => &mut self.dw_c4_tc,
+            "dw_k1" => &mut self.dw_k1,
             "attention_v2" => &mut self.attention_v2,
             "attention_v3" => &mut self.attention_v3,
             "tokens" => &mut self.tokens,
@@ -238,6 +247,7 @@ mod tests {
                 && fp.dw_v5
                 && fp.dw_c4
                 && fp.dw_c4_tc
+                && fp.dw_k1
                 && fp.attention_v2
                 && fp.attention_v3
                 && fp.slot_cell

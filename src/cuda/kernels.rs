@@ -130,6 +130,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_dw_partial_c4tck5_tf32",
             "conv_dw_partial_c4tcr32k3_tf32",
             "conv_dw_partial_c4tcr32k5_tf32",
+            "conv_dw_partial_k1tc_tf32",
             "conv_dw_reduce_f32",
             "conv_splitk_reduce_f32",
         ],

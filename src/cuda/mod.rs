@@ -751,6 +751,7 @@ impl Cuda {
             self.fast.dw_v5 = false;
             self.fast.dw_c4 = false;
             self.fast.dw_c4_tc = false;
+            self.fast.dw_k1 = false;
         }
         self
     }
