@@ -895,12 +895,19 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         117,
     );
-    // At most 8 outputs: the 8-column version 5 tiles (`v5n8`).
+    // At most 8 outputs: the 8-column version 5 tiles (`v5n8`; its forward streamed,
+    // `conv_n8s`, as is the dx of a 5×5 from 8 channels without a ReLU, an adjoint gather).
     case(
         "same k5 64->8 10x17 v5n8",
         ConvGeom::same(10, 17, 64, 8, 5),
         true,
         118,
+    );
+    case(
+        "same k5 8->64 9x19 n8s dx",
+        ConvGeom::same(9, 19, 8, 64, 5),
+        false,
+        119,
     );
     // Stride 2 with 64 channels (`v5s2`): the forward (the direct gather, the four source
     // phases in turn) over 2 × 2 tiles, and its dx (the adjoint gather, a phase per z) over
@@ -1081,12 +1088,20 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         false,
         300,
     );
-    // The decoders' last layer: 3×3 to RGB + alpha, on the 8-column tiles.
+    // The decoders' last layer: 3×3 to RGB + alpha, on the 8-column tiles (its forward
+    // streamed, `conv_n8s`); and the dx of a 3×3 from RGB + alpha to 64 without a ReLU (a
+    // direct gather of 64 channels into 4, streamed too).
     case(
         "T k3 s1 64->4 9x20 v5n8",
         t(9, 20, 64, 4, 3, 1, 1, 0),
         false,
         310,
+    );
+    case(
+        "T k3 s1 4->64 10x18 n8s dx",
+        t(10, 18, 4, 64, 3, 1, 1, 0),
+        false,
+        311,
     );
     // Version 5 for the forward of a stride-2 transposed convolution (`v5s2`, a phase per z):
     // 3×3 (phases of 1 × 1 to 2 × 2 taps) and 5×5 into 48 channels over 2 × 2 tiles per phase
@@ -2651,6 +2666,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
         }
         "conv_v6" => name.starts_with("conv_igemm_") && name.contains("_v6"),
         "conv_c4" => name.starts_with("conv_igemm_") && name.contains("_c4"),
+        "conv_n8s" => name.starts_with("conv_igemm_") && name.contains("_n8s"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
         "dw_v4" => name.starts_with("conv_dw_partial_v4"),
         "dw_units" => {
@@ -2720,6 +2736,7 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "conv_v5" => &["conv_v3"],
                 // (Version 6 runs within version 5.)
                 "conv_v6" => &["conv_v3", "conv_v5"],
+                "conv_n8s" => &["conv_v3", "conv_v5"],
                 "dw_units" => &["dw_v4"],
                 // (Version 5 takes version 4's units of 32.)
                 "dw_v5" => &["dw_v4", "dw_units"],
@@ -2731,9 +2748,10 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
             // (Wider units, and version 5 within them, need grid rows 33 to 40 wide or a
             // multiple of 32, which this 8 × 8 model has not: the conv tests' u40, u32 and dw5
             // cases check them.)
-            // (`dw_k1` needs a 1×1 layer of 64 inputs into a multiple of 64, which this 16-wide
-            // model has not: the linear tests' 64-wide cases check it.)
-            let applies = path != "dw_units" && path != "dw_v5" && path != "dw_k1";
+            // (`dw_k1` needs a 1×1 layer of 64 inputs into a multiple of 64, `conv_n8s` a
+            // gather of 64 channels into at most 8, which this 16-wide model has not: the
+            // linear and conv tests' 64-wide cases check them.)
+            let applies = !["dw_units", "dw_v5", "dw_k1", "conv_n8s"].contains(&path);
             let on = applies
                 && fast.is_on(path) == Some(true)
                 && needs.iter().all(|n| fast.is_on(n) == Some(true));

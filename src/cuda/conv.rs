@@ -383,7 +383,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 21] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 25] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -408,6 +408,10 @@ pub(super) const LARGE_SHARED: [(&str, u32); 21] = [
     ("conv_igemm_adjoint_v6k5_tf32", v5_64_shared_bytes(5, 64)),
     // (`dw_c4_tc` and `dw_k1`: the most, with the mask of A.)
     ("conv_dw_partial_k1tc_tf32", dwk1tc_shared_bytes(true)),
+    ("conv_igemm_direct_n8sk3_tf32", n8s_shared_bytes(3)),
+    ("conv_igemm_adjoint_n8sk3_tf32", n8s_shared_bytes(3)),
+    ("conv_igemm_direct_n8sk5_tf32", n8s_shared_bytes(5)),
+    ("conv_igemm_adjoint_n8sk5_tf32", n8s_shared_bytes(5)),
     (
         "conv_dw_partial_c4tck3_tf32",
         dwc4tc_shared_bytes(64, 3, true),
@@ -438,6 +442,40 @@ pub(super) const LARGE_SHARED: [(&str, u32); 21] = [
 /// of 64 channels into more than 32 outputs and the passes of 32 channels into 9 to 32 take
 /// version 6: the same tiles and shared memory, 4 warps of twice version 5's rows (`v6`: 64
 /// pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
+/// Blocks `conv_igemm_*_n8s*` aims for: two per SM of an H100 or H200 (78 KiB of shared
+/// memory each at k = 3), one wave.
+const N8S_TARGET_BLOCKS: usize = 264;
+
+/// Bytes of dynamic shared memory of a `conv_igemm_*_n8s*` launch (conv_tc_v5.cu): two halos
+/// of (4 + k − 1) × (16 + k − 1) pixels × 68 words, and every tap's 8 weight rows of 72 words.
+const fn n8s_shared_bytes(k: usize) -> u32 {
+    (4 * (2 * (4 + k - 1) * (16 + k - 1) * 68 + k * k * 8 * 72)) as u32
+}
+
+/// The streamed version 5 for at most 8 outputs (`conv_n8s`) where it applies (64 gathered
+/// channels, at most 8 outputs, stride 1, 3×3 or 5×5; the caller checks that the source is not
+/// masked): the kernel, its launch and the tiles of 4 × 16 per block.
+fn n8s_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32)> {
+    if !(p.cs == 64 && (1..=8).contains(&p.n) && p.stride == 1 && (p.k == 3 || p.k == 5)) {
+        return None;
+    }
+    let name = match (adjoint, p.k) {
+        (false, 3) => "conv_igemm_direct_n8sk3_tf32",
+        (true, 3) => "conv_igemm_adjoint_n8sk3_tf32",
+        (false, _) => "conv_igemm_direct_n8sk5_tf32",
+        (true, _) => "conv_igemm_adjoint_n8sk5_tf32",
+    };
+    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+    let tiles = batch * hp.div_ceil(4) * wp.div_ceil(16);
+    let per = tiles.div_ceil(N8S_TARGET_BLOCKS).max(2);
+    let cfg = LaunchConfig {
+        grid_dim: (i(tiles.div_ceil(per)) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: n8s_shared_bytes(p.k as usize),
+    };
+    Some((name, cfg, i(per)))
+}
+
 fn v5_kernel(
     p: &ConvGemmC,
     adjoint: bool,
@@ -862,6 +900,13 @@ impl Cuda {
             1
         };
         let si = i(splits);
+        if splits == 1 && self.fast.conv_v5 && self.fast.conv_n8s && v3.masked == 0 {
+            let n8s = n8s_kernel(p, v3.adjoint).filter(|(n, ..)| self.may_launch(n));
+            if let Some((name, cfg, chunk)) = n8s {
+                launch!(self, name, cfg; p, &chunk, src, wt, bias, relu, mode, out);
+                return;
+            }
+        }
         if splits == 1 && self.fast.conv_v5 {
             let v5 =
                 v5_kernel(p, v3.adjoint, self.fast.conv_v6).filter(|(n, ..)| self.may_launch(n));

@@ -34,6 +34,11 @@ pub struct FastPaths {
     /// the first layer's forward, the last layer's input gradient): two taps per k-step of the
     /// mma (`conv_igemm_*_c4*_tf32`); off: version 2.
     pub conv_c4: bool,
+    /// Within version 5, its passes of 64 gathered channels into at most 8 outputs (the
+    /// CLEVR decoder's last layer's forward) streamed where the source is not masked
+    /// (`conv_igemm_*_n8s*_tf32`: blocks walk 4 × 16 output tiles with the next tile's halo
+    /// copied by cp.async while the current one is multiplied); off: version 5's `v5n8`.
+    pub conv_n8s: bool,
     /// Version 3 of the tensor-core weight-gradient passes (`conv_dw_partial_v3*`, with the
     /// bias gradient from the GEMM's operand sums); off: version 2 and a column-sum pass.
     pub dw_v3: bool,
@@ -96,6 +101,7 @@ impl FastPaths {
         conv_v5: true,
         conv_v6: true,
         conv_c4: true,
+        conv_n8s: true,
         dw_v3: true,
         dw_v4: true,
         dw_units: true,
@@ -116,6 +122,7 @@ impl FastPaths {
         conv_v5: false,
         conv_v6: false,
         conv_c4: false,
+        conv_n8s: false,
         dw_v3: false,
         dw_v4: false,
         dw_units: false,
@@ -132,12 +139,13 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 18] = [
+    pub const NAMES: [&'static str; 19] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
         "conv_v6",
         "conv_c4",
+        "conv_n8s",
         "dw_v3",
         "dw_v4",
         "dw_units",
@@ -160,6 +168,7 @@ impl FastPaths {
             "conv_v5" => &mut self.conv_v5,
             "conv_v6" => &mut self.conv_v6,
             "conv_c4" => &mut self.conv_c4,
+            "conv_n8s" => &mut self.conv_n8s,
             "dw_v3" => &mut self.dw_v3,
             "dw_v4" => &mut self.dw_v4,
             "dw_units" => &mut self.dw_units,
@@ -241,6 +250,7 @@ mod tests {
                 && fp.conv_v5
                 && fp.conv_v6
                 && fp.conv_c4
+                && fp.conv_n8s
                 && fp.dw_v3
                 && fp.dw_v4
                 && fp.dw_units

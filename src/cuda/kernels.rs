@@ -159,6 +159,10 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_adjoint_v5s2k5_tf32",
             "conv_igemm_direct_v5s2k3_tf32",
             "conv_igemm_direct_v5s2k5_tf32",
+            "conv_igemm_direct_n8sk3_tf32",
+            "conv_igemm_adjoint_n8sk3_tf32",
+            "conv_igemm_direct_n8sk5_tf32",
+            "conv_igemm_adjoint_n8sk5_tf32",
         ],
     },
     KernelFile {

@@ -746,6 +746,7 @@ impl Cuda {
             self.fast.conv_v5 = false;
             self.fast.conv_v6 = false;
             self.fast.conv_c4 = false;
+            self.fast.conv_n8s = false;
             self.fast.dw_v4 = false;
             self.fast.dw_units = false;
             self.fast.dw_v5 = false;
