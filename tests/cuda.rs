@@ -2229,6 +2229,141 @@ fn emu_conv_t2d_tf32_fwd_bwd() {
     }
 }
 
+/// x rounded to TF32 as the kernels' `to_tf32` does on sm_90 (`cvt.rn`: to nearest, ties to
+/// even; infinities and NaN as they are).
+fn tf32_rounded(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| {
+            let u = x.to_bits();
+            if u & 0x7f80_0000 == 0x7f80_0000 {
+                x
+            } else {
+                f32::from_bits((u + 0xfff + ((u >> 13) & 1)) & 0xffff_e000)
+            }
+        })
+        .collect()
+}
+
+/// The tensor-core convolutions round their operands to TF32 to nearest, not by truncation
+/// (what the tensor cores do to the raw f32 bits they are given, and the emulator with them): the
+/// TF32 parity tolerance (1e-3) cannot tell the two apart, so here the CPU reference gets x, W
+/// and dy already rounded to nearest and the emulated kernels the raw values; then y, dx and dW
+/// must agree to f32 tolerances. One layer per kind of kernel, and a check that each kind ran.
+/// (db sums dy unrounded on both sides: the parity tests check it.)
+#[test]
+fn emu_conv_tf32_operands_round_to_nearest() {
+    let Some(g) = emu() else { return };
+    let g = g.with_precision(Precision::Tf32);
+    let c = cpu();
+    let t = ConvGeom::transposed;
+    let cases = [
+        // v6k5 forward and dx, v4k5s1 dW
+        (
+            "same k5 64->64",
+            ConvGeom::same(10, 17, 64, 64, 5),
+            false,
+            true,
+        ),
+        // n8s forward, c4 dx, c4tc dW (64 rows, k3)
+        ("T k3 64->4", t(9, 20, 64, 4, 3, 1, 1, 0), true, false),
+        // c4 forward, c4tc dW (A masked, k5)
+        (
+            "same k5 3->64",
+            ConvGeom::same(13, 37, 3, 64, 5),
+            false,
+            true,
+        ),
+        // k1tc dW, version 3 forward and dx
+        (
+            "k1 64->64",
+            ConvGeom::conv(9, 15, 64, 64, 1, 1, 0),
+            false,
+            true,
+        ),
+        // v5s2 forward, stride-2 dx and dW
+        ("T k5 s2 64->64", t(5, 4, 64, 64, 5, 2, 2, 1), true, true),
+        // 32 channels: v6c32, dW v4r32
+        (
+            "same k5 32->32",
+            ConvGeom::same(11, 18, 32, 32, 5),
+            false,
+            true,
+        ),
+        // version 3's 32 × 256 dW tiles (channels a multiple of 4), version 2's forward and dx
+        // (not a multiple of 16)
+        (
+            "same k3 12->20",
+            ConvGeom::same(7, 9, 12, 20, 3),
+            false,
+            true,
+        ),
+        // version 2 everywhere (6 channels)
+        ("same k3 6->10", ConvGeom::same(7, 9, 6, 10, 3), false, true),
+    ];
+    for (ci, (name, geom, transposed, relu)) in cases.into_iter().enumerate() {
+        let batch = 2;
+        let seed = 4100 + 10 * ci as u64;
+        let x = rand(batch * geom.in_len(), seed, 1.0);
+        let w = rand(geom.weight_len(), seed + 1, 0.5);
+        let b = rand(geom.c_out, seed + 2, 0.5);
+        let (xr, wr) = (tf32_rounded(&x), tf32_rounded(&w));
+        let mut y = vec![0.0f32; batch * geom.out_len()];
+        let (xg, wg, bg) = (up(&g, &x), up(&g, &w), up(&g, &b));
+        let mut yg = poisoned(&g, y.len());
+        if transposed {
+            c.conv_t2d_fwd(&geom, batch, &xr, &wr, &b, relu, &mut y);
+            g.conv_t2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
+        } else {
+            c.conv2d_fwd(&geom, batch, &xr, &wr, &b, relu, &mut y);
+            g.conv2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
+        }
+        check_tol(&format!("{name} y, operands rounded"), &g, &yg, &y, TOL);
+        let yg = up(&g, &y);
+        let dy = rand(y.len(), seed + 3, 1.0);
+        let dyr = tf32_rounded(&dy);
+        let dyg = up(&g, &dy);
+        let (mut dx, mut dw, mut db) = (
+            vec![0.0f32; x.len()],
+            vec![0.0f32; w.len()],
+            vec![0.0f32; b.len()],
+        );
+        let (mut dxg, mut dwg, mut dbg) = (up(&g, &dx), up(&g, &dw), up(&g, &db));
+        c.conv_bwd_set_dx(
+            transposed, &geom, batch, &xr, &wr, &y, relu, &dyr, &mut dx, &mut dw, &mut db,
+        );
+        g.conv_bwd_set_dx(
+            transposed, &geom, batch, &xg, &wg, &yg, relu, &dyg, &mut dxg, &mut dwg, &mut dbg,
+        );
+        check_tol(&format!("{name} dx, operands rounded"), &g, &dxg, &dx, TOL);
+        check_tol(&format!("{name} dw, operands rounded"), &g, &dwg, &dw, TOL);
+    }
+    let launched = g.emu_kernel_launches();
+    for kind in [
+        "conv_igemm_direct_v6k5",
+        "conv_igemm_adjoint_v6k5",
+        "conv_igemm_adjoint_n8sk3",
+        "conv_igemm_adjoint_v5n8",
+        "conv_igemm_direct_c4",
+        "conv_igemm_direct_v3",
+        "conv_igemm_adjoint_v5s2",
+        "conv_igemm_direct_v6c32",
+        "conv_igemm_direct_tf32",
+        "conv_dw_partial_v4k5s1",
+        "conv_dw_partial_v4k5s2",
+        "conv_dw_partial_c4tck3",
+        "conv_dw_partial_c4tck5",
+        "conv_dw_partial_k1tc",
+        "conv_dw_partial_v4r32",
+        "conv_dw_partial_v3r32",
+        "conv_dw_partial_tf32",
+    ] {
+        assert!(
+            launched.keys().any(|k| k.starts_with(kind)),
+            "no {kind}* kernel ran: {launched:?}"
+        );
+    }
+}
+
 /// Version 4's 5×5 weight gradients at stride 1 in units of 32, which version 5 (`dw_v5`) now
 /// computes wherever they apply: the conv and transposed-conv cases of the tests above with
 /// `dw_v5` off.
