@@ -1880,11 +1880,14 @@ impl Backend for Cuda {
         assert_eq!(recon.len(), batch * p * 3);
         assert_eq!(loss.len(), 1);
         let n = batch * p;
-        let mut sse = self.scratch::<f32>(n);
-        let (bi, ki, pi) = (i(batch), i(k), i(p));
+        // The forward's blocks' sums of squared errors, then one block adds them up.
+        let cfg = per_elem(n);
+        let parts = cfg.grid_dim.0 as usize;
+        let mut sse_part = self.scratch::<f32>(parts.max(1));
+        let (bi, ki, pi, parts_i) = (i(batch), i(k), i(p), i(parts));
         if n > 0 {
-            launch!(self, "composite_fwd_f32", per_elem(n);
-                &bi, &ki, &pi, dec, target, masks, recon, &mut sse);
+            launch!(self, "composite_fwd_f32", cfg;
+                &bi, &ki, &pi, dec, target, masks, recon, &mut sse_part);
         }
         // As on the CPU: a float sum divided by the f32 count (NaN for an empty batch).
         let count = (n * 3) as f64 as f32;
@@ -1893,7 +1896,7 @@ impl Backend for Cuda {
             block_dim: (COMPOSITE_LOSS_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "composite_loss_f32", one_block; &bi, &pi, &count, &sse, loss);
+        launch!(self, "composite_loss_f32", one_block; &parts_i, &count, &sse_part, loss);
     }
     fn composite_mse_bwd(
         &self,
