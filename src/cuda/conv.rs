@@ -406,12 +406,12 @@ pub(super) const LARGE_SHARED: [(&str, u32); 25] = [
     ("conv_igemm_direct_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
     ("conv_igemm_direct_v6k5_tf32", v5_64_shared_bytes(5, 64)),
     ("conv_igemm_adjoint_v6k5_tf32", v5_64_shared_bytes(5, 64)),
-    // (`dw_c4_tc` and `dw_k1`: the most, with the mask of A.)
-    ("conv_dw_partial_k1tc_tf32", dwk1tc_shared_bytes(true)),
     ("conv_igemm_direct_n8sk3_tf32", n8s_shared_bytes(3)),
     ("conv_igemm_adjoint_n8sk3_tf32", n8s_shared_bytes(3)),
     ("conv_igemm_direct_n8sk5_tf32", n8s_shared_bytes(5)),
     ("conv_igemm_adjoint_n8sk5_tf32", n8s_shared_bytes(5)),
+    // (`dw_c4_tc` and `dw_k1`: the most, with the mask of A.)
+    ("conv_dw_partial_k1tc_tf32", dwk1tc_shared_bytes(true)),
     (
         "conv_dw_partial_c4tck3_tf32",
         dwc4tc_shared_bytes(64, 3, true),
@@ -430,21 +430,12 @@ pub(super) const LARGE_SHARED: [(&str, u32); 25] = [
     ),
 ];
 
-/// Version 5 of an activation pass (a halo tile staged once; conv_tc_v5.cu), when it applies:
-/// stride 1, a 3×3 or 5×5 kernel, and 64 gathered channels with more than 32 output channels
-/// (64 per block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles
-/// waste less), or 32 gathered channels with at most 32 output channels (`v5c32`: 32 per block;
-/// `v5c32n8`: 8). And stride 2 with 64 gathered channels and more than 32 outputs (`v5s2`): the
-/// adjoint gather (a transposed convolution's forward) one output phase per z, the direct one
-/// (its dx) over the four source phases in turn. Its
-/// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
-/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the stride-1 5×5 passes
-/// of 64 channels into more than 32 outputs and the passes of 32 channels into 9 to 32 take
-/// version 6: the same tiles and shared memory, 4 warps of twice version 5's rows (`v6`: 64
-/// pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
 /// Blocks `conv_igemm_*_n8s*` aims for: two per SM of an H100 or H200 (78 KiB of shared
 /// memory each at k = 3), one wave.
 const N8S_TARGET_BLOCKS: usize = 264;
+
+/// Threads of a `conv_igemm_*_n8s*` block (N8S_THREADS in conv_tc_v5.cu).
+const N8S_THREADS: u32 = 128;
 
 /// Bytes of dynamic shared memory of a `conv_igemm_*_n8s*` launch (conv_tc_v5.cu): two halos
 /// of (4 + k − 1) × (16 + k − 1) pixels × 68 words, and every tap's 8 weight rows of 72 words.
@@ -470,12 +461,24 @@ fn n8s_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfi
     let per = tiles.div_ceil(N8S_TARGET_BLOCKS).max(2);
     let cfg = LaunchConfig {
         grid_dim: (i(tiles.div_ceil(per)) as u32, 1, 1),
-        block_dim: (128, 1, 1),
+        block_dim: (N8S_THREADS, 1, 1),
         shared_mem_bytes: n8s_shared_bytes(p.k as usize),
     };
     Some((name, cfg, i(per)))
 }
 
+/// Version 5 of an activation pass (a halo tile staged once; conv_tc_v5.cu), when it applies:
+/// stride 1, a 3×3 or 5×5 kernel, and 64 gathered channels with more than 32 output channels
+/// (64 per block) or at most 8 (`v5n8`: 8 per block; between the two, version 3's 32-wide tiles
+/// waste less), or 32 gathered channels with at most 32 output channels (`v5c32`: 32 per block;
+/// `v5c32n8`: 8). And stride 2 with 64 gathered channels and more than 32 outputs (`v5s2`): the
+/// adjoint gather (a transposed convolution's forward) one output phase per z, the direct one
+/// (its dx) over the four source phases in turn. Its
+/// kernel, grid and output tile (rows, columns): one block per tile of an image (of a phase),
+/// 8 × 16 pixels with 64 channels, [`v5_c32_tile`]'s with 32. With `v6`, the stride-1 5×5 passes
+/// of 64 channels into more than 32 outputs and the passes of 32 channels into 9 to 32 take
+/// version 6: the same tiles and shared memory, 4 warps of twice version 5's rows (`v6`: 64
+/// pixels × 32 channels, `v6c32`: 32 × 32) instead of 8.
 fn v5_kernel(
     p: &ConvGemmC,
     adjoint: bool,
