@@ -496,12 +496,15 @@ impl Bench {
     /// The per-token chain (position embedding, LayerNorm, 2-layer MLP, LayerNorm, k and v):
     /// the fused kernels against the same chain run op by op on the same device, at the
     /// backend's precision (the fused version: 2 under TF32, 1 under f32).
-    fn tokens(&self, batch: usize, res: usize, ch: usize) {
+    /// The token chain fused and op by op; with a `note` (e.g. ", dw_k1 off": a fast path of
+    /// the rows' backend switched off) the fused rows only, labelled with it.
+    fn tokens(&self, batch: usize, res: usize, ch: usize, note: &str) {
         let g = &self.g;
         let (version, tol) = match g.precision() {
             Precision::F32 => ("v1 (f32)", 1e-5),
             Precision::Tf32 => ("v2 (tf32)", 1e-3),
         };
+        let version = format!("{version}{note}");
         // The "of peak" column: TF32 for the tensor-core version.
         let tc = g.precision() == Precision::Tf32;
         let dims = TokenDims {
@@ -546,9 +549,11 @@ impl Bench {
             by,
             tc,
         );
-        let ms = self.time(|| tokens_fwd_by_ops(g, &dims, &pg, &enc, &mut acts));
-        let name = format!("tokens fwd, op by op ({:?})", g.precision());
-        self.row(&name, &shape, None, ms, fl, by, tc);
+        if note.is_empty() {
+            let ms = self.time(|| tokens_fwd_by_ops(g, &dims, &pg, &enc, &mut acts));
+            let name = format!("tokens fwd, op by op ({:?})", g.precision());
+            self.row(&name, &shape, None, ms, fl, by, tc);
+        }
         // Backward.
         let dk = self.normal_buf(rows * d, 52);
         let dv = self.normal_buf(rows * d, 53);
@@ -612,6 +617,9 @@ impl Bench {
             by,
             tc,
         );
+        if !note.is_empty() {
+            return;
+        }
         let ms = self.time(|| {
             tokens_bwd_by_ops(
                 g,
@@ -819,23 +827,41 @@ fn main() {
             tf32: b.tf32,
         }
     };
-    // A conv row again with `conv_v6` and `dw_units` off (TF32, version 3 only): version 5's 8
-    // warps (fwd, dx) and units of 16 positions (dW), beside version 6's 4 warps of twice the
-    // pixels and the wider units.
-    let conv_v5_row = |precision: Precision, version: u8, name: &str, geom: ConvGeom, imgs| {
+    // A conv row again with some fast paths off (`off`, a SLOTFIX_CUDA_DISABLE list; TF32,
+    // version 3 only), beside the row with every path on: e.g. `conv_v6` and `dw_units` off,
+    // version 5's 8 warps (fwd, dx) and units of 16 positions (dW) against version 6's 4 warps
+    // of twice the pixels and the wider units.
+    let conv_off_row = |precision: Precision,
+                        version: u8,
+                        name: &str,
+                        off: &str,
+                        geom: ConvGeom,
+                        imgs,
+                        transposed: bool| {
         if precision != Precision::Tf32 || version != 3 {
             return;
         }
-        let name = format!("{name}, conv_v6 and dw_units off");
+        let name = format!("{name}, {} off", off.replace(',', " and "));
         guarded(&name, || {
             let bp = bench_with(precision, version);
-            let fast = FastPaths::all_but("conv_v6,dw_units").unwrap();
+            let fast = FastPaths::all_but(off).unwrap();
             Bench {
                 g: bp.g.with_fast_paths(fast),
                 ..bp
             }
-            .conv(&name, geom, imgs, false, precision)
+            .conv(&name, geom, imgs, transposed, precision)
         });
+    };
+    let conv_v5_row = |precision: Precision, version: u8, name: &str, geom: ConvGeom, imgs| {
+        conv_off_row(
+            precision,
+            version,
+            name,
+            "conv_v6,dw_units",
+            geom,
+            imgs,
+            false,
+        )
     };
     let conv_rows = |precision: Precision, version: u8| {
         let bp = bench_with(precision, version);
@@ -895,6 +921,17 @@ fn main() {
                 )
             },
         );
+        // The first layer's dW and the last layer's forward and dW as before `dw_c4_tc` and
+        // `conv_n8s` (f32 FMAs, version 5's `v5n8`), beside the rows with them on.
+        conv_off_row(
+            precision,
+            version,
+            "encoder first conv",
+            "dw_c4_tc",
+            ConvGeom::same(res, res, 3, ch, 5),
+            batch,
+            false,
+        );
         guarded(
             &format!("decoder last convT ({precision:?} v{version})"),
             || {
@@ -906,6 +943,15 @@ fn main() {
                     precision,
                 )
             },
+        );
+        conv_off_row(
+            precision,
+            version,
+            "decoder last convT",
+            "conv_n8s,dw_c4_tc",
+            ConvGeom::transposed(res, res, ch, 4, 3, 1, 1, 0),
+            dec_imgs,
+            true,
         );
         // The small model's 32-channel decoder conv (35×35, B·K = 64·4 slot images): the
         // narrow tiles.
@@ -938,9 +984,18 @@ fn main() {
     // The token chain's tile products: version 2 (TF32 tensor cores, the default precision)
     // and version 1 (exact f32), each beside the same chain op by op.
     guarded("tokens (tf32)", || {
-        bench_with(Precision::Tf32, 3).tokens(batch, res, ch)
+        bench_with(Precision::Tf32, 3).tokens(batch, res, ch, "")
     });
-    guarded("tokens (f32)", || b.tokens(batch, res, ch));
+    // Its four weight gradients on version 3 (as before `dw_k1`), the fused rows only.
+    guarded("tokens (tf32), dw_k1 off", || {
+        let bp = bench_with(Precision::Tf32, 3);
+        Bench {
+            g: bp.g.with_fast_paths(FastPaths::all_but("dw_k1").unwrap()),
+            ..bp
+        }
+        .tokens(batch, res, ch, ", dw_k1 off")
+    });
+    guarded("tokens (f32)", || b.tokens(batch, res, ch, ""));
     // Version 3 (the slot count compiled in; the default) and version 2, both checked first.
     guarded("attention v3", || {
         b.attention("v3", batch, res * res, 7, ch)
