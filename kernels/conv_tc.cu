@@ -1896,12 +1896,7 @@ static __device__ void conv_dw_partial_c4tc(const ConvDwGemm& p, const float* __
     // A words of this lane: rows 32·rg + g (+8, +16, +24), positions t and t + 4 of a k-step.
     const int a_off = t * LDA + 32 * rg + g;
     float acc[2][NT8][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int j = 0; j < NT8; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0.0f;
+    zero_acc(acc);
     float a_sum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // [mi][rows g, g + 8]
     const bool sum_a = sums_of == 1;
     const int tiles = p.batch * ((p.wp + V5_TW - 1) / V5_TW) * ((p.hp + V5_TH - 1) / V5_TH);
@@ -1967,7 +1962,8 @@ static __device__ void conv_dw_partial_c4tc(const ConvDwGemm& p, const float* __
 }
 
 // As conv_dw_partial_c4*_f32 (same arguments) for rows 64 (`c4tck<k>`) or 32 (`c4tcr32k<k>`);
-// block DWC4TC_THREADS, dynamic shared memory dwc4tc_shared_bytes.
+// block DWC4TC_THREADS, dynamic shared memory dwc4tc_shared_bytes. (A macro of its own: the
+// emulator reads a kernel's launch bound from its entry macro's text, a number or a #define.)
 #define DWC4TC_ENTRY(NAME, K, ROWS)                                                                          \
     extern "C" __global__ void __launch_bounds__(DWC4TC_THREADS)                                           \
         NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
@@ -2029,12 +2025,7 @@ extern "C" __global__ void __launch_bounds__(DWC4TC_THREADS)
     const int npos = p.batch * p.hp * p.wp, tiles = (npos + DWK1_TILE - 1) / DWK1_TILE;
     const int row0 = 64 * blockIdx.y;
     float acc[2][NT8][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int j = 0; j < NT8; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mi][j][r] = 0.0f;
+    zero_acc(acc);
     float a_sum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     const bool sum_a = sums_of == 1;
     const int t_first = blockIdx.x * p.chunk, t_end = min(t_first + p.chunk, tiles);

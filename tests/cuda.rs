@@ -551,6 +551,26 @@ fn check_tol<B: Backend>(what: &str, g: &B, buf: &B::Buf, want: &[f32], tol: f64
     assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:e}");
 }
 
+/// A convolution's forward, or (`transposed`) a transposed convolution's.
+#[allow(clippy::too_many_arguments)]
+fn conv_fwd<B: Backend>(
+    b: &B,
+    transposed: bool,
+    geom: &ConvGeom,
+    batch: usize,
+    x: &B::Buf,
+    w: &B::Buf,
+    bias: &B::Buf,
+    relu: bool,
+    y: &mut B::Buf,
+) {
+    if transposed {
+        b.conv_t2d_fwd(geom, batch, x, w, bias, relu, y);
+    } else {
+        b.conv2d_fwd(geom, batch, x, w, bias, relu, y);
+    }
+}
+
 fn conv_case<B: Backend>(
     g: &B,
     name: &str,
@@ -568,13 +588,8 @@ fn conv_case<B: Backend>(
     let mut y = vec![0.0f32; batch * geom.out_len()];
     let (xg, wg, bg) = (up(g, &x), up(g, &w), up(g, &b));
     let mut yg = poisoned(g, y.len());
-    if transposed {
-        c.conv_t2d_fwd(&geom, batch, &x, &w, &b, relu, &mut y);
-        g.conv_t2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
-    } else {
-        c.conv2d_fwd(&geom, batch, &x, &w, &b, relu, &mut y);
-        g.conv2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
-    }
+    conv_fwd(&c, transposed, &geom, batch, &x, &w, &b, relu, &mut y);
+    conv_fwd(g, transposed, &geom, batch, &xg, &wg, &bg, relu, &mut yg);
     check_tol(&format!("{name} y"), g, &yg, &y, tol);
     // Backward from the CPU's y (same ReLU mask on both sides), into non-zero gradients.
     let yg = up(g, &y);
@@ -2310,13 +2325,8 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         let mut y = vec![0.0f32; batch * geom.out_len()];
         let (xg, wg, bg) = (up(&g, &x), up(&g, &w), up(&g, &b));
         let mut yg = poisoned(&g, y.len());
-        if transposed {
-            c.conv_t2d_fwd(&geom, batch, &xr, &wr, &b, relu, &mut y);
-            g.conv_t2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
-        } else {
-            c.conv2d_fwd(&geom, batch, &xr, &wr, &b, relu, &mut y);
-            g.conv2d_fwd(&geom, batch, &xg, &wg, &bg, relu, &mut yg);
-        }
+        conv_fwd(&c, transposed, &geom, batch, &xr, &wr, &b, relu, &mut y);
+        conv_fwd(&g, transposed, &geom, batch, &xg, &wg, &bg, relu, &mut yg);
         check_tol(&format!("{name} y, operands rounded"), &g, &yg, &y, TOL);
         let yg = up(&g, &y);
         let dy = rand(y.len(), seed + 3, 1.0);

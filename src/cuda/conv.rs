@@ -194,30 +194,25 @@ fn dwc4_mirror_applies(g: &ConvGeom) -> bool {
         && g.pad < g.k
 }
 
-/// The `dw_c4` kernel for `rows` (64 or 32) and a k × k kernel.
-fn dwc4_kernel(k: usize, rows: usize) -> &'static str {
-    match (k, rows) {
-        (3, 64) => "conv_dw_partial_c4k3_f32",
-        (_, 64) => "conv_dw_partial_c4k5_f32",
-        (3, _) => "conv_dw_partial_c4r32k3_f32",
-        _ => "conv_dw_partial_c4r32k5_f32",
+/// The `dw_c4` kernel for `rows` (64 or 32) and a k × k kernel: its version on the tensor cores
+/// (`dw_c4_tc`: 128 threads a block, dynamic shared memory [`dwc4tc_shared_bytes`]) when `tc`,
+/// else the f32 FMAs (block [`dwc4_threads`]).
+fn dwc4_kernel(k: usize, rows: usize, tc: bool) -> &'static str {
+    match (tc, k, rows) {
+        (false, 3, 64) => "conv_dw_partial_c4k3_f32",
+        (false, _, 64) => "conv_dw_partial_c4k5_f32",
+        (false, 3, _) => "conv_dw_partial_c4r32k3_f32",
+        (false, ..) => "conv_dw_partial_c4r32k5_f32",
+        (true, 3, 64) => "conv_dw_partial_c4tck3_tf32",
+        (true, _, 64) => "conv_dw_partial_c4tck5_tf32",
+        (true, 3, _) => "conv_dw_partial_c4tcr32k3_tf32",
+        (true, ..) => "conv_dw_partial_c4tcr32k5_tf32",
     }
 }
 
 /// Threads of a `conv_dw_partial_c4*` block: a warp per 32 rows and tap row (conv_tc.cu).
 fn dwc4_threads(rows: usize, k: usize) -> u32 {
     (32 * (rows / 32) * k) as u32
-}
-
-/// `dw_c4`'s version on the tensor cores (`dw_c4_tc`), for `rows` (64 or 32) and a k × k
-/// kernel: 128 threads a block, dynamic shared memory [`dwc4tc_shared_bytes`].
-fn dwc4tc_kernel(k: usize, rows: usize) -> &'static str {
-    match (k, rows) {
-        (3, 64) => "conv_dw_partial_c4tck3_tf32",
-        (_, 64) => "conv_dw_partial_c4tck5_tf32",
-        (3, _) => "conv_dw_partial_c4tcr32k3_tf32",
-        _ => "conv_dw_partial_c4tcr32k5_tf32",
-    }
 }
 
 /// Threads of a `conv_dw_partial_c4tc*` block (DWC4TC_THREADS in conv_tc.cu).
@@ -254,9 +249,13 @@ const DWK1_TARGET_BLOCKS: usize = 396;
 /// rows: tiles per chunk (at least 2, so that the tests' small layers walk tiles too), and
 /// chunks.
 fn dwk1_chunks(tiles: usize, row_tiles: usize) -> (usize, usize) {
-    let per = tiles
-        .div_ceil((DWK1_TARGET_BLOCKS / row_tiles.max(1)).max(1))
-        .max(2);
+    tile_chunks(tiles, DWK1_TARGET_BLOCKS / row_tiles.max(1))
+}
+
+/// `tiles` split into chunks walked by one block each, for about `blocks` blocks: tiles per
+/// chunk (at least 2, so that the tests' small layers walk tiles too), and chunks.
+fn tile_chunks(tiles: usize, blocks: usize) -> (usize, usize) {
+    let per = tiles.div_ceil(blocks.max(1)).max(2);
     (per, tiles.div_ceil(per))
 }
 
@@ -268,8 +267,7 @@ const DWC4_TARGET_BLOCKS: usize = 528;
 /// least 2, so that the small layers of the tests walk tiles too), and chunks (at most
 /// DWC4_TARGET_BLOCKS). From the sizes only, as [`dw_chunks`].
 fn dwc4_chunks(tiles: usize) -> (usize, usize) {
-    let per = tiles.div_ceil(DWC4_TARGET_BLOCKS).max(2);
-    (per, tiles.div_ceil(per))
+    tile_chunks(tiles, DWC4_TARGET_BLOCKS)
 }
 
 /// Whether version 4's sums of g (a transposed convolution's bias gradient) count every output
@@ -457,10 +455,9 @@ fn n8s_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfi
         (true, _) => "conv_igemm_adjoint_n8sk5_tf32",
     };
     let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
-    let tiles = batch * hp.div_ceil(4) * wp.div_ceil(16);
-    let per = tiles.div_ceil(N8S_TARGET_BLOCKS).max(2);
+    let (per, chunks) = tile_chunks(batch * hp.div_ceil(4) * wp.div_ceil(16), N8S_TARGET_BLOCKS);
     let cfg = LaunchConfig {
-        grid_dim: (i(tiles.div_ceil(per)) as u32, 1, 1),
+        grid_dim: (i(chunks) as u32, 1, 1),
         block_dim: (N8S_THREADS, 1, 1),
         shared_mem_bytes: n8s_shared_bytes(p.k as usize),
     };
@@ -1030,7 +1027,7 @@ impl Cuda {
         };
         let c4 = self.fast.dw_c4 && dwc4_applies(rows, cs, g.k, g.stride);
         // (Within `dw_c4`, its tensor-core version where the device gave it its shared memory.)
-        let c4tc = c4 && self.fast.dw_c4_tc && self.may_launch(dwc4tc_kernel(g.k, rows));
+        let c4tc = c4 && self.fast.dw_c4_tc && self.may_launch(dwc4_kernel(g.k, rows, true));
         let k1 = self.fast.dw_k1
             && dwk1_applies(g, rows, cs, as_convt)
             && self.may_launch("conv_dw_partial_k1tc_tf32");
@@ -1046,9 +1043,8 @@ impl Cuda {
         // positions.
         let v3 = !c4 && !k1 && !v4 && self.fast.dw_v3 && rows % 4 == 0 && cs % 4 == 0;
         let (row_tile, col_tile, name) = match (v4, v3, rows <= 32) {
-            _ if c4tc => (rows, cols, dwc4tc_kernel(g.k, rows)),
+            _ if c4 => (rows, cols, dwc4_kernel(g.k, rows, c4tc)),
             _ if k1 => (64, 64, "conv_dw_partial_k1tc_tf32"),
-            _ if c4 => (rows, cols, dwc4_kernel(g.k, rows)),
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
                 let name = match v5 {
@@ -1102,21 +1098,22 @@ impl Cuda {
         i(chunks * rows * cols);
         let mut partial = self.scratch::<f32>(chunks * rows * cols);
         let cfg = match (v4, v3) {
-            // (A conv's A, its dy, is masked by its ReLU: the mask is staged too.)
-            _ if c4tc => LaunchConfig {
+            // (`dw_c4_tc`: a conv's A, its dy, is masked by its ReLU, and the mask is staged too.)
+            _ if c4 => LaunchConfig {
                 grid_dim: (chunks as u32, 1, 1),
-                block_dim: (DWC4TC_THREADS, 1, 1),
-                shared_mem_bytes: dwc4tc_shared_bytes(rows, g.k, relu && !as_convt),
+                block_dim: match c4tc {
+                    true => (DWC4TC_THREADS, 1, 1),
+                    false => (dwc4_threads(rows, g.k), 1, 1),
+                },
+                shared_mem_bytes: match c4tc {
+                    true => dwc4tc_shared_bytes(rows, g.k, relu && !as_convt),
+                    false => 0,
+                },
             },
             _ if k1 => LaunchConfig {
                 grid_dim: (chunks as u32, (rows / 64) as u32, 1),
                 block_dim: (DWC4TC_THREADS, 1, 1),
                 shared_mem_bytes: dwk1tc_shared_bytes(relu),
-            },
-            _ if c4 => LaunchConfig {
-                grid_dim: (chunks as u32, 1, 1),
-                block_dim: (dwc4_threads(rows, g.k), 1, 1),
-                shared_mem_bytes: 0,
             },
             (true, _) => LaunchConfig {
                 grid_dim: ((rows / row_tile) as u32, col_tiles as u32, chunks as u32),
