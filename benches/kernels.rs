@@ -787,12 +787,23 @@ fn main() {
                 .map_err(|e| report("TF32 peak", e))
                 .ok();
     }
+    // What Hopper's warpgroup MMA reaches (no kernel of the model uses it yet): the ceiling a
+    // wgmma version of the convolutions would work against, beside mma.sync's.
+    let wgmma = if emulated {
+        None
+    } else {
+        b.g.measure_wgmma_tf32_peak()
+            .map_err(|e| println!("(TF32 wgmma peak not measured: {e})"))
+            .ok()
+    };
     println!(
-        "CUDA kernels on {} ({}); measured peaks: copy {} GB/s, TF32 mma.sync {} TFLOP/s; mean of {reps} runs\n",
+        "CUDA kernels on {} ({}); measured peaks: copy {} GB/s, TF32 mma.sync {} TFLOP/s (TF32 \
+         wgmma m64n128k8: {} TFLOP/s); mean of {reps} runs\n",
         b.g.device_name(),
         b.g.arch(),
         b.bw.map_or("-".into(), |v| format!("{v:.0}")),
         b.tf32.map_or("-".into(), |v| format!("{v:.0}")),
+        wgmma.map_or("-".into(), |v| format!("{v:.0}")),
     );
     println!(
         "(\"tf32 v3\": every fast path of the tensor-core convolutions on (versions 3, 4 and 5 and \

@@ -37,14 +37,18 @@ fn nvrtc_or_skip() -> bool {
     true
 }
 
-/// Every kernel file compiled for `arch` (a real architecture, "sm_80" or "sm_90") with NVRTC,
-/// once per test process: PTX, machine code and ptxas's report, which the compile, resources and
-/// kernel cache tests share (the tensor-core convolutions take NVRTC minutes of one core). A
-/// compile error fails each of them.
-fn checked_compiles(arch: &'static str) -> &'static [cuda::CheckedCompile] {
+/// A kernel file and its checked compile.
+type Compiled = (&'static cuda::kernels::KernelFile, cuda::CheckedCompile);
+
+/// Every kernel file that a device of architecture `arch` ("sm_80" or "sm_90") loads, compiled as
+/// the backend compiles it there ([`cuda::kernels::KernelFile::arch_for`]: the sm_90a files for
+/// sm_90 only) with NVRTC, once per test process: PTX, machine code and ptxas's report, which
+/// the compile, resources and kernel cache tests share (the tensor-core convolutions take NVRTC
+/// minutes of one core). A compile error fails each of them.
+fn checked_compiles(arch: &'static str) -> &'static [Compiled] {
     use std::sync::OnceLock;
-    static SM80: OnceLock<Vec<cuda::CheckedCompile>> = OnceLock::new();
-    static SM90: OnceLock<Vec<cuda::CheckedCompile>> = OnceLock::new();
+    static SM80: OnceLock<Vec<Compiled>> = OnceLock::new();
+    static SM90: OnceLock<Vec<Compiled>> = OnceLock::new();
     let cell = match arch {
         "sm_80" => &SM80,
         "sm_90" => &SM90,
@@ -56,25 +60,35 @@ fn checked_compiles(arch: &'static str) -> &'static [cuda::CheckedCompile] {
         std::thread::scope(|s| {
             let handles: Vec<_> = cuda::kernels::KERNEL_FILES
                 .iter()
-                .map(|f| s.spawn(move || cuda::compile_checked(f, arch)))
+                .filter_map(|f| Some((f, f.arch_for(arch)?)))
+                .map(|(f, a)| (f, s.spawn(move || cuda::compile_checked(f, a))))
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap().unwrap_or_else(|e| panic!("{e}")))
+                .map(|(f, h)| (f, h.join().unwrap().unwrap_or_else(|e| panic!("{e}"))))
                 .collect()
         })
     })
 }
 
 /// Every kernel file compiles for `arch`: its PTX defines each kernel the backend loads from
-/// it, and its machine code is a CUDA ELF image (e_machine 190, EM_CUDA).
+/// it, and its machine code is a CUDA ELF image (e_machine 190, EM_CUDA). The sm_90a files
+/// (`wgmma`) compile for sm_90 devices only, as sm_90a.
 fn nvrtc_compiles_for(arch: &'static str) {
     if !nvrtc_or_skip() {
         return;
     }
     let compiled = checked_compiles(arch);
-    assert_eq!(compiled.len(), cuda::kernels::KERNEL_FILES.len());
-    for (f, c) in cuda::kernels::KERNEL_FILES.iter().zip(compiled) {
+    let files = cuda::kernels::KERNEL_FILES;
+    let sm90a = files.iter().filter(|f| f.sm90a).count();
+    assert!(sm90a > 0);
+    let want = files.len() - if arch == "sm_90" { 0 } else { sm90a };
+    assert_eq!(compiled.len(), want);
+    for (f, c) in compiled {
+        if f.sm90a {
+            assert!(c.ptx.contains(".target sm_90a"), "kernels/{}", f.name);
+            assert!(c.ptx.contains("wgmma.mma_async"), "kernels/{}", f.name);
+        }
         for k in f.kernels {
             assert!(
                 c.ptx.contains(&format!(".entry {k}(")),
@@ -114,6 +128,16 @@ fn nvrtc_compiles_every_kernel_sm80() {
 #[test]
 fn nvrtc_compiles_every_kernel_sm90() {
     nvrtc_compiles_for("sm_90");
+    if !nvrtc_or_skip() {
+        return;
+    }
+    // The wgmma file says what it needs when compiled for plain sm_90.
+    let f = cuda::kernels::KERNEL_FILES
+        .iter()
+        .find(|f| f.sm90a)
+        .unwrap();
+    let e = cuda::compile_file(f, "sm_90").unwrap_err();
+    assert!(e.contains("needs sm_90a"), "{e}");
 }
 
 /// The emulator tests again (but for the repeats whose memory traffic the rerun already has:
@@ -249,16 +273,16 @@ fn first_difference(a: &str, b: &str) -> String {
 #[test]
 fn nvrtc_kernel_cache_ptx_matches_the_checked_compile() {
     use cuda::kcache::{ptx_for_all, KernelCache};
-    use cuda::kernels::{KernelFile, KERNEL_FILES};
+    use cuda::kernels::KernelFile;
     if !nvrtc_or_skip() {
         return;
     }
-    let (files, checked): (Vec<KernelFile>, Vec<&str>) = KERNEL_FILES
+    let (files, checked): (Vec<KernelFile>, Vec<&str>) = checked_compiles("sm_90")
         .iter()
-        .zip(checked_compiles("sm_90"))
         .filter(|(f, _)| !f.name.starts_with("conv_tc"))
-        .map(|(f, c)| (*f, c.ptx.as_str()))
+        .map(|(f, c)| (**f, c.ptx.as_str()))
         .unzip();
+    assert!(files.iter().any(|f| f.sm90a), "an sm_90a file among them");
     // `ptx_for_all` keeps `&'static` files (as the backend's table is).
     let files: &'static [KernelFile] = Box::leak(files.into_boxed_slice());
     assert!(files.len() >= 10, "{} files", files.len());
@@ -279,8 +303,9 @@ fn nvrtc_kernel_cache_ptx_matches_the_checked_compile() {
                 // once, in a loaded CI run (2026-11-27), and not in repeated runs since: compile
                 // the file again both ways, one compile at a time. They must agree then.
                 let why = first_difference(&got, want);
-                let again = cuda::compile_file(f, "sm_90").unwrap().to_src();
-                let again_checked = cuda::compile_checked(f, "sm_90").unwrap().ptx;
+                let a = f.arch_for("sm_90").unwrap();
+                let again = cuda::compile_file(f, a).unwrap().to_src();
+                let again_checked = cuda::compile_checked(f, a).unwrap().ptx;
                 assert!(
                     same_ptx(&again, again_checked.trim_end()),
                     "{}: the PTX differs from the checked compile's (cached: {}) {why}, and \
@@ -364,10 +389,7 @@ fn nvrtc_kernel_resources(arch: &'static str) {
         return;
     }
     let mut seen = 0;
-    for (file, compiled) in cuda::kernels::KERNEL_FILES
-        .iter()
-        .zip(checked_compiles(arch))
-    {
+    for (file, compiled) in checked_compiles(arch) {
         let report = &compiled.resources;
         let mut names: Vec<&str> = report.iter().map(|k| k.name.as_str()).collect();
         names.sort();
@@ -541,12 +563,16 @@ fn check<B: Backend>(what: &str, g: &B, buf: &B::Buf, want: &[f32]) {
 }
 
 fn check_tol<B: Backend>(what: &str, g: &B, buf: &B::Buf, want: &[f32], tol: f64) {
-    let got = g.download_f32(buf);
+    check_values(what, &g.download_f32(buf), want, tol);
+}
+
+/// [`check_tol`] of values already on the host.
+fn check_values(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().position(|v| !v.is_finite()) {
         panic!("{what}: element {i} is {} (CPU {})", got[i], want[i]);
     }
-    let e = rel_err(&got, want);
+    let e = rel_err(got, want);
     eprintln!("{what}: relative L2 error {e:.2e}");
     assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:e}");
 }
@@ -2168,6 +2194,75 @@ emu_and_gpu_tests!(
 );
 emu_and_gpu_tests!(emu_adam_step, gpu_adam_step, |g| adam_step_parity(&g));
 emu_and_gpu_tests!(emu_opt_step, gpu_opt_step, |g| opt_step_parity(&g));
+
+// ---------------------------------------------------------------------------------------------
+// wgmma (sm_90a): the probe of kernels/wgmma.cu against the CPU.
+
+/// The shared-memory layouts the probe stages its operands in, as (LBO, SBO) bytes of
+/// `kernels/wgmma.cuh`: each k8 step's two core matrices adjacent and the row groups 256 bytes
+/// apart; and, as the convolutions' wgmma pass lays out its halo, the step's two K halves in
+/// planes (here 3088 bytes apart, past the 16 row groups of the first) with the row groups 192
+/// bytes apart. Reading the two fields the other way round disagrees with either.
+const WGMMA_LAYOUTS: [(i32, i32); 2] = [(128, 256), (3088, 192)];
+
+/// The probe's d = a · bᵀ (a 64 × 32, b 128 × 32) in f64, rounded to f32.
+fn wgmma_probe_want(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut d = vec![0f32; 64 * 128];
+    for r in 0..64 {
+        for c in 0..128 {
+            let s: f64 = (0..32)
+                .map(|k| a[r * 32 + k] as f64 * b[c * 32 + k] as f64)
+                .sum();
+            d[r * 128 + c] = s as f32;
+        }
+    }
+    d
+}
+
+/// The probe in both layouts, with A from registers and from shared memory, against the CPU
+/// within `tol`; NaN or Inf fails.
+fn wgmma_probe_parity(g: &Cuda, tol: f64) {
+    let a = rand(64 * 32, 71, 1.0);
+    let b = rand(128 * 32, 72, 1.0);
+    let want = wgmma_probe_want(&a, &b);
+    for layout in WGMMA_LAYOUTS {
+        for a_smem in [false, true] {
+            let from = if a_smem { "shared memory" } else { "registers" };
+            let what = format!("wgmma probe, (LBO, SBO) = {layout:?}, A from {from}");
+            let d = g.wgmma_probe(&a, &b, layout, a_smem).unwrap();
+            check_values(&what, &d, &want, tol);
+        }
+    }
+}
+
+/// The emulator's wgmma (runtime.cpp) through the probe kernel: TF32 at its tolerance, and with
+/// exact products at f32's (its fragment and descriptor indexing exact).
+#[test]
+fn emu_wgmma_probe_matches_the_cpu() {
+    let Some(g) = emu() else { return };
+    assert!(g.has_wgmma());
+    g.check_wgmma().unwrap();
+    wgmma_probe_parity(&g, TF32_TOL);
+    if let Some(g) = emu_exact_repeat() {
+        wgmma_probe_parity(&g, TOL);
+    }
+}
+
+/// The same on the GPU: whether the hardware's wgmma reads the layouts as the emulator does.
+/// Devices without sm_90a (anything but compute capability 9.0) say so and skip.
+#[test]
+fn gpu_wgmma_probe_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    if !g.has_wgmma() {
+        say_skipped(&format!(
+            "{} ({}) has no wgmma (sm_90a only)",
+            g.device_name(),
+            g.arch()
+        ));
+        return;
+    }
+    wgmma_probe_parity(&g, TF32_TOL);
+}
 
 /// The token chain under TF32: version 2 (tensor cores) where the widths allow, at the TF32
 /// tolerance; with exact products at the f32 one (so the fragment indexing is exact, and what

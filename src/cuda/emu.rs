@@ -454,7 +454,38 @@ extern "C" __global__ void cp_async(int barrier_first, const float4* src, float*
     cuemu_cp_async_wait_all();
     out[2 * t + 1] = sh[t].x;
 }
+#include "wgmma.cuh"
+// One warpgroup's wgmma m64n128k8 of ones (A in registers, B = 128 × 8 in dynamic shared memory,
+// 4096 bytes): D = 8 everywhere, thread t's 64 accumulators at out[64t..]. `breaks` leaves out
+// one of wgmma's ordering rules: 1 fence.proxy.async, 2 wgmma.fence, 3 the wait; 4 reads the
+// accumulators before the wait, 5 overwrites B (with twos) before it, 6 the A registers.
+extern "C" __global__ void wgmma_rules(int breaks, float* out) {
+    extern __shared__ uint4 wg_smem[];
+    unsigned* bs = (unsigned*)wg_smem;
+    const int t = threadIdx.x;
+    for (int e = t; e < 1024; e += 128) bs[e] = __float_as_uint(1.0f);
+    if (breaks != 1) fence_proxy_async();
+    __syncthreads();
+    const unsigned one = __float_as_uint(1.0f);
+    unsigned a[4] = {one, one, one, one};
+    float acc[64];
+    for (int i = 0; i < 64; ++i) acc[i] = __int_as_float(0x7fc00000);
+    if (breaks != 2) wgmma_fence();
+    wgmma_m64n128k8_rs(acc, a, wgmma_desc(bs, 128, 256), 0);
+    wgmma_commit();
+    if (breaks == 4)
+        for (int i = 0; i < 64; ++i) out[64 * t + i] = acc[i];
+    if (breaks == 6) a[1] = 0u;
+    if (breaks == 5) {
+        for (int e = t; e < 1024; e += 128) bs[e] = __float_as_uint(2.0f);
+        __syncthreads();
+    }
+    if (breaks != 3) wgmma_wait<0>();
+    if (breaks != 4)
+        for (int i = 0; i < 64; ++i) out[64 * t + i] = acc[i];
+}
 "#,
+        sm90a: false,
         kernels: &[
             "shuffles",
             "reverse",
@@ -462,6 +493,7 @@ extern "C" __global__ void cp_async(int barrier_first, const float4* src, float*
             "stale_shared",
             "dyn_shared",
             "cp_async",
+            "wgmma_rules",
         ],
     };
 
@@ -600,6 +632,47 @@ extern "C" __global__ void cp_async(int barrier_first, const float4* src, float*
         }
         let err = launch(1).unwrap_err();
         assert!(err.contains("cp.async"), "{err}");
+    }
+
+    /// wgmma runs when its group is waited for, with what shared memory and the accumulators
+    /// hold then (on the hardware: at any time until the wait), and each ordering rule left out
+    /// is an error or a wrong result.
+    #[test]
+    fn wgmma_runs_at_the_wait_and_its_rules_are_checked() {
+        let Some(e) = emulator() else { return };
+        let launch = |breaks: i32| {
+            let mut out = vec![0f32; 128 * 64];
+            let (mut b, mut p) = (breaks, out.as_mut_ptr());
+            let args = &mut [
+                &mut b as *mut _ as *mut c_void,
+                &mut p as *mut _ as *mut c_void,
+            ];
+            e.launch("wgmma_rules", (1, 1, 1), (128, 1, 1), 4096, args)
+                .map(|()| out)
+        };
+        assert!(launch(0).unwrap().iter().all(|&v| v == 8.0));
+        for (breaks, says) in [
+            (1, "fence.proxy.async"),
+            (2, "without a wgmma.fence"),
+            (3, "never waited for"),
+            (6, "A registers were written"),
+        ] {
+            let err = launch(breaks).unwrap_err();
+            assert!(err.contains(says), "breaks {breaks}: {err}");
+        }
+        assert!(launch(4).unwrap().iter().all(|v| v.is_nan()));
+        assert!(launch(5).unwrap().iter().all(|&v| v == 16.0));
+        // Half a warpgroup cannot issue it.
+        let mut out = vec![0f32; 64 * 64];
+        let (mut b, mut p) = (0i32, out.as_mut_ptr());
+        let args = &mut [
+            &mut b as *mut _ as *mut c_void,
+            &mut p as *mut _ as *mut c_void,
+        ];
+        let err = e
+            .launch("wgmma_rules", (1, 1, 1), (64, 1, 1), 4096, args)
+            .unwrap_err();
+        assert!(err.contains("warpgroup"), "{err}");
     }
 
     #[test]

@@ -125,10 +125,12 @@ pub struct FilePtx {
     pub cached: bool,
 }
 
-/// The PTX of every file of `files` for `arch`: from `cache` where it holds an entry, the rest
-/// compiled by NVRTC, one thread per file (NVRTC programs are independent; the output is the
-/// same as a serial compile, which `nvrtc_kernel_cache_*` checks), then stored. `on_compile` is
-/// called once, before compiling, with the number of files to compile (for a progress line).
+/// The PTX of every file of `files` for a device of architecture `arch`, each compiled for its
+/// own [`KernelFile::arch_for`] (a file not for this device is left out): from `cache` where it
+/// holds an entry, the rest compiled by NVRTC, one thread per file (NVRTC programs are
+/// independent; the output is the same as a serial compile, which `nvrtc_kernel_cache_*`
+/// checks), then stored. `on_compile` is called once, before compiling, with the number of files
+/// to compile (for a progress line).
 pub fn ptx_for_all(
     files: &'static [KernelFile],
     arch: &'static str,
@@ -136,9 +138,13 @@ pub fn ptx_for_all(
     on_compile: impl FnOnce(usize),
 ) -> Result<Vec<FilePtx>, String> {
     let nvrtc = nvrtc_version();
-    let mut out: Vec<Option<FilePtx>> = files
+    let targets: Vec<(&'static KernelFile, &'static str)> = files
         .iter()
-        .map(|file| {
+        .filter_map(|f| Some((f, f.arch_for(arch)?)))
+        .collect();
+    let mut out: Vec<Option<FilePtx>> = targets
+        .iter()
+        .map(|&(file, arch)| {
             cache.load(file, arch, &nvrtc).map(|text| FilePtx {
                 file,
                 ptx: Ptx::from_src(text),
@@ -146,19 +152,22 @@ pub fn ptx_for_all(
             })
         })
         .collect();
-    let missing: Vec<usize> = (0..files.len()).filter(|&i| out[i].is_none()).collect();
+    let missing: Vec<usize> = (0..targets.len()).filter(|&i| out[i].is_none()).collect();
     if !missing.is_empty() {
         on_compile(missing.len());
         let compiled: Vec<(usize, Result<Ptx, String>)> = std::thread::scope(|s| {
             let handles: Vec<_> = missing
                 .iter()
-                .map(|&i| (i, s.spawn(move || compile_file(&files[i], arch))))
+                .map(|&i| {
+                    let (f, a) = targets[i];
+                    (i, s.spawn(move || compile_file(f, a)))
+                })
                 .collect();
             handles
                 .into_iter()
                 .map(|(i, h)| {
                     let r = h.join().unwrap_or_else(|_| {
-                        Err(format!("NVRTC panicked on kernels/{}", files[i].name))
+                        Err(format!("NVRTC panicked on kernels/{}", targets[i].0.name))
                     });
                     (i, r)
                 })
@@ -166,9 +175,10 @@ pub fn ptx_for_all(
         });
         for (i, r) in compiled {
             let ptx = r?;
-            cache.store(&files[i], arch, &nvrtc, &ptx.to_src());
+            let (file, arch) = targets[i];
+            cache.store(file, arch, &nvrtc, &ptx.to_src());
             out[i] = Some(FilePtx {
-                file: &files[i],
+                file,
                 ptx,
                 cached: false,
             });

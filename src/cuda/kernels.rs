@@ -11,6 +11,7 @@ pub const COMMON: &str = include_str!("../../kernels/common.cuh");
 /// comes first in every program), by name.
 pub const HEADERS: &[(&str, &str)] = &[
     ("conv_tc.cuh", include_str!("../../kernels/conv_tc.cuh")),
+    ("wgmma.cuh", include_str!("../../kernels/wgmma.cuh")),
     (
         "conv_tc_v5.cuh",
         include_str!("../../kernels/conv_tc_v5.cuh"),
@@ -52,9 +53,23 @@ pub struct KernelFile {
     pub source: &'static str,
     /// The `extern "C" __global__` functions it defines (all loaded at start-up).
     pub kernels: &'static [&'static str],
+    /// Hopper only: compiled for sm_90a (the architecture-specific features of compute
+    /// capability 9.0, such as `wgmma`), on 9.0 devices only; elsewhere it is not compiled and
+    /// its kernels are not loaded ([`KernelFile::arch_for`]).
+    pub sm90a: bool,
 }
 
 impl KernelFile {
+    /// The architecture to compile this file for on a device of architecture `device` (e.g.
+    /// "sm_90"), or None when it is not for that device.
+    pub fn arch_for(&self, device: &'static str) -> Option<&'static str> {
+        match (self.sm90a, device) {
+            (false, _) => Some(device),
+            (true, "sm_90") => Some("sm_90a"),
+            (true, _) => None,
+        }
+    }
+
     /// What NVRTC compiles: the shared helpers, then [`KernelFile::expanded_source`].
     pub fn full_source(&self) -> String {
         format!("{COMMON}\n{}", self.expanded_source())
@@ -73,6 +88,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "conv.cu",
         source: include_str!("../../kernels/conv.cu"),
+        sm90a: false,
         kernels: &[
             "conv2d_fwd_f32",
             "conv2d_bwd_dx_f32",
@@ -86,6 +102,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "conv_tc.cu",
         source: include_str!("../../kernels/conv_tc.cu"),
+        sm90a: false,
         kernels: &[
             "conv_igemm_direct_tf32",
             "conv_igemm_adjoint_tf32",
@@ -138,6 +155,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "conv_tc_v5.cu",
         source: include_str!("../../kernels/conv_tc_v5.cu"),
+        sm90a: false,
         kernels: &[
             "conv_igemm_direct_v5k3_tf32",
             "conv_igemm_adjoint_v5k3_tf32",
@@ -168,6 +186,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "conv_tc_v6.cu",
         source: include_str!("../../kernels/conv_tc_v6.cu"),
+        sm90a: false,
         kernels: &[
             "conv_igemm_direct_v6c32k3_tf32",
             "conv_igemm_adjoint_v6c32k3_tf32",
@@ -180,11 +199,19 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "peak.cu",
         source: include_str!("../../kernels/peak.cu"),
+        sm90a: false,
         kernels: &["mma_peak_tf32"],
+    },
+    KernelFile {
+        name: "wgmma.cu",
+        source: include_str!("../../kernels/wgmma.cu"),
+        sm90a: true,
+        kernels: &["wgmma_probe_tf32", "wgmma_peak_tf32"],
     },
     KernelFile {
         name: "linear.cu",
         source: include_str!("../../kernels/linear.cu"),
+        sm90a: false,
         kernels: &[
             "linear_fwd_f32",
             "relu_mask_f32",
@@ -196,6 +223,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "layernorm.cu",
         source: include_str!("../../kernels/layernorm.cu"),
+        sm90a: false,
         kernels: &[
             "layernorm_fwd_f32",
             "layernorm_bwd_dx_f32",
@@ -205,6 +233,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "attention.cu",
         source: include_str!("../../kernels/attention.cu"),
+        sm90a: false,
         kernels: &[
             "attention_fwd_f32",
             "attention_bwd_f32",
@@ -224,11 +253,13 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "gru.cu",
         source: include_str!("../../kernels/gru.cu"),
+        sm90a: false,
         kernels: &["gru_gates_fwd_f32", "gru_gates_bwd_f32"],
     },
     KernelFile {
         name: "posembed.cu",
         source: include_str!("../../kernels/posembed.cu"),
+        sm90a: false,
         kernels: &[
             "softpos_add_fwd_f32",
             "broadcast_pos_fwd_f32",
@@ -239,6 +270,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "tokens.cu",
         source: include_str!("../../kernels/tokens.cu"),
+        sm90a: false,
         kernels: &[
             "tokens_fwd_f32",
             "tokens_fwd_tf32",
@@ -250,6 +282,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "bcastconv.cu",
         source: include_str!("../../kernels/bcastconv.cu"),
+        sm90a: false,
         kernels: &[
             "bconv_weight_classes_f32",
             "bconv_slot_classes_f32",
@@ -264,6 +297,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "slotcell.cu",
         source: include_str!("../../kernels/slotcell.cu"),
+        sm90a: false,
         kernels: &[
             "slot_query_fwd_f32",
             "slot_update_fwd_f32",
@@ -278,6 +312,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "composite.cu",
         source: include_str!("../../kernels/composite.cu"),
+        sm90a: false,
         kernels: &[
             "composite_fwd_f32",
             "composite_loss_f32",
@@ -287,6 +322,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "elementwise.cu",
         source: include_str!("../../kernels/elementwise.cu"),
+        sm90a: false,
         kernels: &[
             "fill_normal_f32",
             "dropout_f32",
@@ -300,6 +336,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "optim.cu",
         source: include_str!("../../kernels/optim.cu"),
+        sm90a: false,
         kernels: &[
             "adam_f32",
             "opt_control_f64",

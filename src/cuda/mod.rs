@@ -485,6 +485,9 @@ pub struct Cuda {
     /// The kernels of [`conv::LARGE_SHARED`] the device refused their shared memory: never
     /// launched, whatever `fast` says (empty in the emulator).
     shared_refused: Vec<&'static str>,
+    /// Why this device's `wgmma` kernels are not used although they loaded: the check of one
+    /// product against the CPU when the backend opened it failed ([`Cuda::check_wgmma`]).
+    wgmma_refused: Option<String>,
     /// In the emulator: launches so far per kernel name (tests check which kernels ran).
     emu_launched: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Whether each launch is timed ([`profile`]), and the launches timed so far.
@@ -558,6 +561,13 @@ fn opt_in_shared(
         .unwrap_or(48 * 1024);
     let mut refused = Vec::new();
     for (name, bytes) in conv::LARGE_SHARED {
+        // (The kernels of an sm_90a file are loaded on 9.0 devices only.)
+        let sm90a_only = KERNEL_FILES
+            .iter()
+            .any(|f| f.sm90a && f.kernels.contains(&name));
+        if sm90a_only && !funcs.contains_key(name) {
+            continue;
+        }
         let result = if bytes as i64 > most as i64 {
             Err(format!("{device} gives a block at most {most} bytes"))
         } else {
@@ -651,7 +661,8 @@ impl Cuda {
             cached,
         } in files
         {
-            let module = load_module(&ctx, f, ptx, cached, arch, &cache)?;
+            let file_arch = f.arch_for(arch).unwrap_or(arch);
+            let module = load_module(&ctx, f, ptx, cached, file_arch, &cache)?;
             for &k in f.kernels {
                 let func = module
                     .load_function(k)
@@ -677,6 +688,12 @@ impl Cuda {
         let refused = opt_in_shared(&ctx, &funcs, &name);
         let mut cu = Cuda::with_exec(Exec::Gpu(Gpu { ctx, stream, funcs }), name, arch);
         cu.shared_refused = refused;
+        if cu.has_wgmma() {
+            if let Err(e) = cu.check_wgmma() {
+                eprintln!("warning: {e}; the wgmma kernels are not used on this device");
+                cu.wgmma_refused = Some(e);
+            }
+        }
         Ok(cu)
     }
 
@@ -703,6 +720,7 @@ impl Cuda {
             replays: Default::default(),
             fast: FastPaths::ALL,
             shared_refused: Vec::new(),
+            wgmma_refused: None,
             emu_launched: Default::default(),
             profiling: Default::default(),
             profile: Default::default(),
@@ -1012,6 +1030,108 @@ impl Cuda {
             return Err("the TF32 peak probe produced a non-finite value".into());
         }
         Ok(flops / (ms * 1e-3) / 1e12)
+    }
+
+    /// Whether this backend has the warpgroup MMA kernels (`kernels/wgmma.cu`, sm_90a): on a
+    /// device of compute capability 9.0, and in the emulator.
+    pub fn has_wgmma(&self) -> bool {
+        self.wgmma_refused.is_none()
+            && match &self.exec {
+                Exec::Gpu(g) => g.funcs.contains_key("wgmma_probe_tf32"),
+                Exec::Emu(_) => true,
+            }
+    }
+
+    /// One `wgmma` product of the probe (A in registers, B in the layout of the convolutions'
+    /// halo: K halves far apart, row groups 192 bytes apart) against the CPU. Its operands are
+    /// multiples of 1/8 in [−1, 1], exact in TF32, and so are its products and sums: the
+    /// result must be exact. What it guards: the backend's reading of the PTX ISA's layouts,
+    /// which only a GPU can confirm (the emulator implements the same reading).
+    pub fn check_wgmma(&self) -> Result<(), String> {
+        let val = |i: usize, m: usize| ((i * m) % 17) as f32 / 8.0 - 1.0;
+        let a: Vec<f32> = (0..64 * 32).map(|i| val(i, 7)).collect();
+        let b: Vec<f32> = (0..128 * 32).map(|i| val(i, 11)).collect();
+        let d = self.wgmma_probe(&a, &b, (3088, 192), false)?;
+        for r in 0..64 {
+            for c in 0..128 {
+                let want: f32 = (0..32).map(|k| a[r * 32 + k] * b[c * 32 + k]).sum();
+                let got = d[r * 128 + c];
+                if got != want {
+                    return Err(format!(
+                        "the wgmma check on {} gave D[{r}][{c}] = {got}, the CPU {want}",
+                        self.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The TF32 throughput of `wgmma` m64n128k8 (A in registers, B from shared memory) on this
+    /// device (TFLOP/s), measured by `kernels/wgmma.cu`; Err in the emulator and on devices
+    /// without sm_90a.
+    pub fn measure_wgmma_tf32_peak(&self) -> Result<f64, String> {
+        if !self.has_wgmma() {
+            return Err(format!("no wgmma on {} ({})", self.name, self.arch));
+        }
+        let (blocks, threads, iters) = (132 * 4, 256usize, 2048i32);
+        let mut out = self.scratch::<f32>(blocks * threads);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 4096,
+        };
+        let ms = self.time_ms(3, || {
+            launch!(self, "wgmma_peak_tf32", cfg; &iters, &mut out);
+        })?;
+        let flops = (blocks * threads / 128) as f64 * iters as f64 * 8.0 * 2.0 * 64.0 * 128.0 * 8.0;
+        if self.read(&out).iter().any(|v| !v.is_finite()) {
+            return Err("the wgmma peak probe produced a non-finite value".into());
+        }
+        Ok(flops / (ms * 1e-3) / 1e12)
+    }
+
+    /// d (64 × 128, row-major) = a · bᵀ for a of 64 × 32 and b of 128 × 32 (row-major), by one
+    /// warpgroup's `wgmma` m64n128k8 steps (`wgmma_probe_tf32`), its operands staged in shared
+    /// memory in the K-major layout with leading and stride byte offsets `lbo` and `sbo`
+    /// (`kernels/wgmma.cuh`); with `a_from_smem`, A through a descriptor too instead of
+    /// registers. Err where [`Cuda::has_wgmma`] is false.
+    pub fn wgmma_probe(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        (lbo, sbo): (i32, i32),
+        a_from_smem: bool,
+    ) -> Result<Vec<f32>, String> {
+        const ROWS: usize = 64;
+        const COLS: usize = 128;
+        const K: usize = 32;
+        if !self.has_wgmma() {
+            return Err(format!("no wgmma on {} ({})", self.name, self.arch));
+        }
+        assert_eq!(
+            (a.len(), b.len()),
+            (ROWS * K, COLS * K),
+            "a is 64 × 32, b 128 × 32"
+        );
+        assert!(lbo % 16 == 0 && sbo % 16 == 0 && lbo > 0 && sbo > 0);
+        let mut abuf: DevBuf<f32> = self.alloc_any(a.len(), false);
+        let mut bbuf: DevBuf<f32> = self.alloc_any(b.len(), false);
+        self.upload_any(a, &mut abuf);
+        self.upload_any(b, &mut bbuf);
+        let mut d: DevBuf<f32> = self.alloc_any(ROWS * COLS, false);
+        self.upload_any(&vec![f32::NAN; ROWS * COLS], &mut d);
+        // (wgmma_probe_span in kernels/wgmma.cu: the bytes of one 128 × k8 slice.)
+        let span = 15 * sbo + 7 * 16 + lbo + 16;
+        let operands = if a_from_smem { 2 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (operands * (K as i32 / 8) * span) as u32,
+        };
+        let a_smem = a_from_smem as i32;
+        launch!(self, "wgmma_probe_tf32", cfg; &abuf, &bbuf, &mut d, &lbo, &sbo, &a_smem);
+        Ok(self.read(&d))
     }
 
     /// How many host reads of device memory (each a synchronization) this backend has made: a

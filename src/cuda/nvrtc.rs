@@ -263,6 +263,7 @@ ptxas info    : Used 255 registers, used 0 barriers, 2048 bytes cumulative stack
             name: "broken.cu",
             source: "extern \"C\" __global__ void k(float* x) { x[0] = undefined_name; }\n",
             kernels: &["k"],
+            sm90a: false,
         };
         let e = compile_file(&broken, "sm_90").unwrap_err();
         assert!(e.contains("kernels/broken.cu"), "{e}");

@@ -89,6 +89,8 @@ extern thread_local uint3 cuemu_block_idx, cuemu_block_dim, cuemu_grid_dim;
 typedef void (*CuemuWarpFn)(void** payloads, int lanes);
 extern "C" void cuemu_warp_op(CuemuWarpFn fn, void* payload, unsigned mask);
 extern "C" void cuemu_syncthreads();
+// A warpgroup-wide operation: the same for the 128 threads of 4 consecutive warps (wgmma).
+extern "C" void cuemu_warpgroup_op(CuemuWarpFn fn, void* payload);
 extern "C" void* cuemu_dyn_smem();
 // Called right after each static __shared__ declaration (the emulator's translation units add
 // the call): the first thread of a block to reach it fills the variable with 0xff bytes (NaN
@@ -294,3 +296,25 @@ static inline void cuemu_mma_tf32_16x8x8(float d[4], const unsigned a[4], const 
     cuemu_warp_op(cuemu_mma_apply, &m, 0xffffffffu);
     for (int i = 0; i < 4; ++i) d[i] = m.d[i];
 }
+
+// wgmma.mma_async.sync.aligned.m64nNk8.f32.tf32.tf32 (sm_90a), as one thread issues it; the
+// runtime gathers the warpgroup's 128 and runs the product when a wgmma.wait_group retires it
+// (runtime.cpp: wgmma_execute has the fragment layouts). The descriptors' start addresses are
+// offsets into the block's dynamic shared memory (wgmma_desc in wgmma.cuh).
+struct CuemuWgmma {
+    int n;          // N: a multiple of 8, 8..256
+    int a_in_regs;  // A from a[] (the register form) or from adesc
+    int scale_d;    // 0: D = A·B; 1: D += A·B
+    int group;      // the issuing thread's warpgroup (set by cuemu_wgmma_issue)
+    uint64_t adesc, bdesc;
+    unsigned a[4];
+    // The registers a[] was copied from: they must still hold it when the product runs (the
+    // hardware may read them until then).
+    const unsigned* a_src;
+    float* d;  // the thread's n / 2 accumulators, read and written when the product runs
+};
+extern "C" void cuemu_wgmma_issue(CuemuWgmma* c);
+extern "C" void cuemu_wgmma_fence();
+extern "C" void cuemu_wgmma_commit();
+extern "C" void cuemu_wgmma_wait(int pending);
+extern "C" void cuemu_fence_proxy_async();

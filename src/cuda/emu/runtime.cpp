@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <atomic>
+#include <deque>
 #include <string>
 #include <thread>
 #include <vector>
@@ -43,7 +44,7 @@ cuemu_switch:
 
 namespace {
 
-enum State { READY, AT_BARRIER, AT_WARP, DONE };
+enum State { READY, AT_BARRIER, AT_WARP, AT_WARPGROUP, DONE };
 
 // 256 KiB per CUDA thread: kernels keep small arrays in registers; on the CPU they are on this
 // stack. Only the touched pages are ever backed by memory.
@@ -51,6 +52,21 @@ constexpr size_t STACK_BYTES = 256 * 1024;
 // Five cache lines, an odd number: 64 consecutive threads' stack tops fall into 64 different
 // L1 sets. It costs a stack at most 80 KiB (256 threads' worth).
 constexpr size_t STACK_STAGGER = 5 * 64;
+
+// One wgmma.mma_async as the 128 threads of a warpgroup issued it.
+struct WgmmaOp {
+    CuemuWgmma lane[128];
+};
+// A warpgroup's wgmma.mma_async operations: issued but not yet committed (`open`), and the
+// committed groups not yet waited for, oldest first. They execute when a wgmma.wait_group
+// retires their group, not when issued: on the hardware they may read shared memory and the
+// accumulators at any time until then, so a kernel that writes either before the wait gets
+// wrong results here.
+struct Warpgroup {
+    std::vector<WgmmaOp> open;
+    std::deque<std::vector<WgmmaOp>> committed;
+    bool fenced = false;  // a wgmma.fence since the last wait_group (or the block's start)
+};
 
 struct Fiber {
     CuemuThread t;
@@ -79,7 +95,12 @@ struct Worker {
     // warp the lanes waiting at a warp-wide operation and the lanes that exited.
     std::vector<int> ready;
     std::vector<int> warp_waiting, warp_done;
+    // Per warpgroup (4 consecutive warps): the threads waiting at a warpgroup-wide operation.
+    std::vector<int> group_waiting;
     int waiting_at_barrier = 0, done = 0;
+    // The block's wgmma state (cuemu_wgmma_*), one per warpgroup.
+    std::vector<Warpgroup> groups;
+    bool proxy_fenced = false;  // some thread executed fence.proxy.async
 
     ~Worker() {
         if (stacks) munmap(stacks, stack_count * STACK_BYTES);
@@ -115,6 +136,8 @@ void count_stop(Worker* w, const Fiber* f, State s) {
         ++w->warp_done[warp];
     } else if (s == AT_WARP) {
         ++w->warp_waiting[warp];
+    } else if (s == AT_WARPGROUP) {
+        ++w->group_waiting[warp / 4];
     } else if (s == AT_BARRIER) {
         ++w->waiting_at_barrier;
     }
@@ -161,6 +184,10 @@ bool run_block(Worker* w, const uint3 bid) {
     w->ready.clear();
     w->warp_waiting.assign(nwarps, 0);
     w->warp_done.assign(nwarps, 0);
+    const int ngroups = (nwarps + 3) / 4;
+    w->group_waiting.assign(ngroups, 0);
+    w->groups.assign(ngroups, Warpgroup{});
+    w->proxy_fenced = false;
     w->waiting_at_barrier = 0;
     w->done = 0;
     for (int i = 0; i < n; ++i) {
@@ -233,8 +260,54 @@ bool run_block(Worker* w, const uint3 bid) {
             released = true;
         }
         if (released) continue;
+        // Then one warpgroup-wide operation (wgmma), all 128 threads of 4 warps at it.
+        for (int gi = 0; gi < ngroups && !released; ++gi) {
+            const int g = forward ? gi : ngroups - 1 - gi;
+            const int t0 = 128 * g, threads = std::min(128, n - t0);
+            const int waiting = w->group_waiting[g];
+            if (waiting == 0) continue;
+            int exited = 0;
+            for (int wi = 4 * g; wi < std::min(4 * g + 4, nwarps); ++wi) exited += w->warp_done[wi];
+            if (threads != 128) {
+                w->error = "a warpgroup-wide operation in a block of " + std::to_string(n) +
+                           " threads (warpgroups are 128 threads: 4 whole warps)";
+                return false;
+            }
+            if (waiting != threads) {
+                if (waiting + exited == threads) {
+                    w->error = "warpgroup " + std::to_string(g) +
+                               ": a warpgroup-wide operation was reached by only " +
+                               std::to_string(waiting) + " of 128 threads (the others exited)";
+                    return false;
+                }
+                continue;
+            }
+            void* payloads[128];
+            CuemuWarpFn fn = w->fibers[t0].warp_fn;
+            for (int l = 0; l < 128; ++l) {
+                Fiber& f = w->fibers[t0 + l];
+                if (f.warp_fn != fn) {
+                    w->error = "warpgroup " + std::to_string(g) +
+                               ": threads are at different warpgroup-wide operations";
+                    return false;
+                }
+                payloads[l] = f.payload;
+            }
+            if (fn) fn(payloads, 128);
+            for (int l = 0; l < 128; ++l) {
+                w->fibers[t0 + l].state = READY;
+                w->ready.push_back(t0 + l);
+            }
+            w->group_waiting[g] = 0;
+            released = true;
+        }
+        if (released) continue;
         const int alive = n - w->done;
         if (alive == 0) {
+            for (const Warpgroup& g : w->groups)
+                if ((!g.open.empty() || !g.committed.empty()) && w->error.empty())
+                    w->error = "wgmma.mma_async results never waited for (wgmma.commit_group and "
+                               "wgmma.wait_group before the block ends)";
             // The guard past the dynamic shared memory must still be untouched (NaN bytes).
             if (!all_ones(w->dyn_smem.data() + w->dyn_smem_bytes,
                           w->dyn_smem.size() - w->dyn_smem_bytes) &&
@@ -272,6 +345,171 @@ extern "C" void cuemu_warp_op(CuemuWarpFn fn, void* payload, unsigned mask) {
 }
 
 extern "C" void* cuemu_dyn_smem() { return worker->dyn_smem.data(); }
+
+extern "C" void cuemu_warpgroup_op(CuemuWarpFn fn, void* payload) {
+    Fiber* f = worker->current;
+    f->warp_fn = fn;
+    f->payload = payload;
+    f->mask = 0xffffffffu;
+    suspend(AT_WARPGROUP);
+}
+
+// ---- wgmma (sm_90a's warpgroup MMA), as the PTX ISA describes it -------------------------
+namespace {
+
+// A shared-memory matrix descriptor: the operand's start, its leading-dimension byte offset
+// (between the two core matrices of a k8 TF32 step, adjacent in K) and its stride-dimension byte
+// offset (between core matrices adjacent in M or N), each in bits of 16 bytes; the emulator
+// models the layout without swizzling (mode 0, base offset 0) only.
+struct Desc {
+    size_t start, lbo, sbo;
+};
+
+bool decode(uint64_t desc, Desc* d) {
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
+        cuemu_fault("wgmma descriptor with a swizzle mode or base offset (the emulator models the "
+                    "no-swizzle layout only)");
+        return false;
+    }
+    d->start = (size_t)(desc & 0x3fff) << 4;
+    d->lbo = (size_t)((desc >> 16) & 0x3fff) << 4;
+    d->sbo = (size_t)((desc >> 32) & 0x3fff) << 4;
+    return true;
+}
+
+// Element (r, k) of a K-major operand of TF32 words without swizzling: core matrices of 8 rows ×
+// 16 bytes (4 words), each contiguous (row after row); the two of a k8 step (k / 4) lbo bytes
+// apart, the row groups (r / 8) sbo bytes apart.
+unsigned operand_word(const Desc& d, int r, int k) {
+    const size_t at = d.start + (size_t)(r % 8) * 16 + (size_t)(r / 8) * d.sbo + (size_t)(k % 4) * 4 +
+                      (size_t)(k / 4) * d.lbo;
+    if (at + 4 > worker->dyn_smem_bytes) {
+        cuemu_fault("wgmma operand past the block's dynamic shared memory");
+        return 0x7fffffffu;
+    }
+    unsigned v;
+    std::memcpy(&v, worker->dyn_smem.data() + at, 4);
+    return v;
+}
+
+// D(64 × n) = A(64 × 8)·B(8 × n) (+ D): thread t of the warpgroup, warp w = t / 32, lane
+// (g, q) = (t % 32 / 4, t % 4) holds A's a[0..3] = A[16w+g][q], A[16w+g+8][q], A[16w+g][q+4],
+// A[16w+g+8][q+4] (the register form) and D's d[4j..4j+3] = D[16w+g][8j+2q], D[16w+g][8j+2q+1],
+// D[16w+g+8][8j+2q], D[16w+g+8][8j+2q+1] for j < n / 8. TF32 operands (their low 13 bits
+// ignored, as the hardware does), exact products, each D summed in k order.
+void wgmma_execute(const WgmmaOp& op) {
+    const CuemuWgmma& c = op.lane[0];
+    const int n = c.n;
+    static thread_local float A[64][8], B[256][8], D[64][256];
+    const unsigned keep = cuemu_exact_tf32 ? 0xffffffffu : 0xffffe000u;
+    auto tf32 = [&](unsigned u) { return __builtin_bit_cast(float, u & keep); };
+    Desc ad{}, bd{};
+    if (!decode(c.bdesc, &bd) || (!c.a_in_regs && !decode(c.adesc, &ad))) return;
+    for (int t = 0; t < 128; ++t) {
+        const CuemuWgmma& l = op.lane[t];
+        const int r = 16 * (t / 32) + (t % 32) / 4, q = t % 4;
+        if (c.a_in_regs && std::memcmp(l.a, l.a_src, sizeof l.a) != 0)
+            cuemu_fault("wgmma's A registers were written before the product completed "
+                        "(wgmma.wait_group)");
+        if (c.a_in_regs) {
+            A[r][q] = tf32(l.a[0]);
+            A[r + 8][q] = tf32(l.a[1]);
+            A[r][q + 4] = tf32(l.a[2]);
+            A[r + 8][q + 4] = tf32(l.a[3]);
+        }
+        for (int j = 0; j < n / 8; ++j) {
+            const bool keep_d = c.scale_d != 0;
+            D[r][8 * j + 2 * q] = keep_d ? l.d[4 * j] : 0.0f;
+            D[r][8 * j + 2 * q + 1] = keep_d ? l.d[4 * j + 1] : 0.0f;
+            D[r + 8][8 * j + 2 * q] = keep_d ? l.d[4 * j + 2] : 0.0f;
+            D[r + 8][8 * j + 2 * q + 1] = keep_d ? l.d[4 * j + 3] : 0.0f;
+        }
+    }
+    if (!c.a_in_regs)
+        for (int r = 0; r < 64; ++r)
+            for (int k = 0; k < 8; ++k) A[r][k] = tf32(operand_word(ad, r, k));
+    for (int r = 0; r < n; ++r)
+        for (int k = 0; k < 8; ++k) B[r][k] = tf32(operand_word(bd, r, k));
+    for (int i = 0; i < 64; ++i)
+        for (int k = 0; k < 8; ++k)
+            for (int j = 0; j < n; ++j) D[i][j] += A[i][k] * B[j][k];
+    for (int t = 0; t < 128; ++t) {
+        const CuemuWgmma& l = op.lane[t];
+        const int r = 16 * (t / 32) + (t % 32) / 4, q = t % 4;
+        for (int j = 0; j < n / 8; ++j) {
+            l.d[4 * j] = D[r][8 * j + 2 * q];
+            l.d[4 * j + 1] = D[r][8 * j + 2 * q + 1];
+            l.d[4 * j + 2] = D[r + 8][8 * j + 2 * q];
+            l.d[4 * j + 3] = D[r + 8][8 * j + 2 * q + 1];
+        }
+    }
+}
+
+void wgmma_issue_apply(void** p, int lanes) {
+    const CuemuWgmma& c = *(const CuemuWgmma*)p[0];
+    Warpgroup& g = worker->groups[c.group];
+    if (!g.fenced) cuemu_fault("wgmma.mma_async without a wgmma.fence since the last wgmma.wait_group");
+    if (!worker->proxy_fenced)
+        cuemu_fault("wgmma.mma_async reads shared memory, but no thread of the block has run "
+                    "fence.proxy.async (generic-proxy writes are not visible to it without one)");
+    if (c.n < 8 || c.n > 256 || c.n % 8) cuemu_fault("wgmma N not a multiple of 8 in 8..256");
+    g.open.emplace_back();
+    WgmmaOp& op = g.open.back();
+    for (int l = 0; l < lanes; ++l) {
+        const CuemuWgmma& x = *(const CuemuWgmma*)p[l];
+        if (x.n != c.n || x.a_in_regs != c.a_in_regs || x.scale_d != c.scale_d || x.bdesc != c.bdesc ||
+            (!c.a_in_regs && x.adesc != c.adesc))
+            cuemu_fault("wgmma.mma_async with operands that differ between the warpgroup's threads");
+        op.lane[l] = x;
+    }
+}
+
+struct GroupArg {
+    int group, arg;
+};
+
+void wgmma_fence_apply(void** p, int) { worker->groups[((GroupArg*)p[0])->group].fenced = true; }
+
+void wgmma_commit_apply(void** p, int) {
+    Warpgroup& g = worker->groups[((GroupArg*)p[0])->group];
+    g.committed.push_back(std::move(g.open));
+    g.open.clear();
+}
+
+// wgmma.wait_group N: every committed group but the newest N completes (executes, here).
+void wgmma_wait_apply(void** p, int) {
+    const GroupArg& a = *(GroupArg*)p[0];
+    Warpgroup& g = worker->groups[a.group];
+    while ((int)g.committed.size() > a.arg) {
+        for (const WgmmaOp& op : g.committed.front()) wgmma_execute(op);
+        g.committed.pop_front();
+    }
+    g.fenced = false;
+}
+
+}  // namespace
+
+extern "C" void cuemu_wgmma_issue(CuemuWgmma* c) {
+    c->group = cuemu_cur->linear / 128;
+    cuemu_warpgroup_op(wgmma_issue_apply, c);
+}
+
+extern "C" void cuemu_wgmma_fence() {
+    GroupArg a{cuemu_cur->linear / 128, 0};
+    cuemu_warpgroup_op(wgmma_fence_apply, &a);
+}
+
+extern "C" void cuemu_wgmma_commit() {
+    GroupArg a{cuemu_cur->linear / 128, 0};
+    cuemu_warpgroup_op(wgmma_commit_apply, &a);
+}
+
+extern "C" void cuemu_wgmma_wait(int pending) {
+    GroupArg a{cuemu_cur->linear / 128, pending};
+    cuemu_warpgroup_op(wgmma_wait_apply, &a);
+}
+
+extern "C" void cuemu_fence_proxy_async() { worker->proxy_fenced = true; }
 
 extern "C" void cuemu_smem_fresh(void* p, unsigned long bytes) {
     std::vector<void*>& seen = worker->fresh_smem;
