@@ -839,9 +839,8 @@ fn main() {
         }
     };
     // A conv row again with some fast paths off (`off`, a SLOTFIX_CUDA_DISABLE list; TF32,
-    // version 3 only), beside the row with every path on: e.g. `conv_v6` and `dw_units` off,
-    // version 5's 8 warps (fwd, dx) and units of 16 positions (dW) against version 6's 4 warps
-    // of twice the pixels and the wider units.
+    // version 3 only), beside the row with every path on: e.g. `conv_wgmma` off, version 6's
+    // mma.sync (fwd, dx) against version 7's wgmma.
     let conv_off_row = |precision: Precision,
                         version: u8,
                         name: &str,
@@ -863,17 +862,18 @@ fn main() {
             .conv(&name, geom, imgs, transposed, precision)
         });
     };
-    let conv_v5_row = |precision: Precision, version: u8, name: &str, geom: ConvGeom, imgs| {
-        conv_off_row(
-            precision,
-            version,
-            name,
-            "conv_v6,dw_units",
-            geom,
-            imgs,
-            false,
-        )
-    };
+    let conv_v6_row =
+        |precision: Precision, version: u8, name: &str, geom: ConvGeom, imgs, transposed| {
+            conv_off_row(
+                precision,
+                version,
+                name,
+                "conv_wgmma",
+                geom,
+                imgs,
+                transposed,
+            )
+        };
     let conv_rows = |precision: Precision, version: u8| {
         let bp = bench_with(precision, version);
         guarded(&format!("encoder conv ({precision:?} v{version})"), || {
@@ -885,12 +885,13 @@ fn main() {
                 precision,
             )
         });
-        conv_v5_row(
+        conv_v6_row(
             precision,
             version,
             "encoder conv",
             ConvGeom::same(res, res, ch, ch, 5),
             batch,
+            false,
         );
         guarded(
             &format!("decoder convT s2 ({precision:?} v{version})"),
@@ -915,6 +916,14 @@ fn main() {
                     precision,
                 )
             },
+        );
+        conv_v6_row(
+            precision,
+            version,
+            "decoder convT s1",
+            ConvGeom::transposed(res, res, ch, ch, 5, 1, 2, 0),
+            dec_imgs,
+            true,
         );
         // The first and last layers of the 128² model, whose gathers have 3 and 4 channels
         // (version 5 with two taps per k-step, `conv_c4`, where version 3 applies): the
@@ -979,12 +988,14 @@ fn main() {
                 )
             },
         );
-        conv_v5_row(
+        conv_off_row(
             precision,
             version,
             "small decoder conv 32ch",
+            "conv_v6,dw_units",
             ConvGeom::same(small_res, small_res, 32, 32, 5),
             small_imgs,
+            false,
         );
     };
     conv_rows(Precision::Tf32, 3);

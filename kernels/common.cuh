@@ -183,6 +183,13 @@ static __device__ __forceinline__ uint4 ld_u4(const unsigned* p) {
 #endif
     return *(const uint4*)p;
 }
+// An 8-byte load; `p` must be 8-byte aligned.
+static __device__ __forceinline__ uint2 ld_u2(const unsigned* p) {
+#ifdef CUEMU
+    cuemu_check_align8(p);
+#endif
+    return *(const uint2*)p;
+}
 
 // Asks for the 128-byte line holding p to be brought into L2 (prefetch.global.L2) and waits for
 // nothing: no register holds the data, so a block can have all of its input on the way at once.

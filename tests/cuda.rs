@@ -414,15 +414,17 @@ fn nvrtc_kernel_resources(arch: &'static str) {
             );
             // (The 32-row dW v4 blocks have 128 threads: four per SM at stride 1, within 128
             // registers as the others; three at stride 2, within 168.)
-            // The dW v5 blocks (128 threads) three per SM, within 168.
+            // The dW v5 blocks (128 threads) three per SM, within 168; so the wgmma passes'
+            // (version 7: one warpgroup).
             let dw5 = k.name.starts_with("conv_dw_partial_v5");
+            let wg5 = k.name.contains("_wg5");
             let (most, blocks) = match k.name.contains("_v4r32") && k.name.contains("s2_") {
                 true => (168, "three 128-thread"),
-                false if dw5 => (168, "three 128-thread"),
+                false if dw5 || wg5 => (168, "three 128-thread"),
                 false if k.name.contains("_v4r32") => (128, "four 128-thread"),
                 false => (128, "two 256-thread"),
             };
-            if k.name.contains("_v3") || k.name.contains("_v4") || dw5 {
+            if k.name.contains("_v3") || k.name.contains("_v4") || dw5 || wg5 {
                 assert!(
                     k.registers <= most,
                     "{arch}: {} uses {} registers: fewer than {blocks} blocks per SM",
@@ -2367,13 +2369,21 @@ fn emu_conv_tf32_operands_round_to_nearest() {
     let c = cpu();
     let t = ConvGeom::transposed;
     let cases = [
-        // v6k5 forward and dx, v4k5s1 dW
+        // wg5 forward and dx (version 7, wgmma), v4k5s1 dW
         (
             "same k5 64->64",
             ConvGeom::same(10, 17, 64, 64, 5),
             false,
             true,
         ),
+        // v6k5 direct and adjoint gathers (48 channels on one side: not version 7's)
+        (
+            "same k5 64->48",
+            ConvGeom::same(5, 11, 64, 48, 5),
+            false,
+            true,
+        ),
+        ("T k5 64->48", t(5, 11, 64, 48, 5, 1, 2, 0), true, false),
         // n8s forward, c4 dx, c4tc dW (64 rows, k3)
         ("T k3 64->4", t(9, 20, 64, 4, 3, 1, 1, 0), true, false),
         // c4 forward, c4tc dW (A masked, k5)
@@ -2444,6 +2454,8 @@ fn emu_conv_tf32_operands_round_to_nearest() {
     }
     let launched = g.emu_kernel_launches();
     for kind in [
+        "conv_igemm_direct_wg5",
+        "conv_igemm_adjoint_wg5",
         "conv_igemm_direct_v6k5",
         "conv_igemm_adjoint_v6k5",
         "conv_igemm_adjoint_n8sk3",
@@ -2905,6 +2917,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
             name.starts_with("conv_igemm_") && (name.contains("_v5") || name.contains("_v6"))
         }
         "conv_v6" => name.starts_with("conv_igemm_") && name.contains("_v6"),
+        "conv_wgmma" => name.starts_with("conv_igemm_") && name.contains("_wg5"),
         "conv_c4" => name.starts_with("conv_igemm_") && name.contains("_c4"),
         "conv_n8s" => name.starts_with("conv_igemm_") && name.contains("_n8s"),
         "dw_v3" => name.starts_with("conv_dw_partial_v3"),
@@ -2976,6 +2989,8 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "conv_v5" => &["conv_v3"],
                 // (Version 6 runs within version 5.)
                 "conv_v6" => &["conv_v3", "conv_v5"],
+                // (Version 7 replaces version 5 or 6 where it applies.)
+                "conv_wgmma" => &["conv_v3", "conv_v5"],
                 "conv_n8s" => &["conv_v3", "conv_v5"],
                 "dw_units" => &["dw_v4"],
                 // (Version 5 takes version 4's units of 32.)

@@ -381,7 +381,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 25] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 27] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -404,6 +404,8 @@ pub(super) const LARGE_SHARED: [(&str, u32); 25] = [
     ("conv_igemm_direct_v5s2k5_tf32", v5_64_shared_bytes(3, 64)),
     ("conv_igemm_direct_v6k5_tf32", v5_64_shared_bytes(5, 64)),
     ("conv_igemm_adjoint_v6k5_tf32", v5_64_shared_bytes(5, 64)),
+    ("conv_igemm_direct_wg5_tf32", WG_SHARED_BYTES),
+    ("conv_igemm_adjoint_wg5_tf32", WG_SHARED_BYTES),
     ("conv_igemm_direct_n8sk3_tf32", n8s_shared_bytes(3)),
     ("conv_igemm_adjoint_n8sk3_tf32", n8s_shared_bytes(3)),
     ("conv_igemm_direct_n8sk5_tf32", n8s_shared_bytes(5)),
@@ -427,6 +429,32 @@ pub(super) const LARGE_SHARED: [(&str, u32); 25] = [
         dwc4tc_shared_bytes(32, 5, true),
     ),
 ];
+
+/// Bytes of dynamic shared memory of a version 7 (`wgmma`) pass, conv_wgmma.cu: 16 planes of
+/// (20 × 12 + 1) pixels × 4 words.
+const WG_SHARED_BYTES: u32 = 16 * (20 * 12 + 1) * 4 * 4;
+
+/// Version 7 of an activation pass (`conv_wgmma`, conv_wgmma.cu: sm_90a) where it applies: 64
+/// gathered channels into 64 outputs, 5×5, stride 1. Its kernel, grid and output tile (16 × 8
+/// pixels per block, WG_THREADS 128).
+fn wg_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32, i32)> {
+    if !(p.cs == 64 && p.n == 64 && p.k == 5 && p.stride == 1) {
+        return None;
+    }
+    let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
+    let blocks = batch * hp.div_ceil(16) * wp.div_ceil(8);
+    let name = if adjoint {
+        "conv_igemm_adjoint_wg5_tf32"
+    } else {
+        "conv_igemm_direct_wg5_tf32"
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (i(blocks) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: WG_SHARED_BYTES,
+    };
+    Some((name, cfg, 16, 8))
+}
 
 /// Blocks `conv_igemm_*_n8s*` aims for: two per SM of an H100 or H200 (78 KiB of shared
 /// memory each at k = 3), one wave.
@@ -904,6 +932,13 @@ impl Cuda {
             let n8s = n8s_kernel(p, v3.adjoint).filter(|(n, ..)| self.may_launch(n));
             if let Some((name, cfg, chunk)) = n8s {
                 launch!(self, name, cfg; p, &chunk, src, wt, bias, relu, mode, out);
+                return;
+            }
+        }
+        if splits == 1 && self.fast.conv_v5 && self.fast.conv_wgmma && self.has_wgmma() {
+            let wg = wg_kernel(p, v3.adjoint).filter(|(n, ..)| self.may_launch(n));
+            if let Some((name, cfg, th, tw)) = wg {
+                launch!(self, name, cfg; p, &th, &tw, src, mask, masked, wt, bias, relu, mode, out);
                 return;
             }
         }

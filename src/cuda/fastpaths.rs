@@ -30,6 +30,11 @@ pub struct FastPaths {
     /// version 5's pixels (64 × 32 channels, `conv_igemm_*_v6k5_tf32`; 32 × 32, `*_v6c32*`);
     /// off: version 5's 8 warps.
     pub conv_v6: bool,
+    /// Version 7 on Hopper (compute capability 9.0, sm_90a): the 5×5 stride-1 passes of 64
+    /// gathered channels into 64 outputs on the warpgroup MMA (`conv_igemm_*_wg5_tf32`: the
+    /// weights in registers, the output tile's pixels read by the tensor cores from the halo);
+    /// off, and on other devices: version 6.
+    pub conv_wgmma: bool,
     /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:
     /// the first layer's forward, the last layer's input gradient): two taps per k-step of the
     /// mma (`conv_igemm_*_c4*_tf32`); off: version 2.
@@ -100,6 +105,7 @@ impl FastPaths {
         conv_k32: true,
         conv_v5: true,
         conv_v6: true,
+        conv_wgmma: true,
         conv_c4: true,
         conv_n8s: true,
         dw_v3: true,
@@ -121,6 +127,7 @@ impl FastPaths {
         conv_k32: false,
         conv_v5: false,
         conv_v6: false,
+        conv_wgmma: false,
         conv_c4: false,
         conv_n8s: false,
         dw_v3: false,
@@ -139,11 +146,12 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 20] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
         "conv_v6",
+        "conv_wgmma",
         "conv_c4",
         "conv_n8s",
         "dw_v3",
@@ -167,6 +175,7 @@ impl FastPaths {
             "conv_k32" => &mut self.conv_k32,
             "conv_v5" => &mut self.conv_v5,
             "conv_v6" => &mut self.conv_v6,
+            "conv_wgmma" => &mut self.conv_wgmma,
             "conv_c4" => &mut self.conv_c4,
             "conv_n8s" => &mut self.conv_n8s,
             "dw_v3" => &mut self.dw_v3,
@@ -249,6 +258,7 @@ mod tests {
                 && fp.conv_k32
                 && fp.conv_v5
                 && fp.conv_v6
+                && fp.conv_wgmma
                 && fp.conv_c4
                 && fp.conv_n8s
                 && fp.dw_v3

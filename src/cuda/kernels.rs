@@ -209,6 +209,12 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &["wgmma_probe_tf32", "wgmma_peak_tf32"],
     },
     KernelFile {
+        name: "conv_wgmma.cu",
+        source: include_str!("../../kernels/conv_wgmma.cu"),
+        sm90a: true,
+        kernels: &["conv_igemm_direct_wg5_tf32", "conv_igemm_adjoint_wg5_tf32"],
+    },
+    KernelFile {
         name: "linear.cu",
         source: include_str!("../../kernels/linear.cu"),
         sm90a: false,
