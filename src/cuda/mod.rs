@@ -688,10 +688,24 @@ impl Cuda {
         let refused = opt_in_shared(&ctx, &funcs, &name);
         let mut cu = Cuda::with_exec(Exec::Gpu(Gpu { ctx, stream, funcs }), name, arch);
         cu.shared_refused = refused;
-        if cu.has_wgmma() {
-            if let Err(e) = cu.check_wgmma() {
-                eprintln!("warning: {e}; the wgmma kernels are not used on this device");
-                cu.wgmma_refused = Some(e);
+        // The wgmma kernels' one check, unless SLOTFIX_CUDA_DISABLE switches them off (so that
+        // a driver on which the check itself fails can still be used). A wrong product leaves
+        // them out; a launch that fails outright leaves the context unusable: no device then.
+        let wgmma_wanted = FastPaths::from_env().map_or(true, |f| f.conv_wgmma);
+        if cu.has_wgmma() && wgmma_wanted {
+            match catch_unwind(std::panic::AssertUnwindSafe(|| cu.check_wgmma())) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    eprintln!("warning: {e}; the wgmma kernels are not used on this device");
+                    cu.wgmma_refused = Some(e);
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "CUDA device {ordinal} ({}): the check of its wgmma kernels failed to \
+                         run (SLOTFIX_CUDA_DISABLE=conv_wgmma skips it and them)",
+                        cu.name
+                    ))
+                }
             }
         }
         Ok(cu)
