@@ -6,56 +6,64 @@
 // m64n128k8, A in registers.
 #include "wgmma.cuh"
 
-#define WGMMA_PROBE_K 32  // 4 k8 steps
+#define WGMMA_PROBE_STEPS 4  // the most k8 steps
 
 // The bytes a 128-row × k8 operand takes in the layout (lbo, sbo): its last element's end.
 static __device__ __forceinline__ int wgmma_probe_span(int lbo, int sbo) { return 15 * sbo + 7 * 16 + lbo + 16; }
 
-// d (64 × 128, row-major) = a · bᵀ for a (64 × 32) and b (128 × 32), row-major: one warpgroup,
-// 4 wgmma m64n128k8 steps. The operands are staged in shared memory, rounded to TF32, in the
-// K-major layout (lbo, sbo) of wgmma.cuh, one k8 slice of b (and, mode bit 0, of a) per step.
-// a_smem: A from shared memory (the descriptor form) instead of registers. The accumulators
-// start as NaN: the first step's scale-d 0 must ignore them.
-// Block 128; dynamic shared memory 4 · (1 + a_smem) · wgmma_probe_span(lbo, sbo) bytes.
+// d (64 × 128, row-major) = a · bᵀ for a (64 × 8·steps) and b (128 × 8·steps), row-major: one
+// warpgroup, `steps` (at most 4) wgmma m64n128k8 steps. The operands are staged in shared
+// memory, rounded to TF32, in the K-major layout (lbo, sbo) of wgmma.cuh, one k8 slice of b (and,
+// with a_smem, of a) per step; each slice large enough for the descriptor's two offsets read
+// either way round, so that a device reading them the other way round reads garbage, not past
+// the block's shared memory. a_smem: A from shared memory (the descriptor form) instead of
+// registers. swapped: the descriptors carry sbo in the leading field and lbo in the stride one
+// (what the GPU test runs, when the documented reading fails, to say whether the hardware reads
+// the two fields the other way round). The accumulators start as NaN: the first step's scale-d
+// 0 must ignore them.
+// Block 128; dynamic shared memory (1 + a_smem) · steps · max(wgmma_probe_span(lbo, sbo),
+// wgmma_probe_span(sbo, lbo)) bytes.
 extern "C" __global__ void __launch_bounds__(128)
-    wgmma_probe_tf32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ d, int lbo,
-                     int sbo, int a_smem) {
+    wgmma_probe_tf32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ d, int steps,
+                     int lbo, int sbo, int a_smem, int swapped) {
     extern __shared__ uint4 wgmma_smem[];
     unsigned* smem = (unsigned*)wgmma_smem;
     const int tid = threadIdx.x, w = tid / 32, g = tid % 32 / 4, q = tid % 4;
-    const int span = wgmma_probe_span(lbo, sbo) / 4;  // words per operand slice
-    const int steps = WGMMA_PROBE_K / 8;
+    const int kdim = 8 * steps;
+    const int span = max(wgmma_probe_span(lbo, sbo), wgmma_probe_span(sbo, lbo)) / 4;  // words
     unsigned* bs = smem;                  // step s: bs + s·span
     unsigned* as = smem + steps * span;  // (a_smem) step s: as + s·span
     auto at = [&](int r, int k) {
         const int s = k / 8, kk = k % 8;
         return s * span + ((r % 8) * 16 + (r / 8) * sbo + (kk % 4) * 4 + (kk / 4) * lbo) / 4;
     };
-    for (int e = tid; e < 128 * WGMMA_PROBE_K; e += 128) {
-        const int r = e / WGMMA_PROBE_K, k = e % WGMMA_PROBE_K;
+    for (int e = tid; e < 128 * kdim; e += 128) {
+        const int r = e / kdim, k = e % kdim;
         bs[at(r, k)] = to_tf32(b[e]);
         if (a_smem && r < 64) as[at(r, k)] = to_tf32(a[e]);
     }
     fence_proxy_async();
     __syncthreads();
-    unsigned af[WGMMA_PROBE_K / 8][4];
+    unsigned af[WGMMA_PROBE_STEPS][4];
 #pragma unroll
-    for (int s = 0; s < steps; ++s) {
-        const int r = 16 * w + g, k = 8 * s + q;
-        af[s][0] = to_tf32(a[r * WGMMA_PROBE_K + k]);
-        af[s][1] = to_tf32(a[(r + 8) * WGMMA_PROBE_K + k]);
-        af[s][2] = to_tf32(a[r * WGMMA_PROBE_K + k + 4]);
-        af[s][3] = to_tf32(a[(r + 8) * WGMMA_PROBE_K + k + 4]);
+    for (int s = 0; s < WGMMA_PROBE_STEPS; ++s) {
+        const int r = 16 * w + g, k = 8 * min(s, steps - 1) + q;
+        af[s][0] = to_tf32(a[r * kdim + k]);
+        af[s][1] = to_tf32(a[(r + 8) * kdim + k]);
+        af[s][2] = to_tf32(a[r * kdim + k + 4]);
+        af[s][3] = to_tf32(a[(r + 8) * kdim + k + 4]);
     }
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = __int_as_float(0x7fc00000);
+    const int l_field = swapped ? sbo : lbo, s_field = swapped ? lbo : sbo;
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < steps; ++s) {
-        const WgmmaDesc bdesc = wgmma_desc(bs + s * span, lbo, sbo);
+    for (int s = 0; s < WGMMA_PROBE_STEPS; ++s) {
+        if (s == steps) break;
+        const WgmmaDesc bdesc = wgmma_desc(bs + s * span, l_field, s_field);
         if (a_smem)
-            wgmma_m64n128k8_ss(acc, wgmma_desc(as + s * span, lbo, sbo), bdesc, s > 0);
+            wgmma_m64n128k8_ss(acc, wgmma_desc(as + s * span, l_field, s_field), bdesc, s > 0);
         else
             wgmma_m64n128k8_rs(acc, af[s], bdesc, s > 0);
     }

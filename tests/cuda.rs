@@ -2201,19 +2201,22 @@ emu_and_gpu_tests!(emu_opt_step, gpu_opt_step, |g| opt_step_parity(&g));
 // wgmma (sm_90a): the probe of kernels/wgmma.cu against the CPU.
 
 /// The shared-memory layouts the probe stages its operands in, as (LBO, SBO) bytes of
-/// `kernels/wgmma.cuh`: each k8 step's two core matrices adjacent and the row groups 256 bytes
-/// apart; and, as the convolutions' wgmma pass lays out its halo, the step's two K halves in
-/// planes (here 3088 bytes apart, past the 16 row groups of the first) with the row groups 192
-/// bytes apart. Reading the two fields the other way round disagrees with either.
-const WGMMA_LAYOUTS: [(i32, i32); 2] = [(128, 256), (3088, 192)];
+/// `kernels/wgmma.cuh`, and the k of its product: each k8 step's two core matrices adjacent and
+/// the row groups 256 bytes apart, over 4 steps; and, as the convolutions' wgmma pass lays out
+/// its halo, the step's two K halves in planes (3088 bytes apart, past the 16 row groups of the
+/// first) with the row groups 192 bytes apart, over one step (each slice is sized for the two
+/// fields read either way round: 46 KB here). Reading the fields the other way round disagrees
+/// with either.
+const WGMMA_LAYOUTS: [(i32, i32, usize); 2] = [(128, 256, 32), (3088, 192, 8)];
 
-/// The probe's d = a · bᵀ (a 64 × 32, b 128 × 32) in f64, rounded to f32.
+/// The probe's d = a · bᵀ (a 64 × k, b 128 × k) in f64, rounded to f32.
 fn wgmma_probe_want(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let k = a.len() / 64;
     let mut d = vec![0f32; 64 * 128];
     for r in 0..64 {
         for c in 0..128 {
-            let s: f64 = (0..32)
-                .map(|k| a[r * 32 + k] as f64 * b[c * 32 + k] as f64)
+            let s: f64 = (0..k)
+                .map(|i| a[r * k + i] as f64 * b[c * k + i] as f64)
                 .sum();
             d[r * 128 + c] = s as f32;
         }
@@ -2221,18 +2224,54 @@ fn wgmma_probe_want(a: &[f32], b: &[f32]) -> Vec<f32> {
     d
 }
 
+/// The relative L2 error of d against `want`, NaN or Inf counting as infinitely far.
+fn probe_err(d: &[f32], want: &[f32]) -> f64 {
+    if d.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    rel_err(d, want)
+}
+
+/// Whether the device reads a layout's two descriptor offsets the other way round: the probe
+/// with the fields swapped, against the CPU.
+fn wgmma_fields_swapped_match(
+    g: &Cuda,
+    a: &[f32],
+    b: &[f32],
+    layout: (i32, i32),
+    a_smem: bool,
+    tol: f64,
+) -> bool {
+    let d = g.wgmma_probe(a, b, layout, a_smem, true).unwrap();
+    probe_err(&d, &wgmma_probe_want(a, b)) <= tol
+}
+
 /// The probe in both layouts, with A from registers and from shared memory, against the CPU
-/// within `tol`; NaN or Inf fails.
+/// within `tol`; NaN or Inf fails. A failure says whether the descriptors' two offsets read
+/// the other way round would have matched.
 fn wgmma_probe_parity(g: &Cuda, tol: f64) {
-    let a = rand(64 * 32, 71, 1.0);
-    let b = rand(128 * 32, 72, 1.0);
-    let want = wgmma_probe_want(&a, &b);
-    for layout in WGMMA_LAYOUTS {
+    for (lbo, sbo, k) in WGMMA_LAYOUTS {
+        let a = rand(64 * k, 71, 1.0);
+        let b = rand(128 * k, 72, 1.0);
+        let want = wgmma_probe_want(&a, &b);
         for a_smem in [false, true] {
             let from = if a_smem { "shared memory" } else { "registers" };
-            let what = format!("wgmma probe, (LBO, SBO) = {layout:?}, A from {from}");
-            let d = g.wgmma_probe(&a, &b, layout, a_smem).unwrap();
-            check_values(&what, &d, &want, tol);
+            let what = format!("wgmma probe, (LBO, SBO) = ({lbo}, {sbo}), k {k}, A from {from}");
+            let d = g.wgmma_probe(&a, &b, (lbo, sbo), a_smem, false).unwrap();
+            let e = probe_err(&d, &want);
+            eprintln!("{what}: relative L2 error {e:.2e}");
+            if e > tol {
+                let swapped = wgmma_fields_swapped_match(g, &a, &b, (lbo, sbo), a_smem, tol);
+                panic!(
+                    "{what}: relative L2 error {e:.3e} > {tol:e}; with the descriptors' two \
+                     offset fields swapped it {}",
+                    if swapped {
+                        "matches: the device reads them the other way round"
+                    } else {
+                        "does not match either"
+                    }
+                );
+            }
         }
     }
 }
@@ -2245,6 +2284,21 @@ fn emu_wgmma_probe_matches_the_cpu() {
     assert!(g.has_wgmma());
     g.check_wgmma().unwrap();
     wgmma_probe_parity(&g, TF32_TOL);
+    // The diagnosis of a failure runs (within its shared memory) and, here, where the fields
+    // are read as documented, says no.
+    for (lbo, sbo, k) in WGMMA_LAYOUTS {
+        let (a, b) = (rand(64 * k, 73, 1.0), rand(128 * k, 74, 1.0));
+        for a_smem in [false, true] {
+            assert!(!wgmma_fields_swapped_match(
+                &g,
+                &a,
+                &b,
+                (lbo, sbo),
+                a_smem,
+                TF32_TOL
+            ));
+        }
+    }
     if let Some(g) = emu_exact_repeat() {
         wgmma_probe_parity(&g, TOL);
     }

@@ -509,6 +509,10 @@ struct StepVals {
     host: [f64; STEP_VALS_LEN],
 }
 
+/// The most dynamic shared memory a `wgmma_probe_tf32` launch takes ([`Cuda::wgmma_probe`]):
+/// opted in to, as the kernels of [`conv::LARGE_SHARED`].
+pub const WGMMA_PROBE_SHARED: u32 = 96 << 10;
+
 /// Load one kernel file's module. A cached PTX entry the driver rejects is compiled again; PTX
 /// the driver refuses outright (a driver older than libnvrtc rejects its newer PTX version) is
 /// replaced by machine code that NVRTC compiles for the device's own architecture, with a note.
@@ -1056,19 +1060,19 @@ impl Cuda {
             }
     }
 
-    /// One `wgmma` product of the probe (A in registers, B in the layout of the convolutions'
-    /// halo: K halves far apart, row groups 192 bytes apart) against the CPU. Its operands are
+    /// One `wgmma` product of the probe (one k8 step, A in registers, B in the layout of the
+    /// convolutions' halo: K halves far apart, row groups 192 bytes apart) against the CPU. Its operands are
     /// multiples of 1/8 in [−1, 1], exact in TF32, and so are its products and sums: the
     /// result must be exact. What it guards: the backend's reading of the PTX ISA's layouts,
     /// which only a GPU can confirm (the emulator implements the same reading).
     pub fn check_wgmma(&self) -> Result<(), String> {
         let val = |i: usize, m: usize| ((i * m) % 17) as f32 / 8.0 - 1.0;
-        let a: Vec<f32> = (0..64 * 32).map(|i| val(i, 7)).collect();
-        let b: Vec<f32> = (0..128 * 32).map(|i| val(i, 11)).collect();
-        let d = self.wgmma_probe(&a, &b, (3088, 192), false)?;
+        let a: Vec<f32> = (0..64 * 8).map(|i| val(i, 7)).collect();
+        let b: Vec<f32> = (0..128 * 8).map(|i| val(i, 11)).collect();
+        let d = self.wgmma_probe(&a, &b, (3088, 192), false, false)?;
         for r in 0..64 {
             for c in 0..128 {
-                let want: f32 = (0..32).map(|k| a[r * 32 + k] * b[c * 32 + k]).sum();
+                let want: f32 = (0..8).map(|k| a[r * 8 + k] * b[c * 8 + k]).sum();
                 let got = d[r * 128 + c];
                 if got != want {
                     return Err(format!(
@@ -1105,28 +1109,32 @@ impl Cuda {
         Ok(flops / (ms * 1e-3) / 1e12)
     }
 
-    /// d (64 × 128, row-major) = a · bᵀ for a of 64 × 32 and b of 128 × 32 (row-major), by one
-    /// warpgroup's `wgmma` m64n128k8 steps (`wgmma_probe_tf32`), its operands staged in shared
-    /// memory in the K-major layout with leading and stride byte offsets `lbo` and `sbo`
-    /// (`kernels/wgmma.cuh`); with `a_from_smem`, A through a descriptor too instead of
-    /// registers. Err where [`Cuda::has_wgmma`] is false.
+    /// d (64 × 128, row-major) = a · bᵀ for a of 64 × k and b of 128 × k (row-major; k = 8, 16,
+    /// 24 or 32), by one warpgroup's `wgmma` m64n128k8 steps (`wgmma_probe_tf32`), its operands
+    /// staged in shared memory in the K-major layout with leading and stride byte offsets `lbo`
+    /// and `sbo` (`kernels/wgmma.cuh`); with `a_from_smem`, A through a descriptor too instead
+    /// of registers. `fields_swapped`: the descriptors carry the two offsets in each other's
+    /// fields (a test's diagnosis, when the documented reading fails, of whether the device
+    /// reads them the other way round). Each k8 slice is sized for either reading, so that a
+    /// device that reads them the other way round reads no shared memory past the launch's:
+    /// at most [`WGMMA_PROBE_SHARED`] bytes in all. Err where [`Cuda::has_wgmma`] is false.
     pub fn wgmma_probe(
         &self,
         a: &[f32],
         b: &[f32],
         (lbo, sbo): (i32, i32),
         a_from_smem: bool,
+        fields_swapped: bool,
     ) -> Result<Vec<f32>, String> {
         const ROWS: usize = 64;
         const COLS: usize = 128;
-        const K: usize = 32;
         if !self.has_wgmma() {
             return Err(format!("no wgmma on {} ({})", self.name, self.arch));
         }
-        assert_eq!(
-            (a.len(), b.len()),
-            (ROWS * K, COLS * K),
-            "a is 64 × 32, b 128 × 32"
+        let k = a.len() / ROWS;
+        assert!(
+            a.len() == ROWS * k && b.len() == COLS * k && k % 8 == 0 && (8..=32).contains(&k),
+            "a is 64 × k, b 128 × k, k = 8, 16, 24 or 32"
         );
         assert!(lbo % 16 == 0 && sbo % 16 == 0 && lbo > 0 && sbo > 0);
         let mut abuf: DevBuf<f32> = self.alloc_any(a.len(), false);
@@ -1136,15 +1144,22 @@ impl Cuda {
         let mut d: DevBuf<f32> = self.alloc_any(ROWS * COLS, false);
         self.upload_any(&vec![f32::NAN; ROWS * COLS], &mut d);
         // (wgmma_probe_span in kernels/wgmma.cu: the bytes of one 128 × k8 slice.)
-        let span = 15 * sbo + 7 * 16 + lbo + 16;
-        let operands = if a_from_smem { 2 } else { 1 };
+        let span_of = |l: i32, s: i32| 15 * s + 7 * 16 + l + 16;
+        let span = span_of(lbo, sbo).max(span_of(sbo, lbo));
+        let (steps, operands) = ((k / 8) as i32, if a_from_smem { 2 } else { 1 });
+        let bytes = (operands * steps * span) as u32;
+        assert!(
+            bytes <= WGMMA_PROBE_SHARED,
+            "{bytes} bytes of shared memory"
+        );
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: (operands * (K as i32 / 8) * span) as u32,
+            shared_mem_bytes: bytes,
         };
-        let a_smem = a_from_smem as i32;
-        launch!(self, "wgmma_probe_tf32", cfg; &abuf, &bbuf, &mut d, &lbo, &sbo, &a_smem);
+        let (a_smem, swapped) = (a_from_smem as i32, fields_swapped as i32);
+        launch!(self, "wgmma_probe_tf32", cfg;
+            &abuf, &bbuf, &mut d, &steps, &lbo, &sbo, &a_smem, &swapped);
         Ok(self.read(&d))
     }
 
