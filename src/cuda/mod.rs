@@ -510,7 +510,7 @@ struct StepVals {
 }
 
 /// The most dynamic shared memory a `wgmma_probe_tf32` launch takes ([`Cuda::wgmma_probe`]):
-/// opted in to, as the kernels of [`conv::LARGE_SHARED`].
+/// opted in to, as the other kernels launched with more than 48 KiB.
 pub const WGMMA_PROBE_SHARED: u32 = 96 << 10;
 
 /// Load one kernel file's module. A cached PTX entry the driver rejects is compiled again; PTX
