@@ -12,9 +12,17 @@
 //! (and ASan when its runtime is preloaded), which reports out-of-bounds indexing of shared and
 //! per-thread arrays, misalignment, bad shifts, signed overflow and out-of-buffer accesses.
 //!
+//! Hopper's warpgroup MMA (`wgmma`, `kernels/wgmma.cuh`) runs as the PTX ISA lays it out: the
+//! 128 threads of a warpgroup meet at each wgmma instruction, and each product runs when a
+//! `wait_group` retires its group, with what shared memory, the accumulators and the A
+//! registers hold then; a missing `wgmma.fence`, `fence.proxy.async` or wait is an error.
+//!
 //! What it cannot show: data races between blocks, timing, the device's own rounding of `expf`
-//! and fused multiply-adds (results agree with the GPU to f32 rounding, not bit for bit), and
-//! anything about the compiler NVRTC itself (the `nvrtc_*` tests cover compiling).
+//! and fused multiply-adds (results agree with the GPU to f32 rounding, not bit for bit),
+//! anything about the compiler NVRTC itself (the `nvrtc_*` tests cover compiling), whether its
+//! reading of wgmma's layouts is the hardware's (the probe test on a GPU, and the backend's
+//! check when it opens a 9.0 device, settle that), and an A register written between a
+//! `wgmma.fence` and the wgmma that reads it (the fence orders no such write).
 
 use super::kernels::{KernelFile, COMMON, KERNEL_FILES};
 
