@@ -840,7 +840,7 @@ fn main() {
     };
     // A conv row again with some fast paths off (`off`, a SLOTFIX_CUDA_DISABLE list; TF32,
     // version 3 only), beside the row with every path on: e.g. `conv_wgmma` off, version 6's
-    // mma.sync (fwd, dx) against version 7's wgmma.
+    // (or at stride 2 `v5s2`'s) mma.sync against version 7's wgmma.
     let conv_off_row = |precision: Precision,
                         version: u8,
                         name: &str,
@@ -904,6 +904,14 @@ fn main() {
                     precision,
                 )
             },
+        );
+        conv_v6_row(
+            precision,
+            version,
+            "decoder convT s2",
+            ConvGeom::transposed(res / 2, res / 2, ch, ch, 5, 2, 2, 1),
+            dec_imgs,
+            true,
         );
         guarded(
             &format!("decoder convT s1 ({precision:?} v{version})"),

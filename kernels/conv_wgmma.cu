@@ -1,5 +1,5 @@
 // conv_wgmma.cu: version 7 of the activation passes, on Hopper's warpgroup MMA (wgmma.cuh; sm_90a
-// only): the 5×5 stride-1 passes of 64 gathered channels into 64 outputs, clevr6's largest
+// only): the 5×5 passes of 64 gathered channels into 64 outputs at stride 1, clevr6's largest
 // (version 6 there: 51 % of the mma.sync peak, its shared-memory pipe 61 % busy with 6 KB of
 // fragment loads per 64 KFLOP).
 //
@@ -18,44 +18,67 @@
 // k0 k4 k1 k5 …), so a thread's A registers for k = q and q + 4 of a weight row are one
 // 8-byte load. Tile row i of the output is the wgmma's N rows
 // 8i..8i+7 (a halo row, SBO = 12 pixels · 16 bytes); the two K halves are LBO = 8 planes apart.
-// Planes are 241 pixels apart (≡ 16 bytes mod 128), so that the 8 threads storing one pixel's
-// octets hit 8 different bank groups.
+// Planes are a number of pixels ≡ 1 mod 8 apart (≡ 16 bytes mod 128), so that the 8 threads
+// storing one pixel's octets hit 8 different bank groups.
+//
+// Stride 2, the adjoint gather only (a stride-2 transposed convolution's forward: the CLEVR
+// decoder's upsampling layers): as version 5's `v5s2`, one output phase (oy mod 2, ox mod 2) per
+// blockIdx.z, which reads only its own taps (3 × 3, 3 × 2, 2 × 3 or 2 × 2 of the 25) from a halo
+// of the source at the phase's resolution, (16 + 2) × (8 + 2) pixels.
 #include "conv_tc.cuh"
 #include "wgmma.cuh"
 
 #define WG_THREADS 128
-#define WG_TH 16                            // output tile rows: N = 16 × 8 pixels
-#define WG_TW 8                             // output tile columns: one wgmma row group
-#define WG_HH (WG_TH + 4)                   // halo rows (5×5)
-#define WG_HW (WG_TW + 4)                   // halo columns
-#define WG_PLANE ((WG_HH * WG_HW + 1) * 4)  // words per plane
+#define WG_TH 16  // output tile rows (of the phase, at stride 2): N = 16 × 8 pixels
+#define WG_TW 8   // output tile columns: one wgmma row group
 
-// grid (batch · ⌈hp/16⌉ · ⌈wp/8⌉), block WG_THREADS, dynamic shared memory 16 · 4 · WG_PLANE
-// bytes; p.cs == 64, p.n == 64, p.k == 5, p.stride == 1. Arguments as conv_igemm_v5 (th and
-// tw: 16 and 8).
-template <bool ADJOINT>
+// The halo of a stride-STRIDE pass: rows, columns (its pitch: SBO = 16 bytes per column), and
+// the words of a plane (pixels ≡ 1 mod 8).
+template <int STRIDE>
+struct WgHalo {
+    static constexpr int KH = STRIDE == 1 ? 5 : 3;  // the most taps per axis (of a phase)
+    static constexpr int ROWS = WG_TH + KH - 1, COLS = WG_TW + KH - 1;
+    static constexpr int PLANE = ((ROWS * COLS + 7) / 8 * 8 + 1) * 4;
+    static constexpr int BYTES = 16 * 4 * PLANE;
+};
+
+// grid (batch · ⌈gh/16⌉ · ⌈gw/8⌉, 1, z), block WG_THREADS, dynamic shared memory
+// WgHalo<STRIDE>::BYTES; (gh, gw, z) = (⌈hp/2⌉, ⌈wp/2⌉, 4) at stride 2 (adjoint only), (hp, wp, 1)
+// at stride 1; p.cs == 64, p.n == 64, p.k == 5, p.stride == STRIDE. Arguments as conv_igemm_v5
+// (th and tw: 16 and 8).
+template <bool ADJOINT, int STRIDE>
 static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
+    static_assert(STRIDE == 1 || ADJOINT, "stride 2: the adjoint gather only");
     constexpr int K = 5, KK = K * K, CS = 64, KDIM = KK * CS;
+    using H = WgHalo<STRIDE>;
     extern __shared__ uint4 wg_smem[];
     unsigned* halo = (unsigned*)wg_smem;
     const int tid = threadIdx.x, w = tid / 32, g = tid % 32 / 4, q = tid % 4;
-    const int tiles_x = (p.wp + WG_TW - 1) / WG_TW, tiles_y = (p.hp + WG_TH - 1) / WG_TH;
+    // The tiles cover the output grid, or at stride 2 output phase (0, 0)'s, the largest.
+    const int gh = STRIDE == 2 ? (p.hp + 1) / 2 : p.hp, gw = STRIDE == 2 ? (p.wp + 1) / 2 : p.wp;
+    const int tiles_x = (gw + WG_TW - 1) / WG_TW, tiles_y = (gh + WG_TH - 1) / WG_TH;
     const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
     const int oy0 = (tile / tiles_x) * WG_TH, ox0 = (tile % tiles_x) * WG_TW;
-    // The halo's first source pixel; the adjoint gather is the direct one with the taps mirrored
-    // (conv_tc_v5.cuh).
+    // The phase (stride 2; conv_tc_v5.cuh): output (2i + qy, ·) reads source row
+    // i + (qy + pad − ky)/2 for its taps ky ≡ qy + pad (mod 2), ky = ky0 + 2a, a < ny; tap (a, b)
+    // reads the halo at (ny − 1 − a, nx − 1 − b). Stride 1: every tap, the adjoint gather the
+    // direct one with the taps mirrored.
+    const int qy = STRIDE == 2 ? (int)blockIdx.z >> 1 : 0, qx = STRIDE == 2 ? (int)blockIdx.z & 1 : 0;
+    const int ky0 = STRIDE == 2 ? (qy + p.pad) & 1 : 0, kx0 = STRIDE == 2 ? (qx + p.pad) & 1 : 0;
+    const int ny = STRIDE == 2 ? (K - ky0 + 1) / 2 : K, nx = STRIDE == 2 ? (K - kx0 + 1) / 2 : K;
     const int org = ADJOINT ? K - 1 - p.pad : p.pad;
-    const int sy0 = oy0 - org, sx0 = ox0 - org;
+    const int sy0 = STRIDE == 2 ? oy0 + (qy + p.pad - ky0 - 2 * (ny - 1)) / 2 : oy0 - org;
+    const int sx0 = STRIDE == 2 ? ox0 + (qx + p.pad - kx0 - 2 * (nx - 1)) / 2 : ox0 - org;
     // Pixel e / 8, channel octet e % 8: zero outside the image, through the ReLU mask for a
     // gradient, rounded to TF32; its first 4 channels to plane o, the others to plane 8 + o.
     const size_t img_base = (size_t)img * p.hs * p.ws;
 #pragma unroll 4
-    for (int e = tid; e < WG_HH * WG_HW * 8; e += WG_THREADS) {
+    for (int e = tid; e < H::ROWS * H::COLS * 8; e += WG_THREADS) {
         const int px = e / 8, o = e % 8;
-        const int sy = sy0 + px / WG_HW, sx = sx0 + px % WG_HW;
+        const int sy = sy0 + px / H::COLS, sx = sx0 + px % H::COLS;
         float4 lo = make_float4(0.0f, 0.0f, 0.0f, 0.0f), hi = lo;
         if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
             const size_t idx = (img_base + (size_t)sy * p.ws + sx) * CS + 8 * o;
@@ -66,8 +89,8 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
                 hi = relu_masked(hi, mask_y + idx + 4);
             }
         }
-        *(uint4*)&halo[o * WG_PLANE + 4 * px] = tf32x4(lo);
-        *(uint4*)&halo[(8 + o) * WG_PLANE + 4 * px] = tf32x4(hi);
+        *(uint4*)&halo[o * H::PLANE + 4 * px] = tf32x4(lo);
+        *(uint4*)&halo[(8 + o) * H::PLANE + 4 * px] = tf32x4(hi);
     }
     fence_proxy_async();
     __syncthreads();
@@ -91,40 +114,43 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    // The block's taps t < taps, (a, b) = (t / nx, t % nx): the weights' tap and its halo offset.
+    const int taps = ny * nx;
+    auto weight_tap = [&](int t) { return (ky0 + STRIDE * (t / nx)) * K + kx0 + STRIDE * (t % nx); };
     // Tap t's 8 products, one commit group: B from the halo at the tap's offset.
     auto run_tap = [&](const unsigned (&a)[8][4], int t) {
-        const int ta = t / K, tb = t % K;
-        const int ty = ADJOINT ? K - 1 - ta : ta, tx = ADJOINT ? K - 1 - tb : tb;
-        const unsigned* base = halo + 4 * (ty * WG_HW + tx);
+        const int ta = t / nx, tb = t % nx;
+        const int ty = ADJOINT ? ny - 1 - ta : ta, tx = ADJOINT ? nx - 1 - tb : tb;
+        const unsigned* base = halo + 4 * (ty * H::COLS + tx);
         wgmma_fence();
 #pragma unroll
         for (int s = 0; s < 8; ++s)
-            wgmma_m64n128k8_rs(acc, a[s], wgmma_desc(base + s * WG_PLANE, 8 * WG_PLANE * 4, WG_HW * 16), 1);
+            wgmma_m64n128k8_rs(acc, a[s], wgmma_desc(base + s * H::PLANE, 8 * H::PLANE * 4, H::COLS * 16), 1);
         wgmma_commit();
     };
     // Two register sets of weights, by the tap's parity: tap t + 1's load is issued once tap
     // t − 1's group (which read the same registers) has completed, while tap t's runs.
     unsigned a0[8][4], a1[8][4];
-    load_a(a0, 0);
-    for (int t = 0; t < KK; t += 2) {
+    load_a(a0, weight_tap(0));
+    for (int t = 0; t < taps; t += 2) {
         run_tap(a0, t);
         wgmma_wait<1>();
-        if (t + 1 < KK) {
-            load_a(a1, t + 1);
+        if (t + 1 < taps) {
+            load_a(a1, weight_tap(t + 1));
             run_tap(a1, t + 1);
             wgmma_wait<1>();
-            if (t + 2 < KK) load_a(a0, t + 2);
+            if (t + 2 < taps) load_a(a0, weight_tap(t + 2));
         }
     }
     wgmma_wait<0>();
-    // acc[4j + c] = D^T[m0][8j + 2q + c], acc[4j + 2 + c] = D^T[m0 + 8][8j + 2q + c]: output
-    // pixel (oy0 + j, ox0 + 2q + c).
+    // acc[4j + c] = D^T[m0][8j + 2q + c], acc[4j + 2 + c] = D^T[m0 + 8][8j + 2q + c]: tile
+    // position (j, 2q + c), output pixel (oy0 + j, ox0 + 2q + c) (stride 2: of the phase).
 #pragma unroll
     for (int j = 0; j < WG_TH; ++j) {
-        const int oy = oy0 + j;
+        const int oy = STRIDE * (oy0 + j) + qy;
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            const int ox = ox0 + 2 * q + c;
+            const int ox = STRIDE * (ox0 + 2 * q + c) + qx;
             if (oy >= p.hp || ox >= p.wp) continue;
             const size_t m = ((size_t)img * p.hp + oy) * p.wp + ox;
             tc_epilogue(&out[m * 64 + m0], acc[4 * j + c], bias, m0, relu, accumulate);
@@ -133,13 +159,15 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
     }
 }
 
-// Three blocks per SM: 62 KB of shared memory each, at most 168 registers per thread.
-#define WG_ENTRY(NAME, ADJ)                                                                                  \
+// Three blocks per SM (62 KB of shared memory each at stride 1, 47 KB at stride 2), at most 168
+// registers per thread.
+#define WG_ENTRY(NAME, ADJ, STRIDE)                                                                          \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 3)                                            \
         NAME(ConvGemm p, int th, int tw, const float* __restrict__ src, const float* __restrict__ mask_y,   \
              int masked, const unsigned* __restrict__ wt, const float* __restrict__ bias, int relu,          \
              int accumulate, float* __restrict__ out) {                                                     \
-        conv_igemm_wg<ADJ>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                         \
+        conv_igemm_wg<ADJ, STRIDE>(p, src, mask_y, masked, wt, bias, relu, accumulate, out);                 \
     }
-WG_ENTRY(conv_igemm_direct_wg5_tf32, false)
-WG_ENTRY(conv_igemm_adjoint_wg5_tf32, true)
+WG_ENTRY(conv_igemm_direct_wg5_tf32, false, 1)
+WG_ENTRY(conv_igemm_adjoint_wg5_tf32, true, 1)
+WG_ENTRY(conv_igemm_adjoint_wg5s2_tf32, true, 2)

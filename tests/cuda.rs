@@ -2454,8 +2454,10 @@ fn emu_conv_tf32_operands_round_to_nearest() {
             false,
             true,
         ),
-        // v5s2 forward, stride-2 dx and dW
+        // wg5s2 forward (version 7 at stride 2), stride-2 dx and dW
         ("T k5 s2 64->64", t(5, 4, 64, 64, 5, 2, 2, 1), true, true),
+        // v5s2 forward (48 outputs: not version 7's)
+        ("T k5 s2 64->48", t(4, 5, 64, 48, 5, 2, 2, 1), true, false),
         // 32 channels: v6c32, dW v4r32
         (
             "same k5 32->32",
@@ -2509,7 +2511,8 @@ fn emu_conv_tf32_operands_round_to_nearest() {
     let launched = g.emu_kernel_launches();
     for kind in [
         "conv_igemm_direct_wg5",
-        "conv_igemm_adjoint_wg5",
+        "conv_igemm_adjoint_wg5_",
+        "conv_igemm_adjoint_wg5s2",
         "conv_igemm_direct_v6k5",
         "conv_igemm_adjoint_v6k5",
         "conv_igemm_adjoint_n8sk3",
@@ -2561,6 +2564,70 @@ fn emu_conv_dw4_u32_k5_without_dw5() {
 fn gpu_conv_dw4_u32_k5_without_dw5() {
     if let Some(g) = gpu() {
         dw4_u32_k5_parity(g, TF32_TOL);
+    }
+}
+
+/// The 64 → 64 5×5 passes that version 7 (`conv_wgmma`) takes where it can, with it off:
+/// version 6 at stride 1 (forward and dx, direct and adjoint, pad 2 and 0) and `v5s2` for the
+/// stride-2 adjoint gathers (a transposed convolution's forward, a strided one's dx).
+fn conv_64_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
+    let g = g
+        .with_precision(Precision::Tf32)
+        .with_fast_paths(FastPaths::all_but("conv_wgmma").unwrap());
+    let t = ConvGeom::transposed;
+    for (name, geom, transposed, seed) in [
+        (
+            "same k5 64->64 13x37, conv_wgmma off",
+            ConvGeom::same(13, 37, 64, 64, 5),
+            false,
+            331,
+        ),
+        (
+            "k5 p0 64->64, conv_wgmma off",
+            ConvGeom::conv(12, 21, 64, 64, 5, 1, 0),
+            false,
+            332,
+        ),
+        (
+            "T k5 s2 op1 64->64, conv_wgmma off",
+            t(5, 4, 64, 64, 5, 2, 2, 1),
+            true,
+            333,
+        ),
+        (
+            "k5 s2 64->64 9x13, conv_wgmma off",
+            ConvGeom::conv(9, 13, 64, 64, 5, 2, 2),
+            false,
+            334,
+        ),
+    ] {
+        conv_case(&g, name, geom, transposed, true, seed, tol);
+    }
+    g
+}
+
+#[test]
+fn emu_conv_64_without_wgmma() {
+    let Some(g) = emu() else { return };
+    let g = conv_64_without_wgmma_parity(g, TF32_TOL);
+    let launched = g.emu_kernel_launches();
+    assert!(!launched.keys().any(|k| k.contains("_wg5")), "{launched:?}");
+    for kind in [
+        "conv_igemm_direct_v6k5",
+        "conv_igemm_adjoint_v6k5",
+        "conv_igemm_adjoint_v5s2k5",
+    ] {
+        assert!(
+            launched.keys().any(|k| k.starts_with(kind)),
+            "no {kind}* kernel ran: {launched:?}"
+        );
+    }
+}
+
+#[test]
+fn gpu_conv_64_without_wgmma() {
+    if let Some(g) = gpu() {
+        conv_64_without_wgmma_parity(g, TF32_TOL);
     }
 }
 

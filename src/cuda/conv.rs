@@ -431,28 +431,36 @@ pub(super) const LARGE_SHARED: [(&str, u32); 28] = [
     ),
 ];
 
-/// Bytes of dynamic shared memory of a version 7 (`wgmma`) pass, conv_wgmma.cu: 16 planes of
-/// (20 × 12 + 1) pixels × 4 words.
-const WG_SHARED_BYTES: u32 = 16 * (20 * 12 + 1) * 4 * 4;
+/// Bytes of dynamic shared memory of a version 7 (`wgmma`) pass, conv_wgmma.cu's WgHalo: 16
+/// planes of a halo of (16 + 4) × (8 + 4) pixels (stride 1) or (16 + 2) × (8 + 2) (stride 2, a
+/// phase's), each padded to a number of pixels ≡ 1 mod 8, 4 words a pixel.
+const fn wg_shared_bytes(stride: usize) -> u32 {
+    let kh: usize = if stride == 1 { 5 } else { 3 };
+    let pixels = (16 + kh - 1) * (8 + kh - 1);
+    (16 * (pixels.div_ceil(8) * 8 + 1) * 4 * 4) as u32
+}
+const WG_SHARED_BYTES: u32 = wg_shared_bytes(1);
 
 /// Version 7 of an activation pass (`conv_wgmma`, conv_wgmma.cu: sm_90a) where it applies: 64
-/// gathered channels into 64 outputs, 5×5, stride 1. Its kernel, grid and output tile (16 × 8
-/// pixels per block, WG_THREADS 128).
+/// gathered channels into 64 outputs, 5×5, stride 1, or stride 2 for the adjoint gather (a
+/// transposed convolution's forward: an output phase per z, as `v5s2`). Its kernel, grid and
+/// output tile (16 × 8 pixels, of the phase at stride 2, per block; WG_THREADS 128).
 fn wg_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32, i32)> {
-    if !(p.cs == 64 && p.n == 64 && p.k == 5 && p.stride == 1) {
+    if !(p.cs == 64 && p.n == 64 && p.k == 5 && (p.stride == 1 || (p.stride == 2 && adjoint))) {
         return None;
     }
     let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
-    let blocks = batch * hp.div_ceil(16) * wp.div_ceil(8);
-    let name = if adjoint {
-        "conv_igemm_adjoint_wg5_tf32"
-    } else {
-        "conv_igemm_direct_wg5_tf32"
+    let (s, z) = if p.stride == 2 { (2, 4) } else { (1, 1) };
+    let blocks = batch * hp.div_ceil(s).div_ceil(16) * wp.div_ceil(s).div_ceil(8);
+    let name = match (adjoint, p.stride) {
+        (true, 2) => "conv_igemm_adjoint_wg5s2_tf32",
+        (true, _) => "conv_igemm_adjoint_wg5_tf32",
+        (false, _) => "conv_igemm_direct_wg5_tf32",
     };
     let cfg = LaunchConfig {
-        grid_dim: (i(blocks) as u32, 1, 1),
+        grid_dim: (i(blocks) as u32, 1, z),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: WG_SHARED_BYTES,
+        shared_mem_bytes: wg_shared_bytes(p.stride as usize),
     };
     Some((name, cfg, 16, 8))
 }

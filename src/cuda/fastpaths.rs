@@ -30,10 +30,12 @@ pub struct FastPaths {
     /// version 5's pixels (64 × 32 channels, `conv_igemm_*_v6k5_tf32`; 32 × 32, `*_v6c32*`);
     /// off: version 5's 8 warps.
     pub conv_v6: bool,
-    /// Version 7 on Hopper (compute capability 9.0, sm_90a): the 5×5 stride-1 passes of 64
-    /// gathered channels into 64 outputs on the warpgroup MMA (`conv_igemm_*_wg5_tf32`: the
-    /// weights in registers, the output tile's pixels read by the tensor cores from the halo);
-    /// off, and on other devices: version 6.
+    /// Version 7 on Hopper (compute capability 9.0, sm_90a): the 5×5 passes of 64 gathered
+    /// channels into 64 outputs at stride 1, and the stride-2 adjoint gathers (transposed
+    /// convolutions' forwards, a phase per block), on the warpgroup MMA
+    /// (`conv_igemm_*_wg5*_tf32`: the weights in registers, the output tile's pixels read by
+    /// the tensor cores from the halo); off, and on other devices: version 6 (`v5s2` at
+    /// stride 2).
     pub conv_wgmma: bool,
     /// Version 5 for at most 4 gathered channels (stride 1, 3×3 or 5×5, more than 8 outputs:
     /// the first layer's forward, the last layer's input gradient): two taps per k-step of the

@@ -212,7 +212,11 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         name: "conv_wgmma.cu",
         source: include_str!("../../kernels/conv_wgmma.cu"),
         sm90a: true,
-        kernels: &["conv_igemm_direct_wg5_tf32", "conv_igemm_adjoint_wg5_tf32"],
+        kernels: &[
+            "conv_igemm_direct_wg5_tf32",
+            "conv_igemm_adjoint_wg5_tf32",
+            "conv_igemm_adjoint_wg5s2_tf32",
+        ],
     },
     KernelFile {
         name: "linear.cu",
