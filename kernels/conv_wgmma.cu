@@ -4,7 +4,7 @@
 // fragment loads per 64 KFLOP).
 //
 // The GEMM transposed: D^T (64 output channels × 128 pixels) = W_tap (64 × 64 channels) ·
-// X_tapᵀ, summed over the 25 taps, one wgmma m64n128k8 per tap and 8 channels. A = the
+// X_tapᵀ, summed over the taps, one wgmma m64n128k8 per tap and 8 channels. A = the
 // weights, in registers, each warp's 16 output channels loaded straight from global memory (L2)
 // one tap ahead; B = the block's 16 × 8 output pixels at the tap's offset in the halo, read by
 // the tensor cores from shared memory. Per 64 KFLOP the shared memory serves 2 KB (the pixels'
@@ -21,10 +21,12 @@
 // Planes are a number of pixels ≡ 1 mod 8 apart (≡ 16 bytes mod 128), so that the 8 threads
 // storing one pixel's octets hit 8 different bank groups.
 //
-// Stride 2, the adjoint gather only (a stride-2 transposed convolution's forward: the CLEVR
-// decoder's upsampling layers): as version 5's `v5s2`, one output phase (oy mod 2, ox mod 2) per
-// blockIdx.z, which reads only its own taps (3 × 3, 3 × 2, 2 × 3 or 2 × 2 of the 25) from a halo
-// of the source at the phase's resolution, (16 + 2) × (8 + 2) pixels.
+// Stride 2, by phases as version 5's `v5s2`, each of 3 × 3, 3 × 2, 2 × 3 or 2 × 2 of the 25 taps
+// from a halo of the source at the phase's resolution, (16 + 2) × (8 + 2) pixels. The adjoint
+// gather (a stride-2 transposed convolution's forward: the CLEVR decoder's upsampling layers)
+// takes one output phase (oy mod 2, ox mod 2) per blockIdx.z; the direct one (their dx) runs
+// the four source phases in turn into the same accumulators, the halo staged again for each
+// once the last one's products have completed.
 #include "conv_tc.cuh"
 #include "wgmma.cuh"
 
@@ -43,57 +45,88 @@ struct WgHalo {
 };
 
 // grid (batch · ⌈gh/16⌉ · ⌈gw/8⌉, 1, z), block WG_THREADS, dynamic shared memory
-// WgHalo<STRIDE>::BYTES; (gh, gw, z) = (⌈hp/2⌉, ⌈wp/2⌉, 4) at stride 2 (adjoint only), (hp, wp, 1)
-// at stride 1; p.cs == 64, p.n == 64, p.k == 5, p.stride == STRIDE. Arguments as conv_igemm_v5
-// (th and tw: 16 and 8).
+// WgHalo<STRIDE>::BYTES; (gh, gw, z) = (⌈hp/2⌉, ⌈wp/2⌉, 4) for the adjoint gather at stride 2,
+// (hp, wp, 1) otherwise; p.cs == 64, p.n == 64, p.k == 5, p.stride == STRIDE. Arguments as
+// conv_igemm_v5 (th and tw: 16 and 8).
 template <bool ADJOINT, int STRIDE>
 static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict__ src,
                                      const float* __restrict__ mask_y, int masked, const unsigned* __restrict__ wt,
                                      const float* __restrict__ bias, int relu, int accumulate,
                                      float* __restrict__ out) {
-    static_assert(STRIDE == 1 || ADJOINT, "stride 2: the adjoint gather only");
     constexpr int K = 5, KK = K * K, CS = 64, KDIM = KK * CS;
+    constexpr bool ADJ_S2 = STRIDE == 2 && ADJOINT, DIR_S2 = STRIDE == 2 && !ADJOINT;
     using H = WgHalo<STRIDE>;
     extern __shared__ uint4 wg_smem[];
     unsigned* halo = (unsigned*)wg_smem;
     const int tid = threadIdx.x, w = tid / 32, g = tid % 32 / 4, q = tid % 4;
-    // The tiles cover the output grid, or at stride 2 output phase (0, 0)'s, the largest.
-    const int gh = STRIDE == 2 ? (p.hp + 1) / 2 : p.hp, gw = STRIDE == 2 ? (p.wp + 1) / 2 : p.wp;
+    // The tiles cover the output grid, or for the adjoint gather at stride 2 output phase
+    // (0, 0)'s, the largest.
+    const int gh = ADJ_S2 ? (p.hp + 1) / 2 : p.hp, gw = ADJ_S2 ? (p.wp + 1) / 2 : p.wp;
     const int tiles_x = (gw + WG_TW - 1) / WG_TW, tiles_y = (gh + WG_TH - 1) / WG_TH;
     const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
     const int oy0 = (tile / tiles_x) * WG_TH, ox0 = (tile % tiles_x) * WG_TW;
-    // The phase (stride 2; conv_tc_v5.cuh): output (2i + qy, ·) reads source row
-    // i + (qy + pad − ky)/2 for its taps ky ≡ qy + pad (mod 2), ky = ky0 + 2a, a < ny; tap (a, b)
-    // reads the halo at (ny − 1 − a, nx − 1 − b). Stride 1: every tap, the adjoint gather the
-    // direct one with the taps mirrored.
-    const int qy = STRIDE == 2 ? (int)blockIdx.z >> 1 : 0, qx = STRIDE == 2 ? (int)blockIdx.z & 1 : 0;
-    const int ky0 = STRIDE == 2 ? (qy + p.pad) & 1 : 0, kx0 = STRIDE == 2 ? (qx + p.pad) & 1 : 0;
-    const int ny = STRIDE == 2 ? (K - ky0 + 1) / 2 : K, nx = STRIDE == 2 ? (K - kx0 + 1) / 2 : K;
-    const int org = ADJOINT ? K - 1 - p.pad : p.pad;
-    const int sy0 = STRIDE == 2 ? oy0 + (qy + p.pad - ky0 - 2 * (ny - 1)) / 2 : oy0 - org;
-    const int sx0 = STRIDE == 2 ? ox0 + (qx + p.pad - kx0 - 2 * (nx - 1)) / 2 : ox0 - org;
-    // Pixel e / 8, channel octet e % 8: zero outside the image, through the ReLU mask for a
-    // gradient, rounded to TF32; its first 4 channels to plane o, the others to plane 8 + o.
-    const size_t img_base = (size_t)img * p.hs * p.ws;
-#pragma unroll 4
-    for (int e = tid; e < H::ROWS * H::COLS * 8; e += WG_THREADS) {
-        const int px = e / 8, o = e % 8;
-        const int sy = sy0 + px / H::COLS, sx = sx0 + px % H::COLS;
-        float4 lo = make_float4(0.0f, 0.0f, 0.0f, 0.0f), hi = lo;
-        if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
-            const size_t idx = (img_base + (size_t)sy * p.ws + sx) * CS + 8 * o;
-            lo = ld_f4(src + idx);
-            hi = ld_f4(src + idx + 4);
-            if (masked) {
-                lo = relu_masked(lo, mask_y + idx);
-                hi = relu_masked(hi, mask_y + idx + 4);
-            }
+    // A phase of the gather (as conv_tc_v5.cuh's): its taps (ky0 + S·a, kx0 + S·b), a < ny,
+    // b < nx, and its halo's first pixel.
+    // - Stride 1: one phase, every tap; the adjoint gather is the direct one with the taps
+    //   mirrored (its origin K − 1 − pad).
+    // - Stride 2, adjoint (a transposed convolution's forward): output phase (qy, qx) =
+    //   blockIdx.z, its taps ky ≡ qy + pad (mod 2); output (2i + qy, ·) reads source row
+    //   i + (qy + pad − ky)/2; tap (a, b) reads the halo at (ny − 1 − a, nx − 1 − b).
+    // - Stride 2, direct (a transposed convolution's dx, a strided one's forward): the four
+    //   source phases (qy, qx) in turn, into the same accumulators; phase qy is the source's rows
+    //   2u + qy, its taps ky ≡ qy + pad (mod 2); output i reads u = i + a + (ky0 − pad − qy)/2,
+    //   halo row a.
+    struct Phase {
+        int qy, qx, ky0, kx0, ny, nx, sy0, sx0;
+    };
+    const int oqy = ADJ_S2 ? (int)blockIdx.z >> 1 : 0, oqx = ADJ_S2 ? (int)blockIdx.z & 1 : 0;
+    auto phase = [&](int ph) {
+        Phase f;
+        f.qy = ADJ_S2 ? oqy : DIR_S2 ? ph >> 1 : 0;
+        f.qx = ADJ_S2 ? oqx : DIR_S2 ? ph & 1 : 0;
+        f.ky0 = STRIDE == 2 ? (f.qy + p.pad) & 1 : 0;
+        f.kx0 = STRIDE == 2 ? (f.qx + p.pad) & 1 : 0;
+        f.ny = STRIDE == 2 ? (K - f.ky0 + 1) / 2 : K;
+        f.nx = STRIDE == 2 ? (K - f.kx0 + 1) / 2 : K;
+        if (ADJ_S2) {
+            f.sy0 = oy0 + (f.qy + p.pad - f.ky0 - 2 * (f.ny - 1)) / 2;
+            f.sx0 = ox0 + (f.qx + p.pad - f.kx0 - 2 * (f.nx - 1)) / 2;
+        } else if (DIR_S2) {
+            f.sy0 = oy0 + (f.ky0 - p.pad - f.qy) / 2;
+            f.sx0 = ox0 + (f.kx0 - p.pad - f.qx) / 2;
+        } else {
+            f.sy0 = oy0 - (ADJOINT ? K - 1 - p.pad : p.pad);
+            f.sx0 = ox0 - (ADJOINT ? K - 1 - p.pad : p.pad);
         }
-        *(uint4*)&halo[o * H::PLANE + 4 * px] = tf32x4(lo);
-        *(uint4*)&halo[(8 + o) * H::PLANE + 4 * px] = tf32x4(hi);
-    }
-    fence_proxy_async();
-    __syncthreads();
+        return f;
+    };
+    // The halo of phase f: pixel e / 8, channel octet e % 8 (of the phase's source rows
+    // 2u + qy for the direct gather at stride 2); zero outside the image, through the ReLU
+    // mask for a gradient, rounded to TF32; its first 4 channels to plane o, the others to
+    // plane 8 + o.
+    const size_t img_base = (size_t)img * p.hs * p.ws;
+    auto stage_halo = [&](const Phase& f) {
+#pragma unroll 4
+        for (int e = tid; e < H::ROWS * H::COLS * 8; e += WG_THREADS) {
+            const int px = e / 8, o = e % 8;
+            const int sy = DIR_S2 ? 2 * (f.sy0 + px / H::COLS) + f.qy : f.sy0 + px / H::COLS;
+            const int sx = DIR_S2 ? 2 * (f.sx0 + px % H::COLS) + f.qx : f.sx0 + px % H::COLS;
+            float4 lo = make_float4(0.0f, 0.0f, 0.0f, 0.0f), hi = lo;
+            if ((unsigned)sy < (unsigned)p.hs && (unsigned)sx < (unsigned)p.ws) {
+                const size_t idx = (img_base + (size_t)sy * p.ws + sx) * CS + 8 * o;
+                lo = ld_f4(src + idx);
+                hi = ld_f4(src + idx + 4);
+                if (masked) {
+                    lo = relu_masked(lo, mask_y + idx);
+                    hi = relu_masked(hi, mask_y + idx + 4);
+                }
+            }
+            *(uint4*)&halo[o * H::PLANE + 4 * px] = tf32x4(lo);
+            *(uint4*)&halo[(8 + o) * H::PLANE + 4 * px] = tf32x4(hi);
+        }
+        fence_proxy_async();
+        __syncthreads();
+    };
     // This thread's weight rows (output channels m0 and m0 + 8) at channels q and q + 4 of each
     // octet: tap t, step s: a = {W[m0][8s+q], W[m0+8][8s+q], W[m0][8s+q+4], W[m0+8][8s+q+4]},
     // words 2q and 2q + 1 of the octet in wt (pre-rounded TF32, [n][tap][c] with each octet
@@ -114,13 +147,14 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    // The block's taps t < taps, (a, b) = (t / nx, t % nx): the weights' tap and its halo offset.
-    const int taps = ny * nx;
-    auto weight_tap = [&](int t) { return (ky0 + STRIDE * (t / nx)) * K + kx0 + STRIDE * (t % nx); };
-    // Tap t's 8 products, one commit group: B from the halo at the tap's offset.
-    auto run_tap = [&](const unsigned (&a)[8][4], int t) {
-        const int ta = t / nx, tb = t % nx;
-        const int ty = ADJOINT ? ny - 1 - ta : ta, tx = ADJOINT ? nx - 1 - tb : tb;
+    // Phase f's tap t < ny·nx, (a, b) = (t / nx, t % nx): the weights' tap, and its 8 products as
+    // one commit group with B from the halo at the tap's offset.
+    auto weight_tap = [&](const Phase& f, int t) {
+        return (f.ky0 + STRIDE * (t / f.nx)) * K + f.kx0 + STRIDE * (t % f.nx);
+    };
+    auto run_tap = [&](const Phase& f, const unsigned (&a)[8][4], int t) {
+        const int ta = t / f.nx, tb = t % f.nx;
+        const int ty = ADJOINT ? f.ny - 1 - ta : ta, tx = ADJOINT ? f.nx - 1 - tb : tb;
         const unsigned* base = halo + 4 * (ty * H::COLS + tx);
         wgmma_fence();
 #pragma unroll
@@ -129,28 +163,40 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
         wgmma_commit();
     };
     // Two register sets of weights, by the tap's parity: tap t + 1's load is issued once tap
-    // t − 1's group (which read the same registers) has completed, while tap t's runs.
+    // t − 1's group (which read the same registers) has completed, while tap t's runs. A new
+    // phase's halo is staged once every product of the last one has completed (wait_group 0)
+    // and every thread is past it.
     unsigned a0[8][4], a1[8][4];
-    load_a(a0, weight_tap(0));
-    for (int t = 0; t < taps; t += 2) {
-        run_tap(a0, t);
-        wgmma_wait<1>();
-        if (t + 1 < taps) {
-            load_a(a1, weight_tap(t + 1));
-            run_tap(a1, t + 1);
+    for (int ph = 0; ph < (DIR_S2 ? 4 : 1); ++ph) {
+        const Phase f = phase(ph);
+        if (ph > 0) {
+            wgmma_wait<0>();
+            __syncthreads();
+        }
+        stage_halo(f);
+        const int taps = f.ny * f.nx;
+        load_a(a0, weight_tap(f, 0));
+        for (int t = 0; t < taps; t += 2) {
+            run_tap(f, a0, t);
             wgmma_wait<1>();
-            if (t + 2 < taps) load_a(a0, weight_tap(t + 2));
+            if (t + 1 < taps) {
+                load_a(a1, weight_tap(f, t + 1));
+                run_tap(f, a1, t + 1);
+                wgmma_wait<1>();
+                if (t + 2 < taps) load_a(a0, weight_tap(f, t + 2));
+            }
         }
     }
     wgmma_wait<0>();
     // acc[4j + c] = D^T[m0][8j + 2q + c], acc[4j + 2 + c] = D^T[m0 + 8][8j + 2q + c]: tile
-    // position (j, 2q + c), output pixel (oy0 + j, ox0 + 2q + c) (stride 2: of the phase).
+    // position (j, 2q + c), output pixel (oy0 + j, ox0 + 2q + c) (the adjoint gather at stride
+    // 2: of its output phase).
 #pragma unroll
     for (int j = 0; j < WG_TH; ++j) {
-        const int oy = STRIDE * (oy0 + j) + qy;
+        const int oy = ADJ_S2 ? 2 * (oy0 + j) + oqy : oy0 + j;
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-            const int ox = STRIDE * (ox0 + 2 * q + c) + qx;
+            const int ox = ADJ_S2 ? 2 * (ox0 + 2 * q + c) + oqx : ox0 + 2 * q + c;
             if (oy >= p.hp || ox >= p.wp) continue;
             const size_t m = ((size_t)img * p.hp + oy) * p.wp + ox;
             tc_epilogue(&out[m * 64 + m0], acc[4 * j + c], bias, m0, relu, accumulate);
@@ -159,7 +205,7 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
     }
 }
 
-// Three blocks per SM (62 KB of shared memory each at stride 1, 47 KB at stride 2), at most 168
+// Three blocks per SM (62 KB of shared memory each at stride 1, 46 KB at stride 2), at most 168
 // registers per thread.
 #define WG_ENTRY(NAME, ADJ, STRIDE)                                                                          \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 3)                                            \
@@ -171,3 +217,4 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
 WG_ENTRY(conv_igemm_direct_wg5_tf32, false, 1)
 WG_ENTRY(conv_igemm_adjoint_wg5_tf32, true, 1)
 WG_ENTRY(conv_igemm_adjoint_wg5s2_tf32, true, 2)
+WG_ENTRY(conv_igemm_direct_wg5s2_tf32, false, 2)

@@ -2454,7 +2454,7 @@ fn emu_conv_tf32_operands_round_to_nearest() {
             false,
             true,
         ),
-        // wg5s2 forward (version 7 at stride 2), stride-2 dx and dW
+        // wg5s2 forward and dx (version 7 at stride 2, both gathers), stride-2 dW
         ("T k5 s2 64->64", t(5, 4, 64, 64, 5, 2, 2, 1), true, true),
         // v5s2 forward (48 outputs: not version 7's)
         ("T k5 s2 64->48", t(4, 5, 64, 48, 5, 2, 2, 1), true, false),
@@ -2513,6 +2513,7 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         "conv_igemm_direct_wg5",
         "conv_igemm_adjoint_wg5_",
         "conv_igemm_adjoint_wg5s2",
+        "conv_igemm_direct_wg5s2",
         "conv_igemm_direct_v6k5",
         "conv_igemm_adjoint_v6k5",
         "conv_igemm_adjoint_n8sk3",
@@ -2568,8 +2569,9 @@ fn gpu_conv_dw4_u32_k5_without_dw5() {
 }
 
 /// The 64 → 64 5×5 passes that version 7 (`conv_wgmma`) takes where it can, with it off:
-/// version 6 at stride 1 (forward and dx, direct and adjoint, pad 2 and 0) and `v5s2` for the
-/// stride-2 adjoint gathers (a transposed convolution's forward, a strided one's dx).
+/// version 6 at stride 1 (forward and dx, direct and adjoint, pad 2 and 0) and `v5s2` at stride
+/// 2 (both gathers: a transposed convolution's forward and a strided one's dx, and the other
+/// way round).
 fn conv_64_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
     let g = g
         .with_precision(Precision::Tf32)
@@ -2616,6 +2618,7 @@ fn emu_conv_64_without_wgmma() {
         "conv_igemm_direct_v6k5",
         "conv_igemm_adjoint_v6k5",
         "conv_igemm_adjoint_v5s2k5",
+        "conv_igemm_direct_v5s2k5",
     ] {
         assert!(
             launched.keys().any(|k| k.starts_with(kind)),

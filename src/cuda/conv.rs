@@ -442,18 +442,24 @@ const fn wg_shared_bytes(stride: usize) -> u32 {
 const WG_SHARED_BYTES: u32 = wg_shared_bytes(1);
 
 /// Version 7 of an activation pass (`conv_wgmma`, conv_wgmma.cu: sm_90a) where it applies: 64
-/// gathered channels into 64 outputs, 5×5, stride 1, or stride 2 for the adjoint gather (a
-/// transposed convolution's forward: an output phase per z, as `v5s2`). Its kernel, grid and
-/// output tile (16 × 8 pixels, of the phase at stride 2, per block; WG_THREADS 128).
+/// gathered channels into 64 outputs, 5×5, stride 1 or 2 (as `v5s2`: the adjoint gather, a
+/// transposed convolution's forward, an output phase per z; the direct one, its dx, the four
+/// source phases in turn). Its kernel, grid and output tile (16 × 8 pixels per block, of the
+/// output phase for the adjoint gather at stride 2; WG_THREADS 128).
 fn wg_kernel(p: &ConvGemmC, adjoint: bool) -> Option<(&'static str, LaunchConfig, i32, i32)> {
-    if !(p.cs == 64 && p.n == 64 && p.k == 5 && (p.stride == 1 || (p.stride == 2 && adjoint))) {
+    if !(p.cs == 64 && p.n == 64 && p.k == 5 && (p.stride == 1 || p.stride == 2)) {
         return None;
     }
     let (hp, wp, batch) = (p.hp as usize, p.wp as usize, p.batch as usize);
-    let (s, z) = if p.stride == 2 { (2, 4) } else { (1, 1) };
+    let (s, z) = if p.stride == 2 && adjoint {
+        (2, 4)
+    } else {
+        (1, 1)
+    };
     let blocks = batch * hp.div_ceil(s).div_ceil(16) * wp.div_ceil(s).div_ceil(8);
     let name = match (adjoint, p.stride) {
         (true, 2) => "conv_igemm_adjoint_wg5s2_tf32",
+        (false, 2) => "conv_igemm_direct_wg5s2_tf32",
         (true, _) => "conv_igemm_adjoint_wg5_tf32",
         (false, _) => "conv_igemm_direct_wg5_tf32",
     };

@@ -31,8 +31,8 @@ pub struct FastPaths {
     /// off: version 5's 8 warps.
     pub conv_v6: bool,
     /// Version 7 on Hopper (compute capability 9.0, sm_90a): the 5×5 passes of 64 gathered
-    /// channels into 64 outputs at stride 1, and the stride-2 adjoint gathers (transposed
-    /// convolutions' forwards, a phase per block), on the warpgroup MMA
+    /// channels into 64 outputs at stride 1, and at stride 2 by phases as `v5s2` (transposed
+    /// convolutions' forwards and input gradients), on the warpgroup MMA
     /// (`conv_igemm_*_wg5*_tf32`: the weights in registers, the output tile's pixels read by
     /// the tensor cores from the halo); off, and on other devices: version 6 (`v5s2` at
     /// stride 2).

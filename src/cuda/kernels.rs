@@ -216,6 +216,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_direct_wg5_tf32",
             "conv_igemm_adjoint_wg5_tf32",
             "conv_igemm_adjoint_wg5s2_tf32",
+            "conv_igemm_direct_wg5s2_tf32",
         ],
     },
     KernelFile {
