@@ -213,6 +213,46 @@ struct ConvGemm {
     int w_nc;        // 1: weights W[n][c][ky][kx]; 0: W[c][n][ky][kx]
 };
 
+// A phase of an activation pass's gather (versions 5 and 7, conv_tc_v5.cuh and conv_wgmma.cu):
+// its taps (ky0 + STRIDE·a, kx0 + STRIDE·b) for a < ny, b < nx, and its halo's first pixel
+// (sy0, sx0) for the output tile at (oy0, ox0) (of the phase's source rows 2u + qy for the
+// direct gather at stride 2). Tap (a, b) reads the halo at (a, b), or at (ny − 1 − a, nx − 1 − b)
+// for the adjoint gather.
+// - Stride 1: one phase, every tap; the adjoint gather is the direct one mirrored, its origin
+//   K − 1 − pad before the tile's.
+// - Stride 2, adjoint (a transposed convolution's forward): output phase (oqy, oqx), its taps
+//   ky ≡ oqy + pad (mod 2); output (2i + oqy, ·) reads source row i + (oqy + pad − ky)/2, from
+//   the smallest offset (oqy + pad − ky_last)/2.
+// - Stride 2, direct (a transposed convolution's dx, a strided one's forward): source phase
+//   ph = 2·qy + qx of the four the block runs in turn, its taps ky ≡ qy + pad (mod 2); output i
+//   reads u = i + a + (ky0 − pad − qy)/2.
+struct ConvPhase {
+    int qy, qx, ky0, kx0, ny, nx, sy0, sx0;
+};
+template <bool ADJOINT, int K, int STRIDE>
+static __device__ __forceinline__ ConvPhase conv_phase(const ConvGemm& p, int ph, int oy0, int ox0, int oqy,
+                                                       int oqx) {
+    constexpr bool ADJ_S2 = STRIDE == 2 && ADJOINT, DIR_S2 = STRIDE == 2 && !ADJOINT;
+    ConvPhase f;
+    f.qy = ADJ_S2 ? oqy : DIR_S2 ? ph >> 1 : 0;
+    f.qx = ADJ_S2 ? oqx : DIR_S2 ? ph & 1 : 0;
+    f.ky0 = STRIDE == 2 ? (f.qy + p.pad) & 1 : 0;
+    f.kx0 = STRIDE == 2 ? (f.qx + p.pad) & 1 : 0;
+    f.ny = (K - f.ky0 + STRIDE - 1) / STRIDE;
+    f.nx = (K - f.kx0 + STRIDE - 1) / STRIDE;
+    if (ADJ_S2) {
+        f.sy0 = oy0 + (f.qy + p.pad - f.ky0 - 2 * (f.ny - 1)) / 2;
+        f.sx0 = ox0 + (f.qx + p.pad - f.kx0 - 2 * (f.nx - 1)) / 2;
+    } else if (DIR_S2) {
+        f.sy0 = oy0 + (f.ky0 - p.pad - f.qy) / 2;
+        f.sx0 = ox0 + (f.kx0 - p.pad - f.qx) / 2;
+    } else {
+        f.sy0 = oy0 - (ADJOINT ? K - 1 - p.pad : p.pad);
+        f.sx0 = ox0 - (ADJOINT ? K - 1 - p.pad : p.pad);
+    }
+    return f;
+}
+
 // Version 3 tiles: 8 warps of 32 × 32 (as in v2), WN of them side by side along the channels.
 // WN = 2: 128 output rows × 64 channels; every block reads the whole permuted weight matrix from
 // L2 (410 KB for a 64-channel 5×5 layer), so twice v2's rows per block halves that traffic, the

@@ -94,36 +94,10 @@ static __device__ void conv_igemm_v5(const ConvGemm& p, int th, int tw, const fl
     // (OS·(oy0 + r) + oqy, …).
     constexpr int OS = ADJ_S2 ? 2 : 1;
     const int oqy = ADJ_S2 ? (int)blockIdx.z >> 1 : 0, oqx = ADJ_S2 ? (int)blockIdx.z & 1 : 0;
-    // A phase of the gather: its taps (ky0 + STRIDE·a, kx0 + STRIDE·b) for a < ny, b < nx, and
-    // its halo's first pixel (sy0, sx0) (of the phase's source rows 2u + qy for the direct
-    // gather at stride 2). Tap (a, b) reads the halo at (a, b), or at (ny − 1 − a, nx − 1 − b)
-    // for the adjoint gather (stride 1: the direct gather mirrored, its origin K − 1 − pad
-    // before the tile's; stride 2: the output phase's taps, from the smallest source offset
-    // (q + pad − ky_last)/2). The direct gather at stride 2 runs the four source phases (qy, qx)
-    // in turn: offset (ky0 − pad − qy)/2.
-    struct Phase {
-        int qy, qx, ky0, kx0, ny, nx, sy0, sx0;
-    };
-    auto phase = [&](int ph) {
-        Phase f;
-        f.qy = ADJ_S2 ? oqy : DIR_S2 ? ph >> 1 : 0;
-        f.qx = ADJ_S2 ? oqx : DIR_S2 ? ph & 1 : 0;
-        f.ky0 = STRIDE == 2 ? (f.qy + p.pad) & 1 : 0;
-        f.kx0 = STRIDE == 2 ? (f.qx + p.pad) & 1 : 0;
-        f.ny = (K - f.ky0 + STRIDE - 1) / STRIDE;
-        f.nx = (K - f.kx0 + STRIDE - 1) / STRIDE;
-        if (ADJ_S2) {
-            f.sy0 = oy0 + (f.qy + p.pad - f.ky0 - 2 * (f.ny - 1)) / 2;
-            f.sx0 = ox0 + (f.qx + p.pad - f.kx0 - 2 * (f.nx - 1)) / 2;
-        } else if (DIR_S2) {
-            f.sy0 = oy0 + (f.ky0 - p.pad - f.qy) / 2;
-            f.sx0 = ox0 + (f.kx0 - p.pad - f.qx) / 2;
-        } else {
-            f.sy0 = oy0 - (ADJOINT ? K - 1 - p.pad : p.pad);
-            f.sx0 = ox0 - (ADJOINT ? K - 1 - p.pad : p.pad);
-        }
-        return f;
-    };
+    // A phase of the gather (conv_tc.cuh's conv_phase); the direct gather at stride 2 runs the
+    // four source phases in turn.
+    using Phase = ConvPhase;
+    auto phase = [&](int ph) { return conv_phase<ADJOINT, K, STRIDE>(p, ph, oy0, ox0, oqy, oqx); };
     // This thread's weight rows (WJ of the NT, Q quads each: element e = tid + THREADS·j is row
     // e / Q, quad e % Q, when e < NT·Q); past n, the last row (its columns are never stored).
     const bool has_w = tid < NT * Q;

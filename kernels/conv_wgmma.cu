@@ -65,41 +65,12 @@ static __device__ void conv_igemm_wg(const ConvGemm& p, const float* __restrict_
     const int tiles_x = (gw + WG_TW - 1) / WG_TW, tiles_y = (gh + WG_TH - 1) / WG_TH;
     const int img = blockIdx.x / (tiles_x * tiles_y), tile = blockIdx.x % (tiles_x * tiles_y);
     const int oy0 = (tile / tiles_x) * WG_TH, ox0 = (tile % tiles_x) * WG_TW;
-    // A phase of the gather (as conv_tc_v5.cuh's): its taps (ky0 + S·a, kx0 + S·b), a < ny,
-    // b < nx, and its halo's first pixel.
-    // - Stride 1: one phase, every tap; the adjoint gather is the direct one with the taps
-    //   mirrored (its origin K − 1 − pad).
-    // - Stride 2, adjoint (a transposed convolution's forward): output phase (qy, qx) =
-    //   blockIdx.z, its taps ky ≡ qy + pad (mod 2); output (2i + qy, ·) reads source row
-    //   i + (qy + pad − ky)/2; tap (a, b) reads the halo at (ny − 1 − a, nx − 1 − b).
-    // - Stride 2, direct (a transposed convolution's dx, a strided one's forward): the four
-    //   source phases (qy, qx) in turn, into the same accumulators; phase qy is the source's rows
-    //   2u + qy, its taps ky ≡ qy + pad (mod 2); output i reads u = i + a + (ky0 − pad − qy)/2,
-    //   halo row a.
-    struct Phase {
-        int qy, qx, ky0, kx0, ny, nx, sy0, sx0;
-    };
+    // A phase of the gather (conv_tc.cuh's conv_phase): the adjoint gather at stride 2 takes
+    // output phase blockIdx.z; the direct one runs the four source phases in turn, into the same
+    // accumulators.
+    using Phase = ConvPhase;
     const int oqy = ADJ_S2 ? (int)blockIdx.z >> 1 : 0, oqx = ADJ_S2 ? (int)blockIdx.z & 1 : 0;
-    auto phase = [&](int ph) {
-        Phase f;
-        f.qy = ADJ_S2 ? oqy : DIR_S2 ? ph >> 1 : 0;
-        f.qx = ADJ_S2 ? oqx : DIR_S2 ? ph & 1 : 0;
-        f.ky0 = STRIDE == 2 ? (f.qy + p.pad) & 1 : 0;
-        f.kx0 = STRIDE == 2 ? (f.qx + p.pad) & 1 : 0;
-        f.ny = STRIDE == 2 ? (K - f.ky0 + 1) / 2 : K;
-        f.nx = STRIDE == 2 ? (K - f.kx0 + 1) / 2 : K;
-        if (ADJ_S2) {
-            f.sy0 = oy0 + (f.qy + p.pad - f.ky0 - 2 * (f.ny - 1)) / 2;
-            f.sx0 = ox0 + (f.qx + p.pad - f.kx0 - 2 * (f.nx - 1)) / 2;
-        } else if (DIR_S2) {
-            f.sy0 = oy0 + (f.ky0 - p.pad - f.qy) / 2;
-            f.sx0 = ox0 + (f.kx0 - p.pad - f.qx) / 2;
-        } else {
-            f.sy0 = oy0 - (ADJOINT ? K - 1 - p.pad : p.pad);
-            f.sx0 = ox0 - (ADJOINT ? K - 1 - p.pad : p.pad);
-        }
-        return f;
-    };
+    auto phase = [&](int ph) { return conv_phase<ADJOINT, K, STRIDE>(p, ph, oy0, ox0, oqy, oqx); };
     // The halo of phase f: pixel e / 8, channel octet e % 8 (of the phase's source rows
     // 2u + qy for the direct gather at stride 2); zero outside the image, through the ReLU
     // mask for a gradient, rounded to TF32; its first 4 channels to plane o, the others to

@@ -1032,22 +1032,45 @@ impl Cuda {
     /// The TF32 tensor-core throughput this device reaches with `mma.sync` (TFLOP/s), measured
     /// by `kernels/peak.cu`; Err in the emulator.
     pub fn measure_tf32_peak(&self) -> Result<f64, String> {
-        let (blocks, threads, iters) = (132 * 16, 128usize, 4096i32);
+        // Per warp and iteration: 8 mma m16n8k8.
+        self.measure_peak(
+            "mma_peak_tf32",
+            132 * 16,
+            128,
+            0,
+            4096,
+            32,
+            8.0 * 2.0 * 16.0 * 8.0 * 8.0,
+        )
+    }
+
+    /// The throughput (TFLOP/s) of a tensor-core probe kernel `name(iters, out)` that writes one
+    /// finite sum per thread: `blocks` of `threads`, each group of `group` threads doing `flops`
+    /// per iteration; timed over 3 launches after a warm-up. Err in the emulator.
+    #[allow(clippy::too_many_arguments)]
+    fn measure_peak(
+        &self,
+        name: &'static str,
+        blocks: usize,
+        threads: usize,
+        shared_bytes: u32,
+        iters: i32,
+        group: usize,
+        flops: f64,
+    ) -> Result<f64, String> {
         let mut out = self.scratch::<f32>(blocks * threads);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: shared_bytes,
         };
         let ms = self.time_ms(3, || {
-            launch!(self, "mma_peak_tf32", cfg; &iters, &mut out);
+            launch!(self, name, cfg; &iters, &mut out);
         })?;
-        let flops = (blocks * threads / 32) as f64 * iters as f64 * 8.0 * 2.0 * 16.0 * 8.0 * 8.0;
-        let sums = self.read(&out);
-        if sums.iter().any(|v| !v.is_finite()) {
-            return Err("the TF32 peak probe produced a non-finite value".into());
+        if self.read(&out).iter().any(|v| !v.is_finite()) {
+            return Err(format!("the peak probe {name} produced a non-finite value"));
         }
-        Ok(flops / (ms * 1e-3) / 1e12)
+        Ok((blocks * threads / group) as f64 * iters as f64 * flops / (ms * 1e-3) / 1e12)
     }
 
     /// Whether this backend has the warpgroup MMA kernels (`kernels/wgmma.cu`, sm_90a): on a
@@ -1092,21 +1115,9 @@ impl Cuda {
         if !self.has_wgmma() {
             return Err(format!("no wgmma on {} ({})", self.name, self.arch));
         }
-        let (blocks, threads, iters) = (132 * 4, 256usize, 2048i32);
-        let mut out = self.scratch::<f32>(blocks * threads);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 4096,
-        };
-        let ms = self.time_ms(3, || {
-            launch!(self, "wgmma_peak_tf32", cfg; &iters, &mut out);
-        })?;
-        let flops = (blocks * threads / 128) as f64 * iters as f64 * 8.0 * 2.0 * 64.0 * 128.0 * 8.0;
-        if self.read(&out).iter().any(|v| !v.is_finite()) {
-            return Err("the wgmma peak probe produced a non-finite value".into());
-        }
-        Ok(flops / (ms * 1e-3) / 1e12)
+        // Per warpgroup and iteration: 8 wgmma m64n128k8.
+        let flops = 8.0 * 2.0 * 64.0 * 128.0 * 8.0;
+        self.measure_peak("wgmma_peak_tf32", 132 * 4, 256, 4096, 2048, 128, flops)
     }
 
     /// d (64 × 128, row-major) = a · bᵀ for a of 64 × k and b of 128 × k (row-major; k = 8, 16,
