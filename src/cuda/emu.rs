@@ -466,7 +466,9 @@ extern "C" __global__ void cp_async(int barrier_first, const float4* src, float*
 // One warpgroup's wgmma m64n128k8 of ones (A in registers, B = 128 × 8 in dynamic shared memory,
 // 4096 bytes): D = 8 everywhere, thread t's 64 accumulators at out[64t..]. `breaks` leaves out
 // one of wgmma's ordering rules: 1 fence.proxy.async, 2 wgmma.fence, 3 the wait; 4 reads the
-// accumulators before the wait, 5 overwrites B (with twos) before it, 6 the A registers.
+// accumulators before the wait, 5 overwrites B (with twos) before it, 6 the A registers. 7 and
+// 8 run a second product on B restaged with twos (D = 16), published with the fence (7) or
+// without (8: the product reads the ones).
 extern "C" __global__ void wgmma_rules(int breaks, float* out) {
     extern __shared__ uint4 wg_smem[];
     unsigned* bs = (unsigned*)wg_smem;
@@ -486,9 +488,20 @@ extern "C" __global__ void wgmma_rules(int breaks, float* out) {
     if (breaks == 6) a[1] = 0u;
     if (breaks == 5) {
         for (int e = t; e < 1024; e += 128) bs[e] = __float_as_uint(2.0f);
+        fence_proxy_async();
         __syncthreads();
     }
     if (breaks != 3) wgmma_wait<0>();
+    if (breaks == 7 || breaks == 8) {
+        __syncthreads();
+        for (int e = t; e < 1024; e += 128) bs[e] = __float_as_uint(2.0f);
+        if (breaks == 7) fence_proxy_async();
+        __syncthreads();
+        wgmma_fence();
+        wgmma_m64n128k8_rs(acc, a, wgmma_desc(bs, 128, 256), 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
     if (breaks != 4)
         for (int i = 0; i < 64; ++i) out[64 * t + i] = acc[i];
 }
@@ -643,8 +656,9 @@ extern "C" __global__ void wgmma_rules(int breaks, float* out) {
     }
 
     /// wgmma runs when its group is waited for, with what shared memory and the accumulators
-    /// hold then (on the hardware: at any time until the wait), and each ordering rule left out
-    /// is an error or a wrong result.
+    /// hold then (on the hardware: at any time until the wait; shared memory as the last barrier
+    /// after a fence.proxy.async published it), and each ordering rule left out is an error or
+    /// a wrong result.
     #[test]
     fn wgmma_runs_at_the_wait_and_its_rules_are_checked() {
         let Some(e) = emulator() else { return };
@@ -670,6 +684,9 @@ extern "C" __global__ void wgmma_rules(int breaks, float* out) {
         }
         assert!(launch(4).unwrap().iter().all(|v| v.is_nan()));
         assert!(launch(5).unwrap().iter().all(|&v| v == 16.0));
+        // Shared memory rewritten for a second product reaches it through the fence only.
+        assert!(launch(7).unwrap().iter().all(|&v| v == 16.0));
+        assert!(launch(8).unwrap().iter().all(|&v| v == 8.0));
         // Half a warpgroup cannot issue it.
         let mut out = vec![0f32; 64 * 64];
         let (mut b, mut p) = (0i32, out.as_mut_ptr());

@@ -101,6 +101,11 @@ struct Worker {
     // The block's wgmma state (cuemu_wgmma_*), one per warpgroup.
     std::vector<Warpgroup> groups;
     bool proxy_fenced = false;  // some thread executed fence.proxy.async
+    // What the async proxy (wgmma's operand reads) sees of the dynamic shared memory: a copy
+    // taken at each barrier that follows a fence.proxy.async (since the last barrier), so that
+    // shared memory written and published without the fence reads as it was before.
+    std::vector<char> async_smem;
+    bool fenced_since_barrier = false;
 
     ~Worker() {
         if (stacks) munmap(stacks, stack_count * STACK_BYTES);
@@ -188,6 +193,8 @@ bool run_block(Worker* w, const uint3 bid) {
     w->group_waiting.assign(ngroups, 0);
     w->groups.assign(ngroups, Warpgroup{});
     w->proxy_fenced = false;
+    w->async_smem.assign(w->dyn_smem_bytes, (char)0xff);
+    w->fenced_since_barrier = false;
     w->waiting_at_barrier = 0;
     w->done = 0;
     for (int i = 0; i < n; ++i) {
@@ -322,6 +329,10 @@ bool run_block(Worker* w, const uint3 bid) {
                        std::to_string(alive - w->waiting_at_barrier) + " at a warp-wide operation";
             return false;
         }
+        if (w->fenced_since_barrier) {
+            std::memcpy(w->async_smem.data(), w->dyn_smem.data(), w->dyn_smem_bytes);
+            w->fenced_since_barrier = false;
+        }
         // Threads that exited count as arrived, as on the hardware since Volta.
         for (int i = 0; i < n; ++i)
             if (w->fibers[i].state == AT_BARRIER) {
@@ -379,7 +390,8 @@ bool decode(uint64_t desc, Desc* d) {
 
 // Element (r, k) of a K-major operand of TF32 words without swizzling: core matrices of 8 rows ×
 // 16 bytes (4 words), each contiguous (row after row); the two of a k8 step (k / 4) lbo bytes
-// apart, the row groups (r / 8) sbo bytes apart.
+// apart, the row groups (r / 8) sbo bytes apart. Read from the async proxy's copy (async_smem:
+// as the last barrier after a fence.proxy.async left the shared memory).
 unsigned operand_word(const Desc& d, int r, int k) {
     const size_t at = d.start + (size_t)(r % 8) * 16 + (size_t)(r / 8) * d.sbo + (size_t)(k % 4) * 4 +
                       (size_t)(k / 4) * d.lbo;
@@ -388,7 +400,7 @@ unsigned operand_word(const Desc& d, int r, int k) {
         return 0x7fffffffu;
     }
     unsigned v;
-    std::memcpy(&v, worker->dyn_smem.data() + at, 4);
+    std::memcpy(&v, worker->async_smem.data() + at, 4);
     return v;
 }
 
@@ -509,7 +521,10 @@ extern "C" void cuemu_wgmma_wait(int pending) {
     cuemu_warpgroup_op(wgmma_wait_apply, &a);
 }
 
-extern "C" void cuemu_fence_proxy_async() { worker->proxy_fenced = true; }
+extern "C" void cuemu_fence_proxy_async() {
+    worker->proxy_fenced = true;
+    worker->fenced_since_barrier = true;
+}
 
 extern "C" void cuemu_smem_fresh(void* p, unsigned long bytes) {
     std::vector<void*>& seen = worker->fresh_smem;
