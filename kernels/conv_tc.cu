@@ -619,17 +619,7 @@ extern "C" __global__ void conv_splitk_reduce_f32(int splits, int len, int n, co
     tc_epilogue(&out[e], s, bias, e % n, relu, accumulate);
 }
 
-// The weight-gradient GEMM: rows i < rows (dW's first index), columns kk < k·k·cs (tap-major,
-// channel fastest), reduction over the positions m of a batch × hp × wp grid:
-//   A(i, m) = a_src[m·rows + i],  B(m, kk) = direct gather of b_src [batch, hs, ws, cs].
-struct ConvDwGemm {
-    int rows;
-    int batch, hp, wp;  // the reduction grid
-    int hs, ws, cs;     // b_src's shape
-    int k, stride, pad;
-    int chunk;          // positions per blockIdx.z (a multiple of TC_BK)
-};
-
+// The weight-gradient GEMM (ConvDwGemm, conv_tc.cuh), version 1.
 // grid (ceil(rows/64), ceil(k·k·cs/64), chunks), block 128: partial[z][i][kk] = the sum over
 // chunk z (overwritten; every element is written).
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
@@ -890,10 +880,6 @@ static __device__ __forceinline__ void dw3_operand_sums(const ConvDwGemm& p, uns
     }
 }
 
-static __device__ __forceinline__ float4 add4(float4 a, float4 b) {
-    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-}
-
 // DEPTH k-tiles of operands are loaded into registers ahead of the mma: the loads of k-tile
 // t + DEPTH are issued right after k-tile t is stored. Unlike the activation passes, whose
 // gathers mostly hit L1 (neighbouring taps of one output tile), every k-tile here is a new
@@ -1006,16 +992,6 @@ DW3_ENTRY(conv_dw_partial_v3r32_tf32, 1, 2)
 // for 32), so that the 32-row blocks keep the 64-row ones' work per warp and registers, and
 // four of them share an SM where two 64-row blocks would.
 
-// The next unit of 16 positions: the next segment of the grid row, then of the next row.
-static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int segs, int& n, int& py, int& seg) {
-    if (++seg == segs) {
-        seg = 0;
-        if (++py == p.hp) {
-            py = 0;
-            ++n;
-        }
-    }
-}
 
 // Strip elements (16-byte quads) each of THREADS threads loads: a strip of L pixels × 32
 // channels is 8·L quads, L = (U − 1)·S + K for units of U positions.
@@ -1035,16 +1011,6 @@ struct Dw4Unit {
     static constexpr int masks = a_loads > strip_loads ? a_loads : strip_loads;
 };
 
-// v with the components zeroed where the ReLU output mk is not positive (relu_masked's rule;
-// relu_masked does not call this: written so, ptxas 13.0 gave the v3 and v4 weight-gradient
-// loops 16 more IMAD, 371 → 387 instructions per 40 HMMA for v4k5s1).
-static __device__ __forceinline__ float4 mask_by(float4 v, float4 mk) {
-    if (!(mk.x > 0.0f)) v.x = 0.0f;
-    if (!(mk.y > 0.0f)) v.y = 0.0f;
-    if (!(mk.z > 0.0f)) v.z = 0.0f;
-    if (!(mk.w > 0.0f)) v.w = 0.0f;
-    return v;
-}
 
 // This thread's loads for the unit (n, py, px0 = U·seg): A positions j = tid / (RM / 4) + 16·r,
 // rows i..i+3 (zero past the grid row's end or the unit); strip elements e = tid + 4·RM·r
@@ -1114,15 +1080,8 @@ static __device__ __forceinline__ void dw4_apply_masks(int a_masked, int b_maske
 }
 
 // Versions 4 and 5 share what surrounds their loops: the first unit of a chunk, which strip
-// elements count in the operand sums, the partials' store and the sums' reduction.
-
-// Unit u (U positions of one grid row; segs of them per row) as (n, py, seg).
-static __device__ __forceinline__ void dw4_unit_at(const ConvDwGemm& p, int segs, int u, int& n, int& py,
-                                                   int& seg) {
-    seg = u % segs;
-    py = (u / segs) % p.hp;
-    n = u / (segs * p.hp);
-}
+// elements count in the operand sums, the partials' store and the sums' reduction (the units
+// themselves: conv_tc.cuh's dw4_unit_at and dw4_unit_next).
 
 // The strip pixels whose sums count (sum_b), [own, own + U·s) with own = min(pad, k − s), a range
 // that the units of a grid row tile without overlap: bit r says whether this thread's strip

@@ -253,6 +253,51 @@ static __device__ __forceinline__ ConvPhase conv_phase(const ConvGemm& p, int ph
     return f;
 }
 
+// The weight-gradient GEMM: rows i < rows (dW's first index), columns kk < k·k·cs (tap-major,
+// channel fastest), reduction over the positions m of a batch × hp × wp grid:
+//   A(i, m) = a_src[m·rows + i],  B(m, kk) = direct gather of b_src [batch, hs, ws, cs].
+struct ConvDwGemm {
+    int rows;
+    int batch, hp, wp;  // the reduction grid
+    int hs, ws, cs;     // b_src's shape
+    int k, stride, pad;
+    int chunk;          // positions per blockIdx.z (a multiple of TC_BK)
+};
+
+// The units of positions of the weight-gradient partials (versions 4, 5 and the wgmma one): the
+// next unit, the next segment of the grid row, then of the next row.
+static __device__ __forceinline__ void dw4_unit_next(const ConvDwGemm& p, int segs, int& n, int& py, int& seg) {
+    if (++seg == segs) {
+        seg = 0;
+        if (++py == p.hp) {
+            py = 0;
+            ++n;
+        }
+    }
+}
+
+// Unit u (U positions of one grid row; segs of them per row) as (n, py, seg).
+static __device__ __forceinline__ void dw4_unit_at(const ConvDwGemm& p, int segs, int u, int& n, int& py,
+                                                   int& seg) {
+    seg = u % segs;
+    py = (u / segs) % p.hp;
+    n = u / (segs * p.hp);
+}
+
+static __device__ __forceinline__ float4 add4(float4 a, float4 b) {
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
+// v with the components zeroed where the ReLU output mk is not positive (relu_masked's rule;
+// relu_masked does not call this: written so, ptxas 13.0 gave the v3 and v4 weight-gradient
+// loops 16 more IMAD, 371 → 387 instructions per 40 HMMA for v4k5s1).
+static __device__ __forceinline__ float4 mask_by(float4 v, float4 mk) {
+    if (!(mk.x > 0.0f)) v.x = 0.0f;
+    if (!(mk.y > 0.0f)) v.y = 0.0f;
+    if (!(mk.z > 0.0f)) v.z = 0.0f;
+    if (!(mk.w > 0.0f)) v.w = 0.0f;
+    return v;
+}
 // Version 3 tiles: 8 warps of 32 × 32 (as in v2), WN of them side by side along the channels.
 // WN = 2: 128 output rows × 64 channels; every block reads the whole permuted weight matrix from
 // L2 (410 KB for a 64-channel 5×5 layer), so twice v2's rows per block halves that traffic, the

@@ -189,3 +189,229 @@ WG_ENTRY(conv_igemm_direct_wg5_tf32, false, 1)
 WG_ENTRY(conv_igemm_adjoint_wg5_tf32, true, 1)
 WG_ENTRY(conv_igemm_adjoint_wg5s2_tf32, true, 2)
 WG_ENTRY(conv_igemm_direct_wg5s2_tf32, false, 2)
+
+// ---- The weight gradients on wgmma: `conv_dw_partial_wg5s1{,t}_tf32` (fast path `dw_wgmma`) ----
+// Version 5 of the weight-gradient partials (`v5k5s1`, conv_tc.cu) takes clevr6's 5×5 stride-1
+// weight gradients at ~42 % of the mma.sync peak: each warp loads its A fragments and B words
+// from shared memory for every mma (2.4–2.6 wavefronts per mma). The same blocks (64 rows × one
+// row ky of 5 taps × 32 channels), units (32 positions of a grid row) and chunks, with the GEMM
+// on wgmma: per unit 4 products m64n160k8, N = the 5 taps kx × 32 channels.
+// - A (64 rows × the unit's positions) from registers, straight from global memory (L1/L2):
+//   thread (w, g, q) holds rows ra = i0 + 16w + 2g and ra + 1 (the fragment's rows 16w + g and
+//   16w + g + 8: the GEMM's rows permuted so that each thread's two are adjacent, one 8-byte
+//   load) at positions 8q..8q + 7 of the unit. The k8 step t's k = q and q + 4 are positions
+//   2t + 8q and 2t + 1 + 8q: the GEMM's positions permuted so that a thread's are consecutive.
+// - B (the taps' source pixels) from shared memory: the unit's strip of 32 + 4 pixels, staged
+//   as rows j < 12 of 4 pixels j, j + 8, j + 16, j + 24 (K-major core matrices: 8 channels ×
+//   those 4 pixels, 16 bytes each). Step t's k = m (m < 4) and 4 + m are pixels 2t + 8m and
+//   2t + 1 + 8m, rows 2t and 2t + 1; tap kx's pixel is kx further, row 2t + kx + (k ≥ 4). So
+//   one descriptor covers the 5 taps: N row (kx, c) at row 2t + kx, octet c / 8, with the
+//   channel octets SBO = 144 bytes apart (128 + 16: the staging stores conflict-free) and the
+//   rows LBO = 4 · SBO apart, which is also the K step's second half. Rows 8..11 repeat rows 0..3
+//   one pixel group on (a tap's shift past row 7 would otherwise move the pixel group within a
+//   16-byte core matrix row): 1.5 × the strip's 4.6 KB per unit.
+// - Per unit: 4 wgmma (327 KFMA) read 20 KB of B; the strip's staging stores 12 KB; no
+//   fragment loads (version 5: 80 mma per warp, ~2 KB of fragment loads per mma·warp-k-step).
+// - Three strip stages: unit u + 1's strip is stored while unit u's products run, into the
+//   stage unit u − 2 read, which every warp retired (wgmma_wait<1> in the last unit) before the
+//   last barrier: one barrier per unit. The A registers: two sets, unit u + 1's loaded once
+//   wgmma_wait<1> has retired unit u − 1's products (which read that set).
+// CONVT: the transposed convolution's form (A = x, unmasked, B = g through its ReLU mask, the
+// sums of B for db: sums_of 0 or 2); otherwise the convolution's (A = dy through its mask, B = x
+// unmasked, the sums of A: sums_of 0 or 1). The partials, the sums and their layout are version
+// 4's: partial[z][i][(ky·5 + kx)·cs + c], sums as conv_dw_partial_v4 writes them.
+#define DWG_THREADS 128
+#define DWG_U 32                      // positions per unit
+#define DWG_ROWS 12                   // strip rows j (pixels j + 8m, m < 4)
+#define DWG_SBO 144                   // bytes between a strip row's channel octets
+#define DWG_LBO (4 * DWG_SBO)         // bytes between strip rows (32 channels)
+#define DWG_STAGE (DWG_ROWS * DWG_LBO)  // bytes of a strip stage (6912)
+#define DWG_STAGES 3
+template <bool CONVT>
+static __device__ void conv_dw_partial_wg(const ConvDwGemm& p, const float* __restrict__ a_src,
+                                          const float* __restrict__ a_mask, int a_masked,
+                                          const float* __restrict__ b_src, const float* __restrict__ b_mask,
+                                          int b_masked, float* __restrict__ partial, int sums_of, unsigned sum_kys,
+                                          float* __restrict__ sums) {
+    constexpr int K = 5, U = DWG_U;
+    extern __shared__ uint4 dwg_smem[];
+    unsigned* const stages = (unsigned*)dwg_smem;  // [DWG_STAGES][DWG_STAGE / 4]
+    const int tid = threadIdx.x, w = tid / 32, g = tid % 32 / 4, q = tid % 4;
+    const int N = K * K * p.cs;
+    const int cblocks = p.cs / 32;
+    const int ky = blockIdx.y / cblocks, cb = 32 * (blockIdx.y % cblocks);
+    const int i0 = 64 * blockIdx.x, ra = i0 + 16 * w + 2 * g;
+    const int segs = (p.wp + U - 1) / U, units = p.batch * p.hp * segs;
+    const int ubeg = blockIdx.z * p.chunk, uend = min(ubeg + p.chunk, units);
+    const int ntiles = max(uend - ubeg, 0);
+    const bool mask_a = !CONVT && a_masked, mask_b = CONVT && b_masked;
+    // (The sums' blocks; a block without units writes zeros.)
+    const bool sum_a = !CONVT && sums_of == 1 && blockIdx.y == 0;
+    const bool sum_b = CONVT && sums_of == 2 && blockIdx.x == 0 && ((sum_kys >> ky) & 1u);
+    const bool add_a = sum_a && ntiles > 0, add_b = sum_b && ntiles > 0;
+    // The unit in flight, as (n, py, seg).
+    int ln, lpy, lseg;
+    dw4_unit_at(p, segs, min(ubeg, max(units - 1, 0)), ln, lpy, lseg);
+    // The A registers of a unit: a[t] = {A[ra][p0], A[ra + 1][p0], A[ra][p1], A[ra + 1][p1]} with
+    // p0 = 8q + 2t, p1 = p0 + 1 (zero past the grid row), through the mask, added to the sums (f32,
+    // as loaded), rounded to TF32.
+    float2 osum_a = make_float2(0.0f, 0.0f);
+    const int rows = p.rows;
+    auto load_a = [&](unsigned (&a)[4][4]) {
+        const int left = p.wp - U * lseg - 8 * q;
+        // (One 64-bit offset per unit; the positions' are 32-bit multiples of rows.)
+        const size_t base = (size_t)((ln * p.hp + lpy) * p.wp + U * lseg + 8 * q) * rows + ra;
+        const unsigned* ap = (const unsigned*)a_src + base;
+        const unsigned* mp = (const unsigned*)a_mask + base;
+#pragma unroll
+        for (int e = 0; e < 8; ++e, ap += rows, mp += rows) {
+            float2 v = make_float2(0.0f, 0.0f);
+            if (e < left) {
+                const uint2 u = ld_u2(ap);
+                v = make_float2(__uint_as_float(u.x), __uint_as_float(u.y));
+                if (mask_a) {
+                    const uint2 mk = ld_u2(mp);
+                    if (!(__uint_as_float(mk.x) > 0.0f)) v.x = 0.0f;
+                    if (!(__uint_as_float(mk.y) > 0.0f)) v.y = 0.0f;
+                }
+            }
+            if (add_a) {
+                osum_a.x += v.x;
+                osum_a.y += v.y;
+            }
+            a[e / 2][2 * (e & 1)] = to_tf32(v.x);
+            a[e / 2][2 * (e & 1) + 1] = to_tf32(v.y);
+        }
+    };
+    // The strip of a unit into stage st: thread (j, cq) = (tid / 8, tid % 8), j < 12, loads
+    // channels cb + 4cq.. of pixels j + 8m (source column 32·seg − pad + j + 8m; zero outside
+    // the source), masks them, sums those it owns and stores channel 4cq + r's four pixels as
+    // one 16-byte core-matrix row. The sums count pixel j + 8m of [own, own + 32) (own =
+    // min(pad, 4), as version 4's) once: from rows j < 8, and from rows 8..11 only at m = 3.
+    float4 osum_b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int sj = tid / 8, cq = tid % 8;
+    const int own = min(p.pad, K - 1);
+    auto stage_strip = [&](int st) {
+        if (sj >= DWG_ROWS) return;
+        const int sy = lpy - p.pad + ky, sx0 = U * lseg - p.pad + sj;
+        const bool row_ok = (unsigned)sy < (unsigned)p.hs;
+        // (One 64-bit offset per unit, of pixel sx0 (which may lie outside the row: only the
+        // pixels inside are read); the pixels' are 32-bit multiples of 8 · cs.)
+        const long long base = (((long long)ln * p.hs + sy) * p.ws + sx0) * p.cs + cb + 4 * cq;
+        const float* bp = b_src + base;
+        const float* mp = b_mask + base;
+        const int step = 8 * p.cs;
+        float4 v[4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m, bp += step, mp += step) {
+            const int px = sj + 8 * m;
+            v[m] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (row_ok && (unsigned)(sx0 + 8 * m) < (unsigned)p.ws) {
+                v[m] = ld_f4(bp);
+                if (mask_b) v[m] = relu_masked(v[m], mp);
+            }
+            if (add_b && px >= own && px < own + U && (sj < 8 || m == 3)) osum_b = add4(osum_b, v[m]);
+        }
+        unsigned char* row = (unsigned char*)stages + st * DWG_STAGE + sj * DWG_LBO + (cq / 2) * DWG_SBO +
+                             (cq % 2) * 64;
+        *(uint4*)(row + 0) = make_uint4(to_tf32(v[0].x), to_tf32(v[1].x), to_tf32(v[2].x), to_tf32(v[3].x));
+        *(uint4*)(row + 16) = make_uint4(to_tf32(v[0].y), to_tf32(v[1].y), to_tf32(v[2].y), to_tf32(v[3].y));
+        *(uint4*)(row + 32) = make_uint4(to_tf32(v[0].z), to_tf32(v[1].z), to_tf32(v[2].z), to_tf32(v[3].z));
+        *(uint4*)(row + 48) = make_uint4(to_tf32(v[0].w), to_tf32(v[1].w), to_tf32(v[2].w), to_tf32(v[3].w));
+    };
+    float acc[80];
+#pragma unroll
+    for (int e = 0; e < 80; ++e) acc[e] = 0.0f;
+    // Unit u's products, one commit group: step t's B at strip row 2t.
+    // (The descriptors: stage 0's, plus the start's offset in 16-byte units.)
+    const WgmmaDesc desc0 = wgmma_desc(stages, DWG_LBO, DWG_SBO);
+    auto run_unit = [&](const unsigned (&a)[4][4], int st) {
+        wgmma_fence();
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+            wgmma_m64n160k8_rs(acc, a[t], desc0 + (st * DWG_STAGE + 2 * t * DWG_LBO) / 16, 1);
+        wgmma_commit();
+    };
+    // The next unit's A registers into a and its strip into stage st.
+    auto next_unit = [&](unsigned (&a)[4][4], int st) {
+        dw4_unit_next(p, segs, ln, lpy, lseg);
+        load_a(a);
+        stage_strip(st);
+        fence_proxy_async();
+    };
+    // The first unit, loaded even by a block without units (the unit clamped into the grid, its
+    // values summed by no one): with the loads under `ntiles > 0`, ptxas 13.0 serialized every
+    // wgmma of the kernel (C7515: "non wgmma instructions defining accumulator registers").
+    unsigned a0[4][4], a1[4][4];
+    load_a(a0);
+    stage_strip(0);
+    fence_proxy_async();
+    __syncthreads();
+    // Units in pairs, so that each register set is named by a constant (the sets by the unit's
+    // parity, the strip stages by u % 3).
+    for (int tt = 0; tt < ntiles; tt += 2) {
+        run_unit(a0, tt % DWG_STAGES);
+        wgmma_wait<1>();
+        if (tt + 1 < ntiles) next_unit(a1, (tt + 1) % DWG_STAGES);
+        __syncthreads();
+        if (tt + 1 < ntiles) {
+            run_unit(a1, (tt + 1) % DWG_STAGES);
+            wgmma_wait<1>();
+            if (tt + 2 < ntiles) next_unit(a0, (tt + 2) % DWG_STAGES);
+            __syncthreads();
+        }
+    }
+    wgmma_wait<0>();
+    // acc[4J + c] = D[16w + g][8J + 2q + c] (row ra), acc[4J + 2 + c] = D[16w + g + 8][…] (row
+    // ra + 1); column 8J + 2q + c is tap kx = J / 4, channel cb + 8·(J % 4) + 2q + c.
+    float* out = partial + (size_t)blockIdx.z * p.rows * N;
+#pragma unroll
+    for (int J = 0; J < 20; ++J) {
+        const int col = (ky * K + J / 4) * p.cs + cb + 8 * (J % 4) + 2 * q;
+        *(float2*)&out[(size_t)ra * N + col] = make_float2(acc[4 * J], acc[4 * J + 1]);
+        *(float2*)&out[(size_t)(ra + 1) * N + col] = make_float2(acc[4 * J + 2], acc[4 * J + 3]);
+    }
+    // The operand sums in a fixed order: A's rows over the q lanes (lane q = 0 holds rows ra and
+    // ra + 1); B's channels over the strip rows, within each warp by shuffles, then the warps'
+    // through the (no longer read) first stage.
+    if (sum_a) {  // (uniform over the block)
+#pragma unroll
+        for (int o = 1; o < 4; o *= 2) {
+            osum_a.x += __shfl_xor_sync(0xffffffffu, osum_a.x, o);
+            osum_a.y += __shfl_xor_sync(0xffffffffu, osum_a.y, o);
+        }
+        if (q == 0) *(float2*)&sums[(size_t)blockIdx.z * p.rows + ra] = osum_a;
+    }
+    if (sum_b) {  // (uniform over the block)
+        float* red = (float*)stages;  // [4 warps][32 channels]
+#pragma unroll
+        for (int o = 8; o < 32; o *= 2) {
+            osum_b.x += __shfl_xor_sync(0xffffffffu, osum_b.x, o);
+            osum_b.y += __shfl_xor_sync(0xffffffffu, osum_b.y, o);
+            osum_b.z += __shfl_xor_sync(0xffffffffu, osum_b.z, o);
+            osum_b.w += __shfl_xor_sync(0xffffffffu, osum_b.w, o);
+        }
+        __syncthreads();  // (every warp's products have completed: the stages are free)
+        if (tid % 32 < 8) *(float4*)&red[w * 32 + 4 * cq] = osum_b;
+        __syncthreads();
+        if (tid < 32)
+            sums[(size_t)blockIdx.z * N + (ky * K) * p.cs + cb + tid] =
+                red[tid] + red[32 + tid] + red[64 + tid] + red[96 + tid];
+    }
+}
+
+// grid (rows / 64, 5 · cs / 32, chunks of p.chunk units of 32 positions), block DWG_THREADS,
+// dynamic shared memory DWG_STAGES · DWG_STAGE (20 736 bytes); rows % 64 == 0, cs % 32 == 0,
+// k = 5, stride 1, grid rows a multiple of 32 wide (as version 4's units of 32). `…t`: the
+// transposed convolution's form (a_masked 0), the other the convolution's (b_masked 0). Three
+// blocks per SM, at most 168 registers.
+#define DWG_ENTRY(NAME, CONVT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(DWG_THREADS, 3)                                            \
+        NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
+             const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
+             float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
+        conv_dw_partial_wg<CONVT>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,      \
+                                  sum_kys, sums);                                                           \
+    }
+DWG_ENTRY(conv_dw_partial_wg5s1_tf32, false)
+DWG_ENTRY(conv_dw_partial_wg5s1t_tf32, true)

@@ -136,3 +136,47 @@ static __device__ __forceinline__ void wgmma_m64n128k8_ss(float (&d)[64], WgmmaD
         : "l"(adesc), "l"(bdesc), "r"(scale_d));
 #endif
 }
+// The 80 accumulators of an m64n160k8 product, as asm operands %0..%79.
+#define WGMMA_D80 \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+        "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+        "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+        "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), \
+        "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), \
+        "+f"(d[78]), "+f"(d[79])
+#define WGMMA_D80_LIST \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+    "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, " \
+    "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, " \
+    "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, " \
+    "%78, %79}"
+
+// D(64 × 160) = A·B (scale_d 0) or D + A·B (scale_d 1), A (64 × 8) from the registers a, B (160
+// rows (N) × 8, K-major) from shared memory through bdesc: d[4j..4j+3] as for N = 128, j < 20.
+static __device__ __forceinline__ void wgmma_m64n160k8_rs(float (&d)[80], const unsigned a[4], WgmmaDesc bdesc,
+                                                          int scale_d) {
+#ifdef CUEMU
+    CuemuWgmma c{};
+    c.n = 160;
+    c.a_in_regs = 1;
+    c.scale_d = scale_d;
+    c.bdesc = bdesc;
+    for (int i = 0; i < 4; ++i) c.a[i] = a[i];
+    c.a_src = a;
+    c.d = d;
+    cuemu_wgmma_issue(&c);
+#else
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %85, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n160k8.f32.tf32.tf32 " WGMMA_D80_LIST
+        ", {%80, %81, %82, %83}, %84, p, 1, 1;\n}\n"
+        : WGMMA_D80
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(bdesc), "r"(scale_d));
+#endif
+}

@@ -900,9 +900,10 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         false,
         1145,
     );
-    // Version 5 of the weight gradient (5×5 at stride 1 in units of 32, 4 warps of 64 rows,
-    // cp.async; dy masked as A and summed for db): the 5×5 "same" case above, and 128 rows over
-    // rows 32 wide (two row tiles, one unit per grid row). A stride-2 5×5 into output rows 32
+    // Version 5 of the weight gradient (5×5 at stride 1 in units of 32, 4 warps of 64 rows;
+    // where the device has wgmma, as the emulator has, its wgmma form, `dw_wgmma`; dy masked as
+    // A and summed for db): the 5×5 "same" case above, and 128 rows over rows 32 wide (two row
+    // tiles, one unit per grid row; `emu_conv_dw5_without_wgmma` runs both forms). A stride-2 5×5 into output rows 32
     // wide stays on version 4's units of 32 (strips of 67 pixels).
     case(
         "same k5 64->128 3x32 dw5",
@@ -1177,8 +1178,9 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         false,
         321,
     );
-    // A stride-1 5×5 over an input 32 wide: its dW by version 5 (`dw5`: g gathered through y's
-    // ReLU as B, the bias gradient from the units' sums of g, as clevr6's decoder).
+    // A stride-1 5×5 over an input 32 wide: its dW by version 5 (`dw5`, or its wgmma form: g
+    // gathered through y's ReLU as B, the bias gradient from the units' sums of g, as clevr6's
+    // decoder).
     case(
         "T k5 s1 64->64 2x32 dw5",
         t(2, 32, 64, 64, 5, 1, 2, 0),
@@ -2456,6 +2458,20 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         ),
         // wg5s2 forward and dx (version 7 at stride 2, both gathers), stride-2 dW
         ("T k5 s2 64->64", t(5, 4, 64, 64, 5, 2, 2, 1), true, true),
+        // The 5×5 stride-1 weight gradients on wgmma (`dw_wgmma`), both forms: grid rows 32
+        // wide (units of 32), dy masked as A; g masked as B
+        (
+            "same k5 64->64 3x32",
+            ConvGeom::same(3, 32, 64, 64, 5),
+            false,
+            true,
+        ),
+        (
+            "T k5 s1 64->64 2x32",
+            t(2, 32, 64, 64, 5, 1, 2, 0),
+            true,
+            true,
+        ),
         // v5s2 forward (48 outputs: not version 7's)
         ("T k5 s2 64->48", t(4, 5, 64, 48, 5, 2, 2, 1), true, false),
         // 32 channels: v6c32, dW v4r32
@@ -2525,6 +2541,8 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         "conv_igemm_direct_tf32",
         "conv_dw_partial_v4k5s1",
         "conv_dw_partial_v4k5s2",
+        "conv_dw_partial_wg5s1_",
+        "conv_dw_partial_wg5s1t",
         "conv_dw_partial_c4tck3",
         "conv_dw_partial_c4tck5",
         "conv_dw_partial_k1tc",
@@ -2565,6 +2583,60 @@ fn emu_conv_dw4_u32_k5_without_dw5() {
 fn gpu_conv_dw4_u32_k5_without_dw5() {
     if let Some(g) = gpu() {
         dw4_u32_k5_parity(g, TF32_TOL);
+    }
+}
+
+/// Version 5 of the 5×5 stride-1 weight gradients, which their wgmma form (`dw_wgmma`) takes
+/// where it can (on an H100 or H200 this is the only per-op test of version 5): the conv and
+/// transposed-conv cases of the tests above with `dw_wgmma` off.
+fn dw5_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
+    let g = g
+        .with_precision(Precision::Tf32)
+        .with_fast_paths(FastPaths::all_but("dw_wgmma").unwrap());
+    let conv = ConvGeom::same(3, 32, 64, 128, 5);
+    conv_case(
+        &g,
+        "same k5 64->128 3x32 dw5, dw_wgmma off",
+        conv,
+        false,
+        true,
+        1146,
+        tol,
+    );
+    let convt = ConvGeom::transposed(2, 32, 64, 64, 5, 1, 2, 0);
+    conv_case(
+        &g,
+        "T k5 s1 64->64 2x32 dw5, dw_wgmma off",
+        convt,
+        true,
+        true,
+        323,
+        tol,
+    );
+    g
+}
+
+#[test]
+fn emu_conv_dw5_without_wgmma() {
+    let Some(g) = emu() else { return };
+    let g = dw5_without_wgmma_parity(g, TF32_TOL);
+    let launched = g.emu_kernel_launches();
+    assert!(
+        !launched.keys().any(|k| k.starts_with("conv_dw_partial_wg")),
+        "{launched:?}"
+    );
+    assert!(
+        launched
+            .keys()
+            .any(|k| k.starts_with("conv_dw_partial_v5k5s1")),
+        "{launched:?}"
+    );
+}
+
+#[test]
+fn gpu_conv_dw5_without_wgmma() {
+    if let Some(g) = gpu() {
+        dw5_without_wgmma_parity(g, TF32_TOL);
     }
 }
 
@@ -3050,6 +3122,7 @@ fn fast_path_kernel(path: &str, name: &str) -> bool {
             name.starts_with("conv_dw_partial_v4") && (name.contains("u40") || name.contains("u32"))
         }
         "dw_v5" => name.starts_with("conv_dw_partial_v5"),
+        "dw_wgmma" => name.starts_with("conv_dw_partial_wg"),
         // (Version 3, `dw_c4_tc`, runs within `dw_c4`.)
         "dw_c4" => name.starts_with("conv_dw_partial_c4"),
         "dw_c4_tc" => name.starts_with("conv_dw_partial_c4tc"),
@@ -3119,18 +3192,21 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "dw_units" => &["dw_v4"],
                 // (Version 5 takes version 4's units of 32.)
                 "dw_v5" => &["dw_v4", "dw_units"],
+                // (Its wgmma form takes version 5's passes.)
+                "dw_wgmma" => &["dw_v4", "dw_units", "dw_v5"],
                 "dw_c4_tc" => &["dw_c4"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
                 _ => &[],
             };
-            // (Wider units, and version 5 within them, need grid rows 33 to 40 wide or a
+            // (Wider units, and version 5 within them (and its wgmma form), need grid rows 33
+            // to 40 wide or a
             // multiple of 32, which this 8 × 8 model has not: the conv tests' u40, u32 and dw5
             // cases check them.)
             // (`dw_k1` needs a 1×1 layer of 64 inputs into a multiple of 64, `conv_n8s` a
             // gather of 64 channels into at most 8, which this 16-wide model has not: the
             // linear and conv tests' 64-wide cases check them.)
-            let applies = !["dw_units", "dw_v5", "dw_k1", "conv_n8s"].contains(&path);
+            let applies = !["dw_units", "dw_v5", "dw_wgmma", "dw_k1", "conv_n8s"].contains(&path);
             let on = applies
                 && fast.is_on(path) == Some(true)
                 && needs.iter().all(|n| fast.is_on(n) == Some(true));

@@ -154,9 +154,14 @@ fn dw5_applies(row_tile: usize, k: usize, stride: usize, unit: usize, v5: bool) 
     v5 && row_tile == 64 && k == 5 && stride == 1 && unit == 32
 }
 
-/// Threads of a version 5 block, and the blocks an SM holds (its `__launch_bounds__`).
+/// Threads of a version 5 block, and the blocks an SM holds (its `__launch_bounds__`); the
+/// same for its wgmma form (`dw_wgmma`).
 const DW5_THREADS: u32 = 128;
 const DW5_BLOCKS_PER_SM: usize = 3;
+
+/// Bytes of dynamic shared memory of a `conv_dw_partial_wg5s1*` block (conv_wgmma.cu): three
+/// strip stages of 12 rows × 4 channel octets 144 bytes apart.
+const DWG_SHARED_BYTES: u32 = 3 * 12 * 4 * 144;
 
 /// Version 4's kernel for `row_tile` rows per block, a k × k kernel and the stride.
 fn dw4_kernel(row_tile: usize, k: usize, stride: usize, unit: usize) -> &'static str {
@@ -1083,6 +1088,14 @@ impl Cuda {
             && self.may_launch("conv_dw_partial_k1tc_tf32");
         let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_units);
         let v5 = dw5_applies(dw4_row_tile(rows), g.k, g.stride, unit, self.fast.dw_v5);
+        // Version 5's passes on wgmma (`dw_wgmma`, sm_90a) where the device has it: the
+        // convolution's form (A = dy, masked) or the transposed one's (B = g, masked), not the
+        // mirrored form of `dw_c4`.
+        let wg = v5 && self.fast.dw_wgmma && self.has_wgmma() && as_convt == transposed;
+        let wg_name = match as_convt {
+            true => "conv_dw_partial_wg5s1t_tf32",
+            false => "conv_dw_partial_wg5s1_tf32",
+        };
         let v4 = !c4
             && !k1
             && self.fast.dw_v4
@@ -1097,9 +1110,10 @@ impl Cuda {
             _ if k1 => (64, 64, "conv_dw_partial_k1tc_tf32"),
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
-                let name = match v5 {
-                    true => "conv_dw_partial_v5k5s1_tf32",
-                    false => dw4_kernel(rt, g.k, g.stride, unit),
+                let name = match (wg, v5) {
+                    (true, _) => wg_name,
+                    (_, true) => "conv_dw_partial_v5k5s1_tf32",
+                    _ => dw4_kernel(rt, g.k, g.stride, unit),
                 };
                 (rt, g.k * 32, name)
             }
@@ -1167,9 +1181,10 @@ impl Cuda {
             },
             (true, _) => LaunchConfig {
                 grid_dim: ((rows / row_tile) as u32, col_tiles as u32, chunks as u32),
-                // (Version 5: 4 warps of 64 rows; version 4: a warp per 32 rows and 8 channels.)
+                // (Version 5 and its wgmma form: 4 warps of 64 rows; version 4: a warp per 32
+                // rows and 8 channels.)
                 block_dim: (if v5 { DW5_THREADS } else { 4 * row_tile as u32 }, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: if wg { DWG_SHARED_BYTES } else { 0 },
             },
             (false, true) => tile_grid(rows, row_tile, cols, col_tile, chunks, DW3_THREADS),
             (false, false) => tc_grid(rows, cols, chunks),

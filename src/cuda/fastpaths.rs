@@ -62,6 +62,12 @@ pub struct FastPaths {
     /// (`conv_dw_partial_v5k5s1_tf32`: 4 warps of all 64 rows instead of 8 of 32, the operands
     /// copied to shared memory by cp.async); off: version 4's 8 warps.
     pub dw_v5: bool,
+    /// On Hopper (compute capability 9.0, sm_90a), the 5×5 stride-1 weight gradients that
+    /// version 5 takes, on the warpgroup MMA (`conv_dw_partial_wg5s1*_tf32`: per unit of 32
+    /// positions 4 products m64n160k8, A from registers loaded straight from memory, the
+    /// strip's pixels read by the tensor cores from shared memory); off, and on other devices:
+    /// version 5.
+    pub dw_wgmma: bool,
     /// Weight gradients for at most 4 gathered channels (64 or 32 rows, 3×3 or 5×5, stride 1:
     /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one
     /// shared broadcast (`conv_dw_partial_c4*`); off: version 2 or 3.
@@ -114,6 +120,7 @@ impl FastPaths {
         dw_v4: true,
         dw_units: true,
         dw_v5: true,
+        dw_wgmma: true,
         dw_c4: true,
         dw_c4_tc: true,
         dw_k1: true,
@@ -136,6 +143,7 @@ impl FastPaths {
         dw_v4: false,
         dw_units: false,
         dw_v5: false,
+        dw_wgmma: false,
         dw_c4: false,
         dw_c4_tc: false,
         dw_k1: false,
@@ -148,7 +156,7 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 20] = [
+    pub const NAMES: [&'static str; 21] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -160,6 +168,7 @@ impl FastPaths {
         "dw_v4",
         "dw_units",
         "dw_v5",
+        "dw_wgmma",
         "dw_c4",
         "dw_c4_tc",
         "dw_k1",
@@ -184,6 +193,7 @@ impl FastPaths {
             "dw_v4" => &mut self.dw_v4,
             "dw_units" => &mut self.dw_units,
             "dw_v5" => &mut self.dw_v5,
+            "dw_wgmma" => &mut self.dw_wgmma,
             "dw_c4" => &mut self.dw_c4,
             "dw_c4_tc" => &mut self.dw_c4_tc,
             "dw_k1" => &mut self.dw_k1,
@@ -267,6 +277,7 @@ mod tests {
                 && fp.dw_v4
                 && fp.dw_units
                 && fp.dw_v5
+                && fp.dw_wgmma
                 && fp.dw_c4
                 && fp.dw_c4_tc
                 && fp.dw_k1

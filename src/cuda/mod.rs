@@ -695,7 +695,7 @@ impl Cuda {
         // The wgmma kernels' one check, unless SLOTFIX_CUDA_DISABLE switches them off (so that
         // a driver on which the check itself fails can still be used). A wrong product leaves
         // them out; a launch that fails outright leaves the context unusable: no device then.
-        let wgmma_wanted = FastPaths::from_env().map_or(true, |f| f.conv_wgmma);
+        let wgmma_wanted = FastPaths::from_env().map_or(true, |f| f.conv_wgmma || f.dw_wgmma);
         if cu.has_wgmma() && wgmma_wanted {
             match catch_unwind(std::panic::AssertUnwindSafe(|| cu.check_wgmma())) {
                 Ok(Ok(())) => {}
@@ -706,7 +706,7 @@ impl Cuda {
                 Err(_) => {
                     return Err(format!(
                         "CUDA device {ordinal} ({}): the check of its wgmma kernels failed to \
-                         run (SLOTFIX_CUDA_DISABLE=conv_wgmma skips it and them)",
+                         run (SLOTFIX_CUDA_DISABLE=conv_wgmma,dw_wgmma skips it and them)",
                         cu.name
                     ))
                 }
