@@ -210,8 +210,13 @@ WG_ENTRY(conv_igemm_direct_wg5s2_tf32, false, 2)
 //   rows LBO = 4 · SBO apart, which is also the K step's second half. Rows 8..11 repeat rows 0..3
 //   one pixel group on (a tap's shift past row 7 would otherwise move the pixel group within a
 //   16-byte core matrix row): 1.5 × the strip's 4.6 KB per unit.
-// - Per unit: 4 wgmma (327 KFMA) read 20 KB of B; the strip's staging stores 12 KB; no
-//   fragment loads (version 5: 80 mma per warp, ~2 KB of fragment loads per mma·warp-k-step).
+// - Stride 2 (`wg5s2`: the CLEVR decoder's upsampling layers' weight gradients, version 4's
+//   `v4k5s2u32`): pixel 2P + kx for position P, so rows j < 19 of pixels j, j + 16, j + 32,
+//   j + 48: step t's halves are rows 4t and 4t + 2 (LBO = 2 rows), tap kx still row + kx.
+//   Generally rows j < 7S + 5 of pixels j + 8S·m, step t at row 2S·t, LBO S rows.
+// - Per unit: 4 wgmma (327 KFMA) read 20 KB of B; the strip's staging stores 6 KB (stride 2:
+//   9.5 KB); no fragment loads (version 5: 80 mma per warp, ~2 KB of fragment loads per
+//   mma·warp-k-step).
 // - Three strip stages: unit u + 1's strip is stored while unit u's products run, into the
 //   stage unit u − 2 read, which every warp retired (wgmma_wait<1> in the last unit) before the
 //   last barrier: one barrier per unit. The A registers: two sets, unit u + 1's loaded once
@@ -221,13 +226,13 @@ WG_ENTRY(conv_igemm_direct_wg5s2_tf32, false, 2)
 // unmasked, the sums of A: sums_of 0 or 1). The partials, the sums and their layout are version
 // 4's: partial[z][i][(ky·5 + kx)·cs + c], sums as conv_dw_partial_v4 writes them.
 #define DWG_THREADS 128
-#define DWG_U 32                      // positions per unit
-#define DWG_ROWS 12                   // strip rows j (pixels j + 8m, m < 4)
-#define DWG_SBO 144                   // bytes between a strip row's channel octets
-#define DWG_LBO (4 * DWG_SBO)         // bytes between strip rows (32 channels)
-#define DWG_STAGE (DWG_ROWS * DWG_LBO)  // bytes of a strip stage (6912)
+#define DWG_U 32                    // positions per unit
+#define DWG_SBO 144                 // bytes between a strip row's channel octets
+#define DWG_ROW (4 * DWG_SBO)       // bytes between strip rows (32 channels)
+#define DWG_ROWS(S) (7 * (S) + 5)   // strip rows j (pixels j + 8S·m, m < 4): 12 or 19
+#define DWG_STAGE(S) (DWG_ROWS(S) * DWG_ROW)  // bytes of a strip stage: 6912 or 10 944
 #define DWG_STAGES 3
-template <bool CONVT>
+template <bool CONVT, int S>
 static __device__ void conv_dw_partial_wg(const ConvDwGemm& p, const float* __restrict__ a_src,
                                           const float* __restrict__ a_mask, int a_masked,
                                           const float* __restrict__ b_src, const float* __restrict__ b_mask,
@@ -235,7 +240,7 @@ static __device__ void conv_dw_partial_wg(const ConvDwGemm& p, const float* __re
                                           float* __restrict__ sums) {
     constexpr int K = 5, U = DWG_U;
     extern __shared__ uint4 dwg_smem[];
-    unsigned* const stages = (unsigned*)dwg_smem;  // [DWG_STAGES][DWG_STAGE / 4]
+    unsigned* const stages = (unsigned*)dwg_smem;  // [DWG_STAGES][DWG_STAGE(S) / 4]
     const int tid = threadIdx.x, w = tid / 32, g = tid % 32 / 4, q = tid % 4;
     const int N = K * K * p.cs;
     const int cblocks = p.cs / 32;
@@ -283,53 +288,62 @@ static __device__ void conv_dw_partial_wg(const ConvDwGemm& p, const float* __re
             a[e / 2][2 * (e & 1) + 1] = to_tf32(v.y);
         }
     };
-    // The strip of a unit into stage st: thread (j, cq) = (tid / 8, tid % 8), j < 12, loads
-    // channels cb + 4cq.. of pixels j + 8m (source column 32·seg − pad + j + 8m; zero outside
-    // the source), masks them, sums those it owns and stores channel 4cq + r's four pixels as
-    // one 16-byte core-matrix row. The sums count pixel j + 8m of [own, own + 32) (own =
-    // min(pad, 4), as version 4's) once: from rows j < 8, and from rows 8..11 only at m = 3.
+    // The strip of a unit into stage st: thread (j, cq) = (e / 8, e % 8) for e = tid (and e =
+    // tid + 128 at stride 2, rows 16..18), j < 7S + 5, loads channels cb + 4cq.. of pixels
+    // j + 8S·m (source column 32S·seg − pad + j + 8S·m; zero outside the source), masks them,
+    // sums those it owns and stores channel 4cq + r's four pixels as one 16-byte core-matrix
+    // row. The sums count pixel j + 8S·m of [own, own + 32S) (own = min(pad, 5 − S), as version
+    // 4's) once: from rows j < 8S, and from the rows past them only at m = 3.
     float4 osum_b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const int sj = tid / 8, cq = tid % 8;
-    const int own = min(p.pad, K - 1);
+    const int cq = tid % 8;
+    const int own = min(p.pad, K - S);
     auto stage_strip = [&](int st) {
-        if (sj >= DWG_ROWS) return;
-        const int sy = lpy - p.pad + ky, sx0 = U * lseg - p.pad + sj;
-        const bool row_ok = (unsigned)sy < (unsigned)p.hs;
-        // (One 64-bit offset per unit, of pixel sx0 (which may lie outside the row: only the
-        // pixels inside are read); the pixels' are 32-bit multiples of 8 · cs.)
-        const long long base = (((long long)ln * p.hs + sy) * p.ws + sx0) * p.cs + cb + 4 * cq;
-        const float* bp = b_src + base;
-        const float* mp = b_mask + base;
-        const int step = 8 * p.cs;
-        float4 v[4];
+        // (Stride 1: one row per thread; stride 2: a second for 24 threads. Not unrolled, the
+        // loop kept 8 bytes on the stack at stride 2.)
 #pragma unroll
-        for (int m = 0; m < 4; ++m, bp += step, mp += step) {
-            const int px = sj + 8 * m;
-            v[m] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (row_ok && (unsigned)(sx0 + 8 * m) < (unsigned)p.ws) {
-                v[m] = ld_f4(bp);
-                if (mask_b) v[m] = relu_masked(v[m], mp);
+        for (int r = 0; r < (DWG_ROWS(S) + 15) / 16; ++r) {
+            const int sj = tid / 8 + 16 * r;
+            if (sj >= DWG_ROWS(S)) break;
+            const int sy = lpy * S - p.pad + ky, sx0 = U * S * lseg - p.pad + sj;
+            const bool row_ok = (unsigned)sy < (unsigned)p.hs;
+            // (One 64-bit offset per unit, of pixel sx0 (which may lie outside the row: only the
+            // pixels inside are read); the pixels' are 32-bit multiples of 8S · cs.)
+            const long long base = (((long long)ln * p.hs + sy) * p.ws + sx0) * p.cs + cb + 4 * cq;
+            const float* bp = b_src + base;
+            const float* mp = b_mask + base;
+            const int step = 8 * S * p.cs;
+            float4 v[4];
+#pragma unroll
+            for (int m = 0; m < 4; ++m, bp += step, mp += step) {
+                const int px = sj + 8 * S * m;
+                v[m] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (row_ok && (unsigned)(sx0 + 8 * S * m) < (unsigned)p.ws) {
+                    v[m] = ld_f4(bp);
+                    if (mask_b) v[m] = relu_masked(v[m], mp);
+                }
+                if (add_b && px >= own && px < own + U * S && (sj < 8 * S || m == 3))
+                    osum_b = add4(osum_b, v[m]);
             }
-            if (add_b && px >= own && px < own + U && (sj < 8 || m == 3)) osum_b = add4(osum_b, v[m]);
+            unsigned char* row = (unsigned char*)stages + st * DWG_STAGE(S) + sj * DWG_ROW +
+                                 (cq / 2) * DWG_SBO + (cq % 2) * 64;
+            *(uint4*)(row + 0) = make_uint4(to_tf32(v[0].x), to_tf32(v[1].x), to_tf32(v[2].x), to_tf32(v[3].x));
+            *(uint4*)(row + 16) = make_uint4(to_tf32(v[0].y), to_tf32(v[1].y), to_tf32(v[2].y), to_tf32(v[3].y));
+            *(uint4*)(row + 32) = make_uint4(to_tf32(v[0].z), to_tf32(v[1].z), to_tf32(v[2].z), to_tf32(v[3].z));
+            *(uint4*)(row + 48) = make_uint4(to_tf32(v[0].w), to_tf32(v[1].w), to_tf32(v[2].w), to_tf32(v[3].w));
         }
-        unsigned char* row = (unsigned char*)stages + st * DWG_STAGE + sj * DWG_LBO + (cq / 2) * DWG_SBO +
-                             (cq % 2) * 64;
-        *(uint4*)(row + 0) = make_uint4(to_tf32(v[0].x), to_tf32(v[1].x), to_tf32(v[2].x), to_tf32(v[3].x));
-        *(uint4*)(row + 16) = make_uint4(to_tf32(v[0].y), to_tf32(v[1].y), to_tf32(v[2].y), to_tf32(v[3].y));
-        *(uint4*)(row + 32) = make_uint4(to_tf32(v[0].z), to_tf32(v[1].z), to_tf32(v[2].z), to_tf32(v[3].z));
-        *(uint4*)(row + 48) = make_uint4(to_tf32(v[0].w), to_tf32(v[1].w), to_tf32(v[2].w), to_tf32(v[3].w));
     };
     float acc[80];
 #pragma unroll
     for (int e = 0; e < 80; ++e) acc[e] = 0.0f;
-    // Unit u's products, one commit group: step t's B at strip row 2t.
+    // Unit u's products, one commit group: step t's B at strip row 2S·t, its second half S rows
+    // on.
     // (The descriptors: stage 0's, plus the start's offset in 16-byte units.)
-    const WgmmaDesc desc0 = wgmma_desc(stages, DWG_LBO, DWG_SBO);
+    const WgmmaDesc desc0 = wgmma_desc(stages, S * DWG_ROW, DWG_SBO);
     auto run_unit = [&](const unsigned (&a)[4][4], int st) {
         wgmma_fence();
 #pragma unroll
         for (int t = 0; t < 4; ++t)
-            wgmma_m64n160k8_rs(acc, a[t], desc0 + (st * DWG_STAGE + 2 * t * DWG_LBO) / 16, 1);
+            wgmma_m64n160k8_rs(acc, a[t], desc0 + (st * DWG_STAGE(S) + 2 * S * t * DWG_ROW) / 16, 1);
         wgmma_commit();
     };
     // The next unit's A registers into a and its strip into stage st.
@@ -401,17 +415,19 @@ static __device__ void conv_dw_partial_wg(const ConvDwGemm& p, const float* __re
 }
 
 // grid (rows / 64, 5 · cs / 32, chunks of p.chunk units of 32 positions), block DWG_THREADS,
-// dynamic shared memory DWG_STAGES · DWG_STAGE (20 736 bytes); rows % 64 == 0, cs % 32 == 0,
-// k = 5, stride 1, grid rows a multiple of 32 wide (as version 4's units of 32). `…t`: the
-// transposed convolution's form (a_masked 0), the other the convolution's (b_masked 0). Three
-// blocks per SM, at most 168 registers.
-#define DWG_ENTRY(NAME, CONVT)                                                                               \
+// dynamic shared memory DWG_STAGES · DWG_STAGE(S) (20 736 bytes at stride 1, 32 832 at stride
+// 2); rows % 64 == 0, cs % 32 == 0, k = 5, p.stride == S, grid rows a multiple of 32 wide (as
+// version 4's units of 32). `…t`: the transposed convolution's form (a_masked 0), the other
+// the convolution's (b_masked 0). Three blocks per SM, at most 168 registers.
+#define DWG_ENTRY(NAME, CONVT, S)                                                                            \
     extern "C" __global__ void __launch_bounds__(DWG_THREADS, 3)                                            \
         NAME(ConvDwGemm p, const float* __restrict__ a_src, const float* __restrict__ a_mask, int a_masked,    \
              const float* __restrict__ b_src, const float* __restrict__ b_mask, int b_masked,                \
              float* __restrict__ partial, int sums_of, unsigned sum_kys, float* __restrict__ sums) {       \
-        conv_dw_partial_wg<CONVT>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,      \
+        conv_dw_partial_wg<CONVT, S>(p, a_src, a_mask, a_masked, b_src, b_mask, b_masked, partial, sums_of,      \
                                   sum_kys, sums);                                                           \
     }
-DWG_ENTRY(conv_dw_partial_wg5s1_tf32, false)
-DWG_ENTRY(conv_dw_partial_wg5s1t_tf32, true)
+DWG_ENTRY(conv_dw_partial_wg5s1_tf32, false, 1)
+DWG_ENTRY(conv_dw_partial_wg5s1t_tf32, true, 1)
+DWG_ENTRY(conv_dw_partial_wg5s2_tf32, false, 2)
+DWG_ENTRY(conv_dw_partial_wg5s2t_tf32, true, 2)

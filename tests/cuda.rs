@@ -903,8 +903,9 @@ fn conv2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
     // Version 5 of the weight gradient (5×5 at stride 1 in units of 32, 4 warps of 64 rows;
     // where the device has wgmma, as the emulator has, its wgmma form, `dw_wgmma`; dy masked as
     // A and summed for db): the 5×5 "same" case above, and 128 rows over rows 32 wide (two row
-    // tiles, one unit per grid row; `emu_conv_dw5_without_wgmma` runs both forms). A stride-2 5×5 into output rows 32
-    // wide stays on version 4's units of 32 (strips of 67 pixels).
+    // tiles, one unit per grid row). A stride-2 5×5 into output rows 32 wide: version 4's units
+    // of 32 (strips of 67 pixels), or the wgmma form at stride 2 (`emu_conv_dw_without_wgmma`
+    // runs both forms of both).
     case(
         "same k5 64->128 3x32 dw5",
         ConvGeom::same(3, 32, 64, 128, 5),
@@ -1187,8 +1188,8 @@ fn conv_t2d_fwd_bwd_parity<B: Backend>(g: &B, tol: f64, tc_shapes: bool) {
         true,
         323,
     );
-    // A stride-2 5×5 from an input 32 wide: its dW in units of 32 (`u32`), the bias gradient
-    // from the units' sums of g over 64-pixel output strips.
+    // A stride-2 5×5 from an input 32 wide: its dW in units of 32 (`u32`, or the wgmma form at
+    // stride 2), the bias gradient from the units' sums of g over 64-pixel output strips.
     case(
         "T k5 s2 op1 64->64 2x32 u32",
         t(2, 32, 64, 64, 5, 2, 2, 1),
@@ -2458,8 +2459,8 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         ),
         // wg5s2 forward and dx (version 7 at stride 2, both gathers), stride-2 dW
         ("T k5 s2 64->64", t(5, 4, 64, 64, 5, 2, 2, 1), true, true),
-        // The 5×5 stride-1 weight gradients on wgmma (`dw_wgmma`), both forms: grid rows 32
-        // wide (units of 32), dy masked as A; g masked as B
+        // The 5×5 weight gradients on wgmma (`dw_wgmma`), both forms: grid rows 32 wide (units
+        // of 32), dy masked as A; g masked as B
         (
             "same k5 64->64 3x32",
             ConvGeom::same(3, 32, 64, 64, 5),
@@ -2469,6 +2470,20 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         (
             "T k5 s1 64->64 2x32",
             t(2, 32, 64, 64, 5, 1, 2, 0),
+            true,
+            true,
+        ),
+        // ... and at stride 2 (output rows 32 wide; a transposed convolution's input 64 wide:
+        // two units per grid row)
+        (
+            "k5 s2 64->64 6x64",
+            ConvGeom::conv(6, 64, 64, 64, 5, 2, 2),
+            false,
+            true,
+        ),
+        (
+            "T k5 s2 64->64 2x64",
+            t(2, 64, 64, 64, 5, 2, 2, 1),
             true,
             true,
         ),
@@ -2543,6 +2558,8 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         "conv_dw_partial_v4k5s2",
         "conv_dw_partial_wg5s1_",
         "conv_dw_partial_wg5s1t",
+        "conv_dw_partial_wg5s2_",
+        "conv_dw_partial_wg5s2t",
         "conv_dw_partial_c4tck3",
         "conv_dw_partial_c4tck5",
         "conv_dw_partial_k1tc",
@@ -2557,18 +2574,18 @@ fn emu_conv_tf32_operands_round_to_nearest() {
     }
 }
 
-/// Version 4's 5×5 weight gradients at stride 1 in units of 32, which version 5 (`dw_v5`) now
-/// computes wherever they apply: the conv and transposed-conv cases of the tests above with
-/// `dw_v5` off.
+/// Version 4's 5×5 weight gradients at stride 1 in units of 32, which version 5 (`dw_v5`) or
+/// the wgmma form (`dw_wgmma`) now computes wherever they apply: the conv and transposed-conv
+/// cases of the tests above with both off.
 fn dw4_u32_k5_parity(g: Cuda, tol: f64) {
     let g = g
         .with_precision(Precision::Tf32)
-        .with_fast_paths(FastPaths::all_but("dw_v5").unwrap());
+        .with_fast_paths(FastPaths::all_but("dw_v5,dw_wgmma").unwrap());
     let conv = ConvGeom::same(2, 64, 64, 64, 5);
-    let name = "same k5 64->64 2x64 dw4 u32, dw_v5 off";
+    let name = "same k5 64->64 2x64 dw4 u32, dw_v5 and dw_wgmma off";
     conv_case(&g, name, conv, false, true, 1144, tol);
     let convt = ConvGeom::transposed(2, 32, 64, 64, 5, 1, 2, 0);
-    let name = "T k5 s1 64->64 2x32 dw4 u32, dw_v5 off";
+    let name = "T k5 s1 64->64 2x32 dw4 u32, dw_v5 and dw_wgmma off";
     conv_case(&g, name, convt, true, true, 323, tol);
 }
 
@@ -2586,57 +2603,66 @@ fn gpu_conv_dw4_u32_k5_without_dw5() {
     }
 }
 
-/// Version 5 of the 5×5 stride-1 weight gradients, which their wgmma form (`dw_wgmma`) takes
-/// where it can (on an H100 or H200 this is the only per-op test of version 5): the conv and
-/// transposed-conv cases of the tests above with `dw_wgmma` off.
-fn dw5_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
+/// The 5×5 weight gradients in units of 32 that the wgmma form (`dw_wgmma`) takes where it can,
+/// with it off (on an H100 or H200 this is their only per-op test): version 5 at stride 1, and
+/// version 4's `v4k5s2u32` at stride 2; the conv and transposed-conv cases of the tests above.
+fn dw_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
     let g = g
         .with_precision(Precision::Tf32)
         .with_fast_paths(FastPaths::all_but("dw_wgmma").unwrap());
-    let conv = ConvGeom::same(3, 32, 64, 128, 5);
-    conv_case(
-        &g,
-        "same k5 64->128 3x32 dw5, dw_wgmma off",
-        conv,
-        false,
-        true,
-        1146,
-        tol,
-    );
-    let convt = ConvGeom::transposed(2, 32, 64, 64, 5, 1, 2, 0);
-    conv_case(
-        &g,
-        "T k5 s1 64->64 2x32 dw5, dw_wgmma off",
-        convt,
-        true,
-        true,
-        323,
-        tol,
-    );
+    let t = ConvGeom::transposed;
+    for (name, geom, transposed, seed) in [
+        (
+            "same k5 64->128 3x32 dw5, dw_wgmma off",
+            ConvGeom::same(3, 32, 64, 128, 5),
+            false,
+            1146,
+        ),
+        (
+            "T k5 s1 64->64 2x32 dw5, dw_wgmma off",
+            t(2, 32, 64, 64, 5, 1, 2, 0),
+            true,
+            323,
+        ),
+        (
+            "k5 s2 64->64 6x64 dw4 u32, dw_wgmma off",
+            ConvGeom::conv(6, 64, 64, 64, 5, 2, 2),
+            false,
+            1147,
+        ),
+        (
+            "T k5 s2 op1 64->64 2x32 u32, dw_wgmma off",
+            t(2, 32, 64, 64, 5, 2, 2, 1),
+            true,
+            322,
+        ),
+    ] {
+        conv_case(&g, name, geom, transposed, true, seed, tol);
+    }
     g
 }
 
 #[test]
-fn emu_conv_dw5_without_wgmma() {
+fn emu_conv_dw_without_wgmma() {
     let Some(g) = emu() else { return };
-    let g = dw5_without_wgmma_parity(g, TF32_TOL);
+    let g = dw_without_wgmma_parity(g, TF32_TOL);
     let launched = g.emu_kernel_launches();
     assert!(
         !launched.keys().any(|k| k.starts_with("conv_dw_partial_wg")),
         "{launched:?}"
     );
-    assert!(
-        launched
-            .keys()
-            .any(|k| k.starts_with("conv_dw_partial_v5k5s1")),
-        "{launched:?}"
-    );
+    for kind in ["conv_dw_partial_v5k5s1", "conv_dw_partial_v4k5s2u32"] {
+        assert!(
+            launched.keys().any(|k| k.starts_with(kind)),
+            "no {kind}* kernel ran: {launched:?}"
+        );
+    }
 }
 
 #[test]
-fn gpu_conv_dw5_without_wgmma() {
+fn gpu_conv_dw_without_wgmma() {
     if let Some(g) = gpu() {
-        dw5_without_wgmma_parity(g, TF32_TOL);
+        dw_without_wgmma_parity(g, TF32_TOL);
     }
 }
 
@@ -3192,8 +3218,8 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "dw_units" => &["dw_v4"],
                 // (Version 5 takes version 4's units of 32.)
                 "dw_v5" => &["dw_v4", "dw_units"],
-                // (Its wgmma form takes version 5's passes.)
-                "dw_wgmma" => &["dw_v4", "dw_units", "dw_v5"],
+                // (The wgmma form takes version 4's units of 32.)
+                "dw_wgmma" => &["dw_v4", "dw_units"],
                 "dw_c4_tc" => &["dw_c4"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],

@@ -155,13 +155,33 @@ fn dw5_applies(row_tile: usize, k: usize, stride: usize, unit: usize, v5: bool) 
 }
 
 /// Threads of a version 5 block, and the blocks an SM holds (its `__launch_bounds__`); the
-/// same for its wgmma form (`dw_wgmma`).
+/// same for the wgmma form (`dw_wgmma`).
 const DW5_THREADS: u32 = 128;
 const DW5_BLOCKS_PER_SM: usize = 3;
 
-/// Bytes of dynamic shared memory of a `conv_dw_partial_wg5s1*` block (conv_wgmma.cu): three
-/// strip stages of 12 rows × 4 channel octets 144 bytes apart.
-const DWG_SHARED_BYTES: u32 = 3 * 12 * 4 * 144;
+/// The weight-gradient partials on wgmma (`dw_wgmma`, conv_wgmma.cu: sm_90a) where they apply
+/// (what version 4 would run with 64-row blocks, units of 32 and a 5×5 kernel, at stride 1 or
+/// 2; at stride 1 version 5's passes): the kernel for the convolution's form or the transposed
+/// one's (`convt`), and its bytes of dynamic shared memory (three strip stages of 7·stride + 5
+/// rows × 4 channel octets 144 bytes apart).
+fn dwg_kernel(
+    row_tile: usize,
+    k: usize,
+    stride: usize,
+    unit: usize,
+    convt: bool,
+) -> Option<(&'static str, u32)> {
+    if !(row_tile == 64 && k == 5 && unit == 32 && (stride == 1 || stride == 2)) {
+        return None;
+    }
+    let name = match (stride, convt) {
+        (1, false) => "conv_dw_partial_wg5s1_tf32",
+        (1, true) => "conv_dw_partial_wg5s1t_tf32",
+        (_, false) => "conv_dw_partial_wg5s2_tf32",
+        (_, true) => "conv_dw_partial_wg5s2t_tf32",
+    };
+    Some((name, (3 * (7 * stride + 5) * 4 * 144) as u32))
+}
 
 /// Version 4's kernel for `row_tile` rows per block, a k × k kernel and the stride.
 fn dw4_kernel(row_tile: usize, k: usize, stride: usize, unit: usize) -> &'static str {
@@ -1088,13 +1108,12 @@ impl Cuda {
             && self.may_launch("conv_dw_partial_k1tc_tf32");
         let unit = dw4_unit(dw4_row_tile(rows), g.stride, wp, self.fast.dw_units);
         let v5 = dw5_applies(dw4_row_tile(rows), g.k, g.stride, unit, self.fast.dw_v5);
-        // Version 5's passes on wgmma (`dw_wgmma`, sm_90a) where the device has it: the
-        // convolution's form (A = dy, masked) or the transposed one's (B = g, masked), not the
-        // mirrored form of `dw_c4`.
-        let wg = v5 && self.fast.dw_wgmma && self.has_wgmma() && as_convt == transposed;
-        let wg_name = match as_convt {
-            true => "conv_dw_partial_wg5s1t_tf32",
-            false => "conv_dw_partial_wg5s1_tf32",
+        // Version 4's 5×5 passes in units of 32 (version 5's at stride 1) on wgmma (`dw_wgmma`,
+        // sm_90a) where the device has it: the convolution's form (A = dy, masked) or the
+        // transposed one's (B = g, masked), not the mirrored form of `dw_c4`.
+        let wg = match self.fast.dw_wgmma && self.has_wgmma() && as_convt == transposed {
+            true => dwg_kernel(dw4_row_tile(rows), g.k, g.stride, unit, as_convt),
+            false => None,
         };
         let v4 = !c4
             && !k1
@@ -1111,7 +1130,7 @@ impl Cuda {
             (true, _, _) => {
                 let rt = dw4_row_tile(rows);
                 let name = match (wg, v5) {
-                    (true, _) => wg_name,
+                    (Some((name, _)), _) => name,
                     (_, true) => "conv_dw_partial_v5k5s1_tf32",
                     _ => dw4_kernel(rt, g.k, g.stride, unit),
                 };
@@ -1137,7 +1156,7 @@ impl Cuda {
         } else if v4 {
             // (A wave of 32-row blocks, or of version 5's, holds more of them:
             // TC_DW_TARGET_BLOCKS is 2 per SM.)
-            let per_sm = match v5 {
+            let per_sm = match v5 || wg.is_some() {
                 true => DW5_BLOCKS_PER_SM,
                 false => dw4_blocks_per_sm(row_tile, g.stride),
             };
@@ -1181,10 +1200,13 @@ impl Cuda {
             },
             (true, _) => LaunchConfig {
                 grid_dim: ((rows / row_tile) as u32, col_tiles as u32, chunks as u32),
-                // (Version 5 and its wgmma form: 4 warps of 64 rows; version 4: a warp per 32
+                // (Version 5 and the wgmma form: 4 warps of 64 rows; version 4: a warp per 32
                 // rows and 8 channels.)
-                block_dim: (if v5 { DW5_THREADS } else { 4 * row_tile as u32 }, 1, 1),
-                shared_mem_bytes: if wg { DWG_SHARED_BYTES } else { 0 },
+                block_dim: match v5 || wg.is_some() {
+                    true => (DW5_THREADS, 1, 1),
+                    false => (4 * row_tile as u32, 1, 1),
+                },
+                shared_mem_bytes: wg.map_or(0, |(_, bytes)| bytes),
             },
             (false, true) => tile_grid(rows, row_tile, cols, col_tile, chunks, DW3_THREADS),
             (false, false) => tc_grid(rows, cols, chunks),

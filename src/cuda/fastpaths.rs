@@ -62,11 +62,11 @@ pub struct FastPaths {
     /// (`conv_dw_partial_v5k5s1_tf32`: 4 warps of all 64 rows instead of 8 of 32, the operands
     /// copied to shared memory by cp.async); off: version 4's 8 warps.
     pub dw_v5: bool,
-    /// On Hopper (compute capability 9.0, sm_90a), the 5×5 stride-1 weight gradients that
-    /// version 5 takes, on the warpgroup MMA (`conv_dw_partial_wg5s1*_tf32`: per unit of 32
-    /// positions 4 products m64n160k8, A from registers loaded straight from memory, the
-    /// strip's pixels read by the tensor cores from shared memory); off, and on other devices:
-    /// version 5.
+    /// On Hopper (compute capability 9.0, sm_90a), the 5×5 weight gradients in version 4's
+    /// units of 32 (version 5's at stride 1, `v4k5s2u32`'s at stride 2) on the warpgroup MMA
+    /// (`conv_dw_partial_wg5s*_tf32`: per unit of 32 positions 4 products m64n160k8, A from
+    /// registers loaded straight from memory, the strip's pixels read by the tensor cores from
+    /// shared memory); off, and on other devices: versions 5 and 4.
     pub dw_wgmma: bool,
     /// Weight gradients for at most 4 gathered channels (64 or 32 rows, 3×3 or 5×5, stride 1:
     /// the first layer's, and a transposed last layer's) in f32 FMAs, each tap's 4 channels one

@@ -219,6 +219,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "conv_igemm_direct_wg5s2_tf32",
             "conv_dw_partial_wg5s1_tf32",
             "conv_dw_partial_wg5s1t_tf32",
+            "conv_dw_partial_wg5s2_tf32",
+            "conv_dw_partial_wg5s2t_tf32",
         ],
     },
     KernelFile {
