@@ -27,6 +27,9 @@
 // takes one output phase (oy mod 2, ox mod 2) per blockIdx.z; the direct one (their dx) runs
 // the four source phases in turn into the same accumulators, the halo staged again for each
 // once the last one's products have completed.
+//
+// Below them, the 5×5 weight gradients in units of 32 on wgmma (`dw_wgmma`, at the end of the
+// file).
 #include "conv_tc.cuh"
 #include "wgmma.cuh"
 
@@ -190,7 +193,7 @@ WG_ENTRY(conv_igemm_adjoint_wg5_tf32, true, 1)
 WG_ENTRY(conv_igemm_adjoint_wg5s2_tf32, true, 2)
 WG_ENTRY(conv_igemm_direct_wg5s2_tf32, false, 2)
 
-// ---- The weight gradients on wgmma: `conv_dw_partial_wg5s1{,t}_tf32` (fast path `dw_wgmma`) ----
+// ---- The weight gradients on wgmma: `conv_dw_partial_wg5s{1,2}{,t}_tf32` (fast path `dw_wgmma`) ----
 // Version 5 of the weight-gradient partials (`v5k5s1`, conv_tc.cu) takes clevr6's 5×5 stride-1
 // weight gradients at ~42 % of the mma.sync peak: each warp loads its A fragments and B words
 // from shared memory for every mma (2.4–2.6 wavefronts per mma). The same blocks (64 rows × one
