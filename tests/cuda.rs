@@ -2487,6 +2487,19 @@ fn emu_conv_tf32_operands_round_to_nearest() {
             true,
             true,
         ),
+        // ... over 32 gathered channels (one channel block: grid.y = the 5 rows of taps)
+        (
+            "same k5 32->64 3x32",
+            ConvGeom::same(3, 32, 32, 64, 5),
+            false,
+            true,
+        ),
+        (
+            "T k5 s1 64->32 2x32",
+            t(2, 32, 64, 32, 5, 1, 2, 0),
+            true,
+            true,
+        ),
         // v5s2 forward (48 outputs: not version 7's)
         ("T k5 s2 64->48", t(4, 5, 64, 48, 5, 2, 2, 1), true, false),
         // 32 channels: v6c32, dW v4r32
