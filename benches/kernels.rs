@@ -3,7 +3,8 @@
 //! training steps. Each op is first spot-checked against the CPU on the first image of the batch
 //! (fresh random inputs, outputs poisoned with NaN), then timed with CUDA events (mean of
 //! `--reps` runs after a warm-up), and set against the device's measured peaks: the bandwidth of
-//! a device-to-device copy and the TF32 `mma.sync` throughput of `kernels/peak.cu`.
+//! a device-to-device copy and the TF32 `mma.sync` throughput of `kernels/peak.cu`. The header
+//! also reports the `wgmma` TF32 peak (on Hopper) and the L2 cache's read bandwidth.
 //!
 //! `cargo bench --bench kernels` on a GPU machine (`bash .gpu/run benches`). Without a GPU it
 //! says so and exits 0 (1 under SLOTFIX_REQUIRE_GPU=1). `-- --emulate` runs the same code at
@@ -796,14 +797,24 @@ fn main() {
             .map_err(|e| println!("(TF32 wgmma peak not measured: {e})"))
             .ok()
     };
+    // And what L2 serves the SMs (the wgmma passes read their weights or their operands from it
+    // at several TB/s: the bound benches/NOTES.md expects for them).
+    let l2 = if emulated {
+        None
+    } else {
+        b.g.measure_l2_read_bw()
+            .map_err(|e| println!("(L2 read bandwidth not measured: {e})"))
+            .ok()
+    };
     println!(
         "CUDA kernels on {} ({}); measured peaks: copy {} GB/s, TF32 mma.sync {} TFLOP/s (TF32 \
-         wgmma m64n128k8: {} TFLOP/s); mean of {reps} runs\n",
+         wgmma m64n128k8: {} TFLOP/s; L2 reads {} GB/s); mean of {reps} runs\n",
         b.g.device_name(),
         b.g.arch(),
         b.bw.map_or("-".into(), |v| format!("{v:.0}")),
         b.tf32.map_or("-".into(), |v| format!("{v:.0}")),
         wgmma.map_or("-".into(), |v| format!("{v:.0}")),
+        l2.map_or("-".into(), |v| format!("{v:.0}")),
     );
     println!(
         "(\"tf32 v3\": every fast path of the tensor-core convolutions on (versions 3, 4 and 5 and \

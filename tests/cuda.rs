@@ -2679,6 +2679,28 @@ fn gpu_conv_dw_without_wgmma() {
     }
 }
 
+/// The L2 read probe of the kernel benchmark (`l2_read_peak_f32`) reads what it says: each
+/// thread's sum over its float4s at (e + it·S) mod n4, wrapping the buffer several times.
+#[test]
+fn emu_l2_read_probe_sums_the_float4s_it_reads() {
+    let Some(g) = emu() else { return };
+    let buf: Vec<f32> = (0..4 * 64).map(|i| (i % 13) as f32 / 8.0).collect();
+    let (blocks, threads, iters) = (3, 32, 9);
+    let (sums, ms) = g.l2_read_probe(&buf, iters, blocks, threads, None).unwrap();
+    assert!(ms.is_none());
+    let stride = blocks * threads;
+    for (e, &got) in sums.iter().enumerate() {
+        let mut s = [0.0f32; 4];
+        for it in 0..iters as usize {
+            let q = (e + it * stride) % 64;
+            for (c, sc) in s.iter_mut().enumerate() {
+                *sc += buf[4 * q + c];
+            }
+        }
+        assert_eq!(got, ((s[0] + s[1]) + s[2]) + s[3], "thread {e}");
+    }
+}
+
 /// The 64 → 64 5×5 passes that version 7 (`conv_wgmma`) takes where it can, with it off:
 /// version 6 at stride 1 (forward and dx, direct and adjoint, pad 2 and 0) and `v5s2` at stride
 /// 2 (both gathers: a transposed convolution's forward and a strided one's dx, and the other

@@ -200,7 +200,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         name: "peak.cu",
         source: include_str!("../../kernels/peak.cu"),
         sm90a: false,
-        kernels: &["mma_peak_tf32"],
+        kernels: &["mma_peak_tf32", "l2_read_peak_f32"],
     },
     KernelFile {
         name: "wgmma.cu",

@@ -1073,6 +1073,57 @@ impl Cuda {
         Ok((blocks * threads / group) as f64 * iters as f64 * flops / (ms * 1e-3) / 1e12)
     }
 
+    /// The per-thread sums of `l2_read_peak_f32` (`kernels/peak.cu`) over `buf` (a power of two
+    /// of float4s): `blocks` of `threads`, each thread reading `iters` float4s through L2 only;
+    /// with `reps`, its time in ms too (mean of `reps` launches after a warm-up; GPU only).
+    pub fn l2_read_probe(
+        &self,
+        buf: &[f32],
+        iters: i32,
+        blocks: usize,
+        threads: usize,
+        reps: Option<usize>,
+    ) -> Result<(Vec<f32>, Option<f64>), String> {
+        let n4 = buf.len() / 4;
+        assert!(
+            buf.len() % 4 == 0 && n4.is_power_of_two(),
+            "a power of two of float4s"
+        );
+        let mut src: DevBuf<f32> = self.alloc_any(buf.len(), false);
+        self.upload_any(buf, &mut src);
+        let mut out: DevBuf<f32> = self.alloc_any(blocks * threads, false);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n4i = i(n4);
+        let ms = match reps {
+            Some(reps) => Some(self.time_ms(reps, || {
+                launch!(self, "l2_read_peak_f32", cfg; &iters, &src, &n4i, &mut out);
+            })?),
+            None => {
+                launch!(self, "l2_read_peak_f32", cfg; &iters, &src, &n4i, &mut out);
+                None
+            }
+        };
+        Ok((self.read(&out), ms))
+    }
+
+    /// The read bandwidth of this device's L2 cache (GB/s): every SM reading a 16 MiB buffer
+    /// (which an H100's or H200's L2 holds) through L2 only, by `l2_read_probe`; Err in the
+    /// emulator.
+    pub fn measure_l2_read_bw(&self) -> Result<f64, String> {
+        let (blocks, threads, iters) = (132 * 8, 256, 512);
+        let buf = vec![1.0f32; 1 << 22];
+        let (sums, ms) = self.l2_read_probe(&buf, iters, blocks, threads, Some(3))?;
+        if sums.iter().any(|&s| s != 4.0 * iters as f32) {
+            return Err("the L2 probe read wrong values".into());
+        }
+        let bytes = 16.0 * (blocks * threads) as f64 * iters as f64;
+        Ok(bytes / (ms.unwrap_or(f64::NAN) * 1e-3) / 1e9)
+    }
+
     /// Whether this backend has the warpgroup MMA kernels (`kernels/wgmma.cu`, sm_90a): on a
     /// device of compute capability 9.0, and in the emulator.
     pub fn has_wgmma(&self) -> bool {
