@@ -771,6 +771,10 @@ fn main() {
         bw: None,
         tf32: None,
     };
+    // (Hopper's wgmma peak, the ceiling of the wgmma convolutions and weight gradients; and what
+    // L2 serves the SMs, which those passes read their weights or operands from at several
+    // TB/s: the bound benches/NOTES.md expects for them.)
+    let (mut wgmma, mut l2) = (None, None);
     if !emulated {
         let n = 1usize << 28; // 1 GiB of f32
         let (src, mut dst) = (b.g.alloc(n), b.g.alloc(n));
@@ -787,25 +791,15 @@ fn main() {
             b.g.measure_tf32_peak()
                 .map_err(|e| report("TF32 peak", e))
                 .ok();
+        wgmma =
+            b.g.measure_wgmma_tf32_peak()
+                .map_err(|e| report("TF32 wgmma peak", e))
+                .ok();
+        l2 =
+            b.g.measure_l2_read_bw()
+                .map_err(|e| report("L2 read bandwidth", e))
+                .ok();
     }
-    // What Hopper's warpgroup MMA reaches (no kernel of the model uses it yet): the ceiling a
-    // wgmma version of the convolutions would work against, beside mma.sync's.
-    let wgmma = if emulated {
-        None
-    } else {
-        b.g.measure_wgmma_tf32_peak()
-            .map_err(|e| println!("(TF32 wgmma peak not measured: {e})"))
-            .ok()
-    };
-    // And what L2 serves the SMs (the wgmma passes read their weights or their operands from it
-    // at several TB/s: the bound benches/NOTES.md expects for them).
-    let l2 = if emulated {
-        None
-    } else {
-        b.g.measure_l2_read_bw()
-            .map_err(|e| println!("(L2 read bandwidth not measured: {e})"))
-            .ok()
-    };
     println!(
         "CUDA kernels on {} ({}); measured peaks: copy {} GB/s, TF32 mma.sync {} TFLOP/s (TF32 \
          wgmma m64n128k8: {} TFLOP/s; L2 reads {} GB/s); mean of {reps} runs\n",

@@ -92,20 +92,33 @@ static __device__ __forceinline__ void fence_proxy_async() {
     "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "     \
     "%59, %60, %61, %62, %63}"
 
+#ifdef CUEMU
+// The emulator's form of every product below: this thread's part of an m64nNk8 wgmma, A from
+// the registers a (whose source the emulator checks again when the product runs) or, without
+// them, from shared memory through adesc.
+static __device__ __forceinline__ void wgmma_emu_issue(int n, float* d, const unsigned* a, WgmmaDesc adesc,
+                                                       WgmmaDesc bdesc, int scale_d) {
+    CuemuWgmma c{};
+    c.n = n;
+    c.a_in_regs = a != nullptr;
+    c.scale_d = scale_d;
+    c.adesc = adesc;
+    c.bdesc = bdesc;
+    if (a) {
+        for (int i = 0; i < 4; ++i) c.a[i] = a[i];
+        c.a_src = a;
+    }
+    c.d = d;
+    cuemu_wgmma_issue(&c);
+}
+#endif
+
 // D(64 × 128) = A·B (scale_d 0) or D + A·B (scale_d 1), A (64 × 8) from the registers a, B (128
 // rows (N) × 8, K-major) from shared memory through bdesc. Issued by the whole warpgroup.
 static __device__ __forceinline__ void wgmma_m64n128k8_rs(float (&d)[64], const unsigned a[4], WgmmaDesc bdesc,
                                                           int scale_d) {
 #ifdef CUEMU
-    CuemuWgmma c{};
-    c.n = 128;
-    c.a_in_regs = 1;
-    c.scale_d = scale_d;
-    c.bdesc = bdesc;
-    for (int i = 0; i < 4; ++i) c.a[i] = a[i];
-    c.a_src = a;
-    c.d = d;
-    cuemu_wgmma_issue(&c);
+    wgmma_emu_issue(128, d, a, 0, bdesc, scale_d);
 #else
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
@@ -120,14 +133,7 @@ static __device__ __forceinline__ void wgmma_m64n128k8_rs(float (&d)[64], const 
 static __device__ __forceinline__ void wgmma_m64n128k8_ss(float (&d)[64], WgmmaDesc adesc, WgmmaDesc bdesc,
                                                           int scale_d) {
 #ifdef CUEMU
-    CuemuWgmma c{};
-    c.n = 128;
-    c.a_in_regs = 0;
-    c.scale_d = scale_d;
-    c.adesc = adesc;
-    c.bdesc = bdesc;
-    c.d = d;
-    cuemu_wgmma_issue(&c);
+    wgmma_emu_issue(128, d, nullptr, adesc, bdesc, scale_d);
 #else
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -136,6 +142,7 @@ static __device__ __forceinline__ void wgmma_m64n128k8_ss(float (&d)[64], WgmmaD
         : "l"(adesc), "l"(bdesc), "r"(scale_d));
 #endif
 }
+
 // The 80 accumulators of an m64n160k8 product, as asm operands %0..%79.
 #define WGMMA_D80 \
     "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
@@ -162,15 +169,7 @@ static __device__ __forceinline__ void wgmma_m64n128k8_ss(float (&d)[64], WgmmaD
 static __device__ __forceinline__ void wgmma_m64n160k8_rs(float (&d)[80], const unsigned a[4], WgmmaDesc bdesc,
                                                           int scale_d) {
 #ifdef CUEMU
-    CuemuWgmma c{};
-    c.n = 160;
-    c.a_in_regs = 1;
-    c.scale_d = scale_d;
-    c.bdesc = bdesc;
-    for (int i = 0; i < 4; ++i) c.a[i] = a[i];
-    c.a_src = a;
-    c.d = d;
-    cuemu_wgmma_issue(&c);
+    wgmma_emu_issue(160, d, a, 0, bdesc, scale_d);
 #else
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %85, 0;\n"

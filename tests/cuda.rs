@@ -2552,54 +2552,88 @@ fn emu_conv_tf32_operands_round_to_nearest() {
         check_tol(&format!("{name} dx, operands rounded"), &g, &dxg, &dx, TOL);
         check_tol(&format!("{name} dw, operands rounded"), &g, &dwg, &dw, TOL);
     }
-    let launched = g.emu_kernel_launches();
-    for kind in [
-        "conv_igemm_direct_wg5",
-        "conv_igemm_adjoint_wg5_",
-        "conv_igemm_adjoint_wg5s2",
-        "conv_igemm_direct_wg5s2",
-        "conv_igemm_direct_v6k5",
-        "conv_igemm_adjoint_v6k5",
-        "conv_igemm_adjoint_n8sk3",
-        "conv_igemm_adjoint_v5n8",
-        "conv_igemm_direct_c4",
-        "conv_igemm_direct_v3",
-        "conv_igemm_adjoint_v5s2",
-        "conv_igemm_direct_v6c32",
-        "conv_igemm_direct_tf32",
-        "conv_dw_partial_v4k5s1",
-        "conv_dw_partial_v4k5s2",
-        "conv_dw_partial_wg5s1_",
-        "conv_dw_partial_wg5s1t",
-        "conv_dw_partial_wg5s2_",
-        "conv_dw_partial_wg5s2t",
-        "conv_dw_partial_c4tck3",
-        "conv_dw_partial_c4tck5",
-        "conv_dw_partial_k1tc",
-        "conv_dw_partial_v4r32",
-        "conv_dw_partial_v3r32",
-        "conv_dw_partial_tf32",
-    ] {
-        assert!(
-            launched.keys().any(|k| k.starts_with(kind)),
-            "no {kind}* kernel ran: {launched:?}"
-        );
-    }
+    assert_kernels_ran(
+        &g,
+        |_| false,
+        &[
+            "conv_igemm_direct_wg5",
+            "conv_igemm_adjoint_wg5_",
+            "conv_igemm_adjoint_wg5s2",
+            "conv_igemm_direct_wg5s2",
+            "conv_igemm_direct_v6k5",
+            "conv_igemm_adjoint_v6k5",
+            "conv_igemm_adjoint_n8sk3",
+            "conv_igemm_adjoint_v5n8",
+            "conv_igemm_direct_c4",
+            "conv_igemm_direct_v3",
+            "conv_igemm_adjoint_v5s2",
+            "conv_igemm_direct_v6c32",
+            "conv_igemm_direct_tf32",
+            "conv_dw_partial_v4k5s1",
+            "conv_dw_partial_v4k5s2",
+            "conv_dw_partial_wg5s1_",
+            "conv_dw_partial_wg5s1t",
+            "conv_dw_partial_wg5s2_",
+            "conv_dw_partial_wg5s2t",
+            "conv_dw_partial_c4tck3",
+            "conv_dw_partial_c4tck5",
+            "conv_dw_partial_k1tc",
+            "conv_dw_partial_v4r32",
+            "conv_dw_partial_v3r32",
+            "conv_dw_partial_tf32",
+        ],
+    );
 }
 
 /// Version 4's 5×5 weight gradients at stride 1 in units of 32, which version 5 (`dw_v5`) or
 /// the wgmma form (`dw_wgmma`) now computes wherever they apply: the conv and transposed-conv
 /// cases of the tests above with both off.
 fn dw4_u32_k5_parity(g: Cuda, tol: f64) {
+    let cases = [
+        (
+            "same k5 64->64 2x64 dw4 u32, dw_v5 and dw_wgmma off",
+            ConvGeom::same(2, 64, 64, 64, 5),
+            false,
+            1144,
+        ),
+        (
+            "T k5 s1 64->64 2x32 dw4 u32, dw_v5 and dw_wgmma off",
+            ConvGeom::transposed(2, 32, 64, 64, 5, 1, 2, 0),
+            true,
+            323,
+        ),
+    ];
+    conv_cases_with_off(g, "dw_v5,dw_wgmma", &cases, tol);
+}
+
+/// `conv_case` (through a ReLU) for each (name, geometry, transposed, seed) under TF32 with the
+/// fast paths in `off` switched off; the backend back, for the emulator's launch record.
+fn conv_cases_with_off(
+    g: Cuda,
+    off: &str,
+    cases: &[(&str, ConvGeom, bool, u64)],
+    tol: f64,
+) -> Cuda {
     let g = g
         .with_precision(Precision::Tf32)
-        .with_fast_paths(FastPaths::all_but("dw_v5,dw_wgmma").unwrap());
-    let conv = ConvGeom::same(2, 64, 64, 64, 5);
-    let name = "same k5 64->64 2x64 dw4 u32, dw_v5 and dw_wgmma off";
-    conv_case(&g, name, conv, false, true, 1144, tol);
-    let convt = ConvGeom::transposed(2, 32, 64, 64, 5, 1, 2, 0);
-    let name = "T k5 s1 64->64 2x32 dw4 u32, dw_v5 and dw_wgmma off";
-    conv_case(&g, name, convt, true, true, 323, tol);
+        .with_fast_paths(FastPaths::all_but(off).unwrap());
+    for &(name, geom, transposed, seed) in cases {
+        conv_case(&g, name, geom, transposed, true, seed, tol);
+    }
+    g
+}
+
+/// In the emulator's launch record: no kernel named as `absent` says ran, and a kernel of each
+/// kind in `kinds` (name prefixes) did.
+fn assert_kernels_ran(g: &Cuda, absent: impl Fn(&str) -> bool, kinds: &[&str]) {
+    let launched = g.emu_kernel_launches();
+    assert!(!launched.keys().any(|k| absent(k)), "{launched:?}");
+    for kind in kinds {
+        assert!(
+            launched.keys().any(|k| k.starts_with(kind)),
+            "no {kind}* kernel ran: {launched:?}"
+        );
+    }
 }
 
 #[test]
@@ -2620,11 +2654,8 @@ fn gpu_conv_dw4_u32_k5_without_dw5() {
 /// with it off (on an H100 or H200 this is their only per-op test): version 5 at stride 1, and
 /// version 4's `v4k5s2u32` at stride 2; the conv and transposed-conv cases of the tests above.
 fn dw_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
-    let g = g
-        .with_precision(Precision::Tf32)
-        .with_fast_paths(FastPaths::all_but("dw_wgmma").unwrap());
     let t = ConvGeom::transposed;
-    for (name, geom, transposed, seed) in [
+    let cases = [
         (
             "same k5 64->128 3x32 dw5, dw_wgmma off",
             ConvGeom::same(3, 32, 64, 128, 5),
@@ -2649,27 +2680,19 @@ fn dw_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
             true,
             322,
         ),
-    ] {
-        conv_case(&g, name, geom, transposed, true, seed, tol);
-    }
-    g
+    ];
+    conv_cases_with_off(g, "dw_wgmma", &cases, tol)
 }
 
 #[test]
 fn emu_conv_dw_without_wgmma() {
     let Some(g) = emu() else { return };
     let g = dw_without_wgmma_parity(g, TF32_TOL);
-    let launched = g.emu_kernel_launches();
-    assert!(
-        !launched.keys().any(|k| k.starts_with("conv_dw_partial_wg")),
-        "{launched:?}"
+    assert_kernels_ran(
+        &g,
+        |k| k.starts_with("conv_dw_partial_wg"),
+        &["conv_dw_partial_v5k5s1", "conv_dw_partial_v4k5s2u32"],
     );
-    for kind in ["conv_dw_partial_v5k5s1", "conv_dw_partial_v4k5s2u32"] {
-        assert!(
-            launched.keys().any(|k| k.starts_with(kind)),
-            "no {kind}* kernel ran: {launched:?}"
-        );
-    }
 }
 
 #[test]
@@ -2706,11 +2729,8 @@ fn emu_l2_read_probe_sums_the_float4s_it_reads() {
 /// 2 (both gathers: a transposed convolution's forward and a strided one's dx, and the other
 /// way round).
 fn conv_64_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
-    let g = g
-        .with_precision(Precision::Tf32)
-        .with_fast_paths(FastPaths::all_but("conv_wgmma").unwrap());
     let t = ConvGeom::transposed;
-    for (name, geom, transposed, seed) in [
+    let cases = [
         (
             "same k5 64->64 13x37, conv_wgmma off",
             ConvGeom::same(13, 37, 64, 64, 5),
@@ -2735,29 +2755,24 @@ fn conv_64_without_wgmma_parity(g: Cuda, tol: f64) -> Cuda {
             false,
             334,
         ),
-    ] {
-        conv_case(&g, name, geom, transposed, true, seed, tol);
-    }
-    g
+    ];
+    conv_cases_with_off(g, "conv_wgmma", &cases, tol)
 }
 
 #[test]
 fn emu_conv_64_without_wgmma() {
     let Some(g) = emu() else { return };
     let g = conv_64_without_wgmma_parity(g, TF32_TOL);
-    let launched = g.emu_kernel_launches();
-    assert!(!launched.keys().any(|k| k.contains("_wg5")), "{launched:?}");
-    for kind in [
-        "conv_igemm_direct_v6k5",
-        "conv_igemm_adjoint_v6k5",
-        "conv_igemm_adjoint_v5s2k5",
-        "conv_igemm_direct_v5s2k5",
-    ] {
-        assert!(
-            launched.keys().any(|k| k.starts_with(kind)),
-            "no {kind}* kernel ran: {launched:?}"
-        );
-    }
+    assert_kernels_ran(
+        &g,
+        |k| k.contains("_wg5"),
+        &[
+            "conv_igemm_direct_v6k5",
+            "conv_igemm_adjoint_v6k5",
+            "conv_igemm_adjoint_v5s2k5",
+            "conv_igemm_direct_v5s2k5",
+        ],
+    );
 }
 
 #[test]
