@@ -1,8 +1,10 @@
 // tokens.cu: the per-token chain between the encoder's convolutions and slot attention, fused
-// (shared-memory tiles of 32 tokens, widths up to 64). Two versions of the tile products:
-// `*_f32` (version 1, exact f32 FMA: precision f32, and widths that are not multiples of 8) and
-// `*_tf32` (version 2, TF32 mma.sync with f32 accumulation: precision tf32, every width a
-// multiple of 8). Everything else (LayerNorms, ReLU masks, column sums) is f32 in both.
+// (widths up to 64). Three versions: `*_f32` (version 1, shared-memory tiles of 32 tokens, exact
+// f32 FMA: precision f32, and widths that are not multiples of 8); `*_tf32` (version 2, the same
+// tiles, TF32 mma.sync with f32 accumulation: precision tf32, every width a multiple of 8); and
+// `*_v3*_tf32` (version 3, below: the same products with the whole chain in registers, a warp
+// per 16 tokens; the default where version 2 applies). Everything else (LayerNorms, ReLU masks,
+// column sums) is f32 in all three.
 //
 // Math (ops/tokens.rs), per token t of pixel p, e = encoder output [rows, c]:
 //   x = e + pos(p)                      (soft position embedding, posembed.cu)
@@ -423,6 +425,322 @@ static __device__ void tokens_fwd(TokenDims p, const float* __restrict__ enc, co
 TOKENS_FWD_ENTRY(tokens_fwd_f32, false)
 TOKENS_FWD_ENTRY(tokens_fwd_tf32, true)
 
+// ---------------------------------------------------------------------------------------------
+// Version 3 of the forward (`tokens_fwd_v3*_tf32`; TF32, every width a multiple of 8 and ≤ 64):
+// the chain in registers, a warp per 16 tokens, no barrier after the start.
+//
+// Why: version 2 runs a block per 32 tokens that restages all four weight matrices (64 KB per
+// tile at 64 wide) and passes each activation through shared memory between 12 barriers; the
+// H200 profile (`65f2d71`) shows L1 71 % busy, shared stores with 24 % bank conflicts, 24 warps
+// per SM, and 1.34 ms for clevr6's 10⁶ tokens against a 0.5 ms memory floor.
+//
+// How: a persistent block (TK3_WARPS warps, as many blocks as fit on the device at once) stages
+// the four weight matrices once, TF32-rounded, in mma-fragment order; each warp then walks its
+// own tiles of 16 tokens. A product's result stays in the registers of the mma's accumulator
+// layout, and that layout is the next product's A operand if the k index is permuted: lane
+// (g, t) holds columns 8j + 2t and 8j + 2t + 1 of rows g and g + 8, so k-step j takes column
+// 8j + 2t as the mma's k slot t and 8j + 2t + 1 as slot t + 4, and the weights are staged with
+// the same permutation (a sum over k does not depend on the order the slots name). The
+// LayerNorms' row sums are the lane's values plus two quad shuffles. Every output is written
+// from registers, a float2 per (row, 8 columns): 8 full 32-byte sectors per warp store.
+// Every width is padded to 8·NJ (NJ = 8, or 4 when all are ≤ 32) with zero weights, biases, γ
+// and β, so the padding stays zero through the chain and every loop is unrolled without a
+// branch (with run-time trip counts ptxas emitted ~400 branches per tile and spilled).
+// Same math as version 2: the position embedding as pos_val sums it, the LayerNorm's two-pass
+// mean and variance, the A operand rounded to TF32 as the mma reads it. Sums run in another
+// order (quad shuffles, the mma's k slots), so results agree with version 2 to f32 rounding.
+#define TK3_THREADS 256
+#define TK3_WARPS (TK3_THREADS / 32)
+#define TK3_ROWS 16  // tokens per warp tile (the mma's m)
+
+// Dynamic shared memory (floats), P = 8·NJ: the weights in fragment order, P × P each (w1, w2,
+// wk, wv), then the vectors, P each: wp (4P: [ch][4]), bp, g0, be0, b1, b2, gi, bei. The
+// launcher's size: tokens.rs, tk3_shared_bytes.
+template <int NJ>
+struct Tk3Smem {
+    float* w[4];
+    float *wp, *bp, *g0, *be0, *b1, *b2, *gi, *bei;
+    __device__ explicit Tk3Smem(float* at) {
+        const int P = 8 * NJ;
+        for (int m = 0; m < 4; ++m) w[m] = at + m * P * P;
+        at += 4 * P * P;
+        wp = at, at += 4 * P;
+        bp = at, at += P;
+        g0 = at, at += P;
+        be0 = at, at += P;
+        b1 = at, at += P;
+        b2 = at, at += P;
+        gi = at, at += P;
+        bei = at;
+    }
+};
+
+// F ← W [n_out][n_in] (nn.Linear's layout) as the B fragments of X·Wᵀ with the permuted k,
+// zero past n_in or n_out: for k-steps j = 2s + h, F[((nt·NJ/2 + s)·32 + lane)·4 + 2h + q] =
+// tf32(W[8nt + g][8j + 2t + q]), lane = 4g + t. A lane's fragments of two k-steps are one
+// aligned float4; a warp's 32 of them, 512 contiguous bytes (conflict-free).
+template <int NJ>
+static __device__ void tk3_stage_frag(float* F, const float* __restrict__ W, int n_in, int n_out) {
+    const int P = 8 * NJ;
+    for (int e = threadIdx.x; e < P * P / 2; e += TK3_THREADS) {  // (n, i) = (e / (P/2), 2·(e % (P/2)))
+        const int n = e / (P / 2), i = 2 * (e % (P / 2));
+        uint2 w = make_uint2(0u, 0u);
+        if (n < n_out && i < n_in) w = ld_u2((const unsigned*)W + n * n_in + i);
+        const int j = i >> 3, lane = 4 * (n & 7) + ((i & 7) >> 1);
+        float* dst = F + 4 * (((n >> 3) * (NJ / 2) + (j >> 1)) * 32 + lane) + 2 * (j & 1);
+        dst[0] = tk_tf32(__uint_as_float(w.x));
+        dst[1] = tk_tf32(__uint_as_float(w.y));
+    }
+}
+
+// dst[0 .. P) ← src[0 .. n), zeros past n.
+static __device__ void tk3_stage_vec(float* dst, const float* __restrict__ src, int n, int P) {
+    for (int e = threadIdx.x; e < P; e += TK3_THREADS) dst[e] = e < n ? src[e] : 0.0f;
+}
+
+// dst rows ra, rb (where valid) ← the tile's first n = 8·nj columns (v[j] = {(g, 8j+2t),
+// (g, 8j+2t+1), (g+8, 8j+2t), (g+8, 8j+2t+1)}: the accumulator layout).
+template <int NJ>
+static __device__ __forceinline__ void tk3_store(float* __restrict__ dst, const float (&v)[NJ][4], int n, int ra,
+                                                 bool va, int rb, bool vb) {
+    // (Row addresses and constant offsets, column tests 8j < n: ptxas keeps no per-j value live
+    // through the tile loop, where it spilled them. Offsets in int: the launcher checks that
+    // rows · width fits, and 32-bit offsets take half the registers.)
+    const int t = threadIdx.x & 3;
+    float* const da = dst + ra * n + 2 * t;
+    float* const db = dst + rb * n + 2 * t;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const bool in = 8 * j < n;
+        if (va && in) *(float2*)&da[8 * j] = make_float2(v[j][0], v[j][1]);
+        if (vb && in) *(float2*)&db[8 * j] = make_float2(v[j][2], v[j][3]);
+    }
+}
+
+// The sum over a row's values: the lane's own, then over the quad (lanes 4g .. 4g + 3).
+static __device__ __forceinline__ float tk3_quad_sum(float s) {
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    return s;
+}
+
+// LayerNorm of the tile's rows (n columns, the padding zero) in place, as tk_layernorm: two-pass
+// mean and variance, (x − μ)·r·γ + β (γ, β zero in the padding, which so stays zero). μ and r of
+// rows g and g + 8 returned in mu[2], rs[2].
+template <int NJ>
+static __device__ __forceinline__ void tk3_layernorm(float (&v)[NJ][4], int n, const float* gam, const float* bet,
+                                                     float eps, float mu[2], float rs[2]) {
+    const int t = threadIdx.x & 3;
+    const float fn = (float)n;
+    float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        sa += v[j][0] + v[j][1];
+        sb += v[j][2] + v[j][3];
+    }
+    const float ma = tk3_quad_sum(sa) / fn, mb = tk3_quad_sum(sb) / fn;
+    float qa = 0.0f, qb = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        if (8 * j >= n) continue;  // (the padding is x = 0, not x = μ)
+        const float d0 = v[j][0] - ma, d1 = v[j][1] - ma, d2 = v[j][2] - mb, d3 = v[j][3] - mb;
+        qa += d0 * d0 + d1 * d1;
+        qb += d2 * d2 + d3 * d3;
+    }
+    const float ra = 1.0f / sqrtf(tk3_quad_sum(qa) / fn + eps), rb = 1.0f / sqrtf(tk3_quad_sum(qb) / fn + eps);
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const float2 gg = *(const float2*)&gam[8 * j + 2 * t], bb = *(const float2*)&bet[8 * j + 2 * t];
+        v[j][0] = (v[j][0] - ma) * ra * gg.x + bb.x;
+        v[j][1] = (v[j][1] - ma) * ra * gg.y + bb.y;
+        v[j][2] = (v[j][2] - mb) * rb * gg.x + bb.x;
+        v[j][3] = (v[j][3] - mb) * rb * gg.y + bb.y;
+    }
+    mu[0] = ma, mu[1] = mb, rs[0] = ra, rs[1] = rb;
+}
+
+// xr ← tf32(v), the A operand of the next product.
+template <int NJ>
+static __device__ __forceinline__ void tk3_round(unsigned (&xr)[NJ][4], const float (&v)[NJ][4]) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xr[j][q] = to_tf32(v[j][q]);
+}
+// In place, as floats with those bits (the backward: one array fewer).
+template <int NJ>
+static __device__ __forceinline__ void tk3_round(float (&v)[NJ][4]) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[j][q] = tk_tf32(v[j][q]);
+}
+
+// acc += X·B with X the tile as the TF32 bits xr, B the fragments F (tk3_stage_frag: X·Wᵀ;
+// tk3_stage_frag_t: X·W).
+static __device__ __forceinline__ unsigned tk3_bits(unsigned u) { return u; }
+static __device__ __forceinline__ unsigned tk3_bits(float x) { return __float_as_uint(x); }
+
+template <int NJ, typename T>
+static __device__ __forceinline__ void tk3_mma_acc(float (&acc)[NJ][4], const T (&xr)[NJ][4], const float* F) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int s = 0; s < NJ / 2; ++s) {
+#pragma unroll
+        for (int n = 0; n < NJ; ++n) {
+            const uint4 b4 = *(const uint4*)&F[4 * ((n * (NJ / 2) + s) * 32 + lane)];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int j = 2 * s + h;
+                // k slot t ↔ column 8j + 2t (rows g, g + 8: [j][0], [j][2]); t + 4 ↔ 8j + 2t + 1.
+                const unsigned a[4] = {tk3_bits(xr[j][0]), tk3_bits(xr[j][2]), tk3_bits(xr[j][1]),
+                                       tk3_bits(xr[j][3])};
+                const unsigned b[2] = {h ? b4.z : b4.x, h ? b4.w : b4.y};
+                mma_tf32_16x8x8(acc[n], a, b);
+            }
+        }
+    }
+}
+
+// acc ← X·B (+ bias, ReLU), as tk3_mma_acc.
+template <int NJ, typename T>
+static __device__ __forceinline__ void tk3_mm(float (&acc)[NJ][4], const T (&xr)[NJ][4], const float* F,
+                                              const float* bias, bool relu) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int n = 0; n < NJ; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[n][q] = 0.0f;
+    tk3_mma_acc<NJ>(acc, xr, F);
+    if (!bias) return;
+#pragma unroll
+    for (int n = 0; n < NJ; ++n) {
+        const float2 bb = *(const float2*)&bias[8 * n + 2 * t];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float y = acc[n][q] + ((q & 1) ? bb.y : bb.x);
+            if (relu && y < 0.0f) y = 0.0f;
+            acc[n][q] = y;
+        }
+    }
+}
+
+// Block TK3_THREADS, dynamic shared memory tk3_shared_bytes(NJ), any grid (warp w of all walks
+// tiles w, w + all warps, …). Every output overwritten, as tokens_fwd.
+template <int NJ>
+static __device__ void tokens_fwd_v3(TokenDims p, const float* __restrict__ enc, const float* __restrict__ wp,
+               const float* __restrict__ bp, const float* __restrict__ g0, const float* __restrict__ be0,
+               const float* __restrict__ w1, const float* __restrict__ b1, const float* __restrict__ w2,
+               const float* __restrict__ b2, const float* __restrict__ gi, const float* __restrict__ bei,
+               const float* __restrict__ wk, const float* __restrict__ wv, float eps, float* __restrict__ x_out,
+               float* __restrict__ a_out, float* __restrict__ mean0, float* __restrict__ rstd0,
+               float* __restrict__ h_out, float* __restrict__ f_out, float* __restrict__ u_out,
+               float* __restrict__ mean_in, float* __restrict__ rstd_in, float* __restrict__ k_out,
+               float* __restrict__ v_out) {
+    extern __shared__ __align__(16) float tk3_smem[];
+    const int P = 8 * NJ;
+    const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
+    const Tk3Smem<NJ> s(tk3_smem);
+    tk3_stage_frag<NJ>(s.w[0], w1, c, feat);
+    tk3_stage_frag<NJ>(s.w[1], w2, feat, feat);
+    tk3_stage_frag<NJ>(s.w[2], wk, feat, d);
+    tk3_stage_frag<NJ>(s.w[3], wv, feat, d);
+    tk3_stage_vec(s.wp, wp, 4 * c, 4 * P);
+    tk3_stage_vec(s.bp, bp, c, P);
+    tk3_stage_vec(s.g0, g0, c, P);
+    tk3_stage_vec(s.be0, be0, c, P);
+    tk3_stage_vec(s.b1, b1, feat, P);
+    tk3_stage_vec(s.b2, b2, feat, P);
+    tk3_stage_vec(s.gi, gi, feat, P);
+    tk3_stage_vec(s.bei, bei, feat, P);
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int ntiles = (rows + TK3_ROWS - 1) / TK3_ROWS;
+    const int stride = gridDim.x * TK3_WARPS;
+    for (int tile = blockIdx.x * TK3_WARPS + (threadIdx.x >> 5); tile < ntiles; tile += stride) {
+        const int ra = tile * TK3_ROWS + g, rb = ra + 8;
+        const bool va = ra < rows, vb = rb < rows;
+        float v[NJ][4], acc[NJ][4];
+        unsigned xr[NJ][4];
+        // x = e + pos: pos(ch) = bp[ch] + Σ_q wp[ch][q]·grid_q, summed as pos_val does (zero
+        // in the padding; rows past the end hold pos, never stored).
+        float ga[4], gb[4];
+        const int pa = (va ? ra : 0) % hw, pb = (vb ? rb : 0) % hw;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) ga[q] = grid_val(q, pa, p.h, p.w), gb[q] = grid_val(q, pb, p.h, p.w);
+        const unsigned* const ea_row = (const unsigned*)enc + ra * c + 2 * t;
+        const unsigned* const eb_row = (const unsigned*)enc + rb * c + 2 * t;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const int ch = 8 * j + 2 * t;
+            uint2 ea = make_uint2(0u, 0u), eb = make_uint2(0u, 0u);
+            if (va && 8 * j < c) ea = ld_u2(ea_row + 8 * j);
+            if (vb && 8 * j < c) eb = ld_u2(eb_row + 8 * j);
+            const float e[4] = {__uint_as_float(ea.x), __uint_as_float(ea.y), __uint_as_float(eb.x),
+                                __uint_as_float(eb.y)};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int cc = ch + (q & 1);
+                const float4 w = *(const float4*)&s.wp[4 * cc];
+                const float* gr = (q & 2) ? gb : ga;
+                float pos = s.bp[cc];
+                pos += w.x * gr[0];
+                pos += w.y * gr[1];
+                pos += w.z * gr[2];
+                pos += w.w * gr[3];
+                v[j][q] = e[q] + pos;
+            }
+        }
+        tk3_store<NJ>(x_out, v, c, ra, va, rb, vb);
+        // a = LN0(x).
+        float mu[2], rs[2];
+        tk3_layernorm<NJ>(v, c, s.g0, s.be0, eps, mu, rs);
+        tk3_store<NJ>(a_out, v, c, ra, va, rb, vb);
+        if (t == 0) {
+            if (va) mean0[ra] = mu[0], rstd0[ra] = rs[0];
+            if (vb) mean0[rb] = mu[1], rstd0[rb] = rs[1];
+        }
+        // h = relu(a·W1ᵀ + b1); f = h·W2ᵀ + b2.
+        tk3_round<NJ>(xr, v);
+        tk3_mm<NJ>(acc, xr, s.w[0], s.b1, true);
+        tk3_store<NJ>(h_out, acc, feat, ra, va, rb, vb);
+        tk3_round<NJ>(xr, acc);
+        tk3_mm<NJ>(v, xr, s.w[1], s.b2, false);
+        tk3_store<NJ>(f_out, v, feat, ra, va, rb, vb);
+        // u = LN_in(f); k = u·Wkᵀ; v = u·Wvᵀ.
+        tk3_layernorm<NJ>(v, feat, s.gi, s.bei, eps, mu, rs);
+        tk3_store<NJ>(u_out, v, feat, ra, va, rb, vb);
+        if (t == 0) {
+            if (va) mean_in[ra] = mu[0], rstd_in[ra] = rs[0];
+            if (vb) mean_in[rb] = mu[1], rstd_in[rb] = rs[1];
+        }
+        tk3_round<NJ>(xr, v);
+        tk3_mm<NJ>(acc, xr, s.w[2], nullptr, false);
+        tk3_store<NJ>(k_out, acc, d, ra, va, rb, vb);
+        tk3_mm<NJ>(acc, xr, s.w[3], nullptr, false);
+        tk3_store<NJ>(v_out, acc, d, ra, va, rb, vb);
+    }
+}
+
+// NJ = 8: widths up to 64; NJ = 4 (`w32`): every width up to 32.
+#define TOKENS_FWD_V3_ENTRY(NAME, NJ)                                                                        \
+    extern "C" __global__ void __launch_bounds__(TK3_THREADS, 2)                                            \
+        NAME(TokenDims p, const float* __restrict__ enc, const float* __restrict__ wp,                      \
+             const float* __restrict__ bp, const float* __restrict__ g0, const float* __restrict__ be0,     \
+             const float* __restrict__ w1, const float* __restrict__ b1, const float* __restrict__ w2,      \
+             const float* __restrict__ b2, const float* __restrict__ gi, const float* __restrict__ bei,     \
+             const float* __restrict__ wk, const float* __restrict__ wv, float eps,                         \
+             float* __restrict__ x_out, float* __restrict__ a_out, float* __restrict__ mean0,               \
+             float* __restrict__ rstd0, float* __restrict__ h_out, float* __restrict__ f_out,               \
+             float* __restrict__ u_out, float* __restrict__ mean_in, float* __restrict__ rstd_in,           \
+             float* __restrict__ k_out, float* __restrict__ v_out) {                                        \
+        tokens_fwd_v3<NJ>(p, enc, wp, bp, g0, be0, w1, b1, w2, b2, gi, bei, wk, wv, eps, x_out, a_out, mean0, \
+                          rstd0, h_out, f_out, u_out, mean_in, rstd_in, k_out, v_out);                      \
+    }
+TOKENS_FWD_V3_ENTRY(tokens_fwd_v3_tf32, 8)
+TOKENS_FWD_V3_ENTRY(tokens_fwd_v3w32_tf32, 4)
+
 // The partial row of one block: [dγ_in | dβ_in | db2 | db1] (feat each), [dγ0 | dβ0] (c each),
 // dW_pos [c][4], db_pos (c). 4·feat + 7·c floats.
 static __device__ __forceinline__ int tk_partial_len(int c, int feat) { return 4 * feat + 7 * c; }
@@ -545,6 +863,273 @@ static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, con
     }
 TOKENS_BWD_ENTRY(tokens_bwd_f32, false)
 TOKENS_BWD_ENTRY(tokens_bwd_tf32, true)
+
+// ---------------------------------------------------------------------------------------------
+// Version 3 of the backward (`tokens_bwd_v3*_tf32`): version 3's layout (persistent blocks, the
+// weights staged once in fragment order, a warp per 16 tokens, the chain in registers) for the
+// data path of tokens_bwd; the products are X·W (tk3_stage_frag_t). The column sums the small
+// parameters need (11 per column at most: dγ, dβ of both LayerNorms, db2, db1, the position
+// embedding's 4 dW and db) are summed over a tile's 16 rows through a per-warp scratch
+// (tk3_colsum: each lane's two rows, then 8 lanes' partials read down a column) into the
+// warp's running sums in shared memory; at the end a block adds its warps' sums in warp order
+// into its partial row (tokens_bwd's layout), and tokens_bwd_reduce_f32 adds the rows. The grid is
+// derived from the sizes only (the launcher's TK3_BWD_BLOCKS), so which tiles a warp sums, and
+// so the result bit for bit, is the same on every GPU.
+
+// F ← W [n_out][n_in] as the B fragments of X·W (B(k = o, n = i) = W[o][i]) with the permuted
+// k, zero past n_in or n_out: for k-steps j = 2s + h, F[((nt·NJ/2 + s)·32 + lane)·4 + 2h + q]
+// = tf32(W[8j + 2t + q][8nt + g]). Rows o, o + 1 of W read a float per thread, in order.
+template <int NJ>
+static __device__ void tk3_stage_frag_t(float* F, const float* __restrict__ W, int n_in, int n_out) {
+    const int P = 8 * NJ;
+    for (int e = threadIdx.x; e < P * P / 2; e += TK3_THREADS) {  // (o, i) = (2·(e / P), e % P)
+        const int o = 2 * (e / P), i = e % P;
+        const bool in = i < n_in && o < n_out;  // (n_out is a multiple of 8: o + 1 < n_out too)
+        const float w0 = in ? W[o * n_in + i] : 0.0f, w1 = in ? W[(o + 1) * n_in + i] : 0.0f;
+        const int j = o >> 3, lane = 4 * (i & 7) + ((o & 7) >> 1);
+        float* dst = F + 4 * (((i >> 3) * (NJ / 2) + (j >> 1)) * 32 + lane) + 2 * (j & 1);
+        dst[0] = tk_tf32(w0);
+        dst[1] = tk_tf32(w1);
+    }
+}
+
+// v ← rows ra, rb of src [rows, n] (zeros past n and for invalid rows), in the accumulator layout.
+template <int NJ>
+static __device__ __forceinline__ void tk3_load(float (&v)[NJ][4], const float* __restrict__ src, int n, int ra,
+                                                bool va, int rb, bool vb) {
+    const int t = threadIdx.x & 3;
+    const unsigned* const sa = (const unsigned*)src + ra * n + 2 * t;
+    const unsigned* const sb = (const unsigned*)src + rb * n + 2 * t;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const bool in = 8 * j < n;  // (as tk3_store)
+        uint2 a = make_uint2(0u, 0u), b = make_uint2(0u, 0u);
+        if (va && in) a = ld_u2(sa + 8 * j);
+        if (vb && in) b = ld_u2(sb + 8 * j);
+        v[j][0] = __uint_as_float(a.x), v[j][1] = __uint_as_float(a.y);
+        v[j][2] = __uint_as_float(b.x), v[j][3] = __uint_as_float(b.y);
+    }
+}
+
+// Per-warp scratch of tk3_colsum: 8 rows of P + 8 floats (the row stride ≡ 8 mod 32 words, so
+// that a half-warp's float2 stores hit 32 distinct banks).
+#define TK3_SCRATCH(NJ) (8 * (8 * (NJ) + 8))
+
+// tot[col] += the sum over the tile's rows of column col, where this lane holds part[j][q]: its
+// rows' sum of column 8j + 2t + q. S: the warp's scratch; tot: the warp's running sums (in
+// shared memory: 22 registers more spilled), lane l adding columns l and l + 32.
+template <int NJ>
+static __device__ __forceinline__ void tk3_colsum(float* S, const float (&part)[NJ][2], float* tot) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, LD = 8 * NJ + 8;
+    // (One address per lane and constant offsets: with the index computed per j, ptxas kept 8
+    // addresses live through the loop and spilled them.)
+    float* const sw = S + g * LD + 2 * t;
+    const float* const sr = S + lane;
+    __syncwarp();  // (the last call's reads are done)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) *(float2*)&sw[8 * j] = make_float2(part[j][0], part[j][1]);
+    __syncwarp();
+#pragma unroll
+    for (int m = 0; m < NJ / 4; ++m) {
+        float s = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) s += sr[r * LD + 32 * m];
+        tot[lane + 32 * m] += s;
+    }
+}
+
+// The column sums of one tile row pair: part[j][q] = Σ over rows g, g + 8 of f(value).
+template <int NJ>
+static __device__ __forceinline__ void tk3_sum_rows(float (&part)[NJ][2], const float (&v)[NJ][4]) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) part[j][0] = v[j][0] + v[j][2], part[j][1] = v[j][1] + v[j][3];
+}
+
+// LayerNorm backward of the tile's rows, in place on dy (x̂ in xh, γ from shared memory, the
+// padding's γ zero), as tk_layernorm_bwd: dy ← r·(dy·γ − mean(dy·γ) − x̂·mean(dy·γ·x̂)); n
+// columns; padded columns set to zero.
+template <int NJ>
+static __device__ __forceinline__ void tk3_layernorm_bwd(float (&dy)[NJ][4], const float (&xh)[NJ][4], int n,
+                                                         const float* gam, const float rs[2]) {
+    const int t = threadIdx.x & 3;
+    const float fn = (float)n;
+    float mga = 0.0f, mgb = 0.0f, mxa = 0.0f, mxb = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const float2 gg = *(const float2*)&gam[8 * j + 2 * t];
+        const float g0 = dy[j][0] * gg.x, g1 = dy[j][1] * gg.y, g2 = dy[j][2] * gg.x, g3 = dy[j][3] * gg.y;
+        mga += g0 + g1;
+        mgb += g2 + g3;
+        mxa += g0 * xh[j][0] + g1 * xh[j][1];
+        mxb += g2 * xh[j][2] + g3 * xh[j][3];
+    }
+    mga = tk3_quad_sum(mga) / fn, mgb = tk3_quad_sum(mgb) / fn;
+    mxa = tk3_quad_sum(mxa) / fn, mxb = tk3_quad_sum(mxb) / fn;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const float2 gg = *(const float2*)&gam[8 * j + 2 * t];
+        const bool in = 8 * j < n;
+        dy[j][0] = in ? rs[0] * (dy[j][0] * gg.x - mga - xh[j][0] * mxa) : 0.0f;
+        dy[j][1] = in ? rs[0] * (dy[j][1] * gg.y - mga - xh[j][1] * mxa) : 0.0f;
+        dy[j][2] = in ? rs[1] * (dy[j][2] * gg.x - mgb - xh[j][2] * mxb) : 0.0f;
+        dy[j][3] = in ? rs[1] * (dy[j][3] * gg.y - mgb - xh[j][3] * mxb) : 0.0f;
+    }
+}
+
+// x ← x̂ = (x − μ)·r of rows g (mu[0], rs[0]) and g + 8, and the column sums of a LayerNorm's
+// parameters: tot_g += Σ dy·x̂, tot_b += Σ dy.
+template <int NJ>
+static __device__ __forceinline__ void tk3_layernorm_params(float (&x)[NJ][4], const float (&dy)[NJ][4],
+                                                            const float mu[2], const float rs[2], float* S,
+                                                            float* tot_g, float* tot_b) {
+    float part[NJ][2];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) x[j][q] = (x[j][q] - mu[q >> 1]) * rs[q >> 1];
+        part[j][0] = dy[j][0] * x[j][0] + dy[j][2] * x[j][2];
+        part[j][1] = dy[j][1] * x[j][1] + dy[j][3] * x[j][3];
+    }
+    tk3_colsum<NJ>(S, part, tot_g);
+    tk3_sum_rows<NJ>(part, dy);
+    tk3_colsum<NJ>(S, part, tot_b);
+}
+
+// Block TK3_THREADS, dynamic shared memory tk3_bwd_shared_bytes(8·NJ), grid fixed by the
+// launcher. partial [gridDim.x][4·feat + 7·c] overwritten (tokens_bwd's layout); df, dh, dx
+// overwritten.
+template <int NJ>
+static __device__ void tokens_bwd_v3(TokenDims p, const float* __restrict__ dk, const float* __restrict__ dv,
+               const float* __restrict__ wk, const float* __restrict__ wv, const float* __restrict__ f,
+               const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+               const float* __restrict__ gi, const float* __restrict__ w2, const float* __restrict__ h,
+               const float* __restrict__ w1, const float* __restrict__ xin, const float* __restrict__ mean0,
+               const float* __restrict__ rstd0, const float* __restrict__ g0, float* __restrict__ df,
+               float* __restrict__ dh, float* __restrict__ dx, float* __restrict__ partial) {
+    extern __shared__ __align__(16) float tk3_smem[];
+    const int P = 8 * NJ;
+    const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
+    float* const fk = tk3_smem;  // weights in fragment order, P × P each
+    float* const fv = fk + P * P;
+    float* const f2 = fv + P * P;
+    float* const f1 = f2 + P * P;
+    float* const sgi = f1 + P * P;  // γ_in, γ0 (zero in the padding)
+    float* const sg0 = sgi + P;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float* const S = sg0 + P + warp * TK3_SCRATCH(NJ);
+    // The warp's running column sums, [11][P]: dγ_in, dβ_in, db2, db1, dγ0, dβ0, dWpos[q] for
+    // q = 0..3, dbpos.
+    float* const tot_all = sg0 + P + TK3_WARPS * TK3_SCRATCH(NJ);
+    float* const tot = tot_all + warp * 11 * P;
+    for (int e = lane; e < 11 * P; e += 32) tot[e] = 0.0f;
+    tk3_stage_frag_t<NJ>(fk, wk, feat, d);
+    tk3_stage_frag_t<NJ>(fv, wv, feat, d);
+    tk3_stage_frag_t<NJ>(f2, w2, feat, feat);
+    tk3_stage_frag_t<NJ>(f1, w1, c, feat);
+    tk3_stage_vec(sgi, gi, feat, P);
+    tk3_stage_vec(sg0, g0, c, P);
+    __syncthreads();
+
+    const int ntiles = (rows + TK3_ROWS - 1) / TK3_ROWS;
+    for (int tile = blockIdx.x * TK3_WARPS + warp; tile < ntiles; tile += gridDim.x * TK3_WARPS) {
+        const int ra = tile * TK3_ROWS + g, rb = ra + 8;
+        const bool va = ra < rows, vb = rb < rows;
+        // Two tiles of registers, x and y, take turns as a product's A operand (rounded in
+        // place) and its result (with a third, ptxas spilled at 128 registers).
+        float x[NJ][4], y[NJ][4], part[NJ][2];
+        // du = dk·Wk + dv·Wv (y).
+        tk3_load<NJ>(x, dk, d, ra, va, rb, vb);
+        tk3_round<NJ>(x);
+        tk3_mm<NJ>(y, x, fk, nullptr, false);
+        tk3_load<NJ>(x, dv, d, ra, va, rb, vb);
+        tk3_round<NJ>(x);
+        tk3_mma_acc<NJ>(y, x, fv);
+        // LN_in backward: x ← x̂_in, y ← df.
+        float mu[2], rs[2];
+        mu[0] = va ? mean_in[ra] : 0.0f, rs[0] = va ? rstd_in[ra] : 0.0f;
+        mu[1] = vb ? mean_in[rb] : 0.0f, rs[1] = vb ? rstd_in[rb] : 0.0f;
+        tk3_load<NJ>(x, f, feat, ra, va, rb, vb);
+        tk3_layernorm_params<NJ>(x, y, mu, rs, S, tot, tot + P);
+        tk3_layernorm_bwd<NJ>(y, x, feat, sgi, rs);
+        tk3_store<NJ>(df, y, feat, ra, va, rb, vb);
+        tk3_sum_rows<NJ>(part, y);
+        tk3_colsum<NJ>(S, part, tot + 2 * P);
+        // dh = (df·W2) ⊙ [h > 0] (x; h's signs loaded first, as one bit each).
+        tk3_load<NJ>(x, h, feat, ra, va, rb, vb);
+        unsigned live = 0;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) live |= (x[j][q] > 0.0f ? 1u : 0u) << (4 * j + q);
+        tk3_round<NJ>(y);
+        tk3_mm<NJ>(x, y, f2, nullptr, false);
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) x[j][q] = (live >> (4 * j + q)) & 1u ? x[j][q] : 0.0f;
+        tk3_store<NJ>(dh, x, feat, ra, va, rb, vb);
+        tk3_sum_rows<NJ>(part, x);
+        tk3_colsum<NJ>(S, part, tot + 3 * P);
+        // da = dh·W1 (y); LN0 backward: x ← x̂0, y ← dx.
+        tk3_round<NJ>(x);
+        tk3_mm<NJ>(y, x, f1, nullptr, false);
+        mu[0] = va ? mean0[ra] : 0.0f, rs[0] = va ? rstd0[ra] : 0.0f;
+        mu[1] = vb ? mean0[rb] : 0.0f, rs[1] = vb ? rstd0[rb] : 0.0f;
+        tk3_load<NJ>(x, xin, c, ra, va, rb, vb);
+        tk3_layernorm_params<NJ>(x, y, mu, rs, S, tot + 4 * P, tot + 5 * P);
+        tk3_layernorm_bwd<NJ>(y, x, c, sg0, rs);
+        tk3_store<NJ>(dx, y, c, ra, va, rb, vb);
+        // The position embedding's dW (Σ dx·grid_q) and db (Σ dx); rows past the end are zero.
+        float ga[4], gb[4];
+        const int pa = (va ? ra : 0) % hw, pb = (vb ? rb : 0) % hw;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) ga[q] = grid_val(q, pa, p.h, p.w), gb[q] = grid_val(q, pb, p.h, p.w);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                part[j][0] = y[j][0] * ga[q] + y[j][2] * gb[q];
+                part[j][1] = y[j][1] * ga[q] + y[j][3] * gb[q];
+            }
+            tk3_colsum<NJ>(S, part, tot + (6 + q) * P);
+        }
+        tk3_sum_rows<NJ>(part, y);
+        tk3_colsum<NJ>(S, part, tot + 10 * P);
+    }
+    // The block's partial row (tokens_bwd's layout): its warps' sums, added in warp order.
+    __syncthreads();
+    const int len = tk_partial_len(c, feat);
+    for (int e = threadIdx.x; e < len; e += TK3_THREADS) {
+        int k, col;
+        if (e < 4 * feat) {
+            k = e / feat, col = e % feat;
+        } else {
+            const int i = e - 4 * feat;
+            if (i < 2 * c) k = 4 + i / c, col = i % c;
+            else if (i < 6 * c) k = 6 + (i - 2 * c) % 4, col = (i - 2 * c) / 4;
+            else k = 10, col = i - 6 * c;
+        }
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < TK3_WARPS; ++w) s += tot_all[(w * 11 + k) * P + col];
+        partial[(size_t)blockIdx.x * len + e] = s;
+    }
+}
+
+#define TOKENS_BWD_V3_ENTRY(NAME, NJ)                                                                        \
+    extern "C" __global__ void __launch_bounds__(TK3_THREADS, 2)                                            \
+        NAME(TokenDims p, const float* __restrict__ dk, const float* __restrict__ dv,                       \
+             const float* __restrict__ wk, const float* __restrict__ wv, const float* __restrict__ f,       \
+             const float* __restrict__ mean_in, const float* __restrict__ rstd_in,                          \
+             const float* __restrict__ gi, const float* __restrict__ w2, const float* __restrict__ h,       \
+             const float* __restrict__ w1, const float* __restrict__ x, const float* __restrict__ mean0,    \
+             const float* __restrict__ rstd0, const float* __restrict__ g0, float* __restrict__ df,         \
+             float* __restrict__ dh, float* __restrict__ dx, float* __restrict__ partial) {                 \
+        tokens_bwd_v3<NJ>(p, dk, dv, wk, wv, f, mean_in, rstd_in, gi, w2, h, w1, x, mean0, rstd0, g0, df, dh, \
+                          dx, partial);                                                                     \
+    }
+TOKENS_BWD_V3_ENTRY(tokens_bwd_v3_tf32, 8)
+TOKENS_BWD_V3_ENTRY(tokens_bwd_v3w32_tf32, 4)
 
 // The sum over the nblk partial rows (rs_combine's fixed order), added (+=) into the parameter
 // gradient each element belongs to. Block RS_THREADS, grid ceil(partial row length / RS_COLS).

@@ -90,6 +90,10 @@ pub struct FastPaths {
     pub attention_v3: bool,
     /// The fused token chain (`tokens_{fwd,bwd}_{f32,tf32}`); off: the single ops.
     pub tokens: bool,
+    /// Within the fused chain on the tensor cores, version 3 of its forward
+    /// (`tokens_fwd_v3_tf32`: persistent blocks with the weights staged once, a warp per 16
+    /// tokens, the chain in registers, no barrier per tile); off: version 2.
+    pub tokens_v3: bool,
     /// The fused slot cell (`slot_query_*`, `slot_update_*`); off: the single ops.
     pub slot_cell: bool,
     /// The decoder's first convolution split by border classes (`bcast_conv_*`); off: the
@@ -127,6 +131,7 @@ impl FastPaths {
         attention_v2: true,
         attention_v3: true,
         tokens: true,
+        tokens_v3: true,
         slot_cell: true,
         bcast_split: true,
         conv_splitk: true,
@@ -150,13 +155,14 @@ impl FastPaths {
         attention_v2: false,
         attention_v3: false,
         tokens: false,
+        tokens_v3: false,
         slot_cell: false,
         bcast_split: false,
         conv_splitk: false,
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 22] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -175,6 +181,7 @@ impl FastPaths {
         "attention_v2",
         "attention_v3",
         "tokens",
+        "tokens_v3",
         "slot_cell",
         "bcast_split",
         "conv_splitk",
@@ -200,6 +207,7 @@ impl FastPaths {
             "attention_v2" => &mut self.attention_v2,
             "attention_v3" => &mut self.attention_v3,
             "tokens" => &mut self.tokens,
+            "tokens_v3" => &mut self.tokens_v3,
             "slot_cell" => &mut self.slot_cell,
             "bcast_split" => &mut self.bcast_split,
             "conv_splitk" => &mut self.conv_splitk,
@@ -283,6 +291,7 @@ mod tests {
                 && fp.dw_k1
                 && fp.attention_v2
                 && fp.attention_v3
+                && fp.tokens_v3
                 && fp.slot_cell
                 && fp.conv_splitk
         );

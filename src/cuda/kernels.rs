@@ -289,8 +289,12 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         kernels: &[
             "tokens_fwd_f32",
             "tokens_fwd_tf32",
+            "tokens_fwd_v3_tf32",
+            "tokens_fwd_v3w32_tf32",
             "tokens_bwd_f32",
             "tokens_bwd_tf32",
+            "tokens_bwd_v3_tf32",
+            "tokens_bwd_v3w32_tf32",
             "tokens_bwd_reduce_f32",
         ],
     },

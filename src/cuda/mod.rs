@@ -808,6 +808,32 @@ impl Cuda {
         !self.shared_refused.contains(&name)
     }
 
+    /// How many blocks of kernel `name` (`threads` each, `shared_bytes` of dynamic shared
+    /// memory) the device runs at once: its SMs times the driver's occupancy (at least 1). A
+    /// persistent kernel's grid; in the emulator 2, so that the tests' blocks walk several
+    /// tiles.
+    fn resident_blocks(&self, name: &'static str, threads: u32, shared_bytes: u32) -> usize {
+        match &self.exec {
+            Exec::Gpu(gpu) => {
+                use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+                let sms = gpu
+                    .ctx
+                    .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                    .unwrap_or(1);
+                let per_sm = gpu
+                    .func(name)
+                    .occupancy_max_active_blocks_per_multiprocessor(
+                        threads,
+                        shared_bytes as usize,
+                        None,
+                    )
+                    .unwrap_or(1);
+                (sms.max(1) as usize) * (per_sm.max(1) as usize)
+            }
+            Exec::Emu(_) => 2,
+        }
+    }
+
     /// The fast paths this backend may take; the others run their fallbacks ([`fastpaths`]).
     pub fn with_fast_paths(mut self, fast: FastPaths) -> Cuda {
         self.fast = fast;

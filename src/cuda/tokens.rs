@@ -35,6 +35,42 @@ const TK_MAXD: usize = 64;
 const TK_BWD_BLOCKS: usize = 792;
 const TK_BWD_MIN_TILES: usize = 2;
 
+/// Version 3 of the forward (`tokens_fwd_v3_tf32`): threads per block (TK3_THREADS) and tokens
+/// per warp tile (TK3_ROWS).
+const TK3_THREADS: u32 = 256;
+const TK3_ROWS: usize = 16;
+
+/// Bytes of dynamic shared memory of a version 3 forward whose widths are padded to `p`
+/// (tokens.cu's `Tk3Smem`): four p × p weight matrices and 11 · p floats of vectors.
+const fn tk3_shared_bytes(p: usize) -> u32 {
+    ((4 * p * p + 11 * p) * 4) as u32
+}
+/// The most it takes (widths up to 64), which the backend opts in to
+/// ([`super::conv::LARGE_SHARED`]).
+pub(super) const TK3_MAX_SHARED: u32 = tk3_shared_bytes(TK_MAXD);
+/// Bytes of dynamic shared memory of a version 3 backward (tokens_bwd_v3): four p × p weight
+/// matrices, the two γ (2p floats), and per warp its column-sum scratch (8 rows of p + 8) and
+/// its 11 running column sums (11p).
+const fn tk3_bwd_shared_bytes(p: usize) -> u32 {
+    ((4 * p * p + 2 * p + (TK3_THREADS as usize / 32) * (8 * (p + 8) + 11 * p)) * 4) as u32
+}
+pub(super) const TK3_BWD_MAX_SHARED: u32 = tk3_bwd_shared_bytes(TK_MAXD);
+/// Blocks of the version 3 backward: at most TK3_BWD_BLOCKS (an H100's or H200's 132 SMs × the
+/// 2 blocks per SM that its registers allow), each warp with at least TK3_BWD_MIN_TILES tiles.
+/// From the sizes only, as TK_BWD_BLOCKS.
+const TK3_BWD_BLOCKS: usize = 264;
+const TK3_BWD_MIN_TILES: usize = 2;
+
+/// The kernel of version 3 for these widths (`stem` + `_tf32` for widths up to 64,
+/// `stem` + `w32_tf32` when every width is at most 32) and the width it pads them to.
+fn tk3_kernel(dims: &TokenDims, wide: &'static str, narrow: &'static str) -> (&'static str, usize) {
+    if dims.c.max(dims.feat).max(dims.d) <= 32 {
+        (narrow, 32)
+    } else {
+        (wide, TK_MAXD)
+    }
+}
+
 impl TokenDimsC {
     fn new(dims: &TokenDims) -> Self {
         let widest = dims.c.max(dims.feat).max(dims.d);
@@ -95,11 +131,26 @@ impl Cuda {
         let [h, f] = &mut a.mlp_act[..] else {
             unreachable!("tokens_fusable checked two MLP layers")
         };
-        let cfg = blocks(rows.div_ceil(TK_ROWS), TK_THREADS);
-        let name = if self.tokens_on_tensor_cores(dims) {
-            "tokens_fwd_tf32"
+        let tc = self.tokens_on_tensor_cores(dims);
+        // Version 3 pads every width to 32 or 64.
+        let (v3, padded) = tk3_kernel(dims, "tokens_fwd_v3_tf32", "tokens_fwd_v3w32_tf32");
+        let (name, cfg) = if tc && self.fast.tokens_v3 && self.may_launch(v3) {
+            // Persistent: at most the blocks the device holds at once, 8 warps of 16-token
+            // tiles each (no reduction, so the grid may depend on the device).
+            let bytes = tk3_shared_bytes(padded);
+            let warp_tiles = rows.div_ceil(TK3_ROWS);
+            let wanted = warp_tiles.div_ceil(TK3_THREADS as usize / 32);
+            let n = wanted.min(self.resident_blocks(v3, TK3_THREADS, bytes));
+            let mut cfg = blocks(n, TK3_THREADS);
+            cfg.shared_mem_bytes = bytes;
+            (v3, cfg)
+        } else if tc {
+            (
+                "tokens_fwd_tf32",
+                blocks(rows.div_ceil(TK_ROWS), TK_THREADS),
+            )
         } else {
-            "tokens_fwd_f32"
+            ("tokens_fwd_f32", blocks(rows.div_ceil(TK_ROWS), TK_THREADS))
         };
         launch!(self, name, cfg;
             &dc, enc_out, p.pos_w, p.pos_b, p.norm_g, p.norm_b, p.mlp[0].w, p.mlp[0].b,
@@ -129,15 +180,28 @@ impl Cuda {
         let [dh, df] = &mut d.d_mlp_act[..] else {
             unreachable!("tokens_fusable checked two MLP layers")
         };
-        let nblk = TK_BWD_BLOCKS.min(rows.div_ceil(TK_ROWS).div_ceil(TK_BWD_MIN_TILES));
+        let tc = self.tokens_on_tensor_cores(dims);
+        let (v3, padded) = tk3_kernel(dims, "tokens_bwd_v3_tf32", "tokens_bwd_v3w32_tf32");
+        let (name, cfg) = if tc && self.fast.tokens_v3 && self.may_launch(v3) {
+            let warps = TK3_THREADS as usize / 32;
+            let per_block = warps * TK3_BWD_MIN_TILES;
+            let n = TK3_BWD_BLOCKS.min(rows.div_ceil(TK3_ROWS).div_ceil(per_block));
+            let mut cfg = blocks(n, TK3_THREADS);
+            cfg.shared_mem_bytes = tk3_bwd_shared_bytes(padded);
+            (v3, cfg)
+        } else {
+            let n = TK_BWD_BLOCKS.min(rows.div_ceil(TK_ROWS).div_ceil(TK_BWD_MIN_TILES));
+            let name = if tc {
+                "tokens_bwd_tf32"
+            } else {
+                "tokens_bwd_f32"
+            };
+            (name, blocks(n, TK_THREADS))
+        };
+        let nblk = cfg.grid_dim.0 as usize;
         let plen = 4 * feat + 7 * c;
         let mut partial = self.scratch::<f32>(nblk * plen);
-        let name = if self.tokens_on_tensor_cores(dims) {
-            "tokens_bwd_tf32"
-        } else {
-            "tokens_bwd_f32"
-        };
-        launch!(self, name, blocks(nblk, TK_THREADS);
+        launch!(self, name, cfg;
             &dc, dk, dv, p.wk, p.wv, &a.mlp_act[1], &a.ln_in_mean, &a.ln_in_rstd, p.norm_in_g,
             p.mlp[1].w, &a.mlp_act[0], p.mlp[0].w, &a.enc_pos, &a.ln0_mean, &a.ln0_rstd,
             p.norm_g, df, dh, &mut d.d_enc_pos, &mut partial);

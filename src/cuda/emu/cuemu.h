@@ -31,6 +31,7 @@ struct uint2 {  // 8 bytes (the hardware requires 8-byte alignment: tc_tile_mma'
 static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 static inline float2 make_float2(float x, float y) { return float2{x, y}; }
 static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+static inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 extern "C" void cuemu_fault(const char* msg);
 static inline void cuemu_check_align16(const void* p) {
     if ((uintptr_t)p & 15) cuemu_fault("misaligned address: a 16-byte load from an address not a multiple of 16");
