@@ -505,9 +505,14 @@ impl Bench {
             Precision::F32 => ("v1 (f32)", 1e-5),
             Precision::Tf32 => ("v2 (tf32)", 1e-3),
         };
-        let version = format!("{version}{note}");
         // The "of peak" column: TF32 for the tensor-core version.
         let tc = g.precision() == Precision::Tf32;
+        // (Version 3 replaces version 2 unless `tokens_v3` is off.)
+        let version = if tc && g.fast_paths().tokens_v3 {
+            format!("v3 (tf32){note}")
+        } else {
+            format!("{version}{note}")
+        };
         let dims = TokenDims {
             batch,
             h: res,
@@ -1035,8 +1040,8 @@ fn main() {
     guarded("linear + LayerNorm", || {
         b.linear_layernorm(batch * res * res, ch)
     });
-    // The token chain's tile products: version 2 (TF32 tensor cores, the default precision)
-    // and version 1 (exact f32), each beside the same chain op by op.
+    // The token chain's tile products: version 3 on the TF32 tensor cores (the default
+    // precision) and version 1 (exact f32), each beside the same chain op by op.
     guarded("tokens (tf32)", || {
         bench_with(Precision::Tf32, 3).tokens(batch, res, ch, "")
     });
@@ -1048,6 +1053,17 @@ fn main() {
             ..bp
         }
         .tokens(batch, res, ch, ", dw_k1 off")
+    });
+    // Version 2, which version 3 replaced (`tokens_v3`).
+    guarded("tokens (tf32), tokens_v3 off", || {
+        let bp = bench_with(Precision::Tf32, 3);
+        Bench {
+            g: bp
+                .g
+                .with_fast_paths(FastPaths::all_but("tokens_v3").unwrap()),
+            ..bp
+        }
+        .tokens(batch, res, ch, ", tokens_v3 off")
     });
     guarded("tokens (f32)", || b.tokens(batch, res, ch, ""));
     // Version 3 (the slot count compiled in; the default) and version 2, both checked first.
