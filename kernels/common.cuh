@@ -288,6 +288,21 @@ static __device__ __forceinline__ float4 lds_f4(SmemAddr base, int words) {
 #endif
 }
 
+// The same as four 32-bit words (tokens.cu's B fragments: a lane's two k-steps).
+static __device__ __forceinline__ uint4 lds_u4(SmemAddr base, int words) {
+#ifdef CUEMU
+    const unsigned* p = base + words;
+    cuemu_check_align16(p);
+    return *(const uint4*)(const void*)p;
+#else
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "r"(base + 4 * words));
+    return r;
+#endif
+}
+
 // d += A·B for one warp's 16×8×8 TF32 tile with f32 accumulation (PTX mma.m16n8k8, A row-major,
 // B column-major). With g = lane / 4 and t = lane % 4 the fragments are
 //   a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},  b = {B[t][g], B[t+4][g]},

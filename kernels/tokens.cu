@@ -493,6 +493,16 @@ static __device__ void tk3_stage_frag(float* F, const float* __restrict__ W, int
     }
 }
 
+// Shared-memory vector reads as explicit instructions (lds_u2, lds_u4, lds_f4 of common.cuh):
+// NVRTC 13.0 added a redundant load beside some of the plain vector reads here, differently
+// from one compile to the next (the PTX, which the kernel cache keys and checks, was not
+// reproducible), as it once did in attention.cu.
+static __device__ __forceinline__ float2 tk3_lds_f2(const float* p, int words) {
+    unsigned r[2];
+    lds_u2(r, smem_addr((const unsigned*)p), words);
+    return make_float2(__uint_as_float(r[0]), __uint_as_float(r[1]));
+}
+
 // dst[0 .. P) ← src[0 .. n), zeros past n.
 static __device__ void tk3_stage_vec(float* dst, const float* __restrict__ src, int n, int P) {
     for (int e = threadIdx.x; e < P; e += TK3_THREADS) dst[e] = e < n ? src[e] : 0.0f;
@@ -550,7 +560,7 @@ static __device__ __forceinline__ void tk3_layernorm(float (&v)[NJ][4], int n, c
     const float ra = 1.0f / sqrtf(tk3_quad_sum(qa) / fn + eps), rb = 1.0f / sqrtf(tk3_quad_sum(qb) / fn + eps);
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-        const float2 gg = *(const float2*)&gam[8 * j + 2 * t], bb = *(const float2*)&bet[8 * j + 2 * t];
+        const float2 gg = tk3_lds_f2(gam, 8 * j + 2 * t), bb = tk3_lds_f2(bet, 8 * j + 2 * t);
         v[j][0] = (v[j][0] - ma) * ra * gg.x + bb.x;
         v[j][1] = (v[j][1] - ma) * ra * gg.y + bb.y;
         v[j][2] = (v[j][2] - mb) * rb * gg.x + bb.x;
@@ -584,11 +594,12 @@ static __device__ __forceinline__ unsigned tk3_bits(float x) { return __float_as
 template <int NJ, typename T>
 static __device__ __forceinline__ void tk3_mma_acc(float (&acc)[NJ][4], const T (&xr)[NJ][4], const float* F) {
     const int lane = threadIdx.x & 31;
+    const SmemAddr fb = smem_addr((const unsigned*)F);
 #pragma unroll
     for (int s = 0; s < NJ / 2; ++s) {
 #pragma unroll
         for (int n = 0; n < NJ; ++n) {
-            const uint4 b4 = *(const uint4*)&F[4 * ((n * (NJ / 2) + s) * 32 + lane)];
+            const uint4 b4 = lds_u4(fb, 4 * ((n * (NJ / 2) + s) * 32 + lane));
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int j = 2 * s + h;
@@ -615,7 +626,7 @@ static __device__ __forceinline__ void tk3_mm(float (&acc)[NJ][4], const T (&xr)
     if (!bias) return;
 #pragma unroll
     for (int n = 0; n < NJ; ++n) {
-        const float2 bb = *(const float2*)&bias[8 * n + 2 * t];
+        const float2 bb = tk3_lds_f2(bias, 8 * n + 2 * t);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             float y = acc[n][q] + ((q & 1) ? bb.y : bb.x);
@@ -682,7 +693,7 @@ static __device__ void tokens_fwd_v3(TokenDims p, const float* __restrict__ enc,
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int cc = ch + (q & 1);
-                const float4 w = *(const float4*)&s.wp[4 * cc];
+                const float4 w = lds_f4(smem_addr((const unsigned*)s.wp), 4 * cc);
                 const float* gr = (q & 2) ? gb : ga;
                 float pos = s.bp[cc];
                 pos += w.x * gr[0];
@@ -956,7 +967,7 @@ static __device__ __forceinline__ void tk3_layernorm_bwd(float (&dy)[NJ][4], con
     float mga = 0.0f, mgb = 0.0f, mxa = 0.0f, mxb = 0.0f;
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-        const float2 gg = *(const float2*)&gam[8 * j + 2 * t];
+        const float2 gg = tk3_lds_f2(gam, 8 * j + 2 * t);
         const float g0 = dy[j][0] * gg.x, g1 = dy[j][1] * gg.y, g2 = dy[j][2] * gg.x, g3 = dy[j][3] * gg.y;
         mga += g0 + g1;
         mgb += g2 + g3;
@@ -967,7 +978,7 @@ static __device__ __forceinline__ void tk3_layernorm_bwd(float (&dy)[NJ][4], con
     mxa = tk3_quad_sum(mxa) / fn, mxb = tk3_quad_sum(mxb) / fn;
 #pragma unroll
     for (int j = 0; j < NJ; ++j) {
-        const float2 gg = *(const float2*)&gam[8 * j + 2 * t];
+        const float2 gg = tk3_lds_f2(gam, 8 * j + 2 * t);
         const bool in = 8 * j < n;
         dy[j][0] = in ? rs[0] * (dy[j][0] * gg.x - mga - xh[j][0] * mxa) : 0.0f;
         dy[j][1] = in ? rs[0] * (dy[j][1] * gg.y - mga - xh[j][1] * mxa) : 0.0f;

@@ -407,11 +407,12 @@ fn nvrtc_kernel_resources(arch: &'static str) {
             );
             assert!(k.registers > 0, "{}: no register count parsed", k.name);
             // One exception, bounded: version 3 of the token chain's backward keeps two tiles
-            // of 32 registers, the B fragments and the next tile's loads in flight within 128,
-            // and ptxas spills a few words on sm_90 (the tile counter and two addresses: ~12
-            // local accesses per 16 tokens, against ~3200 instructions; L1 hits).
+            // of 32 registers, the B fragments and the next input's loads in flight within
+            // 128, and ptxas spills a few words (the tile counter and a few addresses held
+            // across a product: ~20 local accesses per 16 tokens, against ~3200 instructions;
+            // L1 hits).
             let spill_allowed = match k.name.as_str() {
-                "tokens_bwd_v3_tf32" => 32,
+                "tokens_bwd_v3_tf32" => 48,
                 _ => 0,
             };
             let spilled = k
@@ -2393,7 +2394,11 @@ fn emu_tokens_tf32_fwd_bwd() {
 #[test]
 fn gpu_tokens_tf32_fwd_bwd() {
     if let Some(g) = gpu() {
-        tokens_fwd_bwd_parity(&g.with_precision(Precision::Tf32), TF32_TOL);
+        let g = g.with_precision(Precision::Tf32);
+        tokens_fwd_bwd_parity(&g, TF32_TOL);
+        // Version 2 (`tokens_v3` off): on a GPU, its only per-op test.
+        let g = g.with_fast_paths(FastPaths::all_but("tokens_v3").unwrap());
+        tokens_fwd_bwd_parity(&g, TF32_TOL);
     }
 }
 
@@ -3311,7 +3316,7 @@ fn emu_each_fast_path_off_keeps_the_step_and_drops_its_kernels() {
                 "dw_c4_tc" => &["dw_c4"],
                 // (Version 3 of the attention kernels runs within version 2.)
                 "attention_v3" => &["attention_v2"],
-                // (The forward's version 3 is a form of the fused chain.)
+                // (Version 3 is a form of the fused chain.)
                 "tokens_v3" => &["tokens"],
                 _ => &[],
             };

@@ -90,9 +90,9 @@ pub struct FastPaths {
     pub attention_v3: bool,
     /// The fused token chain (`tokens_{fwd,bwd}_{f32,tf32}`); off: the single ops.
     pub tokens: bool,
-    /// Within the fused chain on the tensor cores, version 3 of its forward
-    /// (`tokens_fwd_v3_tf32`: persistent blocks with the weights staged once, a warp per 16
-    /// tokens, the chain in registers, no barrier per tile); off: version 2.
+    /// Within the fused chain on the tensor cores, version 3 of its forward and backward
+    /// (`tokens_{fwd,bwd}_v3*_tf32`: persistent blocks with the weights staged once, a warp per
+    /// 16 tokens, the chain in registers, no barrier per tile); off: version 2.
     pub tokens_v3: bool,
     /// The fused slot cell (`slot_query_*`, `slot_update_*`); off: the single ops.
     pub slot_cell: bool,

@@ -35,8 +35,8 @@ const TK_MAXD: usize = 64;
 const TK_BWD_BLOCKS: usize = 792;
 const TK_BWD_MIN_TILES: usize = 2;
 
-/// Version 3 of the forward (`tokens_fwd_v3_tf32`): threads per block (TK3_THREADS) and tokens
-/// per warp tile (TK3_ROWS).
+/// Version 3 (`tokens_{fwd,bwd}_v3*_tf32`): threads per block (TK3_THREADS) and tokens per
+/// warp tile (TK3_ROWS).
 const TK3_THREADS: u32 = 256;
 const TK3_ROWS: usize = 16;
 
