@@ -74,7 +74,8 @@ fn tk3_kernel(dims: &TokenDims, wide: &'static str, narrow: &'static str) -> (&'
 impl TokenDimsC {
     fn new(dims: &TokenDims) -> Self {
         let widest = dims.c.max(dims.feat).max(dims.d);
-        i(dims.rows() * widest);
+        // (Version 3 forms int row offsets for a last tile's rows past the end too.)
+        i((dims.rows() + TK3_ROWS) * widest);
         TokenDimsC {
             rows: i(dims.rows()),
             h: i(dims.h),
