@@ -1045,26 +1045,18 @@ fn main() {
     guarded("tokens (tf32)", || {
         bench_with(Precision::Tf32, 3).tokens(batch, res, ch, "")
     });
-    // Its four weight gradients on version 3 (as before `dw_k1`), the fused rows only.
-    guarded("tokens (tf32), dw_k1 off", || {
-        let bp = bench_with(Precision::Tf32, 3);
-        Bench {
-            g: bp.g.with_fast_paths(FastPaths::all_but("dw_k1").unwrap()),
-            ..bp
-        }
-        .tokens(batch, res, ch, ", dw_k1 off")
-    });
-    // Version 2, which version 3 replaced (`tokens_v3`).
-    guarded("tokens (tf32), tokens_v3 off", || {
-        let bp = bench_with(Precision::Tf32, 3);
-        Bench {
-            g: bp
-                .g
-                .with_fast_paths(FastPaths::all_but("tokens_v3").unwrap()),
-            ..bp
-        }
-        .tokens(batch, res, ch, ", tokens_v3 off")
-    });
+    // The fused rows again with one path off: `dw_k1` (its four weight gradients on version 3,
+    // as before it), `tokens_v3` (version 2, which version 3 replaced).
+    for off in ["dw_k1", "tokens_v3"] {
+        guarded(&format!("tokens (tf32), {off} off"), || {
+            let bp = bench_with(Precision::Tf32, 3);
+            Bench {
+                g: bp.g.with_fast_paths(FastPaths::all_but(off).unwrap()),
+                ..bp
+            }
+            .tokens(batch, res, ch, &format!(", {off} off"))
+        });
+    }
     guarded("tokens (f32)", || b.tokens(batch, res, ch, ""));
     // Version 3 (the slot count compiled in; the default) and version 2, both checked first.
     guarded("attention v3", || {

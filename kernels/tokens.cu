@@ -475,21 +475,20 @@ struct Tk3Smem {
     }
 };
 
-// F ← W [n_out][n_in] (nn.Linear's layout) as the B fragments of X·Wᵀ with the permuted k,
-// zero past n_in or n_out: for k-steps j = 2s + h, F[((nt·NJ/2 + s)·32 + lane)·4 + 2h + q] =
-// tf32(W[8nt + g][8j + 2t + q]), lane = 4g + t. A lane's fragments of two k-steps are one
-// aligned float4; a warp's 32 of them, 512 contiguous bytes (conflict-free).
-template <int NJ>
+// F ← the B fragments of X·Wᵀ (TRANSPOSED false: B(k, n) = W[n][k]) or of X·W (true: B(k, n)
+// = W[k][n]) with the permuted k, W [n_out][n_in] in nn.Linear's layout, zero past n_in or
+// n_out: for k-steps j = 2s + h, F[((nt·NJ/2 + s)·32 + lane)·4 + 2h + q] = tf32(B(8j + 2t + q,
+// 8nt + g)), lane = 4g + t. A lane's fragments of two k-steps are one aligned float4; a warp's
+// 32 of them, 512 contiguous bytes (conflict-free). W read in order, a float per thread.
+template <int NJ, bool TRANSPOSED>
 static __device__ void tk3_stage_frag(float* F, const float* __restrict__ W, int n_in, int n_out) {
     const int P = 8 * NJ;
-    for (int e = threadIdx.x; e < P * P / 2; e += TK3_THREADS) {  // (n, i) = (e / (P/2), 2·(e % (P/2)))
-        const int n = e / (P / 2), i = 2 * (e % (P / 2));
-        uint2 w = make_uint2(0u, 0u);
-        if (n < n_out && i < n_in) w = ld_u2((const unsigned*)W + n * n_in + i);
-        const int j = i >> 3, lane = 4 * (n & 7) + ((i & 7) >> 1);
-        float* dst = F + 4 * (((n >> 3) * (NJ / 2) + (j >> 1)) * 32 + lane) + 2 * (j & 1);
-        dst[0] = tk_tf32(__uint_as_float(w.x));
-        dst[1] = tk_tf32(__uint_as_float(w.y));
+    for (int e = threadIdx.x; e < P * P; e += TK3_THREADS) {
+        const int row = e / P, col = e % P;  // W's (row, column): consecutive threads, consecutive W
+        const float w = row < n_out && col < n_in ? W[row * n_in + col] : 0.0f;
+        const int k = TRANSPOSED ? row : col, n = TRANSPOSED ? col : row;
+        const int j = k >> 3, lane = 4 * (n & 7) + ((k & 7) >> 1);
+        F[4 * (((n >> 3) * (NJ / 2) + (j >> 1)) * 32 + lane) + 2 * (j & 1) + (k & 1)] = tk_tf32(w);
     }
 }
 
@@ -586,8 +585,8 @@ static __device__ __forceinline__ void tk3_round(float (&v)[NJ][4]) {
         for (int q = 0; q < 4; ++q) v[j][q] = tk_tf32(v[j][q]);
 }
 
-// acc += X·B with X the tile as the TF32 bits xr, B the fragments F (tk3_stage_frag: X·Wᵀ;
-// tk3_stage_frag_t: X·W).
+// acc += X·B with X the tile as the TF32 bits xr, B the fragments F (tk3_stage_frag: X·Wᵀ,
+// or X·W when TRANSPOSED).
 static __device__ __forceinline__ unsigned tk3_bits(unsigned u) { return u; }
 static __device__ __forceinline__ unsigned tk3_bits(float x) { return __float_as_uint(x); }
 
@@ -652,10 +651,10 @@ static __device__ void tokens_fwd_v3(TokenDims p, const float* __restrict__ enc,
     const int P = 8 * NJ;
     const int rows = p.rows, c = p.c, feat = p.feat, d = p.d, hw = p.h * p.w;
     const Tk3Smem<NJ> s(tk3_smem);
-    tk3_stage_frag<NJ>(s.w[0], w1, c, feat);
-    tk3_stage_frag<NJ>(s.w[1], w2, feat, feat);
-    tk3_stage_frag<NJ>(s.w[2], wk, feat, d);
-    tk3_stage_frag<NJ>(s.w[3], wv, feat, d);
+    tk3_stage_frag<NJ, false>(s.w[0], w1, c, feat);
+    tk3_stage_frag<NJ, false>(s.w[1], w2, feat, feat);
+    tk3_stage_frag<NJ, false>(s.w[2], wk, feat, d);
+    tk3_stage_frag<NJ, false>(s.w[3], wv, feat, d);
     tk3_stage_vec(s.wp, wp, 4 * c, 4 * P);
     tk3_stage_vec(s.bp, bp, c, P);
     tk3_stage_vec(s.g0, g0, c, P);
@@ -878,31 +877,14 @@ TOKENS_BWD_ENTRY(tokens_bwd_tf32, true)
 // ---------------------------------------------------------------------------------------------
 // Version 3 of the backward (`tokens_bwd_v3*_tf32`): version 3's layout (persistent blocks, the
 // weights staged once in fragment order, a warp per 16 tokens, the chain in registers) for the
-// data path of tokens_bwd; the products are X·W (tk3_stage_frag_t). The column sums the small
-// parameters need (11 per column at most: dγ, dβ of both LayerNorms, db2, db1, the position
+// data path of tokens_bwd; the products are X·W (tk3_stage_frag<NJ, true>). The column sums
+// the small parameters need (11 per column at most: dγ, dβ of both LayerNorms, db2, db1, the position
 // embedding's 4 dW and db) are summed over a tile's 16 rows through a per-warp scratch
 // (tk3_colsum: each lane's two rows, then 8 lanes' partials read down a column) into the
 // warp's running sums in shared memory; at the end a block adds its warps' sums in warp order
 // into its partial row (tokens_bwd's layout), and tokens_bwd_reduce_f32 adds the rows. The grid is
 // derived from the sizes only (the launcher's TK3_BWD_BLOCKS), so which tiles a warp sums, and
 // so the result bit for bit, is the same on every GPU.
-
-// F ← W [n_out][n_in] as the B fragments of X·W (B(k = o, n = i) = W[o][i]) with the permuted
-// k, zero past n_in or n_out: for k-steps j = 2s + h, F[((nt·NJ/2 + s)·32 + lane)·4 + 2h + q]
-// = tf32(W[8j + 2t + q][8nt + g]). Rows o, o + 1 of W read a float per thread, in order.
-template <int NJ>
-static __device__ void tk3_stage_frag_t(float* F, const float* __restrict__ W, int n_in, int n_out) {
-    const int P = 8 * NJ;
-    for (int e = threadIdx.x; e < P * P / 2; e += TK3_THREADS) {  // (o, i) = (2·(e / P), e % P)
-        const int o = 2 * (e / P), i = e % P;
-        const bool in = i < n_in && o < n_out;  // (n_out is a multiple of 8: o + 1 < n_out too)
-        const float w0 = in ? W[o * n_in + i] : 0.0f, w1 = in ? W[(o + 1) * n_in + i] : 0.0f;
-        const int j = o >> 3, lane = 4 * (i & 7) + ((o & 7) >> 1);
-        float* dst = F + 4 * (((i >> 3) * (NJ / 2) + (j >> 1)) * 32 + lane) + 2 * (j & 1);
-        dst[0] = tk_tf32(w0);
-        dst[1] = tk_tf32(w1);
-    }
-}
 
 // v ← rows ra, rb of src [rows, n] (zeros past n and for invalid rows), in the accumulator layout.
 template <int NJ>
@@ -1033,10 +1015,10 @@ static __device__ void tokens_bwd_v3(TokenDims p, const float* __restrict__ dk, 
     float* const tot_all = sg0 + P + TK3_WARPS * TK3_SCRATCH(NJ);
     float* const tot = tot_all + warp * 11 * P;
     for (int e = lane; e < 11 * P; e += 32) tot[e] = 0.0f;
-    tk3_stage_frag_t<NJ>(fk, wk, feat, d);
-    tk3_stage_frag_t<NJ>(fv, wv, feat, d);
-    tk3_stage_frag_t<NJ>(f2, w2, feat, feat);
-    tk3_stage_frag_t<NJ>(f1, w1, c, feat);
+    tk3_stage_frag<NJ, true>(fk, wk, feat, d);
+    tk3_stage_frag<NJ, true>(fv, wv, feat, d);
+    tk3_stage_frag<NJ, true>(f2, w2, feat, feat);
+    tk3_stage_frag<NJ, true>(f1, w1, c, feat);
     tk3_stage_vec(sgi, gi, feat, P);
     tk3_stage_vec(sg0, g0, c, P);
     __syncthreads();
