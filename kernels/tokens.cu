@@ -507,6 +507,24 @@ static __device__ void tk3_stage_vec(float* dst, const float* __restrict__ src, 
     for (int e = threadIdx.x; e < P; e += TK3_THREADS) dst[e] = e < n ? src[e] : 0.0f;
 }
 
+// v ← rows ra, rb of src [rows, n] (zeros past n and for invalid rows), in the accumulator layout.
+template <int NJ>
+static __device__ __forceinline__ void tk3_load(float (&v)[NJ][4], const float* __restrict__ src, int n, int ra,
+                                                bool va, int rb, bool vb) {
+    const int t = threadIdx.x & 3;
+    const unsigned* const sa = (const unsigned*)src + ra * n + 2 * t;
+    const unsigned* const sb = (const unsigned*)src + rb * n + 2 * t;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const bool in = 8 * j < n;  // (as tk3_store)
+        uint2 a = make_uint2(0u, 0u), b = make_uint2(0u, 0u);
+        if (va && in) a = ld_u2(sa + 8 * j);
+        if (vb && in) b = ld_u2(sb + 8 * j);
+        v[j][0] = __uint_as_float(a.x), v[j][1] = __uint_as_float(a.y);
+        v[j][2] = __uint_as_float(b.x), v[j][3] = __uint_as_float(b.y);
+    }
+}
+
 // dst rows ra, rb (where valid) ← the tile's first n = 8·nj columns (v[j] = {(g, 8j+2t),
 // (g, 8j+2t+1), (g+8, 8j+2t), (g+8, 8j+2t+1)}: the accumulator layout).
 template <int NJ>
@@ -679,16 +697,10 @@ static __device__ void tokens_fwd_v3(TokenDims p, const float* __restrict__ enc,
         const int pa = (va ? ra : 0) % hw, pb = (vb ? rb : 0) % hw;
 #pragma unroll
         for (int q = 0; q < 4; ++q) ga[q] = grid_val(q, pa, p.h, p.w), gb[q] = grid_val(q, pb, p.h, p.w);
-        const unsigned* const ea_row = (const unsigned*)enc + ra * c + 2 * t;
-        const unsigned* const eb_row = (const unsigned*)enc + rb * c + 2 * t;
+        tk3_load<NJ>(v, enc, c, ra, va, rb, vb);
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {
             const int ch = 8 * j + 2 * t;
-            uint2 ea = make_uint2(0u, 0u), eb = make_uint2(0u, 0u);
-            if (va && 8 * j < c) ea = ld_u2(ea_row + 8 * j);
-            if (vb && 8 * j < c) eb = ld_u2(eb_row + 8 * j);
-            const float e[4] = {__uint_as_float(ea.x), __uint_as_float(ea.y), __uint_as_float(eb.x),
-                                __uint_as_float(eb.y)};
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int cc = ch + (q & 1);
@@ -699,7 +711,7 @@ static __device__ void tokens_fwd_v3(TokenDims p, const float* __restrict__ enc,
                 pos += w.y * gr[1];
                 pos += w.z * gr[2];
                 pos += w.w * gr[3];
-                v[j][q] = e[q] + pos;
+                v[j][q] += pos;
             }
         }
         tk3_store<NJ>(x_out, v, c, ra, va, rb, vb);
@@ -885,24 +897,6 @@ TOKENS_BWD_ENTRY(tokens_bwd_tf32, true)
 // into its partial row (tokens_bwd's layout), and tokens_bwd_reduce_f32 adds the rows. The grid is
 // derived from the sizes only (the launcher's TK3_BWD_BLOCKS), so which tiles a warp sums, and
 // so the result bit for bit, is the same on every GPU.
-
-// v ← rows ra, rb of src [rows, n] (zeros past n and for invalid rows), in the accumulator layout.
-template <int NJ>
-static __device__ __forceinline__ void tk3_load(float (&v)[NJ][4], const float* __restrict__ src, int n, int ra,
-                                                bool va, int rb, bool vb) {
-    const int t = threadIdx.x & 3;
-    const unsigned* const sa = (const unsigned*)src + ra * n + 2 * t;
-    const unsigned* const sb = (const unsigned*)src + rb * n + 2 * t;
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-        const bool in = 8 * j < n;  // (as tk3_store)
-        uint2 a = make_uint2(0u, 0u), b = make_uint2(0u, 0u);
-        if (va && in) a = ld_u2(sa + 8 * j);
-        if (vb && in) b = ld_u2(sb + 8 * j);
-        v[j][0] = __uint_as_float(a.x), v[j][1] = __uint_as_float(a.y);
-        v[j][2] = __uint_as_float(b.x), v[j][3] = __uint_as_float(b.y);
-    }
-}
 
 // Per-warp scratch of tk3_colsum: 8 rows of P + 8 floats (the row stride ≡ 8 mod 32 words, so
 // that a half-warp's float2 stores hit 32 distinct banks).
