@@ -20,7 +20,7 @@ use slotfix::ops::elementwise::DropoutMask;
 use slotfix::ops::slotcell::{self, SlotCellDims};
 use slotfix::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
-    TokenParams,
+    TokenOutGrads, TokenParams,
 };
 use slotfix::rng::Philox;
 
@@ -498,8 +498,9 @@ impl Bench {
     /// the fused kernels against the same chain run op by op on the same device, at the
     /// backend's precision (the fused version: 2 under TF32, 1 under f32).
     /// The token chain fused and op by op; with a `note` (e.g. ", dw_k1 off": a fast path of
-    /// the rows' backend switched off) the fused rows only, labelled with it.
-    fn tokens(&self, batch: usize, res: usize, ch: usize, note: &str) {
+    /// the rows' backend switched off) the fused rows only, labelled with it. With `kv` false
+    /// the chain ends at u (the fold: no k, v; the backward from d u).
+    fn tokens(&self, batch: usize, res: usize, ch: usize, kv: bool, note: &str) {
         let g = &self.g;
         let (version, tol) = match g.precision() {
             Precision::F32 => ("v1 (f32)", 1e-5),
@@ -520,8 +521,10 @@ impl Bench {
             c: ch,
             feat: ch,
             d: ch,
+            kv,
         };
         let (rows, c, f, d) = (dims.rows(), ch, ch, ch);
+        let outs = if kv { 2 } else { 0 };
         let lens = [4 * c, c, c, c, f * c, f, f * f, f, f, f, d * f, d * f];
         let host: Vec<Vec<f32>> = lens
             .iter()
@@ -537,14 +540,23 @@ impl Bench {
         let enc0 = head(&enc, one.rows() * c);
         let mut acts = TokenActs::new(g, &dims, 2);
         g.fill_value(&mut acts.v, f32::NAN);
+        g.fill_value(&mut acts.ln_in, f32::NAN);
         g.tokens_fwd(&dims, &pg, &enc, &mut acts);
         let mut want = TokenActs::new(&self.c, &one, 2);
         self.c
             .tokens_fwd(&one, &TokenParams::from_flat(&host, c, f), &enc0, &mut want);
-        let e = self.check("tokens fwd v", &acts.v, &want.v, tol);
-        let shape = format!("{rows} tokens, {c}→{f}→{f}→2×{d}");
-        let fl = 2.0 * (rows * (c * f + f * f + 2 * f * d)) as f64;
-        let by = 4.0 * (rows * (3 * c + 3 * f + 2 * d + 4)) as f64;
+        let e = if kv {
+            self.check("tokens fwd v", &acts.v, &want.v, tol)
+        } else {
+            self.check("tokens fwd u", &acts.ln_in, &want.ln_in, tol)
+        };
+        let shape = if kv {
+            format!("{rows} tokens, {c}→{f}→{f}→2×{d}")
+        } else {
+            format!("{rows} tokens, {c}→{f}→{f}, u only")
+        };
+        let fl = 2.0 * (rows * (c * f + f * f + outs * f * d)) as f64;
+        let by = 4.0 * (rows * (3 * c + 3 * f + outs * d + 4)) as f64;
         let ms = self.time(|| g.tokens_fwd(&dims, &pg, &enc, &mut acts));
         self.row(
             &format!("tokens fwd, fused {version}"),
@@ -560,9 +572,13 @@ impl Bench {
             let name = format!("tokens fwd, op by op ({:?})", g.precision());
             self.row(&name, &shape, None, ms, fl, by, tc);
         }
-        // Backward.
-        let dk = self.normal_buf(rows * d, 52);
-        let dv = self.normal_buf(rows * d, 53);
+        // Backward (from d k and d v, or d u).
+        let dk = self.normal_buf(rows * if kv { d } else { f }, 52);
+        let dv = self.normal_buf(if kv { rows * d } else { 0 }, 53);
+        let up = |dk, dv| match kv {
+            true => TokenOutGrads::Kv { dk, dv },
+            false => TokenOutGrads::U(dk),
+        };
         let mut gd: Vec<Buf> = lens.iter().map(|&n| g.alloc(n)).collect();
         let mut da = TokenGradActs::new(g, &dims, 2, true);
         g.fill_value(&mut da.d_enc_pos, f32::NAN);
@@ -570,8 +586,7 @@ impl Bench {
             &dims,
             &pg,
             &acts,
-            &dk,
-            &dv,
+            up(&dk, &dv),
             &mut da,
             &mut TokenGrads::from_flat(&mut gd),
         );
@@ -588,17 +603,23 @@ impl Bench {
             ln_in: head(&acts.ln_in, one.rows() * f),
             ln_in_mean: head(&acts.ln_in_mean, one.rows()),
             ln_in_rstd: head(&acts.ln_in_rstd, one.rows()),
-            k: head(&acts.k, one.rows() * d),
-            v: head(&acts.v, one.rows() * d),
+            k: head(&acts.k, one.rows() * d * outs / 2),
+            v: head(&acts.v, one.rows() * d * outs / 2),
         };
         let mut gh: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
         let mut dc = TokenGradActs::new(&self.c, &one, 2, true);
+        let (dk0, dv0) = (
+            head(&dk, one.rows() * if kv { d } else { f }),
+            head(&dv, one.rows() * d * outs / 2),
+        );
         self.c.tokens_bwd(
             &one,
             &TokenParams::from_flat(&host, c, f),
             &saved,
-            &head(&dk, one.rows() * d),
-            &head(&dv, one.rows() * d),
+            match kv {
+                true => TokenOutGrads::Kv { dk: &dk0, dv: &dv0 },
+                false => TokenOutGrads::U(&dk0),
+            },
             &mut dc,
             &mut TokenGrads::from_flat(&mut gh),
         );
@@ -608,8 +629,7 @@ impl Bench {
                 &dims,
                 &pg,
                 &acts,
-                &dk,
-                &dv,
+                up(&dk, &dv),
                 &mut da,
                 &mut TokenGrads::from_flat(&mut gd),
             )
@@ -632,8 +652,7 @@ impl Bench {
                 &dims,
                 &pg,
                 &acts,
-                &dk,
-                &dv,
+                up(&dk, &dv),
                 &mut da,
                 &mut TokenGrads::from_flat(&mut gd),
             )
@@ -703,6 +722,41 @@ impl Bench {
             ms,
             0.0,
             2.0 * bytes + 8.0 * (batch * n * d) as f64,
+            false,
+        );
+        // k and v the same tensor (u, under the fold): one tensor's bytes read, and the
+        // backward's d k + d v into one.
+        g.fill_value(&mut upd, f32::NAN);
+        g.attention_fwd(&dm, &kg, &kg, &qg, &mut attn, &mut upd);
+        let k0 = kk[..n * d].to_vec();
+        self.c
+            .attention_fwd(&d1, &k0, &k0, &q[..k * d].to_vec(), &mut a0, &mut u0);
+        let e = self.check(
+            &format!("attention fwd upd, k = v ({version})"),
+            &upd,
+            &u0,
+            1e-5,
+        );
+        let bytes = 4.0 * (batch * n * d + dm.attn_len()) as f64;
+        let ms = self.time(|| g.attention_fwd(&dm, &kg, &kg, &qg, &mut attn, &mut upd));
+        self.row(
+            &format!("attention fwd (f32 {version}), k = v"),
+            &shape,
+            Some(e),
+            ms,
+            0.0,
+            bytes,
+            false,
+        );
+        let ms =
+            self.time(|| g.attention_bwd_same_kv(&dm, &kg, &qg, &attn, &dupd, &mut dk, &mut dq));
+        self.row(
+            &format!("attention bwd (f32 {version}), k = v"),
+            &shape,
+            None,
+            ms,
+            0.0,
+            2.0 * bytes + 4.0 * (batch * n * d) as f64,
             false,
         );
     }
@@ -1043,7 +1097,11 @@ fn main() {
     // The token chain's tile products: version 3 on the TF32 tensor cores (the default
     // precision) and version 1 (exact f32), each beside the same chain op by op.
     guarded("tokens (tf32)", || {
-        bench_with(Precision::Tf32, 3).tokens(batch, res, ch, "")
+        bench_with(Precision::Tf32, 3).tokens(batch, res, ch, true, "")
+    });
+    // Under the fold (`kv_fold`, the default where the model allows it) the chain ends at u.
+    guarded("tokens (tf32), u only", || {
+        bench_with(Precision::Tf32, 3).tokens(batch, res, ch, false, ", u only (kv_fold)")
     });
     // The fused rows again with one path off: `dw_k1` (its four weight gradients on version 3,
     // as before it), `tokens_v3` (version 2, which version 3 replaced).
@@ -1054,10 +1112,10 @@ fn main() {
                 g: bp.g.with_fast_paths(FastPaths::all_but(off).unwrap()),
                 ..bp
             }
-            .tokens(batch, res, ch, &format!(", {off} off"))
+            .tokens(batch, res, ch, true, &format!(", {off} off"))
         });
     }
-    guarded("tokens (f32)", || b.tokens(batch, res, ch, ""));
+    guarded("tokens (f32)", || b.tokens(batch, res, ch, true, ""));
     // Version 3 (the slot count compiled in; the default) and version 2, both checked first.
     guarded("attention v3", || {
         b.attention("v3", batch, res * res, 7, ch)

@@ -9,7 +9,9 @@
 // FLOPs: forward ≈ 4·B·N·K·D (+ softmax), backward ≈ 10·B·N·K·D. Compulsory bytes: forward
 // 4 · (2·B·N·D + 2·B·K·D + B·H·N·K); backward 4 · (2·B·N·D read, 2·B·N·D rw, B·H·N·K, 3·B·K·D)
 // plus a [B,H,N,K] scratch written and read twice.
-// Backward ACCUMULATES (+=) into dk, dv, dq, like the CPU reference.
+// Backward ACCUMULATES (+=) into dk, dv, dq, like the CPU reference. dk and dv may be the same
+// buffer (k and v the same tensor: model.rs, "The fold"), so they are not __restrict__, and every
+// backward adds a row's v part, then its k part, from the same thread.
 
 struct AttnDims {
     int batch, n, k, d, heads;
@@ -82,8 +84,8 @@ extern "C" __global__ void attention_fwd_f32(AttnDims dm, const float* __restric
 extern "C" __global__ void attention_bwd_f32(AttnDims dm, const float* __restrict__ kk,
                                              const float* __restrict__ v, const float* __restrict__ q,
                                              const float* __restrict__ attn, const float* __restrict__ dupd,
-                                             float* __restrict__ scratch, float* __restrict__ dk,
-                                             float* __restrict__ dv, float* __restrict__ dq) {
+                                             float* __restrict__ scratch, float* dk, float* dv,
+                                             float* __restrict__ dq) {
     extern __shared__ float smem[];
     __shared__ float red[32];
     const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
@@ -533,7 +535,7 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     const int valid = min(ATT_T, n - t0);
     const size_t row0 = (size_t)(b * n + t0) * d + h * dh;
     att3_prefetch_rows(kk + row0, d, dh, valid);
-    att3_prefetch_rows(v + row0, d, dh, valid);
+    if (v != kk) att3_prefetch_rows(v + row0, d, dh, valid);  // (k = v = u under the fold)
     att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
     __syncthreads();
     float p[KP];
@@ -672,8 +674,8 @@ attention_bwd_stats_f32(AttnDims dm, const float* __restrict__ v, const float* _
 extern "C" __global__ void attention_bwd_main_f32(AttnDims dm, const float* __restrict__ kk,
                                                   const float* __restrict__ v, const float* __restrict__ q,
                                                   const float* __restrict__ attn, const float* __restrict__ dupd,
-                                                  const float* __restrict__ stats, float* __restrict__ dk,
-                                                  float* __restrict__ dv, float* __restrict__ dq_partial) {
+                                                  const float* __restrict__ stats, float* dk, float* dv,
+                                                  float* __restrict__ dq_partial) {
     extern __shared__ float smem[];
     const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
     const int dh = d / heads;
@@ -729,13 +731,13 @@ extern "C" __global__ void attention_bwd_main_f32(AttnDims dm, const float* __re
     for (int idx = tid; idx < valid * dh; idx += ATT_T) {
         const int i = idx / dh, j = idx % dh;
         const size_t o = (size_t)(b * n + t0 + i) * d + h * dh + j;
-        float av = dv[o], ak = dk[o];
+        float av = 0.0f, ak = 0.0f;
         for (int s = 0; s < k; ++s) {
             av += ws[i * k + s] * dus[s * dh + j];
             ak += dls[i * k + s] * qs[s * dh + j];
         }
-        dv[o] = av;
-        dk[o] = ak;
+        dv[o] += av;
+        dk[o] += ak;
     }
     // This chunk's Σ_t dl[t, s] k[t, j]; ws[] (read above) becomes scratch.
     float* out = dq_partial + ((size_t)bh * chunks + chunk) * k * dh;
@@ -835,8 +837,7 @@ template <int KP>
 static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,
                                              const float* __restrict__ q, const float* __restrict__ attn,
                                              const float* __restrict__ dupd, const float* __restrict__ stats,
-                                             float* __restrict__ dk, float* __restrict__ dv,
-                                             float* __restrict__ dq_partial) {
+                                             float* dk, float* dv, float* __restrict__ dq_partial) {
     extern __shared__ float smem[];
     const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
     const int dh = d / heads;
@@ -880,8 +881,8 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     const int w0 = t0 + (tid & ~31);
     att_row_dots_staged<KP, true>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
     att3_prefetch_rows(dv + row0, d, dh, valid);
-    att3_prefetch_rows(dk + row0, d, dh, valid);
-    att3_prefetch_rows(kk + row0, d, dh, valid);
+    if (dk != dv) att3_prefetch_rows(dk + row0, d, dh, valid);  // (one buffer under the fold,
+    if (kk != v) att3_prefetch_rows(kk + row0, d, dh, valid);   // and k = v = u)
     const float* prow = attn + ((size_t)bh * n + t) * k;
     float p[KP];
 #pragma unroll
@@ -923,8 +924,7 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     extern "C" __global__ void __launch_bounds__(ATT_T, MINB)                                               \
         NAME(AttnDims dm, const float* __restrict__ kk, const float* __restrict__ v,                        \
              const float* __restrict__ q, const float* __restrict__ attn, const float* __restrict__ dupd,   \
-             const float* __restrict__ stats, float* __restrict__ dk, float* __restrict__ dv,               \
-             float* __restrict__ dq_partial) {                                                              \
+             const float* __restrict__ stats, float* dk, float* dv, float* __restrict__ dq_partial) {      \
         attention_bwd_main_v3<KP>(dm, kk, v, q, attn, dupd, stats, dk, dv, dq_partial);                     \
     }
 ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k4_f32, 4, 3)

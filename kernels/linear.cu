@@ -101,3 +101,22 @@ extern "C" __global__ void __launch_bounds__(RS_THREADS)
     s = rs_combine(s, sh);
     if (g == 0 && e < len) dst[e] += s;
 }
+
+// C (+)= op(A)·op(B) for the small products of the fold (model.rs: W_qk = Wkᵀ·Wq, W_vi = W_ih·Wv
+// and their gradients, at most 192 × 64 × 192): op(A) [m][kd] (A stored [kd][m] when a_t),
+// op(B) [kd][n] (B stored [n][kd] when b_t). A thread per element of C, k in order (the CPU
+// reference's order, exact f32). Blocks of at most 256 threads, a 1-D grid over C.
+extern "C" __global__ void __launch_bounds__(256)
+    matmul_small_f32(int m, int n, int kd, const float* __restrict__ a, int a_t, const float* __restrict__ b,
+                     int b_t, float* __restrict__ c, int accumulate) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= m * n) return;
+    const int i = e / n, j = e % n;
+    float acc = 0.0f;
+    for (int l = 0; l < kd; ++l) {
+        const float av = a_t ? a[l * m + i] : a[i * kd + l];
+        const float bv = b_t ? b[j * kd + l] : b[l * n + j];
+        acc += av * bv;
+    }
+    c[e] = accumulate ? c[e] + acc : acc;
+}

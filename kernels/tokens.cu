@@ -35,6 +35,8 @@ struct TokenDims {
     int rows;  // tokens: batch · h · w
     int h, w;  // the image grid (for the position embedding)
     int c, feat, d;
+    int kv;    // 1: the chain ends with k and v; 0: at u (model.rs, "The fold"): no k, v
+               // written, and the backward reads d u [rows, feat] through its dk pointer
 };
 
 // The tile sweeps below index rows and columns without dividing by the run-time width: a
@@ -398,6 +400,7 @@ static __device__ void tokens_fwd(TokenDims p, const float* __restrict__ enc, co
     __syncthreads();
     tk_store(X, u_out, r0, rows, feat);
     tk_store_stats(mu, rs, mean_in, rstd_in, r0, rows);
+    if (!p.kv) return;  // (uniform over the grid)
     tk_mm<TC, false>(X, feat, B, d, 0, 0, 0, Y);
     __syncthreads();
     tk_store(Y, k_out, r0, rows, d);
@@ -737,6 +740,7 @@ static __device__ void tokens_fwd_v3(TokenDims p, const float* __restrict__ enc,
             if (va) mean_in[ra] = mu[0], rstd_in[ra] = rs[0];
             if (vb) mean_in[rb] = mu[1], rstd_in[rb] = rs[1];
         }
+        if (!p.kv) continue;  // (uniform over the grid)
         tk3_round<NJ>(xr, v);
         tk3_mm<NJ>(acc, xr, s.w[2], nullptr, false);
         tk3_store<NJ>(k_out, acc, d, ra, va, rb, vb);
@@ -793,16 +797,20 @@ static __device__ void tokens_bwd(TokenDims p, const float* __restrict__ dk, con
     for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
         const int r0 = tile * TK_ROWS;
         const int valid = min(TK_ROWS, rows - r0);
-        // du = dk·Wk + dv·Wv  (Y, [32 × feat]).
-        tk_load(X, dk, r0, rows, d);
-        tk_load_w<TC>(B, wk, feat, d);
-        __syncthreads();
-        tk_mm<TC, true>(X, d, B, feat, 0, 0, 0, Y);
-        __syncthreads();
-        tk_load(X, dv, r0, rows, d);
-        tk_load_w<TC>(B, wv, feat, d);
-        __syncthreads();
-        tk_mm<TC, true>(X, d, B, feat, 0, 0, 1, Y);
+        // du = dk·Wk + dv·Wv, or given (the fold)  (Y, [32 × feat]).
+        if (p.kv) {
+            tk_load(X, dk, r0, rows, d);
+            tk_load_w<TC>(B, wk, feat, d);
+            __syncthreads();
+            tk_mm<TC, true>(X, d, B, feat, 0, 0, 0, Y);
+            __syncthreads();
+            tk_load(X, dv, r0, rows, d);
+            tk_load_w<TC>(B, wv, feat, d);
+            __syncthreads();
+            tk_mm<TC, true>(X, d, B, feat, 0, 0, 1, Y);
+        } else {
+            tk_load(Y, dk, r0, rows, feat);
+        }
         __syncthreads();
         // LN_in backward: X ← f; Y ← df.
         tk_load(X, f, r0, rows, feat);
@@ -1024,13 +1032,17 @@ static __device__ void tokens_bwd_v3(TokenDims p, const float* __restrict__ dk, 
         // Two tiles of registers, x and y, take turns as a product's A operand (rounded in
         // place) and its result (with a third, ptxas spilled at 128 registers).
         float x[NJ][4], y[NJ][4], part[NJ][2];
-        // du = dk·Wk + dv·Wv (y).
-        tk3_load<NJ>(x, dk, d, ra, va, rb, vb);
-        tk3_round<NJ>(x);
-        tk3_mm<NJ>(y, x, fk, nullptr, false);
-        tk3_load<NJ>(x, dv, d, ra, va, rb, vb);
-        tk3_round<NJ>(x);
-        tk3_mma_acc<NJ>(y, x, fv);
+        // du = dk·Wk + dv·Wv, or given (the fold) (y).
+        if (p.kv) {
+            tk3_load<NJ>(x, dk, d, ra, va, rb, vb);
+            tk3_round<NJ>(x);
+            tk3_mm<NJ>(y, x, fk, nullptr, false);
+            tk3_load<NJ>(x, dv, d, ra, va, rb, vb);
+            tk3_round<NJ>(x);
+            tk3_mma_acc<NJ>(y, x, fv);
+        } else {
+            tk3_load<NJ>(y, dk, feat, ra, va, rb, vb);
+        }
         // LN_in backward: x ← x̂_in, y ← df.
         float mu[2], rs[2];
         mu[0] = va ? mean_in[ra] : 0.0f, rs[0] = va ? rstd_in[ra] : 0.0f;

@@ -16,7 +16,7 @@ use crate::ops::slotcell::{
 };
 use crate::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
-    TokenParams,
+    TokenOutGrads, TokenParams,
 };
 use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
@@ -30,6 +30,9 @@ pub trait Alloc {
     /// Whether the decoder's first convolution will run split ([`Backend::bcast_conv_splits`]):
     /// then the workspace holds no broadcast input or gradient.
     fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool;
+    /// Whether slot attention will read u with Wk and Wv folded ([`Backend::folds_kv`]): then
+    /// the workspace holds no k, v or their gradients, but the folded weights.
+    fn folds_kv(&self) -> bool;
 }
 
 impl<B: Backend + ?Sized> Alloc for B {
@@ -40,6 +43,9 @@ impl<B: Backend + ?Sized> Alloc for B {
     fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
         Backend::bcast_conv_splits(self, dims)
     }
+    fn folds_kv(&self) -> bool {
+        Backend::folds_kv(self)
+    }
 }
 
 /// Counts the bytes of the f32 buffers asked of it and allocates nothing.
@@ -48,19 +54,22 @@ pub struct SizeCounter {
     /// Whether the decoder's first convolution splits where it can (as on both backends by
     /// default; the CUDA backend's `bcast_split` fast path can be switched off).
     bcast_split: bool,
+    /// Whether slot attention reads u with Wk and Wv folded (the CPU's default: no).
+    kv_fold: bool,
 }
 
 impl Default for SizeCounter {
     fn default() -> Self {
-        SizeCounter::new(true)
+        SizeCounter::new(true, false)
     }
 }
 
 impl SizeCounter {
-    pub fn new(bcast_split: bool) -> Self {
+    pub fn new(bcast_split: bool, kv_fold: bool) -> Self {
         SizeCounter {
             bytes: Default::default(),
             bcast_split,
+            kv_fold,
         }
     }
     pub fn bytes(&self) -> u64 {
@@ -75,6 +84,9 @@ impl Alloc for SizeCounter {
     }
     fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
         self.bcast_split && dims.splits()
+    }
+    fn folds_kv(&self) -> bool {
+        self.kv_fold
     }
 }
 
@@ -303,21 +315,42 @@ pub trait Backend: Sync {
     ) {
         tokens_fwd_by_ops(self, dims, p, enc_out, acts)
     }
-    /// Its backward from dk, dv: `d.d_enc_pos` overwritten with the gradient of `enc_out`, the
-    /// parameter gradients accumulated. The default composes the single ops (the reference).
-    #[allow(clippy::too_many_arguments)]
+    /// Its backward from the gradients of its outputs (d k and d v, or d u when the chain ends
+    /// at u): `d.d_enc_pos` overwritten with the gradient of `enc_out`, the parameter gradients
+    /// accumulated. The default composes the single ops (the reference).
     fn tokens_bwd(
         &self,
         dims: &TokenDims,
         p: &TokenParams<'_, Self::Buf>,
         acts: &TokenActs<Self::Buf>,
-        dk: &Self::Buf,
-        dv: &Self::Buf,
+        up: TokenOutGrads<'_, Self::Buf>,
         d: &mut TokenGradActs<Self::Buf>,
         g: &mut TokenGrads<'_, Self::Buf>,
     ) {
-        tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
+        tokens_bwd_by_ops(self, dims, p, acts, up, d, g)
     }
+    /// Whether the model may run slot attention on u with Wk and Wv folded into the slot
+    /// cell's weights (`model.rs`, "The fold"). The CPU reference does not unless asked
+    /// ([`crate::cpu::Cpu::folding_kv`]); the CUDA backend does (fast path `kv_fold`).
+    fn folds_kv(&self) -> bool {
+        false
+    }
+    /// C (+)= op(A)·op(B), for the fold's small products: op(A) `[m][kd]` (A stored `[kd][m]`
+    /// when `a_t`), op(B) `[kd][n]` (B stored `[n][kd]` when `b_t`), C `[m][n]` overwritten, or
+    /// added to when `accumulate`. Exact f32 (or f64) products, k in order.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_small(
+        &self,
+        m: usize,
+        n: usize,
+        kd: usize,
+        a: &Self::Buf,
+        a_t: bool,
+        b: &Self::Buf,
+        b_t: bool,
+        c: &mut Self::Buf,
+        accumulate: bool,
+    );
     /// The slot-attention cell's per-slot work before the attention ([`crate::ops::slotcell`]):
     /// every output in `o` overwritten. The default composes the single ops (the reference).
     fn slot_query_fwd(
@@ -455,6 +488,19 @@ pub trait Backend: Sync {
         dupd: &Self::Buf,
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,
+        dq: &mut Self::Buf,
+    );
+    /// [`Backend::attention_bwd`] where k and v are the same tensor x: d k + d v accumulate
+    /// into dx.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_same_kv(
+        &self,
+        dm: &AttnDims,
+        x: &Self::Buf,
+        q: &Self::Buf,
+        attn: &Self::Buf,
+        dupd: &Self::Buf,
+        dx: &mut Self::Buf,
         dq: &mut Self::Buf,
     );
     fn gru_gates_fwd(

@@ -13,11 +13,25 @@ use std::marker::PhantomData;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu<T: Real> {
     _t: PhantomData<T>,
+    /// Run slot attention on u with Wk and Wv folded ([`Backend::folds_kv`]); off in the
+    /// reference, on only where a test compares the two.
+    kv_fold: bool,
 }
 
 impl<T: Real> Cpu<T> {
     pub fn new() -> Self {
-        Self { _t: PhantomData }
+        Self {
+            _t: PhantomData,
+            kv_fold: false,
+        }
+    }
+    /// The same backend with the fold on: the model then computes slot attention as the CUDA
+    /// backend does (one head, feat = d), which tests compare with the plain reference.
+    pub fn folding_kv(self) -> Self {
+        Self {
+            kv_fold: true,
+            ..self
+        }
     }
 }
 
@@ -321,6 +335,35 @@ impl<T: Real> Backend for Cpu<T> {
         dq: &mut Vec<T>,
     ) {
         ops::attention::attention_bwd(dm, k, v, q, attn, dupd, dk, dv, dq);
+    }
+    fn attention_bwd_same_kv(
+        &self,
+        dm: &AttnDims,
+        x: &Vec<T>,
+        q: &Vec<T>,
+        attn: &Vec<T>,
+        dupd: &Vec<T>,
+        dx: &mut Vec<T>,
+        dq: &mut Vec<T>,
+    ) {
+        ops::attention::attention_bwd_same_kv(dm, x, q, attn, dupd, dx, dq);
+    }
+    fn folds_kv(&self) -> bool {
+        self.kv_fold
+    }
+    fn matmul_small(
+        &self,
+        m: usize,
+        n: usize,
+        kd: usize,
+        a: &Vec<T>,
+        a_t: bool,
+        b: &Vec<T>,
+        b_t: bool,
+        c: &mut Vec<T>,
+        accumulate: bool,
+    ) {
+        ops::linear::matmul_small(m, n, kd, a, a_t, b, b_t, c, accumulate);
     }
     fn gru_gates_fwd(&self, d: usize, gi: &Vec<T>, gh: &Vec<T>, h: &Vec<T>, h_new: &mut Vec<T>) {
         ops::gru::gru_gates_fwd(d, gi, gh, h, h_new);

@@ -6,6 +6,16 @@
 //!   time (nothing recorded), then ONE recorded cell application on the detached slots; the
 //!   backward runs through that application only, and mu / log_sigma get no gradient;
 //! - BPTT: T recorded cell applications from mu + exp(log_sigma)·noise, backward through all.
+//!
+//! **The fold** (where the backend asks for it, [`Backend::folds_kv`], with one head and
+//! feat = d): slot attention reads u = LN_in(f) itself instead of k = u·Wkᵀ and v = u·Wvᵀ.
+//! With q = LN_s(s)·Wqᵀ, the logits q·kᵀ = (LN_s(s)·W_qkᵀ)·uᵀ with W_qk = Wkᵀ·Wq, and the GRU's
+//! input gates upd·W_ihᵀ = upd_u·W_viᵀ with upd_u = Σ_n w[n,·] u[n] and W_vi = W_ih·Wv: the same
+//! function, with W_qk in Wq's place and W_vi in W_ih's. The two products run once per forward
+//! on weights alone; the backward turns their gradients back into Wq's, Wk's, W_ih's and Wv's.
+//! Per token, the chain then writes u only (no k, v), attention reads one tensor, not two,
+//! and its backward writes one (d u), not two; Wk's and Wv's gradients need no pass over the
+//! tokens.
 
 use crate::backend::{Alloc, Backend, SizeCounter};
 use crate::config::{DecoderKind, InitScheme, ModelConfig};
@@ -17,7 +27,9 @@ use crate::ops::slotcell::{
     SlotCellDims, SlotQueryGrads, SlotQueryOut, SlotQueryParams, SlotQueryTape, SlotUpdateGrads,
     SlotUpdateOut, SlotUpdateParams, SlotUpdateScratch, SlotUpdateTape,
 };
-use crate::ops::tokens::{MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
+use crate::ops::tokens::{
+    MlpLayer, TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenOutGrads, TokenParams,
+};
 use crate::rng::{stream, Philox};
 
 /// How a parameter tensor is initialised (the official code: glorot-uniform weights, zero
@@ -357,7 +369,7 @@ impl Arch {
         let split = self
             .bcast_conv_dims(1)
             .map_or(true, |dims| like.bcast_conv_splits(&dims));
-        let counter = SizeCounter::new(split);
+        let counter = SizeCounter::new(split, like.folds_kv());
         Workspace::new(&counter, self, batch, training);
         counter.bytes()
     }
@@ -373,7 +385,13 @@ impl Arch {
             self.iters
         }
     }
-    fn token_dims(&self, batch: usize) -> TokenDims {
+    /// Whether slot attention can read u with Wk and Wv folded into the cell's weights (see
+    /// "The fold" above): one head, and u as wide as the slots.
+    pub fn kv_foldable(&self) -> bool {
+        self.heads == 1 && self.feat == self.d
+    }
+    /// The per-token chain's widths; it ends at u (no k, v) under the fold.
+    fn token_dims(&self, batch: usize, fold: bool) -> TokenDims {
         TokenDims {
             batch,
             h: self.res,
@@ -381,6 +399,7 @@ impl Arch {
             c: self.enc_channels(),
             feat: self.feat,
             d: self.d,
+            kv: !fold,
         }
     }
     fn token_params<'a, Buf>(&self, p: &'a [Buf]) -> TokenParams<'a, Buf> {
@@ -643,6 +662,16 @@ struct CellGrads<Buf> {
     dln_s: Buf,
 }
 
+/// The fold's weights (see "The fold" at the top): W_qk = Wkᵀ·Wq `[feat][d]` takes Wq's place in
+/// the query, W_vi = W_ih·Wv `[3d][feat]` the GRU's W_ih; computed by every forward. g_qk and
+/// g_vi collect their gradients in a backward (empty in an evaluation workspace).
+struct KvFold<Buf> {
+    w_qk: Buf,
+    w_vi: Buf,
+    g_qk: Buf,
+    g_vi: Buf,
+}
+
 /// Every activation buffer of a forward + backward at one batch size, allocated once and
 /// reused by every step (nothing is allocated inside a step).
 pub struct Workspace<Buf> {
@@ -651,8 +680,10 @@ pub struct Workspace<Buf> {
     pub training: bool,
     pub image: Buf,
     enc_act: Vec<Buf>,
-    /// The per-token chain's activations, k and v among them.
+    /// The per-token chain's activations, k and v among them (empty under the fold).
     tok: TokenActs<Buf>,
+    /// The fold's weights and their gradients (None: slot attention reads k and v).
+    fold: Option<KvFold<Buf>>,
     noise: Buf,
     slots0: Buf,
     /// Recorded cell applications: T for BPTT, 1 for implicit.
@@ -669,6 +700,7 @@ pub struct Workspace<Buf> {
     /// `d_tok.d_enc_pos` (the position embedding passes it through unchanged).
     d_enc_act: Vec<Buf>,
     d_tok: TokenGradActs<Buf>,
+    /// d k and d v, `[B·N, d]`; under the fold, d u `[B·N, feat]` in dk and dv empty.
     dk: Buf,
     dv: Buf,
     cg: CellGrads<Buf>,
@@ -695,6 +727,8 @@ impl<Buf> Workspace<Buf> {
             .bcast_conv_dims(bk)
             .is_some_and(|dims| be.bcast_conv_splits(&dims));
         let bcast_len = if split { 0 } else { bk * g * g * d };
+        let fold = a.kv_foldable() && be.folds_kv();
+        let tok_dims = a.token_dims(batch, fold);
         let recorded = match (training, a.implicit) {
             (false, _) => 0,
             (true, true) => 1,
@@ -709,7 +743,13 @@ impl<Buf> Workspace<Buf> {
                 .iter()
                 .map(|l| be.buffer(batch * l.geom.out_len()))
                 .collect(),
-            tok: TokenActs::new(be, &a.token_dims(batch), a.enc_mlp.len()),
+            tok: TokenActs::new(be, &tok_dims, a.enc_mlp.len()),
+            fold: fold.then(|| KvFold {
+                w_qk: be.buffer(a.feat * d),
+                w_vi: be.buffer(3 * d * a.feat),
+                g_qk: galloc(a.feat * d),
+                g_vi: galloc(3 * d * a.feat),
+            }),
             noise: be.buffer(bk * d),
             slots0: be.buffer(bk * d),
             cells: (0..recorded).map(|_| CellTape::new(be, a, batch)).collect(),
@@ -729,9 +769,9 @@ impl<Buf> Workspace<Buf> {
                 .take(a.encoder.len().saturating_sub(1))
                 .map(|l| galloc(batch * l.geom.out_len()))
                 .collect(),
-            d_tok: TokenGradActs::new(be, &a.token_dims(batch), a.enc_mlp.len(), training),
-            dk: galloc(bn * d),
-            dv: galloc(bn * d),
+            d_tok: TokenGradActs::new(be, &tok_dims, a.enc_mlp.len(), training),
+            dk: galloc(bn * if fold { a.feat } else { d }),
+            dv: galloc(if fold { 0 } else { bn * d }),
             cg: CellGrads {
                 d_in: galloc(bk * d),
                 d_out: galloc(bk * d),
@@ -876,12 +916,88 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// One application of the slot-attention cell: tape.slots_in → tape.out.
+    /// W_qk and W_vi from the current weights (see "The fold").
+    fn fold_weights(&self, be: &B, f: &mut KvFold<B::Buf>) {
+        let (a, p) = (&self.arch, &self.params);
+        let (d, feat) = (a.d, a.feat);
+        be.matmul_small(
+            feat,
+            d,
+            d,
+            &p[a.to_k.w],
+            true,
+            &p[a.to_q.w],
+            false,
+            &mut f.w_qk,
+            false,
+        );
+        let w_ih = &p[a.gru_ih.w];
+        be.matmul_small(
+            3 * d,
+            feat,
+            d,
+            w_ih,
+            false,
+            &p[a.to_v.w],
+            false,
+            &mut f.w_vi,
+            false,
+        );
+    }
+
+    /// Wq's, Wk's, W_ih's and Wv's gradients (accumulated) from those of W_qk and W_vi.
+    fn unfold_grads(&mut self, be: &B, f: &KvFold<B::Buf>) {
+        let a = &self.arch;
+        let (p, g) = (&self.params, &mut self.grads);
+        let (d, feat) = (a.d, a.feat);
+        let (wq, wk, wv, w_ih) = (&p[a.to_q.w], &p[a.to_k.w], &p[a.to_v.w], &p[a.gru_ih.w]);
+        // W_qk = Wkᵀ·Wq: dWq += Wk·dW_qk, dWk += Wq·dW_qkᵀ.
+        be.matmul_small(
+            d,
+            d,
+            feat,
+            wk,
+            false,
+            &f.g_qk,
+            false,
+            &mut g[a.to_q.w],
+            true,
+        );
+        be.matmul_small(d, feat, d, wq, false, &f.g_qk, true, &mut g[a.to_k.w], true);
+        // W_vi = W_ih·Wv: dW_ih += dW_vi·Wvᵀ, dWv += W_ihᵀ·dW_vi.
+        be.matmul_small(
+            3 * d,
+            d,
+            feat,
+            &f.g_vi,
+            false,
+            wv,
+            true,
+            &mut g[a.gru_ih.w],
+            true,
+        );
+        be.matmul_small(
+            d,
+            feat,
+            3 * d,
+            w_ih,
+            true,
+            &f.g_vi,
+            false,
+            &mut g[a.to_v.w],
+            true,
+        );
+    }
+
+    /// One application of the slot-attention cell: tape.slots_in → tape.out. k and v are u
+    /// both under the fold (`fold` Some).
+    #[allow(clippy::too_many_arguments)]
     fn cell_fwd(
         &self,
         be: &B,
         k: &B::Buf,
         v: &B::Buf,
+        fold: Option<&KvFold<B::Buf>>,
         t: &mut CellTape<B::Buf>,
         batch: usize,
         dropout: Option<DropoutMask>,
@@ -889,9 +1005,15 @@ impl<B: Backend> Model<B> {
         let a = &self.arch;
         let p = &self.params;
         let dims = a.slot_cell_dims(batch);
+        let mut qp = a.slot_query_params(p);
+        let mut up = a.slot_update_params(p);
+        if let Some(f) = fold {
+            qp.wq = &f.w_qk;
+            up.w_ih = &f.w_vi;
+        }
         be.slot_query_fwd(
             &dims,
-            &a.slot_query_params(p),
+            &qp,
             &t.slots_in,
             SlotQueryOut {
                 ln: &mut t.ln_s,
@@ -903,7 +1025,7 @@ impl<B: Backend> Model<B> {
         be.attention_fwd(&a.attn_dims(batch), k, v, &t.q, &mut t.attn, &mut t.upd);
         be.slot_update_fwd(
             &dims,
-            &a.slot_update_params(p),
+            &up,
             &t.upd,
             &t.slots_in,
             dropout.as_ref(),
@@ -921,26 +1043,40 @@ impl<B: Backend> Model<B> {
     }
 
     /// Backward of one cell application: from cg.d_out, accumulates cg.d_in, dk, dv and the
-    /// cell's parameter gradients.
+    /// cell's parameter gradients. Under the fold (`fold` Some, k and v both u, dv None): d u
+    /// into dk, and W_qk's and W_vi's gradients into the fold's.
     #[allow(clippy::too_many_arguments)]
     fn cell_bwd(
         &mut self,
         be: &B,
         k: &B::Buf,
         v: &B::Buf,
+        fold: Option<&mut KvFold<B::Buf>>,
         t: &CellTape<B::Buf>,
         cg: &mut CellGrads<B::Buf>,
         dk: &mut B::Buf,
-        dv: &mut B::Buf,
+        dv: Option<&mut B::Buf>,
         batch: usize,
         dropout: Option<DropoutMask>,
     ) {
         let a = &self.arch;
         let (p, g) = (&self.params, &mut self.grads);
         let dims = a.slot_cell_dims(batch);
+        let mut qp = a.slot_query_params(p);
+        let mut up = a.slot_update_params(p);
+        let (mut g_qk, mut g_vi) = (None, None);
+        if let Some(f) = fold {
+            qp.wq = &f.w_qk;
+            up.w_ih = &f.w_vi;
+            (g_qk, g_vi) = (Some(&mut f.g_qk), Some(&mut f.g_vi));
+        }
+        let mut ug = a.slot_update_grads(g);
+        if let Some(gv) = g_vi {
+            ug.w_ih = gv;
+        }
         be.slot_update_bwd(
             &dims,
-            &a.slot_update_params(p),
+            &up,
             &SlotUpdateTape {
                 upd: &t.upd,
                 slots: &t.slots_in,
@@ -964,24 +1100,25 @@ impl<B: Backend> Model<B> {
             },
             &mut cg.dupd,
             &mut cg.d_in,
-            a.slot_update_grads(g),
+            ug,
         );
         // Attention.
         be.fill_zero(&mut cg.dq);
-        be.attention_bwd(
-            &a.attn_dims(batch),
-            k,
-            v,
-            &t.q,
-            &t.attn,
-            &cg.dupd,
-            dk,
-            dv,
-            &mut cg.dq,
-        );
+        let am = a.attn_dims(batch);
+        match dv {
+            Some(dv) => be.attention_bwd(&am, k, v, &t.q, &t.attn, &cg.dupd, dk, dv, &mut cg.dq),
+            None => {
+                assert!(std::ptr::eq(k, v), "k and v are one tensor under the fold");
+                be.attention_bwd_same_kv(&am, k, &t.q, &t.attn, &cg.dupd, dk, &mut cg.dq)
+            }
+        }
+        let mut qg = a.slot_query_grads(g);
+        if let Some(gq) = g_qk {
+            qg.wq = gq;
+        }
         be.slot_query_bwd(
             &dims,
-            &a.slot_query_params(p),
+            &qp,
             &SlotQueryTape {
                 slots: &t.slots_in,
                 ln: &t.ln_s,
@@ -992,7 +1129,7 @@ impl<B: Backend> Model<B> {
             &cg.dq,
             &mut cg.dln_s,
             &mut cg.d_in,
-            a.slot_query_grads(g),
+            qg,
         );
     }
 
@@ -1020,9 +1157,13 @@ impl<B: Backend> Model<B> {
             let x = if i == 0 { &ws.image } else { &done[i - 1] };
             be.conv2d_fwd(&l.geom, batch, x, &p[l.w], &p[l.b], l.relu, &mut rest[0]);
         }
-        // Per-token chain: position embedding, LayerNorm, MLP, LayerNorm, k and v.
+        // Per-token chain: position embedding, LayerNorm, MLP, LayerNorm, k and v (or, under
+        // the fold, the weights that let slot attention read u).
+        if let Some(f) = &mut ws.fold {
+            self.fold_weights(be, f);
+        }
         be.tokens_fwd(
-            &a.token_dims(batch),
+            &a.token_dims(batch, ws.fold.is_some()),
             &a.token_params(p),
             ws.enc_act.last().unwrap_or(&ws.image),
             &mut ws.tok,
@@ -1044,7 +1185,11 @@ impl<B: Backend> Model<B> {
         }
         // Slot attention: the iterations.
         let mut stats = ForwardStats::default();
-        let (k, v) = (&ws.tok.k, &ws.tok.v);
+        let (k, v) = match ws.fold {
+            Some(_) => (&ws.tok.ln_in, &ws.tok.ln_in),
+            None => (&ws.tok.k, &ws.tok.v),
+        };
+        let fold = ws.fold.as_ref();
         let final_slots: &B::Buf = match pass {
             Pass::Eval { applications, .. } => {
                 be.copy(&ws.slots0, &mut ws.scratch.slots_in);
@@ -1052,7 +1197,7 @@ impl<B: Backend> Model<B> {
                     if it > 0 {
                         std::mem::swap(&mut ws.scratch.slots_in, &mut ws.scratch.out);
                     }
-                    self.cell_fwd(be, k, v, &mut ws.scratch, batch, None);
+                    self.cell_fwd(be, k, v, fold, &mut ws.scratch, batch, None);
                 }
                 stats.iters_run = applications;
                 &ws.scratch.out
@@ -1071,6 +1216,7 @@ impl<B: Backend> Model<B> {
                         be,
                         k,
                         v,
+                        fold,
                         &mut ws.scratch,
                         batch,
                         self.dropout_mask(step, it),
@@ -1087,7 +1233,8 @@ impl<B: Backend> Model<B> {
                 // One recorded application from the detached fixed-point estimate.
                 let cell = &mut ws.cells[0];
                 be.copy(&ws.scratch.out, &mut cell.slots_in);
-                self.cell_fwd(be, k, v, cell, batch, self.dropout_mask(step, a.iters));
+                let mask = self.dropout_mask(step, a.iters);
+                self.cell_fwd(be, k, v, fold, cell, batch, mask);
                 &ws.cells[0].out
             }
             Pass::Train { step } => {
@@ -1101,6 +1248,7 @@ impl<B: Backend> Model<B> {
                         be,
                         k,
                         v,
+                        fold,
                         &mut ws.cells[it],
                         batch,
                         self.dropout_mask(step, it),
@@ -1251,23 +1399,35 @@ impl<B: Backend> Model<B> {
         // Slot attention cells, last to first.
         be.fill_zero(&mut ws.dk);
         be.fill_zero(&mut ws.dv);
+        if let Some(f) = &mut ws.fold {
+            be.fill_zero(&mut f.g_qk);
+            be.fill_zero(&mut f.g_vi);
+        }
         let recorded = ws.cells.len();
         for it in (0..recorded).rev() {
             be.fill_zero(&mut ws.cg.d_in);
             let application = if a.implicit { a.iters } else { it };
             let mask = self.dropout_mask(step, application);
+            let (k, v, dv) = match ws.fold {
+                Some(_) => (&ws.tok.ln_in, &ws.tok.ln_in, None),
+                None => (&ws.tok.k, &ws.tok.v, Some(&mut ws.dv)),
+            };
             self.cell_bwd(
                 be,
-                &ws.tok.k,
-                &ws.tok.v,
+                k,
+                v,
+                ws.fold.as_mut(),
                 &ws.cells[it],
                 &mut ws.cg,
                 &mut ws.dk,
-                &mut ws.dv,
+                dv,
                 batch,
                 mask,
             );
             std::mem::swap(&mut ws.cg.d_in, &mut ws.cg.d_out);
+        }
+        if let Some(f) = &ws.fold {
+            self.unfold_grads(be, f);
         }
         // Now cg.d_out holds d(initial slots of the recorded chain).
         if !a.implicit && init == SlotsFrom::Noise {
@@ -1284,12 +1444,18 @@ impl<B: Backend> Model<B> {
         // Implicit: the gradient w.r.t. the detached slots is dropped here; mu and log_sigma
         // get none.
         let mut g = a.token_grads(&mut self.grads);
+        let up = match ws.fold {
+            Some(_) => TokenOutGrads::U(&ws.dk),
+            None => TokenOutGrads::Kv {
+                dk: &ws.dk,
+                dv: &ws.dv,
+            },
+        };
         be.tokens_bwd(
-            &a.token_dims(batch),
+            &a.token_dims(batch, ws.fold.is_some()),
             &a.token_params(&self.params),
             &ws.tok,
-            &ws.dk,
-            &ws.dv,
+            up,
             &mut ws.d_tok,
             &mut g,
         );

@@ -2,7 +2,9 @@
 //! against central finite differences of the loss, in both gradient modes, with one and several
 //! heads, with dropout, and for both decoder kinds; plus the semantics of implicit
 //! differentiation (equal to BPTT through one step from the same fixed slots; no gradient for
-//! mu / log_sigma; saved memory independent of the iteration count).
+//! mu / log_sigma; saved memory independent of the iteration count). And the fold (slot attention
+//! on u with Wk, Wv folded into the cell's weights, as the CUDA backend runs it): the same loss
+//! and gradients as the plain model, and its own gradients against finite differences.
 
 use slotfix::backend::Backend;
 use slotfix::config::{Config, ModelConfig};
@@ -31,7 +33,10 @@ const STEP: u64 = 5;
 const TOL: f64 = 1e-5;
 
 fn setup(cfg: &ModelConfig) -> (Be, Model<Be>, Workspace<Vec<f64>>) {
-    let be = Be::new();
+    setup_on(Be::new(), cfg)
+}
+
+fn setup_on(be: Be, cfg: &ModelConfig) -> (Be, Model<Be>, Workspace<Vec<f64>>) {
     let mut model = Model::new(&be, cfg, 11);
     // Biases start at zero, which puts the pre-activations of dead regions exactly on a ReLU
     // kink, where finite differences are meaningless. Move every tensor off its initial value.
@@ -60,7 +65,11 @@ fn loss_at(be: &Be, model: &Model<Be>, ws: &mut Workspace<Vec<f64>>, init: Slots
 /// the function they are the gradient of: the full loss for BPTT; the loss with the detached
 /// slots held fixed for implicit differentiation.
 fn check_model(cfg: &ModelConfig, tol: f64) {
-    let (be, mut model, mut ws) = setup(cfg);
+    check_model_on(Be::new(), cfg, tol)
+}
+
+fn check_model_on(be: Be, cfg: &ModelConfig, tol: f64) {
+    let (be, mut model, mut ws) = setup_on(be, cfg);
     model.forward(&be, &mut ws, Pass::Train { step: STEP }, SlotsFrom::Noise);
     model.zero_grads(&be);
     model.backward(&be, &mut ws, STEP, SlotsFrom::Noise);
@@ -204,6 +213,95 @@ fn gradcheck_full_decoder_both_modes() {
         }),
         TOL,
     );
+}
+
+/// A tiny model the fold applies to: one head, feat = d = 6.
+fn tiny_foldable(implicit: bool, dropout: f64) -> ModelConfig {
+    tiny(|m| {
+        m.slot_size = 6;
+        m.implicit_diff = implicit;
+        m.dropout = dropout;
+    })
+}
+
+#[test]
+fn gradcheck_folded_attention_both_modes() {
+    for implicit in [true, false] {
+        check_model_on(Be::new().folding_kv(), &tiny_foldable(implicit, 0.2), TOL);
+    }
+}
+
+/// The fold computes the same function: loss, masks and every parameter gradient (accumulated
+/// by two backward passes) of a second training step, and an evaluation pass, agree with the plain model's to rounding (f64), in both
+/// gradient modes, with dropout; and the folded workspace holds no k, v or their gradients.
+#[test]
+fn folded_attention_equals_the_plain_model() {
+    for implicit in [true, false] {
+        let cfg = tiny_foldable(implicit, 0.2);
+        let (pbe, mut plain, mut pws) = setup(&cfg);
+        let (fbe, mut folded, mut fws) = setup_on(Be::new().folding_kv(), &cfg);
+        let run = |be: &Be, m: &mut Model<Be>, ws: &mut Workspace<Vec<f64>>| {
+            m.forward(be, ws, Pass::Train { step: STEP }, SlotsFrom::Noise);
+            m.zero_grads(be);
+            // Twice: a backward accumulates (gradient accumulation), the fold's included.
+            m.backward(be, ws, STEP, SlotsFrom::Noise);
+            m.backward(be, ws, STEP, SlotsFrom::Noise);
+            let loss = m.loss(be, ws);
+            let masks = ws.masks.clone();
+            m.forward(
+                be,
+                ws,
+                Pass::Eval {
+                    applications: 4,
+                    step: STEP,
+                },
+                SlotsFrom::Noise,
+            );
+            (loss, masks, ws.masks.clone(), m.grads.clone())
+        };
+        // (A first step on each: the second finds the workspaces as a step leaves them.)
+        run(&pbe, &mut plain, &mut pws);
+        run(&fbe, &mut folded, &mut fws);
+        let (lp, mp, ep, gp) = run(&pbe, &mut plain, &mut pws);
+        let (lf, mf, ef, gf) = run(&fbe, &mut folded, &mut fws);
+        let rel = |a: &[f64], b: &[f64]| {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+            let den: f64 = b.iter().map(|y| y * y).sum();
+            (num / den.max(1e-300)).sqrt()
+        };
+        let mode = if implicit { "implicit" } else { "BPTT" };
+        assert!(
+            (lp - lf).abs() <= 1e-13 * lp.abs(),
+            "{mode}: loss {lp} vs {lf}"
+        );
+        assert!(rel(&mf, &mp) < 1e-12, "{mode}: masks");
+        assert!(rel(&ef, &ep) < 1e-12, "{mode}: evaluation masks");
+        for (spec, (a, b)) in plain.arch.specs.iter().zip(gf.iter().zip(&gp)) {
+            let diff: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+            // (Relative, with a floor for the true zeros: the slot LayerNorm's bias moves every
+            // query alike, to which the softmax over slots is blind; its gradient is ~1e-21.)
+            assert!(
+                diff <= 1e-11 * norm + 1e-18,
+                "{mode}: {} off by {diff:.3e} (|g| {norm:.3e})",
+                spec.name
+            );
+        }
+        let bytes = |fold: bool| {
+            let be = if fold {
+                Be::new().folding_kv()
+            } else {
+                Be::new()
+            };
+            plain.arch.workspace_bytes(&be, BATCH, true)
+        };
+        assert!(bytes(true) < bytes(false), "{mode}: no k, v under the fold");
+    }
 }
 
 #[test]

@@ -151,7 +151,10 @@ impl Cuda {
             &dc, k, v, q, attn, upd);
     }
 
-    /// [`crate::backend::Backend::attention_bwd`].
+    /// [`crate::backend::Backend::attention_bwd`]; with `dv` None (k and v the same tensor,
+    /// [`crate::backend::Backend::attention_bwd_same_kv`]) the kernels get dk as dv too: each
+    /// adds v's gradient into a row and then k's, in that order, from the same thread (their dk
+    /// and dv are not `__restrict__`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_bwd_kernels(
         &self,
@@ -162,13 +165,15 @@ impl Cuda {
         attn: &Buf,
         dupd: &Buf,
         dk: &mut Buf,
-        dv: &mut Buf,
+        dv: Option<&mut Buf>,
         dq: &mut Buf,
     ) {
         assert_eq!(dm.d % dm.heads, 0);
         assert_eq!(attn.len(), dm.attn_len());
         assert_eq!(dupd.len(), dm.batch * dm.k * dm.d);
         assert_eq!(dk.len(), dm.batch * dm.n * dm.d);
+        let dk: &Buf = dk;
+        let dv: &Buf = dv.map_or(dk, |dv| &*dv);
         assert_eq!(dv.len(), dm.batch * dm.n * dm.d);
         assert_eq!(dq.len(), dm.batch * dm.k * dm.d);
         if dm.batch * dm.heads == 0 {

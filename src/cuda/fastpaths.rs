@@ -94,6 +94,10 @@ pub struct FastPaths {
     /// (`tokens_{fwd,bwd}_v3*_tf32`: persistent blocks with the weights staged once, a warp per
     /// 16 tokens, the chain in registers, no barrier per tile); off: version 2.
     pub tokens_v3: bool,
+    /// Slot attention reads u with Wk and Wv folded into the slot cell's weights (`model.rs`,
+    /// "The fold"; one head and feat = d): the token chain writes no k, v, attention reads one
+    /// tensor and its backward writes one. Off: k and v as the reference computes them.
+    pub kv_fold: bool,
     /// The fused slot cell (`slot_query_*`, `slot_update_*`); off: the single ops.
     pub slot_cell: bool,
     /// The decoder's first convolution split by border classes (`bcast_conv_*`); off: the
@@ -132,6 +136,7 @@ impl FastPaths {
         attention_v3: true,
         tokens: true,
         tokens_v3: true,
+        kv_fold: true,
         slot_cell: true,
         bcast_split: true,
         conv_splitk: true,
@@ -156,13 +161,14 @@ impl FastPaths {
         attention_v3: false,
         tokens: false,
         tokens_v3: false,
+        kv_fold: false,
         slot_cell: false,
         bcast_split: false,
         conv_splitk: false,
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 22] = [
+    pub const NAMES: [&'static str; 23] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -182,6 +188,7 @@ impl FastPaths {
         "attention_v3",
         "tokens",
         "tokens_v3",
+        "kv_fold",
         "slot_cell",
         "bcast_split",
         "conv_splitk",
@@ -208,6 +215,7 @@ impl FastPaths {
             "attention_v3" => &mut self.attention_v3,
             "tokens" => &mut self.tokens,
             "tokens_v3" => &mut self.tokens_v3,
+            "kv_fold" => &mut self.kv_fold,
             "slot_cell" => &mut self.slot_cell,
             "bcast_split" => &mut self.bcast_split,
             "conv_splitk" => &mut self.conv_splitk,

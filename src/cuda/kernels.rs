@@ -233,6 +233,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "linear_bwd_dx_f32",
             "linear_bwd_dw_partial_f32",
             "sum_partials_f32",
+            "matmul_small_f32",
         ],
     },
     KernelFile {

@@ -61,7 +61,7 @@ use crate::ops::slotcell::{
 };
 use crate::ops::tokens::{
     tokens_bwd_by_ops, tokens_fwd_by_ops, TokenActs, TokenDims, TokenGradActs, TokenGrads,
-    TokenParams,
+    TokenOutGrads, TokenParams,
 };
 use crate::optim::{OptHyper, OptReport};
 use crate::rng::Philox;
@@ -1832,16 +1832,41 @@ impl Backend for Cuda {
         dims: &TokenDims,
         p: &TokenParams<'_, Buf>,
         acts: &TokenActs<Buf>,
-        dk: &Buf,
-        dv: &Buf,
+        up: TokenOutGrads<'_, Buf>,
         d: &mut TokenGradActs<Buf>,
         g: &mut TokenGrads<'_, Buf>,
     ) {
         if self.fast.tokens && Self::tokens_fusable(dims, p) {
-            self.tokens_bwd_fused(dims, p, acts, dk, dv, d, g)
+            self.tokens_bwd_fused(dims, p, acts, up, d, g)
         } else {
-            tokens_bwd_by_ops(self, dims, p, acts, dk, dv, d, g)
+            tokens_bwd_by_ops(self, dims, p, acts, up, d, g)
         }
+    }
+    fn folds_kv(&self) -> bool {
+        self.fast.kv_fold
+    }
+    fn matmul_small(
+        &self,
+        m: usize,
+        n: usize,
+        kd: usize,
+        a: &Buf,
+        a_t: bool,
+        b: &Buf,
+        b_t: bool,
+        c: &mut Buf,
+        accumulate: bool,
+    ) {
+        assert_eq!(a.len(), m * kd);
+        assert_eq!(b.len(), kd * n);
+        assert_eq!(c.len(), m * n);
+        if m * n == 0 {
+            return;
+        }
+        let (mi, ni, ki) = (i(m), i(n), i(kd));
+        let (at, bt, acc) = (i32::from(a_t), i32::from(b_t), i32::from(accumulate));
+        launch!(self, "matmul_small_f32", per_elem(m * n);
+            &mi, &ni, &ki, a, &at, b, &bt, c, &acc);
     }
     fn bcast_conv_splits(&self, dims: &BcastConvDims) -> bool {
         self.fast.bcast_split && dims.splits()
@@ -2026,7 +2051,19 @@ impl Backend for Cuda {
         dv: &mut Buf,
         dq: &mut Buf,
     ) {
-        self.attention_bwd_kernels(dm, k, v, q, attn, dupd, dk, dv, dq)
+        self.attention_bwd_kernels(dm, k, v, q, attn, dupd, dk, Some(dv), dq)
+    }
+    fn attention_bwd_same_kv(
+        &self,
+        dm: &AttnDims,
+        x: &Buf,
+        q: &Buf,
+        attn: &Buf,
+        dupd: &Buf,
+        dx: &mut Buf,
+        dq: &mut Buf,
+    ) {
+        self.attention_bwd_kernels(dm, x, x, q, attn, dupd, dx, None, dq)
     }
     fn gru_gates_fwd(&self, d: usize, gi: &Buf, gh: &Buf, h: &Buf, h_new: &mut Buf) {
         let n = h_new.len();

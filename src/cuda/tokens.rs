@@ -5,7 +5,9 @@ use super::{i, rs_grid, Arg, Buf, Cuda};
 use crate::backend::Backend;
 use crate::config::Precision;
 use crate::ops::layernorm::LN_EPS;
-use crate::ops::tokens::{TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenParams};
+use crate::ops::tokens::{
+    TokenActs, TokenDims, TokenGradActs, TokenGrads, TokenOutGrads, TokenParams,
+};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 /// `struct TokenDims` of tokens.cu.
@@ -18,6 +20,8 @@ pub(super) struct TokenDimsC {
     c: i32,
     feat: i32,
     d: i32,
+    /// 1: the chain ends with k and v; 0: at u (the fold), and the backward starts from d u.
+    kv: i32,
 }
 unsafe impl DeviceRepr for TokenDimsC {}
 
@@ -83,6 +87,7 @@ impl TokenDimsC {
             c: i(dims.c),
             feat: i(dims.feat),
             d: i(dims.d),
+            kv: i32::from(dims.kv),
         }
     }
 }
@@ -166,14 +171,25 @@ impl Cuda {
         dims: &TokenDims,
         p: &TokenParams<'_, Buf>,
         a: &TokenActs<Buf>,
-        dk: &Buf,
-        dv: &Buf,
+        up: TokenOutGrads<'_, Buf>,
         d: &mut TokenGradActs<Buf>,
         g: &mut TokenGrads<'_, Buf>,
     ) {
         let (rows, c, feat) = (dims.rows(), dims.c, dims.feat);
-        assert_eq!(dk.len(), rows * dims.d);
-        assert_eq!(dv.len(), rows * dims.d);
+        // Under the fold the kernels read d u through their dk pointer (and dv not at all).
+        let (dk, dv) = match up {
+            TokenOutGrads::Kv { dk, dv } => {
+                assert!(dims.kv, "d k and d v given to a chain that ends at u");
+                assert_eq!(dk.len(), rows * dims.d);
+                assert_eq!(dv.len(), rows * dims.d);
+                (dk, dv)
+            }
+            TokenOutGrads::U(du) => {
+                assert!(!dims.kv, "d u given to a chain that ends with k and v");
+                assert_eq!(du.len(), rows * feat);
+                (du, du)
+            }
+        };
         if rows == 0 {
             return;
         }
@@ -213,15 +229,17 @@ impl Cuda {
         launch!(self, "tokens_bwd_reduce_f32", rs_grid(plen);
             &nb, &ci, &fi, &partial, g.norm_in_g, g.norm_in_b, gb2, gb1, g.norm_g, g.norm_b,
             g.pos_w, g.pos_b);
-        // The four weight gradients: GEMMs over every token, by the linear layers' kernels
-        // (tensor cores under TF32). dh is already masked by the ReLU.
+        // The four weight gradients (two under the fold): GEMMs over every token, by the linear
+        // layers' kernels (tensor cores under TF32). dh is already masked by the ReLU.
         let d_ = dims.d;
-        self.linear_bwd(
-            rows, feat, d_, &a.ln_in, p.wk, &a.k, false, dk, None, g.wk, None,
-        );
-        self.linear_bwd(
-            rows, feat, d_, &a.ln_in, p.wv, &a.v, false, dv, None, g.wv, None,
-        );
+        if dims.kv {
+            self.linear_bwd(
+                rows, feat, d_, &a.ln_in, p.wk, &a.k, false, dk, None, g.wk, None,
+            );
+            self.linear_bwd(
+                rows, feat, d_, &a.ln_in, p.wv, &a.v, false, dv, None, g.wv, None,
+            );
+        }
         let (w2, h, f) = (p.mlp[1].w, &a.mlp_act[0], &a.mlp_act[1]);
         self.linear_bwd(rows, feat, feat, h, w2, f, false, df, None, gw2, None);
         let (w1, ln0) = (p.mlp[0].w, &a.ln0);

@@ -112,14 +112,47 @@ pub fn attention_bwd<T: Real>(
     dv: &mut [T],
     dq: &mut [T],
 ) {
+    attention_bwd_into(dm, kk, v, q, attn, dupd, dk, Some(dv), dq)
+}
+
+/// Backward when k and v are the same tensor x: accumulates d k + d v into dx (and dq).
+pub fn attention_bwd_same_kv<T: Real>(
+    dm: &AttnDims,
+    x: &[T],
+    q: &[T],
+    attn: &[T],
+    dupd: &[T],
+    dx: &mut [T],
+    dq: &mut [T],
+) {
+    attention_bwd_into(dm, x, x, q, attn, dupd, dx, None, dq)
+}
+
+/// The backward, with v's gradient added into dk when `dv` is None.
+#[allow(clippy::too_many_arguments)]
+fn attention_bwd_into<T: Real>(
+    dm: &AttnDims,
+    kk: &[T],
+    v: &[T],
+    q: &[T],
+    attn: &[T],
+    dupd: &[T],
+    dk: &mut [T],
+    dv: Option<&mut [T]>,
+    dq: &mut [T],
+) {
     let AttnDims { n, k, d, heads, .. } = *dm;
     let dh = dm.head_dim();
     let (scale, eps) = (T::from_f64c(dm.scale), T::from_f64c(dm.eps));
+    let dv_chunks: Vec<Option<&mut [T]>> = match dv {
+        Some(dv) => dv.chunks_mut(n * d).map(Some).collect(),
+        None => (0..dm.batch).map(|_| None).collect(),
+    };
     dk.par_chunks_mut(n * d)
-        .zip(dv.par_chunks_mut(n * d))
+        .zip(dv_chunks)
         .zip(dq.par_chunks_mut(k * d))
         .enumerate()
-        .for_each(|(b, ((dk_b, dv_b), dq_b))| {
+        .for_each(|(b, ((dk_b, mut dv_b), dq_b))| {
             let (kb, vb, qb) = (
                 &kk[b * n * d..][..n * d],
                 &v[b * n * d..][..n * d],
@@ -142,7 +175,10 @@ pub fn attention_bwd<T: Real>(
                 c.fill(T::zero());
                 for t in 0..n {
                     let vt = &vb[t * d + h * dh..][..dh];
-                    let dvt = &mut dv_b[t * d + h * dh..][..dh];
+                    let dvt = match dv_b.as_deref_mut() {
+                        Some(dv_b) => &mut dv_b[t * d + h * dh..][..dh],
+                        None => &mut dk_b[t * d + h * dh..][..dh],
+                    };
                     for s in 0..k {
                         let dus = &du[s * d + h * dh..][..dh];
                         let w = (p_h[t * k + s] + eps) / colsum[s];
@@ -272,6 +308,14 @@ mod tests {
             assert_grad("dk", &dk, &fk, 1e-6);
             assert_grad("dv", &dv, &fv, 1e-6);
             assert_grad("dq", &dq, &fq, 1e-6);
+            // k = v = x: the same-tensor backward against finite differences in x.
+            let (mut dx, mut dq2) = (vec![0.0; kk.len()], vec![0.0; q.len()]);
+            let (attn_x, _) = run(&dm, &kk, &kk, &q);
+            attention_bwd_same_kv(&dm, &kk, &q, &attn_x, &du, &mut dx, &mut dq2);
+            let fx = fd_grad(&kk, h, |x| dot(&du, &run(&dm, x, x, &q).1));
+            let fq2 = fd_grad(&q, h, |x| dot(&du, &run(&dm, &kk, &kk, x).1));
+            assert_grad("dx (k = v = x)", &dx, &fx, 1e-6);
+            assert_grad("dq (k = v = x)", &dq2, &fq2, 1e-6);
         }
     }
 }

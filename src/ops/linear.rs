@@ -130,6 +130,38 @@ pub fn linear_bwd<T: Real>(
     );
 }
 
+/// C (+)= op(A)·op(B) for small matrices (the fold's weight products, `model.rs`): op(A) is
+/// `[m][kd]` (A stored `[kd][m]` when `a_t`), op(B) `[kd][n]` (B stored `[n][kd]` when `b_t`),
+/// C `[m][n]` overwritten, or added to when `accumulate`. Each element sums k in order.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_small<T: Real>(
+    m: usize,
+    n: usize,
+    kd: usize,
+    a: &[T],
+    a_t: bool,
+    b: &[T],
+    b_t: bool,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    assert_eq!(a.len(), m * kd);
+    assert_eq!(b.len(), kd * n);
+    assert_eq!(c.len(), m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = T::zero();
+            for l in 0..kd {
+                let av = if a_t { a[l * m + i] } else { a[i * kd + l] };
+                let bv = if b_t { b[j * kd + l] } else { b[l * n + j] };
+                acc += av * bv;
+            }
+            let o = &mut c[i * n + j];
+            *o = if accumulate { *o + acc } else { acc };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +239,34 @@ mod tests {
             let fb = fd_grad(&b, h, |b| dot(&dy, &run(rows, ni, no, &x, &w, b, relu)));
             assert_grad("dw", &dw, &fw, 1e-6);
             assert_grad("db", &db, &fb, 1e-6);
+        }
+    }
+    #[test]
+    fn matmul_small_matches_each_layout() {
+        let (m, n, kd) = (3, 5, 4);
+        let a = rand_vec(m * kd, 11, 1.0);
+        let b = rand_vec(kd * n, 12, 1.0);
+        let at: Vec<f64> = (0..kd * m).map(|e| a[(e % m) * kd + e / m]).collect();
+        let bt: Vec<f64> = (0..n * kd).map(|e| b[(e % kd) * n + e / kd]).collect();
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                (0..kd)
+                    .map(|l| a[(e / n) * kd + l] * b[l * n + e % n])
+                    .sum()
+            })
+            .collect();
+        for (aa, a_t) in [(&a, false), (&at, true)] {
+            for (bb, b_t) in [(&b, false), (&bt, true)] {
+                let mut c = vec![f64::NAN; m * n];
+                matmul_small(m, n, kd, aa, a_t, bb, b_t, &mut c, false);
+                assert!(rel_l2(&c, &want) < 1e-15, "a_t {a_t} b_t {b_t}");
+                matmul_small(m, n, kd, aa, a_t, bb, b_t, &mut c, true);
+                let twice: Vec<f64> = want.iter().map(|w| 2.0 * w).collect();
+                assert!(
+                    rel_l2(&c, &twice) < 1e-15,
+                    "accumulate, a_t {a_t} b_t {b_t}"
+                );
+            }
         }
     }
 }

@@ -5,6 +5,9 @@
 //!   a = LN0(x);  h_1 = relu(a·W1ᵀ + b1); …; f = h_{L−1}·W_Lᵀ + b_L   (encoder MLP, L layers)
 //!   u = LN_in(f);  k = u·Wkᵀ;  v = u·Wvᵀ             (slot attention's inputs)
 //!
+//! With `kv` false the chain ends at u: slot attention then reads u itself, Wk and Wv folded
+//! into the slot cell's weights (`model.rs`, "The fold"), and the backward starts from d u.
+//!
 //! Here it is composed from the single ops ([`tokens_fwd_by_ops`], [`tokens_bwd_by_ops`]): that
 //! composition is the reference, and the [`Backend`] trait's default. The CUDA backend replaces
 //! it with one fused kernel each way (`kernels/tokens.cu`) when the MLP has two layers and every
@@ -27,6 +30,8 @@ pub struct TokenDims {
     pub feat: usize,
     /// Slot width (k, v).
     pub d: usize,
+    /// Whether the chain computes k and v (else it ends at u, and k, v hold nothing).
+    pub kv: bool,
 }
 
 impl TokenDims {
@@ -158,6 +163,7 @@ pub struct TokenActs<Buf> {
     pub ln_in: Buf,
     pub ln_in_mean: Buf,
     pub ln_in_rstd: Buf,
+    /// `[rows, d]` each; empty when the chain ends at u (`TokenDims::kv` false).
     pub k: Buf,
     pub v: Buf,
 }
@@ -174,8 +180,8 @@ impl<Buf> TokenActs<Buf> {
             ln_in: be.buffer(rows * feat),
             ln_in_mean: be.buffer(rows),
             ln_in_rstd: be.buffer(rows),
-            k: be.buffer(rows * d),
-            v: be.buffer(rows * d),
+            k: be.buffer(if dims.kv { rows * d } else { 0 }),
+            v: be.buffer(if dims.kv { rows * d } else { 0 }),
         }
     }
 
@@ -261,9 +267,19 @@ pub fn tokens_fwd_by_ops<B: Backend + ?Sized>(
         &mut acts.ln_in_mean,
         &mut acts.ln_in_rstd,
     );
-    for (w, out) in [(p.wk, &mut acts.k), (p.wv, &mut acts.v)] {
-        be.linear_fwd(rows, dims.feat, dims.d, &acts.ln_in, w, None, false, out);
+    if dims.kv {
+        for (w, out) in [(p.wk, &mut acts.k), (p.wv, &mut acts.v)] {
+            be.linear_fwd(rows, dims.feat, dims.d, &acts.ln_in, w, None, false, out);
+        }
     }
+}
+
+/// Where the chain's backward starts: the gradients of its outputs.
+pub enum TokenOutGrads<'a, Buf> {
+    /// d k and d v, `[rows, d]` each (`TokenDims::kv` true); Wk's and Wv's gradients accumulate.
+    Kv { dk: &'a Buf, dv: &'a Buf },
+    /// d u, `[rows, feat]` (the chain ends at u); Wk's and Wv's gradients are left alone.
+    U(&'a Buf),
 }
 
 /// The backward from the single ops: `d.d_enc_pos` is overwritten with d e; the parameter
@@ -274,31 +290,39 @@ pub fn tokens_bwd_by_ops<B: Backend + ?Sized>(
     dims: &TokenDims,
     p: &TokenParams<'_, B::Buf>,
     acts: &TokenActs<B::Buf>,
-    dk: &B::Buf,
-    dv: &B::Buf,
+    up: TokenOutGrads<'_, B::Buf>,
     d: &mut TokenGradActs<B::Buf>,
     g: &mut TokenGrads<'_, B::Buf>,
 ) {
     let (rows, c, feat) = (dims.rows(), dims.c, dims.feat);
-    be.fill_zero(&mut d.d_ln_in);
-    for (w, y, dy, gw) in [
-        (p.wk, &acts.k, dk, &mut *g.wk),
-        (p.wv, &acts.v, dv, &mut *g.wv),
-    ] {
-        let dx = Some(&mut d.d_ln_in);
-        be.linear_bwd(
-            rows,
-            feat,
-            dims.d,
-            &acts.ln_in,
-            w,
-            y,
-            false,
-            dy,
-            dx,
-            gw,
-            None,
-        );
+    match up {
+        TokenOutGrads::Kv { dk, dv } => {
+            assert!(dims.kv, "d k and d v given to a chain that ends at u");
+            be.fill_zero(&mut d.d_ln_in);
+            for (w, y, dy, gw) in [
+                (p.wk, &acts.k, dk, &mut *g.wk),
+                (p.wv, &acts.v, dv, &mut *g.wv),
+            ] {
+                let dx = Some(&mut d.d_ln_in);
+                be.linear_bwd(
+                    rows,
+                    feat,
+                    dims.d,
+                    &acts.ln_in,
+                    w,
+                    y,
+                    false,
+                    dy,
+                    dx,
+                    gw,
+                    None,
+                );
+            }
+        }
+        TokenOutGrads::U(du) => {
+            assert!(!dims.kv, "d u given to a chain that ends with k and v");
+            be.copy(du, &mut d.d_ln_in);
+        }
     }
     for buf in d.d_mlp_act.iter_mut() {
         be.fill_zero(buf);
