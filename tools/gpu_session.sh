@@ -315,7 +315,7 @@ step_ablate() {
   # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
   local configs=${ABLATE_CONFIGS:-tetrominoes clevr6} batch=${ABLATE_BATCH:-64}
   # ABLATE_PATHS: the rows to time (none = everything on), e.g. only the paths that changed.
-  local paths=${ABLATE_PATHS:-none conv_v3 conv_v5 conv_v6 conv_wgmma conv_c4 conv_n8s conv_k32 dw_v3 dw_v4 dw_units dw_v5 dw_wgmma dw_c4 dw_c4_tc dw_k1 attention_v2 attention_v3 tokens tokens_v3 slot_cell bcast_split conv_splitk all}
+  local paths=${ABLATE_PATHS:-none conv_v3 conv_v5 conv_v6 conv_wgmma conv_c4 conv_n8s conv_k32 dw_v3 dw_v4 dw_units dw_v5 dw_wgmma dw_c4 dw_c4_tc dw_k1 attention_v2 attention_v3 tokens tokens_v3 kv_fold slot_cell bcast_split conv_splitk all}
   local c cfg off v
   for c in $configs; do
     cfg=$(cuda_config "$c")
