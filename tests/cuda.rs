@@ -3453,6 +3453,34 @@ fn emu_memory_plan_follows_the_bcast_split_switch() {
     );
 }
 
+/// With the fold off (`SLOTFIX_CUDA_DISABLE=kv_fold`), the memory plan counts k, v and d v (the
+/// fold keeps none of them, d u takes d k's buffer, and it adds its small weights), as the
+/// backend then allocates them.
+#[test]
+fn emu_memory_plan_follows_the_kv_fold_switch() {
+    let Some(g) = emu() else { return };
+    let cfg = small_config(|m| m.implicit_diff = true);
+    let arch = slotfix::model::Arch::new(&cfg.model);
+    assert!(arch.kv_foldable(), "one head, feat = d");
+    let b = cfg.training.batch_size;
+    let folded = MemoryPlan::new(&g, &arch, b, 0).total();
+    let g = g.with_fast_paths(FastPaths::all_but("kv_fold").unwrap());
+    let plain = MemoryPlan::new(&g, &arch, b, 0).total();
+    let tokens = (b * arch.pixels() * arch.d * 4) as u64;
+    // (The fold's own: W_qk, W_vi and their gradients, 4·d·feat floats each pair.)
+    let fold_weights = (2 * 4 * arch.d * arch.feat * 4) as u64;
+    assert_eq!(plain + fold_weights, folded + 3 * tokens, "k, v and d v");
+    let before = g.allocated_bytes();
+    let mut s = Session::new(g, cfg.clone());
+    let res = cfg.model.resolution;
+    s.train_step(&rand(b * res * res * 3, 79, 1.0));
+    let allocated = s.be.allocated_bytes() - before;
+    assert!(
+        allocated >= plain && allocated - plain <= plain / 2,
+        "{allocated} bytes allocated, {plain} planned"
+    );
+}
+
 /// Training steps queue their work, read nothing back and allocate nothing: the loss, gradient
 /// norm and non-finite checks stay on the device until the host asks (`Session::opt_report`),
 /// and scratch buffers come from the backend's pool after the first step.
