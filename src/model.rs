@@ -10,7 +10,7 @@
 //! **The fold** (where the backend asks for it, [`Backend::folds_kv`], with one head and
 //! feat = d): slot attention reads u = LN_in(f) itself instead of k = u·Wkᵀ and v = u·Wvᵀ.
 //! With q = LN_s(s)·Wqᵀ, the logits q·kᵀ = (LN_s(s)·W_qkᵀ)·uᵀ with W_qk = Wkᵀ·Wq, and the GRU's
-//! input gates upd·W_ihᵀ = upd_u·W_viᵀ with upd_u = Σ_n w[n,·] u[n] and W_vi = W_ih·Wv: the same
+//! input gates upd·W_ihᵀ = upd_u·W_viᵀ with upd_u = Σ_n w_n·u_n and W_vi = W_ih·Wv: the same
 //! function, with W_qk in Wq's place and W_vi in W_ih's. The two products run once per forward
 //! on weights alone; the backward turns their gradients back into Wq's, Wk's, W_ih's and Wv's.
 //! Per token, the chain then writes u only (no k, v), attention reads one tensor, not two,
