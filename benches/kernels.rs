@@ -669,8 +669,19 @@ impl Bench {
     }
 
     /// The attention step's kernels at one shape; `version` labels the rows (the backend's fast
-    /// paths choose what runs).
-    fn attention(&self, version: &str, batch: usize, n: usize, k: usize, d: usize) {
+    /// paths choose what runs). Then the same with k and v one tensor (u, under the fold), the
+    /// forward labelled `fwd_kv`; with `kv_only`, those rows alone.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        version: &str,
+        fwd_kv: &str,
+        kv_only: bool,
+        batch: usize,
+        n: usize,
+        k: usize,
+        d: usize,
+    ) {
         let g = &self.g;
         let dm = AttnDims {
             batch,
@@ -687,43 +698,46 @@ impl Bench {
         let (kg, vg, qg) = (self.up(&kk), self.up(&v), self.up(&q));
         let mut attn = self.poisoned(dm.attn_len());
         let mut upd = self.poisoned(batch * k * d);
-        g.attention_fwd(&dm, &kg, &vg, &qg, &mut attn, &mut upd);
         let d1 = AttnDims { batch: 1, ..dm };
         let (mut a0, mut u0) = (vec![0.0f32; d1.attn_len()], vec![0.0f32; k * d]);
-        self.c.attention_fwd(
-            &d1,
-            &kk[..n * d].to_vec(),
-            &v[..n * d].to_vec(),
-            &q[..k * d].to_vec(),
-            &mut a0,
-            &mut u0,
-        );
-        let e = self.check(&format!("attention fwd upd ({version})"), &upd, &u0, 1e-5);
         let shape = format!("B={batch} N={n} K={k} D={d}");
-        let bytes = 4.0 * (2 * batch * n * d + dm.attn_len()) as f64;
-        let ms = self.time(|| g.attention_fwd(&dm, &kg, &vg, &qg, &mut attn, &mut upd));
-        self.row(
-            &format!("attention fwd (f32 {version})"),
-            &shape,
-            Some(e),
-            ms,
-            0.0,
-            bytes,
-            false,
-        );
         let dupd = self.rand_buf(batch * k * d, 13, 1.0);
         let (mut dk, mut dv, mut dq) = (g.alloc(kk.len()), g.alloc(v.len()), g.alloc(q.len()));
-        let ms = self
-            .time(|| g.attention_bwd(&dm, &kg, &vg, &qg, &attn, &dupd, &mut dk, &mut dv, &mut dq));
-        self.row(
-            &format!("attention bwd (f32 {version})"),
-            &shape,
-            None,
-            ms,
-            0.0,
-            2.0 * bytes + 8.0 * (batch * n * d) as f64,
-            false,
-        );
+        if !kv_only {
+            g.attention_fwd(&dm, &kg, &vg, &qg, &mut attn, &mut upd);
+            self.c.attention_fwd(
+                &d1,
+                &kk[..n * d].to_vec(),
+                &v[..n * d].to_vec(),
+                &q[..k * d].to_vec(),
+                &mut a0,
+                &mut u0,
+            );
+            let e = self.check(&format!("attention fwd upd ({version})"), &upd, &u0, 1e-5);
+            let bytes = 4.0 * (2 * batch * n * d + dm.attn_len()) as f64;
+            let ms = self.time(|| g.attention_fwd(&dm, &kg, &vg, &qg, &mut attn, &mut upd));
+            self.row(
+                &format!("attention fwd (f32 {version})"),
+                &shape,
+                Some(e),
+                ms,
+                0.0,
+                bytes,
+                false,
+            );
+            let ms = self.time(|| {
+                g.attention_bwd(&dm, &kg, &vg, &qg, &attn, &dupd, &mut dk, &mut dv, &mut dq)
+            });
+            self.row(
+                &format!("attention bwd (f32 {version})"),
+                &shape,
+                None,
+                ms,
+                0.0,
+                2.0 * bytes + 8.0 * (batch * n * d) as f64,
+                false,
+            );
+        }
         // k and v the same tensor (u, under the fold): one tensor's bytes read, and the
         // backward's d k + d v into one.
         g.fill_value(&mut upd, f32::NAN);
@@ -732,7 +746,7 @@ impl Bench {
         self.c
             .attention_fwd(&d1, &k0, &k0, &q[..k * d].to_vec(), &mut a0, &mut u0);
         let e = self.check(
-            &format!("attention fwd upd, k = v ({version})"),
+            &format!("attention fwd upd, k = v ({fwd_kv})"),
             &upd,
             &u0,
             1e-5,
@@ -740,7 +754,7 @@ impl Bench {
         let bytes = 4.0 * (batch * n * d + dm.attn_len()) as f64;
         let ms = self.time(|| g.attention_fwd(&dm, &kg, &kg, &qg, &mut attn, &mut upd));
         self.row(
-            &format!("attention fwd (f32 {version}), k = v"),
+            &format!("attention fwd (f32 {fwd_kv}), k = v"),
             &shape,
             Some(e),
             ms,
@@ -748,6 +762,9 @@ impl Bench {
             bytes,
             false,
         );
+        if kv_only {
+            return; // (the backward has no version 4: the main call timed it)
+        }
         let ms =
             self.time(|| g.attention_bwd_same_kv(&dm, &kg, &qg, &attn, &dupd, &mut dk, &mut dq));
         self.row(
@@ -1118,18 +1135,22 @@ fn main() {
     guarded("tokens (f32)", || b.tokens(batch, res, ch, true, ""));
     // Version 3 (the slot count compiled in; the default) and version 2, both checked first.
     guarded("attention v3", || {
-        b.attention("v3", batch, res * res, 7, ch)
+        b.attention("v3", "v4", false, batch, res * res, 7, ch)
     });
-    guarded("attention v2", || {
-        let bp = bench_with(Precision::F32, 3);
-        Bench {
-            g: bp
-                .g
-                .with_fast_paths(FastPaths::all_but("attention_v3").unwrap()),
-            ..bp
-        }
-        .attention("v2", batch, res * res, 7, ch)
-    });
+    // The forward of k = v on version 3 (version 4 off), then version 2 (both off).
+    for (off, version, kv_only) in [
+        ("attention_v4", "v3", true),
+        ("attention_v3,attention_v4", "v2", false),
+    ] {
+        guarded(&format!("attention {version}"), || {
+            let bp = bench_with(Precision::F32, 3);
+            Bench {
+                g: bp.g.with_fast_paths(FastPaths::all_but(off).unwrap()),
+                ..bp
+            }
+            .attention(version, version, kv_only, batch, res * res, 7, ch)
+        });
+    }
     // The slot cell at clevr6's B·K = 448 slots (the small model: 256) of width 64, MLP 128.
     let (slot_rows, slot_d) = if emulated { (21, 8) } else { (batch * 7, 64) };
     guarded("slot cell", || b.slot_cell(slot_rows, slot_d, 2 * slot_d));

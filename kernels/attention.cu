@@ -449,9 +449,10 @@ static __device__ __forceinline__ void att3_stage_rows(float* m, const float* __
 // The groups' sums meet by a butterfly in the warp, then in warp order through red
 // ([ATT_WARPS][KP][dh] floats; it may overlap a once every thread is past the first barrier
 // here). LOADS: the loads of x in flight. EPS: the weights are a[i·KP + s] + eps (the forward
-// keeps the attention itself in a[], for its coalesced store). The whole block calls it
-// (barriers); a[] complete.
-template <int KP, int LOADS, bool EPS = false>
+// keeps the attention itself in a[], for its coalesced store). X_SHARED: x is in shared memory
+// (version 4's rows; red may overlap them too). The whole block calls it (barriers); a[]
+// complete.
+template <int KP, int LOADS, bool EPS = false, bool X_SHARED = false>
 static __device__ void att3_chunk_sums(const float* a, int valid, const float* __restrict__ x, int ld, int dh,
                                        int k, const float* sa, float* red, float* __restrict__ out,
                                        float eps = 0.0f) {
@@ -461,9 +462,10 @@ static __device__ void att3_chunk_sums(const float* a, int valid, const float* _
 #pragma unroll
     for (int s = 0; s < KP; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.0f;
     const float* xc = x + 4 * qd;
+    const SmemAddr xs = smem_addr((const unsigned*)xc);  // (used when X_SHARED)
 #pragma unroll LOADS
     for (int i = g; i < valid; i += groups) {
-        const float4 xv = ld_f4(xc + (size_t)i * ld);
+        const float4 xv = X_SHARED ? lds_f4(xs, i * ld) : ld_f4(xc + (size_t)i * ld);
 #pragma unroll
         for (int s4 = 0; s4 < KP; s4 += 4) {
             const float4 a4 = *(const float4*)&a[i * KP + s4];
@@ -591,6 +593,102 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     }
 ATT_FWD_V3_ENTRY(attention_fwd_partial_v3k4_f32, 4)
 ATT_FWD_V3_ENTRY(attention_fwd_partial_v3k8_f32, 8)
+
+// ---------------------------------------------------------------------------------------------
+// Version 4 of the forward, for k and v the same tensor x (u, under model.rs's fold) and one
+// head, d a multiple of 8 up to 64, k ≤ KP: the block copies its rows of x to shared memory
+// once (cp.async: all of a thread's 16-byte pieces in flight together, no registers held), and
+// both the logits and the weighted sums read them there. x then leaves DRAM once per launch,
+// and the loads wait once per block instead of once per 8-column slab. Version 3 read k in
+// slabs of 8 columns (2 loads of 16 bytes in flight per lane) and v again in the sums: on the
+// H200 (clevr6, 916cccd) DRAM was 41 % busy and 46 % of the stalls waited on global loads.
+// Same outputs and layouts as version 3 (the attention, and partial for
+// attention_fwd_reduce_f32), the same sums in the same order.
+// Dynamic shared memory (floats): KP·d (q) + ATT_WARPS·KP (Σ a per warp) + ATT_T·KP (the
+// attention) + ATT_T·(d + 4) (the rows: a stride ≡ 4 mod 8 words, so 8 lanes' 16-byte reads of
+// 8 rows' same columns hit disjoint banks); the column sums' red reuses the rows.
+template <int KP>
+static __device__ void attention_fwd_partial_v4(AttnDims dm, const float* __restrict__ x,
+                                                const float* __restrict__ q, float* __restrict__ attn,
+                                                float* __restrict__ partial) {
+    extern __shared__ __align__(16) float att4_smem[];
+    float* const smem = att4_smem;
+    const int n = dm.n, k = dm.k, d = dm.d, ld = d + 4, qw = d >> 2;
+    const int b = blockIdx.y;  // (one head)
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    float* qs = smem;                 // [KP][d], rows past k zero
+    float* sa = qs + KP * d;          // [ATT_WARPS][KP]: each warp's Σ a
+    float* as = sa + ATT_WARPS * KP;  // [ATT_T][KP], zero past k and past n
+    float* rows = as + ATT_T * KP;    // [ATT_T][ld]: the block's valid rows of x
+    const int valid = min(ATT_T, n - t0);
+    const float* x0 = x + (size_t)(b * n + t0) * d;
+    for (int e = tid; e < valid * qw; e += ATT_T) {
+        const int r = e / qw, c = 4 * (e - r * qw);
+        cp_async16(rows + r * ld + c, x0 + (size_t)r * d + c, true);
+    }
+    att3_stage_rows<KP>(qs, q + b * k * d, d, k, d);
+    cp_async_wait_all();
+    __syncthreads();
+    float p[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) p[s] = 0.0f;
+    if (tid < valid) {  // (the rows past the end were not copied)
+        const SmemAddr ra = smem_addr((const unsigned*)(rows + tid * ld));
+        const SmemAddr ma = smem_addr((const unsigned*)qs);
+        for (int j = 0; j < d; j += 4) att_dot4<KP>(lds_f4(ra, j), ma, KP, d, j, p);
+    }
+    // From here as version 3: the softmax over the k real slots, the attention's rows out
+    // through shared memory, each warp's Σ a, then the weighted sums (of the rows in shared
+    // memory).
+    float mx = __int_as_float(0xff800000);  // -inf
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        p[s] = s < k ? p[s] * dm.scale : __int_as_float(0xff800000);
+        mx = fmaxf(mx, p[s]);
+    }
+    float z = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        p[s] = s < k ? expf(p[s] - mx) : 0.0f;
+        z += p[s];
+    }
+    const float rz = 1.0f / z;
+    float a[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        const bool real = t < n && s < k;
+        p[s] = real ? p[s] * rz : 0.0f;
+        a[s] = real ? p[s] + dm.eps : 0.0f;
+    }
+#pragma unroll
+    for (int s4 = 0; s4 < KP; s4 += 4)
+        *(float4*)&as[tid * KP + s4] = make_float4(p[s4], p[s4 + 1], p[s4 + 2], p[s4 + 3]);
+    att3_warp_sums<KP>(a);
+    if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < KP; ++s) sa[warp * KP + s] = a[s];
+    }
+    __syncthreads();
+    float* arow = attn + ((size_t)b * n + t0) * k;
+    for (int e = tid; e < valid * k; e += ATT_T) {
+        const int i = e / k;
+        arow[e] = as[i * KP + (e - i * k)];
+    }
+    float* out = partial + ((size_t)b * chunks + chunk) * k * (d + 1);
+    att3_chunk_sums<KP, 4, true, true>(as, valid, rows, ld, d, k, sa, rows, out, dm.eps);
+}
+
+// (ATT_T, 2): up to 128 registers; two blocks of 80 KiB (KP = 8, d = 64) fit an SM's shared
+// memory.
+#define ATT_FWD_V4_ENTRY(NAME, KP)                                                                \
+    extern "C" __global__ void __launch_bounds__(ATT_T, 2)                                       \
+        NAME(AttnDims dm, const float* __restrict__ x, const float* __restrict__ q,              \
+             float* __restrict__ attn, float* __restrict__ partial) {                            \
+        attention_fwd_partial_v4<KP>(dm, x, q, attn, partial);                                   \
+    }
+ATT_FWD_V4_ENTRY(attention_fwd_partial_v4k4_f32, 4)
+ATT_FWD_V4_ENTRY(attention_fwd_partial_v4k8_f32, 8)
 
 // upd[b, s, h·dh + j] = (Σ_c U_c[s][j]) / (Σ_c S_c[s]) for every (batch·head, s, j < dh): one
 // column per output, the chunks split over rs_combine's groups (fixed order). A thread that

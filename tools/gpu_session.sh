@@ -315,7 +315,7 @@ step_ablate() {
   # ABLATE_CONFIGS / ABLATE_BATCH change the configs and batch size (e.g. for a dry run).
   local configs=${ABLATE_CONFIGS:-tetrominoes clevr6} batch=${ABLATE_BATCH:-64}
   # ABLATE_PATHS: the rows to time (none = everything on), e.g. only the paths that changed.
-  local paths=${ABLATE_PATHS:-none conv_v3 conv_v5 conv_v6 conv_wgmma conv_c4 conv_n8s conv_k32 dw_v3 dw_v4 dw_units dw_v5 dw_wgmma dw_c4 dw_c4_tc dw_k1 attention_v2 attention_v3 tokens tokens_v3 kv_fold slot_cell bcast_split conv_splitk all}
+  local paths=${ABLATE_PATHS:-none conv_v3 conv_v5 conv_v6 conv_wgmma conv_c4 conv_n8s conv_k32 dw_v3 dw_v4 dw_units dw_v5 dw_wgmma dw_c4 dw_c4_tc dw_k1 attention_v2 attention_v3 attention_v4 tokens tokens_v3 kv_fold slot_cell bcast_split conv_splitk all}
   local c cfg off v
   for c in $configs; do
     cfg=$(cuda_config "$c")
@@ -356,7 +356,7 @@ step_profile() {
   # occupancy, warp stall reasons).
   command -v ncu > /dev/null || { note "profile: no ncu"; return; }
   enough profile 40 || return
-  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v[56]k[35]|wg5|v5s2k[35]|c4k[35]|n8sk[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12](u32)?|v5k5s1|wg5s[12]t?)_tf32|conv_dw_partial_c4k[35]_f32|conv_dw_partial_(c4tck[35]|k1tc)_tf32|attention_(fwd_partial|bwd_stats|bwd_main)(_v3k[48])?_f32|tokens_(fwd|bwd)(_v3)?_tf32' -c 32 \
+  timeout "$(cap 90)" ncu -k 'regex:conv_(igemm_direct|igemm_adjoint)_(v3|v3_k32|v[56]k[35]|wg5|v5s2k[35]|c4k[35]|n8sk[35])_tf32|conv_dw_partial_(v3|v4k[35]s[12](u32)?|v5k5s1|wg5s[12]t?)_tf32|conv_dw_partial_c4k[35]_f32|conv_dw_partial_(c4tck[35]|k1tc)_tf32|attention_(fwd_partial|bwd_stats|bwd_main)(_v[34]k[48])?_f32|tokens_(fwd|bwd)(_v3)?_tf32' -c 32 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section MemoryWorkloadAnalysis "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 \
     > "$work/ncu-clevr6.txt" 2>&1
@@ -373,7 +373,7 @@ step_profile() {
   # The same details of the token and attention kernels (in step order: tokens_fwd, the four
   # attention forwards, the attention backward's two passes, tokens_bwd).
   enough "profile details, tokens and attention" 30 || return
-  timeout "$(cap 60)" ncu -k 'regex:attention_(fwd_partial|bwd_stats|bwd_main)(_v3k[48])?_f32|tokens_(fwd|bwd)(_v3)?_tf32' -c 8 \
+  timeout "$(cap 60)" ncu -k 'regex:attention_(fwd_partial|bwd_stats|bwd_main)(_v[34]k[48])?_f32|tokens_(fwd|bwd)(_v3)?_tf32' -c 8 \
     --print-details all --section WarpStateStats --section InstructionStats \
     --section MemoryWorkloadAnalysis_Tables --section SourceCounters --section LaunchStats \
     "$bin" bench --cfg "$(cuda_config clevr6)" --steps 1 --batch-size 64 > "$work/ncu-clevr6-tokens-attention.txt" 2>&1

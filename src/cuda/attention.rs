@@ -78,6 +78,27 @@ fn attn_v3(dm: &AttnDims, kp: usize) -> AttnV3 {
     }
 }
 
+/// Version 4 of the forward (`attention_fwd_partial_v4k<KP>_f32`, within version 2), for k and v
+/// the same tensor and one head, d a multiple of 8 up to 64, k ≤ 8: the kernel and its dynamic
+/// shared memory in bytes (q, each warp's Σ a, the attention, the block's rows of x at a stride
+/// of d + 4 floats), or None.
+fn attn_v4_fwd(dm: &AttnDims) -> Option<(&'static str, usize)> {
+    let ok = dm.heads == 1 && dm.k <= 8 && dm.d % 8 == 0 && dm.d <= 64;
+    ok.then(|| {
+        let (kp, name) = match dm.k {
+            0..=4 => (4, "attention_fwd_partial_v4k4_f32"),
+            _ => (8, "attention_fwd_partial_v4k8_f32"),
+        };
+        let floats = kp * dm.d + (ATT_T / 32) * kp + ATT_T * kp + ATT_T * (dm.d + 4);
+        (name, floats * 4)
+    })
+}
+
+/// Version 4's largest dynamic shared memory (d = 64), which the backend opts each kernel in to
+/// ([`super::conv::LARGE_SHARED`]).
+pub(super) const ATT4_K4_MAX_SHARED: u32 = ((4 * 64 + 8 * 4 + ATT_T * 4 + ATT_T * 68) * 4) as u32;
+pub(super) const ATT4_K8_MAX_SHARED: u32 = ((8 * 64 + 8 * 8 + ATT_T * 8 + ATT_T * 68) * 4) as u32;
+
 /// The number of token chunks when version 2 of the attention kernels applies (K ≤ ATT_MAXK and
 /// the largest shared-memory needs, those of attention_bwd_main_f32 and the forward, within 48
 /// KiB), else None (version 1: one block per batch and head).
@@ -134,12 +155,19 @@ impl Cuda {
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
             let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
-            let (name, smem) = match attn_v3_slots(dm).filter(|_| self.fast.attention_v3) {
-                Some(kp) => attn_v3(dm, kp).fwd,
-                None => ("attention_fwd_partial_f32", attn_fwd_smem(dm)),
-            };
-            let cfg = attn_grid(dm, chunks, smem as u32);
-            launch!(self, name, cfg; &dc, k, v, q, attn, &mut partial);
+            // Version 4 where k and v are one buffer (u, under the model's fold).
+            let v4 = attn_v4_fwd(dm).filter(|_| std::ptr::eq(k, v) && self.fast.attention_v4);
+            if let Some((name, smem)) = v4 {
+                let cfg = attn_grid(dm, chunks, smem as u32);
+                launch!(self, name, cfg; &dc, k, q, attn, &mut partial);
+            } else {
+                let (name, smem) = match attn_v3_slots(dm).filter(|_| self.fast.attention_v3) {
+                    Some(kp) => attn_v3(dm, kp).fwd,
+                    None => ("attention_fwd_partial_f32", attn_fwd_smem(dm)),
+                };
+                let cfg = attn_grid(dm, chunks, smem as u32);
+                launch!(self, name, cfg; &dc, k, v, q, attn, &mut partial);
+            }
             let ci = i(chunks);
             launch!(self, "attention_fwd_reduce_f32", rs_grid(dm.batch * dm.heads * dm.k * dh);
                 &dc, &ci, &partial, upd);

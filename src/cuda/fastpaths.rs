@@ -88,6 +88,10 @@ pub struct FastPaths {
     /// widths 8, 16, 32 or 64): the slot count a compile-time constant
     /// (`attention_*_v3k*`); off: version 2's forward and backward.
     pub attention_v3: bool,
+    /// Version 4 of the attention forward (`attention_fwd_partial_v4k*_f32`), where k and v are
+    /// one tensor (u, under `kv_fold`) and one head: the block's rows copied to shared memory
+    /// once, read there by the logits and the weighted sums; off: version 3.
+    pub attention_v4: bool,
     /// The fused token chain (`tokens_{fwd,bwd}_{f32,tf32}`); off: the single ops.
     pub tokens: bool,
     /// Within the fused chain on the tensor cores, version 3 of its forward and backward
@@ -134,6 +138,7 @@ impl FastPaths {
         dw_k1: true,
         attention_v2: true,
         attention_v3: true,
+        attention_v4: true,
         tokens: true,
         tokens_v3: true,
         kv_fold: true,
@@ -159,6 +164,7 @@ impl FastPaths {
         dw_k1: false,
         attention_v2: false,
         attention_v3: false,
+        attention_v4: false,
         tokens: false,
         tokens_v3: false,
         kv_fold: false,
@@ -168,7 +174,7 @@ impl FastPaths {
     };
 
     /// The names `SLOTFIX_CUDA_DISABLE` takes, in a fixed order.
-    pub const NAMES: [&'static str; 23] = [
+    pub const NAMES: [&'static str; 24] = [
         "conv_v3",
         "conv_k32",
         "conv_v5",
@@ -186,6 +192,7 @@ impl FastPaths {
         "dw_k1",
         "attention_v2",
         "attention_v3",
+        "attention_v4",
         "tokens",
         "tokens_v3",
         "kv_fold",
@@ -213,6 +220,7 @@ impl FastPaths {
             "dw_k1" => &mut self.dw_k1,
             "attention_v2" => &mut self.attention_v2,
             "attention_v3" => &mut self.attention_v3,
+            "attention_v4" => &mut self.attention_v4,
             "tokens" => &mut self.tokens,
             "tokens_v3" => &mut self.tokens_v3,
             "kv_fold" => &mut self.kv_fold,

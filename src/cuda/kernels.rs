@@ -256,6 +256,8 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "attention_fwd_partial_f32",
             "attention_fwd_partial_v3k4_f32",
             "attention_fwd_partial_v3k8_f32",
+            "attention_fwd_partial_v4k4_f32",
+            "attention_fwd_partial_v4k8_f32",
             "attention_bwd_stats_v3k4_f32",
             "attention_bwd_stats_v3k8_f32",
             "attention_bwd_main_v3k4_f32",
