@@ -669,13 +669,13 @@ impl Bench {
     }
 
     /// The attention step's kernels at one shape; `version` labels the rows (the backend's fast
-    /// paths choose what runs). Then the same with k and v one tensor (u, under the fold), the
-    /// forward labelled `fwd_kv`; with `kv_only`, those rows alone.
+    /// paths choose what runs). Then the same with k and v one tensor (u, under the fold),
+    /// labelled `kv_version`; with `kv_only`, those rows alone.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         version: &str,
-        fwd_kv: &str,
+        kv_version: &str,
         kv_only: bool,
         batch: usize,
         n: usize,
@@ -746,7 +746,7 @@ impl Bench {
         self.c
             .attention_fwd(&d1, &k0, &k0, &q[..k * d].to_vec(), &mut a0, &mut u0);
         let e = self.check(
-            &format!("attention fwd upd, k = v ({fwd_kv})"),
+            &format!("attention fwd upd, k = v ({kv_version})"),
             &upd,
             &u0,
             1e-5,
@@ -754,7 +754,7 @@ impl Bench {
         let bytes = 4.0 * (batch * n * d + dm.attn_len()) as f64;
         let ms = self.time(|| g.attention_fwd(&dm, &kg, &kg, &qg, &mut attn, &mut upd));
         self.row(
-            &format!("attention fwd (f32 {fwd_kv}), k = v"),
+            &format!("attention fwd (f32 {kv_version}), k = v"),
             &shape,
             Some(e),
             ms,
@@ -762,13 +762,10 @@ impl Bench {
             bytes,
             false,
         );
-        if kv_only {
-            return; // (the backward has no version 4: the main call timed it)
-        }
         let ms =
             self.time(|| g.attention_bwd_same_kv(&dm, &kg, &qg, &attn, &dupd, &mut dk, &mut dq));
         self.row(
-            &format!("attention bwd (f32 {version}), k = v"),
+            &format!("attention bwd (f32 {kv_version}), k = v"),
             &shape,
             None,
             ms,
@@ -1137,7 +1134,7 @@ fn main() {
     guarded("attention v3", || {
         b.attention("v3", "v4", false, batch, res * res, 7, ch)
     });
-    // The forward of k = v on version 3 (version 4 off), then version 2 (both off).
+    // k = v on version 3 (version 4 off), then version 2 (both off).
     for (off, version, kv_only) in [
         ("attention_v4", "v3", true),
         ("attention_v3,attention_v4", "v2", false),

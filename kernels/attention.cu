@@ -463,12 +463,13 @@ static __device__ void att3_chunk_sums(const float* a, int valid, const float* _
     for (int s = 0; s < KP; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.0f;
     const float* xc = x + 4 * qd;
     const SmemAddr xs = smem_addr((const unsigned*)xc);  // (used when X_SHARED)
+    const SmemAddr as4 = smem_addr((const unsigned*)a);
 #pragma unroll LOADS
     for (int i = g; i < valid; i += groups) {
         const float4 xv = X_SHARED ? lds_f4(xs, i * ld) : ld_f4(xc + (size_t)i * ld);
 #pragma unroll
         for (int s4 = 0; s4 < KP; s4 += 4) {
-            const float4 a4 = *(const float4*)&a[i * KP + s4];
+            const float4 a4 = lds_f4(as4, i * KP + s4);
             const float av[4] = {EPS ? a4.x + eps : a4.x, EPS ? a4.y + eps : a4.y, EPS ? a4.z + eps : a4.z,
                                  EPS ? a4.w + eps : a4.w};
 #pragma unroll
@@ -607,13 +608,37 @@ ATT_FWD_V3_ENTRY(attention_fwd_partial_v3k8_f32, 8)
 // Dynamic shared memory (floats): KP·d (q) + ATT_WARPS·KP (Σ a per warp) + ATT_T·KP (the
 // attention) + ATT_T·(d + 4) (the rows: a stride ≡ 4 mod 8 words, so 8 lanes' 16-byte reads of
 // 8 rows' same columns hit disjoint banks); the column sums' red reuses the rows.
+// rows[r·(d + 4) + c] ← x0[r·d + c] for the block's `valid` rows (cp.async, 16 bytes a piece, all
+// of a thread's pieces in flight together); visible to the block after cp_async_wait_all and a
+// barrier.
+static __device__ __forceinline__ void att4_copy_rows(float* rows, const float* __restrict__ x0, int valid, int d) {
+    const int qw = d >> 2, ld = d + 4;
+    for (int e = threadIdx.x; e < valid * qw; e += ATT_T) {
+        const int r = e / qw, c = 4 * (e - r * qw);
+        cp_async16(rows + r * ld + c, x0 + (size_t)r * d + c, true);
+    }
+}
+
+// out[s] = Σ_j row[j]·m[s·d + j] for this thread's row of the staged rows (none past `valid`:
+// out stays zero), m shared (KP rows, zeros past k), as att_row_dots_staged sums.
+template <int KP>
+static __device__ __forceinline__ void att4_row_dots(const float* rows, int valid, int d, const float* m,
+                                                     float out[KP]) {
+#pragma unroll
+    for (int s = 0; s < KP; ++s) out[s] = 0.0f;
+    if (threadIdx.x >= valid) return;  // (the rows past the end were not copied)
+    const SmemAddr ra = smem_addr((const unsigned*)(rows + threadIdx.x * (d + 4)));
+    const SmemAddr ma = smem_addr((const unsigned*)m);
+    for (int j = 0; j < d; j += 4) att_dot4<KP>(lds_f4(ra, j), ma, KP, d, j, out);
+}
+
 template <int KP>
 static __device__ void attention_fwd_partial_v4(AttnDims dm, const float* __restrict__ x,
                                                 const float* __restrict__ q, float* __restrict__ attn,
                                                 float* __restrict__ partial) {
     extern __shared__ __align__(16) float att4_smem[];
     float* const smem = att4_smem;
-    const int n = dm.n, k = dm.k, d = dm.d, ld = d + 4, qw = d >> 2;
+    const int n = dm.n, k = dm.k, d = dm.d, ld = d + 4;
     const int b = blockIdx.y;  // (one head)
     const int chunk = blockIdx.x, chunks = gridDim.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
@@ -622,22 +647,12 @@ static __device__ void attention_fwd_partial_v4(AttnDims dm, const float* __rest
     float* as = sa + ATT_WARPS * KP;  // [ATT_T][KP], zero past k and past n
     float* rows = as + ATT_T * KP;    // [ATT_T][ld]: the block's valid rows of x
     const int valid = min(ATT_T, n - t0);
-    const float* x0 = x + (size_t)(b * n + t0) * d;
-    for (int e = tid; e < valid * qw; e += ATT_T) {
-        const int r = e / qw, c = 4 * (e - r * qw);
-        cp_async16(rows + r * ld + c, x0 + (size_t)r * d + c, true);
-    }
+    att4_copy_rows(rows, x + (size_t)(b * n + t0) * d, valid, d);
     att3_stage_rows<KP>(qs, q + b * k * d, d, k, d);
     cp_async_wait_all();
     __syncthreads();
     float p[KP];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) p[s] = 0.0f;
-    if (tid < valid) {  // (the rows past the end were not copied)
-        const SmemAddr ra = smem_addr((const unsigned*)(rows + tid * ld));
-        const SmemAddr ma = smem_addr((const unsigned*)qs);
-        for (int j = 0; j < d; j += 4) att_dot4<KP>(lds_f4(ra, j), ma, KP, d, j, p);
-    }
+    att4_row_dots<KP>(rows, valid, d, qs, p);
     // From here as version 3: the softmax over the k real slots, the attention's rows out
     // through shared memory, each warp's Σ a, then the weighted sums (of the rows in shared
     // memory).
@@ -895,10 +910,13 @@ template <int KP>
 static __device__ __forceinline__ void att3_rows_add(float* __restrict__ o, int ld, int valid, const float* w,
                                                      const float* m, int dh) {
     const int tid = threadIdx.x, qw = dh >> 2, groups = ATT_T / qw, g = tid / qw, qd = tid % qw;
+    // (Shared reads as lds_f4: a plain float4 read here gave NVRTC 13.0 two PTX variants of
+    // attention_bwd_main_v{3,4}k8_f32 over 16 compiles, one with a redundant 4-byte load.)
+    const SmemAddr ms = smem_addr((const unsigned*)m), wsa = smem_addr((const unsigned*)w);
     float mc[KP][4];
 #pragma unroll
     for (int s = 0; s < KP; ++s) {
-        const float4 m4 = *(const float4*)&m[s * dh + 4 * qd];
+        const float4 m4 = lds_f4(ms, s * dh + 4 * qd);
         mc[s][0] = m4.x;
         mc[s][1] = m4.y;
         mc[s][2] = m4.z;
@@ -910,7 +928,7 @@ static __device__ __forceinline__ void att3_rows_add(float* __restrict__ o, int 
         float4 acc = ld_f4(oc + (size_t)i * ld);
 #pragma unroll
         for (int s4 = 0; s4 < KP; s4 += 4) {
-            const float4 w4 = *(const float4*)&w[i * KP + s4];
+            const float4 w4 = lds_f4(wsa, i * KP + s4);
             const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
@@ -1029,6 +1047,149 @@ ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k4_f32, 4, 3)
 ATT_BWD_STATS_V3_ENTRY(attention_bwd_stats_v3k8_f32, 8, 2)
 ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k4_f32, 4, 3)
 ATT_BWD_MAIN_V3_ENTRY(attention_bwd_main_v3k8_f32, 8, 2)
+
+// Version 4 of the backward, for k and v the same tensor x (one head, d a multiple of 8 up to
+// 64, k ≤ KP), as version 4 of the forward: each pass copies the block's rows of x to shared
+// memory once (att4_copy_rows) and reads them there, for the dots with dU and, in the second
+// pass, dq's sums. dx gets v's part and then k's (version 3's two row updates on the one buffer).
+// Pass 1's dynamic shared memory (floats): KP·d (dU) + ATT_WARPS·2·KP (each warp's two sums) +
+// ATT_T·(d + 4) (the rows); stats as version 3's.
+template <int KP>
+static __device__ void attention_bwd_stats_v4(AttnDims dm, const float* __restrict__ x,
+                                              const float* __restrict__ attn, const float* __restrict__ dupd,
+                                              float* __restrict__ stats) {
+    extern __shared__ __align__(16) float att4_smem[];
+    const int n = dm.n, k = dm.k, d = dm.d;
+    const int b = blockIdx.y;  // (one head)
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    float* dus = att4_smem;                  // [KP][d], rows past k zero
+    float* sums = dus + KP * d;              // [ATT_WARPS][2][KP]
+    float* rows = sums + ATT_WARPS * 2 * KP;  // [ATT_T][d + 4]
+    const int valid = min(ATT_T, n - t0);
+    att4_copy_rows(rows, x + (size_t)(b * n + t0) * d, valid, d);
+    att3_stage_rows<KP>(dus, dupd + b * k * d, d, k, d);
+    cp_async_wait_all();
+    __syncthreads();
+    float dw[KP], a[KP];
+    att4_row_dots<KP>(rows, valid, d, dus, dw);
+    const float* prow = attn + ((size_t)b * n + t) * k;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        a[s] = (t < n && s < k) ? prow[s] + dm.eps : 0.0f;
+        dw[s] *= a[s];
+    }
+    att3_warp_sums<KP>(a);
+    att3_warp_sums<KP>(dw);
+    if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < KP; ++s) {
+            sums[(warp * 2) * KP + s] = a[s];
+            sums[(warp * 2 + 1) * KP + s] = dw[s];
+        }
+    }
+    __syncthreads();
+    float* out = stats + ((size_t)b * chunks + chunk) * k * 2;
+    if (tid < 2 * k) {
+        const int s = tid / 2, which = tid % 2;
+        float acc = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w) acc += sums[(w * 2 + which) * KP + s];
+        out[tid] = acc;
+    }
+}
+
+// Pass 2, version 4. Dynamic shared memory (floats): 2·KP·d (dU, q) + 2·KP (1 / S, c) +
+// 2·ATT_T·KP (w, dl) + ATT_T·(d + 4) (the rows); dq's red reuses w and dl (and the rows).
+template <int KP>
+static __device__ void attention_bwd_main_v4(AttnDims dm, const float* __restrict__ x, const float* __restrict__ q,
+                                             const float* __restrict__ attn, const float* __restrict__ dupd,
+                                             const float* __restrict__ stats, float* __restrict__ dx,
+                                             float* __restrict__ dq_partial) {
+    extern __shared__ __align__(16) float att4_smem[];
+    const int n = dm.n, k = dm.k, d = dm.d;
+    const int b = blockIdx.y;  // (one head)
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    float* dus = att4_smem;         // [KP][d], rows past k zero
+    float* qs = dus + KP * d;       // [KP][d], rows past k zero
+    float* rS = qs + KP * d;        // [KP]: 1 / S, zero past k
+    float* cc = rS + KP;            // [KP], zero past k
+    float* ws = cc + KP;            // [ATT_T][KP], zero past k and past n
+    float* dls = ws + ATT_T * KP;   // [ATT_T][KP], zero past k and past n
+    float* rows = dls + ATT_T * KP;  // [ATT_T][d + 4]
+    const int valid = min(ATT_T, n - t0);
+    const size_t row0 = (size_t)(b * n + t0) * d;
+    att4_copy_rows(rows, x + row0, valid, d);
+    att3_prefetch_rows(dx + row0, d, d, valid);  // (its read-modify-write comes last)
+    att3_stage_rows<KP>(dus, dupd + b * k * d, d, k, d);
+    att3_stage_rows<KP>(qs, q + b * k * d, d, k, d);
+    // S and Σ dw·a of slot `warp` over the chunks, as version 3.
+    if (warp < KP) {
+        const int lane = tid & 31;
+        float sa = 0.0f, sc = 0.0f;
+        if (warp < k) {
+            const float* st = stats + (size_t)b * chunks * k * 2 + warp * 2;
+            for (int ch = lane; ch < chunks; ch += 32) {
+                sa += st[(size_t)ch * k * 2];
+                sc += st[(size_t)ch * k * 2 + 1];
+            }
+        }
+        sa = warp_allsum(sa);
+        sc = warp_allsum(sc);
+        if (lane == 0) {
+            rS[warp] = warp < k ? 1.0f / sa : 0.0f;
+            cc[warp] = warp < k ? sc / sa : 0.0f;
+        }
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    float dw[KP];
+    att4_row_dots<KP>(rows, valid, d, dus, dw);
+    const float* prow = attn + ((size_t)b * n + t) * k;
+    float p[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) p[s] = (t < n && s < k) ? prow[s] : 0.0f;
+    float dot = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) dot += ((dw[s] - cc[s]) * rS[s]) * p[s];
+    float w[KP], dl[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        const bool real = t < n && s < k;
+        const float da = (dw[s] - cc[s]) * rS[s];
+        w[s] = real ? (p[s] + dm.eps) * rS[s] : 0.0f;
+        dl[s] = real ? dm.scale * p[s] * (da - dot) : 0.0f;
+    }
+#pragma unroll
+    for (int s4 = 0; s4 < KP; s4 += 4) {
+        *(float4*)&ws[tid * KP + s4] = make_float4(w[s4], w[s4 + 1], w[s4 + 2], w[s4 + 3]);
+        *(float4*)&dls[tid * KP + s4] = make_float4(dl[s4], dl[s4 + 1], dl[s4 + 2], dl[s4 + 3]);
+    }
+    __syncthreads();
+    att3_rows_add<KP>(dx + row0, d, valid, ws, dus, d);   // dx[t] += Σ_s w[t, s] dU[s]  (v's part)
+    att3_rows_add<KP>(dx + row0, d, valid, dls, qs, d);   // dx[t] += Σ_s dl[t, s] q[s]  (k's part)
+    // This chunk's Σ_t dl[t, s] x[t, j], from the rows; red over w and dl.
+    float* out = dq_partial + ((size_t)b * chunks + chunk) * k * d;
+    att3_chunk_sums<KP, 2, false, true>(dls, valid, rows, d + 4, d, k, nullptr, ws, out);
+}
+
+#define ATT_BWD_STATS_V4_ENTRY(NAME, KP)                                                  \
+    extern "C" __global__ void __launch_bounds__(ATT_T, 2)                               \
+        NAME(AttnDims dm, const float* __restrict__ x, const float* __restrict__ attn,   \
+             const float* __restrict__ dupd, float* __restrict__ stats) {                \
+        attention_bwd_stats_v4<KP>(dm, x, attn, dupd, stats);                            \
+    }
+#define ATT_BWD_MAIN_V4_ENTRY(NAME, KP)                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_T, 2)                                                 \
+        NAME(AttnDims dm, const float* __restrict__ x, const float* __restrict__ q,                        \
+             const float* __restrict__ attn, const float* __restrict__ dupd, const float* __restrict__ stats, \
+             float* __restrict__ dx, float* __restrict__ dq_partial) {                                     \
+        attention_bwd_main_v4<KP>(dm, x, q, attn, dupd, stats, dx, dq_partial);                            \
+    }
+ATT_BWD_STATS_V4_ENTRY(attention_bwd_stats_v4k4_f32, 4)
+ATT_BWD_STATS_V4_ENTRY(attention_bwd_stats_v4k8_f32, 8)
+ATT_BWD_MAIN_V4_ENTRY(attention_bwd_main_v4k4_f32, 4)
+ATT_BWD_MAIN_V4_ENTRY(attention_bwd_main_v4k8_f32, 8)
 
 // dq[b, s, h·dh + j] += Σ_c dq_partial for every (batch·head, s, j < dh), as
 // attention_fwd_reduce_f32 (the chunks split over rs_combine's groups, in a fixed order).

@@ -78,26 +78,66 @@ fn attn_v3(dm: &AttnDims, kp: usize) -> AttnV3 {
     }
 }
 
-/// Version 4 of the forward (`attention_fwd_partial_v4k<KP>_f32`, within version 2), for k and v
-/// the same tensor and one head, d a multiple of 8 up to 64, k ≤ 8: the kernel and its dynamic
-/// shared memory in bytes (q, each warp's Σ a, the attention, the block's rows of x at a stride
-/// of d + 4 floats), or None.
-fn attn_v4_fwd(dm: &AttnDims) -> Option<(&'static str, usize)> {
+/// Version 4 of the attention kernels (`attention_*_v4k<KP>_f32`, within version 2), for k and v
+/// the same tensor and one head, d a multiple of 8 up to 64, k ≤ 8: each kernel copies its
+/// block's rows of x to shared memory at a stride of d + 4 floats. The forward, the backward's
+/// two passes, each with its dynamic shared memory in bytes (attention.cu has the layouts), or
+/// None where version 3 (or 2) runs.
+struct AttnV4 {
+    fwd: (&'static str, usize),
+    bwd_stats: (&'static str, usize),
+    bwd_main: (&'static str, usize),
+}
+
+fn attn_v4(dm: &AttnDims) -> Option<AttnV4> {
     let ok = dm.heads == 1 && dm.k <= 8 && dm.d % 8 == 0 && dm.d <= 64;
     ok.then(|| {
-        let (kp, name) = match dm.k {
-            0..=4 => (4, "attention_fwd_partial_v4k4_f32"),
-            _ => (8, "attention_fwd_partial_v4k8_f32"),
+        let (kp, fwd, stats, main) = match dm.k {
+            0..=4 => (
+                4,
+                "attention_fwd_partial_v4k4_f32",
+                "attention_bwd_stats_v4k4_f32",
+                "attention_bwd_main_v4k4_f32",
+            ),
+            _ => (
+                8,
+                "attention_fwd_partial_v4k8_f32",
+                "attention_bwd_stats_v4k8_f32",
+                "attention_bwd_main_v4k8_f32",
+            ),
         };
-        let floats = kp * dm.d + (ATT_T / 32) * kp + ATT_T * kp + ATT_T * (dm.d + 4);
-        (name, floats * 4)
+        let [f, st, m] = att4_shared_floats(kp, dm.d);
+        AttnV4 {
+            fwd: (fwd, f * 4),
+            bwd_stats: (stats, st * 4),
+            bwd_main: (main, m * 4),
+        }
     })
 }
 
-/// Version 4's largest dynamic shared memory (d = 64), which the backend opts each kernel in to
+/// Version 4's shared memory in floats (forward, backward pass 1, pass 2) for KP slots at width d.
+const fn att4_shared_floats(kp: usize, d: usize) -> [usize; 3] {
+    let (warps, rows) = (ATT_T / 32, ATT_T * (d + 4));
+    [
+        kp * d + warps * kp + ATT_T * kp + rows,
+        kp * d + warps * 2 * kp + rows,
+        2 * kp * d + 2 * kp + 2 * ATT_T * kp + rows,
+    ]
+}
+
+/// Version 4's largest dynamic shared memory (d = 64) per kernel, which the backend opts it in to
 /// ([`super::conv::LARGE_SHARED`]).
-pub(super) const ATT4_K4_MAX_SHARED: u32 = ((4 * 64 + 8 * 4 + ATT_T * 4 + ATT_T * 68) * 4) as u32;
-pub(super) const ATT4_K8_MAX_SHARED: u32 = ((8 * 64 + 8 * 8 + ATT_T * 8 + ATT_T * 68) * 4) as u32;
+pub(super) const ATT4_MAX_SHARED: [(&str, u32); 6] = {
+    let (k4, k8) = (att4_shared_floats(4, 64), att4_shared_floats(8, 64));
+    [
+        ("attention_fwd_partial_v4k4_f32", 4 * k4[0] as u32),
+        ("attention_fwd_partial_v4k8_f32", 4 * k8[0] as u32),
+        ("attention_bwd_stats_v4k4_f32", 4 * k4[1] as u32),
+        ("attention_bwd_stats_v4k8_f32", 4 * k8[1] as u32),
+        ("attention_bwd_main_v4k4_f32", 4 * k4[2] as u32),
+        ("attention_bwd_main_v4k8_f32", 4 * k8[2] as u32),
+    ]
+};
 
 /// The number of token chunks when version 2 of the attention kernels applies (K ≤ ATT_MAXK and
 /// the largest shared-memory needs, those of attention_bwd_main_f32 and the forward, within 48
@@ -156,8 +196,11 @@ impl Cuda {
             // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
             let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
             // Version 4 where k and v are one buffer (u, under the model's fold).
-            let v4 = attn_v4_fwd(dm).filter(|_| std::ptr::eq(k, v) && self.fast.attention_v4);
-            if let Some((name, smem)) = v4 {
+            let v4 = attn_v4(dm).filter(|_| std::ptr::eq(k, v) && self.fast.attention_v4);
+            if let Some(AttnV4 {
+                fwd: (name, smem), ..
+            }) = v4
+            {
                 let cfg = attn_grid(dm, chunks, smem as u32);
                 launch!(self, name, cfg; &dc, k, q, attn, &mut partial);
             } else {
@@ -200,6 +243,7 @@ impl Cuda {
         assert_eq!(attn.len(), dm.attn_len());
         assert_eq!(dupd.len(), dm.batch * dm.k * dm.d);
         assert_eq!(dk.len(), dm.batch * dm.n * dm.d);
+        let same = dv.is_none();
         let dk: &Buf = dk;
         let dv: &Buf = dv.map_or(dk, |dv| &*dv);
         assert_eq!(dv.len(), dm.batch * dm.n * dm.d);
@@ -212,6 +256,20 @@ impl Cuda {
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             let bh = dm.batch * dm.heads;
             let mut stats = self.scratch::<f32>(bh * chunks * dm.k * 2);
+            // Version 4 where k and v are one tensor (and dk, dv one buffer).
+            let v4 = attn_v4(dm).filter(|_| same && std::ptr::eq(k, v) && self.fast.attention_v4);
+            if let Some(v4) = v4 {
+                let ((stats_name, smem1), (main_name, smem2)) = (v4.bwd_stats, v4.bwd_main);
+                launch!(self, stats_name, attn_grid(dm, chunks, smem1 as u32);
+                    &dc, k, attn, dupd, &mut stats);
+                let mut dq_partial = self.scratch::<f32>(bh * chunks * dm.k * dh);
+                launch!(self, main_name, attn_grid(dm, chunks, smem2 as u32);
+                    &dc, k, q, attn, dupd, &stats, dk, &mut dq_partial);
+                let ci = i(chunks);
+                launch!(self, "attention_bwd_dq_reduce_f32", rs_grid(bh * dm.k * dh);
+                    &dc, &ci, &dq_partial, dq);
+                return;
+            }
             let ((stats_name, smem1), (main_name, smem2)) =
                 match attn_v3_slots(dm).filter(|_| self.fast.attention_v3) {
                     Some(kp) => {

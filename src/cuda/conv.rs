@@ -406,7 +406,7 @@ fn v5_c32_tile(hp: usize, wp: usize) -> (usize, usize) {
 /// raises each one's limit to this once, when it loads them (on a GPU, `CU_FUNC_ATTRIBUTE_MAX_
 /// DYNAMIC_SHARED_SIZE_BYTES`; the emulator's launch check allows it for these kernels only).
 /// A kernel the device refuses this for is never launched: its fallback runs.
-pub(super) const LARGE_SHARED: [(&str, u32); 32] = [
+pub(super) const LARGE_SHARED: [(&str, u32); 36] = [
     (
         "conv_igemm_direct_v3_k32_tf32",
         v3_shared_bytes(128, 64, 32),
@@ -438,14 +438,12 @@ pub(super) const LARGE_SHARED: [(&str, u32); 32] = [
     ("wgmma_probe_tf32", super::WGMMA_PROBE_SHARED),
     // (The token chain's version 3: the four weight matrices at 64 wide.)
     ("tokens_fwd_v3_tf32", super::tokens::TK3_MAX_SHARED),
-    (
-        "attention_fwd_partial_v4k4_f32",
-        super::attention::ATT4_K4_MAX_SHARED,
-    ),
-    (
-        "attention_fwd_partial_v4k8_f32",
-        super::attention::ATT4_K8_MAX_SHARED,
-    ),
+    super::attention::ATT4_MAX_SHARED[0],
+    super::attention::ATT4_MAX_SHARED[1],
+    super::attention::ATT4_MAX_SHARED[2],
+    super::attention::ATT4_MAX_SHARED[3],
+    super::attention::ATT4_MAX_SHARED[4],
+    super::attention::ATT4_MAX_SHARED[5],
     ("tokens_bwd_v3_tf32", super::tokens::TK3_BWD_MAX_SHARED),
     // (`dw_c4_tc` and `dw_k1`: the most, with the mask of A.)
     ("conv_dw_partial_k1tc_tf32", dwk1tc_shared_bytes(true)),

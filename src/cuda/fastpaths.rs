@@ -88,9 +88,9 @@ pub struct FastPaths {
     /// widths 8, 16, 32 or 64): the slot count a compile-time constant
     /// (`attention_*_v3k*`); off: version 2's forward and backward.
     pub attention_v3: bool,
-    /// Version 4 of the attention forward (`attention_fwd_partial_v4k*_f32`), where k and v are
-    /// one tensor (u, under `kv_fold`) and one head: the block's rows copied to shared memory
-    /// once, read there by the logits and the weighted sums; off: version 3.
+    /// Version 4 of the attention kernels (`attention_*_v4k*_f32`), where k and v are one tensor
+    /// (u, under `kv_fold`) and one head: each kernel copies its block's rows to shared memory
+    /// once and reads them there; off: version 3.
     pub attention_v4: bool,
     /// The fused token chain (`tokens_{fwd,bwd}_{f32,tf32}`); off: the single ops.
     pub tokens: bool,
