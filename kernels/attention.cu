@@ -463,13 +463,12 @@ static __device__ void att3_chunk_sums(const float* a, int valid, const float* _
     for (int s = 0; s < KP; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.0f;
     const float* xc = x + 4 * qd;
     const SmemAddr xs = smem_addr((const unsigned*)xc);  // (used when X_SHARED)
-    const SmemAddr as4 = smem_addr((const unsigned*)a);
 #pragma unroll LOADS
     for (int i = g; i < valid; i += groups) {
         const float4 xv = X_SHARED ? lds_f4(xs, i * ld) : ld_f4(xc + (size_t)i * ld);
 #pragma unroll
         for (int s4 = 0; s4 < KP; s4 += 4) {
-            const float4 a4 = lds_f4(as4, i * KP + s4);
+            const float4 a4 = *(const float4*)&a[i * KP + s4];
             const float av[4] = {EPS ? a4.x + eps : a4.x, EPS ? a4.y + eps : a4.y, EPS ? a4.z + eps : a4.z,
                                  EPS ? a4.w + eps : a4.w};
 #pragma unroll
