@@ -1,6 +1,7 @@
 // attention.cu: the slot-attention step. Version 1: one block per (batch, head); version 2: the
 // tokens split over blocks, partial sums reduced in order; version 3: version 2 with the slot
-// count compiled in (k ≤ 8). Each version's layout is described where it starts.
+// count compiled in (k ≤ 8); version 4: version 3 for k and v one tensor (one head), each block's
+// rows copied to shared memory once. Each version's layout is described where it starts.
 // Math per head (channels h·dh .. (h+1)·dh):
 //   logit[n,s] = scale · Σ_j k[n,j] q[s,j];  p[n,·] = softmax over the K slots (saved [B,H,N,K]);
 //   S[s] = Σ_n (p[n,s] + eps);  w[n,s] = (p[n,s] + eps) / S[s];  upd[s,j] = Σ_n w[n,s] v[n,j]

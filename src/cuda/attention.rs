@@ -1,6 +1,8 @@
 //! Launchers of the slot-attention kernels (attention.cu): version 2 splits each image's tokens
-//! over blocks and reduces the partial sums in chunk order; version 1, one block per image and
-//! head, takes the shapes version 2 does not (and runs when its fast path is off).
+//! over blocks and reduces the partial sums in chunk order (versions 3 and 4 within it: the slot
+//! count compiled in; and, for k and v one tensor, the rows staged in shared memory); version 1,
+//! one block per image and head, takes the shapes version 2 does not (and runs when its fast
+//! path is off).
 
 use super::{i, per_block, rs_grid, Arg, Buf, Cuda};
 use crate::ops::attention::AttnDims;
