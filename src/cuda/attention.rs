@@ -197,8 +197,11 @@ impl Cuda {
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             // Version 2: the tokens split over blocks, partial sums reduced in chunk order.
             let mut partial = self.scratch::<f32>(dm.batch * dm.heads * chunks * dm.k * (dh + 1));
-            // Version 4 where k and v are one buffer (u, under the model's fold).
-            let v4 = attn_v4(dm).filter(|_| std::ptr::eq(k, v) && self.fast.attention_v4);
+            // Version 4 where k and v are one buffer (u, under the model's fold), and the device
+            // gave it its shared memory.
+            let v4 = attn_v4(dm).filter(|v4| {
+                std::ptr::eq(k, v) && self.fast.attention_v4 && self.may_launch(v4.fwd.0)
+            });
             if let Some(AttnV4 {
                 fwd: (name, smem), ..
             }) = v4
@@ -258,8 +261,12 @@ impl Cuda {
         if let Some(chunks) = attn_v2_chunks(dm).filter(|_| self.fast.attention_v2) {
             let bh = dm.batch * dm.heads;
             let mut stats = self.scratch::<f32>(bh * chunks * dm.k * 2);
-            // Version 4 where k and v are one tensor (and dk, dv one buffer).
-            let v4 = attn_v4(dm).filter(|_| same && std::ptr::eq(k, v) && self.fast.attention_v4);
+            // Version 4 where k and v are one tensor (and dk, dv one buffer), and the device gave
+            // both passes their shared memory.
+            let v4 = attn_v4(dm).filter(|v4| {
+                let fits = self.may_launch(v4.bwd_stats.0) && self.may_launch(v4.bwd_main.0);
+                same && std::ptr::eq(k, v) && self.fast.attention_v4 && fits
+            });
             if let Some(v4) = v4 {
                 let ((stats_name, smem1), (main_name, smem2)) = (v4.bwd_stats, v4.bwd_main);
                 launch!(self, stats_name, attn_grid(dm, chunks, smem1 as u32);
