@@ -508,6 +508,54 @@ static __device__ void att3_chunk_sums(const float* a, int valid, const float* _
     }
 }
 
+// The forward's per-token softmax over the k real slots of this thread's logits p (scaled
+// here; the padded slots get -inf, so exp gives them 0 and the sums add them last, as zeros: z
+// is version 2's sum exactly). The attention goes to as[tid·KP ..] (zero past k and past n),
+// each warp's Σ of the weights (attention + eps) to sa[warp·KP ..], then, after a barrier, the
+// block's `valid` rows of the attention to attn's rows from `first` on (one contiguous run of
+// valid·k floats, stored in order; the address formed only here, after the barrier, keeps
+// version 3's forward within its 80 registers on sm_80). The whole block calls it.
+template <int KP>
+static __device__ __forceinline__ void att3_softmax_out(const AttnDims& dm, float p[KP], int t, int valid,
+                                                        float* as, float* sa, float* __restrict__ attn,
+                                                        size_t first) {
+    const int k = dm.k, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    float mx = __int_as_float(0xff800000);  // -inf
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        p[s] = s < k ? p[s] * dm.scale : __int_as_float(0xff800000);
+        mx = fmaxf(mx, p[s]);
+    }
+    float z = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        p[s] = s < k ? expf(p[s] - mx) : 0.0f;
+        z += p[s];
+    }
+    const float rz = 1.0f / z;
+    float a[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        const bool real = t < dm.n && s < k;
+        p[s] = real ? p[s] * rz : 0.0f;      // the attention
+        a[s] = real ? p[s] + dm.eps : 0.0f;  // the weights
+    }
+#pragma unroll
+    for (int s4 = 0; s4 < KP; s4 += 4)
+        *(float4*)&as[tid * KP + s4] = make_float4(p[s4], p[s4 + 1], p[s4 + 2], p[s4 + 3]);
+    att3_warp_sums<KP>(a);
+    if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < KP; ++s) sa[warp * KP + s] = a[s];
+    }
+    __syncthreads();
+    float* rows = attn + first * k;
+    for (int e = tid; e < valid * k; e += ATT_T) {
+        const int i = e / k;
+        rows[e] = as[i * KP + (e - i * k)];
+    }
+}
+
 // The forward. Dynamic shared memory (floats): KP·dh (q) + ATT_WARPS·KP (Σ a per warp) +
 // ATT_T·KP (the attention p·rz; the weights are p·rz + eps) + ATT_T·ATT_KLD (the k-row stages);
 // the column sums' red reuses those two (KP ≤ 8, dh ≤ 64: at most 4096 of their 5120 floats).
@@ -530,7 +578,7 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     const int dh = d / heads;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int chunk = blockIdx.x, chunks = gridDim.x;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    const int tid = threadIdx.x, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
     float* qs = smem;                 // [KP][dh], rows past k zero
     float* sa = qs + KP * dh;         // [ATT_WARPS][KP]: each warp's Σ a
     float* as = sa + ATT_WARPS * KP;  // [ATT_T][KP], zero past k and past n
@@ -544,42 +592,7 @@ static __device__ void attention_fwd_partial_v3(AttnDims dm, const float* __rest
     float p[KP];
     const int w0 = t0 + (tid & ~31);
     att_row_dots_staged<KP, true>(kk + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, qs, KP, dh, stage, p);
-    // Softmax over the k real slots: the padded ones get -inf, so exp gives them 0 and the sums
-    // add them last, as zeros (z is version 2's sum exactly).
-    float mx = __int_as_float(0xff800000);  // -inf
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        p[s] = s < k ? p[s] * dm.scale : __int_as_float(0xff800000);
-        mx = fmaxf(mx, p[s]);
-    }
-    float z = 0.0f;
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        p[s] = s < k ? expf(p[s] - mx) : 0.0f;
-        z += p[s];
-    }
-    const float rz = 1.0f / z;
-    float a[KP];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        const bool real = t < n && s < k;
-        p[s] = real ? p[s] * rz : 0.0f;  // the attention
-        a[s] = real ? p[s] + dm.eps : 0.0f;  // the weights
-    }
-#pragma unroll
-    for (int s4 = 0; s4 < KP; s4 += 4)
-        *(float4*)&as[tid * KP + s4] = make_float4(p[s4], p[s4 + 1], p[s4 + 2], p[s4 + 3]);
-    att3_warp_sums<KP>(a);
-    if (lane == 0) {
-#pragma unroll
-        for (int s = 0; s < KP; ++s) sa[warp * KP + s] = a[s];
-    }
-    __syncthreads();
-    float* rows = attn + ((size_t)bh * n + t0) * k;
-    for (int e = tid; e < valid * k; e += ATT_T) {
-        const int i = e / k;
-        rows[e] = as[i * KP + (e - i * k)];
-    }
+    att3_softmax_out<KP>(dm, p, t, valid, as, sa, attn, (size_t)bh * n + t0);
     float* out = partial + ((size_t)bh * chunks + chunk) * k * (dh + 1);
     // (Four v loads in flight spilled 32 bytes at KP = 8 within 80 registers: two there.)
     att3_chunk_sums<KP, KP == 4 ? 4 : 2, true>(as, valid, v + row0, d, dh, k, sa, as, out, dm.eps);
@@ -641,7 +654,7 @@ static __device__ void attention_fwd_partial_v4(AttnDims dm, const float* __rest
     const int n = dm.n, k = dm.k, d = dm.d, ld = d + 4;
     const int b = blockIdx.y;  // (one head)
     const int chunk = blockIdx.x, chunks = gridDim.x;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    const int tid = threadIdx.x, t0 = chunk * ATT_T, t = t0 + tid;
     float* qs = smem;                 // [KP][d], rows past k zero
     float* sa = qs + KP * d;          // [ATT_WARPS][KP]: each warp's Σ a
     float* as = sa + ATT_WARPS * KP;  // [ATT_T][KP], zero past k and past n
@@ -653,43 +666,9 @@ static __device__ void attention_fwd_partial_v4(AttnDims dm, const float* __rest
     __syncthreads();
     float p[KP];
     att4_row_dots<KP>(rows, valid, d, qs, p);
-    // From here as version 3: the softmax over the k real slots, the attention's rows out
-    // through shared memory, each warp's Σ a, then the weighted sums (of the rows in shared
-    // memory).
-    float mx = __int_as_float(0xff800000);  // -inf
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        p[s] = s < k ? p[s] * dm.scale : __int_as_float(0xff800000);
-        mx = fmaxf(mx, p[s]);
-    }
-    float z = 0.0f;
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        p[s] = s < k ? expf(p[s] - mx) : 0.0f;
-        z += p[s];
-    }
-    const float rz = 1.0f / z;
-    float a[KP];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        const bool real = t < n && s < k;
-        p[s] = real ? p[s] * rz : 0.0f;
-        a[s] = real ? p[s] + dm.eps : 0.0f;
-    }
-#pragma unroll
-    for (int s4 = 0; s4 < KP; s4 += 4)
-        *(float4*)&as[tid * KP + s4] = make_float4(p[s4], p[s4 + 1], p[s4 + 2], p[s4 + 3]);
-    att3_warp_sums<KP>(a);
-    if (lane == 0) {
-#pragma unroll
-        for (int s = 0; s < KP; ++s) sa[warp * KP + s] = a[s];
-    }
-    __syncthreads();
-    float* arow = attn + ((size_t)b * n + t0) * k;
-    for (int e = tid; e < valid * k; e += ATT_T) {
-        const int i = e / k;
-        arow[e] = as[i * KP + (e - i * k)];
-    }
+    // As version 3: the softmax, the attention out, each warp's Σ a; then the weighted sums
+    // of the rows in shared memory.
+    att3_softmax_out<KP>(dm, p, t, valid, as, sa, attn, (size_t)b * n + t0);
     float* out = partial + ((size_t)b * chunks + chunk) * k * (d + 1);
     att3_chunk_sums<KP, 4, true, true>(as, valid, rows, ld, d, k, sa, rows, out, dm.eps);
 }
@@ -857,31 +836,19 @@ extern "C" __global__ void attention_bwd_main_f32(AttnDims dm, const float* __re
     att_chunk_sums<2>(dls, k, valid, kk + (size_t)(b * n + t0) * d + h * dh, d, dh, dh, ws, out);
 }
 
-// Backward pass 1, version 3. Dynamic shared memory (floats): KP·dh (dU) + ATT_T·ATT_KLD (the
-// v-row stages) + ATT_WARPS·2·KP (each warp's Σ a and Σ dw·a). stats as version 2's.
+// Backward pass 1's per-chunk sums, from this thread's dots dw[s] = <dU[s], v[t]> and its row of
+// the attention (prow): a = p + eps and dw·a summed over the warp, then over the warps in order
+// through sums ([ATT_WARPS][2][KP]) into out (the chunk's [k][2]: Σ a, Σ dw·a). The whole block
+// calls it.
 template <int KP>
-static __device__ void attention_bwd_stats_v3(AttnDims dm, const float* __restrict__ v,
-                                              const float* __restrict__ attn, const float* __restrict__ dupd,
-                                              float* __restrict__ stats) {
-    extern __shared__ float smem[];
-    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
-    const int dh = d / heads;
-    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
-    const int chunk = blockIdx.x, chunks = gridDim.x;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
-    float* dus = smem;                                 // [KP][dh], rows past k zero
-    float* stage = dus + KP * dh + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
-    float* sums = dus + KP * dh + ATT_T * ATT_KLD;     // [ATT_WARPS][2][KP]
-    att3_prefetch_rows(v + (size_t)(b * n + t0) * d + h * dh, d, dh, min(ATT_T, n - t0));  // as the forward
-    att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
-    __syncthreads();
-    float dw[KP], a[KP];
-    const int w0 = t0 + (tid & ~31);
-    att_row_dots_staged<KP, true>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
-    const float* prow = attn + ((size_t)bh * n + t) * k;
+static __device__ __forceinline__ void att3_stats_out(const AttnDims& dm, float dw[KP], int t,
+                                                      const float* __restrict__ prow, float* sums,
+                                                      float* __restrict__ out) {
+    const int k = dm.k, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    float a[KP];
 #pragma unroll
     for (int s = 0; s < KP; ++s) {
-        a[s] = (t < n && s < k) ? prow[s] + dm.eps : 0.0f;
+        a[s] = (t < dm.n && s < k) ? prow[s] + dm.eps : 0.0f;
         dw[s] *= a[s];
     }
     att3_warp_sums<KP>(a);
@@ -894,13 +861,37 @@ static __device__ void attention_bwd_stats_v3(AttnDims dm, const float* __restri
         }
     }
     __syncthreads();
-    float* out = stats + ((size_t)bh * chunks + chunk) * k * 2;
     if (tid < 2 * k) {
         const int s = tid / 2, which = tid % 2;
         float acc = 0.0f;
         for (int w = 0; w < ATT_WARPS; ++w) acc += sums[(w * 2 + which) * KP + s];
         out[tid] = acc;
     }
+}
+
+// Backward pass 1, version 3. Dynamic shared memory (floats): KP·dh (dU) + ATT_T·ATT_KLD (the
+// v-row stages) + ATT_WARPS·2·KP (each warp's Σ a and Σ dw·a). stats as version 2's.
+template <int KP>
+static __device__ void attention_bwd_stats_v3(AttnDims dm, const float* __restrict__ v,
+                                              const float* __restrict__ attn, const float* __restrict__ dupd,
+                                              float* __restrict__ stats) {
+    extern __shared__ float smem[];
+    const int n = dm.n, k = dm.k, d = dm.d, heads = dm.heads;
+    const int dh = d / heads;
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int chunk = blockIdx.x, chunks = gridDim.x;
+    const int tid = threadIdx.x, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    float* dus = smem;                                 // [KP][dh], rows past k zero
+    float* stage = dus + KP * dh + warp * 32 * ATT_KLD;  // this warp's [32][ATT_KLD]
+    float* sums = dus + KP * dh + ATT_T * ATT_KLD;     // [ATT_WARPS][2][KP]
+    att3_prefetch_rows(v + (size_t)(b * n + t0) * d + h * dh, d, dh, min(ATT_T, n - t0));  // as the forward
+    att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
+    __syncthreads();
+    float dw[KP];
+    const int w0 = t0 + (tid & ~31);
+    att_row_dots_staged<KP, true>(v + ((size_t)b * n + w0) * d + h * dh, min(32, n - w0), d, dus, KP, dh, stage, dw);
+    att3_stats_out<KP>(dm, dw, t, attn + ((size_t)bh * n + t) * k, sums,
+                       stats + ((size_t)bh * chunks + chunk) * k * 2);
 }
 
 // o[i][4qd .. 4qd + 3] += Σ_s w[i·KP + s] · m[s·dh + 4qd ..] for the tokens i ≡ g of the block's
@@ -942,6 +933,62 @@ static __device__ __forceinline__ void att3_rows_add(float* __restrict__ o, int 
     }
 }
 
+// Pass 2's per-slot factors: 1 / S and c / S of slot `warp` (< KP) from the chunks' stats
+// (st: this batch·head's [chunks][k][2]), rS and cc zero past k. Lane l sums the chunks ≡ l
+// (mod 32) in order, then a butterfly (a fixed order; every block computes the same values). One
+// thread per slot summing 64 chunks alone waited 64 load latencies in a chain before anything
+// else. Visible to the block after a barrier.
+template <int KP>
+static __device__ __forceinline__ void att3_slot_norms(int k, int chunks, const float* __restrict__ st,
+                                                       float* rS, float* cc) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp >= KP) return;
+    float sa = 0.0f, sc = 0.0f;
+    if (warp < k) {
+        for (int ch = lane; ch < chunks; ch += 32) {
+            sa += st[(size_t)ch * k * 2 + warp * 2];
+            sc += st[(size_t)ch * k * 2 + warp * 2 + 1];
+        }
+    }
+    sa = warp_allsum(sa);
+    sc = warp_allsum(sc);
+    if (lane == 0) {
+        rS[warp] = warp < k ? 1.0f / sa : 0.0f;
+        cc[warp] = warp < k ? sc / sa : 0.0f;
+    }
+}
+
+// Pass 2's per-token weights of this thread's token t, from its dots dw[s] = <dU[s], v[t]> and its
+// row of the attention (prow): w = (p + eps) / S (v's gradient) into ws[tid·KP ..] and
+// dl = scale·p·(da − Σ da·p) (the logits' gradient) into dls[tid·KP ..], zero past k and past n;
+// then a barrier. The whole block calls it.
+template <int KP>
+static __device__ __forceinline__ void att3_token_weights(const AttnDims& dm, const float dw[KP], int t,
+                                                          const float* __restrict__ prow, const float* rS,
+                                                          const float* cc, float* ws, float* dls) {
+    const int k = dm.k, tid = threadIdx.x;
+    float p[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) p[s] = (t < dm.n && s < k) ? prow[s] : 0.0f;
+    float dot = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KP; ++s) dot += ((dw[s] - cc[s]) * rS[s]) * p[s];
+    float w[KP], dl[KP];
+#pragma unroll
+    for (int s = 0; s < KP; ++s) {
+        const bool real = t < dm.n && s < k;
+        const float da = (dw[s] - cc[s]) * rS[s];
+        w[s] = real ? (p[s] + dm.eps) * rS[s] : 0.0f;
+        dl[s] = real ? dm.scale * p[s] * (da - dot) : 0.0f;
+    }
+#pragma unroll
+    for (int s4 = 0; s4 < KP; s4 += 4) {
+        *(float4*)&ws[tid * KP + s4] = make_float4(w[s4], w[s4 + 1], w[s4 + 2], w[s4 + 3]);
+        *(float4*)&dls[tid * KP + s4] = make_float4(dl[s4], dl[s4 + 1], dl[s4 + 2], dl[s4 + 3]);
+    }
+    __syncthreads();
+}
+
 // Backward pass 2, version 3: dv and dk (+=) for the block's tokens and the chunk's partial of
 // dq, as version 2. Dynamic shared memory (floats): 2·KP·dh (dU, q) + 2·KP (1 / S, c) +
 // 2·ATT_T·KP (w, dl) + ATT_T·ATT_KLD (the v-row stages); dq's red reuses w, dl and the stages.
@@ -972,26 +1019,7 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     att3_prefetch_rows(v + row0, d, dh, valid);  // as the forward; dv, dk and k after the v rows
     att3_stage_rows<KP>(dus, dupd + b * k * d + h * dh, d, k, dh);
     att3_stage_rows<KP>(qs, q + b * k * d + h * dh, d, k, dh);
-    // S and Σ dw·a of slot `warp` over the chunks: lane l sums the chunks ≡ l (mod 32) in order,
-    // then a butterfly (a fixed order; every block computes the same values). One thread per
-    // slot summing 64 chunks alone waited 64 load latencies in a chain before anything else.
-    if (warp < KP) {
-        const int lane = tid & 31;
-        float sa = 0.0f, sc = 0.0f;
-        if (warp < k) {
-            const float* st = stats + (size_t)bh * chunks * k * 2 + warp * 2;
-            for (int ch = lane; ch < chunks; ch += 32) {
-                sa += st[(size_t)ch * k * 2];
-                sc += st[(size_t)ch * k * 2 + 1];
-            }
-        }
-        sa = warp_allsum(sa);
-        sc = warp_allsum(sc);
-        if (lane == 0) {
-            rS[warp] = warp < k ? 1.0f / sa : 0.0f;
-            cc[warp] = warp < k ? sc / sa : 0.0f;
-        }
-    }
+    att3_slot_norms<KP>(k, chunks, stats + (size_t)bh * chunks * k * 2, rS, cc);
     __syncthreads();
     float dw[KP];
     const int w0 = t0 + (tid & ~31);
@@ -999,27 +1027,7 @@ static __device__ void attention_bwd_main_v3(AttnDims dm, const float* __restric
     att3_prefetch_rows(dv + row0, d, dh, valid);
     if (dk != dv) att3_prefetch_rows(dk + row0, d, dh, valid);  // (one buffer under the fold,
     if (kk != v) att3_prefetch_rows(kk + row0, d, dh, valid);   // and k = v = u)
-    const float* prow = attn + ((size_t)bh * n + t) * k;
-    float p[KP];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) p[s] = (t < n && s < k) ? prow[s] : 0.0f;
-    float dot = 0.0f;
-#pragma unroll
-    for (int s = 0; s < KP; ++s) dot += ((dw[s] - cc[s]) * rS[s]) * p[s];
-    float w[KP], dl[KP];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        const bool real = t < n && s < k;
-        const float da = (dw[s] - cc[s]) * rS[s];
-        w[s] = real ? (p[s] + dm.eps) * rS[s] : 0.0f;
-        dl[s] = real ? dm.scale * p[s] * (da - dot) : 0.0f;
-    }
-#pragma unroll
-    for (int s4 = 0; s4 < KP; s4 += 4) {
-        *(float4*)&ws[tid * KP + s4] = make_float4(w[s4], w[s4 + 1], w[s4 + 2], w[s4 + 3]);
-        *(float4*)&dls[tid * KP + s4] = make_float4(dl[s4], dl[s4 + 1], dl[s4 + 2], dl[s4 + 3]);
-    }
-    __syncthreads();
+    att3_token_weights<KP>(dm, dw, t, attn + ((size_t)bh * n + t) * k, rS, cc, ws, dls);
     att3_rows_add<KP>(dv + row0, d, valid, ws, dus, dh);  // dv[t] += Σ_s w[t, s] dU[s]
     att3_rows_add<KP>(dk + row0, d, valid, dls, qs, dh);  // dk[t] += Σ_s dl[t, s] q[s]
     // This chunk's Σ_t dl[t, s] k[t, j]; red over w, dl and the stages.
@@ -1062,7 +1070,7 @@ static __device__ void attention_bwd_stats_v4(AttnDims dm, const float* __restri
     const int n = dm.n, k = dm.k, d = dm.d;
     const int b = blockIdx.y;  // (one head)
     const int chunk = blockIdx.x, chunks = gridDim.x;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    const int t0 = chunk * ATT_T, t = t0 + threadIdx.x;
     float* dus = att4_smem;                  // [KP][d], rows past k zero
     float* sums = dus + KP * d;              // [ATT_WARPS][2][KP]
     float* rows = sums + ATT_WARPS * 2 * KP;  // [ATT_T][d + 4]
@@ -1071,31 +1079,10 @@ static __device__ void attention_bwd_stats_v4(AttnDims dm, const float* __restri
     att3_stage_rows<KP>(dus, dupd + b * k * d, d, k, d);
     cp_async_wait_all();
     __syncthreads();
-    float dw[KP], a[KP];
+    float dw[KP];
     att4_row_dots<KP>(rows, valid, d, dus, dw);
-    const float* prow = attn + ((size_t)b * n + t) * k;
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        a[s] = (t < n && s < k) ? prow[s] + dm.eps : 0.0f;
-        dw[s] *= a[s];
-    }
-    att3_warp_sums<KP>(a);
-    att3_warp_sums<KP>(dw);
-    if (lane == 0) {
-#pragma unroll
-        for (int s = 0; s < KP; ++s) {
-            sums[(warp * 2) * KP + s] = a[s];
-            sums[(warp * 2 + 1) * KP + s] = dw[s];
-        }
-    }
-    __syncthreads();
-    float* out = stats + ((size_t)b * chunks + chunk) * k * 2;
-    if (tid < 2 * k) {
-        const int s = tid / 2, which = tid % 2;
-        float acc = 0.0f;
-        for (int w = 0; w < ATT_WARPS; ++w) acc += sums[(w * 2 + which) * KP + s];
-        out[tid] = acc;
-    }
+    att3_stats_out<KP>(dm, dw, t, attn + ((size_t)b * n + t) * k, sums,
+                       stats + ((size_t)b * chunks + chunk) * k * 2);
 }
 
 // Pass 2, version 4. Dynamic shared memory (floats): 2·KP·d (dU, q) + 2·KP (1 / S, c) +
@@ -1109,7 +1096,7 @@ static __device__ void attention_bwd_main_v4(AttnDims dm, const float* __restric
     const int n = dm.n, k = dm.k, d = dm.d;
     const int b = blockIdx.y;  // (one head)
     const int chunk = blockIdx.x, chunks = gridDim.x;
-    const int tid = threadIdx.x, warp = tid >> 5, t0 = chunk * ATT_T, t = t0 + tid;
+    const int t0 = chunk * ATT_T, t = t0 + threadIdx.x;
     float* dus = att4_smem;         // [KP][d], rows past k zero
     float* qs = dus + KP * d;       // [KP][d], rows past k zero
     float* rS = qs + KP * d;        // [KP]: 1 / S, zero past k
@@ -1123,49 +1110,12 @@ static __device__ void attention_bwd_main_v4(AttnDims dm, const float* __restric
     att3_prefetch_rows(dx + row0, d, d, valid);  // (its read-modify-write comes last)
     att3_stage_rows<KP>(dus, dupd + b * k * d, d, k, d);
     att3_stage_rows<KP>(qs, q + b * k * d, d, k, d);
-    // S and Σ dw·a of slot `warp` over the chunks, as version 3.
-    if (warp < KP) {
-        const int lane = tid & 31;
-        float sa = 0.0f, sc = 0.0f;
-        if (warp < k) {
-            const float* st = stats + (size_t)b * chunks * k * 2 + warp * 2;
-            for (int ch = lane; ch < chunks; ch += 32) {
-                sa += st[(size_t)ch * k * 2];
-                sc += st[(size_t)ch * k * 2 + 1];
-            }
-        }
-        sa = warp_allsum(sa);
-        sc = warp_allsum(sc);
-        if (lane == 0) {
-            rS[warp] = warp < k ? 1.0f / sa : 0.0f;
-            cc[warp] = warp < k ? sc / sa : 0.0f;
-        }
-    }
+    att3_slot_norms<KP>(k, chunks, stats + (size_t)b * chunks * k * 2, rS, cc);
     cp_async_wait_all();
     __syncthreads();
     float dw[KP];
     att4_row_dots<KP>(rows, valid, d, dus, dw);
-    const float* prow = attn + ((size_t)b * n + t) * k;
-    float p[KP];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) p[s] = (t < n && s < k) ? prow[s] : 0.0f;
-    float dot = 0.0f;
-#pragma unroll
-    for (int s = 0; s < KP; ++s) dot += ((dw[s] - cc[s]) * rS[s]) * p[s];
-    float w[KP], dl[KP];
-#pragma unroll
-    for (int s = 0; s < KP; ++s) {
-        const bool real = t < n && s < k;
-        const float da = (dw[s] - cc[s]) * rS[s];
-        w[s] = real ? (p[s] + dm.eps) * rS[s] : 0.0f;
-        dl[s] = real ? dm.scale * p[s] * (da - dot) : 0.0f;
-    }
-#pragma unroll
-    for (int s4 = 0; s4 < KP; s4 += 4) {
-        *(float4*)&ws[tid * KP + s4] = make_float4(w[s4], w[s4 + 1], w[s4 + 2], w[s4 + 3]);
-        *(float4*)&dls[tid * KP + s4] = make_float4(dl[s4], dl[s4 + 1], dl[s4 + 2], dl[s4 + 3]);
-    }
-    __syncthreads();
+    att3_token_weights<KP>(dm, dw, t, attn + ((size_t)b * n + t) * k, rS, cc, ws, dls);
     att3_rows_add<KP>(dx + row0, d, valid, ws, dus, d);   // dx[t] += Σ_s w[t, s] dU[s]  (v's part)
     att3_rows_add<KP>(dx + row0, d, valid, dls, qs, d);   // dx[t] += Σ_s dl[t, s] q[s]  (k's part)
     // This chunk's Σ_t dl[t, s] x[t, j], from the rows; red over w and dl.

@@ -3469,14 +3469,20 @@ fn emu_memory_plan_follows_the_bcast_split_switch() {
         2 * broadcast,
         "the broadcast input and its gradient"
     );
+    allocates_about_the_plan(g, &cfg, composed, 78);
+}
+
+/// A training step of `cfg` on `g` allocates at least the `planned` bytes and at most half as
+/// much again (scratch buffers, the optimizer).
+fn allocates_about_the_plan(g: Cuda, cfg: &Config, planned: u64, seed: u64) {
     let before = g.allocated_bytes();
     let mut s = Session::new(g, cfg.clone());
-    let res = cfg.model.resolution;
-    s.train_step(&rand(b * res * res * 3, 78, 1.0));
+    let (b, res) = (cfg.training.batch_size, cfg.model.resolution);
+    s.train_step(&rand(b * res * res * 3, seed, 1.0));
     let allocated = s.be.allocated_bytes() - before;
     assert!(
-        allocated >= composed && allocated - composed <= composed / 2,
-        "{allocated} bytes allocated, {composed} planned"
+        allocated >= planned && allocated - planned <= planned / 2,
+        "{allocated} bytes allocated, {planned} planned"
     );
 }
 
@@ -3497,15 +3503,7 @@ fn emu_memory_plan_follows_the_kv_fold_switch() {
     // (The fold's own: W_qk, W_vi and their gradients, 4·d·feat floats each pair.)
     let fold_weights = (2 * 4 * arch.d * arch.feat * 4) as u64;
     assert_eq!(plain + fold_weights, folded + 3 * tokens, "k, v and d v");
-    let before = g.allocated_bytes();
-    let mut s = Session::new(g, cfg.clone());
-    let res = cfg.model.resolution;
-    s.train_step(&rand(b * res * res * 3, 79, 1.0));
-    let allocated = s.be.allocated_bytes() - before;
-    assert!(
-        allocated >= plain && allocated - plain <= plain / 2,
-        "{allocated} bytes allocated, {plain} planned"
-    );
+    allocates_about_the_plan(g, &cfg, plain, 79);
 }
 
 /// Training steps queue their work, read nothing back and allocate nothing: the loss, gradient

@@ -264,26 +264,24 @@ fn folded_attention_equals_the_plain_model() {
         run(&fbe, &mut folded, &mut fws);
         let (lp, mp, ep, gp) = run(&pbe, &mut plain, &mut pws);
         let (lf, mf, ef, gf) = run(&fbe, &mut folded, &mut fws);
-        let rel = |a: &[f64], b: &[f64]| {
-            let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-            let den: f64 = b.iter().map(|y| y * y).sum();
-            (num / den.max(1e-300)).sqrt()
+        // L2 distance and norm.
+        let dist = |a: &[f64], b: &[f64]| {
+            let sq: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+            sq.sqrt()
         };
+        let norm = |b: &[f64]| b.iter().map(|y| y * y).sum::<f64>().sqrt();
         let mode = if implicit { "implicit" } else { "BPTT" };
         assert!(
             (lp - lf).abs() <= 1e-13 * lp.abs(),
             "{mode}: loss {lp} vs {lf}"
         );
-        assert!(rel(&mf, &mp) < 1e-12, "{mode}: masks");
-        assert!(rel(&ef, &ep) < 1e-12, "{mode}: evaluation masks");
+        assert!(dist(&mf, &mp) < 1e-12 * norm(&mp), "{mode}: masks");
+        assert!(
+            dist(&ef, &ep) < 1e-12 * norm(&ep),
+            "{mode}: evaluation masks"
+        );
         for (spec, (a, b)) in plain.arch.specs.iter().zip(gf.iter().zip(&gp)) {
-            let diff: f64 = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+            let (diff, norm) = (dist(a, b), norm(b));
             // (Relative, with a floor for the true zeros: the slot LayerNorm's bias moves every
             // query alike, to which the softmax over slots is blind; its gradient is ~1e-21.)
             assert!(
